@@ -1,0 +1,124 @@
+"""The bundle directory: fixed file names and a manifest that every loader checks.
+
+::
+
+    BUNDLE/
+      edgetune.json            manifest (versions, hashes, adapter config, graph names)
+      training_model.onnx      ORT training graph (forward + loss + gradients)
+      eval_model.onnx          ORT eval graph (forward + loss)
+      optimizer_model.onnx     AdamW
+      checkpoint               initial parameters (adapter weights trainable)
+      infer.onnx(+.data)       KV-cache inference graph; adapter weights are inputs
+      tokenizer.json, tokenizer_meta.json, chat_template.jinja
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import __version__, _io
+from .config import AdapterConfig
+from .errors import BundleError
+
+MANIFEST = "edgetune.json"
+FORMAT = 1
+HASHED = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint",
+          "infer.onnx", "infer.onnx.data", "tokenizer.json")
+
+
+def _versions() -> dict[str, str]:
+    out = {"edgetune": __version__, "python": platform.python_version()}
+    for mod in ("onnxruntime", "torch", "transformers", "peft", "onnx"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001 - a version is informative only
+            pass
+    return out
+
+
+def make_manifest(root: Path, *, source: str, source_sha256: str | None, adapter: AdapterConfig,
+                  trainable: list[str], kv: dict[str, Any], tokenizer: dict[str, Any],
+                  hf_config: dict[str, Any], shapes: dict[str, list[int]]) -> dict[str, Any]:
+    """Describe a freshly exported bundle in ``root``; hashes every file."""
+    files = {name: _io.sha256_file(root / name) for name in HASHED if (root / name).exists()}
+    ident = hashlib.sha256(json.dumps([files[k] for k in sorted(files) if k != "checkpoint"]).encode()).hexdigest()
+    return {
+        "format": FORMAT,
+        "kind": "edgetune-bundle",
+        "base_id": ident,
+        "source": source,
+        "source_sha256": source_sha256,
+        "versions": _versions(),
+        "adapter": adapter.to_dict(),
+        "trainable": trainable,
+        "trainable_shapes": shapes,
+        "train_inputs": ["input_ids", "attention_mask", "labels", "label_norm"],
+        "train_outputs": ["loss"],
+        "infer": kv,
+        "tokenizer": tokenizer,
+        "model_config": {k: hf_config.get(k) for k in (
+            "model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "intermediate_size", "max_position_embeddings", "tie_word_embeddings")},
+        "files": files,
+    }
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A checked bundle directory."""
+
+    root: Path
+    manifest: dict[str, Any]
+
+    def path(self, name: str) -> Path:
+        return self.root / name
+
+    @property
+    def adapter(self) -> AdapterConfig:
+        a = dict(self.manifest["adapter"])
+        a["targets"] = tuple(a["targets"])
+        return AdapterConfig(**a)
+
+    @property
+    def trainable(self) -> list[str]:
+        return list(self.manifest["trainable"])
+
+    @property
+    def base_id(self) -> str:
+        return str(self.manifest["base_id"])
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.manifest["infer"]["num_layers"])
+
+
+def load(root: str | Path, verify_hashes: bool = False) -> Bundle:
+    """Open a bundle, checking that every file exists (and, optionally, its hash); all problems in one error."""
+    root = Path(root)
+    if not root.is_dir():
+        raise BundleError(f"bundle not found: {root} (create one with: edgetune export --out {root})")
+    mpath = root / MANIFEST
+    if not mpath.is_file():
+        raise BundleError(f"{root} is not an edgetune bundle: {MANIFEST} is missing")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except json.JSONDecodeError as e:
+        raise BundleError(f"{mpath}: corrupt manifest ({e.msg})") from None
+    problems = []
+    if manifest.get("kind") != "edgetune-bundle":
+        problems.append(f"kind is {manifest.get('kind')!r}, expected 'edgetune-bundle'")
+    if manifest.get("format") != FORMAT:
+        problems.append(f"format {manifest.get('format')!r} is not supported (this edgetune reads format {FORMAT})")
+    for name, digest in manifest.get("files", {}).items():
+        f = root / name
+        if not f.is_file():
+            problems.append(f"{name} is missing")
+        elif verify_hashes and _io.sha256_file(f) != digest:
+            problems.append(f"{name} does not match its sha256 in the manifest")
+    if problems:
+        raise BundleError(f"bundle {root} is not usable:\n  - " + "\n  - ".join(problems))
+    return Bundle(root, manifest)

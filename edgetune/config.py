@@ -1,0 +1,138 @@
+"""Frozen, validated configuration objects. Checked once, at the edge.
+
+Precedence is command line > config file > defaults; :func:`resolve` applies it and
+rejects unknown keys by name.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import ConfigError
+
+METHODS = ("lora", "dora")
+SCHEDULES = ("linear", "cosine", "constant")
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """What the exporter injects into the model: the adapter method and its shape."""
+
+    method: str = "lora"
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    max_seq_len: int = 512
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.method in METHODS, f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        _check(isinstance(self.rank, int) and self.rank >= 1, f"rank must be a positive integer, got {self.rank!r}")
+        _check(self.alpha > 0, f"alpha must be positive, got {self.alpha!r}")
+        _check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout!r}")
+        _check(len(self.targets) > 0, "targets must name at least one module")
+        _check(self.max_seq_len >= 8, f"max_seq_len must be at least 8, got {self.max_seq_len!r}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["targets"] = list(self.targets)
+        return d
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train: steps or epochs, batches, optimizer schedule, checkpoints."""
+
+    steps: int | None = None
+    epochs: float | None = None
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 3e-4
+    warmup: int = 0
+    schedule: str = "linear"
+    max_seq_len: int = 512
+    eval_every: int = 0
+    save_every: int = 0
+    seed: int = 0
+    mask_prompt: bool = True
+    threads: int = 0
+    device: str = "cpu"
+    valid_batches: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.steps is None or self.steps >= 1, f"steps must be at least 1, got {self.steps!r}")
+        _check(self.epochs is None or self.epochs > 0, f"epochs must be positive, got {self.epochs!r}")
+        _check(self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size!r}")
+        _check(self.grad_accum >= 1, f"grad_accum must be at least 1, got {self.grad_accum!r}")
+        _check(math.isfinite(self.lr) and self.lr > 0, f"lr must be a positive number, got {self.lr!r}")
+        _check(self.warmup >= 0, f"warmup must be >= 0, got {self.warmup!r}")
+        _check(self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        _check(self.max_seq_len >= 8, f"max_seq_len must be at least 8, got {self.max_seq_len!r}")
+        _check(self.eval_every >= 0, f"eval_every must be >= 0, got {self.eval_every!r}")
+        _check(self.save_every >= 0, f"save_every must be >= 0, got {self.save_every!r}")
+        _check(self.threads >= 0, f"threads must be >= 0, got {self.threads!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(cls: type, key: str, value: Any) -> Any:
+    ftype = {f.name: f.type for f in fields(cls)}[key]
+    if value is None:
+        return None
+    try:
+        if "tuple" in str(ftype):
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            return tuple(str(v) for v in value)
+        if "bool" in str(ftype):
+            if isinstance(value, str):
+                return value.lower() in ("1", "true", "yes", "on")
+            return bool(value)
+        if "int" in str(ftype) and "float" not in str(ftype):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if "float" in str(ftype):
+            return float(value)
+        return value
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: cannot use {value!r} as {ftype}") from None
+
+
+def resolve(cls: type, file: str | Path | None = None, **overrides: Any) -> Any:
+    """Build ``cls`` from defaults, then a JSON config file, then non-None overrides."""
+    names = {f.name for f in fields(cls)}
+    values: dict[str, Any] = {}
+    if file is not None:
+        try:
+            loaded = json.loads(Path(file).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {file}") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{file}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        if not isinstance(loaded, Mapping):
+            raise ConfigError(f"{file}: expected a JSON object")
+        unknown = sorted(set(loaded) - names)
+        if unknown:
+            raise ConfigError(f"{file}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        values.update(loaded)
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise ConfigError(f"unknown option(s) {', '.join(unknown)}")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return cls(**{k: _coerce(cls, k, v) for k, v in values.items()})

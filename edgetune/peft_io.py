@@ -1,0 +1,67 @@
+"""Adapters in PEFT's on-disk format: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+Graph names carry PEFT's in-memory adapter name (``...lora_A.default.weight``); PEFT's files
+drop it (``...lora_A.weight``). These helpers convert both ways.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from . import _io
+from .config import AdapterConfig
+from .errors import BundleError
+
+CONFIG = "adapter_config.json"
+WEIGHTS = "adapter_model.safetensors"
+ADAPTER_NAME = "default"
+
+
+def to_peft_name(graph_name: str) -> str:
+    return graph_name.replace(f".{ADAPTER_NAME}.weight", ".weight").replace(f".{ADAPTER_NAME}", "")
+
+
+def to_graph_name(peft_name: str, graph_names: list[str]) -> str | None:
+    lookup = {to_peft_name(g): g for g in graph_names}
+    return lookup.get(peft_name)
+
+
+def peft_config(cfg: AdapterConfig, base: str) -> dict:
+    return {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.rank, "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout, "target_modules": sorted(cfg.targets), "bias": "none",
+        "use_dora": cfg.method == "dora", "use_rslora": False, "fan_in_fan_out": False,
+        "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
+        "base_model_name_or_path": base,
+    }
+
+
+def save(out: str | Path, tensors: Mapping[str, np.ndarray], cfg: AdapterConfig, base: str,
+         metadata: Mapping[str, str] | None = None) -> Path:
+    """Write a PEFT adapter folder atomically; ``tensors`` are keyed by graph name."""
+    from safetensors.numpy import save as st_save
+
+    out = Path(out)
+    named = {to_peft_name(k): np.ascontiguousarray(v) for k, v in tensors.items()}
+    meta = {"format": "pt", **(metadata or {})}
+    with _io.atomic_dir(out) as tmp:
+        (tmp / WEIGHTS).write_bytes(st_save(named, metadata=meta))
+        _io.write_json(tmp / CONFIG, peft_config(cfg, base))
+    return out
+
+
+def load(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """Read a PEFT adapter folder: (config dict, tensors keyed by PEFT name)."""
+    import json
+
+    from safetensors.numpy import load_file
+
+    path = Path(path)
+    if (path / "adapter").is_dir():
+        path = path / "adapter"
+    cfgf, wf = path / CONFIG, path / WEIGHTS
+    if not cfgf.is_file() or not wf.is_file():
+        raise BundleError(f"{path} is not a PEFT adapter folder ({CONFIG} and {WEIGHTS} expected)")
+    return json.loads(cfgf.read_text()), load_file(str(wf))

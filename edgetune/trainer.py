@@ -1,0 +1,404 @@
+"""On-device training of a bundle's adapters with ONNX Runtime's training runtime.
+
+Needs onnxruntime-training-cpu, numpy and tokenizers; never torch. The run directory::
+
+    RUN/
+      run.json                  manifest: bundle id, adapter config, status, final figures
+      config.json               the resolved training config (keys sorted)
+      checkpoints/latest        name of the newest complete checkpoint
+      checkpoints/step-000100/  ORT checkpoint (with optimizer state) + trainer_state.json
+      adapter/                  PEFT adapter (adapter_config.json, adapter_model.safetensors)
+      metrics.jsonl, loss.png
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from . import _io, _ort, bundle as _bundle, data as _data, devices, peft_io
+from .config import TrainConfig
+from .errors import BundleError, ConfigError, DataError, TrainingError
+from .tokenizer import ChatTokenizer
+
+RUN_MANIFEST = "run.json"
+KEEP_CHECKPOINTS = 2
+Log = Callable[[str], None]
+
+
+def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
+    """Learning rate for optimizer step ``step`` (0-based): linear warmup, then decay."""
+    if cfg.warmup and step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    if cfg.schedule == "constant" or total <= cfg.warmup:
+        return cfg.lr
+    frac = min(1.0, (step - cfg.warmup) / max(1, total - cfg.warmup))
+    if cfg.schedule == "cosine":
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * frac))
+    return cfg.lr * (1.0 - frac)
+
+
+def _rss_mb() -> float:
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss / 2**20
+    except ImportError:
+        return float("nan")
+
+
+@dataclass
+class TrainerState:
+    """What a checkpoint needs besides ORT's parameters and optimizer state."""
+
+    step: int = 0                 # optimizer steps done
+    epoch: int = 0
+    batch_index: int = 0          # micro-batches consumed in ``epoch``
+    tokens: int = 0
+    labelled: int = 0
+    elapsed: float = 0.0
+    last_loss: float | None = None
+    last_valid_loss: float | None = None
+    bundle_id: str = ""
+    adapter: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class RunResult:
+    out: Path
+    steps: int
+    final_loss: float | None
+    valid_loss: float | None
+    tokens_per_s: float
+    adapter: Path
+    summary: dict[str, Any]
+
+
+def _write_metric(out: Path, record: dict[str, Any]) -> None:
+    with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def latest_checkpoint(run: Path) -> Path | None:
+    """The newest complete checkpoint (``latest`` pointer, else the newest valid folder)."""
+    ck = run / "checkpoints"
+    ptr = ck / "latest"
+    if ptr.is_file():
+        cand = ck / ptr.read_text().strip()
+        if _complete(cand):
+            return cand
+    for d in sorted(ck.glob("step-*"), reverse=True):
+        if _complete(d):
+            return d
+    return None
+
+
+def _complete(d: Path) -> bool:
+    return (d / "checkpoint").exists() and (d / "trainer_state.json").is_file()
+
+
+class Trainer:
+    """Trains the adapters of one bundle into one run directory."""
+
+    def __init__(self, bundle: str | Path | _bundle.Bundle, out: str | Path, cfg: TrainConfig,
+                 resume: bool = False, log: Log = print, progress: bool = True) -> None:
+        self.bundle = bundle if isinstance(bundle, _bundle.Bundle) else _bundle.load(bundle)
+        self.out = Path(out)
+        self.cfg = cfg
+        self.log = log
+        self.progress = progress
+        self.device = devices.resolve(cfg.device)
+        self.tok = ChatTokenizer.from_dir(self.bundle.root)
+        self.state = TrainerState(bundle_id=self.bundle.base_id, adapter=self.bundle.manifest["adapter"])
+        self._resume_from = self._check_out_dir(resume)
+        self._api = _ort.training_api()
+
+    # -- setup -----------------------------------------------------------------
+    def _check_out_dir(self, resume: bool) -> Path | None:
+        exists = self.out.exists() and any(self.out.iterdir())
+        if not resume:
+            if exists:
+                raise ConfigError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
+            return None
+        if not exists:
+            raise ConfigError(f"--resume: {self.out} holds no run to resume")
+        ck = latest_checkpoint(self.out)
+        if ck is None:
+            raise TrainingError(f"--resume: no complete checkpoint in {self.out}/checkpoints")
+        saved = json.loads((ck / "trainer_state.json").read_text())
+        problems = []
+        if saved.get("bundle_id") != self.bundle.base_id:
+            problems.append(f"bundle id {self.bundle.base_id[:12]} differs from the run's {str(saved.get('bundle_id'))[:12]}")
+        if saved.get("adapter") != self.bundle.manifest["adapter"]:
+            problems.append(f"adapter config {self.bundle.manifest['adapter']} differs from the run's {saved.get('adapter')}")
+        if problems:
+            raise BundleError(f"--resume: bundle {self.bundle.root} does not match the checkpoint {ck}:\n  - "
+                              + "\n  - ".join(problems))
+        self.state = TrainerState(**saved)
+        return ck
+
+    def _session_options(self) -> Any:
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        if self.cfg.threads:
+            so.intra_op_num_threads = self.cfg.threads
+        return so
+
+    def _open(self) -> None:
+        api = self._api
+        ck = self._resume_from / "checkpoint" if self._resume_from else self.bundle.path("checkpoint")
+        self.ckstate = api.CheckpointState.load_checkpoint(str(ck))
+        self.module = api.Module(str(self.bundle.path("training_model.onnx")), self.ckstate,
+                                 str(self.bundle.path("eval_model.onnx")), device="cpu",
+                                 session_options=self._session_options())
+        self.optimizer = api.Optimizer(str(self.bundle.path("optimizer_model.onnx")), self.module)
+
+    # -- data ------------------------------------------------------------------
+    def load_data(self, data: str | Path) -> tuple[_data.Dataset, _data.Dataset | None]:
+        train_path = _data.resolve_split(data, "train")
+        if train_path is None:
+            raise DataError(f"{data} has no train.jsonl")
+        train = _data.load_dataset(train_path, self.tok, self.cfg.max_seq_len, self.cfg.mask_prompt)
+        vpath = _data.resolve_split(data, "valid")
+        valid = _data.load_dataset(vpath, self.tok, self.cfg.max_seq_len, self.cfg.mask_prompt) if vpath else None
+        return train, valid
+
+    def total_steps(self, train: _data.Dataset) -> tuple[int, int]:
+        per_epoch = math.ceil(len(train) / self.cfg.batch_size)
+        if self.cfg.steps:
+            return self.cfg.steps, per_epoch
+        epochs = self.cfg.epochs or 1.0
+        return max(1, math.ceil(epochs * per_epoch / self.cfg.grad_accum)), per_epoch
+
+    # -- steps -----------------------------------------------------------------
+    def _micro_batches(self, train: _data.Dataset) -> Any:
+        """Endless stream of (epoch, index, batch), starting at the saved position."""
+        epoch, idx = self.state.epoch, self.state.batch_index
+        while True:
+            batches = _data.epoch_batches(train, self.cfg.batch_size, self.cfg.seed, epoch, self.tok.pad_id)
+            while idx < len(batches):
+                yield epoch, idx, batches[idx]
+                idx += 1
+            epoch, idx = epoch + 1, 0
+
+    def _step(self, group: list[_data.Batch]) -> float:
+        norm = np.float32(sum(b.n_labels for b in group))
+        loss = 0.0
+        for b in group:
+            out = self.module(b.input_ids, b.attention_mask, b.labels, np.asarray(norm, np.float32))
+            loss += float(np.asarray(out).reshape(()))
+        return loss
+
+    def validate(self, valid: _data.Dataset) -> float:
+        """Token-weighted mean loss over the validation set, with the eval graph."""
+        self.module.eval()
+        total, count = 0.0, 0
+        batches = _data.epoch_batches(valid, self.cfg.batch_size, 0, 0, self.tok.pad_id)
+        if self.cfg.valid_batches:
+            batches = batches[: self.cfg.valid_batches]
+        for b in batches:
+            n = b.n_labels
+            out = self.module(b.input_ids, b.attention_mask, b.labels, np.asarray(1.0, np.float32))
+            total += float(np.asarray(out).reshape(()))
+            count += n
+        self.module.train()
+        return total / max(1, count)
+
+    def adapter_tensors(self) -> dict[str, np.ndarray]:
+        params = self.ckstate.parameters
+        return {n: np.array(params[n].data, copy=True) for n in self.bundle.trainable}
+
+    # -- checkpoints -----------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        """Write ``checkpoints/step-N`` atomically, then point ``latest`` at it."""
+        name = f"step-{self.state.step:06d}"
+        ck_root = self.out / "checkpoints"
+        try:
+            with _io.atomic_dir(ck_root / name) as tmp:
+                self._api.CheckpointState.save_checkpoint(self.ckstate, str(tmp / "checkpoint"), include_optimizer_state=True)
+                _fault("checkpoint-write")
+                _io.write_json(tmp / "trainer_state.json", self.state.to_json())
+            _io.write_text(ck_root / "latest", name + "\n")
+        except OSError as e:
+            prev = latest_checkpoint(self.out)
+            raise TrainingError(f"could not write checkpoint {name} ({e.strerror or e}); "
+                                f"the previous checkpoint {prev.name if prev else '(none)'} is intact; "
+                                "free some disk space and run again with --resume") from None
+        for old in sorted(ck_root.glob("step-*"))[:-KEEP_CHECKPOINTS]:
+            shutil.rmtree(old, ignore_errors=True)
+        return ck_root / name
+
+    def save_adapter(self) -> Path:
+        return peft_io.save(self.out / "adapter", self.adapter_tensors(), self.bundle.adapter,
+                            base=str(self.bundle.manifest.get("source")),
+                            metadata={"edgetune_base_id": self.bundle.base_id, "step": str(self.state.step)})
+
+    # -- the loop ----------------------------------------------------------------
+    def fit(self, train: _data.Dataset, valid: _data.Dataset | None = None) -> RunResult:
+        total, per_epoch = self.total_steps(train)
+        if self.state.step >= total:
+            raise ConfigError(f"the run is already at step {self.state.step} of {total}; raise --steps to train further")
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._open()
+        self._write_run_files(train, valid, total)
+        self.log(f"training {len(self.bundle.trainable)} adapter tensors on {len(train)} examples "
+                 f"({train.labelled} labelled of {train.tokens} tokens, {train.truncated} truncated); "
+                 f"steps {self.state.step}->{total}; train on CPUExecutionProvider")
+        stream = self._micro_batches(train)
+        bar = _progress(total, self.state.step, self.progress)
+        t_start = time.time() - self.state.elapsed
+        window_t, window_tok = time.time(), 0
+        try:
+            while self.state.step < total:
+                group = []
+                for _ in range(self.cfg.grad_accum):
+                    epoch, idx, b = next(stream)
+                    group.append(b)
+                lr = lr_at(self.state.step, self.cfg, total)
+                self.optimizer.set_learning_rate(lr)
+                _ort.set_seed(self.cfg.seed * 1_000_003 + self.state.step)
+                loss = self._step(group)
+                if not math.isfinite(loss):
+                    self._nonfinite(loss)
+                self.optimizer.step()
+                self.module.lazy_reset_grad()
+                ntok = sum(b.n_tokens for b in group)
+                self.state.step += 1
+                self.state.epoch, self.state.batch_index = epoch, idx + 1
+                self.state.tokens += ntok
+                self.state.labelled += sum(b.n_labels for b in group)
+                self.state.last_loss = loss
+                self.state.elapsed = time.time() - t_start
+                window_tok += ntok
+                tps = window_tok / max(1e-9, time.time() - window_t)
+                rec = {"step": self.state.step, "loss": round(loss, 6), "lr": lr, "tokens": self.state.tokens,
+                       "tokens_per_s": round(tps, 1), "elapsed": round(self.state.elapsed, 2), "rss_mb": round(_rss_mb())}
+                if valid is not None and self.cfg.eval_every and self.state.step % self.cfg.eval_every == 0:
+                    rec["valid_loss"] = self.state.last_valid_loss = round(self.validate(valid), 6)
+                _write_metric(self.out, rec)
+                _bar_update(bar, rec)
+                if self.cfg.save_every and self.state.step % self.cfg.save_every == 0 and self.state.step < total:
+                    self.save_checkpoint()
+        finally:
+            if bar is not None:
+                bar.close()
+        if valid is not None:
+            self.state.last_valid_loss = self.validate(valid)
+            _write_metric(self.out, {"step": self.state.step, "valid_loss": round(self.state.last_valid_loss, 6)})
+        self.save_checkpoint()
+        adapter = self.save_adapter()
+        return self._finish(adapter, train)
+
+    def _nonfinite(self, loss: float) -> None:
+        prev = latest_checkpoint(self.out)
+        where = f"the last good checkpoint is {prev}" if prev else "no checkpoint was written yet"
+        raise TrainingError(f"loss is {loss} at step {self.state.step + 1}; training stopped before the update, "
+                            f"{where}. Lower --lr, add --warmup, or check the data; resume with --resume")
+
+    def _write_run_files(self, train: _data.Dataset, valid: _data.Dataset | None, total: int) -> None:
+        _io.write_json(self.out / "config.json", {**self.cfg.to_dict(), "total_steps": total})
+        _io.write_json(self.out / RUN_MANIFEST, {
+            "kind": "edgetune-run", "format": 1, "bundle": str(self.bundle.root.resolve()),
+            "bundle_id": self.bundle.base_id, "adapter": self.bundle.manifest["adapter"], "status": "running",
+            "data": {"train": train.path, "valid": valid.path if valid else None, "format": train.fmt,
+                     "examples": len(train), "tokens": train.tokens, "labelled": train.labelled,
+                     "truncated": train.truncated},
+            "train_provider": "CPUExecutionProvider", "device": self.device.name,
+        })
+
+    def _finish(self, adapter: Path, train: _data.Dataset) -> RunResult:
+        tps = self.state.tokens / max(1e-9, self.state.elapsed)
+        summary = {"steps": self.state.step, "final_loss": self.state.last_loss,
+                   "valid_loss": self.state.last_valid_loss, "tokens": self.state.tokens,
+                   "labelled_tokens": self.state.labelled, "tokens_per_s": round(tps, 1),
+                   "elapsed_s": round(self.state.elapsed, 1), "peak_rss_mb": round(_peak_rss_mb()),
+                   "truncated_examples": train.truncated, "adapter": str(adapter)}
+        manifest = json.loads((self.out / RUN_MANIFEST).read_text())
+        manifest.update(status="complete", summary=summary)
+        _io.write_json(self.out / RUN_MANIFEST, manifest)
+        plot_loss(self.out)
+        return RunResult(self.out, self.state.step, self.state.last_loss, self.state.last_valid_loss, tps, adapter, summary)
+
+
+def _peak_rss_mb() -> float:
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    except ImportError:
+        return _rss_mb()
+
+
+def _fault(point: str) -> None:
+    """Test hook: ``EDGETUNE_FAULT=point`` kills the process there, as a power cut would."""
+    if os.environ.get("EDGETUNE_FAULT") == point:
+        os._exit(137)
+
+
+def _progress(total: int, initial: int, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, desc="train")
+
+
+def _bar_update(bar: Any, rec: dict[str, Any]) -> None:
+    if bar is None:
+        return
+    post = {"loss": f"{rec['loss']:.4f}", "tok/s": f"{rec['tokens_per_s']:.0f}", "mem": f"{rec['rss_mb'] / 1024:.2f}G"}
+    if "valid_loss" in rec:
+        post["val"] = f"{rec['valid_loss']:.4f}"
+    bar.set_postfix(post, refresh=False)
+    bar.update(1)
+
+
+def plot_loss(run: Path) -> Path | None:
+    """Draw ``loss.png`` from ``metrics.jsonl`` if matplotlib is installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    tr = [(r["step"], r["loss"]) for r in recs if "loss" in r]
+    va = [(r["step"], r["valid_loss"]) for r in recs if "valid_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if tr:
+        ax.plot(*zip(*tr), label="train", lw=1.2)
+    if va:
+        ax.plot(*zip(*va), "o-", label="validation", lw=1.5)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (mean over labelled tokens)")
+    ax.set_title(f"edgetune: {run.name}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = run / "loss.png"
+    _io.write_with(out, lambda f: fig.savefig(f, format="png"))
+    plt.close(fig)
+    return out
+
+
+def train(bundle: str | Path, data: str | Path, out: str | Path, resume: bool = False,
+          log: Log = print, progress: bool = True, **options: Any) -> RunResult:
+    """Train a bundle's adapters on ``data`` into ``out``; ``options`` are TrainConfig fields."""
+    from .config import resolve
+
+    cfg = resolve(TrainConfig, None, **options)
+    trainer = Trainer(bundle, out, cfg, resume=resume, log=log, progress=progress)
+    tr, va = trainer.load_data(data)
+    return trainer.fit(tr, va)
