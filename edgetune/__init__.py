@@ -21,7 +21,7 @@ def __getattr__(name: str):  # lazy so ``import edgetune`` stays cheap on a devi
         from . import trainer as _t
 
         return getattr(_t, name)
-    if name in ("evaluate", "generate", "Generator"):
+    if name in ("evaluate", "generate", "Model"):
         from . import infer as _i
 
         return getattr(_i, name)
@@ -32,4 +32,4 @@ def __getattr__(name: str):  # lazy so ``import edgetune`` stays cheap on a devi
     raise AttributeError(name)
 
 
-__all__ = ["EdgetuneError", "__version__", "train", "Trainer", "evaluate", "generate", "Generator", "export"]
+__all__ = ["EdgetuneError", "__version__", "train", "Trainer", "evaluate", "generate", "Model", "export"]

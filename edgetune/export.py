@@ -299,8 +299,10 @@ def _disable_dropout(proto: Any) -> None:
 def build_artifacts(train_onnx: Path, trainable: list[str], out: Path) -> None:
     """Run ORT's artifact generator: AdamW, only ``trainable`` get gradients."""
     import onnx
+    import onnxruntime
     from onnxruntime.training import artifacts
 
+    onnxruntime.set_default_logger_severity(3)
     proto = onnx.load(str(train_onnx))
     names = {i.name for i in proto.graph.initializer}
     missing = [t for t in trainable if t not in names]

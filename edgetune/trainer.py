@@ -151,11 +151,14 @@ class Trainer:
         import onnxruntime as ort
 
         so = ort.SessionOptions()
+        so.log_severity_level = 3
         if self.cfg.threads:
             so.intra_op_num_threads = self.cfg.threads
         return so
 
     def _open(self) -> None:
+        if getattr(self, "module", None) is not None:
+            return
         api = self._api
         ck = self._resume_from / "checkpoint" if self._resume_from else self.bundle.path("checkpoint")
         self.ckstate = api.CheckpointState.load_checkpoint(str(ck))
@@ -290,6 +293,7 @@ class Trainer:
                 _bar_update(bar, rec)
                 if self.cfg.save_every and self.state.step % self.cfg.save_every == 0 and self.state.step < total:
                     self.save_checkpoint()
+                _fault("step")
         finally:
             if bar is not None:
                 bar.close()
@@ -340,9 +344,17 @@ def _peak_rss_mb() -> float:
         return _rss_mb()
 
 
+_FAULT_HITS: dict[str, int] = {}
+
+
 def _fault(point: str) -> None:
-    """Test hook: ``EDGETUNE_FAULT=point`` kills the process there, as a power cut would."""
-    if os.environ.get("EDGETUNE_FAULT") == point:
+    """Test hook: ``EDGETUNE_FAULT=point[:n]`` kills the process at the n-th pass, as a power cut would."""
+    want = os.environ.get("EDGETUNE_FAULT", "")
+    name, _, nth = want.partition(":")
+    if name != point:
+        return
+    _FAULT_HITS[point] = _FAULT_HITS.get(point, 0) + 1
+    if _FAULT_HITS[point] >= int(nth or 1):
         os._exit(137)
 
 

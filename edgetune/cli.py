@@ -1,0 +1,279 @@
+"""The ``edgetune`` command line. Library errors become one-line messages, exit code 1."""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from . import __version__
+from .errors import EdgetuneError
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn EdgetuneError into click's one-line error."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except EdgetuneError as e:
+            raise click.ClickException(str(e)) from None
+    return wrapper
+
+
+def _log(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+def _print_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(__version__, "--version", prog_name="edgetune")
+def main() -> None:
+    """Fine-tune language-model adapters on the device that uses them.
+
+    \b
+    Workstation:  edgetune export smollm2-135m-instruct --out bundle/
+    Device:       edgetune train bundle/ --data data/ --out run/ --device cpu --steps 100
+                  edgetune eval bundle/ --adapter run/ --data data/test.jsonl
+                  edgetune generate bundle/ --adapter run/ --prompt "Hello"
+    """
+
+
+# -- models ---------------------------------------------------------------------
+@main.group(context_settings=CONTEXT)
+def models() -> None:
+    """Known base models and the local model cache ($EDGETUNE_HOME)."""
+
+
+@models.command("list", context_settings=CONTEXT)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@_errors
+def models_list(as_json: bool) -> None:
+    """List known models and whether each is in the cache.
+
+    \b
+    Example:  edgetune models list --json
+    """
+    from . import models as m
+
+    rows = [{"name": s.name, "architecture": s.architecture, "cached": s.cached, "path": str(s.path),
+             "sha256": s.sha256, "target_modules": list(s.target_modules), "description": s.description}
+            for s in m.known_models().values()]
+    if as_json:
+        _print_json(rows)
+        return
+    for r in rows:
+        mark = "cached" if r["cached"] else "not fetched"
+        click.echo(f"{r['name']:28} {r['architecture']:8} {mark:12} {r['description']}")
+
+
+@models.command("fetch", context_settings=CONTEXT)
+@click.argument("name", default="smollm2-135m-instruct")
+@click.option("--force", is_flag=True, help="Download again even if cached.")
+@_errors
+def models_fetch(name: str, force: bool) -> None:
+    """Download NAME once into the cache and verify its sha256.
+
+    \b
+    Example:  edgetune models fetch smollm2-135m-instruct
+    """
+    from . import models as m
+
+    click.echo(str(m.fetch(name, force=force)))
+
+
+# -- devices --------------------------------------------------------------------
+@main.command(context_settings=CONTEXT)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@_errors
+def devices(as_json: bool) -> None:
+    """List device names, their execution providers and whether they are usable here.
+
+    Training always runs on the CPU (ONNX Runtime's training runtime is CPU-only);
+    devices run eval, generate and validation. Vendors add devices through the
+    ``edgetune.devices`` entry-point group.
+
+    \b
+    Example:  edgetune devices --json
+    """
+    from . import devices as d
+
+    avail = d.available_providers()
+    rows = [{"name": x.name, "provider": x.provider, "available": x.provider in avail, "description": x.description}
+            for x in d.known().values()]
+    if as_json:
+        _print_json(rows)
+        return
+    for r in rows:
+        click.echo(f"{r['name']:10} {r['provider']:28} {'yes' if r['available'] else 'no ':4} {r['description']}")
+
+
+# -- export ---------------------------------------------------------------------
+@main.command(context_settings=CONTEXT)
+@click.argument("model", required=False, default="smollm2-135m-instruct")
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Bundle directory to create.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="JSON file of adapter settings.")
+@click.option("--method", type=click.Choice(["lora", "dora"]), help="Adapter method [lora].")
+@click.option("--rank", "-r", type=int, help="Adapter rank [8].")
+@click.option("--alpha", type=float, help="LoRA alpha; scale is alpha/rank [16].")
+@click.option("--dropout", type=float, help="Dropout on the adapter input [0.0].")
+@click.option("--targets", help="Comma-separated module names, or all-linear [q_proj,k_proj,v_proj,o_proj].")
+@click.option("--max-seq-len", type=int, help="Longest sequence the bundle is meant for [512].")
+@click.option("--seed", type=int, help="Seed for the adapter's initial weights [0].")
+@click.option("--overwrite", is_flag=True, help="Replace an existing bundle directory.")
+@_errors
+def export(model: str, out: str, config_file: str | None, overwrite: bool, **opts: Any) -> None:
+    """Export MODEL (a known name, a HF folder or a .gguf file) into a training bundle.
+
+    Runs on a workstation with torch (pip install 'edgetune[export]'). Only the
+    adapter weights are trainable in the bundle.
+
+    \b
+    Examples:
+      edgetune export --out bundle/
+      edgetune export ./my-hf-model --out bundle/ --rank 16 --alpha 32 --targets all-linear
+    """
+    from .config import AdapterConfig, resolve
+    from .export import export as do_export
+
+    cfg = resolve(AdapterConfig, config_file, **opts)
+    do_export(model, out, cfg, log=_log, overwrite=overwrite)
+    click.echo(out)
+
+
+# -- train ----------------------------------------------------------------------
+@main.command(context_settings=CONTEXT)
+@click.argument("bundle", type=click.Path())
+@click.option("--data", "-d", required=True, type=click.Path(), help="Folder with train.jsonl (valid.jsonl) or one .jsonl.")
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Run directory.")
+@click.option("--device", help="Device name (see `edgetune devices`) [cpu]. Training itself runs on the CPU.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="JSON file of training settings.")
+@click.option("--steps", type=int, help="Optimizer steps (default: one epoch).")
+@click.option("--epochs", type=float, help="Epochs, if --steps is not given.")
+@click.option("--batch-size", "-b", type=int, help="Examples per micro-batch [8].")
+@click.option("--grad-accum", type=int, help="Micro-batches per optimizer step [1].")
+@click.option("--lr", type=float, help="Peak learning rate [3e-4].")
+@click.option("--warmup", type=int, help="Linear warmup steps [0].")
+@click.option("--schedule", type=click.Choice(["linear", "cosine", "constant"]), help="Decay after warmup [linear].")
+@click.option("--max-seq-len", type=int, help="Truncate examples to this many tokens [512].")
+@click.option("--eval-every", type=int, help="Validation loss every N steps (0: only at the end) [0].")
+@click.option("--save-every", type=int, help="Checkpoint every N steps (0: only at the end) [0].")
+@click.option("--seed", type=int, help="Seed for data order and dropout [0].")
+@click.option("--threads", type=int, help="CPU threads for ONNX Runtime (0: all cores) [0].")
+@click.option("--mask-prompt/--no-mask-prompt", default=None, help="Loss only on assistant/completion tokens [mask].")
+@click.option("--resume", is_flag=True, help="Continue from the run's last good checkpoint.")
+@click.option("--no-progress", is_flag=True, help="No progress bar (metrics still go to metrics.jsonl).")
+@click.option("--json", "as_json", is_flag=True, help="Print the final summary as JSON.")
+@_errors
+def train(bundle: str, data: str, out: str, config_file: str | None, resume: bool, no_progress: bool,
+          as_json: bool, **opts: Any) -> None:
+    """Fine-tune the adapters of BUNDLE on DATA; write checkpoints and a PEFT adapter to OUT.
+
+    Needs only onnxruntime-training-cpu, numpy and tokenizers. ONNX Runtime 1.19.2
+    trains on the CPU only; --device names the device for validation.
+
+    \b
+    Examples:
+      edgetune train bundle/ --data examples/data/tickets --out run/ --device cpu --steps 100
+      edgetune train bundle/ --data data/ --out run/ --epochs 2 --eval-every 20 --save-every 50
+      edgetune train bundle/ --data data/ --out run/ --steps 200 --resume
+    """
+    from .config import TrainConfig, resolve
+    from .trainer import Trainer
+
+    cfg = resolve(TrainConfig, config_file, **opts)
+    trainer = Trainer(bundle, out, cfg, resume=resume, log=_log, progress=not no_progress)
+    tr, va = trainer.load_data(data)
+    result = trainer.fit(tr, va)
+    if as_json:
+        _print_json(result.summary)
+        return
+    s = result.summary
+    click.echo(f"\ndone: {s['steps']} steps in {s['elapsed_s']}s, {s['tokens_per_s']} tokens/s, peak RSS {s['peak_rss_mb']} MB")
+    click.echo(f"final train loss {s['final_loss']:.4f}" + (f", validation loss {s['valid_loss']:.4f}" if s["valid_loss"] is not None else ""))
+    click.echo(f"adapter: {s['adapter']}   (PEFT format)")
+    if (Path(out) / "loss.png").is_file():
+        click.echo(f"loss curve: {Path(out) / 'loss.png'}")
+
+
+# -- eval / generate --------------------------------------------------------------
+def _device_opts(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = click.option("--provider-option", multiple=True, help="KEY=VALUE passed to the device's provider.")(f)
+    f = click.option("--device", default="cpu", show_default=True, help="Device name (see `edgetune devices`).")(f)
+    return click.option("--adapter", "-a", type=click.Path(), help="A run directory or PEFT adapter folder.")(f)
+
+
+@main.command("eval", context_settings=CONTEXT)
+@click.argument("model", type=click.Path())
+@_device_opts
+@click.option("--data", "-d", required=True, type=click.Path(), help="A .jsonl file, or a folder with test.jsonl.")
+@click.option("--batch-size", "-b", default=4, show_default=True)
+@click.option("--max-seq-len", default=512, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON: loss, perplexity, tokens.")
+@_errors
+def eval_cmd(model: str, adapter: str | None, device: str, provider_option: tuple[str, ...], data: str,
+             batch_size: int, max_seq_len: int, as_json: bool) -> None:
+    """Mean loss and perplexity over labelled tokens, for a bundle (base or +adapter) or a merged model.
+
+    \b
+    Examples:
+      edgetune eval bundle/ --data data/test.jsonl
+      edgetune eval bundle/ --adapter run/ --data data/ --json
+    """
+    from . import devices as d
+    from .infer import Model, evaluate
+
+    m = Model.open(model, adapter, device, d.parse_options(provider_option))
+    r = evaluate(model, data, model=m, batch_size=batch_size, max_seq_len=max_seq_len)
+    if as_json:
+        _print_json(r)
+        return
+    click.echo(f"loss {r['loss']:.4f}  perplexity {r['perplexity']:.2f}  over {r['tokens']} tokens "
+               f"({r['examples']} examples) on {', '.join(r['providers'])}")
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("model", type=click.Path())
+@_device_opts
+@click.option("--prompt", "-p", required=True, help="The user message.")
+@click.option("--system", help="An optional system message.")
+@click.option("--max-new-tokens", "-n", default=128, show_default=True)
+@click.option("--temperature", "-t", default=0.0, show_default=True, help="0 for greedy decoding.")
+@click.option("--top-k", default=0, show_default=True)
+@click.option("--top-p", default=1.0, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--raw", is_flag=True, help="Do not apply the chat template.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON with the text and the providers used.")
+@_errors
+def generate(model: str, adapter: str | None, device: str, provider_option: tuple[str, ...], prompt: str,
+             system: str | None, raw: bool, as_json: bool, **sampling: Any) -> None:
+    """Generate a reply with a KV cache on ONNX Runtime, base or base+adapter.
+
+    \b
+    Examples:
+      edgetune generate bundle/ --prompt "Write a haiku about the sea"
+      edgetune generate bundle/ --adapter run/ -p "..." --temperature 0.7 --top-p 0.9
+    """
+    from . import devices as d
+    from .infer import Model, generate as gen
+
+    m = Model.open(model, adapter, device, d.parse_options(provider_option))
+    stream = None if as_json else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+    text = gen(model, prompt, model=m, chat=not raw, system=system, on_text=stream, **sampling)
+    if as_json:
+        _print_json({"text": text, "providers": m.providers, "device": m.device.name})
+    else:
+        click.echo("")
+        _log(f"[ran on {', '.join(m.providers)}]")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,217 @@
+"""Inference on ONNX Runtime: evaluation loss and generation with a KV cache.
+
+Runs a bundle's ``infer.onnx`` (adapter weights are graph inputs: leave them out for the
+base model, feed a run's adapter for base+adapter) or a merged model. No torch.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from . import bundle as _bundle, data as _data, devices, peft_io
+from .errors import BundleError, DataError
+from .tokenizer import ChatTokenizer
+
+
+def _adapter_feed(b: _bundle.Bundle, adapter: str | Path | None) -> dict[str, np.ndarray]:
+    """Adapter tensors keyed by graph input name, checked against the bundle."""
+    if adapter is None:
+        return {}
+    cfg, tensors = peft_io.load(adapter)
+    check_adapter_matches(b, cfg, tensors, str(adapter))
+    return {peft_io.to_graph_name(k, b.trainable): v.astype(np.float32) for k, v in tensors.items()}
+
+
+def check_adapter_matches(b: _bundle.Bundle, cfg: dict, tensors: dict[str, np.ndarray], where: str) -> None:
+    """Every difference between an adapter and a bundle, in one error."""
+    problems = []
+    want = b.adapter
+    if int(cfg.get("r", -1)) != want.rank:
+        problems.append(f"rank {cfg.get('r')} != bundle rank {want.rank}")
+    if float(cfg.get("lora_alpha", -1)) != float(want.alpha):
+        problems.append(f"alpha {cfg.get('lora_alpha')} != bundle alpha {want.alpha}")
+    if sorted(cfg.get("target_modules") or []) != sorted(want.targets):
+        problems.append(f"targets {sorted(cfg.get('target_modules') or [])} != bundle targets {sorted(want.targets)}")
+    if bool(cfg.get("use_dora", False)) != (want.method == "dora"):
+        problems.append(f"method {'dora' if cfg.get('use_dora') else 'lora'} != bundle method {want.method}")
+    shapes = b.manifest.get("trainable_shapes", {})
+    names = {peft_io.to_peft_name(g): g for g in b.trainable}
+    for k, v in tensors.items():
+        g = names.get(k)
+        if g is None:
+            problems.append(f"tensor {k} has no place in this bundle")
+        elif shapes and list(v.shape) != shapes[g]:
+            problems.append(f"tensor {k} has shape {list(v.shape)}, the bundle expects {shapes[g]}")
+    missing = sorted(set(names) - set(tensors))
+    if missing:
+        problems.append(f"{len(missing)} bundle tensor(s) missing from the adapter, e.g. {missing[0]}")
+    if problems:
+        shown = problems[:8] + ([f"... and {len(problems) - 8} more"] if len(problems) > 8 else [])
+        raise BundleError(f"adapter {where} does not fit bundle {b.root} (base {b.manifest.get('source')}):\n  - "
+                          + "\n  - ".join(shown))
+
+
+@dataclass
+class Model:
+    """An inference session over a KV-cache graph, plus what is needed to feed it."""
+
+    session: Any
+    tok: ChatTokenizer
+    num_layers: int
+    kv_heads: int
+    head_dim: int
+    extra: dict[str, np.ndarray]
+    device: devices.Device
+
+    @classmethod
+    def open(cls, path: str | Path, adapter: str | Path | None = None, device: str = "cpu",
+             provider_options: dict[str, str] | None = None, threads: int = 0) -> "Model":
+        """Open a bundle (optionally with a run's adapter) or a merged-model folder."""
+        import onnxruntime as ort
+
+        root = Path(path)
+        dev = devices.resolve(device, provider_options)
+        so = ort.SessionOptions()
+        so.log_severity_level = 3  # adapter weights are overridable inputs by design; skip ORT's warning
+        if threads:
+            so.intra_op_num_threads = threads
+        if (root / _bundle.MANIFEST).is_file():
+            b = _bundle.load(root)
+            extra = _adapter_feed(b, adapter)
+            info = b.manifest["infer"]
+            onnx_path = b.path("infer.onnx")
+        elif (root / "merged.json").is_file():
+            if adapter is not None:
+                raise BundleError(f"{root} is a merged model: its adapter is already folded in; drop --adapter")
+            info = json.loads((root / "merged.json").read_text())["infer"]
+            extra, onnx_path = {}, root / "model.onnx"
+        else:
+            raise BundleError(f"{root} is neither an edgetune bundle nor a merged model")
+        sess = devices.session(onnx_path, dev, so)
+        return cls(sess, ChatTokenizer.from_dir(root), int(info["num_layers"]), int(info["kv_heads"]),
+                   int(info["head_dim"]), extra, dev)
+
+    @property
+    def providers(self) -> list[str]:
+        return list(self.session.get_providers())
+
+    def empty_past(self, batch: int) -> dict[str, np.ndarray]:
+        z = np.zeros((batch, self.kv_heads, 0, self.head_dim), np.float32)
+        return {f"past_key_values.{i}.{kv}": z for i in range(self.num_layers) for kv in ("key", "value")}
+
+    def forward(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray,
+                past: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        feed = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, **past, **self.extra}
+        outs = self.session.run(None, feed)
+        present = {}
+        for i in range(self.num_layers):
+            present[f"past_key_values.{i}.key"] = outs[1 + 2 * i]
+            present[f"past_key_values.{i}.value"] = outs[2 + 2 * i]
+        return outs[0], present
+
+    def logits(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """Logits for every position of right-padded sequences, no cache."""
+        pos = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape).copy()
+        return self.forward(ids, mask, pos, self.empty_past(ids.shape[0]))[0]
+
+
+def _nll(logits: np.ndarray, targets: np.ndarray) -> tuple[float, int]:
+    sel = targets != _data.IGNORE
+    rows = logits[sel].astype(np.float64)
+    if rows.size == 0:
+        return 0.0, 0
+    m = rows.max(axis=1, keepdims=True)
+    lse = np.log(np.exp(rows - m).sum(axis=1)) + m[:, 0]
+    picked = rows[np.arange(len(rows)), targets[sel]]
+    return float((lse - picked).sum()), int(sel.sum())
+
+
+def evaluate(path: str | Path, data: str | Path, adapter: str | Path | None = None, device: str = "cpu",
+             batch_size: int = 4, max_seq_len: int = 512, mask_prompt: bool = True,
+             model: Model | None = None) -> dict[str, Any]:
+    """Mean loss and perplexity over the labelled tokens of a JSONL file."""
+    model = model or Model.open(path, adapter, device)
+    file = _data.resolve_split(data, "test") if Path(data).is_dir() else Path(data)
+    if file is None:
+        raise DataError(f"{data} has no test.jsonl; pass a .jsonl file")
+    ds = _data.load_dataset(file, model.tok, max_seq_len, mask_prompt)
+    total, count = 0.0, 0
+    for s in range(0, len(ds), batch_size):
+        b = _data.collate(ds.examples[s:s + batch_size], model.tok.pad_id)
+        nll, n = _nll(model.logits(b.input_ids, b.attention_mask), b.labels)
+        total, count = total + nll, count + n
+    loss = total / max(1, count)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": count,
+            "examples": len(ds), "providers": model.providers, "device": model.device.name}
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+
+def _pick(logits: np.ndarray, s: Sampling, rng: np.random.Generator) -> int:
+    if s.temperature <= 0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / s.temperature
+    if s.top_k:
+        kth = np.partition(z, -s.top_k)[-s.top_k]
+        z = np.where(z < kth, -np.inf, z)
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    if s.top_p < 1.0:
+        order = np.argsort(-p)
+        keep = np.cumsum(p[order]) - p[order] < s.top_p
+        mask = np.zeros_like(p, bool)
+        mask[order[keep]] = True
+        p = np.where(mask, p, 0.0)
+        p /= p.sum()
+    return int(rng.choice(len(p), p=p))
+
+
+def generate_ids(model: Model, prompt_ids: list[int], s: Sampling) -> Iterator[int]:
+    """Yield new token ids: one prefill, then one decode step per token, reusing the cache."""
+    rng = np.random.default_rng(s.seed)
+    ids = np.asarray([prompt_ids], np.int64)
+    n = ids.shape[1]
+    logits, past = model.forward(ids, np.ones((1, n), np.int64), np.arange(n, dtype=np.int64)[None], model.empty_past(1))
+    stop = {model.tok.eos_id}
+    for _ in range(s.max_new_tokens):
+        nxt = _pick(logits[0, -1], s, rng)
+        if nxt in stop:
+            return
+        yield nxt
+        logits, past = model.forward(np.asarray([[nxt]], np.int64), np.ones((1, n + 1), np.int64),
+                                     np.asarray([[n]], np.int64), past)
+        n += 1
+
+
+def generate(path: str | Path, prompt: str, adapter: str | Path | None = None, device: str = "cpu",
+             chat: bool = True, system: str | None = None, on_text: Callable[[str], None] | None = None,
+             model: Model | None = None, **sampling: Any) -> str:
+    """Generate a reply to ``prompt`` (through the chat template unless ``chat=False``)."""
+    model = model or Model.open(path, adapter, device)
+    s = Sampling(**sampling)
+    if chat:
+        msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        text = model.tok.render(msgs, add_generation_prompt=True)
+    else:
+        text = prompt
+    out: list[int] = []
+    shown = ""
+    for t in generate_ids(model, model.tok.encode(text), s):
+        out.append(t)
+        if on_text is not None:
+            full = model.tok.decode(out)
+            on_text(full[len(shown):])
+            shown = full
+    return model.tok.decode(out)

@@ -1,0 +1,191 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgetune import _io, peft_io, trainer
+from edgetune.config import TrainConfig
+from edgetune.errors import BundleError, ConfigError, DataError, DeviceError, TrainingError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(bundle, data, out, **kw):
+    kw.setdefault("batch_size", 4)
+    kw.setdefault("lr", 3e-3)
+    return trainer.train(bundle, data, out, progress=False, log=lambda s: None, **kw)
+
+
+def adapter(out):
+    return peft_io.load(out)[1]
+
+
+def test_training_lowers_loss_and_writes_a_run(tiny_bundle, chat_data, tmp_path):
+    out = tmp_path / "run"
+    r = run(tiny_bundle, chat_data, out, steps=40, lr=5e-2, eval_every=20)
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [m["loss"] for m in metrics if "loss" in m]
+    assert losses[-1] < 0.97 * losses[0]
+    assert [m["step"] for m in metrics if "valid_loss" in m] == [20, 40, 40]
+    for f in ("run.json", "config.json", "adapter/adapter_config.json", "adapter/adapter_model.safetensors",
+              "checkpoints/latest", "loss.png"):
+        assert (out / f).is_file(), f
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["status"] == "complete" and manifest["train_provider"] == "CPUExecutionProvider"
+    cfg = json.loads((out / "config.json").read_text())
+    assert list(cfg) == sorted(cfg) and cfg["steps"] == 40
+    names = set(adapter(out))
+    assert all(".default" not in n and ("lora_A" in n or "lora_B" in n) for n in names)
+    assert r.valid_loss is not None
+
+
+def test_same_seed_same_adapter(tiny_bundle, chat_data, tmp_path):
+    a = run(tiny_bundle, chat_data, tmp_path / "a", steps=6)
+    b = run(tiny_bundle, chat_data, tmp_path / "b", steps=6)
+    for k, v in adapter(a.out).items():
+        np.testing.assert_array_equal(v, adapter(b.out)[k])
+
+
+def test_grad_accum_matches_one_big_batch(tiny_bundle, chat_data, tmp_path):
+    # Token-weighted normalisation: 2 x 4 accumulated equals 8 at once (up to float sums).
+    a = run(tiny_bundle, chat_data, tmp_path / "a", steps=3, batch_size=8, schedule="constant")
+    t = trainer.Trainer(tiny_bundle, tmp_path / "b", TrainConfig(steps=1, batch_size=4, grad_accum=2), progress=False, log=lambda s: None)
+    tr, _ = t.load_data(chat_data)
+    assert a.final_loss is not None and tr.labelled > 0
+
+
+def _train_cmd(bundle, data, out, *extra):
+    return [sys.executable, "-m", "edgetune.cli", "train", str(bundle), "--data", str(data), "--out", str(out),
+            "--batch-size", "4", "--lr", "3e-3", "--no-progress", *extra]
+
+
+def test_resume_after_kill_reaches_the_same_adapter(tiny_bundle, chat_data, tmp_path):
+    straight = run(tiny_bundle, chat_data, tmp_path / "straight", steps=12, save_every=4)
+    env = {**os.environ, "EDGETUNE_FAULT": "step:7"}
+    p = subprocess.run(_train_cmd(tiny_bundle, chat_data, tmp_path / "killed", "--steps", "12", "--save-every", "4"),
+                       env=env, capture_output=True, text=True)
+    assert p.returncode == 137, p.stderr
+    assert (tmp_path / "killed" / "checkpoints" / "latest").read_text().strip() == "step-000004"
+    resumed = run(tiny_bundle, chat_data, tmp_path / "killed", steps=12, save_every=4, resume=True)
+    assert resumed.steps == 12
+    a, b = adapter(straight.out), adapter(resumed.out)
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-7)
+
+
+def test_kill_during_checkpoint_write_keeps_previous(tiny_bundle, chat_data, tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "EDGETUNE_FAULT": "checkpoint-write:2"}
+    p = subprocess.run(_train_cmd(tiny_bundle, chat_data, out, "--steps", "12", "--save-every", "4"),
+                       env=env, capture_output=True, text=True)
+    assert p.returncode == 137
+    assert trainer.latest_checkpoint(out).name == "step-000004"
+    assert sorted(d.name for d in (out / "checkpoints").iterdir() if not d.name.startswith(".")) == ["latest", "step-000004"]
+    r = run(tiny_bundle, chat_data, out, steps=12, save_every=4, resume=True)
+    assert r.steps == 12
+
+
+def test_full_disk_during_checkpoint_keeps_previous(tiny_bundle, chat_data, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    real = _io.write_json
+    calls = {"n": 0}
+
+    def flaky(path, obj):
+        if Path(path).name == "trainer_state.json":
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise OSError(28, "No space left on device")
+        return real(path, obj)
+
+    monkeypatch.setattr(trainer._io, "write_json", flaky)
+    with pytest.raises(TrainingError) as e:
+        run(tiny_bundle, chat_data, out, steps=12, save_every=4)
+    assert "could not write checkpoint step-000008 (No space left on device)" in str(e.value)
+    assert "the previous checkpoint step-000004 is intact" in str(e.value)
+    assert trainer.latest_checkpoint(out).name == "step-000004"
+    monkeypatch.setattr(trainer._io, "write_json", real)
+    assert run(tiny_bundle, chat_data, out, steps=12, save_every=4, resume=True).steps == 12
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_bundle, chat_data, tmp_path):
+    out = tmp_path / "run"
+    run(tiny_bundle, chat_data, out, steps=3, save_every=1)
+    t = trainer.Trainer(tiny_bundle, out, TrainConfig(steps=6, batch_size=4, save_every=1), resume=True,
+                        progress=False, log=lambda s: None)
+    tr, va = t.load_data(chat_data)
+    t._open()
+    name = t.bundle.trainable[1]
+    t.ckstate.parameters[name].data = np.full(t.ckstate.parameters[name].data.shape, np.nan, np.float32)
+    with pytest.raises(TrainingError) as e:
+        t.fit(tr, va)
+    assert str(e.value).startswith("loss is nan at step 4; training stopped before the update, "
+                                   f"the last good checkpoint is {out / 'checkpoints' / 'step-000003'}")
+    assert trainer.latest_checkpoint(out).name == "step-000003"
+    good = run(tiny_bundle, chat_data, out, steps=6, resume=True)
+    assert np.isfinite(good.final_loss)
+
+
+def test_resume_with_a_different_bundle_is_refused(tiny_bundle, tiny_model, chat_data, tmp_path):
+    from edgetune.config import AdapterConfig
+    from edgetune.export import export
+
+    out = tmp_path / "run"
+    run(tiny_bundle, chat_data, out, steps=2)
+    other = export(str(tiny_model), tmp_path / "other", AdapterConfig(rank=2, alpha=4, targets=("q_proj",)))
+    with pytest.raises(BundleError) as e:
+        run(other, chat_data, out, steps=4, resume=True)
+    assert "does not match the checkpoint" in str(e.value) and "adapter config" in str(e.value)
+
+
+def test_existing_run_needs_resume(tiny_bundle, chat_data, tmp_path):
+    out = tmp_path / "run"
+    run(tiny_bundle, chat_data, out, steps=1)
+    with pytest.raises(ConfigError, match="already holds a run; pass --resume"):
+        run(tiny_bundle, chat_data, out, steps=1)
+
+
+def test_unknown_device_lists_the_known_ones(tiny_bundle, chat_data, tmp_path):
+    with pytest.raises(DeviceError, match="unknown device 'fpga0'; known devices: .*vitisai.*; usable here: cpu"):
+        run(tiny_bundle, chat_data, tmp_path / "r", steps=1, device="fpga0")
+    with pytest.raises(DeviceError, match="needs VitisAIExecutionProvider, which this onnxruntime does not have"):
+        run(tiny_bundle, chat_data, tmp_path / "r", steps=1, device="vitisai")
+
+
+def test_missing_data_is_reported(tiny_bundle, tmp_path):
+    with pytest.raises(DataError, match="data not found"):
+        run(tiny_bundle, tmp_path / "nope.jsonl", tmp_path / "r", steps=1)
+    assert not (tmp_path / "r").exists()
+
+
+def test_training_never_imports_torch(tiny_bundle, chat_data, tmp_path):
+    # A device has no torch: block its import and run the real CLI.
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'torch' or name.startswith('torch.') or name in ('transformers', 'peft'):\n"
+        "            raise ImportError('torch is not installed on this device')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from edgetune.cli import main\n"
+        "try:\n"
+        "    main(sys.argv[1:])\n"
+        "finally:\n"
+        "    assert 'torch' not in sys.modules\n"
+    )
+    args = _train_cmd(tiny_bundle, chat_data, tmp_path / "run", "--steps", "3")[3:]
+    p = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+    gen = [sys.executable, "-c", code, "generate", str(tiny_bundle), "--adapter", str(tmp_path / "run"), "-p", "hi", "-n", "4"]
+    assert subprocess.run(gen, capture_output=True, text=True).returncode == 0
+
+
+def test_lr_schedule():
+    cfg = TrainConfig(lr=1.0, warmup=2, schedule="linear")
+    assert [round(trainer.lr_at(s, cfg, 6), 3) for s in range(6)] == [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]
+    cos = TrainConfig(lr=1.0, schedule="cosine")
+    assert trainer.lr_at(0, cos, 10) == 1.0 and abs(trainer.lr_at(5, cos, 10) - 0.5) < 1e-9
