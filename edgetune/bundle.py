@@ -58,6 +58,8 @@ def make_manifest(root: Path, *, source: str, source_sha256: str | None, adapter
         "trainable_shapes": shapes,
         "train_inputs": ["input_ids", "attention_mask", "labels", "label_norm"],
         "train_outputs": ["loss"],
+        "optimizer": {"type": "AdamW", "semantics": "torch.optim.AdamW", "betas": [0.9, 0.999], "eps": 1e-8,
+                      "weight_decay": 0.01},
         "infer": kv,
         "tokenizer": tokenizer,
         "model_config": {k: hf_config.get(k) for k in (

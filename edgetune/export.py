@@ -313,10 +313,29 @@ def build_artifacts(train_onnx: Path, trainable: list[str], out: Path) -> None:
         proto, requires_grad=trainable, frozen_params=frozen, loss=None,
         optimizer=artifacts.OptimType.AdamW, artifact_directory=str(out),
     )
+    _torch_adamw(out / "optimizer_model.onnx")
     eval_path = out / "eval_model.onnx"
     ev = onnx.load(str(eval_path))
     _disable_dropout(ev)
     onnx.save(ev, str(eval_path))
+
+
+# PyTorch's torch.optim.AdamW defaults. ORT's generator writes adam_mode=1 (the old
+# Hugging Face AdamW: bias correction folded into the lr, eps not corrected), which drifts
+# from PyTorch wherever gradients are small; mode 0 is PyTorch's update rule.
+ADAMW = {"adam_mode": 0, "alpha": 0.9, "beta": 0.999, "epsilon": 1e-8, "weight_decay": 0.01, "correct_bias": 1}
+
+
+def _torch_adamw(path: Path) -> None:
+    import onnx
+    from onnx import helper
+
+    proto = onnx.load(str(path))
+    for node in proto.graph.node:
+        if node.op_type == "AdamWOptimizer":
+            del node.attribute[:]
+            node.attribute.extend(helper.make_attribute(k, v) for k, v in sorted(ADAMW.items()))
+    onnx.save(proto, str(path))
 
 
 def _save_external(onnx_path: Path, data_name: str) -> None:

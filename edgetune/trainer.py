@@ -288,7 +288,9 @@ class Trainer:
                 rec = {"step": self.state.step, "loss": round(loss, 6), "lr": lr, "tokens": self.state.tokens,
                        "tokens_per_s": round(tps, 1), "elapsed": round(self.state.elapsed, 2), "rss_mb": round(_rss_mb())}
                 if valid is not None and self.cfg.eval_every and self.state.step % self.cfg.eval_every == 0:
+                    t_val = time.time()
                     rec["valid_loss"] = self.state.last_valid_loss = round(self.validate(valid), 6)
+                    window_t += time.time() - t_val  # tokens/s counts training time only
                 _write_metric(self.out, rec)
                 _bar_update(bar, rec)
                 if self.cfg.save_every and self.state.step % self.cfg.save_every == 0 and self.state.step < total:

