@@ -1,0 +1,71 @@
+"""End to end on the real default model (SmolLM2-135M-Instruct). Minutes, not seconds."""
+import json
+
+import numpy as np
+import pytest
+
+from conftest import SAMPLE_DATA
+from edgetune import infer, models, trainer
+from edgetune.config import AdapterConfig
+
+pytestmark = pytest.mark.slow
+SYSTEM = "You triage customer support tickets. Reply with the category and the priority only."
+PROMPT = "My KettlePro arrived with a broken handle and I need a replacement urgently!"
+
+
+@pytest.fixture(scope="module")
+def real_bundle(tmp_path_factory):
+    from edgetune.export import export
+
+    out = tmp_path_factory.mktemp("real") / "bundle"
+    export(models.DEFAULT_MODEL, out, AdapterConfig(rank=8, alpha=16, targets=("q_proj", "k_proj", "v_proj", "o_proj")))
+    return out
+
+
+@pytest.fixture(scope="module")
+def real_run(real_bundle, tmp_path_factory):
+    out = tmp_path_factory.mktemp("real") / "run"
+    trainer.train(real_bundle, SAMPLE_DATA, out, steps=30, batch_size=4, lr=1e-3, warmup=3, eval_every=15,
+                  valid_batches=4, progress=False, log=lambda s: None)
+    return out
+
+
+def test_bundle_manifest(real_bundle):
+    m = json.loads((real_bundle / "edgetune.json").read_text())
+    assert m["source_sha256"] == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+    assert len(m["trainable"]) == 30 * 4 * 2
+    assert all(".lora_A." in n or ".lora_B." in n for n in m["trainable"])
+    assert m["model_config"]["num_hidden_layers"] == 30 and m["model_config"]["vocab_size"] == 49152
+
+
+def test_fine_tune_lowers_held_out_loss_and_changes_generation(real_bundle, real_run):
+    test = SAMPLE_DATA / "test.jsonl"
+    base_model = infer.Model.open(real_bundle)
+    tuned_model = infer.Model.open(real_bundle, adapter=real_run)
+    before = infer.evaluate(real_bundle, test, model=base_model)
+    after = infer.evaluate(real_bundle, test, model=tuned_model)
+    assert after["loss"] < 0.5 * before["loss"], (before, after)
+    gen_before = infer.generate(real_bundle, PROMPT, system=SYSTEM, model=base_model, max_new_tokens=24)
+    gen_after = infer.generate(real_bundle, PROMPT, system=SYSTEM, model=tuned_model, max_new_tokens=24)
+    assert gen_before != gen_after
+    assert gen_after.startswith("Category: ") and "Priority: " in gen_after
+    summary = json.loads((real_run / "run.json").read_text())["summary"]
+    assert summary["steps"] == 30 and (real_run / "loss.png").stat().st_size > 10_000
+
+
+def test_peft_logits_match_on_the_real_model(real_bundle, real_run):
+    torch = pytest.importorskip("torch")
+    from peft import PeftModel
+
+    from edgetune.export import load_model
+
+    path, _ = models.resolve_model(models.DEFAULT_MODEL)
+    hf, tok = load_model(path)
+    pm = PeftModel.from_pretrained(hf, real_run / "adapter").eval()
+    text = tok.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True)
+    ids = np.asarray([tok(text, add_special_tokens=False)["input_ids"]], np.int64)
+    ours = infer.Model.open(real_bundle, adapter=real_run).logits(ids, np.ones_like(ids))
+    with torch.no_grad():
+        theirs = pm(input_ids=torch.from_numpy(ids)).logits.numpy()
+    assert np.abs(ours - theirs).max() < 2e-3 * np.abs(theirs).max()
+    assert (ours[0].argmax(-1) == theirs[0].argmax(-1)).mean() > 0.99
