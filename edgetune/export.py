@@ -343,13 +343,101 @@ def _save_external(onnx_path: Path, data_name: str) -> None:
 
     proto = onnx.load(str(onnx_path))
     onnx.save_model(proto, str(onnx_path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data_name, size_threshold=1024)
+                    location=data_name, size_threshold=0)
+
+
+def hf_name(graph_name: str) -> str:
+    """``base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight`` -> ``model.layers.0.self_attn.q_proj.weight``."""
+    name = graph_name[len("base_model.model."):] if graph_name.startswith("base_model.model.") else graph_name
+    return name.replace(".base_layer.", ".")
+
+
+def weights_index(onnx_path: Path, hf_names: set[str]) -> dict[str, dict[str, Any]]:
+    """Where each base weight lives in the external data file: HF name -> offset, length, shape."""
+    import onnx
+
+    proto = onnx.load(str(onnx_path), load_external_data=False)
+    out = {}
+    for init in proto.graph.initializer:
+        name = hf_name(init.name)
+        if name not in hf_names or "lora_" in init.name:
+            continue
+        ext = {e.key: e.value for e in init.external_data}
+        if init.data_type != onnx.TensorProto.FLOAT or "offset" not in ext:
+            raise ModelError(f"{init.name}: expected a float32 external tensor")
+        out[name] = {"graph_name": init.name, "offset": int(ext["offset"]), "length": int(ext["length"]),
+                     "shape": list(init.dims), "dtype": "float32"}
+    return out
+
+
+def merge_template(onnx_path: Path, out: Path, adapter_names: list[str], data_name: str) -> None:
+    """The inference graph without adapter branches, its weights pointing at ``data_name``.
+
+    For each adapter the ``Add`` that joins the LoRA branch to the base output is bypassed;
+    nodes that no longer feed an output are dropped. ``merge`` writes the folded weights at
+    the same offsets, so the device needs no ONNX library to produce a merged model.
+    """
+    import onnx
+
+    proto = onnx.load(str(onnx_path), load_external_data=False)
+    g = proto.graph
+    consumers: dict[str, list[Any]] = {}
+    for node in g.node:
+        for i in node.input:
+            consumers.setdefault(i, []).append(node)
+    for b_name in (n for n in adapter_names if ".lora_B." in n):
+        add, seen = _find_join(b_name, consumers)
+        base_input = next(i for i in add.input if i not in seen)
+        for node in g.node:
+            node.input[:] = [base_input if i == add.output[0] else i for i in node.input]
+    _prune(g)
+    lora = set(adapter_names)
+    kept_inputs = [i for i in g.input if i.name not in lora]
+    del g.input[:]
+    g.input.extend(kept_inputs)
+    kept_inits = [i for i in g.initializer if i.name not in lora]
+    del g.initializer[:]
+    g.initializer.extend(kept_inits)
+    for init in g.initializer:
+        for e in init.external_data:
+            if e.key == "location":
+                e.value = data_name
+    onnx.save(proto, str(out))
+
+
+def _find_join(start: str, consumers: dict[str, list[Any]]) -> tuple[Any, set[str]]:
+    seen, frontier = {start}, [start]
+    while frontier:
+        nxt = []
+        for t in frontier:
+            for node in consumers.get(t, []):
+                if node.op_type == "Add":
+                    return node, seen
+                for o in node.output:
+                    if o not in seen:
+                        seen.add(o)
+                        nxt.append(o)
+        frontier = nxt
+    raise ModelError(f"cannot find where adapter {start} joins the base output")
+
+
+def _prune(g: Any) -> None:
+    needed = {o.name for o in g.output}
+    keep = []
+    for node in reversed(list(g.node)):
+        if any(o in needed for o in node.output):
+            keep.append(node)
+            needed.update(node.input)
+    del g.node[:]
+    g.node.extend(reversed(keep))
 
 
 def _write_tokenizer(tok: Any, out: Path) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         tok.save_pretrained(tmp)
         shutil.copy(Path(tmp) / "tokenizer.json", out / "tokenizer.json")
+        if (Path(tmp) / "tokenizer_config.json").is_file():
+            shutil.copy(Path(tmp) / "tokenizer_config.json", out / "hf_tokenizer_config.json")
     template = tok.chat_template if isinstance(tok.chat_template, str) else None
     if template:
         (out / "chat_template.jinja").write_text(template)
@@ -375,6 +463,7 @@ def export(model: str | os.PathLike | None, out: str | os.PathLike, cfg: Adapter
     hf, tok = load_model(path, log)
     targets = resolve_targets(cfg.targets, spec, hf)
     cfg = AdapterConfig(**{**cfg.to_dict(), "targets": targets})
+    hf_names = set(hf.state_dict())
     pm = inject_adapter(hf, cfg)
     trainable = [n for n, p in pm.named_parameters() if p.requires_grad]
     with _io.atomic_dir(out) as tmp:
@@ -387,11 +476,15 @@ def export(model: str | os.PathLike | None, out: str | os.PathLike, cfg: Adapter
         log("exporting KV-cache inference graph")
         kv = export_infer_graph(pm, tmp / "infer.onnx", trainable)
         _save_external(tmp / "infer.onnx", "infer.onnx.data")
+        index = weights_index(tmp / "infer.onnx", hf_names)
+        if cfg.method == "lora":
+            merge_template(tmp / "infer.onnx", tmp / "merge_template.onnx", trainable, "model.onnx.data")
+        _io.write_json(tmp / "hf_config.json", hf.config.to_dict())
         tok_meta = _write_tokenizer(tok, tmp)
         manifest = _bundle.make_manifest(
             tmp, source=str(spec.name if spec else path), source_sha256=(spec.sha256 if spec else None),
             adapter=cfg, trainable=trainable, kv=kv, tokenizer=tok_meta, hf_config=hf.config.to_dict(),
-            shapes={n: list(p.shape) for n, p in pm.named_parameters() if p.requires_grad},
+            shapes={n: list(p.shape) for n, p in pm.named_parameters() if p.requires_grad}, weights=index,
         )
         _io.write_json(tmp / _bundle.MANIFEST, manifest)
     log(f"bundle written to {out} in {time.time() - t0:.0f}s")

@@ -1,0 +1,173 @@
+"""``edgetune merge``: fold one or more trained adapters into the base weights.
+
+Output formats:
+
+- ``onnx``: a standalone inference model (``model.onnx`` + ``model.onnx.data``) with no
+  adapter nodes; ``edgetune generate`` and ``eval`` open it like a bundle. The base
+  weights are copied file to file and merged through a memory map, so RAM stays near the
+  size of one weight matrix.
+- ``safetensors``: a Hugging Face model folder (``config.json``, ``model.safetensors``,
+  tokenizer) that ``transformers`` loads, in float32, float16 or bfloat16.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from . import _io, bundle as _bundle, merge as kernels, peft_io
+from .errors import BundleError, ConfigError
+from .infer import check_adapter_matches
+
+FORMATS = ("onnx", "safetensors")
+DTYPES = ("float32", "float16", "bfloat16")
+ST_DTYPE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_meta.json", "chat_template.jinja")
+
+
+@dataclass(frozen=True)
+class Source:
+    """One adapter to blend in, with its weight."""
+
+    run: Path
+    weight: float
+    tensors: dict[str, np.ndarray]
+
+
+def load_sources(b: _bundle.Bundle, runs: Sequence[str | Path], weights: Sequence[float] | None) -> list[Source]:
+    if not runs:
+        raise ConfigError("merge needs at least one adapter (a run directory or PEFT folder)")
+    weights = list(weights) if weights else [1.0] * len(runs)
+    if len(weights) != len(runs):
+        raise ConfigError(f"{len(runs)} adapters but {len(weights)} weights; give one --weight per adapter")
+    out = []
+    for run, w in zip(runs, weights):
+        cfg, tensors = peft_io.load(run)
+        check_adapter_matches(b, cfg, tensors, str(run))
+        out.append(Source(Path(run), float(w), tensors))
+    return out
+
+
+def _module_adapters(b: _bundle.Bundle, sources: list[Source]) -> dict[str, list[tuple[np.ndarray, np.ndarray, float]]]:
+    """HF weight name -> [(A, B, weight * scale)] over all sources."""
+    scale = b.adapter.scale
+    out: dict[str, list[tuple[np.ndarray, np.ndarray, float]]] = {}
+    for src in sources:
+        for name, a in src.tensors.items():
+            if ".lora_A." not in name:
+                continue
+            bmat = src.tensors[name.replace(".lora_A.", ".lora_B.")]
+            module = name.split(".lora_A.")[0]
+            hf = module[len("base_model.model."):] + ".weight"
+            out.setdefault(hf, []).append((a, bmat, src.weight * scale))
+    return out
+
+
+def _check_targets(b: _bundle.Bundle, targets: dict[str, Any]) -> None:
+    missing = sorted(set(targets) - set(b.manifest["weights"]))
+    if missing:
+        raise BundleError(f"bundle {b.root} has no base weight for {missing[0]} (and {len(missing) - 1} more)")
+
+
+def merge_onnx(b: _bundle.Bundle, sources: list[Source], out: Path, log: Callable[[str], None]) -> None:
+    if not b.path("merge_template.onnx").is_file():
+        raise BundleError(f"bundle {b.root} has no merge_template.onnx ({b.adapter.method} bundles merge to safetensors only)")
+    targets = _module_adapters(b, sources)
+    _check_targets(b, targets)
+    index = b.manifest["weights"]
+    with _io.atomic_dir(out) as tmp:
+        shutil.copyfile(b.path("infer.onnx.data"), tmp / "model.onnx.data")
+        mm = np.memmap(tmp / "model.onnx.data", dtype=np.uint8, mode="r+")
+        for hf, ads in targets.items():
+            e = index[hf]
+            w = mm[e["offset"]:e["offset"] + e["length"]].view(np.float32).reshape(e["shape"])
+            kernels.lora_merge_many(w, ads, safe=True, name=hf)
+        mm.flush()
+        del mm
+        shutil.copyfile(b.path("merge_template.onnx"), tmp / "model.onnx")
+        _copy_tokenizer(b, tmp)
+        _io.write_json(tmp / "merged.json", _merged_manifest(b, sources, "onnx", "float32"))
+
+
+def _safetensors_header(entries: list[tuple[str, str, list[int], int]]) -> bytes:
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, dtype, shape, nbytes in entries:
+        header[name] = {"dtype": ST_DTYPE[dtype], "shape": shape, "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def merge_safetensors(b: _bundle.Bundle, sources: list[Source], out: Path, dtype: str,
+                      log: Callable[[str], None]) -> None:
+    targets = _module_adapters(b, sources)
+    _check_targets(b, targets)
+    index = b.manifest["weights"]
+    itemsize = 4 if dtype == "float32" else 2
+    names = sorted(index)
+    entries = [(n, dtype, index[n]["shape"], int(np.prod(index[n]["shape"])) * itemsize) for n in names]
+    base = np.memmap(b.path("infer.onnx.data"), dtype=np.uint8, mode="r")
+    with _io.atomic_dir(out) as tmp:
+        with open(tmp / "model.safetensors", "wb") as f:
+            f.write(_safetensors_header(entries))
+            for n in names:  # one tensor in memory at a time
+                e = index[n]
+                w = np.array(base[e["offset"]:e["offset"] + e["length"]].view(np.float32).reshape(e["shape"]))
+                if n in targets:
+                    kernels.lora_merge_many(w, targets[n], safe=True, name=n)
+                f.write(kernels.from_f32(w, dtype).tobytes())
+        cfg = json.loads(b.path("hf_config.json").read_text())
+        cfg.pop("quantization_config", None)
+        cfg["torch_dtype"] = cfg["dtype"] = dtype
+        _io.write_json(tmp / "config.json", cfg)
+        _copy_tokenizer(b, tmp)
+        if b.path("hf_tokenizer_config.json").is_file():
+            shutil.copyfile(b.path("hf_tokenizer_config.json"), tmp / "tokenizer_config.json")
+        _io.write_json(tmp / "merged.json", _merged_manifest(b, sources, "safetensors", dtype))
+
+
+def _copy_tokenizer(b: _bundle.Bundle, tmp: Path) -> None:
+    for name in TOKENIZER_FILES:
+        if b.path(name).is_file():
+            shutil.copyfile(b.path(name), tmp / name)
+
+
+def _merged_manifest(b: _bundle.Bundle, sources: list[Source], fmt: str, dtype: str) -> dict[str, Any]:
+    return {"kind": "edgetune-merged", "format": fmt, "dtype": dtype, "base_id": b.base_id,
+            "source": b.manifest.get("source"), "infer": b.manifest["infer"], "adapter": b.manifest["adapter"],
+            "adapters": [{"path": str(s.run), "weight": s.weight} for s in sources],
+            "implementation": kernels.implementation()}
+
+
+def merge(bundle: str | Path, runs: Sequence[str | Path], out: str | Path, fmt: str = "onnx",
+          dtype: str = "float32", weights: Sequence[float] | None = None,
+          log: Callable[[str], None] = lambda s: None, overwrite: bool = False) -> dict[str, Any]:
+    """Merge ``runs`` (weighted) into the base of ``bundle``; write ``out``; return a summary."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if fmt == "onnx" and dtype != "float32":
+        raise ConfigError("ONNX output is float32; use --format safetensors for float16 or bfloat16")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"{out} already exists and is not empty; choose another --out or pass --overwrite")
+    b = _bundle.load(bundle)
+    if b.adapter.method != "lora":
+        raise ConfigError(f"merging {b.adapter.method} adapters is not supported yet; only lora")
+    sources = load_sources(b, runs, weights)
+    t0 = time.time()
+    if fmt == "onnx":
+        merge_onnx(b, sources, out, log)
+    else:
+        merge_safetensors(b, sources, out, dtype, log)
+    return {"out": str(out), "format": fmt, "dtype": dtype, "adapters": len(sources),
+            "seconds": round(time.time() - t0, 2), "implementation": kernels.implementation()}

@@ -1,0 +1,126 @@
+"""The C++ merge kernels against the numpy reference, and every error path."""
+import numpy as np
+import pytest
+
+from edgetune import merge
+from edgetune.errors import MergeError
+
+pytest.importorskip("edgetune._ext")
+SHAPES = [(1, 1, 1), (7, 13, 1), (64, 64, 8), (33, 257, 3), (130, 515, 16), (300, 1000, 64)]
+
+
+def rand(rng, shape, dtype=np.float32):
+    return rng.standard_normal(shape).astype(dtype)
+
+
+def both(fn, monkeypatch):
+    out = {}
+    for impl in ("numpy", "cpp"):
+        monkeypatch.setenv("EDGETUNE_IMPL", impl)
+        out[impl] = fn()
+    return out
+
+
+@pytest.mark.parametrize("rows,cols,r", SHAPES)
+@pytest.mark.parametrize("adapter_dtype", [np.float32, np.float16])
+def test_lora_merge_float32_matches_numpy(rows, cols, r, adapter_dtype, monkeypatch):
+    rng = np.random.default_rng(rows * 7 + cols)
+    w0, a, b = rand(rng, (rows, cols)), rand(rng, (r, cols), adapter_dtype), rand(rng, (rows, r), adapter_dtype)
+    res = both(lambda: merge.lora_merge(w0.copy(), a, b, 0.5), monkeypatch)
+    np.testing.assert_allclose(res["cpp"], res["numpy"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows,cols,r", SHAPES)
+def test_bfloat16_and_float16_round_like_numpy(rows, cols, r, monkeypatch):
+    rng = np.random.default_rng(1)
+    base = rand(rng, (rows, cols))
+    a, b = rand(rng, (r, cols)), rand(rng, (rows, r))
+    for kind in ("bfloat16", "float16"):
+        w0 = merge.from_f32(base, kind)
+        res = both(lambda: merge.lora_merge(w0.copy(), a, b, 0.25), monkeypatch)
+        got, want = merge.to_f32(res["cpp"], kind), merge.to_f32(res["numpy"], kind)
+        # Same float32 sums up to summation order; the stored values differ by at most one rounding step.
+        ulp = 2.0 ** -7 if kind == "bfloat16" else 2.0 ** -10
+        assert np.all(np.abs(got - want) <= ulp * np.abs(want) + 1e-6), kind
+
+
+def test_bf16_rounding_is_nearest_even():
+    vals = np.array([1.0, 1.00390625, 1.01171875, -2.5, np.inf, 3.4e38], np.float32)
+    bits = merge.f32_to_bf16(vals)
+    assert merge.bf16_to_f32(bits).tolist()[:4] == [1.0, 1.0, 1.015625, -2.5]
+    assert np.isinf(merge.bf16_to_f32(bits)[4])
+
+
+def test_merge_then_unmerge_restores(monkeypatch):
+    rng = np.random.default_rng(2)
+    w0, a, b = rand(rng, (96, 80)), rand(rng, (8, 80)), rand(rng, (96, 8))
+    for impl in ("numpy", "cpp"):
+        monkeypatch.setenv("EDGETUNE_IMPL", impl)
+        w = merge.lora_unmerge(merge.lora_merge(w0.copy(), a, b, 2.0), a, b, 2.0)
+        np.testing.assert_allclose(w, w0, atol=1e-5)
+
+
+def test_weighted_merge_of_several_adapters(monkeypatch):
+    rng = np.random.default_rng(3)
+    w0 = rand(rng, (50, 70))
+    ads = [(rand(rng, (r, 70)), rand(rng, (50, r)), c) for r, c in ((4, 0.5), (8, -1.5), (1, 2.0))]
+    res = both(lambda: merge.lora_merge_many(w0.copy(), ads), monkeypatch)
+    want = w0 + sum(c * (b @ a) for a, b, c in ads)
+    np.testing.assert_allclose(res["cpp"], want, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(res["numpy"], want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["float32", "bfloat16"])
+def test_dora_merge_matches_reference(kind, monkeypatch):
+    rng = np.random.default_rng(4)
+    base = rand(rng, (40, 300))
+    a, b = rand(rng, (4, 300)), rand(rng, (40, 4))
+    mag = np.abs(rand(rng, (40,))) + 0.5
+    w0 = merge.from_f32(base, kind)
+    res = both(lambda: merge.dora_merge(w0.copy(), a, b, 0.5, mag), monkeypatch)
+    merged = base + 0.5 * (b @ a)
+    want = merged * (mag / np.linalg.norm(merged, axis=1))[:, None]
+    tol = 1e-5 if kind == "float32" else 1e-2
+    for impl in ("cpp", "numpy"):
+        np.testing.assert_allclose(merge.to_f32(res[impl], kind), want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("impl", ["cpp", "numpy"])
+def test_error_paths_name_the_tensor(impl, monkeypatch):
+    monkeypatch.setenv("EDGETUNE_IMPL", impl)
+    w, a, b = np.zeros((8, 6), np.float32), np.zeros((2, 6), np.float32), np.zeros((8, 2), np.float32)
+    with pytest.raises(MergeError, match=r"q_proj: shapes do not fit: W \(8, 6\), A \(2, 5\), B \(8, 2\)"):
+        merge.lora_merge(w, np.zeros((2, 5), np.float32), b, 1.0, name="q_proj")
+    with pytest.raises(MergeError, match="q_proj: W has dtype float64"):
+        merge.lora_merge(w.astype(np.float64), a, b, 1.0, name="q_proj")
+    with pytest.raises(MergeError, match="q_proj: W must be C-contiguous"):
+        merge.lora_merge(np.zeros((6, 8), np.float32).T, a, b, 1.0, name="q_proj")
+    ro = w.copy()
+    ro.flags.writeable = False
+    with pytest.raises(MergeError, match="q_proj: W is read-only"):
+        merge.lora_merge(ro, a, b, 1.0, name="q_proj")
+    with pytest.raises(MergeError, match="adapter 0 A has dtype int32"):
+        merge.lora_merge(w, a.astype(np.int32), b, 1.0, name="q_proj")
+    bad = np.full((2, 6), np.inf, np.float32)
+    with pytest.raises(MergeError, match=r"v_proj: merge produced a non-finite value at \[0, 0\]"):
+        merge.lora_merge(w.copy(), bad, np.ones((8, 2), np.float32), 1.0, safe=True, name="v_proj")
+
+
+def test_cpp_rejects_bad_input_itself():
+    from edgetune import _ext
+
+    w = np.zeros((4, 4), np.float32)
+    with pytest.raises(ValueError, match="shapes do not fit"):
+        _ext.lora_merge(w, [np.zeros((2, 3), np.float32)], [np.zeros((4, 2), np.float32)], [1.0], "float32")
+    with pytest.raises(ValueError, match="weight dtype does not match"):
+        _ext.lora_merge(w, [np.zeros((2, 4), np.float32)], [np.zeros((4, 2), np.float32)], [1.0], "bfloat16")
+
+
+def test_forced_numpy_and_default(monkeypatch):
+    monkeypatch.setenv("EDGETUNE_IMPL", "numpy")
+    assert merge.implementation() == "numpy"
+    monkeypatch.delenv("EDGETUNE_IMPL")
+    assert merge.implementation() == "cpp"
+    monkeypatch.setenv("EDGETUNE_IMPL", "fortran")
+    with pytest.raises(MergeError, match="EDGETUNE_IMPL must be cpp or numpy"):
+        merge.implementation()
