@@ -27,7 +27,8 @@ from .errors import BundleError
 MANIFEST = "edgetune.json"
 FORMAT = 1
 HASHED = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint",
-          "infer.onnx", "infer.onnx.data", "merge_template.onnx", "tokenizer.json")
+          "infer.onnx", "infer.onnx.data", "merge_template.onnx", "app_base.onnx",
+          "app_base_f16.onnx", "tokenizer.json")
 
 
 def _versions() -> dict[str, str]:

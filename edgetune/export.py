@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+
 from . import _io, bundle as _bundle, variants
 from .config import AdapterConfig
 from .errors import ConfigError, ModelError
@@ -210,6 +212,17 @@ class _DistinctTrainables:
             inits[n].CopyFrom(numpy_helper.from_array(v.numpy(), n))
 
 
+def _quiet_tracing() -> Any:
+    """The tracer warns about data-dependent branches in transformers' cache code; the
+    graphs are checked against torch by the tests, so users need not see the noise."""
+    import warnings
+
+    ctx = warnings.catch_warnings()
+    ctx.__enter__()
+    warnings.filterwarnings("ignore", category=Warning, module=r"(torch|transformers)\.")
+    return ctx
+
+
 def export_train_graph(peft_model: Any, path: Path, seq: int = 16) -> None:
     """Trace the loss graph with dynamic batch and sequence axes into ``path``."""
     import onnx
@@ -222,12 +235,14 @@ def export_train_graph(peft_model: Any, path: Path, seq: int = 16) -> None:
     labels[:, : seq // 2] = -100
     dyn = {n: {0: "batch", 1: "seq"} for n in _Names.train_inputs[:3]}
     mode = torch.onnx.TrainingMode.TRAINING if _has_dropout(peft_model) else torch.onnx.TrainingMode.EVAL
+    quiet = _quiet_tracing()
     with _DistinctTrainables(peft_model) as distinct:
         torch.onnx.export(
             wrapper, (ids, mask, labels, torch.tensor(float(seq), dtype=torch.float32)), str(path),
             dynamo=False, input_names=_Names.train_inputs, output_names=["loss"], dynamic_axes=dyn,
             opset_version=OPSET, do_constant_folding=False, training=mode,
         )
+    quiet.__exit__(None, None, None)
     proto = onnx.load(str(path))
     _strip_prefix(proto)
     distinct.restore(proto)
@@ -263,12 +278,14 @@ def export_infer_graph(peft_model: Any, path: Path, adapter_names: list[str]) ->
     dyn.update({n: {0: "batch", 2: "past"} for n in ins[3:]})
     dyn.update({n: {0: "batch", 2: "total"} for n in outs[1:]})
     wrapper = _kv_wrapper(peft_model, layers)
+    quiet = _quiet_tracing()
     with torch.no_grad(), _DistinctTrainables(peft_model) as distinct:
         torch.onnx.export(
             wrapper, (ids, torch.ones(1, 4, dtype=torch.int64), torch.arange(4)[None], *past), str(path),
             dynamo=False, input_names=ins, output_names=outs, dynamic_axes=dyn,
             opset_version=OPSET, do_constant_folding=False,
         )
+    quiet.__exit__(None, None, None)
     proto = onnx.load(str(path))
     _strip_prefix(proto)
     distinct.restore(proto)
@@ -405,6 +422,66 @@ def merge_template(onnx_path: Path, out: Path, adapter_names: list[str], data_na
     onnx.save(proto, str(out))
 
 
+def app_base_templates(onnx_path: Path, out_dir: Path, adapter_names: list[str], data_name: str) -> None:
+    """Graphs for apps that load adapters at run time (ONNX Runtime >= 1.20 ``LoraAdapter``).
+
+    The LoRA scale is removed from the graph (packed adapters carry it folded into B), and
+    adapter weights stay overridable inputs whose defaults have no effect. One graph takes
+    float32 adapters, one float16 (cast to float32 inside). Base weights point at ``data_name``
+    at the same offsets as the bundle's inference data, so packing copies files only.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    for dtype in ("float32", "float16"):
+        proto = onnx.load(str(onnx_path), load_external_data=False)
+        g = proto.graph
+        consumers: dict[str, list[Any]] = {}
+        for node in g.node:
+            for i in node.input:
+                consumers.setdefault(i, []).append(node)
+        producers = {o: node for node in g.node for o in node.output}
+        consts = {i.name for i in g.initializer} | {n.output[0] for n in g.node if n.op_type == "Constant"}
+        for b_name in (n for n in adapter_names if ".lora_B." in n):
+            _, seen = _find_join(b_name, consumers)
+            for t in seen:
+                node = producers.get(t)
+                if node is not None and node.op_type == "Mul" and any(i in consts for i in node.input):
+                    path_in = next(i for i in node.input if i not in consts)
+                    for c in g.node:
+                        c.input[:] = [path_in if i == node.output[0] else i for i in c.input]
+        _prune(g)
+        lora = set(adapter_names)
+        data_dir = onnx_path.parent
+        for init in g.initializer:
+            if init.name in lora:  # adapter defaults go inline: small, and in the adapter dtype
+                arr = numpy_helper.to_array(init, base_dir=str(data_dir))
+                init.CopyFrom(numpy_helper.from_array(arr.astype(np.float16 if dtype == "float16" else np.float32),
+                                                      init.name))
+            else:
+                for e in init.external_data:
+                    if e.key == "location":
+                        e.value = data_name
+        if dtype == "float16":
+            _cast_adapter_inputs(g, lora, helper, TensorProto)
+        onnx.save(proto, str(out_dir / ("app_base_f16.onnx" if dtype == "float16" else "app_base.onnx")))
+
+
+def _cast_adapter_inputs(g: Any, lora: set[str], helper: Any, TensorProto: Any) -> None:
+    """Adapter inputs become float16 ``NAME``; a Cast feeds the float32 graph as before."""
+    casts = []
+    for inp in g.input:
+        if inp.name in lora:
+            inp.type.tensor_type.elem_type = TensorProto.FLOAT16
+            casts.append(helper.make_node("Cast", [inp.name], [inp.name + "/f32"], to=TensorProto.FLOAT,
+                                          name=inp.name + "/cast"))
+    for node in g.node:
+        node.input[:] = [i + "/f32" if i in lora else i for i in node.input]
+    nodes = casts + list(g.node)
+    del g.node[:]
+    g.node.extend(nodes)
+
+
 def _find_join(start: str, consumers: dict[str, list[Any]]) -> tuple[Any, set[str]]:
     seen, frontier = {start}, [start]
     while frontier:
@@ -479,6 +556,7 @@ def export(model: str | os.PathLike | None, out: str | os.PathLike, cfg: Adapter
         index = weights_index(tmp / "infer.onnx", hf_names)
         if cfg.method == "lora":
             merge_template(tmp / "infer.onnx", tmp / "merge_template.onnx", trainable, "model.onnx.data")
+            app_base_templates(tmp / "infer.onnx", tmp, trainable, "base.onnx.data")
         _io.write_json(tmp / "hf_config.json", hf.config.to_dict())
         tok_meta = _write_tokenizer(tok, tmp)
         manifest = _bundle.make_manifest(

@@ -1,0 +1,307 @@
+"""``edgetune pack`` / ``verify`` / ``import-peft``: adapters for apps, and PEFT interop.
+
+An app directory holds one shared base model and any number of small adapters::
+
+    APPDIR/
+      base.onnx, base.onnx.data   the base inference model; adapter weights are graph inputs
+                                  whose defaults have no effect, so it runs with or without one
+      NAME.onnx_adapter           ONNX Runtime's adapter format (flatbuffer, LoRA scale folded in)
+      manifest.json               hashes that tie every adapter to this base and tokenizer
+      tokenizer.json, tokenizer_meta.json, chat_template.jinja
+
+ONNX Runtime >= 1.20 loads the adapters with ``LoraAdapter`` and
+``RunOptions.add_active_adapter``; onnxruntime-genai with ``Adapters``.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from . import __version__, _io, bundle as _bundle, peft_io
+from .errors import BundleError, ConfigError
+from .infer import check_adapter_matches
+
+MANIFEST = "manifest.json"
+FORMAT = 1
+ADAPTER_FORMAT_VERSION = 1  # ONNX Runtime's kAdapterFormatVersion
+ONNX_DTYPE = {"float32": 1, "float16": 10}
+NP_DTYPE = {1: np.float32, 10: np.float16}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_meta.json", "chat_template.jinja")
+
+
+# -- the .onnx_adapter flatbuffer (schema: onnxruntime/lora/adapter_format/adapter_schema.fbs) --
+def write_adapter(params: list[tuple[str, np.ndarray]], adapter_version: int = 1, model_version: int = 1) -> bytes:
+    """Serialize ``params`` as an ``Adapter`` table with file identifier ``TORT``."""
+    import flatbuffers
+
+    b = flatbuffers.Builder(1 << 16)
+    offsets = []
+    for name, arr in params:
+        arr = np.ascontiguousarray(arr)
+        code = {np.dtype(np.float32): 1, np.dtype(np.float16): 10}[arr.dtype]
+        name_off = b.CreateString(name)
+        b.StartVector(8, arr.ndim, 8)
+        for d in reversed(arr.shape):
+            b.PrependInt64(int(d))
+        dims_off = b.EndVector()
+        raw = arr.tobytes()
+        b.StartVector(1, len(raw), 8)  # raw_data is force_align 8
+        b.head -= len(raw)
+        b.Bytes[b.head:b.head + len(raw)] = raw
+        raw_off = b.EndVector()
+        b.StartObject(4)
+        b.PrependUOffsetTRelativeSlot(0, name_off, 0)
+        b.PrependUOffsetTRelativeSlot(1, dims_off, 0)
+        b.PrependInt32Slot(2, code, 0)
+        b.PrependUOffsetTRelativeSlot(3, raw_off, 0)
+        offsets.append(b.EndObject())
+    b.StartVector(4, len(offsets), 4)
+    for off in reversed(offsets):
+        b.PrependUOffsetTRelative(off)
+    vec = b.EndVector()
+    b.StartObject(4)
+    b.PrependInt32Slot(0, ADAPTER_FORMAT_VERSION, 0)
+    b.PrependInt32Slot(1, adapter_version, 0)
+    b.PrependInt32Slot(2, model_version, 0)
+    b.PrependUOffsetTRelativeSlot(3, vec, 0)
+    root = b.EndObject()
+    b.Finish(root, file_identifier=b"TORT")
+    return bytes(b.Output())
+
+
+def read_adapter(data: bytes) -> dict[str, Any]:
+    """Parse an ``.onnx_adapter`` file: versions and ``{name: array}``."""
+    import flatbuffers
+    from flatbuffers.table import Table
+
+    if len(data) < 8 or data[4:8] != b"TORT":
+        raise BundleError("not an ONNX Runtime adapter file (missing the TORT identifier)")
+    root = Table(data, flatbuffers.encode.Get(flatbuffers.packer.uoffset, data, 0))
+
+    def field(t: Table, slot: int) -> int:
+        return t.Offset(4 + 2 * slot)
+
+    def int_field(t: Table, slot: int) -> int:
+        o = field(t, slot)
+        return t.Get(flatbuffers.number_types.Int32Flags, o + t.Pos) if o else 0
+
+    params: dict[str, np.ndarray] = {}
+    o = field(root, 3)
+    if o:
+        vec, n = root.Vector(o), root.VectorLen(o)
+        for k in range(n):
+            t = Table(data, root.Indirect(vec + 4 * k))
+            name = t.String(field(t, 0) + t.Pos).decode()
+            od = field(t, 1)
+            dims = [t.Get(flatbuffers.number_types.Int64Flags, t.Vector(od) + 8 * j) for j in range(t.VectorLen(od))]
+            code = int_field(t, 2)
+            orw = field(t, 3)
+            start, size = t.Vector(orw), t.VectorLen(orw)
+            if code not in NP_DTYPE:
+                raise BundleError(f"adapter parameter {name}: unsupported data type {code}")
+            params[name] = np.frombuffer(data[start:start + size], NP_DTYPE[code]).reshape(dims)
+    return {"format_version": int_field(root, 0), "adapter_version": int_field(root, 1),
+            "model_version": int_field(root, 2), "parameters": params}
+
+
+# -- pack ---------------------------------------------------------------------------------
+def _base_entry(b: _bundle.Bundle, dtype: str) -> dict[str, Any]:
+    return {"source": b.manifest.get("source"), "source_sha256": b.manifest.get("source_sha256"),
+            "bundle_base_id": b.base_id, "adapter_dtype": dtype}
+
+
+def pack(run: str | Path, bundle: str | Path, out: str | Path, dtype: str = "float16", name: str | None = None,
+         log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    """Write (or add to) an app directory: the shared base once, then ``NAME.onnx_adapter``."""
+    if dtype not in ONNX_DTYPE:
+        raise ConfigError(f"dtype must be float16 or float32, got {dtype!r}")
+    t0 = time.time()
+    b = _bundle.load(bundle)
+    if b.adapter.method != "lora":
+        raise ConfigError(f"packing {b.adapter.method} adapters is not supported; ONNX Runtime's adapter format is LoRA")
+    template = b.path("app_base_f16.onnx" if dtype == "float16" else "app_base.onnx")
+    if not template.is_file():
+        raise BundleError(f"bundle {b.root} has no {template.name}; re-export it with this edgetune")
+    cfg, tensors = peft_io.load(run)
+    check_adapter_matches(b, cfg, tensors, str(run))
+    name = name or Path(run).resolve().name
+    if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        raise ConfigError(f"--name {name!r}: use letters, digits, '-', '_' or '.'")
+    out = Path(out)
+    manifest = _existing_manifest(out, b, dtype)
+    if manifest is None:
+        manifest = _write_base(b, template, out, dtype)
+    params = []
+    for peft_name, arr in sorted(tensors.items()):
+        g = peft_io.to_graph_name(peft_name, b.trainable)
+        arr = arr.astype(np.float32)
+        if ".lora_B." in peft_name:
+            arr = arr * np.float32(b.adapter.scale)  # fold the LoRA scale in
+        params.append((g, arr.astype(np.float16 if dtype == "float16" else np.float32)))
+    blob = write_adapter(params)
+    fname = f"{name}.onnx_adapter"
+    _io.write_bytes(out / fname, blob)
+    import hashlib
+
+    manifest["adapters"][name] = {
+        "file": fname, "sha256": hashlib.sha256(blob).hexdigest(), "rank": b.adapter.rank, "alpha": b.adapter.alpha,
+        "scale_folded": b.adapter.scale, "target_modules": sorted(b.adapter.targets), "dtype": dtype,
+        "parameters": len(params), "run": str(Path(run).resolve()), "edgetune_version": __version__,
+    }
+    _io.write_json(out / MANIFEST, manifest)
+    return {"out": str(out), "adapter": str(out / fname), "bytes": len(blob), "seconds": round(time.time() - t0, 2)}
+
+
+def _existing_manifest(out: Path, b: _bundle.Bundle, dtype: str) -> dict[str, Any] | None:
+    if not (out / MANIFEST).is_file():
+        if out.exists() and any(out.iterdir()):
+            raise ConfigError(f"{out} exists, is not empty and has no {MANIFEST}; choose another --out")
+        return None
+    m = json.loads((out / MANIFEST).read_text())
+    base = m.get("base", {})
+    if base.get("bundle_base_id") != b.base_id or base.get("adapter_dtype") != dtype:
+        raise BundleError(f"{out} holds a base for {base.get('source')} (id {str(base.get('bundle_base_id'))[:12]}, "
+                          f"{base.get('adapter_dtype')} adapters); this adapter is for {b.manifest.get('source')} "
+                          f"(id {b.base_id[:12]}, {dtype}); pack it into another directory")
+    return m
+
+
+def _write_base(b: _bundle.Bundle, template: Path, out: Path, dtype: str) -> dict[str, Any]:
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(b.path("infer.onnx.data"), out / ".base.onnx.data.tmp")
+    (out / ".base.onnx.data.tmp").replace(out / "base.onnx.data")
+    shutil.copyfile(template, out / ".base.onnx.tmp")
+    (out / ".base.onnx.tmp").replace(out / "base.onnx")
+    for f in TOKENIZER_FILES:
+        if b.path(f).is_file():
+            shutil.copyfile(b.path(f), out / f)
+    files = {f: _io.sha256_file(out / f) for f in ("base.onnx", "base.onnx.data", *TOKENIZER_FILES) if (out / f).is_file()}
+    return {"format": FORMAT, "kind": "edgetune-app", "edgetune_version": __version__, "base": _base_entry(b, dtype),
+            "base_sha256": files["base.onnx"], "base_data_sha256": files["base.onnx.data"],
+            "tokenizer_sha256": files.get("tokenizer.json"), "files": files,
+            "base_inputs": b.trainable, "infer": b.manifest["infer"], "adapters": {}}
+
+
+# -- verify ---------------------------------------------------------------------------------
+def _session_inputs(path: Path) -> dict[str, tuple[str, list[Any]]]:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    # Inputs with a default (every adapter weight) are "overridable initializers" to ORT.
+    return {i.name: (i.type, list(i.shape)) for i in [*sess.get_inputs(), *sess.get_overridable_initializers()]}
+
+
+def verify(appdir: str | Path, base: str | Path | None = None) -> dict[str, Any]:
+    """Check every hash and every adapter tensor against the base; all problems in one error."""
+    appdir = Path(appdir)
+    if not (appdir / MANIFEST).is_file():
+        raise BundleError(f"{appdir} is not an edgetune app directory ({MANIFEST} is missing)")
+    m = json.loads((appdir / MANIFEST).read_text())
+    problems: list[str] = []
+    for f, digest in m.get("files", {}).items():
+        if not (appdir / f).is_file():
+            problems.append(f"{f} is missing")
+        elif _io.sha256_file(appdir / f) != digest:
+            problems.append(f"{f} does not match its sha256 in the manifest")
+    base_path = Path(base) if base else appdir / "base.onnx"
+    if base is not None:
+        _check_other_base(m, base_path, problems)
+    inputs = _session_inputs(base_path) if base_path.is_file() and not problems else {}
+    checked = 0
+    for name, entry in m.get("adapters", {}).items():
+        f = appdir / entry["file"]
+        if not f.is_file():
+            problems.append(f"adapter {name}: {entry['file']} is missing")
+            continue
+        blob = f.read_bytes()
+        import hashlib
+
+        if hashlib.sha256(blob).hexdigest() != entry["sha256"]:
+            problems.append(f"adapter {name}: {entry['file']} does not match its sha256")
+            continue
+        params = read_adapter(blob)["parameters"]
+        checked += len(params)
+        if inputs:
+            problems += _match_inputs(name, params, inputs)
+    if problems:
+        raise BundleError(f"{appdir} failed verification:\n  - " + "\n  - ".join(problems))
+    return {"appdir": str(appdir), "base": str(base_path), "adapters": sorted(m.get("adapters", {})),
+            "tensors_checked": checked, "ok": True}
+
+
+def _check_other_base(m: dict[str, Any], base_path: Path, problems: list[str]) -> None:
+    if not base_path.is_file():
+        problems.append(f"base model {base_path} not found")
+        return
+    if _io.sha256_file(base_path) == m["base_sha256"]:
+        return
+    other = "an unknown model"
+    om = base_path.parent / MANIFEST
+    if om.is_file():
+        ob = json.loads(om.read_text()).get("base", {})
+        other = f"{ob.get('source')} (id {str(ob.get('bundle_base_id'))[:12]})"
+    mine = m.get("base", {})
+    problems.append(f"these adapters were made for {mine.get('source')} (id {str(mine.get('bundle_base_id'))[:12]}, "
+                    f"base.onnx sha256 {m['base_sha256'][:12]}), but {base_path} is {other} "
+                    f"(sha256 {_io.sha256_file(base_path)[:12]})")
+
+
+def _match_inputs(adapter: str, params: dict[str, np.ndarray], inputs: dict[str, tuple[str, list[Any]]]) -> list[str]:
+    out = []
+    want_type = {np.dtype(np.float32): "tensor(float)", np.dtype(np.float16): "tensor(float16)"}
+    for pname, arr in params.items():
+        if pname not in inputs:
+            out.append(f"adapter {adapter}: tensor {pname} is not an input of the base model")
+            continue
+        typ, shape = inputs[pname]
+        if typ != want_type.get(arr.dtype):
+            out.append(f"adapter {adapter}: tensor {pname} is {arr.dtype}, the base input is {typ}")
+        if [d if isinstance(d, int) else None for d in shape] != list(arr.shape):
+            out.append(f"adapter {adapter}: tensor {pname} has shape {list(arr.shape)}, the base input {shape}")
+    return out
+
+
+# -- import-peft ------------------------------------------------------------------------------
+def import_peft(peft_dir: str | Path, bundle: str | Path, out: str | Path) -> Path:
+    """Turn a PEFT LoRA adapter into a run directory: eval, merge, pack, or train on with --resume."""
+    from . import _ort
+    from .trainer import TrainerState
+
+    b = _bundle.load(bundle)
+    cfg, tensors = peft_io.load(peft_dir)
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise ConfigError(f"{peft_dir}: peft_type {cfg.get('peft_type')!r} is not LORA")
+    check_adapter_matches(b, cfg, tensors, str(peft_dir))
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"{out} already exists and is not empty; choose another --out")
+    api = _ort.training_api()
+    state = api.CheckpointState.load_checkpoint(str(b.path("checkpoint")))
+    # Parameters are only writable once a training session has materialized them.
+    module = api.Module(str(b.path("training_model.onnx")), state, str(b.path("eval_model.onnx")), device="cpu")
+    graph = {peft_io.to_graph_name(k, b.trainable): v for k, v in tensors.items()}
+    for g, v in graph.items():
+        state.parameters[g] = np.ascontiguousarray(v, np.float32)
+    with _io.atomic_dir(out) as tmp:
+        ck = tmp / "checkpoints" / "step-000000"
+        ck.mkdir(parents=True)
+        api.CheckpointState.save_checkpoint(state, str(ck / "checkpoint"), include_optimizer_state=False)
+        del module
+        st = TrainerState(bundle_id=b.base_id, adapter=b.manifest["adapter"])
+        _io.write_json(ck / "trainer_state.json", st.to_json())
+        _io.write_text(tmp / "checkpoints" / "latest", "step-000000\n")
+        peft_io.save(tmp / "adapter", graph, b.adapter, base=str(b.manifest.get("source")),
+                     metadata={"edgetune_base_id": b.base_id, "imported_from": str(Path(peft_dir).resolve())})
+        shutil.copyfile(Path(peft_dir) / peft_io.WEIGHTS if (Path(peft_dir) / peft_io.WEIGHTS).is_file()
+                        else Path(peft_dir) / "adapter" / peft_io.WEIGHTS, tmp / "adapter" / peft_io.WEIGHTS)
+        _io.write_json(tmp / "run.json", {"kind": "edgetune-run", "format": 1, "bundle": str(b.root.resolve()),
+                                          "bundle_id": b.base_id, "adapter": b.manifest["adapter"],
+                                          "status": "imported", "imported_from": str(Path(peft_dir).resolve())})
+    return out
