@@ -5,13 +5,14 @@ import lives inside a function so that importing this module on a device is harm
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -212,15 +213,15 @@ class _DistinctTrainables:
             inits[n].CopyFrom(numpy_helper.from_array(v.numpy(), n))
 
 
-def _quiet_tracing() -> Any:
+@contextlib.contextmanager
+def _quiet_tracing() -> Iterator[None]:
     """The tracer warns about data-dependent branches in transformers' cache code; the
     graphs are checked against torch by the tests, so users need not see the noise."""
     import warnings
 
-    ctx = warnings.catch_warnings()
-    ctx.__enter__()
-    warnings.filterwarnings("ignore", category=Warning, module=r"(torch|transformers)\.")
-    return ctx
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=Warning, module=r"(torch|transformers)\.")
+        yield
 
 
 def export_train_graph(peft_model: Any, path: Path, seq: int = 16) -> None:
@@ -235,14 +236,12 @@ def export_train_graph(peft_model: Any, path: Path, seq: int = 16) -> None:
     labels[:, : seq // 2] = -100
     dyn = {n: {0: "batch", 1: "seq"} for n in _Names.train_inputs[:3]}
     mode = torch.onnx.TrainingMode.TRAINING if _has_dropout(peft_model) else torch.onnx.TrainingMode.EVAL
-    quiet = _quiet_tracing()
-    with _DistinctTrainables(peft_model) as distinct:
+    with _quiet_tracing(), _DistinctTrainables(peft_model) as distinct:
         torch.onnx.export(
             wrapper, (ids, mask, labels, torch.tensor(float(seq), dtype=torch.float32)), str(path),
             dynamo=False, input_names=_Names.train_inputs, output_names=["loss"], dynamic_axes=dyn,
             opset_version=OPSET, do_constant_folding=False, training=mode,
         )
-    quiet.__exit__(None, None, None)
     proto = onnx.load(str(path))
     _strip_prefix(proto)
     distinct.restore(proto)
@@ -278,14 +277,12 @@ def export_infer_graph(peft_model: Any, path: Path, adapter_names: list[str]) ->
     dyn.update({n: {0: "batch", 2: "past"} for n in ins[3:]})
     dyn.update({n: {0: "batch", 2: "total"} for n in outs[1:]})
     wrapper = _kv_wrapper(peft_model, layers)
-    quiet = _quiet_tracing()
-    with torch.no_grad(), _DistinctTrainables(peft_model) as distinct:
+    with _quiet_tracing(), torch.no_grad(), _DistinctTrainables(peft_model) as distinct:
         torch.onnx.export(
             wrapper, (ids, torch.ones(1, 4, dtype=torch.int64), torch.arange(4)[None], *past), str(path),
             dynamo=False, input_names=ins, output_names=outs, dynamic_axes=dyn,
             opset_version=OPSET, do_constant_folding=False,
         )
-    quiet.__exit__(None, None, None)
     proto = onnx.load(str(path))
     _strip_prefix(proto)
     distinct.restore(proto)
