@@ -23,11 +23,7 @@ namespace {
 
 enum class DType { F32, F16, BF16 };
 
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__)) && !defined(__clang__)
-#define ET_CLONES __attribute__((target_clones("avx2,fma", "default")))
-#else
-#define ET_CLONES
-#endif
+#define ET_CLONES  // vector width comes from EDGETUNE_ARCH (CMakeLists.txt)
 
 inline float bf16_to_f32(uint16_t h) {
   uint32_t u = static_cast<uint32_t>(h) << 16;
@@ -89,6 +85,7 @@ inline uint16_t f32_to_f16(float f) {
 
 struct Adapter {
   std::vector<float> a;  // r x cols, float32
+  std::vector<float> ap; // A packed by 16-column tiles: [cols / 16][r][16], read sequentially by the micro-kernel
   std::vector<float> b;  // rows x r, float32, already multiplied by coef
   size_t r;
 };
@@ -138,6 +135,30 @@ inline void store(void* w, size_t i, float v) {
 }
 
 typedef float v8f __attribute__((vector_size(32)));
+typedef uint32_t v8u __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+typedef uint16_t v8h __attribute__((vector_size(16)));
+
+// Eight bfloat16 values in, eight floats out, and back with round-to-nearest-even, as vectors.
+inline v8f bf16x8_to_f32(const uint16_t* p) {
+  v8h h;
+  std::memcpy(&h, p, 16);
+  v8u u = __builtin_convertvector(h, v8u) << 16;
+  v8f f;
+  std::memcpy(&f, &u, 32);
+  return f;
+}
+
+inline void f32x8_to_bf16(uint16_t* p, v8f f) {
+  v8u u;
+  std::memcpy(&u, &f, 32);
+  v8u r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  v8u q = (u >> 16) | 0x40u;
+  v8i nan = (v8i)((u & 0x7fffffffu) > 0x7f800000u);  // all-ones where NaN
+  v8u out = (q & (v8u)nan) | (r & ~(v8u)nan);
+  v8h h = __builtin_convertvector(out, v8h);
+  std::memcpy(p, &h, 16);
+}
 constexpr size_t NR = 16;   // columns per micro-tile: two 8-float vectors
 constexpr size_t CB = 512;  // columns per cache block: r x CB floats of A stay in L2
 
@@ -147,14 +168,6 @@ inline v8f loadu8(const float* p) {
   return v;
 }
 
-inline uint16_t f32_to_bf16_fast(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  uint32_t q = (u >> 16) | 0x40u;
-  return static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? q : r);  // select, not a branch
-}
-
 // W[row0 + i, j0:j0+16] += sum over adapters and k of B[row0 + i, k] * A[k, j0:j0+16], for i < nr.
 // Accumulators live in registers for the whole k loop; W is read and written once.
 template <DType D>
@@ -162,15 +175,21 @@ ET_CLONES
 void micro_16(void* w, size_t row0, size_t nr, size_t j0, size_t cols, const std::vector<Adapter>& ads) {
   v8f acc[ROWS][2] = {};
   for (const Adapter& ad : ads) {
+    // B is padded with zero rows to a multiple of ROWS, so the loop has no branch.
     const float* bp = ad.b.data() + row0 * ad.r;
-    for (size_t k = 0; k < ad.r; ++k) {
-      const float* ap = ad.a.data() + k * cols + j0;
+    const size_t r = ad.r;
+    const float* ap = ad.ap.data() + (j0 / NR) * r * NR;
+    for (size_t k = 0; k < r; ++k, ap += NR) {
       v8f x0 = loadu8(ap), x1 = loadu8(ap + 8);
-      for (size_t i = 0; i < ROWS; ++i) {
-        float bv = i < nr ? bp[i * ad.r + k] : 0.0f;
-        acc[i][0] += bv * x0;
-        acc[i][1] += bv * x1;
-      }
+      float b0 = bp[k], b1 = bp[r + k], b2 = bp[2 * r + k], b3 = bp[3 * r + k];
+      acc[0][0] += b0 * x0;
+      acc[0][1] += b0 * x1;
+      acc[1][0] += b1 * x0;
+      acc[1][1] += b1 * x1;
+      acc[2][0] += b2 * x0;
+      acc[2][1] += b2 * x1;
+      acc[3][0] += b3 * x0;
+      acc[3][1] += b3 * x1;
     }
   }
   for (size_t i = 0; i < nr; ++i) {
@@ -185,7 +204,8 @@ void micro_16(void* w, size_t row0, size_t nr, size_t j0, size_t cols, const std
       std::memcpy(row + 8, &r1, 32);
     } else if constexpr (D == DType::BF16) {
       uint16_t* row = static_cast<uint16_t*>(w) + base;
-      for (size_t l = 0; l < NR; ++l) row[l] = f32_to_bf16_fast(bf16_to_f32(row[l]) + tmp[l]);
+      f32x8_to_bf16(row, bf16x8_to_f32(row) + acc[i][0]);
+      f32x8_to_bf16(row + 8, bf16x8_to_f32(row + 8) + acc[i][1]);
     } else {
       for (size_t l = 0; l < NR; ++l) store<D>(w, base + l, load<D>(w, base + l) + tmp[l]);
     }
@@ -331,6 +351,12 @@ Prepared prepare(AnyArray w, const std::vector<AnyArray>& as, const std::vector<
     ad.a = to_f32(a, name + ": A");
     ad.b = to_f32(b, name + ": B");
     for (float& x : ad.b) x *= static_cast<float>(coefs[i]);
+    ad.b.resize((p.rows + ROWS - 1) / ROWS * ROWS * ad.r, 0.0f);  // zero rows: the micro-kernel never branches
+    size_t tiles = p.cols / NR;
+    ad.ap.resize(tiles * ad.r * NR);
+    for (size_t t = 0; t < tiles; ++t)
+      for (size_t k = 0; k < ad.r; ++k)
+        std::memcpy(&ad.ap[(t * ad.r + k) * NR], &ad.a[k * p.cols + t * NR], NR * sizeof(float));
     p.ads.push_back(std::move(ad));
   }
   return p;
