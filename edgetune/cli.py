@@ -168,6 +168,8 @@ def export(model: str, out: str, config_file: str | None, overwrite: bool, **opt
 @click.option("--save-every", type=int, help="Checkpoint every N steps (0: only at the end) [0].")
 @click.option("--seed", type=int, help="Seed for data order and dropout [0].")
 @click.option("--threads", type=int, help="CPU threads for ONNX Runtime (0: all cores) [0].")
+@click.option("--max-batch-tokens", type=int,
+              help="Run each batch in chunks of at most this many padded tokens: same step, less memory (0: off) [1024].")
 @click.option("--mask-prompt/--no-mask-prompt", default=None, help="Loss only on assistant/completion tokens [mask].")
 @click.option("--resume", is_flag=True, help="Continue from the run's last good checkpoint.")
 @click.option("--no-progress", is_flag=True, help="No progress bar (metrics still go to metrics.jsonl).")

@@ -70,6 +70,7 @@ class TrainConfig:
     seed: int = 0
     mask_prompt: bool = True
     threads: int = 0
+    max_batch_tokens: int = 1024
     device: str = "cpu"
     valid_batches: int = 0
 
@@ -85,6 +86,7 @@ class TrainConfig:
         _check(self.eval_every >= 0, f"eval_every must be >= 0, got {self.eval_every!r}")
         _check(self.save_every >= 0, f"save_every must be >= 0, got {self.save_every!r}")
         _check(self.threads >= 0, f"threads must be >= 0, got {self.threads!r}")
+        _check(self.max_batch_tokens >= 0, f"max_batch_tokens must be >= 0, got {self.max_batch_tokens!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

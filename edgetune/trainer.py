@@ -198,23 +198,27 @@ class Trainer:
     def _step(self, group: list[_data.Batch]) -> float:
         norm = np.float32(sum(b.n_labels for b in group))
         loss = 0.0
-        for b in group:
+        chunks = [c for b in group for c in _data.split_rows(b, self.cfg.max_batch_tokens)]
+        for b in chunks:
             out = self.module(b.input_ids, b.attention_mask, b.labels, np.asarray(norm, np.float32))
             loss += float(np.asarray(out).reshape(()))
         return loss
 
     def validate(self, valid: _data.Dataset) -> float:
         """Token-weighted mean loss over the validation set, with the eval graph."""
-        self.module.eval()
-        total, count = 0.0, 0
         batches = _data.epoch_batches(valid, self.cfg.batch_size, 0, 0, self.tok.pad_id)
         if self.cfg.valid_batches:
             batches = batches[: self.cfg.valid_batches]
-        for b in batches:
-            n = b.n_labels
+        return self.validate_batches(batches)
+
+    def validate_batches(self, batches: list[_data.Batch]) -> float:
+        self._open()
+        self.module.eval()
+        total, count = 0.0, 0
+        for b in (c for b in batches for c in _data.split_rows(b, self.cfg.max_batch_tokens)):
             out = self.module(b.input_ids, b.attention_mask, b.labels, np.asarray(1.0, np.float32))
             total += float(np.asarray(out).reshape(()))
-            count += n
+            count += b.n_labels
         self.module.train()
         return total / max(1, count)
 

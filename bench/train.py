@@ -1,0 +1,248 @@
+"""Training speed and memory: edgetune (ORT training) against PyTorch + PEFT, side by side.
+
+Both sides train the same model, LoRA config, batches (multi-turn chats with prompt
+masking and varied lengths), optimizer (AdamW, PyTorch's rule and defaults) and thread
+count. Each side runs in its own process, so peak RSS is its own; rounds alternate so
+machine drift hits both. Prints per side tokens/s (all and labelled), s/step, peak RSS and
+the validation loss after the run, then the ratios and an achieved-FLOP/s estimate against
+a float32 matmul measured in the same run. The last line is JSON:
+
+    {"tokens_per_s_ratio": ..., "peak_rss_ratio": ..., "loss_gap": ..., "flops_fraction": ...}
+
+ratios are edgetune over PyTorch; loss_gap is (edgetune - PyTorch) / PyTorch.
+Usage: python bench/train.py [--steps 6] [--batch 8] [--seq 256] [--rank 8] [--rounds 1]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+TICKETS = ROOT / "examples" / "data" / "tickets"
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def make_data(out: Path, n_train: int, n_valid: int, seed: int = 0) -> Path:
+    """Multi-turn triage chats (2-6 tickets each) from the sample data: long, varied, masked."""
+    rng = random.Random(seed)
+    recs = [json.loads(x) for x in (TICKETS / "train.jsonl").read_text().splitlines()]
+    out.mkdir(parents=True, exist_ok=True)
+    for name, n in (("train", n_train), ("valid", n_valid)):
+        lines = []
+        for _ in range(n):
+            turns = rng.sample(recs, rng.randint(2, 6))
+            msgs = [turns[0]["messages"][0]]
+            for t in turns:
+                msgs += t["messages"][1:]
+            lines.append(json.dumps({"messages": msgs}))
+        (out / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+    return out
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def batches(bundle: Path, data: Path, batch: int, seq: int, split: str = "train"):
+    from edgetune import data as D
+    from edgetune.tokenizer import ChatTokenizer
+
+    tok = ChatTokenizer.from_dir(bundle)
+    ds = D.load_dataset(data / f"{split}.jsonl", tok, seq)
+    return D.epoch_batches(ds, batch, 0, 0, tok.pad_id)
+
+
+# -- workers ---------------------------------------------------------------------------
+def worker_edgetune(a: argparse.Namespace) -> dict:
+    import onnxruntime as ort
+
+    from edgetune import _ort, trainer
+    from edgetune.config import TrainConfig
+
+    cfg = TrainConfig(steps=a.steps + 1, batch_size=a.batch, lr=a.lr, schedule="constant", max_seq_len=a.seq,
+                      threads=a.threads, **({} if a.max_batch_tokens is None else {"max_batch_tokens": a.max_batch_tokens}))
+    t = trainer.Trainer(a.bundle, Path(a.tmp) / "run", cfg, progress=False, log=lambda s: None)
+    t._open()
+    train, valid = batches(a.bundle, a.data, a.batch, a.seq), batches(a.bundle, a.data, a.batch, a.seq, "valid")
+    times, toks, labs = [], 0, 0
+    for i, b in enumerate(train[: a.steps + 1]):
+        t0 = time.perf_counter()
+        t.optimizer.set_learning_rate(a.lr)
+        loss = t._step([b])
+        t.optimizer.step()
+        t.module.lazy_reset_grad()
+        dt = time.perf_counter() - t0
+        if i > 0:  # the first step builds kernels and arenas
+            times.append(dt)
+            toks, labs = toks + b.n_tokens, labs + b.n_labels
+    vl, vn = t.validate_batches(valid), sum(b.n_labels for b in valid)
+    vl *= vn
+    return {"side": "edgetune", "s_per_step": float(np.mean(times)), "tokens": toks, "labelled": labs,
+            "time": float(np.sum(times)), "peak_rss_mb": peak_rss_mb(), "valid_loss": vl / vn, "last_loss": loss,
+            "onnxruntime": ort.__version__, "max_batch_tokens": cfg.max_batch_tokens}
+
+
+def worker_torch(a: argparse.Namespace) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from edgetune.export import _converted_gguf
+    from edgetune.models import DEFAULT_MODEL, resolve_model
+
+    torch.set_num_threads(a.threads or os.cpu_count())
+    torch.manual_seed(0)
+    gguf, _ = resolve_model(DEFAULT_MODEL)
+    model = AutoModelForCausalLM.from_pretrained(_converted_gguf(gguf, print), dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=a.rank, lora_alpha=2 * a.rank, target_modules=TARGETS, lora_dropout=0.0))
+    opt = torch.optim.AdamW(model.parameters(), lr=a.lr)
+    train, valid = batches(a.bundle, a.data, a.batch, a.seq), batches(a.bundle, a.data, a.batch, a.seq, "valid")
+
+    def unshift(lab: np.ndarray) -> torch.Tensor:  # HF shifts labels itself
+        out = np.full_like(lab, -100)
+        out[:, 1:] = lab[:, :-1]
+        return torch.from_numpy(out)
+
+    model.train()
+    times, toks, labs, loss = [], 0, 0, None
+    for i, b in enumerate(train[: a.steps + 1]):
+        t0 = time.perf_counter()
+        out = model(input_ids=torch.from_numpy(b.input_ids), attention_mask=torch.from_numpy(b.attention_mask),
+                    labels=unshift(b.labels))
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+        dt = time.perf_counter() - t0
+        loss = out.loss.item()
+        if i > 0:
+            times.append(dt)
+            toks, labs = toks + b.n_tokens, labs + b.n_labels
+    model.eval()
+    vl, vn = 0.0, 0
+    with torch.no_grad():
+        for b in valid:
+            logits = model(input_ids=torch.from_numpy(b.input_ids), attention_mask=torch.from_numpy(b.attention_mask)).logits
+            vl += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                    torch.from_numpy(b.labels).reshape(-1), ignore_index=-100,
+                                                    reduction="sum").item()
+            vn += b.n_labels
+    return {"side": "pytorch+peft", "s_per_step": float(np.mean(times)), "tokens": toks, "labelled": labs,
+            "time": float(np.sum(times)), "peak_rss_mb": peak_rss_mb(), "valid_loss": vl / vn, "last_loss": loss,
+            "torch": torch.__version__}
+
+
+# -- driver ----------------------------------------------------------------------------
+def matmul_gflops(threads: int) -> float:
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    n = 1024
+    x = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    y = x.copy()
+    x @ y
+    best = min(_timed(lambda: x @ y) for _ in range(5))
+    return 2 * n**3 / best / 1e9
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def train_flops(manifest: dict, tokens: int, labelled: int) -> float:
+    """Useful work: forward 2N and activation backward 2N per token for the frozen body,
+    plus the vocabulary projection for labelled tokens (the adapter's own work is tiny)."""
+    c = manifest["model_config"]
+    h, inter, layers, vocab = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"]
+    kv = c["num_key_value_heads"] * (h // c["num_attention_heads"])
+    body = layers * (2 * h * h + 2 * h * kv + 3 * h * inter)
+    return 4.0 * body * tokens + 4.0 * vocab * h * labelled
+
+
+def run_worker(side: str, a: argparse.Namespace, tmp: Path) -> dict:
+    out = tmp / f"{side}-{time.time_ns()}.json"
+    cmd = [sys.executable, __file__, "--worker", side, "--bundle", str(a.bundle), "--data", str(a.data),
+           "--steps", str(a.steps), "--batch", str(a.batch), "--seq", str(a.seq), "--rank", str(a.rank),
+           "--lr", str(a.lr), "--threads", str(a.threads), "--tmp", str(tmp / side), "--result", str(out)]
+    if a.max_batch_tokens is not None:
+        cmd += ["--max-batch-tokens", str(a.max_batch_tokens)]
+    subprocess.run(cmd, check=True)
+    return json.loads(out.read_text())
+
+
+def ensure_bundle(a: argparse.Namespace, tmp: Path) -> Path:
+    if a.bundle:
+        return Path(a.bundle)
+    from edgetune.config import AdapterConfig
+    from edgetune.export import export
+
+    out = ROOT / "out" / f"bench-bundle-r{a.rank}"
+    if not (out / "edgetune.json").is_file():
+        print(f"exporting the default model (rank {a.rank} on {','.join(TARGETS)}) to {out}", flush=True)
+        export(None, out, AdapterConfig(rank=a.rank, alpha=2 * a.rank, targets=tuple(TARGETS)), overwrite=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="edgetune vs PyTorch + PEFT training speed and memory")
+    ap.add_argument("--steps", type=int, default=6, help="timed steps per side (one untimed warm-up step first)")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=256, help="longest sequence; the data are cut to it")
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--rounds", type=int, default=1, help="alternating rounds per side")
+    ap.add_argument("--max-batch-tokens", type=int, default=None,
+                    help="edgetune's chunking of each batch (default: edgetune's own default; 0 turns it off)")
+    ap.add_argument("--bundle", help="an exported bundle of the default model (else one is exported)")
+    ap.add_argument("--data")
+    ap.add_argument("--worker", choices=["edgetune", "torch"], help=argparse.SUPPRESS)
+    ap.add_argument("--tmp", help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.worker:
+        a.bundle, a.data = Path(a.bundle), Path(a.data)
+        res = worker_edgetune(a) if a.worker == "edgetune" else worker_torch(a)
+        Path(a.result).write_text(json.dumps(res))
+        return
+    with tempfile.TemporaryDirectory(prefix="edgetune-bench-") as tmpd:
+        tmp = Path(tmpd)
+        a.bundle = ensure_bundle(a, tmp)
+        a.data = Path(a.data) if a.data else make_data(tmp / "data", n_train=a.batch * (a.steps + 1), n_valid=16)
+        gflops = matmul_gflops(a.threads)
+        print(f"float32 matmul (1024^3, numpy, {a.threads} threads): {gflops:.1f} GFLOP/s")
+        results: dict[str, list[dict]] = {"edgetune": [], "torch": []}
+        for r in range(a.rounds):
+            for side in (("edgetune", "torch") if r % 2 == 0 else ("torch", "edgetune")):
+                res = run_worker(side, a, tmp)
+                results[side].append(res)
+                chunks = f" (chunks of <= {res['max_batch_tokens']} tokens)" if res.get("max_batch_tokens") else ""
+                print(f"round {r + 1} {res['side'] + chunks:>13}: {res['s_per_step']:.2f} s/step, "
+                      f"{res['tokens'] / res['time']:.0f} tokens/s ({res['labelled'] / res['time']:.0f} labelled), "
+                      f"peak RSS {res['peak_rss_mb']:.0f} MB, valid loss {res['valid_loss']:.4f}", flush=True)
+    manifest = json.loads((Path(a.bundle) / "edgetune.json").read_text())
+    e = min(results["edgetune"], key=lambda x: x["s_per_step"])
+    t = min(results["torch"], key=lambda x: x["s_per_step"])
+    e_tps, t_tps = e["tokens"] / e["time"], t["tokens"] / t["time"]
+    fl = train_flops(manifest, e["tokens"], e["labelled"]) / e["time"] / 1e9
+    summary = {"tokens_per_s_ratio": round(e_tps / t_tps, 3),
+               "peak_rss_ratio": round(min(x["peak_rss_mb"] for x in results["edgetune"]) /
+                                       min(x["peak_rss_mb"] for x in results["torch"]), 3),
+               "loss_gap": round((e["valid_loss"] - t["valid_loss"]) / t["valid_loss"], 4),
+               "flops_fraction": round(fl / gflops, 3)}
+    print(f"\nedgetune {e_tps:.0f} tokens/s vs PyTorch+PEFT {t_tps:.0f} tokens/s; "
+          f"edgetune achieves {fl:.1f} GFLOP/s of useful work ({summary['flops_fraction']:.0%} of the matmul)")
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
