@@ -16,3 +16,5 @@ test-fast: setup
 
 bench: setup
 	.venv/bin/python bench/merge.py --quick
+	.venv/bin/python bench/pack.py
+	.venv/bin/python bench/train.py

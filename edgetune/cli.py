@@ -208,6 +208,8 @@ def train(bundle: str, data: str, out: str, config_file: str | None, resume: boo
 
 # -- eval / generate --------------------------------------------------------------
 def _device_opts(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = click.option("--placement", is_flag=True,
+                     help="Also report how many graph nodes each provider actually ran (one profiled pass).")(f)
     f = click.option("--provider-option", multiple=True, help="KEY=VALUE passed to the device's provider.")(f)
     f = click.option("--device", default="cpu", show_default=True, help="Device name (see `edgetune devices`).")(f)
     return click.option("--adapter", "-a", type=click.Path(), help="A run directory or PEFT adapter folder.")(f)
@@ -221,8 +223,8 @@ def _device_opts(f: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--max-seq-len", default=512, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON: loss, perplexity, tokens.")
 @_errors
-def eval_cmd(model: str, adapter: str | None, device: str, provider_option: tuple[str, ...], data: str,
-             batch_size: int, max_seq_len: int, as_json: bool) -> None:
+def eval_cmd(model: str, adapter: str | None, device: str, provider_option: tuple[str, ...], placement: bool,
+             data: str, batch_size: int, max_seq_len: int, as_json: bool) -> None:
     """Mean loss and perplexity over labelled tokens, for a bundle (base or +adapter) or a merged model.
 
     \b
@@ -235,11 +237,15 @@ def eval_cmd(model: str, adapter: str | None, device: str, provider_option: tupl
 
     m = Model.open(model, adapter, device, d.parse_options(provider_option))
     r = evaluate(model, data, model=m, batch_size=batch_size, max_seq_len=max_seq_len)
+    if placement:
+        r["placement"] = m.placement()
     if as_json:
         _print_json(r)
         return
     click.echo(f"loss {r['loss']:.4f}  perplexity {r['perplexity']:.2f}  over {r['tokens']} tokens "
                f"({r['examples']} examples) on {', '.join(r['providers'])}")
+    if placement:
+        click.echo("nodes run: " + ", ".join(f"{k} {v}" for k, v in r["placement"].items()))
 
 
 @main.command(context_settings=CONTEXT)
@@ -255,8 +261,8 @@ def eval_cmd(model: str, adapter: str | None, device: str, provider_option: tupl
 @click.option("--raw", is_flag=True, help="Do not apply the chat template.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON with the text and the providers used.")
 @_errors
-def generate(model: str, adapter: str | None, device: str, provider_option: tuple[str, ...], prompt: str,
-             system: str | None, raw: bool, as_json: bool, **sampling: Any) -> None:
+def generate(model: str, adapter: str | None, device: str, provider_option: tuple[str, ...], placement: bool,
+             prompt: str, system: str | None, raw: bool, as_json: bool, **sampling: Any) -> None:
     """Generate a reply with a KV cache on ONNX Runtime, base or base+adapter.
 
     \b
@@ -270,11 +276,13 @@ def generate(model: str, adapter: str | None, device: str, provider_option: tupl
     m = Model.open(model, adapter, device, d.parse_options(provider_option))
     stream = None if as_json else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
     text = gen(model, prompt, model=m, chat=not raw, system=system, on_text=stream, **sampling)
+    where = m.placement() if placement else None
     if as_json:
-        _print_json({"text": text, "providers": m.providers, "device": m.device.name})
+        _print_json({"text": text, "providers": m.providers, "device": m.device.name,
+                     **({"placement": where} if where else {})})
     else:
         click.echo("")
-        _log(f"[ran on {', '.join(m.providers)}]")
+        _log(f"[ran on {', '.join(m.providers)}]" + (f" nodes: {where}" if where else ""))
 
 
 # -- merge ----------------------------------------------------------------------------

@@ -217,7 +217,15 @@ def split_rows(b: Batch, max_tokens: int) -> list[Batch]:
     per = rows if max_tokens <= 0 else max(1, max_tokens // t)
     if per >= rows:
         return [b]
-    return [Batch(b.input_ids[i:i + per], b.attention_mask[i:i + per], b.labels[i:i + per]) for i in range(0, rows, per)]
+    return [_trim(Batch(b.input_ids[i:i + per], b.attention_mask[i:i + per], b.labels[i:i + per]))
+            for i in range(0, rows, per)]
+
+
+def _trim(b: Batch, multiple: int = 8) -> Batch:
+    """Drop padding columns that no row of this chunk uses (rows are length-sorted, so short chunks shrink)."""
+    longest = int(b.attention_mask.sum(axis=1).max())
+    t = min(b.input_ids.shape[1], int(math.ceil(longest / multiple) * multiple))
+    return Batch(b.input_ids[:, :t], b.attention_mask[:, :t], b.labels[:, :t])
 
 
 def collate(examples: list[Example], pad_id: int, multiple: int = 8) -> Batch:

@@ -67,6 +67,7 @@ class Model:
     head_dim: int
     extra: dict[str, np.ndarray]
     device: devices.Device
+    onnx_path: Path
 
     @classmethod
     def open(cls, path: str | Path, adapter: str | Path | None = None, device: str = "cpu",
@@ -94,11 +95,18 @@ class Model:
             raise BundleError(f"{root} is neither an edgetune bundle nor a merged model")
         sess = devices.session(onnx_path, dev, so)
         return cls(sess, ChatTokenizer.from_dir(root), int(info["num_layers"]), int(info["kv_heads"]),
-                   int(info["head_dim"]), extra, dev)
+                   int(info["head_dim"]), extra, dev, onnx_path)
 
     @property
     def providers(self) -> list[str]:
         return list(self.session.get_providers())
+
+    def placement(self) -> dict[str, int]:
+        """Nodes each execution provider actually ran, from one profiled forward pass."""
+        ids = np.asarray([[1, 2, 3, 4]], np.int64)
+        feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(4)[None],
+                **self.empty_past(1), **self.extra}
+        return devices.placement(self.onnx_path, self.device, feed)
 
     def empty_past(self, batch: int) -> dict[str, np.ndarray]:
         z = np.zeros((batch, self.kv_heads, 0, self.head_dim), np.float32)

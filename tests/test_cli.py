@@ -57,5 +57,7 @@ def test_train_eval_generate_json(tmp_path, tiny_bundle, chat_data):
     r = invoke("eval", tiny_bundle, "--adapter", tmp_path / "run", "--data", chat_data / "test.jsonl", "--json")
     out = json.loads(r.output)
     assert set(out) >= {"loss", "perplexity", "tokens"}
-    r = invoke("generate", tiny_bundle, "--adapter", tmp_path / "run", "-p", "hi", "-n", "3", "--json")
-    assert json.loads(r.output)["providers"] == ["CPUExecutionProvider"]
+    r = invoke("generate", tiny_bundle, "--adapter", tmp_path / "run", "-p", "hi", "-n", "3", "--json", "--placement")
+    out = json.loads(r.output)
+    assert out["providers"] == ["CPUExecutionProvider"]
+    assert list(out["placement"]) == ["CPUExecutionProvider"] and out["placement"]["CPUExecutionProvider"] > 50

@@ -2,8 +2,6 @@
 import json
 import os
 import subprocess
-import sys
-import venv
 from pathlib import Path
 
 import numpy as np
@@ -22,18 +20,6 @@ def runs(tiny_bundle, chat_data, tmp_path_factory):
     kw = dict(steps=10, lr=5e-2, batch_size=4, progress=False, log=lambda s: None)
     return (trainer.train(tiny_bundle, chat_data, root / "tickets", **kw).out,
             trainer.train(tiny_bundle, chat_data, root / "other", seed=5, **kw).out)
-
-
-@pytest.fixture(scope="module")
-def ort_env():
-    """A separate environment with the current onnxruntime inference release and numpy only."""
-    env = ROOT / ".venv-ort"
-    py = env / "bin" / "python"
-    if not py.exists():
-        venv.create(env, with_pip=True)
-    if subprocess.run([str(py), "-c", "import onnxruntime, numpy"], capture_output=True).returncode != 0:
-        subprocess.run([str(py), "-m", "pip", "install", "--quiet", "onnxruntime>=1.20", "numpy"], check=True)
-    return py
 
 
 def test_adapter_flatbuffer_round_trip():
@@ -102,8 +88,6 @@ def test_adapter_for_another_base_is_rejected_naming_both(tiny_model, tiny_bundl
     with pytest.raises(BundleError) as e:
         pack.pack(runs[0], other, tmp_path / "app", name="again")
     assert "holds a base for" in str(e.value) and "pack it into another directory" in str(e.value)
-    o = trainer.train(other, runs[0].parent.parent / "d" if False else tmp_path, tmp_path / "x", steps=1,
-                      progress=False, log=lambda s: None) if False else None
     pack.pack(runs[1], tiny_bundle, tmp_path / "app2", name="x")
     # Make app2's base a different model file, then check app's adapters against it.
     (tmp_path / "app2" / "base.onnx").write_bytes((tmp_path / "app2" / "base.onnx").read_bytes() + b"\0")

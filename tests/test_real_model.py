@@ -69,3 +69,37 @@ def test_peft_logits_match_on_the_real_model(real_bundle, real_run):
         theirs = pm(input_ids=torch.from_numpy(ids)).logits.numpy()
     assert np.abs(ours - theirs).max() < 2e-3 * np.abs(theirs).max()
     assert (ours[0].argmax(-1) == theirs[0].argmax(-1)).mean() > 0.99
+
+
+def test_merged_model_equals_adapter_on_the_real_model(real_bundle, real_run, tmp_path):
+    from edgetune import fuse
+
+    summary = fuse.merge(real_bundle, [real_run], tmp_path / "merged")
+    assert summary["implementation"] == "cpp"
+    ids = np.asarray([list(range(100, 140))], np.int64)
+    merged = infer.Model.open(tmp_path / "merged").logits(ids, np.ones_like(ids))
+    adapter = infer.Model.open(real_bundle, adapter=real_run).logits(ids, np.ones_like(ids))
+    assert np.abs(merged - adapter).max() < 1e-3 * np.abs(adapter).max()
+
+
+def test_pack_is_small_and_loads_in_the_app_runtime(real_bundle, real_run, tmp_path, ort_env):
+    import os
+    import subprocess
+
+    from edgetune import pack
+    from test_pack import ROOT
+
+    r = pack.pack(real_run, real_bundle, tmp_path / "app", name="tickets")
+    assert r["bytes"] < 2 * 2**20, r
+    assert pack.verify(tmp_path / "app")["tensors_checked"] == 240
+    ids = np.asarray([list(range(100, 130))], np.int64)
+    np.save(tmp_path / "ids.npy", ids)
+    p = subprocess.run([str(ort_env), str(ROOT / "tests" / "app_consumer.py"), str(tmp_path / "app"),
+                        str(tmp_path / "ids.npy"), str(tmp_path / "out.npz")], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": ""})
+    assert p.returncode == 0, p.stderr
+    got = np.load(tmp_path / "out.npz")
+    want = infer.Model.open(real_bundle, adapter=real_run).logits(ids, np.ones_like(ids))
+    base = infer.Model.open(real_bundle).logits(ids, np.ones_like(ids))
+    assert np.abs(got["base"] - base).max() < 1e-3 * np.abs(base).max()
+    assert np.abs(got["tickets"] - want).max() < 2e-2 * np.abs(want).max()  # float16 adapter
