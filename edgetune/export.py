@@ -14,9 +14,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import numpy as np
 
-from . import _io, bundle as _bundle, variants
+from . import _io, bundle as _bundle, graphs, variants
 from .config import AdapterConfig
 from .errors import ConfigError, ModelError
 from .models import ModelSpec, home, resolve_model
@@ -161,21 +160,6 @@ def _kv_wrapper(peft_model: Any, num_layers: int) -> Any:
     return KVForward(peft_model)
 
 
-def _strip_prefix(model_proto: Any, prefix: str = "pm.") -> None:
-    """Rename ``pm.base_model...`` to PEFT's ``base_model...`` everywhere in the graph."""
-    def fix(name: str) -> str:
-        return name[len(prefix):] if name.startswith(prefix) else name
-
-    g = model_proto.graph
-    for init in g.initializer:
-        init.name = fix(init.name)
-    for node in g.node:
-        node.input[:] = [fix(n) for n in node.input]
-        node.output[:] = [fix(n) for n in node.output]
-    for vi in list(g.input) + list(g.output) + list(g.value_info):
-        vi.name = fix(vi.name)
-
-
 class _DistinctTrainables:
     """The exporter merges initializers with equal values (every zero-initialized lora_B is
     equal; so are fresh norm weights), which ties tensors together and breaks the gradient
@@ -243,7 +227,7 @@ def export_train_graph(peft_model: Any, path: Path, seq: int = 16) -> None:
             opset_version=OPSET, do_constant_folding=False, training=mode,
         )
     proto = onnx.load(str(path))
-    _strip_prefix(proto)
+    graphs.strip_prefix(proto)
     distinct.restore(proto)
     onnx.save(proto, str(path))
 
@@ -284,30 +268,11 @@ def export_infer_graph(peft_model: Any, path: Path, adapter_names: list[str]) ->
             opset_version=OPSET, do_constant_folding=False,
         )
     proto = onnx.load(str(path))
-    _strip_prefix(proto)
+    graphs.strip_prefix(proto)
     distinct.restore(proto)
-    _expose_as_inputs(proto, adapter_names)
+    graphs.expose_as_inputs(proto, adapter_names)
     onnx.save(proto, str(path))
     return {"num_layers": layers, "kv_heads": kv_heads, "head_dim": head_dim, "inputs": ins, "outputs": outs}
-
-
-def _expose_as_inputs(proto: Any, names: list[str]) -> None:
-    """Make the named initializers graph inputs too, so a caller may override them."""
-    from onnx import helper
-
-    inits = {i.name: i for i in proto.graph.initializer}
-    missing = [n for n in names if n not in inits]
-    if missing:
-        raise ModelError(f"adapter weights missing from the inference graph: {missing[:3]}")
-    for n in names:
-        proto.graph.input.append(helper.make_tensor_value_info(n, inits[n].data_type, list(inits[n].dims)))
-
-
-def _disable_dropout(proto: Any) -> None:
-    """Validation must not drop units: cut Dropout's training_mode input in the eval graph."""
-    for node in proto.graph.node:
-        if node.op_type == "Dropout" and len(node.input) > 2:
-            del node.input[2]
 
 
 def build_artifacts(train_onnx: Path, trainable: list[str], out: Path) -> None:
@@ -327,29 +292,11 @@ def build_artifacts(train_onnx: Path, trainable: list[str], out: Path) -> None:
         proto, requires_grad=trainable, frozen_params=frozen, loss=None,
         optimizer=artifacts.OptimType.AdamW, artifact_directory=str(out),
     )
-    _torch_adamw(out / "optimizer_model.onnx")
+    graphs.torch_adamw(out / "optimizer_model.onnx")
     eval_path = out / "eval_model.onnx"
     ev = onnx.load(str(eval_path))
-    _disable_dropout(ev)
+    graphs.disable_dropout(ev)
     onnx.save(ev, str(eval_path))
-
-
-# PyTorch's torch.optim.AdamW defaults. ORT's generator writes adam_mode=1 (the old
-# Hugging Face AdamW: bias correction folded into the lr, eps not corrected), which drifts
-# from PyTorch wherever gradients are small; mode 0 is PyTorch's update rule.
-ADAMW = {"adam_mode": 0, "alpha": 0.9, "beta": 0.999, "epsilon": 1e-8, "weight_decay": 0.01, "correct_bias": 1}
-
-
-def _torch_adamw(path: Path) -> None:
-    import onnx
-    from onnx import helper
-
-    proto = onnx.load(str(path))
-    for node in proto.graph.node:
-        if node.op_type == "AdamWOptimizer":
-            del node.attribute[:]
-            node.attribute.extend(helper.make_attribute(k, v) for k, v in sorted(ADAMW.items()))
-    onnx.save(proto, str(path))
 
 
 def _save_external(onnx_path: Path, data_name: str) -> None:
@@ -358,152 +305,6 @@ def _save_external(onnx_path: Path, data_name: str) -> None:
     proto = onnx.load(str(onnx_path))
     onnx.save_model(proto, str(onnx_path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=data_name, size_threshold=0)
-
-
-def hf_name(graph_name: str) -> str:
-    """``base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight`` -> ``model.layers.0.self_attn.q_proj.weight``."""
-    name = graph_name[len("base_model.model."):] if graph_name.startswith("base_model.model.") else graph_name
-    return name.replace(".base_layer.", ".")
-
-
-def weights_index(onnx_path: Path, hf_names: set[str]) -> dict[str, dict[str, Any]]:
-    """Where each base weight lives in the external data file: HF name -> offset, length, shape."""
-    import onnx
-
-    proto = onnx.load(str(onnx_path), load_external_data=False)
-    out = {}
-    for init in proto.graph.initializer:
-        name = hf_name(init.name)
-        if name not in hf_names or "lora_" in init.name:
-            continue
-        ext = {e.key: e.value for e in init.external_data}
-        if init.data_type != onnx.TensorProto.FLOAT or "offset" not in ext:
-            raise ModelError(f"{init.name}: expected a float32 external tensor")
-        out[name] = {"graph_name": init.name, "offset": int(ext["offset"]), "length": int(ext["length"]),
-                     "shape": list(init.dims), "dtype": "float32"}
-    return out
-
-
-def merge_template(onnx_path: Path, out: Path, adapter_names: list[str], data_name: str) -> None:
-    """The inference graph without adapter branches, its weights pointing at ``data_name``.
-
-    For each adapter the ``Add`` that joins the LoRA branch to the base output is bypassed;
-    nodes that no longer feed an output are dropped. ``merge`` writes the folded weights at
-    the same offsets, so the device needs no ONNX library to produce a merged model.
-    """
-    import onnx
-
-    proto = onnx.load(str(onnx_path), load_external_data=False)
-    g = proto.graph
-    consumers: dict[str, list[Any]] = {}
-    for node in g.node:
-        for i in node.input:
-            consumers.setdefault(i, []).append(node)
-    for b_name in (n for n in adapter_names if ".lora_B." in n):
-        add, seen = _find_join(b_name, consumers)
-        base_input = next(i for i in add.input if i not in seen)
-        for node in g.node:
-            node.input[:] = [base_input if i == add.output[0] else i for i in node.input]
-    _prune(g)
-    lora = set(adapter_names)
-    kept_inputs = [i for i in g.input if i.name not in lora]
-    del g.input[:]
-    g.input.extend(kept_inputs)
-    kept_inits = [i for i in g.initializer if i.name not in lora]
-    del g.initializer[:]
-    g.initializer.extend(kept_inits)
-    for init in g.initializer:
-        for e in init.external_data:
-            if e.key == "location":
-                e.value = data_name
-    onnx.save(proto, str(out))
-
-
-def app_base_templates(onnx_path: Path, out_dir: Path, adapter_names: list[str], data_name: str) -> None:
-    """Graphs for apps that load adapters at run time (ONNX Runtime >= 1.20 ``LoraAdapter``).
-
-    The LoRA scale is removed from the graph (packed adapters carry it folded into B), and
-    adapter weights stay overridable inputs whose defaults have no effect. One graph takes
-    float32 adapters, one float16 (cast to float32 inside). Base weights point at ``data_name``
-    at the same offsets as the bundle's inference data, so packing copies files only.
-    """
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    for dtype in ("float32", "float16"):
-        proto = onnx.load(str(onnx_path), load_external_data=False)
-        g = proto.graph
-        consumers: dict[str, list[Any]] = {}
-        for node in g.node:
-            for i in node.input:
-                consumers.setdefault(i, []).append(node)
-        producers = {o: node for node in g.node for o in node.output}
-        consts = {i.name for i in g.initializer} | {n.output[0] for n in g.node if n.op_type == "Constant"}
-        for b_name in (n for n in adapter_names if ".lora_B." in n):
-            _, seen = _find_join(b_name, consumers)
-            for t in seen:
-                node = producers.get(t)
-                if node is not None and node.op_type == "Mul" and any(i in consts for i in node.input):
-                    path_in = next(i for i in node.input if i not in consts)
-                    for c in g.node:
-                        c.input[:] = [path_in if i == node.output[0] else i for i in c.input]
-        _prune(g)
-        lora = set(adapter_names)
-        data_dir = onnx_path.parent
-        for init in g.initializer:
-            if init.name in lora:  # adapter defaults go inline: small, and in the adapter dtype
-                arr = numpy_helper.to_array(init, base_dir=str(data_dir))
-                init.CopyFrom(numpy_helper.from_array(arr.astype(np.float16 if dtype == "float16" else np.float32),
-                                                      init.name))
-            else:
-                for e in init.external_data:
-                    if e.key == "location":
-                        e.value = data_name
-        if dtype == "float16":
-            _cast_adapter_inputs(g, lora, helper, TensorProto)
-        onnx.save(proto, str(out_dir / ("app_base_f16.onnx" if dtype == "float16" else "app_base.onnx")))
-
-
-def _cast_adapter_inputs(g: Any, lora: set[str], helper: Any, TensorProto: Any) -> None:
-    """Adapter inputs become float16 ``NAME``; a Cast feeds the float32 graph as before."""
-    casts = []
-    for inp in g.input:
-        if inp.name in lora:
-            inp.type.tensor_type.elem_type = TensorProto.FLOAT16
-            casts.append(helper.make_node("Cast", [inp.name], [inp.name + "/f32"], to=TensorProto.FLOAT,
-                                          name=inp.name + "/cast"))
-    for node in g.node:
-        node.input[:] = [i + "/f32" if i in lora else i for i in node.input]
-    nodes = casts + list(g.node)
-    del g.node[:]
-    g.node.extend(nodes)
-
-
-def _find_join(start: str, consumers: dict[str, list[Any]]) -> tuple[Any, set[str]]:
-    seen, frontier = {start}, [start]
-    while frontier:
-        nxt = []
-        for t in frontier:
-            for node in consumers.get(t, []):
-                if node.op_type == "Add":
-                    return node, seen
-                for o in node.output:
-                    if o not in seen:
-                        seen.add(o)
-                        nxt.append(o)
-        frontier = nxt
-    raise ModelError(f"cannot find where adapter {start} joins the base output")
-
-
-def _prune(g: Any) -> None:
-    needed = {o.name for o in g.output}
-    keep = []
-    for node in reversed(list(g.node)):
-        if any(o in needed for o in node.output):
-            keep.append(node)
-            needed.update(node.input)
-    del g.node[:]
-    g.node.extend(reversed(keep))
 
 
 def _write_tokenizer(tok: Any, out: Path) -> dict[str, Any]:
@@ -528,6 +329,11 @@ def export(model: str | os.PathLike | None, out: str | os.PathLike, cfg: Adapter
            log: Log = lambda s: None, overwrite: bool = False) -> Path:
     """Export ``model`` with the adapter ``cfg`` into a bundle directory ``out``."""
     _require_export_deps()
+    if cfg.method != "lora":
+        # ORT 1.19.2's ReduceL2 gradient emits an invalid Unsqueeze, and PEFT detaches DoRA's
+        # weight norm, which a plain ONNX graph cannot express without a stop-gradient.
+        raise ConfigError(f"--method {cfg.method} cannot be exported yet (ONNX Runtime 1.19.2 cannot build its "
+                          "gradient graph); use --method lora")
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"{out} already exists and is not empty; choose another --out or pass --overwrite")
@@ -550,10 +356,10 @@ def export(model: str | os.PathLike | None, out: str | os.PathLike, cfg: Adapter
         log("exporting KV-cache inference graph")
         kv = export_infer_graph(pm, tmp / "infer.onnx", trainable)
         _save_external(tmp / "infer.onnx", "infer.onnx.data")
-        index = weights_index(tmp / "infer.onnx", hf_names)
+        index = graphs.weights_index(tmp / "infer.onnx", hf_names)
         if cfg.method == "lora":
-            merge_template(tmp / "infer.onnx", tmp / "merge_template.onnx", trainable, "model.onnx.data")
-            app_base_templates(tmp / "infer.onnx", tmp, trainable, "base.onnx.data")
+            graphs.merge_template(tmp / "infer.onnx", tmp / "merge_template.onnx", trainable, "model.onnx.data")
+            graphs.app_base_templates(tmp / "infer.onnx", tmp, trainable, "base.onnx.data")
         _io.write_json(tmp / "hf_config.json", hf.config.to_dict())
         tok_meta = _write_tokenizer(tok, tmp)
         manifest = _bundle.make_manifest(
