@@ -160,7 +160,7 @@ inline void f32x8_to_bf16(uint16_t* p, v8f f) {
   std::memcpy(p, &h, 16);
 }
 constexpr size_t NR = 16;   // columns per micro-tile: two 8-float vectors
-constexpr size_t CB = 512;  // columns per cache block: r x CB floats of A stay in L2
+constexpr size_t A_BLOCK_BYTES = 256 * 1024;  // the packed A of one column block stays in L2
 
 inline v8f loadu8(const float* p) {
   v8f v;
@@ -169,34 +169,37 @@ inline v8f loadu8(const float* p) {
 }
 
 // W[row0 + i, j0:j0+16] += sum over adapters and k of B[row0 + i, k] * A[k, j0:j0+16], for i < nr.
-// Accumulators live in registers for the whole k loop; W is read and written once.
+// A 6 x 16 register tile: 12 accumulators, two A vectors and one broadcast fill the 16 AVX
+// registers, so each k costs 2 loads and 6 broadcasts for 12 FMAs. W is read and written once.
+constexpr size_t MR = 6;
+
 template <DType D>
 ET_CLONES
 void micro_16(void* w, size_t row0, size_t nr, size_t j0, size_t cols, const std::vector<Adapter>& ads) {
-  v8f acc[ROWS][2] = {};
+  v8f c00 = {}, c01 = {}, c10 = {}, c11 = {}, c20 = {}, c21 = {}, c30 = {}, c31 = {}, c40 = {}, c41 = {}, c50 = {},
+      c51 = {};
   for (const Adapter& ad : ads) {
-    // B is padded with zero rows to a multiple of ROWS, so the loop has no branch.
+    // B is padded with zero rows past the end, so the loop has no branch.
     const float* bp = ad.b.data() + row0 * ad.r;
     const size_t r = ad.r;
     const float* ap = ad.ap.data() + (j0 / NR) * r * NR;
     for (size_t k = 0; k < r; ++k, ap += NR) {
       v8f x0 = loadu8(ap), x1 = loadu8(ap + 8);
-      float b0 = bp[k], b1 = bp[r + k], b2 = bp[2 * r + k], b3 = bp[3 * r + k];
-      acc[0][0] += b0 * x0;
-      acc[0][1] += b0 * x1;
-      acc[1][0] += b1 * x0;
-      acc[1][1] += b1 * x1;
-      acc[2][0] += b2 * x0;
-      acc[2][1] += b2 * x1;
-      acc[3][0] += b3 * x0;
-      acc[3][1] += b3 * x1;
+#if defined(__GNUC__)
+      asm("" : "+x"(x0), "+x"(x1));  // keep A in registers instead of reloading it for every row
+#endif
+      float b0 = bp[k], b1 = bp[r + k], b2 = bp[2 * r + k], b3 = bp[3 * r + k], b4 = bp[4 * r + k], b5 = bp[5 * r + k];
+      c00 += b0 * x0; c01 += b0 * x1;
+      c10 += b1 * x0; c11 += b1 * x1;
+      c20 += b2 * x0; c21 += b2 * x1;
+      c30 += b3 * x0; c31 += b3 * x1;
+      c40 += b4 * x0; c41 += b4 * x1;
+      c50 += b5 * x0; c51 += b5 * x1;
     }
   }
+  const v8f acc[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
   for (size_t i = 0; i < nr; ++i) {
     size_t base = (row0 + i) * cols + j0;
-    float tmp[NR];
-    std::memcpy(tmp, &acc[i][0], 32);
-    std::memcpy(tmp + 8, &acc[i][1], 32);
     if constexpr (D == DType::F32) {
       float* row = static_cast<float*>(w) + base;
       v8f r0 = loadu8(row) + acc[i][0], r1 = loadu8(row + 8) + acc[i][1];
@@ -207,6 +210,9 @@ void micro_16(void* w, size_t row0, size_t nr, size_t j0, size_t cols, const std
       f32x8_to_bf16(row, bf16x8_to_f32(row) + acc[i][0]);
       f32x8_to_bf16(row + 8, bf16x8_to_f32(row + 8) + acc[i][1]);
     } else {
+      float tmp[NR];
+      std::memcpy(tmp, &acc[i][0], 32);
+      std::memcpy(tmp + 8, &acc[i][1], 32);
       for (size_t l = 0; l < NR; ++l) store<D>(w, base + l, load<D>(w, base + l) + tmp[l]);
     }
   }
@@ -229,10 +235,14 @@ void tail_cols(void* w, size_t row0, size_t nr, size_t j0, size_t j1, size_t col
 template <DType D>
 void merge_rows(void* w, size_t r0, size_t r1, size_t cols, const std::vector<Adapter>& ads) {
   size_t full = cols / NR * NR;
+  size_t rank = 0;
+  for (const Adapter& ad : ads) rank += ad.r;
+  // Widest column block whose A fits the budget: at low rank whole rows, so W streams contiguously.
+  size_t CB = std::max(NR, A_BLOCK_BYTES / (sizeof(float) * std::max<size_t>(1, rank)) / NR * NR);
   for (size_t c0 = 0; c0 < full; c0 += CB) {
     size_t c1 = std::min(full, c0 + CB);
-    for (size_t row = r0; row < r1; row += ROWS) {
-      size_t nr = std::min(ROWS, r1 - row);
+    for (size_t row = r0; row < r1; row += MR) {
+      size_t nr = std::min(MR, r1 - row);
       for (size_t j = c0; j < c1; j += NR) micro_16<D>(w, row, nr, j, cols, ads);
     }
   }
@@ -351,7 +361,7 @@ Prepared prepare(AnyArray w, const std::vector<AnyArray>& as, const std::vector<
     ad.a = to_f32(a, name + ": A");
     ad.b = to_f32(b, name + ": B");
     for (float& x : ad.b) x *= static_cast<float>(coefs[i]);
-    ad.b.resize((p.rows + ROWS - 1) / ROWS * ROWS * ad.r, 0.0f);  // zero rows: the micro-kernel never branches
+    ad.b.resize((p.rows + MR) * ad.r, 0.0f);  // zero rows past the end: the micro-kernel never branches
     size_t tiles = p.cols / NR;
     ad.ap.resize(tiles * ad.r * NR);
     for (size_t t = 0; t < tiles; ++t)
