@@ -154,7 +154,8 @@ def export(model: str, out: str, config_file: str | None, overwrite: bool, **opt
 @click.argument("bundle", type=click.Path())
 @click.option("--data", "-d", required=True, type=click.Path(), help="Folder with train.jsonl (valid.jsonl) or one .jsonl.")
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Run directory.")
-@click.option("--device", help="Device name (see `edgetune devices`) [cpu]. Training itself runs on the CPU.")
+@click.option("--device", help="Device to train on (see `edgetune devices`) [cpu]. ONNX Runtime's training runtime "
+              "trains on the CPU only; accelerators run eval and generate.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="JSON file of training settings.")
 @click.option("--steps", type=int, help="Optimizer steps (default: one epoch).")
 @click.option("--epochs", type=float, help="Epochs, if --steps is not given.")
@@ -180,7 +181,8 @@ def train(bundle: str, data: str, out: str, config_file: str | None, resume: boo
     """Fine-tune the adapters of BUNDLE on DATA; write checkpoints and a PEFT adapter to OUT.
 
     Needs only onnxruntime-training-cpu, numpy and tokenizers. ONNX Runtime 1.19.2
-    trains on the CPU only; --device names the device for validation.
+    trains on the CPU only: --device must be cpu (an FPGA or NPU provider runs eval and
+    generate for the trained adapter).
 
     \b
     Examples:

@@ -6,8 +6,8 @@ Built-in names cover the common providers; a board vendor adds its own through t
 is always reported, never only the one asked for.
 
 Training runs on the CPU: ONNX Runtime's training runtime (1.19.2) trains on CPU only.
-A device runs inference (generate, eval and validation); nodes it cannot run fall back
-to the CPU provider and the placement report says so.
+A device runs inference (generate and eval); nodes it cannot run fall back to the CPU
+provider, and ``--placement`` reports how many nodes each provider actually ran.
 """
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from . import _io, _ort, bundle as _bundle, data as _data, devices, peft_io
 from .config import TrainConfig
-from .errors import BundleError, ConfigError, DataError, TrainingError
+from .errors import BundleError, ConfigError, DataError, DeviceError, TrainingError
 from .tokenizer import ChatTokenizer
 
 RUN_MANIFEST = "run.json"
@@ -118,6 +118,11 @@ class Trainer:
         self.log = log
         self.progress = progress
         self.device = devices.resolve(cfg.device)
+        if self.device.provider != "CPUExecutionProvider":
+            raise DeviceError(
+                f"device {self.device.name!r} ({self.device.provider}) is installed, but ONNX Runtime's training "
+                "runtime (1.19.2, its last release) trains on the CPU only; train with --device cpu, then run "
+                f"eval and generate with --device {self.device.name}")
         self.tok = ChatTokenizer.from_dir(self.bundle.root)
         self.state = TrainerState(bundle_id=self.bundle.base_id, adapter=self.bundle.manifest["adapter"])
         self._resume_from = self._check_out_dir(resume)
