@@ -204,7 +204,7 @@ def _quiet_tracing() -> Iterator[None]:
     import warnings
 
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=Warning, module=r"(torch|transformers)\.")
+        warnings.filterwarnings("ignore", category=Warning, module=r"(torch|transformers|peft)(\.|$)")
         yield
 
 
@@ -338,6 +338,11 @@ def export(model: str | os.PathLike | None, out: str | os.PathLike, cfg: Adapter
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"{out} already exists and is not empty; choose another --out or pass --overwrite")
     t0 = time.time()
+    with _quiet_tracing():
+        return _export(model, out, cfg, log, t0)
+
+
+def _export(model: str | os.PathLike | None, out: Path, cfg: AdapterConfig, log: Log, t0: float) -> Path:
     path, spec = resolve_model(model)
     log(f"loading {spec.name if spec else path}")
     hf, tok = load_model(path, log)

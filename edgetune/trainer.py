@@ -308,7 +308,8 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
-        if valid is not None:
+        validated_last = bool(self.cfg.eval_every) and self.state.step % self.cfg.eval_every == 0
+        if valid is not None and not validated_last:
             self.state.last_valid_loss = self.validate(valid)
             _write_metric(self.out, {"step": self.state.step, "valid_loss": round(self.state.last_valid_loss, 6)})
         self.save_checkpoint()
