@@ -25,11 +25,7 @@ def __getattr__(name: str):  # lazy so ``import edgetune`` stays cheap on a devi
         from . import infer as _i
 
         return getattr(_i, name)
-    if name == "export":
-        from .export import export
-
-        return export
     raise AttributeError(name)
 
 
-__all__ = ["EdgetuneError", "__version__", "train", "Trainer", "evaluate", "generate", "Model", "export"]
+__all__ = ["EdgetuneError", "__version__", "train", "Trainer", "evaluate", "generate", "Model"]
