@@ -344,9 +344,10 @@ def merge_cmd(bundle: str, run: str, out: str, fmt: str, dtype: str, extra: tupl
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="App directory (created or added to).")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
 @click.option("--name", help="Adapter name in the app directory [the run directory's name].")
+@click.option("--ort-format", is_flag=True, help="Also write base.ort for ONNX Runtime's mobile builds.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 @_errors
-def pack(run: str, bundle: str, out: str, dtype: str, name: str | None, as_json: bool) -> None:
+def pack(run: str, bundle: str, out: str, dtype: str, name: str | None, ort_format: bool, as_json: bool) -> None:
     """Package RUN's adapter for apps: a shared base.onnx plus NAME.onnx_adapter and a manifest.
 
     Apps load the adapter at run time with ONNX Runtime >= 1.20 (LoraAdapter) or
@@ -359,7 +360,7 @@ def pack(run: str, bundle: str, out: str, dtype: str, name: str | None, as_json:
     """
     from .pack import pack as do_pack
 
-    r = do_pack(run, bundle, out, dtype=dtype, name=name, log=_log)
+    r = do_pack(run, bundle, out, dtype=dtype, name=name, ort_format=ort_format, log=_log)
     if as_json:
         _print_json(r)
     else:

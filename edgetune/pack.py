@@ -116,7 +116,7 @@ def _base_entry(b: _bundle.Bundle, dtype: str) -> dict[str, Any]:
 
 
 def pack(run: str | Path, bundle: str | Path, out: str | Path, dtype: str = "float16", name: str | None = None,
-         log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+         ort_format: bool = False, log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """Write (or add to) an app directory: the shared base once, then ``NAME.onnx_adapter``."""
     if dtype not in ONNX_DTYPE:
         raise ConfigError(f"dtype must be float16 or float32, got {dtype!r}")
@@ -136,6 +136,8 @@ def pack(run: str | Path, bundle: str | Path, out: str | Path, dtype: str = "flo
     manifest = _existing_manifest(out, b, dtype)
     if manifest is None:
         manifest = _write_base(b, template, out, dtype)
+    if ort_format and "base.ort" not in manifest["files"]:
+        manifest["files"]["base.ort"] = _write_ort_format(out)
     params = []
     for peft_name, arr in sorted(tensors.items()):
         g = peft_io.to_graph_name(peft_name, b.trainable)
@@ -185,6 +187,22 @@ def _write_base(b: _bundle.Bundle, template: Path, out: Path, dtype: str) -> dic
             "base_sha256": files["base.onnx"], "base_data_sha256": files["base.onnx.data"],
             "tokenizer_sha256": files.get("tokenizer.json"), "files": files,
             "base_inputs": b.trainable, "infer": b.manifest["infer"], "adapters": {}}
+
+
+def _write_ort_format(out: Path) -> str:
+    """``base.ort`` for ONNX Runtime's mobile (ORT-format-only) builds; basic optimizations only,
+    so every execution provider can still take its nodes. Returns its sha256."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.add_session_config_entry("session.save_model_format", "ORT")
+    tmp = out / ".base.ort.tmp"
+    so.optimized_model_filepath = str(tmp)
+    ort.InferenceSession(str(out / "base.onnx"), so, providers=["CPUExecutionProvider"])
+    tmp.replace(out / "base.ort")
+    return _io.sha256_file(out / "base.ort")
 
 
 # -- verify ---------------------------------------------------------------------------------

@@ -12,10 +12,11 @@ import numpy as np
 import onnxruntime as ort
 
 appdir, ids_file, out_file = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+model_file = sys.argv[4] if len(sys.argv) > 4 else "base.onnx"  # or base.ort, the mobile format
 manifest = json.loads((appdir / "manifest.json").read_text())
 info = manifest["infer"]
 ids = np.load(ids_file)
-sess = ort.InferenceSession(str(appdir / "base.onnx"), providers=["CPUExecutionProvider"])
+sess = ort.InferenceSession(str(appdir / model_file), providers=["CPUExecutionProvider"])
 feed = {"input_ids": ids, "attention_mask": np.ones_like(ids),
         "position_ids": np.arange(ids.shape[1], dtype=np.int64)[None]}
 empty = np.zeros((1, info["kv_heads"], 0, info["head_dim"]), np.float32)

@@ -37,3 +37,14 @@ def test_verify_reports_a_corrupted_cache(tmp_path, monkeypatch):
     spec.path.write_bytes(b"corrupt")
     with pytest.raises(ModelError, match="run: edgetune models fetch smollm2-135m-instruct --force"):
         models.verify("smollm2-135m-instruct")
+
+
+@pytest.mark.slow
+def test_fetch_downloads_verifies_and_reuses(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGETUNE_HOME", str(tmp_path))
+    path = models.fetch("smollm2-135m-instruct")
+    assert path == tmp_path / "models" / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    models.verify("smollm2-135m-instruct")
+    mtime = path.stat().st_mtime_ns
+    assert models.fetch("smollm2-135m-instruct") == path and path.stat().st_mtime_ns == mtime  # cached, no download
+    assert models.resolve_model("smollm2-135m-instruct", download=False)[0] == path

@@ -59,13 +59,16 @@ def test_edgetune_logits_equal_base_plus_adapter_in_pack_base(tiny_bundle, runs,
                                atol=2e-5)
 
 
-def test_real_consumer_loads_and_switches_adapters(tiny_bundle, runs, tmp_path, ort_env):
+@pytest.mark.parametrize("model_file", ["base.onnx", "base.ort"])
+def test_real_consumer_loads_and_switches_adapters(tiny_bundle, runs, tmp_path, ort_env, model_file):
     app = tmp_path / "app"
-    pack.pack(runs[0], tiny_bundle, app, name="tickets")
+    pack.pack(runs[0], tiny_bundle, app, name="tickets", ort_format=model_file == "base.ort")
     pack.pack(runs[1], tiny_bundle, app, name="other")
+    assert pack.verify(app)["adapters"] == ["other", "tickets"]
     np.save(tmp_path / "ids.npy", IDS)
     p = subprocess.run([str(ort_env), str(ROOT / "tests" / "app_consumer.py"), str(app), str(tmp_path / "ids.npy"),
-                        str(tmp_path / "out.npz")], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""})
+                        str(tmp_path / "out.npz"), model_file], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": ""})
     assert p.returncode == 0, p.stderr
     info = json.loads(p.stdout.strip().splitlines()[-1])
     assert tuple(int(x) for x in info["onnxruntime"].split(".")[:2]) >= (1, 20)
