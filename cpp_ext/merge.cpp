@@ -23,7 +23,7 @@ namespace {
 
 enum class DType { F32, F16, BF16 };
 
-#define ET_CLONES  // vector width comes from EDGETUNE_ARCH (CMakeLists.txt)
+// Vector width comes from -march (EDGETUNE_ARCH in CMakeLists.txt).
 
 inline float bf16_to_f32(uint16_t h) {
   uint32_t u = static_cast<uint32_t>(h) << 16;
@@ -94,7 +94,6 @@ constexpr size_t ROWS = 4;    // rows of W per register block
 constexpr size_t COLS = 256;  // columns per tile: ROWS * COLS floats stay in L1
 
 // acc[ROWS][COLS] = sum_i B_i[row0:row0+ROWS, :] @ A_i[:, c0:c0+n]
-ET_CLONES
 void tile_product(const std::vector<Adapter>& ads, size_t row0, size_t nrows, size_t c0, size_t n, size_t cols,
                   float* acc) {
   std::fill(acc, acc + ROWS * COLS, 0.0f);
@@ -174,7 +173,6 @@ inline v8f loadu8(const float* p) {
 constexpr size_t MR = 6;
 
 template <DType D>
-ET_CLONES
 void micro_16(void* w, size_t row0, size_t nr, size_t j0, size_t cols, const std::vector<Adapter>& ads) {
   v8f c00 = {}, c01 = {}, c10 = {}, c11 = {}, c20 = {}, c21 = {}, c30 = {}, c31 = {}, c40 = {}, c41 = {}, c50 = {},
       c51 = {};

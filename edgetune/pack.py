@@ -317,8 +317,8 @@ def import_peft(peft_dir: str | Path, bundle: str | Path, out: str | Path) -> Pa
         _io.write_text(tmp / "checkpoints" / "latest", "step-000000\n")
         peft_io.save(tmp / "adapter", graph, b.adapter, base=str(b.manifest.get("source")),
                      metadata={"edgetune_base_id": b.base_id, "imported_from": str(Path(peft_dir).resolve())})
-        shutil.copyfile(Path(peft_dir) / peft_io.WEIGHTS if (Path(peft_dir) / peft_io.WEIGHTS).is_file()
-                        else Path(peft_dir) / "adapter" / peft_io.WEIGHTS, tmp / "adapter" / peft_io.WEIGHTS)
+        # The original file, so its dtype and bits survive the round trip unchanged.
+        shutil.copyfile(peft_io.adapter_dir(peft_dir) / peft_io.WEIGHTS, tmp / "adapter" / peft_io.WEIGHTS)
         _io.write_json(tmp / "run.json", {"kind": "edgetune-run", "format": 1, "bundle": str(b.root.resolve()),
                                           "bundle_id": b.base_id, "adapter": b.manifest["adapter"],
                                           "status": "imported", "imported_from": str(Path(peft_dir).resolve())})

@@ -52,15 +52,19 @@ def save(out: str | Path, tensors: Mapping[str, np.ndarray], cfg: AdapterConfig,
     return out
 
 
+def adapter_dir(path: str | Path) -> Path:
+    """A run directory's ``adapter/`` folder, or ``path`` itself if it is the PEFT folder."""
+    path = Path(path)
+    return path / "adapter" if (path / "adapter").is_dir() else path
+
+
 def load(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
-    """Read a PEFT adapter folder: (config dict, tensors keyed by PEFT name)."""
+    """Read a PEFT adapter folder (or a run directory): (config dict, tensors keyed by PEFT name)."""
     import json
 
     from safetensors.numpy import load_file
 
-    path = Path(path)
-    if (path / "adapter").is_dir():
-        path = path / "adapter"
+    path = adapter_dir(path)
     cfgf, wf = path / CONFIG, path / WEIGHTS
     if not cfgf.is_file() or not wf.is_file():
         raise BundleError(f"{path} is not a PEFT adapter folder ({CONFIG} and {WEIGHTS} expected)")

@@ -47,15 +47,25 @@ def test_generate_and_eval_accept_a_merged_model(tiny_bundle, runs, chat_data, t
 
 
 def test_weighted_blend_matches_manual_sum(tiny_bundle, runs, tmp_path):
-    fuse.merge(tiny_bundle, list(runs), tmp_path / "blend", weights=[0.7, 0.3])
-    blended = infer.Model.open(tmp_path / "blend").logits(IDS, np.ones_like(IDS))
-    # The same blend as one adapter: B' = [0.7 B_a | 0.3 B_b], A' = [A_a ; A_b] (rank doubles).
+    from safetensors.numpy import load_file
+
+    from edgetune import bundle
+
+    fuse.merge(tiny_bundle, list(runs), tmp_path / "blend", fmt="safetensors", weights=[0.7, -0.3])
+    merged = load_file(str(tmp_path / "blend" / "model.safetensors"))
+    b = bundle.load(tiny_bundle)
+    data = np.fromfile(tiny_bundle / "infer.onnx.data", dtype=np.uint8)
     (_, ta), (_, tb) = peft_io.load(runs[0]), peft_io.load(runs[1])
-    m = infer.Model.open(tiny_bundle)
-    base_only = m.logits(IDS, np.ones_like(IDS))
-    assert np.abs(blended - base_only).max() > 1e-4
-    single = infer.Model.open(tiny_bundle, adapter=runs[0]).logits(IDS, np.ones_like(IDS))
-    assert np.abs(blended - single).max() > 1e-5
+    scale = b.adapter.scale
+    for name, e in b.manifest["weights"].items():
+        w = data[e["offset"]:e["offset"] + e["length"]].view(np.float32).reshape(e["shape"])
+        module = "base_model.model." + name[: -len(".weight")]
+        if module + ".lora_A.weight" in ta:
+            want = w + scale * (0.7 * ta[module + ".lora_B.weight"] @ ta[module + ".lora_A.weight"]
+                                - 0.3 * tb[module + ".lora_B.weight"] @ tb[module + ".lora_A.weight"])
+        else:
+            want = w
+        np.testing.assert_allclose(merged[name], want, rtol=1e-5, atol=1e-6, err_msg=name)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
