@@ -11,7 +11,15 @@ in torch on the same weights. The last line is JSON:
 
 bandwidth_fraction is the worst kernel-over-copy bandwidth over the Phi-3-mini shapes
 (float32 and bfloat16); speedup_vs_numpy the worst numpy-over-kernel time in float32;
-speedup_vs_torch the whole-model ratio. Usage: ``python bench/merge.py [--quick]``.
+speedup_vs_torch the whole-model ratio.
+
+A merge of rank r also does 2r flops per weight. The benchmark measures this machine's
+multiply-add peak (``fma_peak_gflops``) and prints, per shape, the compute ceiling: the
+bandwidth fraction the kernel would reach if it ran at that peak and memory were free
+(copy time over FMA time). Where the ceiling is below 1 the merge is compute-bound here, not
+memory-bound; ``bandwidth_fraction_memory_bound`` is the worst fraction over the shapes whose
+ceiling is at least 1. Copy and kernel runs alternate, so a noisy neighbour slows both.
+Usage: ``python bench/merge.py [--quick]``.
 """
 from __future__ import annotations
 
@@ -54,36 +62,62 @@ def numpy_obvious(w: np.ndarray, a: np.ndarray, b: np.ndarray, scale: float, kin
         w[...] = kernels.f32_to_bf16(kernels.bf16_to_f32(w) + scale * (b @ a))
 
 
-def per_matrix(repeat: int) -> tuple[list[dict], float, float]:
+def peak_gflops(threads: int) -> float:
+    from edgetune import _ext
+
+    return max(_ext.peak_gflops(threads) for _ in range(5))
+
+
+def per_matrix(repeat: int, peak: float) -> tuple[list[dict], float, float, float | None]:
     os.environ["EDGETUNE_IMPL"] = "cpp"
     rng = np.random.default_rng(0)
-    rows_out, fracs, speedups = [], [], []
+    threads = os.cpu_count() or 1
+    rows_out, fracs, speedups, memory_bound = [], [], [], []
     print(f"{'shape':>11} {'rank':>4} {'dtype':>8} {'copy ms':>8} {'kernel ms':>9} {'numpy ms':>9} "
-          f"{'GB/s copy':>9} {'GB/s kern':>9} {'bw frac':>7} {'x numpy':>7}")
+          f"{'GB/s copy':>9} {'GB/s kern':>9} {'bw frac':>7} {'ceiling':>7} {'x numpy':>7}")
     for rows, cols in SHAPES:
         w32 = rng.standard_normal((rows, cols), dtype=np.float32)
         for kind in ("float32", "bfloat16"):
             w = w32 if kind == "float32" else kernels.f32_to_bf16(w32)
             dst = np.empty_like(w)
-            threads = os.cpu_count() or 1
             # The bandwidth reference is the faster of a plain copy and one split over the threads.
-            t_copy = min(best_of(lambda: np.copyto(dst, w), repeat), best_of(lambda: threaded_copy(dst, w, threads), repeat))
+            copies = [lambda: np.copyto(dst, w), lambda: threaded_copy(dst, w, threads)]
             for r in RANKS:
                 a = rng.standard_normal((r, cols), dtype=np.float32) * 0.01
                 b = rng.standard_normal((rows, r), dtype=np.float32) * 0.01
-                t_kern = best_of(lambda: kernels.lora_merge(w, a, b, 1e-3), repeat)
-                t_np = best_of(lambda: numpy_obvious(w, a, b, 1e-3, kind), max(1, repeat // 2))
+                merge_once = lambda: kernels.lora_merge(w, a, b, 1e-3)  # noqa: E731
+                t_copy, t_kern = interleaved(copies, merge_once, repeat)
+                t_np = best_of(lambda: numpy_obvious(w, a, b, 1e-3, kind), max(1, repeat // 4))
                 gb = 2 * w.nbytes / 1e9  # read + write
                 frac, speed = t_copy / t_kern, t_np / t_kern
+                ceiling = t_copy / (2.0 * rows * cols * r / (peak * 1e9))
                 fracs.append(frac)
+                if ceiling >= 1.0:
+                    memory_bound.append(frac)
                 if kind == "float32":
                     speedups.append(speed)
                 rows_out.append({"shape": [rows, cols], "rank": r, "dtype": kind, "copy_ms": t_copy * 1e3,
                                  "kernel_ms": t_kern * 1e3, "numpy_ms": t_np * 1e3, "bandwidth_fraction": frac,
-                                 "speedup_vs_numpy": speed})
+                                 "compute_ceiling": ceiling, "speedup_vs_numpy": speed})
                 print(f"{rows:>5}x{cols:<5} {r:>4} {kind:>8} {t_copy * 1e3:8.2f} {t_kern * 1e3:9.2f} {t_np * 1e3:9.2f} "
-                      f"{gb / t_copy:9.1f} {gb / t_kern:9.1f} {frac:7.2f} {speed:7.2f}")
-    return rows_out, min(fracs), min(speedups)
+                      f"{gb / t_copy:9.1f} {gb / t_kern:9.1f} {frac:7.2f} {ceiling:7.2f} {speed:7.2f}")
+    return rows_out, min(fracs), min(speedups), min(memory_bound) if memory_bound else None
+
+
+def interleaved(copies, kernel, repeat: int) -> tuple[float, float]:
+    """Best copy time and best kernel time, the runs alternating so both see the same machine."""
+    for fn in (*copies, kernel):
+        fn()  # warm up: page faults and thread start-up are not merge time
+    t_copy = t_kern = float("inf")
+    for _ in range(repeat):
+        for fn in copies:
+            t = time.perf_counter()
+            fn()
+            t_copy = min(t_copy, time.perf_counter() - t)
+        t = time.perf_counter()
+        kernel()
+        t_kern = min(t_kern, time.perf_counter() - t)
+    return t_copy, t_kern
 
 
 def whole_model(repeat: int) -> float:
@@ -131,12 +165,17 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer repetitions: the JSON line within a minute")
     ap.add_argument("--no-model", action="store_true", help="skip the whole-model comparison (needs torch and peft)")
     args = ap.parse_args()
-    repeat = 3 if args.quick else 10
-    print(f"edgetune merge benchmark: {os.cpu_count()} cores, kernels={kernels.implementation()}")
-    _, frac, speed = per_matrix(repeat)
+    repeat = 12 if args.quick else 30
+    threads = os.cpu_count() or 1
+    peak = peak_gflops(threads)
+    print(f"edgetune merge benchmark: {threads} cores, kernels={kernels.implementation()}, "
+          f"multiply-add peak {peak:.0f} GFLOP/s")
+    _, frac, speed, frac_mem = per_matrix(repeat, peak)
     vs_torch = None if args.no_model else whole_model(2 if args.quick else 5)
     print(json.dumps({"bandwidth_fraction": round(frac, 3), "speedup_vs_numpy": round(speed, 2),
-                      "speedup_vs_torch": None if vs_torch is None else round(vs_torch, 2)}))
+                      "speedup_vs_torch": None if vs_torch is None else round(vs_torch, 2),
+                      "bandwidth_fraction_memory_bound": None if frac_mem is None else round(frac_mem, 3),
+                      "fma_peak_gflops": round(peak, 1)}))
 
 
 if __name__ == "__main__":

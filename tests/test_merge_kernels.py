@@ -70,6 +70,39 @@ def test_weighted_merge_of_several_adapters(monkeypatch):
     np.testing.assert_allclose(res["numpy"], want, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("kind", ["bfloat16", "float16"])
+def test_weighted_merge_in_16_bit_with_mixed_adapter_dtypes(kind, monkeypatch):
+    rng = np.random.default_rng(5)
+    base = rand(rng, (45, 83))
+    ads = [(rand(rng, (r, 83), dt), rand(rng, (45, r), dt), c)
+           for r, c, dt in ((3, 0.5, np.float16), (16, -0.25, np.float32), (1, 2.0, np.float16))]
+    w0 = merge.from_f32(base, kind)
+    res = both(lambda: merge.lora_merge_many(w0.copy(), ads), monkeypatch)
+    want = merge.to_f32(w0, kind) + sum(c * (b.astype(np.float32) @ a.astype(np.float32)) for a, b, c in ads)
+    ulp = 2.0 ** -7 if kind == "bfloat16" else 2.0 ** -10
+    for impl in ("cpp", "numpy"):
+        got = merge.to_f32(res[impl], kind)
+        assert np.all(np.abs(got - want) <= ulp * np.abs(want) + 1e-4), (kind, impl)
+
+
+@pytest.mark.parametrize("kind", ["bfloat16", "float16"])
+def test_16_bit_stores_round_ties_to_even_and_keep_nan_inf(kind, monkeypatch):
+    """Bit for bit against numpy where the result is exact: ties, NaN, infinities, in full tiles and edges."""
+    rows, cols = 13, 37  # two full 6-row blocks and one row left; two 16-column tiles and 5 columns left
+    ulp = 2.0 ** -7 if kind == "bfloat16" else 2.0 ** -10
+    base = np.where(np.arange(cols) % 2 == 0, 1.0, 1.0 + ulp).astype(np.float32)
+    base = np.tile(base, (rows, 1))
+    base[0, 3], base[7, 20], base[12, 36] = np.nan, np.inf, -np.inf
+    w0 = merge.from_f32(base, kind)
+    a = np.full((1, cols), ulp / 2, np.float32)  # every sum falls exactly half-way between two values
+    b = np.ones((rows, 1), np.float32)
+    res = both(lambda: merge.lora_merge(w0.copy(), a, b, 1.0), monkeypatch)
+    np.testing.assert_array_equal(res["cpp"].view(np.uint16), res["numpy"].view(np.uint16))
+    got = merge.to_f32(res["cpp"], kind)
+    assert got[1, 0] == 1.0 and got[1, 1] == 1.0 + 2 * ulp  # ties to even, both ways
+    assert np.isnan(got[0, 3]) and got[7, 20] == np.inf and got[12, 36] == -np.inf
+
+
 @pytest.mark.parametrize("kind", ["float32", "bfloat16"])
 def test_dora_merge_matches_reference(kind, monkeypatch):
     rng = np.random.default_rng(4)

@@ -1,0 +1,455 @@
+// Adapter merge kernels: W += B @ A (B already scaled), in place, a register tile at a time.
+//
+// A merge reads and writes every weight once, like a copy. The kernels never build the
+// full-size B @ A: a 6 x 16 block (6 x 8 without AVX) of the product is accumulated in registers and added
+// into W straight away. Several adapters are one adapter of the summed rank
+// ([c1 B1 | c2 B2] @ [A1; A2]). Threads split W by rows.
+//
+// Plain C++ (no Python): merge.cpp binds it; a C++ program can include it directly.
+#pragma once
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__F16C__)
+#include <immintrin.h>
+#define EDGETUNE_AVX2 1
+#endif
+
+namespace edgetune {
+
+enum class DType { F32, F16, BF16 };
+
+// -- scalar conversions (round to nearest even) ------------------------------------------
+inline float bf16_to_f32(uint16_t h) {
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t f32_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);  // quiet NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+inline float f16_to_f32(uint16_t h) {
+  uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1fu;
+  uint32_t man = h & 0x3ffu;
+  uint32_t u;
+  if (exp == 0) {
+    if (man == 0) {
+      u = sign;
+    } else {  // subnormal: normalise
+      int e = -1;
+      do { man <<= 1; ++e; } while ((man & 0x400u) == 0);
+      u = sign | (static_cast<uint32_t>(127 - 15 - e) << 23) | ((man & 0x3ffu) << 13);
+    }
+  } else if (exp == 31) {
+    u = sign | 0x7f800000u | (man << 13);
+  } else {
+    u = sign | ((exp + 112u) << 23) | (man << 13);
+  }
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t f32_to_f16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  uint32_t sign = (u >> 16) & 0x8000u;
+  uint32_t a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);  // NaN
+  if (a >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // overflow to inf
+  if (a < 0x38800000u) {  // half subnormal: units of 2^-24, scaling by a power of two is exact
+    float mag;
+    std::memcpy(&mag, &a, 4);
+    return static_cast<uint16_t>(sign | static_cast<uint32_t>(std::nearbyint(mag * 16777216.0f)));
+  }
+  uint32_t e = (a >> 23) - 112u;
+  uint32_t m = a & 0x7fffffu;
+  uint32_t q = (e << 10) | (m >> 13);
+  uint32_t rem = m & 0x1fffu;
+  if (rem > 0x1000u || (rem == 0x1000u && (q & 1u))) ++q;
+  return static_cast<uint16_t>(sign | q);
+}
+
+template <DType D>
+inline float load1(const void* w, size_t i) {
+  if constexpr (D == DType::F32) return static_cast<const float*>(w)[i];
+  else if constexpr (D == DType::BF16) return bf16_to_f32(static_cast<const uint16_t*>(w)[i]);
+  else return f16_to_f32(static_cast<const uint16_t*>(w)[i]);
+}
+
+template <DType D>
+inline void store1(void* w, size_t i, float v) {
+  if constexpr (D == DType::F32) static_cast<float*>(w)[i] = v;
+  else if constexpr (D == DType::BF16) static_cast<uint16_t*>(w)[i] = f32_to_bf16(v);
+  else static_cast<uint16_t*>(w)[i] = f32_to_f16(v);
+}
+
+// -- float vectors --------------------------------------------------------------------------
+// GCC/Clang vector extensions in the target's register width: 8 floats with AVX, 4 with SSE
+// or NEON. A register tile is MR rows of two vectors.
+#if defined(__AVX__)
+constexpr size_t VW = 8;
+#else
+constexpr size_t VW = 4;
+#endif
+typedef float vf __attribute__((vector_size(VW * sizeof(float))));
+
+inline vf loadv(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline void storev(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
+
+// bfloat16 -> float32 is a shift; float32 -> bfloat16 rounds to nearest even and keeps NaN a NaN.
+#ifdef EDGETUNE_AVX2
+inline __m256i bf16_round_avx(vf f) {
+  const __m256i u = _mm256_castps_si256((__m256)f);
+  const __m256i top = _mm256_srli_epi32(u, 16);
+  const __m256i lsb = _mm256_and_si256(top, _mm256_set1_epi32(1));
+  const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps((__m256)f, (__m256)f, _CMP_UNORD_Q));
+  return _mm256_blendv_epi8(r, _mm256_or_si256(top, _mm256_set1_epi32(0x40)), nan);  // NaN stays a quiet NaN
+}
+#endif
+
+// Column order of the NR values in a (lo, hi) pair: natural, except bfloat16 on AVX2 where
+// load_tile leaves them interleaved by 128-bit lane.
+template <DType D>
+constexpr size_t lane_col(size_t l) {
+#ifdef EDGETUNE_AVX2
+  if constexpr (D == DType::BF16) return (l & 3) | ((l & 4) << 1) | ((l & 8) >> 1);
+#endif
+  return l;
+}
+
+// One tile row of weights (NR) in, two float vectors out; and back.
+template <DType D>
+inline void load_tile(const void* w, size_t i, vf& lo, vf& hi) {
+  if constexpr (D == DType::F32) {
+    const float* p = static_cast<const float*>(w) + i;
+    lo = loadv(p);
+    hi = loadv(p + VW);
+  } else {
+    const uint16_t* p = static_cast<const uint16_t*>(w) + i;
+#ifdef EDGETUNE_AVX2
+    __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    if constexpr (D == DType::BF16) {
+      // bf16 bits into the high halves. unpack works per 128-bit lane, so lo holds columns
+      // 0-3 and 8-11, hi 4-7 and 12-15: A is packed in that order for bfloat16 (see pack()).
+      lo = (vf)_mm256_unpacklo_epi16(_mm256_setzero_si256(), h);
+      hi = (vf)_mm256_unpackhi_epi16(_mm256_setzero_si256(), h);
+    } else {
+      lo = (vf)_mm256_cvtph_ps(_mm256_castsi256_si128(h));
+      hi = (vf)_mm256_cvtph_ps(_mm256_extracti128_si256(h, 1));
+    }
+#else
+    float t[2 * VW];
+    for (size_t l = 0; l < 2 * VW; ++l) t[l] = load1<D>(p, lane_col<D>(l));
+    lo = loadv(t);
+    hi = loadv(t + VW);
+#endif
+  }
+}
+
+template <DType D>
+inline void store_tile(void* w, size_t i, vf lo, vf hi) {
+  if constexpr (D == DType::F32) {
+    float* p = static_cast<float*>(w) + i;
+    storev(p, lo);
+    storev(p + VW, hi);
+  } else {
+    uint16_t* p = static_cast<uint16_t*>(w) + i;
+#ifdef EDGETUNE_AVX2
+    __m256i out;
+    if constexpr (D == DType::BF16) {
+      // Each 32-bit lane holds a value below 2^16, so the unsigned-saturating pack is exact;
+      // per 128-bit lane it undoes load_tile's interleave.
+      out = _mm256_packus_epi32(bf16_round_avx(lo), bf16_round_avx(hi));
+    } else {
+      out = _mm256_set_m128i(_mm256_cvtps_ph((__m256)hi, _MM_FROUND_TO_NEAREST_INT),
+                             _mm256_cvtps_ph((__m256)lo, _MM_FROUND_TO_NEAREST_INT));
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), out);
+#else
+    float t[2 * VW];
+    storev(t, lo);
+    storev(t + VW, hi);
+    for (size_t l = 0; l < 2 * VW; ++l) store1<D>(p, lane_col<D>(l), t[l]);
+#endif
+  }
+}
+
+// -- the packed adapter -----------------------------------------------------------------------
+constexpr size_t MR = 6;   // rows per register tile
+constexpr size_t NR = 2 * VW;  // columns per register tile: two vectors (16 with AVX)
+// 6 x 2 = 12 vector accumulators; with two A vectors and one broadcast B value that is 15 of
+// the 16 AVX/SSE registers, and each step of k is 2 loads + 6 broadcasts for 12 FMAs.
+
+// The packed adapter lives in per-thread scratch buffers that are reused from call to call:
+// fresh pages cost a page fault each, which for a few MB is a sizeable part of a merge.
+// A Packed is valid until the next pack() on the same thread.
+struct Packed {
+  size_t rows = 0, cols = 0, r = 0;
+  size_t tiles = 0;          // column tiles, the last one zero-padded when cols % NR != 0
+  const float* ap = nullptr;  // A: [tiles][r][NR], read front to back by the micro-kernel
+  const float* bp = nullptr;  // B: [row blocks][r][MR], zero rows past the end
+};
+
+inline float* scratch(std::vector<float>& buf, size_t n) {
+  if (buf.size() < n) buf.resize(n);
+  std::fill(buf.begin(), buf.begin() + static_cast<std::ptrdiff_t>(n), 0.0f);
+  return buf.data();
+}
+
+// One adapter: A (r x cols) and B (rows x r), float32, row-major; its term is coef * B @ A.
+struct Factor {
+  const float* a;
+  const float* b;
+  size_t r;
+  float coef;
+};
+
+// Several adapters are packed as one of the summed rank: [c1 B1 | c2 B2 | ...] @ [A1; A2; ...].
+// A's columns within a tile follow lane_col<D>, the order load_tile<D> gives W's columns in.
+template <DType D>
+Packed pack(size_t rows, size_t cols, const std::vector<Factor>& fs) {
+  Packed p;
+  p.rows = rows;
+  p.cols = cols;
+  for (const Factor& f : fs) p.r += f.r;
+  const size_t r = p.r;
+  p.tiles = (cols + NR - 1) / NR;
+  const size_t blocks = (rows + MR - 1) / MR;
+  thread_local std::vector<float> abuf, bbuf;
+  float* ap = scratch(abuf, p.tiles * r * NR);
+  float* bp = scratch(bbuf, blocks * r * MR);
+  p.ap = ap;
+  p.bp = bp;
+  size_t k0 = 0;
+  for (const Factor& f : fs) {
+    for (size_t k = 0; k < f.r; ++k) {
+      const float* arow = f.a + k * cols;
+      for (size_t t = 0; t < p.tiles; ++t) {
+        float* dst = ap + (t * r + k0 + k) * NR;
+        const size_t j0 = t * NR;
+        if (j0 + NR <= cols) {
+          for (size_t l = 0; l < NR; ++l) dst[l] = arow[j0 + lane_col<D>(l)];
+        } else {
+          for (size_t l = 0; l < NR; ++l)
+            if (j0 + lane_col<D>(l) < cols) dst[l] = arow[j0 + lane_col<D>(l)];
+        }
+      }
+    }
+    for (size_t i = 0; i < rows; ++i) {
+      const float* brow = f.b + i * f.r;
+      float* dst = bp + ((i / MR) * r + k0) * MR + i % MR;
+      for (size_t k = 0; k < f.r; ++k) dst[k * MR] = brow[k] * f.coef;
+    }
+    k0 += f.r;
+  }
+  return p;
+}
+
+// -- the micro-kernel --------------------------------------------------------------------------
+// W[row0 + i, j0:j0+NR] += sum_k B[row0 + i, k] * A[k, j0:j0+NR] for i < nr (and j < cols).
+// ap is the tile's packed A ([r][NR]), bp the row block's packed B ([r][6]).
+template <DType D>
+inline void micro(void* w, size_t row0, size_t nr, size_t j0, size_t cols, const float* ap, const float* bp,
+                  size_t r) {
+  vf c00 = {}, c01 = {}, c10 = {}, c11 = {}, c20 = {}, c21 = {}, c30 = {}, c31 = {}, c40 = {}, c41 = {}, c50 = {},
+      c51 = {};
+#pragma GCC unroll 8
+  for (size_t k = 0; k < r; ++k) {
+#ifdef EDGETUNE_AVX2
+    const __m256 x0 = _mm256_loadu_ps(ap + k * NR), x1 = _mm256_loadu_ps(ap + k * NR + 8);
+    __m256 b;
+#define EDGETUNE_ROW(i, lo, hi)                            \
+    b = _mm256_broadcast_ss(bp + k * MR + i);               \
+    lo = (vf)_mm256_fmadd_ps(b, x0, (__m256)lo);           \
+    hi = (vf)_mm256_fmadd_ps(b, x1, (__m256)hi);
+#else
+    const vf x0 = loadv(ap + k * NR), x1 = loadv(ap + k * NR + VW);
+#define EDGETUNE_ROW(i, lo, hi)  \
+    lo += bp[k * MR + i] * x0;    \
+    hi += bp[k * MR + i] * x1;
+#endif
+    EDGETUNE_ROW(0, c00, c01)
+    EDGETUNE_ROW(1, c10, c11)
+    EDGETUNE_ROW(2, c20, c21)
+    EDGETUNE_ROW(3, c30, c31)
+    EDGETUNE_ROW(4, c40, c41)
+    EDGETUNE_ROW(5, c50, c51)
+#undef EDGETUNE_ROW
+  }
+  const size_t at = row0 * cols + j0;
+  if (j0 + NR <= cols && nr == MR) {
+    vf lo, hi;
+#define EDGETUNE_ADD(i, a, b2)                \
+    load_tile<D>(w, at + i * cols, lo, hi);      \
+    store_tile<D>(w, at + i * cols, lo + a, hi + b2);
+    EDGETUNE_ADD(0, c00, c01)
+    EDGETUNE_ADD(1, c10, c11)
+    EDGETUNE_ADD(2, c20, c21)
+    EDGETUNE_ADD(3, c30, c31)
+    EDGETUNE_ADD(4, c40, c41)
+    EDGETUNE_ADD(5, c50, c51)
+#undef EDGETUNE_ADD
+    return;
+  }
+  // Edges: fewer than 6 rows left, or the last, partial column tile.
+  const vf acc[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+  const size_t n = std::min(NR, cols - j0);
+  for (size_t i = 0; i < nr; ++i) {
+    float t[NR];
+    storev(t, acc[i][0]);
+    storev(t + VW, acc[i][1]);
+    for (size_t l = 0; l < NR; ++l) {
+      const size_t j = lane_col<D>(l);
+      if (j < n) store1<D>(w, at + i * cols + j, load1<D>(w, at + i * cols + j) + t[l]);
+    }
+  }
+}
+
+constexpr size_t A_BLOCK_BYTES = 256 * 1024;  // the packed A of one column block stays in L2
+
+template <DType D>
+void merge_rows(void* w, size_t r0, size_t r1, const Packed& p) {
+  const size_t cols = p.cols, r = p.r;
+  // Widest column block whose packed A fits the budget: at low rank whole rows, so W streams.
+  const size_t tb = std::max<size_t>(1, A_BLOCK_BYTES / (sizeof(float) * NR * std::max<size_t>(1, r)));
+  for (size_t t0 = 0; t0 < p.tiles; t0 += tb) {
+    const size_t t1 = std::min(p.tiles, t0 + tb);
+    for (size_t row = r0; row < r1; row += MR) {
+      const size_t nr = std::min(MR, r1 - row);
+      const float* bp = p.bp + (row / MR) * r * MR;
+      for (size_t t = t0; t < t1; ++t)
+        micro<D>(w, row, nr, t * NR, cols, p.ap + t * r * NR, bp, r);
+    }
+  }
+}
+
+// DoRA: W'[o,:] = m[o] * (W[o,:] + s B[o,:] A) / ||W[o,:] + s B[o,:] A||, a block of rows at a time:
+// the merged rows go to a float32 buffer (MR rows), their norms are taken, and they are scaled back.
+template <DType D>
+void dora_rows(void* w, size_t r0, size_t r1, const Packed& p, const float* mag) {
+  const size_t cols = p.cols, r = p.r;
+  std::vector<float> merged(MR * p.tiles * NR);
+  for (size_t row = r0; row < r1; row += MR) {
+    const size_t nr = std::min(MR, r1 - row);
+    for (size_t i = 0; i < nr; ++i)
+      for (size_t j = 0; j < cols; ++j) merged[i * p.tiles * NR + j] = load1<D>(w, (row + i) * cols + j);
+    const float* bp = p.bp + (row / MR) * r * MR;
+    for (size_t t = 0; t < p.tiles; ++t)
+      micro<DType::F32>(merged.data(), 0, nr, t * NR, p.tiles * NR, p.ap + t * r * NR, bp, r);
+    for (size_t i = 0; i < nr; ++i) {
+      const float* m = merged.data() + i * p.tiles * NR;
+      double ss = 0.0;
+      for (size_t j = 0; j < cols; ++j) ss += static_cast<double>(m[j]) * m[j];
+      float k = static_cast<float>(mag[row + i] / std::sqrt(ss));
+      for (size_t j = 0; j < cols; ++j) store1<D>(w, (row + i) * cols + j, m[j] * k);
+    }
+  }
+}
+
+// Split [0, rows) into contiguous runs of whole MR-row blocks, one per thread.
+template <typename F>
+void parallel_rows(size_t rows, int threads, F&& fn) {
+  size_t nt = threads > 0 ? static_cast<size_t>(threads) : std::max(1u, std::thread::hardware_concurrency());
+  size_t blocks = (rows + MR - 1) / MR;
+  nt = std::max<size_t>(1, std::min(nt, blocks));
+  if (nt == 1) {
+    fn(0, rows);
+    return;
+  }
+  std::vector<std::thread> pool;
+  for (size_t t = 0; t < nt; ++t) {
+    size_t b0 = blocks * t / nt, b1 = blocks * (t + 1) / nt;
+    size_t a = std::min(rows, b0 * MR), b = std::min(rows, b1 * MR);
+    pool.emplace_back([&fn, a, b] { fn(a, b); });
+  }
+  for (auto& th : pool) th.join();
+}
+
+template <typename F>
+void dispatch(DType dt, F&& f) {
+  switch (dt) {
+    case DType::F32: f(std::integral_constant<DType, DType::F32>{}); break;
+    case DType::F16: f(std::integral_constant<DType, DType::F16>{}); break;
+    case DType::BF16: f(std::integral_constant<DType, DType::BF16>{}); break;
+  }
+}
+
+// pack() in the column order the kernels for weights of dtype dt expect.
+inline Packed pack_for(DType dt, size_t rows, size_t cols, const std::vector<Factor>& fs) {
+  Packed p;
+  dispatch(dt, [&](auto tag) { p = pack<decltype(tag)::value>(rows, cols, fs); });
+  return p;
+}
+
+// p must come from pack_for(dt, ...).
+inline void lora_merge(void* w, const Packed& p, DType dt, int threads) {
+  dispatch(dt, [&](auto tag) {
+    constexpr DType D = decltype(tag)::value;
+    parallel_rows(p.rows, threads, [&](size_t a, size_t b) { merge_rows<D>(w, a, b, p); });
+  });
+}
+
+// p must come from pack_for(DType::F32, ...): the merged rows are computed in float32.
+inline void dora_merge(void* w, const Packed& p, DType dt, const float* mag, int threads) {
+  dispatch(dt, [&](auto tag) {
+    constexpr DType D = decltype(tag)::value;
+    parallel_rows(p.rows, threads, [&](size_t a, size_t b) { dora_rows<D>(w, a, b, p, mag); });
+  });
+}
+
+// The machine's multiply-add throughput in GFLOP/s: `threads` threads each running 12
+// independent chains of vector FMAs (the micro-kernel's register tile) for `iters` steps.
+// Benchmarks compare the merge against it to tell compute-bound shapes from memory-bound ones.
+inline double peak_gflops(int threads, size_t iters) {
+  size_t nt = threads > 0 ? static_cast<size_t>(threads) : std::max(1u, std::thread::hardware_concurrency());
+  std::vector<float> sink(nt);
+  auto work = [&](size_t id) {
+    vf c[12];
+    for (int i = 0; i < 12; ++i) c[i] = vf{} + static_cast<float>(i) * 1e-3f;
+    vf x = vf{} + 0.9999f, y = vf{} + 1e-5f;
+    for (size_t n = 0; n < iters; ++n) {
+#pragma GCC unroll 12
+      for (int i = 0; i < 12; ++i) {
+#ifdef EDGETUNE_AVX2
+        c[i] = (vf)_mm256_fmadd_ps((__m256)c[i], (__m256)x, (__m256)y);
+#else
+        c[i] = c[i] * x + y;
+#endif
+      }
+    }
+    vf s = c[0];
+    for (int i = 1; i < 12; ++i) s += c[i];
+    sink[id] = s[0];
+  };
+  auto start = std::chrono::steady_clock::now();
+  std::vector<std::thread> pool;
+  for (size_t t = 0; t < nt; ++t) pool.emplace_back(work, t);
+  for (auto& th : pool) th.join();
+  double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  volatile float keep = sink[0];
+  (void)keep;
+  return static_cast<double>(nt) * static_cast<double>(iters) * 12 * VW * 2 / secs / 1e9;
+}
+
+}  // namespace edgetune
