@@ -418,8 +418,18 @@ inline Packed pack_for(DType dt, size_t rows, size_t cols, const std::vector<Fac
   return p;
 }
 
+// threads <= 0: as many as the machine has, but one per ~8M multiply-adds at least, since
+// starting a thread costs tens of microseconds (a 576 x 576 rank-8 merge takes about 100).
+inline int auto_threads(size_t rows, size_t cols, size_t r, int threads) {
+  if (threads > 0) return threads;
+  const size_t hw = std::max(1u, std::thread::hardware_concurrency());
+  const size_t by_work = rows * cols * (r + 8) / (size_t(1) << 23);
+  return static_cast<int>(std::max<size_t>(1, std::min(hw, by_work)));
+}
+
 // p must come from pack_for(dt, ...).
 inline void lora_merge(void* w, const Packed& p, DType dt, int threads) {
+  threads = auto_threads(p.rows, p.cols, p.r, threads);
   dispatch(dt, [&](auto tag) {
     constexpr DType D = decltype(tag)::value;
     parallel_rows(p.rows, threads, [&](size_t a, size_t b) { merge_rows<D>(w, a, b, p); });
@@ -428,6 +438,7 @@ inline void lora_merge(void* w, const Packed& p, DType dt, int threads) {
 
 // p must come from pack_for(DType::F32, ...): the merged rows are computed in float32.
 inline void dora_merge(void* w, const Packed& p, DType dt, const float* mag, int threads) {
+  threads = auto_threads(p.rows, p.cols, p.r, threads);
   dispatch(dt, [&](auto tag) {
     constexpr DType D = decltype(tag)::value;
     parallel_rows(p.rows, threads, [&](size_t a, size_t b) { dora_rows<D>(w, a, b, p, mag); });

@@ -103,6 +103,19 @@ def test_16_bit_stores_round_ties_to_even_and_keep_nan_inf(kind, monkeypatch):
     assert np.isnan(got[0, 3]) and got[7, 20] == np.inf and got[12, 36] == -np.inf
 
 
+@pytest.mark.parametrize("kind", ["float32", "bfloat16", "float16"])
+def test_thread_split_does_not_change_a_bit(kind, monkeypatch):
+    """Threads split W by rows; every weight gets the same sum whatever the split."""
+    monkeypatch.setenv("EDGETUNE_IMPL", "cpp")
+    rng = np.random.default_rng(6)
+    w0 = merge.from_f32(rand(rng, (101, 67)), kind)
+    a, b = rand(rng, (5, 67)), rand(rng, (101, 5))
+    outs = [merge.lora_merge(w0.copy(), a, b, 0.3, threads=t).view(np.uint16 if kind != "float32" else np.uint32)
+            for t in (1, 2, 3, 7, 0)]
+    for out in outs[1:]:
+        np.testing.assert_array_equal(out, outs[0])
+
+
 @pytest.mark.parametrize("kind", ["float32", "bfloat16"])
 def test_dora_merge_matches_reference(kind, monkeypatch):
     rng = np.random.default_rng(4)
