@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 
-from . import _io, bundle as _bundle, graphs, variants
+from . import _io, bundle as _bundle, dora, graphs, variants
 from .config import AdapterConfig
 from .errors import ConfigError, ModelError
 from .models import ModelSpec, home, resolve_model
@@ -106,7 +106,7 @@ class _Names:
     train_inputs = ["input_ids", "attention_mask", "labels", "label_norm"]
 
 
-def _train_wrapper(peft_model: Any) -> Any:
+def _train_wrapper(peft_model: Any, dora_mods: list | None = None) -> Any:
     import torch
     import torch.nn.functional as F
 
@@ -116,14 +116,15 @@ def _train_wrapper(peft_model: Any) -> Any:
         ``labels`` are already shifted (labels[t] is the token after position t). Only the
         labelled rows reach the vocabulary projection, which saves most of its cost.
         The loss is a sum divided by ``label_norm`` so accumulated micro-batches give the
-        token-weighted mean of the whole batch.
+        token-weighted mean of the whole batch. DoRA weight norms, if any, follow as inputs.
         """
 
         def __init__(self, pm: Any) -> None:
             super().__init__()
             self.pm = pm
 
-        def forward(self, input_ids, attention_mask, labels, label_norm):  # type: ignore[no-untyped-def]
+        def forward(self, input_ids, attention_mask, labels, label_norm, *norms):  # type: ignore[no-untyped-def]
+            dora.set_norms(dora_mods or [], norms)
             lm = self.pm.base_model.model
             hidden = lm.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
             flat = hidden.reshape(-1, hidden.shape[-1])
@@ -135,7 +136,7 @@ def _train_wrapper(peft_model: Any) -> Any:
     return TrainForward(peft_model)
 
 
-def _kv_wrapper(peft_model: Any, num_layers: int) -> Any:
+def _kv_wrapper(peft_model: Any, num_layers: int, dora_mods: list | None = None) -> Any:
     import torch
     from transformers import DynamicCache
 
@@ -148,7 +149,9 @@ def _kv_wrapper(peft_model: Any, num_layers: int) -> Any:
             super().__init__()
             self.pm = pm
 
-        def forward(self, input_ids, attention_mask, position_ids, *past):  # type: ignore[no-untyped-def]
+        def forward(self, input_ids, attention_mask, position_ids, *rest):  # type: ignore[no-untyped-def]
+            past, norms = rest[: 2 * num_layers], rest[2 * num_layers:]
+            dora.set_norms(dora_mods or [], norms)
             cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(num_layers)], config=config)
             out = self.pm.base_model.model(input_ids=input_ids, attention_mask=attention_mask,
                                            position_ids=position_ids, past_key_values=cache, use_cache=True)
@@ -213,19 +216,22 @@ def export_train_graph(peft_model: Any, path: Path, seq: int = 16) -> None:
     import onnx
     import torch
 
-    wrapper = _train_wrapper(peft_model)
     ids = torch.randint(3, 100, (2, seq))
     mask = torch.ones(2, seq, dtype=torch.int64)
     labels = ids.clone()
     labels[:, : seq // 2] = -100
     dyn = {n: {0: "batch", 1: "seq"} for n in _Names.train_inputs[:3]}
     mode = torch.onnx.TrainingMode.TRAINING if _has_dropout(peft_model) else torch.onnx.TrainingMode.EVAL
-    with _quiet_tracing(), _DistinctTrainables(peft_model) as distinct:
-        torch.onnx.export(
-            wrapper, (ids, mask, labels, torch.tensor(float(seq), dtype=torch.float32)), str(path),
-            dynamo=False, input_names=_Names.train_inputs, output_names=["loss"], dynamic_axes=dyn,
-            opset_version=OPSET, do_constant_folding=False, training=mode,
-        )
+    with _quiet_tracing(), dora.norms_from_inputs(peft_model) as mods:
+        norms = dora.initial_norms(mods)
+        norm_names = [dora.DoraModule(n).norm_input for n, _ in mods]
+        wrapper = _train_wrapper(peft_model, mods)
+        with _DistinctTrainables(peft_model) as distinct:
+            torch.onnx.export(
+                wrapper, (ids, mask, labels, torch.tensor(float(seq), dtype=torch.float32), *norms), str(path),
+                dynamo=False, input_names=_Names.train_inputs + norm_names, output_names=["loss"], dynamic_axes=dyn,
+                opset_version=OPSET, do_constant_folding=False, training=mode,
+            )
     proto = onnx.load(str(path))
     graphs.strip_prefix(proto)
     distinct.restore(proto)
@@ -260,19 +266,28 @@ def export_infer_graph(peft_model: Any, path: Path, adapter_names: list[str]) ->
                                       "position_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "seq"}}
     dyn.update({n: {0: "batch", 2: "past"} for n in ins[3:]})
     dyn.update({n: {0: "batch", 2: "total"} for n in outs[1:]})
-    wrapper = _kv_wrapper(peft_model, layers)
-    with _quiet_tracing(), torch.no_grad(), _DistinctTrainables(peft_model) as distinct:
-        torch.onnx.export(
-            wrapper, (ids, torch.ones(1, 4, dtype=torch.int64), torch.arange(4)[None], *past), str(path),
-            dynamo=False, input_names=ins, output_names=outs, dynamic_axes=dyn,
-            opset_version=OPSET, do_constant_folding=False,
-        )
+    with _quiet_tracing(), torch.no_grad(), dora.norms_from_inputs(peft_model) as mods:
+        norms = dora.initial_norms(mods)
+        norm_names = [dora.DoraModule(n).norm_input for n, _ in mods]
+        wrapper = _kv_wrapper(peft_model, layers, mods)
+        with _DistinctTrainables(peft_model) as distinct:
+            torch.onnx.export(
+                wrapper, (ids, torch.ones(1, 4, dtype=torch.int64), torch.arange(4)[None], *past, *norms), str(path),
+                dynamo=False, input_names=ins + norm_names, output_names=outs, dynamic_axes=dyn,
+                opset_version=OPSET, do_constant_folding=False,
+            )
     proto = onnx.load(str(path))
     graphs.strip_prefix(proto)
     distinct.restore(proto)
     graphs.expose_as_inputs(proto, adapter_names)
+    # DoRA norms default to those of the untrained adapter, so the graph runs as the base model.
+    from onnx import numpy_helper
+
+    for name, value in zip(norm_names, norms):
+        proto.graph.initializer.append(numpy_helper.from_array(value.numpy(), name))
     onnx.save(proto, str(path))
-    return {"num_layers": layers, "kv_heads": kv_heads, "head_dim": head_dim, "inputs": ins, "outputs": outs}
+    return {"num_layers": layers, "kv_heads": kv_heads, "head_dim": head_dim, "inputs": ins + norm_names,
+            "outputs": outs}
 
 
 def build_artifacts(train_onnx: Path, trainable: list[str], out: Path) -> None:
@@ -329,11 +344,6 @@ def export(model: str | os.PathLike | None, out: str | os.PathLike, cfg: Adapter
            log: Log = lambda s: None, overwrite: bool = False) -> Path:
     """Export ``model`` with the adapter ``cfg`` into a bundle directory ``out``."""
     _require_export_deps()
-    if cfg.method != "lora":
-        # ORT 1.19.2's ReduceL2 gradient emits an invalid Unsqueeze, and PEFT detaches DoRA's
-        # weight norm, which a plain ONNX graph cannot express without a stop-gradient.
-        raise ConfigError(f"--method {cfg.method} cannot be exported yet (ONNX Runtime 1.19.2 cannot build its "
-                          "gradient graph); use --method lora")
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"{out} already exists and is not empty; choose another --out or pass --overwrite")
@@ -362,8 +372,8 @@ def _export(model: str | os.PathLike | None, out: Path, cfg: AdapterConfig, log:
         kv = export_infer_graph(pm, tmp / "infer.onnx", trainable)
         _save_external(tmp / "infer.onnx", "infer.onnx.data")
         index = graphs.weights_index(tmp / "infer.onnx", hf_names)
+        graphs.merge_template(tmp / "infer.onnx", tmp / "merge_template.onnx", trainable, "model.onnx.data")
         if cfg.method == "lora":
-            graphs.merge_template(tmp / "infer.onnx", tmp / "merge_template.onnx", trainable, "model.onnx.data")
             graphs.app_base_templates(tmp / "infer.onnx", tmp, trainable, "base.onnx.data")
         _io.write_json(tmp / "hf_config.json", hf.config.to_dict())
         tok_meta = _write_tokenizer(tok, tmp)

@@ -54,6 +54,25 @@ def load_sources(b: _bundle.Bundle, runs: Sequence[str | Path], weights: Sequenc
     return out
 
 
+def _merge_into(w: np.ndarray, ads: list[tuple[np.ndarray, np.ndarray, float]], magnitude: np.ndarray | None,
+                name: str) -> None:
+    if magnitude is None:
+        kernels.lora_merge_many(w, ads, safe=True, name=name)
+    else:  # DoRA: one adapter (blends are refused up front)
+        a, bmat, coef = ads[0]
+        kernels.dora_merge(w, a, bmat, coef, magnitude, safe=True, name=name)
+
+
+def _magnitudes(sources: list[Source]) -> dict[str, np.ndarray]:
+    """HF weight name -> DoRA magnitude vector (empty for LoRA)."""
+    out = {}
+    for src in sources:
+        for name, m in src.tensors.items():
+            if name.endswith(".lora_magnitude_vector"):
+                out[name[len("base_model.model."):-len(".lora_magnitude_vector")] + ".weight"] = m
+    return out
+
+
 def _module_adapters(b: _bundle.Bundle, sources: list[Source]) -> dict[str, list[tuple[np.ndarray, np.ndarray, float]]]:
     """HF weight name -> [(A, B, weight * scale)] over all sources."""
     scale = b.adapter.scale
@@ -80,6 +99,7 @@ def merge_onnx(b: _bundle.Bundle, sources: list[Source], out: Path, log: Callabl
         raise BundleError(f"bundle {b.root} has no merge_template.onnx ({b.adapter.method} bundles merge to safetensors only)")
     targets = _module_adapters(b, sources)
     _check_targets(b, targets)
+    mags = _magnitudes(sources)
     index = b.manifest["weights"]
     with _io.atomic_dir(out) as tmp:
         shutil.copyfile(b.path("infer.onnx.data"), tmp / "model.onnx.data")
@@ -87,7 +107,7 @@ def merge_onnx(b: _bundle.Bundle, sources: list[Source], out: Path, log: Callabl
         for hf, ads in targets.items():
             e = index[hf]
             w = mm[e["offset"]:e["offset"] + e["length"]].view(np.float32).reshape(e["shape"])
-            kernels.lora_merge_many(w, ads, safe=True, name=hf)
+            _merge_into(w, ads, mags.get(hf), hf)
         mm.flush()
         del mm
         shutil.copyfile(b.path("merge_template.onnx"), tmp / "model.onnx")
@@ -110,6 +130,7 @@ def merge_safetensors(b: _bundle.Bundle, sources: list[Source], out: Path, dtype
                       log: Callable[[str], None]) -> None:
     targets = _module_adapters(b, sources)
     _check_targets(b, targets)
+    mags = _magnitudes(sources)
     index = b.manifest["weights"]
     itemsize = 4 if dtype == "float32" else 2
     names = sorted(index)
@@ -122,7 +143,7 @@ def merge_safetensors(b: _bundle.Bundle, sources: list[Source], out: Path, dtype
                 e = index[n]
                 w = np.array(base[e["offset"]:e["offset"] + e["length"]].view(np.float32).reshape(e["shape"]))
                 if n in targets:
-                    kernels.lora_merge_many(w, targets[n], safe=True, name=n)
+                    _merge_into(w, targets[n], mags.get(n), n)
                 f.write(kernels.from_f32(w, dtype).tobytes())
         cfg = json.loads(b.path("hf_config.json").read_text())
         cfg.pop("quantization_config", None)
@@ -161,9 +182,10 @@ def merge(bundle: str | Path, runs: Sequence[str | Path], out: str | Path, fmt: 
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"{out} already exists and is not empty; choose another --out or pass --overwrite")
     b = _bundle.load(bundle)
-    if b.adapter.method != "lora":
-        raise ConfigError(f"merging {b.adapter.method} adapters is not supported yet; only lora")
     sources = load_sources(b, runs, weights)
+    if b.adapter.method == "dora" and (len(sources) > 1 or sources[0].weight != 1.0):
+        raise ConfigError("DoRA adapters merge one at a time with weight 1: a DoRA layer rescales whole rows, "
+                          "so a weighted blend of DoRA adapters is not defined; merge LoRA adapters to blend")
     t0 = time.time()
     if fmt == "onnx":
         merge_onnx(b, sources, out, log)

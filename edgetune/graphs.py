@@ -120,14 +120,27 @@ def merge_template(onnx_path: Path, out: Path, adapter_names: list[str], data_na
     """
     import onnx
 
+    from .dora import NORM_PREFIX, modules as dora_modules
+
     proto = onnx.load(str(onnx_path), load_external_data=False)
     g = proto.graph
     consumers = consumers_of(g)
+    dora = {m.path for m in dora_modules(adapter_names)}
     for b_name in (n for n in adapter_names if ".lora_B." in n):
-        add, seen = find_join(b_name, consumers)
-        rewire(g, add.output[0], next(i for i in add.input if i not in seen))
+        path = b_name.split(".lora_B.")[0]
+        if path in dora:
+            # DoRA's branch also reads the base output, so walk from the base weight instead:
+            # the one Add that reads the base layer's output is the join.
+            base_out = base_output(f"{path}.base_layer.weight", consumers)
+            adds = [n for n in consumers.get(base_out, []) if n.op_type == "Add"]
+            if len(adds) != 1:
+                raise ModelError(f"cannot find where DoRA adapter {path} joins the base output")
+            rewire(g, adds[0].output[0], base_out)
+        else:
+            add, seen = find_join(b_name, consumers)
+            rewire(g, add.output[0], next(i for i in add.input if i not in seen))
     prune(g)
-    lora = set(adapter_names)
+    lora = set(adapter_names) | {i.name for i in g.input if i.name.startswith(NORM_PREFIX)}
     kept_inputs = [i for i in g.input if i.name not in lora]
     del g.input[:]
     g.input.extend(kept_inputs)
@@ -187,6 +200,22 @@ def cast_adapter_inputs(g: Any, lora: set[str], helper: Any, TensorProto: Any) -
     nodes = casts + list(g.node)
     del g.node[:]
     g.node.extend(nodes)
+
+
+def base_output(weight: str, consumers: dict[str, list[Any]]) -> str:
+    """The output of the MatMul/Gemm that applies ``weight`` (through a Transpose, if any)."""
+    t = weight
+    for _ in range(4):
+        nodes = consumers.get(t, [])
+        if len(nodes) != 1:
+            break
+        node = nodes[0]
+        if node.op_type in ("MatMul", "Gemm"):
+            return node.output[0]
+        if node.op_type not in ("Transpose", "Identity", "Cast"):
+            break
+        t = node.output[0]
+    raise ModelError(f"cannot find the layer that applies {weight}")
 
 
 def find_join(start: str, consumers: dict[str, list[Any]]) -> tuple[Any, set[str]]:

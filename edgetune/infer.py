@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from . import bundle as _bundle, data as _data, devices, peft_io
+from . import bundle as _bundle, data as _data, devices, dora, peft_io
 from .errors import BundleError, DataError
 from .tokenizer import ChatTokenizer
 
@@ -24,7 +24,8 @@ def _adapter_feed(b: _bundle.Bundle, adapter: str | Path | None) -> dict[str, np
         return {}
     cfg, tensors = peft_io.load(adapter)
     check_adapter_matches(b, cfg, tensors, str(adapter))
-    return {peft_io.to_graph_name(k, b.trainable): v.astype(np.float32) for k, v in tensors.items()}
+    feed = {peft_io.to_graph_name(k, b.trainable): v.astype(np.float32) for k, v in tensors.items()}
+    return {**feed, **dora.feed_for_adapter(b, feed)}
 
 
 def check_adapter_matches(b: _bundle.Bundle, cfg: dict, tensors: dict[str, np.ndarray], where: str) -> None:

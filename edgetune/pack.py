@@ -123,7 +123,8 @@ def pack(run: str | Path, bundle: str | Path, out: str | Path, dtype: str = "flo
     t0 = time.time()
     b = _bundle.load(bundle)
     if b.adapter.method != "lora":
-        raise ConfigError(f"packing {b.adapter.method} adapters is not supported; ONNX Runtime's adapter format is LoRA")
+        raise ConfigError(f"packing {b.adapter.method} adapters for apps is not supported yet (app base graphs are "
+                          "built for LoRA); fold the adapter into the model instead: edgetune merge BUNDLE RUN --out DIR")
     template = b.path("app_base_f16.onnx" if dtype == "float16" else "app_base.onnx")
     if not template.is_file():
         raise BundleError(f"bundle {b.root} has no {template.name}; re-export it with this edgetune")

@@ -20,6 +20,10 @@ ADAPTER_NAME = "default"
 
 
 def to_peft_name(graph_name: str) -> str:
+    # DoRA's magnitude is saved without ".weight" (PEFT keeps its pre-refactor key format).
+    magnitude = f".lora_magnitude_vector.{ADAPTER_NAME}.weight"
+    if graph_name.endswith(magnitude):
+        return graph_name[: -len(magnitude)] + ".lora_magnitude_vector"
     return graph_name.replace(f".{ADAPTER_NAME}.weight", ".weight").replace(f".{ADAPTER_NAME}", "")
 
 

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import _io, _ort, bundle as _bundle, data as _data, devices, peft_io
+from . import _io, _ort, bundle as _bundle, data as _data, devices, dora as _dora, peft_io
 from .config import TrainConfig
 from .errors import BundleError, ConfigError, DataError, DeviceError, TrainingError
 from .tokenizer import ChatTokenizer
@@ -173,6 +173,29 @@ class Trainer:
                                  str(self.bundle.path("eval_model.onnx")), device="cpu",
                                  session_options=self._session_options())
         self.optimizer = api.Optimizer(str(self.bundle.path("optimizer_model.onnx")), self.module)
+        self._setup_dora()
+
+    def _setup_dora(self) -> None:
+        """DoRA graphs take each layer's weight norm as an input (see edgetune.dora); the frozen
+        base rows and their squared norms are read once."""
+        self._dora = _dora.modules(self.bundle.trainable)
+        if not self._dora:
+            return
+        names = self.module.input_names()
+        order = {n: i for i, n in enumerate(names)}
+        self._dora.sort(key=lambda m: order[m.norm_input])
+        params = self.ckstate.parameters
+        self._dora_base = {m.base: np.array(params[m.base].data, np.float32) for m in self._dora}
+        self._dora_wsq = {k: _dora.weight_sq(w) for k, w in self._dora_base.items()}
+
+    def _extra_inputs(self) -> list[np.ndarray]:
+        """Inputs after the batch: the DoRA norms of the adapter as it is now."""
+        if not self._dora:
+            return []
+        params = self.ckstate.parameters
+        tensors = {n: params[n].data for m in self._dora for n in (m.a, m.b)}
+        feed = _dora.norms_feed(self._dora, self._dora_base, tensors, self.bundle.adapter.scale, self._dora_wsq)
+        return [feed[m.norm_input] for m in self._dora]
 
     # -- data ------------------------------------------------------------------
     def load_data(self, data: str | Path) -> tuple[_data.Dataset, _data.Dataset | None]:
@@ -206,8 +229,9 @@ class Trainer:
         norm = np.float32(sum(b.n_labels for b in group))
         loss = 0.0
         chunks = [c for b in group for c in _data.split_rows(b, self.cfg.max_batch_tokens)]
+        extra = self._extra_inputs()  # the weights change only at the optimizer step
         for b in chunks:
-            out = self.module(b.input_ids, b.attention_mask, b.labels, np.asarray(norm, np.float32))
+            out = self.module(b.input_ids, b.attention_mask, b.labels, np.asarray(norm, np.float32), *extra)
             loss += float(np.asarray(out).reshape(()))
         return loss
 
@@ -222,8 +246,9 @@ class Trainer:
         self._open()
         self.module.eval()
         total, count = 0.0, 0
+        extra = self._extra_inputs()
         for b in (c for b in batches for c in _data.split_rows(b, self.cfg.max_batch_tokens)):
-            out = self.module(b.input_ids, b.attention_mask, b.labels, np.asarray(1.0, np.float32))
+            out = self.module(b.input_ids, b.attention_mask, b.labels, np.asarray(1.0, np.float32), *extra)
             total += float(np.asarray(out).reshape(()))
             count += b.n_labels
         self.module.train()

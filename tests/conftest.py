@@ -56,3 +56,13 @@ def ort_env() -> Path:
     if subprocess.run([str(py), "-c", "import onnxruntime, numpy"], capture_output=True).returncode != 0:
         subprocess.run([str(py), "-m", "pip", "install", "--quiet", "onnxruntime>=1.20", "numpy"], check=True)
     return py
+
+
+@pytest.fixture(scope="session")
+def dora_bundle(tiny_model, tmp_path_factory) -> Path:
+    from edgetune.config import AdapterConfig
+    from edgetune.export import export
+
+    out = tmp_path_factory.mktemp("dora") / "b"
+    export(str(tiny_model), out, AdapterConfig(method="dora", rank=4, alpha=8, targets=("q_proj", "v_proj")))
+    return out

@@ -45,11 +45,3 @@ def test_targets_from_comma_string():
 def test_bad_type_is_reported():
     with pytest.raises(ConfigError, match="steps: cannot use 'ten'"):
         resolve(TrainConfig, None, steps="ten")
-
-
-def test_dora_export_is_refused_clearly(tiny_model, tmp_path):
-    from edgetune.export import export
-
-    with pytest.raises(ConfigError, match="--method dora cannot be exported yet"):
-        export(str(tiny_model), tmp_path / "b", AdapterConfig(method="dora"))
-    assert not (tmp_path / "b").exists()

@@ -1,0 +1,159 @@
+"""DoRA in the graphs: the weight norm is a graph input, computed outside the graph.
+
+DoRA scales each output row of ``W + s B A`` to a learned magnitude ``m``:
+``y = m / ||W + s B A|| * (x W^T + s x A^T B^T)``. PEFT (following the DoRA paper,
+section 4.3) treats the norm as a constant in the backward pass. ONNX has no stop-gradient,
+so edgetune's graphs take the norm as an input (``dora_norm.<module>``) and the caller
+computes it from the current weights: the trainer before every optimizer step, inference
+once when it loads an adapter. The gradient then flows exactly as in PEFT.
+
+The norm is computed without forming ``W + s B A``:
+``||W_o + s (BA)_o||^2 = ||W_o||^2 + 2 s (W A^T)_o . B_o + s^2 B_o (A A^T) B_o^T``.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+
+NORM_PREFIX = "dora_norm."
+
+
+@dataclass(frozen=True)
+class DoraModule:
+    """Graph names of one DoRA-adapted linear layer."""
+
+    path: str  # e.g. base_model.model.model.layers.0.self_attn.q_proj
+
+    @property
+    def a(self) -> str:
+        return f"{self.path}.lora_A.default.weight"
+
+    @property
+    def b(self) -> str:
+        return f"{self.path}.lora_B.default.weight"
+
+    @property
+    def magnitude(self) -> str:
+        return f"{self.path}.lora_magnitude_vector.default.weight"
+
+    @property
+    def base(self) -> str:
+        return f"{self.path}.base_layer.weight"
+
+    @property
+    def norm_input(self) -> str:
+        return NORM_PREFIX + self.path
+
+
+def modules(trainable: list[str]) -> list[DoraModule]:
+    """The DoRA layers among a bundle's trainable tensors, in graph order."""
+    suffix = ".lora_magnitude_vector.default.weight"
+    return [DoraModule(n[: -len(suffix)]) for n in trainable if n.endswith(suffix)]
+
+
+def row_norms(w: np.ndarray, a: np.ndarray, b: np.ndarray, scale: float, w_sq: np.ndarray | None = None) -> np.ndarray:
+    """``||W + scale * B @ A||`` per output row, float32, without building the full matrix.
+
+    ``w_sq`` is ``(W * W).sum(1)`` in float64 if already known (W is frozen while training).
+    """
+    a = a.astype(np.float32, copy=False)
+    b = b.astype(np.float32, copy=False)
+    if w_sq is None:
+        w_sq = weight_sq(w)
+    cross = np.einsum("ok,ok->o", w @ a.T, b, dtype=np.float64)
+    lora_sq = np.einsum("ok,ok->o", b @ (a @ a.T), b, dtype=np.float64)
+    sq = w_sq + 2.0 * scale * cross + scale * scale * lora_sq
+    return np.sqrt(np.maximum(sq, 0.0)).astype(np.float32)
+
+
+def weight_sq(w: np.ndarray) -> np.ndarray:
+    w64 = w.astype(np.float64, copy=False)
+    return np.einsum("oi,oi->o", w64, w64)
+
+
+def norms_feed(mods: list[DoraModule], base: Mapping[str, np.ndarray], tensors: Mapping[str, np.ndarray],
+               scale: float, w_sq: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Graph inputs ``dora_norm.*`` for the adapter ``tensors`` (keyed by graph name)."""
+    return {m.norm_input: row_norms(base[m.base], tensors[m.a], tensors[m.b], scale,
+                                    None if w_sq is None else w_sq[m.base]) for m in mods}
+
+
+def bundle_base_weights(b: Any, mods: list[DoraModule]) -> dict[str, np.ndarray]:
+    """The frozen base rows of each DoRA layer, read (memory-mapped) from the bundle's
+    inference weights through the manifest's index."""
+    by_graph = {e["graph_name"]: e for e in b.manifest["weights"].values()}
+    data = np.memmap(b.path("infer.onnx.data"), dtype=np.uint8, mode="r")
+    out = {}
+    for m in mods:
+        e = by_graph[m.base]
+        raw = data[e["offset"]: e["offset"] + e["length"]]
+        out[m.base] = np.frombuffer(raw, np.float32).reshape(e["shape"])
+    return out
+
+
+def feed_for_adapter(b: Any, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The ``dora_norm.*`` inputs of a bundle's inference graph for an adapter (graph names)."""
+    mods = modules(b.trainable)
+    if not mods:
+        return {}
+    return norms_feed(mods, bundle_base_weights(b, mods), tensors, b.adapter.scale)
+
+
+# -- export side (torch) -----------------------------------------------------------------------
+def torch_modules(peft_model: Any) -> list[tuple[str, Any]]:
+    """(graph path, PEFT LoraLayer) for every DoRA layer, graph paths as after strip_prefix."""
+    out = []
+    for name, mod in peft_model.named_modules():
+        mags = getattr(mod, "lora_magnitude_vector", None)
+        if mags is not None and "default" in mags:
+            out.append((name, mod))
+    return out
+
+
+@contextlib.contextmanager
+def norms_from_inputs(peft_model: Any) -> Iterator[list[tuple[str, Any]]]:
+    """While tracing, every DoRA layer takes its weight norm from ``layer._edgetune_norm``,
+    which the wrapper's forward sets from a graph input, instead of computing it."""
+    mods = torch_modules(peft_model)
+    patched = []
+    for _name, mod in mods:
+        dl = mod.lora_magnitude_vector["default"]
+        orig_norm, orig_lw = dl.get_weight_norm, dl.get_lora_weight
+
+        def get_weight_norm(weight, lora_weight, scaling, adapter_name=None, _dl=dl):  # noqa: ANN001
+            return _dl._edgetune_norm
+
+        def get_lora_weight(lora_A, lora_B, adapter_name=None):  # noqa: ANN001, N803
+            return lora_A.weight.new_zeros(())  # only fed to the norm, which is an input now
+
+        dl.get_weight_norm, dl.get_lora_weight = get_weight_norm, get_lora_weight
+        patched.append((dl, orig_norm, orig_lw))
+    try:
+        yield mods
+    finally:
+        for dl, orig_norm, orig_lw in patched:
+            dl.get_weight_norm, dl.get_lora_weight = orig_norm, orig_lw
+            if hasattr(dl, "_edgetune_norm"):
+                del dl._edgetune_norm
+
+
+def set_norms(mods: list[tuple[str, Any]], norms: tuple[Any, ...]) -> None:
+    for (_name, mod), n in zip(mods, norms):
+        mod.lora_magnitude_vector["default"]._edgetune_norm = n
+
+
+def initial_norms(mods: list[tuple[str, Any]]) -> list[Any]:
+    """The norms of the weights as they are now (B = 0 at init: the base rows' norms)."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for _name, mod in mods:
+            w = mod.base_layer.weight.detach().float().numpy()
+            a = mod.lora_A["default"].weight.detach().float().numpy()
+            b = mod.lora_B["default"].weight.detach().float().numpy()
+            out.append(torch.from_numpy(row_norms(w, a, b, float(mod.scaling["default"]))))
+    return out
