@@ -103,3 +103,45 @@ def test_pack_is_small_and_loads_in_the_app_runtime(real_bundle, real_run, tmp_p
     base = infer.Model.open(real_bundle).logits(ids, np.ones_like(ids))
     assert np.abs(got["base"] - base).max() < 1e-3 * np.abs(base).max()
     assert np.abs(got["tickets"] - want).max() < 2e-2 * np.abs(want).max()  # float16 adapter
+
+
+@pytest.fixture(scope="module")
+def dora_real(tmp_path_factory):
+    from edgetune.export import export
+
+    root = tmp_path_factory.mktemp("real-dora")
+    export(models.DEFAULT_MODEL, root / "bundle",
+           AdapterConfig(method="dora", rank=8, alpha=16, targets=("q_proj", "k_proj", "v_proj", "o_proj")))
+    trainer.train(root / "bundle", SAMPLE_DATA, root / "run", steps=15, batch_size=4, lr=1e-3, warmup=3,
+                  progress=False, log=lambda s: None)
+    return root / "bundle", root / "run"
+
+
+def test_dora_on_the_real_model(dora_real, tmp_path):
+    """DoRA fine-tunes the real model; PEFT reads the adapter and agrees; the merged model equals it."""
+    torch = pytest.importorskip("torch")
+    from peft import PeftModel
+
+    from edgetune import fuse
+    from edgetune.export import load_model
+
+    bundle, run = dora_real
+    test = SAMPLE_DATA / "test.jsonl"
+    tuned = infer.Model.open(bundle, adapter=run)
+    before = infer.evaluate(bundle, test)["loss"]
+    after = infer.evaluate(bundle, test, model=tuned)["loss"]
+    assert after < 0.5 * before, (before, after)
+
+    path, _ = models.resolve_model(models.DEFAULT_MODEL)
+    hf, tok = load_model(path)
+    pm = PeftModel.from_pretrained(hf, run / "adapter").eval()
+    text = tok.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True)
+    ids = np.asarray([tok(text, add_special_tokens=False)["input_ids"]], np.int64)
+    ours = tuned.logits(ids, np.ones_like(ids))
+    with torch.no_grad():
+        theirs = pm(input_ids=torch.from_numpy(ids)).logits.numpy()
+    assert np.abs(ours - theirs).max() < 2e-3 * np.abs(theirs).max()
+
+    fuse.merge(bundle, [run], tmp_path / "merged")
+    merged = infer.Model.open(tmp_path / "merged").logits(ids, np.ones_like(ids))
+    assert np.abs(merged - ours).max() < 1e-3 * np.abs(ours).max()
