@@ -143,3 +143,21 @@ def test_resume_continues_a_dora_run(dora_bundle, chat_data, tmp_path):
     a, b = peft_io.load(tmp_path / "full")[1], peft_io.load(tmp_path / "part")[1]
     for k in a:
         np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-7)
+
+
+def test_peft_dora_adapter_imports_and_runs(tiny_model, dora_bundle, tmp_path):
+    """A DoRA adapter saved by PEFT itself (file layout and all) imports and gives PEFT's logits."""
+    from edgetune.export import inject_adapter, load_model
+    from edgetune.infer import Model
+    from edgetune.pack import import_peft
+
+    pm = inject_adapter(load_model(tiny_model)[0], CFG)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    pm.save_pretrained(tmp_path / "peft")
+    run = import_peft(tmp_path / "peft", dora_bundle, tmp_path / "run")
+    ours = Model.open(dora_bundle, adapter=run).logits(IDS, np.ones_like(IDS))
+    np.testing.assert_allclose(ours, _torch_logits(tiny_model, tmp_path / "peft", IDS), atol=1e-5)
