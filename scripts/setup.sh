@@ -10,5 +10,5 @@ fi
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
 # The CPU build of torch first: an unpinned torch would pull a CUDA build of several GB.
 "$VENV/bin/python" -m pip install --quiet "torch==2.13.0"
-"$VENV/bin/python" -m pip install --quiet -e ".[export,test]"
+"$VENV/bin/python" -m pip install --quiet -e ".[export,test,federated]"
 "$VENV/bin/edgetune" --version
