@@ -373,8 +373,9 @@ def _export(model: str | os.PathLike | None, out: Path, cfg: AdapterConfig, log:
         _save_external(tmp / "infer.onnx", "infer.onnx.data")
         index = graphs.weights_index(tmp / "infer.onnx", hf_names)
         graphs.merge_template(tmp / "infer.onnx", tmp / "merge_template.onnx", trainable, "model.onnx.data")
-        if cfg.method == "lora":
-            graphs.app_base_templates(tmp / "infer.onnx", tmp, trainable, "base.onnx.data")
+        # DoRA's norms are adapter inputs too: an app feeds the ones packed with the adapter.
+        norm_inputs = [m.norm_input for m in dora.modules(trainable)]
+        graphs.app_base_templates(tmp / "infer.onnx", tmp, trainable + norm_inputs, "base.onnx.data")
         _io.write_json(tmp / "hf_config.json", hf.config.to_dict())
         tok_meta = _write_tokenizer(tok, tmp)
         manifest = _bundle.make_manifest(

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import __version__, _io, bundle as _bundle, peft_io
+from . import __version__, _io, bundle as _bundle, dora, peft_io
 from .errors import BundleError, ConfigError
 from .infer import check_adapter_matches
 
@@ -122,9 +122,6 @@ def pack(run: str | Path, bundle: str | Path, out: str | Path, dtype: str = "flo
         raise ConfigError(f"dtype must be float16 or float32, got {dtype!r}")
     t0 = time.time()
     b = _bundle.load(bundle)
-    if b.adapter.method != "lora":
-        raise ConfigError(f"packing {b.adapter.method} adapters for apps is not supported yet (app base graphs are "
-                          "built for LoRA); fold the adapter into the model instead: edgetune merge BUNDLE RUN --out DIR")
     template = b.path("app_base_f16.onnx" if dtype == "float16" else "app_base.onnx")
     if not template.is_file():
         raise BundleError(f"bundle {b.root} has no {template.name}; re-export it with this edgetune")
@@ -139,11 +136,12 @@ def pack(run: str | Path, bundle: str | Path, out: str | Path, dtype: str = "flo
         manifest = _write_base(b, template, out, dtype)
     if ort_format and "base.ort" not in manifest["files"]:
         manifest["files"]["base.ort"] = _write_ort_format(out)
+    graph = {peft_io.to_graph_name(k, b.trainable): v.astype(np.float32) for k, v in tensors.items()}
+    # DoRA: the row norms of W + s B A, which the graph takes as inputs, travel with the adapter.
+    graph.update(dora.feed_for_adapter(b, graph))
     params = []
-    for peft_name, arr in sorted(tensors.items()):
-        g = peft_io.to_graph_name(peft_name, b.trainable)
-        arr = arr.astype(np.float32)
-        if ".lora_B." in peft_name:
+    for g, arr in sorted(graph.items()):
+        if ".lora_B." in g:
             arr = arr * np.float32(b.adapter.scale)  # fold the LoRA scale in
         params.append((g, arr.astype(np.float16 if dtype == "float16" else np.float32)))
     blob = write_adapter(params)
@@ -187,7 +185,8 @@ def _write_base(b: _bundle.Bundle, template: Path, out: Path, dtype: str) -> dic
     return {"format": FORMAT, "kind": "edgetune-app", "edgetune_version": __version__, "base": _base_entry(b, dtype),
             "base_sha256": files["base.onnx"], "base_data_sha256": files["base.onnx.data"],
             "tokenizer_sha256": files.get("tokenizer.json"), "files": files,
-            "base_inputs": b.trainable, "infer": b.manifest["infer"], "adapters": {}}
+            "base_inputs": b.trainable + [m.norm_input for m in dora.modules(b.trainable)],
+            "infer": b.manifest["infer"], "adapters": {}}
 
 
 def _write_ort_format(out: Path) -> str:

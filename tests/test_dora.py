@@ -123,15 +123,37 @@ def test_merged_model_matches_peft(fmt, tiny_model, dora_bundle, dora_run, tmp_p
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
-def test_blends_and_packing_are_refused_clearly(dora_bundle, dora_run, tmp_path):
+def test_blends_are_refused_clearly(dora_bundle, dora_run, tmp_path):
     from edgetune.fuse import merge
-    from edgetune.pack import pack
 
     with pytest.raises(ConfigError, match="DoRA adapters merge one at a time"):
         merge(dora_bundle, [dora_run, dora_run], tmp_path / "m", weights=[0.5, 0.5])
-    with pytest.raises(ConfigError, match="packing dora adapters for apps is not supported yet"):
-        pack(dora_run, dora_bundle, tmp_path / "app")
-    assert not (tmp_path / "m").exists() and not (tmp_path / "app").exists()
+    assert not (tmp_path / "m").exists()
+
+
+def test_packed_adapter_runs_in_the_app_runtime(tiny_model, dora_bundle, dora_run, tmp_path, ort_env):
+    """The app base takes DoRA's norms as adapter inputs; the adapter file carries them."""
+    import os
+    import subprocess
+
+    from conftest import ROOT
+    from edgetune import pack
+    from edgetune.infer import Model
+
+    app = tmp_path / "app"
+    pack.pack(dora_run, dora_bundle, app, name="dora")
+    assert pack.verify(app)["tensors_checked"] == 16  # A, B, magnitude and norm for 4 layers
+    params = pack.read_adapter((app / "dora.onnx_adapter").read_bytes())["parameters"]
+    assert sum(k.startswith(dora.NORM_PREFIX) for k in params) == 4
+    np.save(tmp_path / "ids.npy", IDS)
+    p = subprocess.run([str(ort_env), str(ROOT / "tests" / "app_consumer.py"), str(app), str(tmp_path / "ids.npy"),
+                        str(tmp_path / "out.npz")], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""})
+    assert p.returncode == 0, p.stderr
+    got = np.load(tmp_path / "out.npz")
+    np.testing.assert_allclose(got["base"], _torch_logits(tiny_model, None, IDS), atol=1e-4)
+    want = Model.open(dora_bundle, adapter=dora_run).logits(IDS, np.ones_like(IDS))
+    np.testing.assert_allclose(got["dora"], want, atol=2e-3, rtol=2e-3)  # float16 adapter
+    assert np.abs(got["dora"] - got["base"]).max() > 1e-2
 
 
 def test_resume_continues_a_dora_run(dora_bundle, chat_data, tmp_path):
