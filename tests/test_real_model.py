@@ -145,3 +145,26 @@ def test_dora_on_the_real_model(dora_real, tmp_path):
     fuse.merge(bundle, [run], tmp_path / "merged")
     merged = infer.Model.open(tmp_path / "merged").logits(ids, np.ones_like(ids))
     assert np.abs(merged - ours).max() < 1e-3 * np.abs(ours).max()
+
+
+def test_dora_pack_runs_in_the_app_runtime(dora_real, tmp_path, ort_env):
+    import os
+    import subprocess
+
+    from edgetune import pack
+    from test_pack import ROOT
+
+    bundle, run = dora_real
+    r = pack.pack(run, bundle, tmp_path / "app", name="tickets")
+    assert r["bytes"] < 2 * 2**20, r
+    assert pack.verify(tmp_path / "app")["tensors_checked"] == 120 * 4
+    ids = np.asarray([list(range(100, 130))], np.int64)
+    np.save(tmp_path / "ids.npy", ids)
+    p = subprocess.run([str(ort_env), str(ROOT / "tests" / "app_consumer.py"), str(tmp_path / "app"),
+                        str(tmp_path / "ids.npy"), str(tmp_path / "out.npz")], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": ""})
+    assert p.returncode == 0, p.stderr
+    got = np.load(tmp_path / "out.npz")
+    want = infer.Model.open(bundle, adapter=run).logits(ids, np.ones_like(ids))
+    assert np.abs(got["tickets"] - want).max() < 2e-2 * np.abs(want).max()  # float16 adapter
+    assert (got["tickets"][0].argmax(-1) == want[0].argmax(-1)).mean() > 0.95
