@@ -290,6 +290,26 @@ def export_infer_graph(peft_model: Any, path: Path, adapter_names: list[str]) ->
             "outputs": outs}
 
 
+@contextlib.contextmanager
+def _quiet_graph_builder() -> Iterator[None]:
+    """ORT's artifact generator optimizes the graph with default SessionOptions, whose
+    logger prints every graph transformer at INFO level; give it options that log errors only."""
+    from onnxruntime import SessionOptions
+    from onnxruntime.training.onnxblock import _training_graph_utils as tgu
+
+    def quiet_options() -> Any:
+        so = SessionOptions()
+        so.log_severity_level = 3
+        return so
+
+    original = tgu.SessionOptions
+    tgu.SessionOptions = quiet_options
+    try:
+        yield
+    finally:
+        tgu.SessionOptions = original
+
+
 def build_artifacts(train_onnx: Path, trainable: list[str], out: Path) -> None:
     """Run ORT's artifact generator: AdamW, only ``trainable`` get gradients."""
     import onnx
@@ -303,10 +323,11 @@ def build_artifacts(train_onnx: Path, trainable: list[str], out: Path) -> None:
     if missing:
         raise ModelError(f"trainable weights not found in the exported graph: {missing[:3]}")
     frozen = sorted(names - set(trainable))
-    artifacts.generate_artifacts(
-        proto, requires_grad=trainable, frozen_params=frozen, loss=None,
-        optimizer=artifacts.OptimType.AdamW, artifact_directory=str(out),
-    )
+    with _quiet_graph_builder():
+        artifacts.generate_artifacts(
+            proto, requires_grad=trainable, frozen_params=frozen, loss=None,
+            optimizer=artifacts.OptimType.AdamW, artifact_directory=str(out),
+        )
     graphs.torch_adamw(out / "optimizer_model.onnx")
     eval_path = out / "eval_model.onnx"
     ev = onnx.load(str(eval_path))

@@ -45,3 +45,12 @@ def test_targets_from_comma_string():
 def test_bad_type_is_reported():
     with pytest.raises(ConfigError, match="steps: cannot use 'ten'"):
         resolve(TrainConfig, None, steps="ten")
+
+
+def test_export_does_not_flood_the_terminal(tiny_model, tmp_path, capfd):
+    """ORT's graph builder logs every transformer at INFO level unless told otherwise."""
+    from edgetune.export import export
+
+    export(str(tiny_model), tmp_path / "b", AdapterConfig(rank=2, targets=("q_proj",)))
+    err = capfd.readouterr().err
+    assert "I:onnxruntime" not in err and "W:onnxruntime" not in err, err[-2000:]
