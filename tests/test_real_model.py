@@ -82,23 +82,28 @@ def test_merged_model_equals_adapter_on_the_real_model(real_bundle, real_run, tm
     assert np.abs(merged - adapter).max() < 1e-3 * np.abs(adapter).max()
 
 
-def test_pack_is_small_and_loads_in_the_app_runtime(real_bundle, real_run, tmp_path, ort_env):
+def _packed_and_run_in_app_runtime(bundle, run, tmp_path, ort_env, tensors):
+    """Pack ``run``, verify it, run it in the app runtime's own venv; the logits it got, and the ids."""
     import os
     import subprocess
 
     from edgetune import pack
     from test_pack import ROOT
 
-    r = pack.pack(real_run, real_bundle, tmp_path / "app", name="tickets")
+    r = pack.pack(run, bundle, tmp_path / "app", name="tickets")
     assert r["bytes"] < 2 * 2**20, r
-    assert pack.verify(tmp_path / "app")["tensors_checked"] == 240
+    assert pack.verify(tmp_path / "app")["tensors_checked"] == tensors
     ids = np.asarray([list(range(100, 130))], np.int64)
     np.save(tmp_path / "ids.npy", ids)
     p = subprocess.run([str(ort_env), str(ROOT / "tests" / "app_consumer.py"), str(tmp_path / "app"),
                         str(tmp_path / "ids.npy"), str(tmp_path / "out.npz")], capture_output=True, text=True,
                        env={**os.environ, "PYTHONPATH": ""})
     assert p.returncode == 0, p.stderr
-    got = np.load(tmp_path / "out.npz")
+    return np.load(tmp_path / "out.npz"), ids
+
+
+def test_pack_is_small_and_loads_in_the_app_runtime(real_bundle, real_run, tmp_path, ort_env):
+    got, ids = _packed_and_run_in_app_runtime(real_bundle, real_run, tmp_path, ort_env, tensors=240)
     want = infer.Model.open(real_bundle, adapter=real_run).logits(ids, np.ones_like(ids))
     base = infer.Model.open(real_bundle).logits(ids, np.ones_like(ids))
     assert np.abs(got["base"] - base).max() < 1e-3 * np.abs(base).max()
@@ -148,23 +153,8 @@ def test_dora_on_the_real_model(dora_real, tmp_path):
 
 
 def test_dora_pack_runs_in_the_app_runtime(dora_real, tmp_path, ort_env):
-    import os
-    import subprocess
-
-    from edgetune import pack
-    from test_pack import ROOT
-
     bundle, run = dora_real
-    r = pack.pack(run, bundle, tmp_path / "app", name="tickets")
-    assert r["bytes"] < 2 * 2**20, r
-    assert pack.verify(tmp_path / "app")["tensors_checked"] == 120 * 4
-    ids = np.asarray([list(range(100, 130))], np.int64)
-    np.save(tmp_path / "ids.npy", ids)
-    p = subprocess.run([str(ort_env), str(ROOT / "tests" / "app_consumer.py"), str(tmp_path / "app"),
-                        str(tmp_path / "ids.npy"), str(tmp_path / "out.npz")], capture_output=True, text=True,
-                       env={**os.environ, "PYTHONPATH": ""})
-    assert p.returncode == 0, p.stderr
-    got = np.load(tmp_path / "out.npz")
+    got, ids = _packed_and_run_in_app_runtime(bundle, run, tmp_path, ort_env, tensors=120 * 4)
     want = infer.Model.open(bundle, adapter=run).logits(ids, np.ones_like(ids))
     assert np.abs(got["tickets"] - want).max() < 2e-2 * np.abs(want).max()  # float16 adapter
     assert (got["tickets"][0].argmax(-1) == want[0].argmax(-1)).mean() > 0.95
