@@ -142,7 +142,11 @@ def _strategy(name: str, min_nodes: int) -> Any:
     cls = classes.get(name.lower())
     if cls is None:
         raise ConfigError(f"unknown strategy {name!r}; Flower has: {', '.join(sorted(classes))}")
-    return cls(fraction_train=1.0, fraction_evaluate=0.0, min_available_nodes=min_nodes, min_train_nodes=min_nodes)
+    try:
+        return cls(fraction_train=1.0, fraction_evaluate=0.0, min_available_nodes=min_nodes, min_train_nodes=min_nodes)
+    except TypeError as e:
+        raise ConfigError(f"strategy {name!r} cannot be built from edgetune's settings ({e}); "
+                          "use one of the FedAvg family (fedavg, fedprox, fedadam, fedyogi, fedadagrad, fedavgm, ...)") from None
 
 
 def _make_server_app() -> Any:

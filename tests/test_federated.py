@@ -72,3 +72,10 @@ def test_two_devices_federated_average(tiny_bundle, chat_data, tmp_path):
     assert np.isfinite(infer.Model.open(tiny_bundle, adapter=out).logits(ids, np.ones_like(ids))).all()
     meta = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert meta["r"] == 4
+
+
+def test_strategies_by_name():
+    assert type(federated._strategy("FedAvg", 2)).__name__ == "FedAvg"
+    assert type(federated._strategy("fedadam", 3)).__name__ == "FedAdam"
+    with pytest.raises(ConfigError, match="unknown strategy 'fedmagic'; Flower has: .*fedavg"):
+        federated._strategy("fedmagic", 2)
