@@ -63,7 +63,8 @@ struct Prepared {
   DType dt;
 };
 
-// Checks every array and packs the adapters (edgetune::pack) in the column order of `order`.
+// Checks every array and packs the adapters (edgetune::pack): in the column order of W's dtype,
+// or of float32 when `f32_order` (DoRA merges through a float32 buffer).
 // float32 adapters are read in place; float16 ones are widened first.
 Prepared prepare(AnyArray w, const std::vector<AnyArray>& as, const std::vector<AnyArray>& bs,
                  const std::vector<double>& coefs, const std::string& kind, const std::string& name, bool f32_order) {
