@@ -1,0 +1,631 @@
+"""Reverse-mode differentiation of exported ONNX graphs into standard ONNX ops (workstation side).
+
+The exporter emits a small op set (MatMul, elementwise arithmetic, Softmax, reshapes,
+slices, one Gather of labelled rows, SoftmaxCrossEntropyLoss). For each op the rules below
+write its backward pass in ops that every current ONNX Runtime build runs (plus
+``com.microsoft.FusedMatMul``, which the standard CPU build registers), so training needs
+no onnxruntime-training package. Only nodes on a path from a trainable tensor to the loss
+are differentiated; frozen weights get no gradient.
+
+Broadcast axes are found by running the forward graph on two probe batches of different
+shapes (a dimension that is 1 in both, where the output's is not, was broadcast): ONNX's
+symbolic shape inference cannot tell that two unknown dimensions are the same.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from .errors import ModelError
+
+FLOATS = {1, 10, 11, 16}  # float, float16, double, bfloat16
+MS = "com.microsoft"
+
+
+@dataclass
+class TrainingGraph:
+    """The joint forward-backward graph and the names the runtime feeds and fetches."""
+
+    model: Any                   # onnx.ModelProto
+    params: list[str]            # trainable tensors, graph inputs in this order
+    grads: list[str]             # their gradient outputs, same order
+    initial: dict[str, np.ndarray]
+
+
+def grad_name(param: str) -> str:
+    return param + "_grad"
+
+
+# -- graph preparation ------------------------------------------------------------------
+
+def fuse_transposed_weights(proto: Any) -> int:
+    """``MatMul(X, Transpose(W))`` with a 2-D constant or input ``W`` becomes
+    ``FusedMatMul(X, W, transB=1)``: no transposed copy of a frozen weight is ever built."""
+    from onnx import helper
+
+    g = proto.graph
+    inits = {i.name: i for i in g.initializer}
+    inputs = {i.name for i in g.input}
+    producers = {o: n for n in g.node for o in n.output}
+    uses: dict[str, int] = {}
+    for n in g.node:
+        for i in n.input:
+            uses[i] = uses.get(i, 0) + 1
+    count, drop = 0, set()
+    for idx, node in enumerate(g.node):
+        if node.op_type != "MatMul":
+            continue
+        t = producers.get(node.input[1])
+        if t is None or t.op_type != "Transpose" or uses.get(t.output[0], 0) != 1:
+            continue
+        w = t.input[0]
+        perm = [list(a.ints) for a in t.attribute if a.name == "perm"]
+        rank2 = (w in inits and len(inits[w].dims) == 2) or w in inputs
+        if not rank2 or perm not in ([[1, 0]], []):
+            continue
+        g.node[idx].CopyFrom(helper.make_node("FusedMatMul", [node.input[0], w], list(node.output),
+                                              name=node.name or f"fused_{idx}", domain=MS, transB=1, alpha=1.0))
+        drop.add(id(t))
+        count += 1
+    keep = [n for n in g.node if id(n) not in drop]
+    del g.node[:]
+    g.node.extend(keep)
+    if count and not any(o.domain == MS for o in proto.opset_import):
+        proto.opset_import.append(helper.make_opsetid(MS, 1))
+    return count
+
+
+def elem_types(proto: Any) -> dict[str, int]:
+    """Element type of every tensor, by ONNX shape inference (run before contrib ops appear)."""
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)}
+    types.update({i.name: i.data_type for i in proto.graph.initializer})
+    return types
+
+
+def probe_shapes(proto: Any, feeds: Sequence[dict[str, np.ndarray]],
+                 types: dict[str, int]) -> tuple[dict[str, list[tuple]], dict[str, np.ndarray]]:
+    """Run the forward graph on each feed with every intermediate exposed; return the
+    concrete shapes of each tensor (one per feed) and the small integer tensors whose value
+    is the same for every feed (slice bounds computed from static dimensions)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(proto)
+    have = {o.name for o in probe.graph.output}
+    names = []
+    for node in probe.graph.node:
+        for o in node.output:
+            if o and o not in have and types.get(o, 0):
+                probe.graph.output.append(helper.make_tensor_value_info(o, types[o], None))
+                names.append(o)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    outs = [o.name for o in sess.get_outputs()]
+    shapes: dict[str, list[tuple]] = {}
+    seen: dict[str, list[np.ndarray]] = {}
+    for feed in feeds:
+        for name, val in zip(outs, sess.run(outs, feed)):
+            shapes.setdefault(name, []).append(tuple(np.shape(val)))
+            if val.dtype.kind == "i" and val.size <= 16:
+                seen.setdefault(name, []).append(val)
+        for name, val in feed.items():
+            shapes.setdefault(name, []).append(tuple(np.shape(val)))
+    for init in proto.graph.initializer:
+        shapes[init.name] = [tuple(init.dims)] * len(feeds)
+    fixed = {k: v[0] for k, v in seen.items()
+             if len(v) == len(feeds) and all(x.shape == v[0].shape and (x == v[0]).all() for x in v)}
+    return shapes, fixed
+
+
+# -- the builder -------------------------------------------------------------------------
+
+class _Builder:
+    """Emits backward nodes; ``shapes`` holds each tensor's probed shapes."""
+
+    def __init__(self, proto: Any, shapes: dict[str, list[tuple]], types: dict[str, int],
+                 fixed: dict[str, np.ndarray]) -> None:
+        self.proto = proto
+        self.fixed = fixed
+        self.shapes = shapes
+        self.types = types
+        self.nodes: list[Any] = []
+        self.inits: list[Any] = []
+        self._n = 0
+        self._consts: dict[tuple, str] = {}
+
+    def fresh(self, hint: str) -> str:
+        self._n += 1
+        return f"grad/{hint}_{self._n}"
+
+    def op(self, op_type: str, inputs: Sequence[str], hint: str = "", domain: str = "", n_out: int = 1,
+           **attrs: Any) -> Any:
+        from onnx import helper
+
+        outs = [self.fresh(hint or op_type) for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=outs[0] + "/node", domain=domain, **attrs))
+        return outs[0] if n_out == 1 else outs
+
+    def const(self, value: Any, dtype: Any = np.float32) -> str:
+        from onnx import numpy_helper
+
+        arr = np.asarray(value, dtype=dtype)
+        key = (arr.dtype.str, arr.shape, arr.tobytes())
+        if key not in self._consts:
+            name = self.fresh("const")
+            self.inits.append(numpy_helper.from_array(arr, name))
+            self._consts[key] = name
+        return self._consts[key]
+
+    def rank(self, name: str) -> int:
+        return len(self.shape(name)[0])
+
+    def shape(self, name: str) -> list[tuple]:
+        if name not in self.shapes:
+            raise ModelError(f"autodiff: no probed shape for {name}")
+        return self.shapes[name]
+
+    def static_dim(self, name: str, axis: int) -> Optional[int]:
+        dims = {s[axis] for s in self.shape(name)}
+        return dims.pop() if len(dims) == 1 else None
+
+    def unbroadcast(self, g: str, x: str, y: str) -> str:
+        """Sum ``g`` (shaped like ``y``) over the axes that ``x`` was broadcast along."""
+        xs, ys = self.shape(x), self.shape(y)
+        rx, ry = len(xs[0]), len(ys[0])
+        axes = list(range(ry - rx))
+        for i in range(rx):
+            j = i + ry - rx
+            if all(sx[i] == 1 for sx in xs) and not all(sy[j] == 1 for sy in ys):
+                axes.append(j)
+            elif any(sx[i] != sy[j] for sx, sy in zip(xs, ys)):
+                raise ModelError(f"autodiff: cannot tell how {x} broadcasts into {y} ({xs} -> {ys})")
+        if not axes:
+            return g
+        keep = self.op("ReduceSum", [g, self.const(axes, np.int64)], keepdims=1)
+        if ry == rx:
+            return keep
+        return self.op("Reshape", [keep, self.op("Shape", [x])])
+
+    def like(self, g: str, x: str) -> str:
+        return self.op("Reshape", [g, self.op("Shape", [x])])
+
+
+def _attr(node: Any, name: str, default: Any = None) -> Any:
+    from onnx import helper
+
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _const_value(b: "_Builder", name: str) -> Optional[np.ndarray]:
+    """A tensor's value if it is a constant, or an integer tensor the same in every probe."""
+    from onnx import numpy_helper
+
+    if name in b.fixed:
+        return b.fixed[name]
+    proto = b.proto
+    for i in proto.graph.initializer:
+        if i.name == name:
+            return numpy_helper.to_array(i)
+    for n in proto.graph.node:
+        if n.op_type == "Constant" and n.output[0] == name:
+            return numpy_helper.to_array(_attr(n, "value"))
+    return None
+
+
+# -- gradient rules: (builder, node, output grads, wanted inputs) -> input grads ----------------
+
+Rule = Callable[[_Builder, Any, list, list], list]
+RULES: dict[str, Rule] = {}
+
+
+def rule(*ops: str) -> Callable[[Rule], Rule]:
+    def deco(fn: Rule) -> Rule:
+        for op in ops:
+            RULES[op] = fn
+        return fn
+    return deco
+
+
+@rule("Identity", "Cast")
+def _identity(b: _Builder, n: Any, gy: list, want: list) -> list:
+    if n.op_type == "Cast" and b.types.get(n.input[0]) != b.types.get(n.output[0]):
+        return [b.op("Cast", [gy[0]], to=b.types[n.input[0]])]
+    return [gy[0]]
+
+
+@rule("Add", "Sub")
+def _add(b: _Builder, n: Any, gy: list, want: list) -> list:
+    y = n.output[0]
+    ga = b.unbroadcast(gy[0], n.input[0], y) if want[0] else None
+    gb = None
+    if want[1]:
+        g = gy[0] if n.op_type == "Add" else b.op("Neg", [gy[0]])
+        gb = b.unbroadcast(g, n.input[1], y)
+    return [ga, gb]
+
+
+@rule("Mul")
+def _mul(b: _Builder, n: Any, gy: list, want: list) -> list:
+    x0, x1, y = n.input[0], n.input[1], n.output[0]
+    ga = b.unbroadcast(b.op("Mul", [gy[0], x1]), x0, y) if want[0] else None
+    gb = b.unbroadcast(b.op("Mul", [gy[0], x0]), x1, y) if want[1] else None
+    return [ga, gb]
+
+
+@rule("Div")
+def _div(b: _Builder, n: Any, gy: list, want: list) -> list:
+    x0, x1, y = n.input[0], n.input[1], n.output[0]
+    ga = b.unbroadcast(b.op("Div", [gy[0], x1]), x0, y) if want[0] else None
+    gb = None
+    if want[1]:  # d(a/b)/db = -y/b
+        gb = b.unbroadcast(b.op("Neg", [b.op("Div", [b.op("Mul", [gy[0], y]), x1])]), x1, y)
+    return [ga, gb]
+
+
+@rule("Neg")
+def _neg(b: _Builder, n: Any, gy: list, want: list) -> list:
+    return [b.op("Neg", [gy[0]])]
+
+
+@rule("Pow")
+def _pow(b: _Builder, n: Any, gy: list, want: list) -> list:
+    if want[1]:
+        raise ModelError("autodiff: gradient of Pow with respect to its exponent is not supported")
+    e = _const_value(b, n.input[1])
+    if e is None or e.size != 1:
+        raise ModelError("autodiff: Pow needs a constant scalar exponent")
+    p = float(e.reshape(()))
+    x = n.input[0]
+    if p == 2.0:
+        d = b.op("Mul", [x, b.const(2.0)])
+    else:
+        d = b.op("Mul", [b.op("Pow", [x, b.const(p - 1.0)]), b.const(p)])
+    return [b.op("Mul", [gy[0], d]), None]
+
+
+@rule("Sqrt")
+def _sqrt(b: _Builder, n: Any, gy: list, want: list) -> list:
+    return [b.op("Div", [b.op("Mul", [gy[0], b.const(0.5)]), n.output[0]])]
+
+
+@rule("Reciprocal")
+def _reciprocal(b: _Builder, n: Any, gy: list, want: list) -> list:
+    y = n.output[0]
+    return [b.op("Neg", [b.op("Mul", [gy[0], b.op("Mul", [y, y])])])]
+
+
+@rule("Exp")
+def _exp(b: _Builder, n: Any, gy: list, want: list) -> list:
+    return [b.op("Mul", [gy[0], n.output[0]])]
+
+
+@rule("Log")
+def _log(b: _Builder, n: Any, gy: list, want: list) -> list:
+    return [b.op("Div", [gy[0], n.input[0]])]
+
+
+@rule("Tanh")
+def _tanh(b: _Builder, n: Any, gy: list, want: list) -> list:
+    y = n.output[0]
+    return [b.op("Mul", [gy[0], b.op("Sub", [b.const(1.0), b.op("Mul", [y, y])])])]
+
+
+@rule("Sigmoid")
+def _sigmoid(b: _Builder, n: Any, gy: list, want: list) -> list:
+    y = n.output[0]
+    return [b.op("Mul", [gy[0], b.op("Mul", [y, b.op("Sub", [b.const(1.0), y])])])]
+
+
+@rule("Softmax")
+def _softmax(b: _Builder, n: Any, gy: list, want: list) -> list:
+    y = n.output[0]
+    axis = _attr(n, "axis", -1)
+    gyy = b.op("Mul", [gy[0], y])
+    s = b.op("ReduceSum", [gyy, b.const([axis], np.int64)], keepdims=1)
+    return [b.op("Sub", [gyy, b.op("Mul", [y, s])])]
+
+
+@rule("ReduceMean", "ReduceSum")
+def _reduce(b: _Builder, n: Any, gy: list, want: list) -> list:
+    x = n.input[0]
+    axes = _attr(n, "axes")
+    if axes is None and len(n.input) > 1 and n.input[1]:
+        v = _const_value(b, n.input[1])
+        if v is None:
+            raise ModelError(f"autodiff: {n.op_type} needs constant axes")
+        axes = v.tolist()
+    r = b.rank(x)
+    axes = sorted(a % r for a in (axes if axes is not None else range(r)))
+    g = gy[0]
+    if not _attr(n, "keepdims", 1):
+        g = b.op("Unsqueeze", [g, b.const(axes, np.int64)])
+    g = b.op("Expand", [g, b.op("Shape", [x])])
+    if n.op_type == "ReduceMean":
+        counts = {int(np.prod([s[a] for a in axes])) for s in b.shape(x)}
+        if len(counts) == 1:
+            g = b.op("Mul", [g, b.const(1.0 / counts.pop())])
+        else:
+            dims = b.op("Gather", [b.op("Shape", [x]), b.const(axes, np.int64)], axis=0)
+            count = b.op("Cast", [b.op("ReduceProd", [dims], keepdims=0)], to=1)
+            g = b.op("Div", [g, count])
+    return [g] + [None] * (len(n.input) - 1)
+
+
+@rule("Reshape", "Flatten", "Squeeze", "Unsqueeze")
+def _reshape(b: _Builder, n: Any, gy: list, want: list) -> list:
+    return [b.like(gy[0], n.input[0])] + [None] * (len(n.input) - 1)
+
+
+@rule("Expand")
+def _expand(b: _Builder, n: Any, gy: list, want: list) -> list:
+    return [b.unbroadcast(gy[0], n.input[0], n.output[0]), None]
+
+
+@rule("Transpose")
+def _transpose(b: _Builder, n: Any, gy: list, want: list) -> list:
+    perm = _attr(n, "perm") or list(reversed(range(b.rank(n.input[0]))))
+    inv = [0] * len(perm)
+    for i, p in enumerate(perm):
+        inv[p] = i
+    return [b.op("Transpose", [gy[0]], perm=inv)]
+
+
+@rule("Concat")
+def _concat(b: _Builder, n: Any, gy: list, want: list) -> list:
+    axis = _attr(n, "axis") % b.rank(n.output[0])
+    sizes = [b.static_dim(i, axis) for i in n.input]
+    if all(s is not None for s in sizes):
+        split = b.const(sizes, np.int64)
+    else:
+        split = b.op("Concat", [b.op("Gather", [b.op("Shape", [i]), b.const([axis], np.int64)], axis=0)
+                                for i in n.input], axis=0)
+    parts = b.op("Split", [gy[0], split], n_out=len(n.input), axis=axis)
+    parts = parts if isinstance(parts, list) else [parts]
+    return [p if w else None for p, w in zip(parts, want)]
+
+
+@rule("Slice")
+def _slice(b: _Builder, n: Any, gy: list, want: list) -> list:
+    x = n.input[0]
+    r = b.rank(x)
+    vals = [_const_value(b, i) if len(n.input) > k and n.input[k] else None for k, i in
+            enumerate(list(n.input[1:]) + [""] * (4 - len(n.input[1:])), start=1)]
+    starts, ends, axes, steps = vals
+    if starts is None or ends is None:
+        raise ModelError("autodiff: Slice needs constant starts and ends")
+    axes = list(range(len(starts))) if axes is None else [a % r for a in axes.tolist()]
+    if steps is not None and any(s != 1 for s in steps.tolist()):
+        raise ModelError("autodiff: Slice with steps other than 1 is not supported")
+    pads = [0] * (2 * r)
+    for a, s, e in zip(axes, starts.tolist(), ends.tolist()):
+        dim = b.static_dim(x, a)
+        if dim is None:
+            raise ModelError(f"autodiff: Slice along a dynamic axis of {x} is not supported")
+        s = min(max(s + dim if s < 0 else s, 0), dim)
+        e = min(max(e + dim if e < 0 else e, 0), dim)
+        pads[a], pads[r + a] = s, dim - e
+    return [b.op("Pad", [gy[0], b.const(pads, np.int64)], mode="constant")] + [None] * (len(n.input) - 1)
+
+
+@rule("Gather")
+def _gather(b: _Builder, n: Any, gy: list, want: list) -> list:
+    if _attr(n, "axis", 0) != 0:
+        raise ModelError("autodiff: Gather of a differentiable tensor is supported along axis 0 only")
+    x, idx = n.input[0], n.input[1]
+    zeros = b.op("ConstantOfShape", [b.op("Shape", [x])])
+    where = b.op("Unsqueeze", [idx, b.const([-1], np.int64)])
+    return [b.op("ScatterND", [zeros, where, gy[0]], reduction="add"), None]
+
+
+@rule("Where")
+def _where(b: _Builder, n: Any, gy: list, want: list) -> list:
+    c, x0, x1, y = n.input[0], n.input[1], n.input[2], n.output[0]
+    zero = b.const(0.0)
+    ga = b.unbroadcast(b.op("Where", [c, gy[0], zero]), x0, y) if want[1] else None
+    gb = b.unbroadcast(b.op("Where", [c, zero, gy[0]]), x1, y) if want[2] else None
+    return [None, ga, gb]
+
+
+@rule("Dropout")
+def _dropout(b: _Builder, n: Any, gy: list, want: list) -> list:
+    ratio = _const_value(b, n.input[1]) if len(n.input) > 1 and n.input[1] else np.array(0.5)
+    training = _const_value(b, n.input[2]) if len(n.input) > 2 and n.input[2] else np.array(False)
+    if training is None or ratio is None:
+        raise ModelError("autodiff: Dropout needs a constant ratio and training mode")
+    if not bool(training) or float(ratio) == 0.0:
+        return [gy[0], None, None]
+    if len(n.output) < 2 or not n.output[1]:
+        while len(n.output) < 2:
+            n.output.append("")
+        n.output[1] = n.output[0] + "/mask"
+    scale = b.const(1.0 / (1.0 - float(ratio)))
+    mask = b.op("Cast", [n.output[1]], to=1)
+    return [b.op("Mul", [b.op("Mul", [gy[0], mask]), scale]), None, None]
+
+
+def _matmul_grads(b: _Builder, a: str, w: str, y: str, g: str, trans_b: bool, want: list) -> list:
+    """Gradients of ``y = a @ w`` (``a @ w^T`` if ``trans_b``) for the ranks the exporter emits."""
+    ra, rb, ry = b.rank(a), b.rank(w), b.rank(y)
+    if ra < 2 or rb < 2:
+        raise ModelError("autodiff: MatMul with a 1-D operand is not supported")
+    ga = gb = None
+    if want[0]:
+        ga = b.op("MatMul", [g, w]) if trans_b else b.op("MatMul", [g, _swap_last(b, w, rb)])
+        ga = _unbroadcast_batch(b, ga, a, y)
+    if want[1]:
+        if rb == 2 and ra > 2:  # a weight applied to every row: one GEMM over the flattened rows
+            k, m = b.static_dim(a, -1), b.static_dim(y, -1)
+            a2 = b.op("Reshape", [a, b.const([-1, k], np.int64)])
+            g2 = b.op("Reshape", [g, b.const([-1, m], np.int64)])
+            gb = b.op("Gemm", [g2, a2], transA=1) if trans_b else b.op("Gemm", [a2, g2], transA=1)
+        else:
+            gb = b.op("MatMul", [_swap_last(b, g, ry), a]) if trans_b else b.op("MatMul", [_swap_last(b, a, ra), g])
+            gb = _unbroadcast_batch(b, gb, w, y)
+    return [ga, gb]
+
+
+def _unbroadcast_batch(b: _Builder, g: str, x: str, y: str) -> str:
+    """Sum a matmul operand's gradient over the batch axes along which ``x`` was broadcast."""
+    xs, ys = [s[:-2] for s in b.shape(x)], [s[:-2] for s in b.shape(y)]
+    if xs == ys:
+        return g
+    rx, ry = len(xs[0]), len(ys[0])
+    axes = list(range(ry - rx)) + [i + ry - rx for i in range(rx) if all(s[i] == 1 for s in xs)
+                                   and not all(s[i + ry - rx] == 1 for s in ys)]
+    if not axes:
+        return g
+    g = b.op("ReduceSum", [g, b.const(axes, np.int64)], keepdims=1)
+    return b.like(g, x) if rx != ry else g
+
+
+def _swap_last(b: _Builder, x: str, r: int) -> str:
+    return b.op("Transpose", [x], perm=list(range(r - 2)) + [r - 1, r - 2])
+
+
+@rule("MatMul")
+def _matmul(b: _Builder, n: Any, gy: list, want: list) -> list:
+    return _matmul_grads(b, n.input[0], n.input[1], n.output[0], gy[0], False, want)
+
+
+@rule("FusedMatMul")
+def _fused_matmul(b: _Builder, n: Any, gy: list, want: list) -> list:
+    if _attr(n, "transA", 0) or _attr(n, "alpha", 1.0) != 1.0 or _attr(n, "transBatchA", 0) or _attr(n, "transBatchB", 0):
+        raise ModelError("autodiff: FusedMatMul is supported with transB and alpha 1 only")
+    return _matmul_grads(b, n.input[0], n.input[1], n.output[0], gy[0], bool(_attr(n, "transB", 0)), want)
+
+
+@rule("SoftmaxCrossEntropyLoss")
+def _sce(b: _Builder, n: Any, gy: list, want: list) -> list:
+    scores, labels = n.input[0], n.input[1]
+    if len(n.input) > 2 and n.input[2]:
+        raise ModelError("autodiff: SoftmaxCrossEntropyLoss with class weights is not supported")
+    if b.rank(scores) != 2:
+        raise ModelError("autodiff: SoftmaxCrossEntropyLoss is supported on [N, C] scores only")
+    if len(n.output) < 2:
+        n.output.append(n.output[0] + "/log_prob")
+    depth = b.op("Gather", [b.op("Shape", [scores]), b.const([1], np.int64)], axis=0)
+    onehot = b.op("OneHot", [labels, depth, b.const([0.0, 1.0])], axis=-1)
+    d = b.op("Sub", [b.op("Exp", [n.output[1]]), onehot])
+    ignore = _attr(n, "ignore_index")
+    valid = None
+    if ignore is not None:
+        valid = b.op("Cast", [b.op("Not", [b.op("Equal", [labels, b.const(ignore, np.int64)])])], to=1)
+        d = b.op("Mul", [d, b.op("Unsqueeze", [valid, b.const([-1], np.int64)])])
+    reduction = _attr(n, "reduction", b"mean")
+    reduction = reduction.decode() if isinstance(reduction, bytes) else reduction
+    g = gy[0]
+    if reduction == "none":
+        g = b.op("Unsqueeze", [g, b.const([-1], np.int64)])
+    elif reduction == "mean":
+        count = b.op("ReduceSum", [valid], keepdims=0) if valid else b.op(
+            "Cast", [b.op("Gather", [b.op("Shape", [scores]), b.const(0, np.int64)], axis=0)], to=1)
+        g = b.op("Div", [g, count])
+    return [b.op("Mul", [d, g]), None]
+
+
+# -- driver ------------------------------------------------------------------------------
+
+def _path(proto: Any, params: list[str], loss: str, types: dict[str, int]) -> tuple[list[Any], set[str]]:
+    """Nodes on a path from ``params`` to ``loss`` and the tensors that need a gradient."""
+    live = set(params)
+    active = []
+    for node in proto.graph.node:
+        if any(i in live for i in node.input):
+            outs = [o for o in node.output if o and types.get(o) in FLOATS]
+            if outs:
+                live.update(outs)
+                active.append(node)
+    needed = {loss}
+    path = []
+    for node in reversed(active):
+        if any(o in needed for o in node.output):
+            path.append(node)
+            needed.update(i for i in node.input if i in live)
+    return path, needed
+
+
+def differentiate(proto: Any, params: list[str], loss: str, shapes: dict[str, list[tuple]],
+                  types: dict[str, int], fixed: Optional[dict[str, np.ndarray]] = None) -> list[str]:
+    """Append the backward pass of ``loss`` to ``proto``; returns the gradient output names."""
+    from onnx import helper
+
+    path, needed = _path(proto, params, loss, types)
+    b = _Builder(proto, shapes, types, fixed or {})
+    grads: dict[str, list[str]] = {loss: [b.const(1.0)]}
+
+    def total(name: str) -> Optional[str]:
+        parts = grads.get(name)
+        if not parts:
+            return None
+        if len(parts) > 1:
+            grads[name] = [b.op("Sum", parts)]
+        return grads[name][0]
+
+    for node in path:
+        fn = RULES.get(node.op_type)
+        if fn is None:
+            raise ModelError(f"autodiff: no gradient rule for {node.op_type} (node {node.name}); "
+                             f"supported: {', '.join(sorted(RULES))}")
+        gy = [total(o) for o in node.output]
+        if gy[0] is None:
+            gy[0] = b.op("ConstantOfShape", [b.op("Shape", [node.output[0]])])
+        want = [i in needed and i != "" for i in node.input]
+        for i, gi in zip(node.input, fn(b, node, gy, want)):
+            if gi is not None and i in needed:
+                grads.setdefault(i, []).append(gi)
+    outs = []
+    for p in params:
+        g = total(p)
+        if g is None:
+            raise ModelError(f"autodiff: {p} does not reach the loss")
+        b.nodes.append(helper.make_node("Identity", [g], [grad_name(p)], name=grad_name(p) + "/node"))
+        outs.append(grad_name(p))
+    proto.graph.node.extend(b.nodes)
+    proto.graph.initializer.extend(b.inits)
+    for p in params:
+        proto.graph.output.append(helper.make_tensor_value_info(grad_name(p), types.get(p, 1), list(shapes[p][0])))
+    return outs
+
+
+def params_to_inputs(proto: Any, params: list[str]) -> dict[str, np.ndarray]:
+    """Move the trainable initializers to graph inputs; return their initial values."""
+    from onnx import helper, numpy_helper
+
+    inits = {i.name: i for i in proto.graph.initializer}
+    missing = [p for p in params if p not in inits]
+    if missing:
+        raise ModelError(f"trainable weights not found in the exported graph: {missing[:3]}")
+    values = {p: numpy_helper.to_array(inits[p]).copy() for p in params}
+    keep = [i for i in proto.graph.initializer if i.name not in set(params)]
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(keep)
+    for p in params:
+        proto.graph.input.append(helper.make_tensor_value_info(p, inits[p].data_type, list(inits[p].dims)))
+    return values
+
+
+def build(proto: Any, params: list[str], loss: str, feeds: Sequence[dict[str, np.ndarray]]) -> TrainingGraph:
+    """The training graph of ``proto``: ``loss`` and the gradient of each of ``params``."""
+    import onnx
+
+    types = elem_types(proto)
+    fuse_transposed_weights(proto)
+    shapes, fixed = probe_shapes(proto, feeds, types)
+    initial = params_to_inputs(proto, params)
+    train = onnx.ModelProto()
+    train.CopyFrom(proto)
+    grads = differentiate(train, params, loss, shapes, types, fixed)
+    return TrainingGraph(train, list(params), grads, initial)
