@@ -1,6 +1,6 @@
 """edgetune: fine-tune language-model adapters on the device that uses them.
 
-The device-side API needs only onnxruntime-training, numpy and tokenizers::
+The device-side API needs only onnxruntime (any current release), numpy and tokenizers::
 
     import edgetune
     run = edgetune.train("bundle/", data="data/", out="run/", steps=100)
@@ -10,10 +10,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import _ort  # noqa: E402
 from .errors import EdgetuneError  # noqa: E402
-
-_ort.prepare()
 
 
 def __getattr__(name: str):  # lazy so ``import edgetune`` stays cheap on a device

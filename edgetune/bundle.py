@@ -4,10 +4,9 @@
 
     BUNDLE/
       edgetune.json            manifest (versions, hashes, adapter config, graph names)
-      training_model.onnx      ORT training graph (forward + loss + gradients)
-      eval_model.onnx          ORT eval graph (forward + loss)
-      optimizer_model.onnx     AdamW
-      checkpoint               initial parameters (adapter weights trainable)
+      train.onnx(+.data)       forward, loss and the adapter gradients, in standard ONNX ops
+      eval.onnx                forward and loss; reads the frozen weights from train.onnx.data
+      adapter_init.safetensors the adapter weights a run starts from
       infer.onnx(+.data)       KV-cache inference graph; adapter weights are inputs
       tokenizer.json, tokenizer_meta.json, chat_template.jinja
 """
@@ -25,8 +24,8 @@ from .config import AdapterConfig
 from .errors import BundleError
 
 MANIFEST = "edgetune.json"
-FORMAT = 1
-HASHED = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint",
+FORMAT = 2  # 1: graphs for ONNX Runtime's training package (1.19.2); 2: standard ops, any onnxruntime
+HASHED = ("train.onnx", "train.onnx.data", "eval.onnx", "adapter_init.safetensors",
           "infer.onnx", "infer.onnx.data", "merge_template.onnx", "app_base.onnx",
           "app_base_f16.onnx", "tokenizer.json")
 
@@ -47,7 +46,7 @@ def make_manifest(root: Path, *, source: str, source_sha256: str | None, adapter
                   weights: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Describe a freshly exported bundle in ``root``; hashes every file."""
     files = {name: _io.sha256_file(root / name) for name in HASHED if (root / name).exists()}
-    ident = hashlib.sha256(json.dumps([files[k] for k in sorted(files) if k != "checkpoint"]).encode()).hexdigest()
+    ident = hashlib.sha256(json.dumps([files[k] for k in sorted(files) if k != "adapter_init.safetensors"]).encode()).hexdigest()
     return {
         "format": FORMAT,
         "kind": "edgetune-bundle",
@@ -60,8 +59,7 @@ def make_manifest(root: Path, *, source: str, source_sha256: str | None, adapter
         "trainable_shapes": shapes,
         "train_inputs": ["input_ids", "attention_mask", "labels", "label_norm"],
         "train_outputs": ["loss"],
-        "optimizer": {"type": "AdamW", "semantics": "torch.optim.AdamW", "betas": [0.9, 0.999], "eps": 1e-8,
-                      "weight_decay": 0.01},
+        "train_graph": {"params": trainable, "grads": [p + "_grad" for p in trainable], "opset": 17},
         "infer": kv,
         "tokenizer": tokenizer,
         "model_config": {k: hf_config.get(k) for k in (
@@ -116,6 +114,10 @@ def load(root: str | Path, verify_hashes: bool = False) -> Bundle:
     problems = []
     if manifest.get("kind") != "edgetune-bundle":
         problems.append(f"kind is {manifest.get('kind')!r}, expected 'edgetune-bundle'")
+    if manifest.get("format") == 1:
+        raise BundleError(f"bundle {root} was exported for ONNX Runtime's training package (1.19.2), which this "
+                          f"edgetune no longer uses; export it again: edgetune export {manifest.get('source', 'MODEL')} "
+                          f"--out NEW_BUNDLE (its runs' adapters stay usable: edgetune import-peft RUN/adapter)")
     if manifest.get("format") != FORMAT:
         problems.append(f"format {manifest.get('format')!r} is not supported (this edgetune reads format {FORMAT})")
     for name, digest in manifest.get("files", {}).items():

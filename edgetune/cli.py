@@ -154,14 +154,17 @@ def export(model: str, out: str, config_file: str | None, overwrite: bool, **opt
 @click.argument("bundle", type=click.Path())
 @click.option("--data", "-d", required=True, type=click.Path(), help="Folder with train.jsonl (valid.jsonl) or one .jsonl.")
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Run directory.")
-@click.option("--device", help="Device to train on (see `edgetune devices`) [cpu]. ONNX Runtime's training runtime "
-              "trains on the CPU only; accelerators run eval and generate.")
+@click.option("--device", help="Device to train on (see `edgetune devices`) [cpu]. Nodes its execution provider "
+              "cannot run fall back to the CPU.")
+@click.option("--provider-option", "provider_options", multiple=True, help="KEY=VALUE passed to the device's provider.")
+@click.option("--placement", is_flag=True, help="Report how many training-graph nodes each provider ran.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="JSON file of training settings.")
 @click.option("--steps", type=int, help="Optimizer steps (default: one epoch).")
 @click.option("--epochs", type=float, help="Epochs, if --steps is not given.")
 @click.option("--batch-size", "-b", type=int, help="Examples per micro-batch [8].")
 @click.option("--grad-accum", type=int, help="Micro-batches per optimizer step [1].")
 @click.option("--lr", type=float, help="Peak learning rate [3e-4].")
+@click.option("--weight-decay", type=float, help="AdamW's decoupled weight decay [0.01].")
 @click.option("--warmup", type=int, help="Linear warmup steps [0].")
 @click.option("--schedule", type=click.Choice(["linear", "cosine", "constant"]), help="Decay after warmup [linear].")
 @click.option("--max-seq-len", type=int, help="Truncate examples to this many tokens [512].")
@@ -177,12 +180,12 @@ def export(model: str, out: str, config_file: str | None, overwrite: bool, **opt
 @click.option("--json", "as_json", is_flag=True, help="Print the final summary as JSON.")
 @_errors
 def train(bundle: str, data: str, out: str, config_file: str | None, resume: bool, no_progress: bool,
-          as_json: bool, **opts: Any) -> None:
+          as_json: bool, placement: bool, **opts: Any) -> None:
     """Fine-tune the adapters of BUNDLE on DATA; write checkpoints and a PEFT adapter to OUT.
 
-    Needs only onnxruntime-training-cpu, numpy and tokenizers. ONNX Runtime 1.19.2
-    trains on the CPU only: --device must be cpu (an FPGA or NPU provider runs eval and
-    generate for the trained adapter).
+    Needs only onnxruntime (any current release, any platform), numpy and tokenizers. The
+    training graph is standard ONNX: --device picks the execution provider, and nodes it
+    cannot run fall back to the CPU.
 
     \b
     Examples:
@@ -197,6 +200,11 @@ def train(bundle: str, data: str, out: str, config_file: str | None, resume: boo
     trainer = Trainer(bundle, out, cfg, resume=resume, log=_log, progress=not no_progress)
     tr, va = trainer.load_data(data)
     result = trainer.fit(tr, va)
+    if placement:
+        result.summary["placement"] = trainer.placement(tr)
+        if not as_json:
+            click.echo("placement (training graph nodes per provider): "
+                       + ", ".join(f"{k}={v}" for k, v in result.summary["placement"].items()))
     if as_json:
         _print_json(result.summary)
         return

@@ -72,7 +72,9 @@ class TrainConfig:
     threads: int = 0
     max_batch_tokens: int = 1024
     device: str = "cpu"
+    provider_options: tuple[str, ...] = ()
     valid_batches: int = 0
+    weight_decay: float = 0.01
 
     def __post_init__(self) -> None:
         _check(self.steps is None or self.steps >= 1, f"steps must be at least 1, got {self.steps!r}")
@@ -87,6 +89,8 @@ class TrainConfig:
         _check(self.save_every >= 0, f"save_every must be >= 0, got {self.save_every!r}")
         _check(self.threads >= 0, f"threads must be >= 0, got {self.threads!r}")
         _check(self.max_batch_tokens >= 0, f"max_batch_tokens must be >= 0, got {self.max_batch_tokens!r}")
+        _check(math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+               f"weight_decay must be a number >= 0, got {self.weight_decay!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -5,9 +5,9 @@ Built-in names cover the common providers; a board vendor adds its own through t
 ``--provider-option KEY=VALUE`` passes options through. The provider that actually ran
 is always reported, never only the one asked for.
 
-Training runs on the CPU: ONNX Runtime's training runtime (1.19.2) trains on CPU only.
-A device runs inference (generate and eval); nodes it cannot run fall back to the CPU
-provider, and ``--placement`` reports how many nodes each provider actually ran.
+A device runs training, eval and generation: the training graph is standard ONNX, so any
+provider takes the nodes it supports; the rest fall back to the CPU provider, and
+``--placement`` reports how many nodes each provider actually ran.
 """
 from __future__ import annotations
 
@@ -33,9 +33,9 @@ class Device:
 BUILTIN = {
     d.name: d
     for d in (
-        Device("cpu", "CPUExecutionProvider", description="the CPU (always available; training runs here)"),
+        Device("cpu", "CPUExecutionProvider", description="the CPU (always available)"),
         Device("vitisai", "VitisAIExecutionProvider",
-               description="AMD Vitis AI: Versal, Alveo and Zynq UltraScale+ FPGA boards (inference)"),
+               description="AMD Vitis AI: Versal, Alveo and Zynq UltraScale+ FPGA boards"),
         Device("cuda", "CUDAExecutionProvider", description="NVIDIA GPUs"),
         Device("dml", "DmlExecutionProvider", description="DirectML on Windows"),
         Device("coreml", "CoreMLExecutionProvider", description="Apple Neural Engine / GPU"),

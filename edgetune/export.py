@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 
-from . import _io, bundle as _bundle, dora, graphs, variants
+from . import _io, autodiff, bundle as _bundle, dora, graphs, variants
 from .config import AdapterConfig
 from .errors import ConfigError, ModelError
 from .models import ModelSpec, home, resolve_model
@@ -290,49 +290,44 @@ def export_infer_graph(peft_model: Any, path: Path, adapter_names: list[str]) ->
             "outputs": outs}
 
 
-@contextlib.contextmanager
-def _quiet_graph_builder() -> Iterator[None]:
-    """ORT's artifact generator optimizes the graph with default SessionOptions, whose
-    logger prints every graph transformer at INFO level; give it options that log errors only."""
-    from onnxruntime import SessionOptions
-    from onnxruntime.training.onnxblock import _training_graph_utils as tgu
+def _probe_feeds(proto: Any, vocab: int) -> list[dict[str, Any]]:
+    """Two small batches of different shapes, for the gradient builder's shape probe."""
+    import numpy as np
 
-    def quiet_options() -> Any:
-        so = SessionOptions()
-        so.log_severity_level = 3
-        return so
+    feeds = []
+    for seed, (rows, seq) in enumerate(((2, 7), (3, 5))):
+        rng = np.random.default_rng(seed)
+        ids = rng.integers(0, vocab, (rows, seq))
+        labels = ids.copy()
+        labels[:, : seq // 2] = -100
+        feed = {"input_ids": ids, "attention_mask": np.ones((rows, seq), np.int64), "labels": labels,
+                "label_norm": np.array(float(seq), np.float32)}
+        for inp in proto.graph.input:
+            if inp.name.startswith(dora.NORM_PREFIX):
+                feed[inp.name] = np.ones([d.dim_value for d in inp.type.tensor_type.shape.dim], np.float32)
+        feeds.append(feed)
+    return feeds
 
-    original = tgu.SessionOptions
-    tgu.SessionOptions = quiet_options
-    try:
-        yield
-    finally:
-        tgu.SessionOptions = original
 
-
-def build_artifacts(train_onnx: Path, trainable: list[str], out: Path) -> None:
-    """Run ORT's artifact generator: AdamW, only ``trainable`` get gradients."""
+def build_training(forward_onnx: Path, trainable: list[str], out: Path, vocab: int) -> None:
+    """``train.onnx`` (loss and adapter gradients), ``eval.onnx`` (loss) sharing one weight
+    file, and ``adapter_init.safetensors``: only ``trainable`` tensors get gradients."""
     import onnx
-    import onnxruntime
-    from onnxruntime.training import artifacts
+    proto = onnx.load(str(forward_onnx))
+    tg = autodiff.build(proto, trainable, "loss", _probe_feeds(proto, vocab))
+    onnx.save_model(tg.model, str(out / "train.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="train.onnx.data", size_threshold=1024)
+    graphs.disable_dropout(proto)  # ``proto`` is now the forward graph with the adapters as inputs
+    graphs.share_external_data(proto, out / "train.onnx")
+    onnx.save(proto, str(out / "eval.onnx"))
+    tensors = {n: v.astype("float32") for n, v in tg.initial.items()}
+    _io.write_with(out / "adapter_init.safetensors", lambda f: f.write(_safetensors_bytes(tensors)))
 
-    onnxruntime.set_default_logger_severity(3)
-    proto = onnx.load(str(train_onnx))
-    names = {i.name for i in proto.graph.initializer}
-    missing = [t for t in trainable if t not in names]
-    if missing:
-        raise ModelError(f"trainable weights not found in the exported graph: {missing[:3]}")
-    frozen = sorted(names - set(trainable))
-    with _quiet_graph_builder():
-        artifacts.generate_artifacts(
-            proto, requires_grad=trainable, frozen_params=frozen, loss=None,
-            optimizer=artifacts.OptimType.AdamW, artifact_directory=str(out),
-        )
-    graphs.torch_adamw(out / "optimizer_model.onnx")
-    eval_path = out / "eval_model.onnx"
-    ev = onnx.load(str(eval_path))
-    graphs.disable_dropout(ev)
-    onnx.save(ev, str(eval_path))
+
+def _safetensors_bytes(tensors: dict[str, Any]) -> bytes:
+    from safetensors.numpy import save
+
+    return save(tensors)
 
 
 def _save_external(onnx_path: Path, data_name: str) -> None:
@@ -386,8 +381,8 @@ def _export(model: str | os.PathLike | None, out: Path, cfg: AdapterConfig, log:
         log(f"exporting training graph ({len(trainable)} adapter tensors)")
         train_onnx = tmp / "_forward.onnx"
         export_train_graph(pm, train_onnx)
-        log("building ONNX Runtime training artifacts")
-        build_artifacts(train_onnx, trainable, tmp)
+        log("building the training graph (gradients of the adapter weights)")
+        build_training(train_onnx, trainable, tmp, int(hf.config.vocab_size))
         train_onnx.unlink()
         log("exporting KV-cache inference graph")
         kv = export_infer_graph(pm, tmp / "infer.onnx", trainable)

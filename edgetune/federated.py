@@ -63,11 +63,10 @@ def from_record(rec: Any, b: _bundle.Bundle) -> dict[str, np.ndarray]:
 
 def initial_adapter(b: _bundle.Bundle) -> dict[str, np.ndarray]:
     """The bundle's freshly initialized adapter (what round 1 starts from)."""
-    from . import _ort
+    from .runner import read_tensors
 
-    api = _ort.training_api()
-    state = api.CheckpointState.load_checkpoint(str(b.path("checkpoint")))
-    return {n: np.array(state.parameters[n].data, np.float32) for n in b.trainable}
+    tensors = read_tensors(b.path("adapter_init.safetensors"))
+    return {n: tensors[n] for n in b.trainable}
 
 
 # -- one device's round -----------------------------------------------------------------------
@@ -90,9 +89,7 @@ def local_round(bundle: str | Path, data: str | Path, work: str | Path, tensors:
                   warmup=0, schedule="constant", eval_every=0)
     tr = Trainer(bundle, out, cfg, log=log, progress=False)
     train, valid = tr.load_data(data)
-    tr._open()
-    for name, value in tensors.items():
-        tr.ckstate.parameters[name] = np.ascontiguousarray(value, np.float32)
+    tr.set_adapter(dict(tensors))
     result = tr.fit(train, valid)
     new = tr.adapter_tensors()
     for old in sorted(work.glob("round-*")):

@@ -1,7 +1,7 @@
 """Edits of exported ONNX graphs (workstation side, needs ``onnx``).
 
-Renaming to PEFT's names, exposing adapter weights as inputs, PyTorch's AdamW in the
-optimizer graph, and the adapter-free and app graphs derived from the inference graph.
+Renaming to PEFT's names, exposing adapter weights as inputs, sharing one weight file
+between graphs, and the adapter-free and app graphs derived from the inference graph.
 """
 from __future__ import annotations
 
@@ -33,6 +33,19 @@ def relocate(g: Any, data_name: str) -> None:
         for e in init.external_data:
             if e.key == "location":
                 e.value = data_name
+
+
+def share_external_data(proto: Any, saved: Path) -> None:
+    """Point ``proto``'s initializers at the external data of the already saved graph
+    ``saved`` wherever name, type and shape agree, so both graphs read one weight file."""
+    import onnx
+
+    ref = onnx.load(str(saved), load_external_data=False)
+    external = {i.name: i for i in ref.graph.initializer if i.data_location == onnx.TensorProto.EXTERNAL}
+    for init in proto.graph.initializer:
+        other = external.get(init.name)
+        if other is not None and other.data_type == init.data_type and list(other.dims) == list(init.dims):
+            init.CopyFrom(other)
 
 
 def strip_prefix(model_proto: Any, prefix: str = "pm.") -> None:
@@ -67,24 +80,6 @@ def disable_dropout(proto: Any) -> None:
     for node in proto.graph.node:
         if node.op_type == "Dropout" and len(node.input) > 2:
             del node.input[2]
-
-
-# PyTorch's torch.optim.AdamW defaults. ORT's generator writes adam_mode=1 (the old
-# Hugging Face AdamW: bias correction folded into the lr, eps not corrected), which drifts
-# from PyTorch wherever gradients are small; mode 0 is PyTorch's update rule.
-ADAMW = {"adam_mode": 0, "alpha": 0.9, "beta": 0.999, "epsilon": 1e-8, "weight_decay": 0.01, "correct_bias": 1}
-
-
-def torch_adamw(path: Path) -> None:
-    import onnx
-    from onnx import helper
-
-    proto = onnx.load(str(path))
-    for node in proto.graph.node:
-        if node.op_type == "AdamWOptimizer":
-            del node.attribute[:]
-            node.attribute.extend(helper.make_attribute(k, v) for k, v in sorted(ADAMW.items()))
-    onnx.save(proto, str(path))
 
 
 def hf_name(graph_name: str) -> str:

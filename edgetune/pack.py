@@ -5,7 +5,7 @@ An app directory holds one shared base model and any number of small adapters::
     APPDIR/
       base.onnx, base.onnx.data   the base inference model; adapter weights are graph inputs
                                   whose defaults have no effect, so it runs with or without one
-      NAME.onnx_adapter           ONNX Runtime's adapter format (flatbuffer, LoRA scale folded in)
+      NAME.onnx_adapter           ONNX Runtime's adapter format (LoRA scale folded in)
       manifest.json               hashes that tie every adapter to this base and tokenizer
       tokenizer.json, tokenizer_meta.json, chat_template.jinja
 
@@ -28,85 +28,41 @@ from .infer import check_adapter_matches
 
 MANIFEST = "manifest.json"
 FORMAT = 1
-ADAPTER_FORMAT_VERSION = 1  # ONNX Runtime's kAdapterFormatVersion
 ONNX_DTYPE = {"float32": 1, "float16": 10}
 NP_DTYPE = {1: np.float32, 10: np.float16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_meta.json", "chat_template.jinja")
 
 
-# -- the .onnx_adapter flatbuffer (schema: onnxruntime/lora/adapter_format/adapter_schema.fbs) --
-def write_adapter(params: list[tuple[str, np.ndarray]], adapter_version: int = 1, model_version: int = 1) -> bytes:
-    """Serialize ``params`` as an ``Adapter`` table with file identifier ``TORT``."""
-    import flatbuffers
+# -- the .onnx_adapter file, through ONNX Runtime's own AdapterFormat ------------------------
+def write_adapter(path: Path, params: list[tuple[str, np.ndarray]], adapter_version: int = 1,
+                  model_version: int = 1) -> None:
+    """Write ``params`` as an ``.onnx_adapter`` file, atomically (temp file, then rename)."""
+    import onnxruntime as ort
 
-    b = flatbuffers.Builder(1 << 16)
-    offsets = []
-    for name, arr in params:
-        arr = np.ascontiguousarray(arr)
-        code = {np.dtype(np.float32): 1, np.dtype(np.float16): 10}[arr.dtype]
-        name_off = b.CreateString(name)
-        b.StartVector(8, arr.ndim, 8)
-        for d in reversed(arr.shape):
-            b.PrependInt64(int(d))
-        dims_off = b.EndVector()
-        raw = arr.tobytes()
-        b.StartVector(1, len(raw), 8)  # raw_data is force_align 8
-        b.head -= len(raw)
-        b.Bytes[b.head:b.head + len(raw)] = raw
-        raw_off = b.EndVector()
-        b.StartObject(4)
-        b.PrependUOffsetTRelativeSlot(0, name_off, 0)
-        b.PrependUOffsetTRelativeSlot(1, dims_off, 0)
-        b.PrependInt32Slot(2, code, 0)
-        b.PrependUOffsetTRelativeSlot(3, raw_off, 0)
-        offsets.append(b.EndObject())
-    b.StartVector(4, len(offsets), 4)
-    for off in reversed(offsets):
-        b.PrependUOffsetTRelative(off)
-    vec = b.EndVector()
-    b.StartObject(4)
-    b.PrependInt32Slot(0, ADAPTER_FORMAT_VERSION, 0)
-    b.PrependInt32Slot(1, adapter_version, 0)
-    b.PrependInt32Slot(2, model_version, 0)
-    b.PrependUOffsetTRelativeSlot(3, vec, 0)
-    root = b.EndObject()
-    b.Finish(root, file_identifier=b"TORT")
-    return bytes(b.Output())
+    fmt = ort.AdapterFormat()
+    fmt.set_adapter_version(adapter_version)
+    fmt.set_model_version(model_version)
+    fmt.set_parameters({n: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for n, a in params})
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        fmt.export_adapter(str(tmp))
+        _io.write_bytes(path, tmp.read_bytes())
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
-def read_adapter(data: bytes) -> dict[str, Any]:
-    """Parse an ``.onnx_adapter`` file: versions and ``{name: array}``."""
-    import flatbuffers
-    from flatbuffers.table import Table
+def read_adapter(path: Path) -> dict[str, Any]:
+    """Versions and ``{name: array}`` of an ``.onnx_adapter`` file; damage names the file."""
+    import onnxruntime as ort
 
-    if len(data) < 8 or data[4:8] != b"TORT":
-        raise BundleError("not an ONNX Runtime adapter file (missing the TORT identifier)")
-    root = Table(data, flatbuffers.encode.Get(flatbuffers.packer.uoffset, data, 0))
-
-    def field(t: Table, slot: int) -> int:
-        return t.Offset(4 + 2 * slot)
-
-    def int_field(t: Table, slot: int) -> int:
-        o = field(t, slot)
-        return t.Get(flatbuffers.number_types.Int32Flags, o + t.Pos) if o else 0
-
-    params: dict[str, np.ndarray] = {}
-    o = field(root, 3)
-    if o:
-        vec, n = root.Vector(o), root.VectorLen(o)
-        for k in range(n):
-            t = Table(data, root.Indirect(vec + 4 * k))
-            name = t.String(field(t, 0) + t.Pos).decode()
-            od = field(t, 1)
-            dims = [t.Get(flatbuffers.number_types.Int64Flags, t.Vector(od) + 8 * j) for j in range(t.VectorLen(od))]
-            code = int_field(t, 2)
-            orw = field(t, 3)
-            start, size = t.Vector(orw), t.VectorLen(orw)
-            if code not in NP_DTYPE:
-                raise BundleError(f"adapter parameter {name}: unsupported data type {code}")
-            params[name] = np.frombuffer(data[start:start + size], NP_DTYPE[code]).reshape(dims)
-    return {"format_version": int_field(root, 0), "adapter_version": int_field(root, 1),
-            "model_version": int_field(root, 2), "parameters": params}
+    try:
+        fmt = ort.AdapterFormat.read_adapter(str(path))
+    except Exception as e:  # noqa: BLE001 - ORT raises RuntimeError or its own types
+        raise BundleError(f"{path} is not a valid ONNX Runtime adapter file ({str(e).splitlines()[-1][-120:]}); "
+                          "copy it again or re-run edgetune pack") from None
+    return {"format_version": fmt.get_format_version(), "adapter_version": fmt.get_adapter_version(),
+            "model_version": fmt.get_model_version(),
+            "parameters": {k: np.array(v.numpy()) for k, v in fmt.get_parameters().items()}}
 
 
 # -- pack ---------------------------------------------------------------------------------
@@ -144,18 +100,16 @@ def pack(run: str | Path, bundle: str | Path, out: str | Path, dtype: str = "flo
         if ".lora_B." in g:
             arr = arr * np.float32(b.adapter.scale)  # fold the LoRA scale in
         params.append((g, arr.astype(np.float16 if dtype == "float16" else np.float32)))
-    blob = write_adapter(params)
     fname = f"{name}.onnx_adapter"
-    _io.write_bytes(out / fname, blob)
-    import hashlib
-
+    write_adapter(out / fname, params)
+    size = (out / fname).stat().st_size
     manifest["adapters"][name] = {
-        "file": fname, "sha256": hashlib.sha256(blob).hexdigest(), "rank": b.adapter.rank, "alpha": b.adapter.alpha,
+        "file": fname, "sha256": _io.sha256_file(out / fname), "rank": b.adapter.rank, "alpha": b.adapter.alpha,
         "scale_folded": b.adapter.scale, "target_modules": sorted(b.adapter.targets), "dtype": dtype,
-        "parameters": len(params), "run": str(Path(run).resolve()), "edgetune_version": __version__,
+        "parameters": len(params), "run": Path(run).resolve().name, "edgetune_version": __version__,
     }
     _io.write_json(out / MANIFEST, manifest)
-    return {"out": str(out), "adapter": str(out / fname), "bytes": len(blob), "seconds": round(time.time() - t0, 2)}
+    return {"out": str(out), "adapter": str(out / fname), "bytes": size, "seconds": round(time.time() - t0, 2)}
 
 
 def _existing_manifest(out: Path, b: _bundle.Bundle, dtype: str) -> dict[str, Any] | None:
@@ -238,13 +192,10 @@ def verify(appdir: str | Path, base: str | Path | None = None) -> dict[str, Any]
         if not f.is_file():
             problems.append(f"adapter {name}: {entry['file']} is missing")
             continue
-        blob = f.read_bytes()
-        import hashlib
-
-        if hashlib.sha256(blob).hexdigest() != entry["sha256"]:
+        if _io.sha256_file(f) != entry["sha256"]:
             problems.append(f"adapter {name}: {entry['file']} does not match its sha256")
             continue
-        params = read_adapter(blob)["parameters"]
+        params = read_adapter(f)["parameters"]
         checked += len(params)
         if inputs:
             problems += _match_inputs(name, params, inputs)
@@ -289,7 +240,7 @@ def _match_inputs(adapter: str, params: dict[str, np.ndarray], inputs: dict[str,
 # -- import-peft ------------------------------------------------------------------------------
 def import_peft(peft_dir: str | Path, bundle: str | Path, out: str | Path) -> Path:
     """Turn a PEFT LoRA adapter into a run directory: eval, merge, pack, or train on with --resume."""
-    from . import _ort
+    from .runner import write_checkpoint
     from .trainer import TrainerState
 
     b = _bundle.load(bundle)
@@ -300,26 +251,18 @@ def import_peft(peft_dir: str | Path, bundle: str | Path, out: str | Path) -> Pa
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out} already exists and is not empty; choose another --out")
-    api = _ort.training_api()
-    state = api.CheckpointState.load_checkpoint(str(b.path("checkpoint")))
-    # Parameters are only writable once a training session has materialized them.
-    module = api.Module(str(b.path("training_model.onnx")), state, str(b.path("eval_model.onnx")), device="cpu")
-    graph = {peft_io.to_graph_name(k, b.trainable): v for k, v in tensors.items()}
-    for g, v in graph.items():
-        state.parameters[g] = np.ascontiguousarray(v, np.float32)
+    # float32 holds every float16/bfloat16 value exactly, so the checkpoint keeps the adapter's values.
+    graph = {peft_io.to_graph_name(k, b.trainable): np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}
     with _io.atomic_dir(out) as tmp:
         ck = tmp / "checkpoints" / "step-000000"
         ck.mkdir(parents=True)
-        api.CheckpointState.save_checkpoint(state, str(ck / "checkpoint"), include_optimizer_state=False)
-        del module
+        write_checkpoint(ck, graph, None)
         st = TrainerState(bundle_id=b.base_id, adapter=b.manifest["adapter"])
         _io.write_json(ck / "trainer_state.json", st.to_json())
         _io.write_text(tmp / "checkpoints" / "latest", "step-000000\n")
         peft_io.save(tmp / "adapter", graph, b.adapter, base=str(b.manifest.get("source")),
-                     metadata={"edgetune_base_id": b.base_id, "imported_from": str(Path(peft_dir).resolve())})
-        # The original file, so its dtype and bits survive the round trip unchanged.
-        shutil.copyfile(peft_io.adapter_dir(peft_dir) / peft_io.WEIGHTS, tmp / "adapter" / peft_io.WEIGHTS)
+                     metadata={"edgetune_base_id": b.base_id, "imported_from": Path(peft_dir).name})
         _io.write_json(tmp / "run.json", {"kind": "edgetune-run", "format": 1, "bundle": str(b.root.resolve()),
                                           "bundle_id": b.base_id, "adapter": b.manifest["adapter"],
-                                          "status": "imported", "imported_from": str(Path(peft_dir).resolve())})
+                                          "status": "imported", "imported_from": Path(peft_dir).name})
     return out

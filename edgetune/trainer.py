@@ -1,12 +1,13 @@
-"""On-device training of a bundle's adapters with ONNX Runtime's training runtime.
+"""On-device training of a bundle's adapters on the installed onnxruntime.
 
-Needs onnxruntime-training-cpu, numpy and tokenizers; never torch. The run directory::
+Needs onnxruntime, numpy and tokenizers; never torch. How a step runs (sessions, gradients,
+AdamW, checkpoint files) is ``edgetune.runner``'s business. The run directory::
 
     RUN/
       run.json                  manifest: bundle id, adapter config, status, final figures
       config.json               the resolved training config (keys sorted)
       checkpoints/latest        name of the newest complete checkpoint
-      checkpoints/step-000100/  ORT checkpoint (with optimizer state) + trainer_state.json
+      checkpoints/step-000100/  adapter + optimizer moments (safetensors) + trainer_state.json
       adapter/                  PEFT adapter (adapter_config.json, adapter_model.safetensors)
       metrics.jsonl, loss.png
 """
@@ -23,7 +24,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import _io, _ort, bundle as _bundle, data as _data, devices, dora as _dora, peft_io
+from . import _io, bundle as _bundle, data as _data, devices, dora as _dora, peft_io, runner as _runner
 from .config import TrainConfig
 from .errors import BundleError, ConfigError, DataError, DeviceError, TrainingError
 from .tokenizer import ChatTokenizer
@@ -56,7 +57,7 @@ def _rss_mb() -> float:
 
 @dataclass
 class TrainerState:
-    """What a checkpoint needs besides ORT's parameters and optimizer state."""
+    """What a checkpoint needs besides the adapter and optimizer tensors."""
 
     step: int = 0                 # optimizer steps done
     epoch: int = 0
@@ -104,7 +105,11 @@ def latest_checkpoint(run: Path) -> Path | None:
 
 
 def _complete(d: Path) -> bool:
-    return (d / "checkpoint").exists() and (d / "trainer_state.json").is_file()
+    return (d / _runner.ADAPTER_FILE).is_file() and (d / "trainer_state.json").is_file()
+
+
+def _old_checkpoint(run: Path) -> bool:
+    return any((d / "checkpoint").exists() for d in (run / "checkpoints").glob("step-*"))
 
 
 class Trainer:
@@ -117,16 +122,11 @@ class Trainer:
         self.cfg = cfg
         self.log = log
         self.progress = progress
-        self.device = devices.resolve(cfg.device)
-        if self.device.provider != "CPUExecutionProvider":
-            raise DeviceError(
-                f"device {self.device.name!r} ({self.device.provider}) is installed, but ONNX Runtime's training "
-                "runtime (1.19.2, its last release) trains on the CPU only; train with --device cpu, then run "
-                f"eval and generate with --device {self.device.name}")
+        self.device = devices.resolve(cfg.device, devices.parse_options(cfg.provider_options))
         self.tok = ChatTokenizer.from_dir(self.bundle.root)
         self.state = TrainerState(bundle_id=self.bundle.base_id, adapter=self.bundle.manifest["adapter"])
         self._resume_from = self._check_out_dir(resume)
-        self._api = _ort.training_api()
+        self.runner: _runner.StepRunner | None = None
 
     # -- setup -----------------------------------------------------------------
     def _check_out_dir(self, resume: bool) -> Path | None:
@@ -138,6 +138,10 @@ class Trainer:
         if not exists:
             raise ConfigError(f"--resume: {self.out} holds no run to resume")
         ck = latest_checkpoint(self.out)
+        if ck is None and _old_checkpoint(self.out):
+            raise TrainingError(f"--resume: {self.out} was trained by an older edgetune (ONNX Runtime training "
+                                f"checkpoints); continue from its adapter instead: edgetune import-peft "
+                                f"{self.out}/adapter --bundle BUNDLE --out NEW_RUN, then train NEW_RUN with --resume")
         if ck is None:
             raise TrainingError(f"--resume: no complete checkpoint in {self.out}/checkpoints")
         saved = json.loads((ck / "trainer_state.json").read_text())
@@ -152,50 +156,28 @@ class Trainer:
         self.state = TrainerState(**saved)
         return ck
 
-    def _session_options(self) -> Any:
-        import onnxruntime as ort
-
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        # Denormal adapter gradients are numerically nil but slow on x86; measured +6 % tokens/s.
-        so.add_session_config_entry("session.set_denormal_as_zero", "1")
-        if self.cfg.threads:
-            so.intra_op_num_threads = self.cfg.threads
-        return so
-
     def _open(self) -> None:
-        if getattr(self, "module", None) is not None:
+        if self.runner is not None:
             return
-        api = self._api
-        ck = self._resume_from / "checkpoint" if self._resume_from else self.bundle.path("checkpoint")
-        self.ckstate = api.CheckpointState.load_checkpoint(str(ck))
-        self.module = api.Module(str(self.bundle.path("training_model.onnx")), self.ckstate,
-                                 str(self.bundle.path("eval_model.onnx")), device="cpu",
-                                 session_options=self._session_options())
-        self.optimizer = api.Optimizer(str(self.bundle.path("optimizer_model.onnx")), self.module)
+        self.runner = _runner.StepRunner(self.bundle, self.device, self.cfg.threads, self.cfg.weight_decay)
+        if self._resume_from is not None:
+            self.runner.load(self._resume_from, self.state.step)
         self._setup_dora()
 
     def _setup_dora(self) -> None:
         """DoRA graphs take each layer's weight norm as an input (see edgetune.dora); the frozen
         base rows and their squared norms are read once."""
         self._dora = _dora.modules(self.bundle.trainable)
-        if not self._dora:
-            return
-        names = self.module.input_names()
-        order = {n: i for i, n in enumerate(names)}
-        self._dora.sort(key=lambda m: order[m.norm_input])
-        params = self.ckstate.parameters
-        self._dora_base = {m.base: np.array(params[m.base].data, np.float32) for m in self._dora}
-        self._dora_wsq = {k: _dora.weight_sq(w) for k, w in self._dora_base.items()}
+        if self._dora:
+            self._dora_base = _dora.bundle_base_weights(self.bundle, self._dora)
+            self._dora_wsq = {k: _dora.weight_sq(w) for k, w in self._dora_base.items()}
 
-    def _extra_inputs(self) -> list[np.ndarray]:
-        """Inputs after the batch: the DoRA norms of the adapter as it is now."""
+    def _extra_inputs(self) -> dict[str, np.ndarray]:
+        """Inputs besides the batch: the DoRA norms of the adapter as it is now."""
         if not self._dora:
-            return []
-        params = self.ckstate.parameters
-        tensors = {n: params[n].data for m in self._dora for n in (m.a, m.b)}
-        feed = _dora.norms_feed(self._dora, self._dora_base, tensors, self.bundle.adapter.scale, self._dora_wsq)
-        return [feed[m.norm_input] for m in self._dora]
+            return {}
+        return _dora.norms_feed(self._dora, self._dora_base, self.runner.params, self.bundle.adapter.scale,
+                                self._dora_wsq)
 
     # -- data ------------------------------------------------------------------
     def load_data(self, data: str | Path) -> tuple[_data.Dataset, _data.Dataset | None]:
@@ -226,13 +208,12 @@ class Trainer:
             epoch, idx = epoch + 1, 0
 
     def _step(self, group: list[_data.Batch]) -> float:
-        norm = np.float32(sum(b.n_labels for b in group))
+        norm = np.asarray(sum(b.n_labels for b in group), np.float32)
         loss = 0.0
         chunks = [c for b in group for c in _data.split_rows(b, self.cfg.max_batch_tokens)]
         extra = self._extra_inputs()  # the weights change only at the optimizer step
         for b in chunks:
-            out = self.module(b.input_ids, b.attention_mask, b.labels, np.asarray(norm, np.float32), *extra)
-            loss += float(np.asarray(out).reshape(()))
+            loss += self.runner.accumulate(_batch_feed(b, norm, extra))
         return loss
 
     def validate(self, valid: _data.Dataset) -> float:
@@ -244,19 +225,30 @@ class Trainer:
 
     def validate_batches(self, batches: list[_data.Batch]) -> float:
         self._open()
-        self.module.eval()
         total, count = 0.0, 0
         extra = self._extra_inputs()
+        one = np.asarray(1.0, np.float32)
         for b in (c for b in batches for c in _data.split_rows(b, self.cfg.max_batch_tokens)):
-            out = self.module(b.input_ids, b.attention_mask, b.labels, np.asarray(1.0, np.float32), *extra)
-            total += float(np.asarray(out).reshape(()))
+            total += self.runner.loss(_batch_feed(b, one, extra))
             count += b.n_labels
-        self.module.train()
         return total / max(1, count)
 
     def adapter_tensors(self) -> dict[str, np.ndarray]:
-        params = self.ckstate.parameters
-        return {n: np.array(params[n].data, copy=True) for n in self.bundle.trainable}
+        self._open()
+        return {n: np.array(self.runner.params[n], copy=True) for n in self.bundle.trainable}
+
+    def placement(self, train: _data.Dataset) -> dict[str, int]:
+        """Nodes of the training graph each provider ran, from one profiled step on a batch."""
+        self._open()
+        b = _data.split_rows(_data.epoch_batches(train, self.cfg.batch_size, 0, 0, self.tok.pad_id)[0],
+                             self.cfg.max_batch_tokens)[0]
+        feed = {**_batch_feed(b, np.asarray(1.0, np.float32), self._extra_inputs()), **self.runner.params}
+        return devices.placement(self.bundle.path("train.onnx"), self.device, feed)
+
+    def set_adapter(self, tensors: dict[str, np.ndarray]) -> None:
+        """Start from ``tensors`` (graph names) instead of the bundle's initial adapter."""
+        self._open()
+        self.runner.set_params(tensors)
 
     # -- checkpoints -----------------------------------------------------------
     def save_checkpoint(self) -> Path:
@@ -265,7 +257,7 @@ class Trainer:
         ck_root = self.out / "checkpoints"
         try:
             with _io.atomic_dir(ck_root / name) as tmp:
-                self._api.CheckpointState.save_checkpoint(self.ckstate, str(tmp / "checkpoint"), include_optimizer_state=True)
+                self.runner.save(tmp)
                 _fault("checkpoint-write")
                 _io.write_json(tmp / "trainer_state.json", self.state.to_json())
             _io.write_text(ck_root / "latest", name + "\n")
@@ -293,7 +285,7 @@ class Trainer:
         self._write_run_files(train, valid, total)
         self.log(f"training {len(self.bundle.trainable)} adapter tensors on {len(train)} examples "
                  f"({train.labelled} labelled of {train.tokens} tokens, {train.truncated} truncated); "
-                 f"steps {self.state.step}->{total}; train on CPUExecutionProvider")
+                 f"steps {self.state.step}->{total}; providers {', '.join(self.runner.providers())}")
         stream = self._micro_batches(train)
         bar = _progress(total, self.state.step, self.progress)
         t_start = time.time() - self.state.elapsed
@@ -305,13 +297,12 @@ class Trainer:
                     epoch, idx, b = next(stream)
                     group.append(b)
                 lr = lr_at(self.state.step, self.cfg, total)
-                self.optimizer.set_learning_rate(lr)
-                _ort.set_seed(self.cfg.seed * 1_000_003 + self.state.step)
+                _set_seed(self.cfg.seed * 1_000_003 + self.state.step)
                 loss = self._step(group)
-                if not math.isfinite(loss):
+                if not math.isfinite(loss) or not self.runner.grads_finite():
+                    self.runner.zero_grad()
                     self._nonfinite(loss)
-                self.optimizer.step()
-                self.module.lazy_reset_grad()
+                self.runner.step(lr)
                 ntok = sum(b.n_tokens for b in group)
                 self.state.step += 1
                 self.state.epoch, self.state.batch_index = epoch, idx + 1
@@ -346,7 +337,8 @@ class Trainer:
     def _nonfinite(self, loss: float) -> None:
         prev = latest_checkpoint(self.out)
         where = f"the last good checkpoint is {prev}" if prev else "no checkpoint was written yet"
-        raise TrainingError(f"loss is {loss} at step {self.state.step + 1}; training stopped before the update, "
+        what = f"loss is {loss}" if not math.isfinite(loss) else "a gradient is not finite"
+        raise TrainingError(f"{what} at step {self.state.step + 1}; training stopped before the update, "
                             f"{where}. Lower --lr, add --warmup, or check the data; resume with --resume")
 
     def _write_run_files(self, train: _data.Dataset, valid: _data.Dataset | None, total: int) -> None:
@@ -357,7 +349,7 @@ class Trainer:
             "data": {"train": train.path, "valid": valid.path if valid else None, "format": train.fmt,
                      "examples": len(train), "tokens": train.tokens, "labelled": train.labelled,
                      "truncated": train.truncated},
-            "train_provider": "CPUExecutionProvider", "device": self.device.name,
+            "train_providers": self.runner.providers(), "device": self.device.name,
         })
 
     def _finish(self, adapter: Path, train: _data.Dataset) -> RunResult:
@@ -372,6 +364,18 @@ class Trainer:
         _io.write_json(self.out / RUN_MANIFEST, manifest)
         plot_loss(self.out)
         return RunResult(self.out, self.state.step, self.state.last_loss, self.state.last_valid_loss, tps, adapter, summary)
+
+
+def _batch_feed(b: _data.Batch, norm: np.ndarray, extra: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {"input_ids": b.input_ids, "attention_mask": b.attention_mask, "labels": b.labels, "label_norm": norm,
+            **extra}
+
+
+def _set_seed(seed: int) -> None:
+    """Seed ONNX Runtime's random generator (dropout), so runs repeat exactly."""
+    import onnxruntime as ort
+
+    ort.set_seed(int(seed) % (2**31 - 1))
 
 
 def _peak_rss_mb() -> float:

@@ -1,0 +1,150 @@
+"""Training steps on the installed onnxruntime: sessions, parameters, gradients, optimizer
+state and checkpoints. The trainer loop above knows nothing of how a step runs.
+
+The bundle's ``train.onnx`` is plain ONNX (see ``edgetune.autodiff``): the adapter tensors
+are graph inputs and their gradients graph outputs, so any onnxruntime build, on any
+platform and with any execution provider, runs it. Checkpoints are edgetune's own::
+
+    step-000100/
+      adapter.safetensors     the adapter tensors (graph names)
+      optimizer.safetensors   AdamW moments (exp_avg/NAME, exp_avg_sq/NAME)
+      trainer_state.json      step, data position, optimizer step count, ...
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from . import bundle as _bundle, devices
+from .errors import BundleError, DeviceError
+from .optim import AdamW
+
+ADAPTER_FILE = "adapter.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+
+
+def session_options(threads: int = 0) -> Any:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    # Denormal adapter gradients are numerically nil but slow on x86.
+    so.add_session_config_entry("session.set_denormal_as_zero", "1")
+    if threads:
+        so.intra_op_num_threads = threads
+    return so
+
+
+def read_tensors(path: Path) -> dict[str, np.ndarray]:
+    """A safetensors file as float32 arrays; damage is an error naming the file."""
+    from safetensors.numpy import load_file
+
+    try:
+        return {k: np.array(v, np.float32) for k, v in load_file(str(path)).items()}
+    except FileNotFoundError:
+        raise BundleError(f"{path} is missing") from None
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise BundleError(f"{path} is damaged ({e}); restore it or export/train again") from None
+
+
+def write_checkpoint(ck: Path, params: Mapping[str, np.ndarray], optimizer: AdamW | None) -> None:
+    """Write the tensor files of a checkpoint into the (temporary) folder ``ck``."""
+    from safetensors.numpy import save
+
+    (ck / ADAPTER_FILE).write_bytes(save({k: np.ascontiguousarray(v) for k, v in params.items()}))
+    if optimizer is not None and optimizer.step_count:
+        (ck / OPTIMIZER_FILE).write_bytes(save({k: np.ascontiguousarray(v) for k, v in optimizer.state().items()}))
+
+
+class StepRunner:
+    """Forward and backward passes of one bundle on one device, with AdamW on the adapters."""
+
+    def __init__(self, b: _bundle.Bundle, device: devices.Device, threads: int = 0,
+                 weight_decay: float = 0.01) -> None:
+        self.bundle = b
+        self.device = device
+        self.threads = threads
+        self.train_sess = self._session("train.onnx")
+        self._eval_sess: Any = None
+        self.params: dict[str, np.ndarray] = read_tensors(b.path("adapter_init.safetensors"))
+        self._check_params(self.params, b.path("adapter_init.safetensors"))
+        self.grads: dict[str, np.ndarray] = {}
+        self.optimizer = AdamW(weight_decay=weight_decay)
+        self._grad_names = [p + "_grad" for p in b.trainable]
+
+    # -- sessions ---------------------------------------------------------------------------
+    def _session(self, name: str) -> Any:
+        so = session_options(self.threads)
+        try:
+            return devices.session(self.bundle.path(name), self.device, so)
+        except DeviceError as e:
+            if "NOT_IMPLEMENTED" in str(e) or "not a registered function/op" in str(e):
+                raise DeviceError(f"{self.bundle.path(name)} uses an op this onnxruntime cannot run ({e}); "
+                                  "upgrade onnxruntime (pip install -U onnxruntime) or export the bundle again") from None
+            raise
+
+    @property
+    def eval_sess(self) -> Any:
+        if self._eval_sess is None:
+            self._eval_sess = self._session("eval.onnx")
+        return self._eval_sess
+
+    def providers(self) -> list[str]:
+        return list(self.train_sess.get_providers())
+
+    # -- parameters -------------------------------------------------------------------------
+    def _check_params(self, tensors: Mapping[str, np.ndarray], where: Path) -> None:
+        shapes = self.bundle.manifest.get("trainable_shapes", {})
+        problems = [f"{n} is missing" for n in self.bundle.trainable if n not in tensors]
+        problems += [f"{n} has shape {list(v.shape)}, the bundle expects {shapes[n]}"
+                     for n, v in tensors.items() if n in shapes and list(v.shape) != shapes[n]]
+        problems += [f"{n} is not a tensor of this bundle" for n in tensors if n not in shapes and shapes]
+        if problems:
+            raise BundleError(f"{where} does not fit bundle {self.bundle.root}:\n  - " + "\n  - ".join(problems[:8]))
+
+    def set_params(self, tensors: Mapping[str, np.ndarray]) -> None:
+        self._check_params(tensors, Path("<adapter>"))
+        self.params = {n: np.array(tensors[n], np.float32) for n in self.bundle.trainable}
+
+    def load(self, ck: Path, step_count: int) -> None:
+        """Restore parameters and optimizer moments from a checkpoint folder."""
+        params = read_tensors(ck / ADAPTER_FILE)
+        self._check_params(params, ck / ADAPTER_FILE)
+        self.params = {n: params[n] for n in self.bundle.trainable}
+        opt = ck / OPTIMIZER_FILE
+        self.optimizer.load_state(read_tensors(opt) if opt.is_file() else {}, step_count if opt.is_file() else 0)
+
+    def save(self, ck: Path) -> None:
+        write_checkpoint(ck, self.params, self.optimizer)
+
+    # -- steps ------------------------------------------------------------------------------
+    def _feed(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {**batch, **self.params}
+
+    def accumulate(self, batch: Mapping[str, np.ndarray]) -> float:
+        """Forward and backward on one micro-batch; gradients add up until :meth:`step`."""
+        out = self.train_sess.run(["loss", *self._grad_names], self._feed(batch))
+        for name, g in zip(self.bundle.trainable, out[1:]):
+            if name in self.grads:
+                self.grads[name] += g
+            else:
+                self.grads[name] = g
+        return float(np.asarray(out[0]).reshape(()))
+
+    def loss(self, batch: Mapping[str, np.ndarray]) -> float:
+        """The loss of one micro-batch with the eval graph (no dropout, no gradients)."""
+        return float(np.asarray(self.eval_sess.run(["loss"], self._feed(batch))[0]).reshape(()))
+
+    def step(self, lr: float) -> None:
+        """One AdamW update from the accumulated gradients, which are then cleared."""
+        if self.grads:
+            self.optimizer.step(self.params, self.grads, lr)
+        self.grads = {}
+
+    def grads_finite(self) -> bool:
+        return all(bool(np.isfinite(g).all()) for g in self.grads.values())
+
+    def zero_grad(self) -> None:
+        self.grads = {}
