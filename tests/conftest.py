@@ -44,18 +44,9 @@ def _isolated_home(tmp_path_factory, monkeypatch):
 
 @pytest.fixture(scope="session")
 def ort_env() -> Path:
-    """A separate environment with the current onnxruntime inference release and numpy only:
-    the runtime apps use to load packed adapters (it cannot share a venv with ORT training)."""
-    import subprocess
-    import venv
-
-    env = ROOT / ".venv-ort"
-    py = env / "bin" / "python"
-    if not py.exists():
-        venv.create(env, with_pip=True)
-    if subprocess.run([str(py), "-c", "import onnxruntime, numpy"], capture_output=True).returncode != 0:
-        subprocess.run([str(py), "-m", "pip", "install", "--quiet", "onnxruntime>=1.20", "numpy"], check=True)
-    return py
+    """The Python that runs the app-side consumer scripts: the training environment's own,
+    since training and apps now use the same onnxruntime (the scripts import no edgetune)."""
+    return Path(sys.executable)
 
 
 @pytest.fixture(scope="session")

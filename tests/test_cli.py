@@ -15,7 +15,7 @@ def test_version_and_help():
     for cmd in ("export", "train", "eval", "generate", "devices"):
         r = invoke(cmd, "-h")
         assert r.exit_code == 0 and "Example" in r.output, cmd
-    assert "trains on the CPU only" in invoke("train", "--help").output
+    assert "fall back to the CPU" in invoke("train", "--help").output
 
 
 def test_models_list_json():

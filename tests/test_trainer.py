@@ -35,7 +35,7 @@ def test_training_lowers_loss_and_writes_a_run(tiny_bundle, chat_data, tmp_path)
               "checkpoints/latest", "loss.png"):
         assert (out / f).is_file(), f
     manifest = json.loads((out / "run.json").read_text())
-    assert manifest["status"] == "complete" and manifest["train_provider"] == "CPUExecutionProvider"
+    assert manifest["status"] == "complete" and manifest["train_providers"] == ["CPUExecutionProvider"]
     cfg = json.loads((out / "config.json").read_text())
     assert list(cfg) == sorted(cfg) and cfg["steps"] == 40
     names = set(adapter(out))
@@ -122,7 +122,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_bundle, chat_data, t
     tr, va = t.load_data(chat_data)
     t._open()
     name = t.bundle.trainable[1]
-    t.ckstate.parameters[name].data = np.full(t.ckstate.parameters[name].data.shape, np.nan, np.float32)
+    t.runner.params[name] = np.full(t.runner.params[name].shape, np.nan, np.float32)
     with pytest.raises(TrainingError) as e:
         t.fit(tr, va)
     assert str(e.value).startswith("loss is nan at step 4; training stopped before the update, "
