@@ -1,16 +1,19 @@
-"""Training speed and memory: edgetune (ORT training) against PyTorch + PEFT, side by side.
+"""Training speed and memory: edgetune on the current onnxruntime, against edgetune's former
+backend (ONNX Runtime's last training release, 1.19.2, in its own environment: see
+scripts/legacy_env.sh) and against PyTorch + PEFT, side by side.
 
-Both sides train the same model, LoRA config, batches (multi-turn chats with prompt
+All sides train the same model, LoRA config, batches (multi-turn chats with prompt
 masking and varied lengths), optimizer (AdamW, PyTorch's rule and defaults) and thread
 count. Each side runs in its own process, so peak RSS is its own; rounds alternate so
 machine drift hits both. Prints per side tokens/s (all and labelled), s/step, peak RSS and
 the validation loss after the run, then the ratios and an achieved-FLOP/s estimate against
 a float32 matmul measured in the same run. The last line is JSON:
 
-    {"tokens_per_s_ratio": ..., "peak_rss_ratio": ..., "loss_gap": ..., "flops_fraction": ...}
+    {"tokens_per_s_ratio": ..., "peak_rss_ratio": ..., "loss_gap": ..., "flops_fraction": ...,
+     "tokens_per_s_ratio_vs_1192": ..., "peak_rss_ratio_vs_1192": ..., "loss_gap_vs_1192": ...}
 
-ratios are edgetune over PyTorch; loss_gap is (edgetune - PyTorch) / PyTorch.
-Usage: python bench/train.py [--steps 6] [--batch 8] [--seq 256] [--rank 8] [--rounds 1]
+ratios are edgetune over PyTorch (or over the 1.19.2 backend); loss_gap is (edgetune - other) / other.
+Usage: python bench/train.py [--steps 6] [--batch 8] [--seq 256] [--rank 8] [--rounds 1] [--no-legacy]
 """
 from __future__ import annotations
 
@@ -26,6 +29,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import machine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TICKETS = ROOT / "examples" / "data" / "tickets"
@@ -64,10 +70,10 @@ def batches(bundle: Path, data: Path, batch: int, seq: int, split: str = "train"
 
 # -- workers ---------------------------------------------------------------------------
 def worker_edgetune(a: argparse.Namespace) -> dict:
-    import onnxruntime as ort
-
-    from edgetune import _ort, trainer
+    from edgetune import trainer  # never torch: the device side does not have it
     from edgetune.config import TrainConfig
+
+    import onnxruntime as ort
 
     cfg = TrainConfig(steps=a.steps + 1, batch_size=a.batch, lr=a.lr, schedule="constant", max_seq_len=a.seq,
                       threads=a.threads, **({} if a.max_batch_tokens is None else {"max_batch_tokens": a.max_batch_tokens}))
@@ -77,19 +83,18 @@ def worker_edgetune(a: argparse.Namespace) -> dict:
     times, toks, labs = [], 0, 0
     for i, b in enumerate(train[: a.steps + 1]):
         t0 = time.perf_counter()
-        t.optimizer.set_learning_rate(a.lr)
         loss = t._step([b])
-        t.optimizer.step()
-        t.module.lazy_reset_grad()
+        t.runner.step(a.lr)
         dt = time.perf_counter() - t0
         if i > 0:  # the first step builds kernels and arenas
             times.append(dt)
             toks, labs = toks + b.n_tokens, labs + b.n_labels
-    vl, vn = t.validate_batches(valid), sum(b.n_labels for b in valid)
-    vl *= vn
-    return {"side": "edgetune", "s_per_step": float(np.mean(times)), "tokens": toks, "labelled": labs,
-            "time": float(np.sum(times)), "peak_rss_mb": peak_rss_mb(), "valid_loss": vl / vn, "last_loss": loss,
-            "onnxruntime": ort.__version__, "max_batch_tokens": cfg.max_batch_tokens}
+    vl = t.validate_batches(valid)
+    return {"side": "edgetune", "s_per_step": float(np.median(times)), "s_min": float(np.min(times)),
+            "s_max": float(np.max(times)), "tokens": toks, "labelled": labs,
+            "time": float(np.sum(times)), "peak_rss_mb": peak_rss_mb(), "valid_loss": vl, "last_loss": loss,
+            "onnxruntime": ort.__version__, "max_batch_tokens": cfg.max_batch_tokens,
+            "torch_loaded": "torch" in sys.modules}
 
 
 def worker_torch(a: argparse.Namespace) -> dict:
@@ -136,7 +141,8 @@ def worker_torch(a: argparse.Namespace) -> dict:
                                                     torch.from_numpy(b.labels).reshape(-1), ignore_index=-100,
                                                     reduction="sum").item()
             vn += b.n_labels
-    return {"side": "pytorch+peft", "s_per_step": float(np.mean(times)), "tokens": toks, "labelled": labs,
+    return {"side": "pytorch+peft", "s_per_step": float(np.median(times)), "s_min": float(np.min(times)),
+            "s_max": float(np.max(times)), "tokens": toks, "labelled": labs,
             "time": float(np.sum(times)), "peak_rss_mb": peak_rss_mb(), "valid_loss": vl / vn, "last_loss": loss,
             "torch": torch.__version__}
 
@@ -168,15 +174,29 @@ def train_flops(manifest: dict, tokens: int, labelled: int) -> float:
     return 4.0 * body * tokens + 4.0 * vocab * h * labelled
 
 
+LEGACY_SRC = ROOT / "out" / "legacy-src"
+LEGACY_PY = ROOT / ".venv-legacy" / "bin" / "python"
+
+
 def run_worker(side: str, a: argparse.Namespace, tmp: Path) -> dict:
     out = tmp / f"{side}-{time.time_ns()}.json"
-    cmd = [sys.executable, __file__, "--worker", side, "--bundle", str(a.bundle), "--data", str(a.data),
-           "--steps", str(a.steps), "--batch", str(a.batch), "--seq", str(a.seq), "--rank", str(a.rank),
-           "--lr", str(a.lr), "--threads", str(a.threads), "--tmp", str(tmp / side), "--result", str(out)]
+    py, script, bundle, env = sys.executable, __file__, a.bundle, dict(os.environ)
+    if side == "legacy":  # the former backend's own worker, source tree and environment
+        py, script, bundle = str(LEGACY_PY), str(LEGACY_SRC / "bench" / "train.py"), a.legacy_bundle
+        env["PYTHONPATH"] = str(LEGACY_SRC)
+    cmd = [py, script, "--worker", "torch" if side == "torch" else "edgetune", "--bundle", str(bundle),
+           "--data", str(a.data), "--steps", str(a.steps), "--batch", str(a.batch), "--seq", str(a.seq),
+           "--rank", str(a.rank), "--lr", str(a.lr), "--threads", str(a.threads), "--tmp", str(tmp / side),
+           "--result", str(out)]
     if a.max_batch_tokens is not None:
         cmd += ["--max-batch-tokens", str(a.max_batch_tokens)]
-    subprocess.run(cmd, check=True)
-    return json.loads(out.read_text())
+    subprocess.run(cmd, check=True, env=env, cwd=str(LEGACY_SRC if side == "legacy" else ROOT))
+    res = json.loads(out.read_text())
+    if side == "legacy":
+        res["side"] = "edgetune on ORT 1.19.2"
+        res.setdefault("s_min", res["s_per_step"])
+        res.setdefault("s_max", res["s_per_step"])
+    return res
 
 
 def ensure_bundle(a: argparse.Namespace, tmp: Path) -> Path:
@@ -186,9 +206,23 @@ def ensure_bundle(a: argparse.Namespace, tmp: Path) -> Path:
     from edgetune.export import export
 
     out = ROOT / "out" / f"bench-bundle-r{a.rank}"
-    if not (out / "edgetune.json").is_file():
+    if not (out / "edgetune.json").is_file() or json.loads((out / "edgetune.json").read_text()).get("format") != 2:
         print(f"exporting the default model (rank {a.rank} on {','.join(TARGETS)}) to {out}", flush=True)
         export(None, out, AdapterConfig(rank=a.rank, alpha=2 * a.rank, targets=tuple(TARGETS)), overwrite=True)
+    return out
+
+
+def ensure_legacy_bundle(a: argparse.Namespace) -> Path:
+    """The same model and adapter exported by the former backend's code, in its environment."""
+    subprocess.run(["bash", str(ROOT / "scripts" / "legacy_env.sh")], check=True)
+    out = ROOT / "out" / f"bench-bundle-legacy-r{a.rank}"
+    if not (out / "edgetune.json").is_file():
+        print(f"exporting the default model for the 1.19.2 backend to {out}", flush=True)
+        code = ("from edgetune.config import AdapterConfig; from edgetune.export import export; "
+                f"export(None, {str(out)!r}, AdapterConfig(rank={a.rank}, alpha={2 * a.rank}, "
+                f"targets={tuple(TARGETS)!r}), overwrite=True)")
+        subprocess.run([str(LEGACY_PY), "-c", code], check=True, cwd=str(LEGACY_SRC),
+                       env={**os.environ, "PYTHONPATH": str(LEGACY_SRC)})
     return out
 
 
@@ -204,6 +238,7 @@ def main() -> None:
     ap.add_argument("--max-batch-tokens", type=int, default=None,
                     help="edgetune's chunking of each batch (default: edgetune's own default; 0 turns it off)")
     ap.add_argument("--bundle", help="an exported bundle of the default model (else one is exported)")
+    ap.add_argument("--no-legacy", action="store_true", help="skip the ONNX Runtime 1.19.2 training backend")
     ap.add_argument("--data")
     ap.add_argument("--worker", choices=["edgetune", "torch"], help=argparse.SUPPRESS)
     ap.add_argument("--tmp", help=argparse.SUPPRESS)
@@ -217,16 +252,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="edgetune-bench-") as tmpd:
         tmp = Path(tmpd)
         a.bundle = ensure_bundle(a, tmp)
+        sides = ["edgetune", "torch"] if a.no_legacy else ["edgetune", "legacy", "torch"]
+        if not a.no_legacy:
+            a.legacy_bundle = ensure_legacy_bundle(a)
         a.data = Path(a.data) if a.data else make_data(tmp / "data", n_train=a.batch * (a.steps + 1), n_valid=16)
+        print(f"machine: {machine.describe()}")
         gflops = matmul_gflops(a.threads)
         print(f"float32 matmul (1024^3, numpy, {a.threads} threads): {gflops:.1f} GFLOP/s")
-        results: dict[str, list[dict]] = {"edgetune": [], "torch": []}
+        results: dict[str, list[dict]] = {s: [] for s in sides}
         for r in range(a.rounds):
-            for side in (("edgetune", "torch") if r % 2 == 0 else ("torch", "edgetune")):
+            for side in (sides if r % 2 == 0 else sides[::-1]):
                 res = run_worker(side, a, tmp)
                 results[side].append(res)
                 chunks = f" (chunks of <= {res['max_batch_tokens']} tokens)" if res.get("max_batch_tokens") else ""
-                print(f"round {r + 1} {res['side'] + chunks:>13}: {res['s_per_step']:.2f} s/step, "
+                print(f"round {r + 1} {res['side'] + chunks:>13}: {res['s_per_step']:.2f} s/step "
+                      f"(median; {res['s_min']:.2f}-{res['s_max']:.2f}), "
                       f"{res['tokens'] / res['time']:.0f} tokens/s ({res['labelled'] / res['time']:.0f} labelled), "
                       f"peak RSS {res['peak_rss_mb']:.0f} MB, valid loss {res['valid_loss']:.4f}", flush=True)
     manifest = json.loads((Path(a.bundle) / "edgetune.json").read_text())
@@ -239,6 +279,13 @@ def main() -> None:
                                        min(x["peak_rss_mb"] for x in results["torch"]), 3),
                "loss_gap": round((e["valid_loss"] - t["valid_loss"]) / t["valid_loss"], 4),
                "flops_fraction": round(fl / gflops, 3)}
+    if "legacy" in results:
+        old = min(results["legacy"], key=lambda x: x["s_per_step"])
+        summary.update({
+            "tokens_per_s_ratio_vs_1192": round(e_tps / (old["tokens"] / old["time"]), 3),
+            "peak_rss_ratio_vs_1192": round(min(x["peak_rss_mb"] for x in results["edgetune"]) /
+                                            min(x["peak_rss_mb"] for x in results["legacy"]), 3),
+            "loss_gap_vs_1192": round((e["valid_loss"] - old["valid_loss"]) / old["valid_loss"], 4)})
     print(f"\nedgetune {e_tps:.0f} tokens/s vs PyTorch+PEFT {t_tps:.0f} tokens/s; "
           f"edgetune achieves {fl:.1f} GFLOP/s of useful work ({summary['flops_fraction']:.0%} of the matmul)")
     print(json.dumps(summary))

@@ -43,7 +43,7 @@ def _versions() -> dict[str, str]:
 def make_manifest(root: Path, *, source: str, source_sha256: str | None, adapter: AdapterConfig,
                   trainable: list[str], kv: dict[str, Any], tokenizer: dict[str, Any],
                   hf_config: dict[str, Any], shapes: dict[str, list[int]],
-                  weights: dict[str, dict[str, Any]]) -> dict[str, Any]:
+                  weights: dict[str, dict[str, Any]], train_weights: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Describe a freshly exported bundle in ``root``; hashes every file."""
     files = {name: _io.sha256_file(root / name) for name in HASHED if (root / name).exists()}
     ident = hashlib.sha256(json.dumps([files[k] for k in sorted(files) if k != "adapter_init.safetensors"]).encode()).hexdigest()
@@ -66,6 +66,7 @@ def make_manifest(root: Path, *, source: str, source_sha256: str | None, adapter
             "model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "intermediate_size", "max_position_embeddings", "tie_word_embeddings")},
         "weights": weights,
+        "train_weights": train_weights,
         "files": files,
     }
 

@@ -394,10 +394,11 @@ def _export(model: str | os.PathLike | None, out: Path, cfg: AdapterConfig, log:
         graphs.app_base_templates(tmp / "infer.onnx", tmp, trainable + norm_inputs, "base.onnx.data")
         _io.write_json(tmp / "hf_config.json", hf.config.to_dict())
         tok_meta = _write_tokenizer(tok, tmp)
+        train_weights = graphs.external_index(tmp / "train.onnx")
         manifest = _bundle.make_manifest(
             tmp, source=str(spec.name if spec else path), source_sha256=(spec.sha256 if spec else None),
             adapter=cfg, trainable=trainable, kv=kv, tokenizer=tok_meta, hf_config=hf.config.to_dict(),
-            shapes={n: list(p.shape) for n, p in pm.named_parameters() if p.requires_grad}, weights=index,
+            shapes={n: list(p.shape) for n, p in pm.named_parameters() if p.requires_grad}, weights=index, train_weights=train_weights,
         )
         _io.write_json(tmp / _bundle.MANIFEST, manifest)
     log(f"bundle written to {out} in {time.time() - t0:.0f}s")

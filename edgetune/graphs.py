@@ -88,6 +88,25 @@ def hf_name(graph_name: str) -> str:
     return name.replace(".base_layer.", ".")
 
 
+NUMPY_DTYPES = {1: "float32", 10: "float16", 16: "bfloat16", 7: "int64", 6: "int32", 3: "int8", 2: "uint8"}
+
+
+def external_index(onnx_path: Path) -> dict[str, dict[str, Any]]:
+    """Every external initializer of a graph: name -> offset, length, shape, dtype (so a device
+    without the onnx package can map the weights itself)."""
+    import onnx
+
+    proto = onnx.load(str(onnx_path), load_external_data=False)
+    out = {}
+    for init in proto.graph.initializer:
+        if init.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        ext = {e.key: e.value for e in init.external_data}
+        out[init.name] = {"offset": int(ext.get("offset", 0)), "length": int(ext["length"]), "shape": list(init.dims),
+                          "dtype": NUMPY_DTYPES[init.data_type], "file": ext["location"]}
+    return out
+
+
 def weights_index(onnx_path: Path, hf_names: set[str]) -> dict[str, dict[str, Any]]:
     """Where each base weight lives in the external data file: HF name -> offset, length, shape."""
     import onnx
