@@ -40,35 +40,70 @@ def grad_name(param: str) -> str:
 
 # -- graph preparation ------------------------------------------------------------------
 
-def fuse_transposed_weights(proto: Any) -> int:
-    """``MatMul(X, Transpose(W))`` with a 2-D constant or input ``W`` becomes
-    ``FusedMatMul(X, W, transB=1)``: no transposed copy of a frozen weight is ever built."""
+def _swaps_last_two(perm: list[int], rank: int | None) -> bool:
+    if not perm:
+        return rank == 2
+    r = len(perm)
+    return perm == list(range(r - 2)) + [r - 1, r - 2]
+
+
+def _scalar(g: Any, name: str) -> float | None:
+    from onnx import numpy_helper
+
+    for i in g.initializer:
+        if i.name == name:
+            v = numpy_helper.to_array(i)
+            return float(v.reshape(())) if v.size == 1 and v.dtype.kind == "f" else None
+    for n in g.node:
+        if n.op_type == "Constant" and n.output[0] == name:
+            v = numpy_helper.to_array(_attr(n, "value"))
+            return float(v.reshape(())) if v.size == 1 and v.dtype.kind == "f" else None
+    return None
+
+
+def fuse_matmuls(proto: Any) -> int:
+    """Fold what feeds and follows a MatMul into one ``FusedMatMul`` before differentiating:
+    ``MatMul(X, Transpose(W))`` (last two axes swapped) becomes ``transB=1`` and a following
+    ``Mul`` by a constant scalar (attention's 1/sqrt(d), LoRA's scale) becomes ``alpha``. No
+    transposed copy of a weight is built, and neither pass costs an elementwise sweep forward
+    or backward."""
     from onnx import helper
 
     g = proto.graph
-    inits = {i.name: i for i in g.initializer}
-    inputs = {i.name for i in g.input}
+    ranks = {i.name: len(i.dims) for i in g.initializer}
+    ranks.update({i.name: len(i.type.tensor_type.shape.dim) for i in g.input})
     producers = {o: n for n in g.node for o in n.output}
     uses: dict[str, int] = {}
     for n in g.node:
         for i in n.input:
             uses[i] = uses.get(i, 0) + 1
-    count, drop = 0, set()
+    drop: set[int] = set()
+    count = 0
     for idx, node in enumerate(g.node):
         if node.op_type != "MatMul":
             continue
         t = producers.get(node.input[1])
-        if t is None or t.op_type != "Transpose" or uses.get(t.output[0], 0) != 1:
-            continue
-        w = t.input[0]
-        perm = [list(a.ints) for a in t.attribute if a.name == "perm"]
-        rank2 = (w in inits and len(inits[w].dims) == 2) or w in inputs
-        if not rank2 or perm not in ([[1, 0]], []):
-            continue
-        g.node[idx].CopyFrom(helper.make_node("FusedMatMul", [node.input[0], w], list(node.output),
-                                              name=node.name or f"fused_{idx}", domain=MS, transB=1, alpha=1.0))
-        drop.add(id(t))
+        perm = list(_attr(t, "perm") or []) if t is not None and t.op_type == "Transpose" else None
+        fused = helper.make_node("FusedMatMul", list(node.input), list(node.output), name=node.name or f"fused_{idx}",
+                                 domain=MS, transA=0, transB=0, alpha=1.0)
+        if perm is not None and uses.get(t.output[0], 0) == 1 and _swaps_last_two(perm, ranks.get(t.input[0])):
+            fused = helper.make_node("FusedMatMul", [node.input[0], t.input[0]], list(node.output), name=fused.name,
+                                     domain=MS, transA=0, transB=1, alpha=1.0)
+            drop.add(id(t))
+        g.node[idx].CopyFrom(fused)
         count += 1
+    for node in g.node:
+        if node.op_type != "Mul" or id(node) in drop:
+            continue
+        for k in (0, 1):
+            mm, c = producers.get(node.input[k]), _scalar(g, node.input[1 - k])
+            if mm is None or c is None or mm.op_type != "FusedMatMul" or uses.get(node.input[k], 0) != 1:
+                continue
+            alpha = next(a for a in mm.attribute if a.name == "alpha")
+            alpha.f = alpha.f * c
+            mm.output[0] = node.output[0]
+            drop.add(id(node))
+            break
     keep = [n for n in g.node if id(n) not in drop]
     del g.node[:]
     g.node.extend(keep)
@@ -456,23 +491,29 @@ def _dropout(b: _Builder, n: Any, gy: list, want: list) -> list:
     return [b.op("Mul", [b.op("Mul", [gy[0], mask]), scale]), None, None]
 
 
-def _matmul_grads(b: _Builder, a: str, w: str, y: str, g: str, trans_b: bool, want: list) -> list:
-    """Gradients of ``y = a @ w`` (``a @ w^T`` if ``trans_b``) for the ranks the exporter emits."""
-    ra, rb, ry = b.rank(a), b.rank(w), b.rank(y)
+def _mm(b: _Builder, x: str, y: str, ta: bool, tb: bool, alpha: float) -> str:
+    return b.op("FusedMatMul", [x, y], domain=MS, transA=int(ta), transB=int(tb), alpha=float(alpha))
+
+
+def _matmul_grads(b: _Builder, a: str, w: str, y: str, g: str, ta: bool, tb: bool, alpha: float,
+                  want: list) -> list:
+    """Gradients of ``y = alpha * op(a) @ op(w)`` (op: optional swap of the last two axes),
+    as FusedMatMuls that read the saved operands in place: no transpose is materialized."""
+    ra, rb = b.rank(a), b.rank(w)
     if ra < 2 or rb < 2:
         raise ModelError("autodiff: MatMul with a 1-D operand is not supported")
     ga = gb = None
     if want[0]:
-        ga = b.op("MatMul", [g, w]) if trans_b else b.op("MatMul", [g, _swap_last(b, w, rb)])
+        ga = _mm(b, w, g, tb, True, alpha) if ta else _mm(b, g, w, False, not tb, alpha)
         ga = _unbroadcast_batch(b, ga, a, y)
     if want[1]:
-        if rb == 2 and ra > 2:  # a weight applied to every row: one GEMM over the flattened rows
+        if rb == 2 and ra > 2 and not ta:  # a weight applied to every row: one GEMM over the flattened rows
             k, m = b.static_dim(a, -1), b.static_dim(y, -1)
             a2 = b.op("Reshape", [a, b.const([-1, k], np.int64)])
             g2 = b.op("Reshape", [g, b.const([-1, m], np.int64)])
-            gb = b.op("Gemm", [g2, a2], transA=1) if trans_b else b.op("Gemm", [a2, g2], transA=1)
+            gb = b.op("Gemm", [g2, a2] if tb else [a2, g2], transA=1, alpha=float(alpha))
         else:
-            gb = b.op("MatMul", [_swap_last(b, g, ry), a]) if trans_b else b.op("MatMul", [_swap_last(b, a, ra), g])
+            gb = _mm(b, g, a, True, ta, alpha) if tb else _mm(b, a, g, not ta, False, alpha)
             gb = _unbroadcast_batch(b, gb, w, y)
     return [ga, gb]
 
@@ -491,20 +532,17 @@ def _unbroadcast_batch(b: _Builder, g: str, x: str, y: str) -> str:
     return b.like(g, x) if rx != ry else g
 
 
-def _swap_last(b: _Builder, x: str, r: int) -> str:
-    return b.op("Transpose", [x], perm=list(range(r - 2)) + [r - 1, r - 2])
-
-
 @rule("MatMul")
 def _matmul(b: _Builder, n: Any, gy: list, want: list) -> list:
-    return _matmul_grads(b, n.input[0], n.input[1], n.output[0], gy[0], False, want)
+    return _matmul_grads(b, n.input[0], n.input[1], n.output[0], gy[0], False, False, 1.0, want)
 
 
 @rule("FusedMatMul")
 def _fused_matmul(b: _Builder, n: Any, gy: list, want: list) -> list:
-    if _attr(n, "transA", 0) or _attr(n, "alpha", 1.0) != 1.0 or _attr(n, "transBatchA", 0) or _attr(n, "transBatchB", 0):
-        raise ModelError("autodiff: FusedMatMul is supported with transB and alpha 1 only")
-    return _matmul_grads(b, n.input[0], n.input[1], n.output[0], gy[0], bool(_attr(n, "transB", 0)), want)
+    if _attr(n, "transBatchA", 0) or _attr(n, "transBatchB", 0):
+        raise ModelError("autodiff: FusedMatMul with batch transposes is not supported")
+    return _matmul_grads(b, n.input[0], n.input[1], n.output[0], gy[0], bool(_attr(n, "transA", 0)),
+                         bool(_attr(n, "transB", 0)), float(_attr(n, "alpha", 1.0)), want)
 
 
 @rule("SoftmaxCrossEntropyLoss")
@@ -519,20 +557,23 @@ def _sce(b: _Builder, n: Any, gy: list, want: list) -> list:
     depth = b.op("Gather", [b.op("Shape", [scores]), b.const([1], np.int64)], axis=0)
     onehot = b.op("OneHot", [labels, depth, b.const([0.0, 1.0])], axis=-1)
     d = b.op("Sub", [b.op("Exp", [n.output[1]]), onehot])
+    # Everything that scales a row (the incoming gradient, the ignore mask, a mean's count)
+    # is gathered into one [N, 1] factor: a single sweep over the [N, vocab] tensor.
     ignore = _attr(n, "ignore_index")
     valid = None
     if ignore is not None:
         valid = b.op("Cast", [b.op("Not", [b.op("Equal", [labels, b.const(ignore, np.int64)])])], to=1)
-        d = b.op("Mul", [d, b.op("Unsqueeze", [valid, b.const([-1], np.int64)])])
     reduction = _attr(n, "reduction", b"mean")
     reduction = reduction.decode() if isinstance(reduction, bytes) else reduction
     g = gy[0]
-    if reduction == "none":
-        g = b.op("Unsqueeze", [g, b.const([-1], np.int64)])
-    elif reduction == "mean":
+    if reduction == "mean":
         count = b.op("ReduceSum", [valid], keepdims=0) if valid else b.op(
             "Cast", [b.op("Gather", [b.op("Shape", [scores]), b.const(0, np.int64)], axis=0)], to=1)
         g = b.op("Div", [g, count])
+    if valid is not None:
+        g = b.op("Mul", [valid, g])
+    if reduction == "none" or valid is not None:
+        g = b.op("Unsqueeze", [g, b.const([-1], np.int64)])
     return [b.op("Mul", [d, g]), None]
 
 
@@ -622,7 +663,7 @@ def build(proto: Any, params: list[str], loss: str, feeds: Sequence[dict[str, np
     import onnx
 
     types = elem_types(proto)
-    fuse_transposed_weights(proto)
+    fuse_matmuls(proto)
     shapes, fixed = probe_shapes(proto, feeds, types)
     initial = params_to_inputs(proto, params)
     train = onnx.ModelProto()

@@ -58,3 +58,23 @@ def write_chat_data(out: Path, n_train: int = 24, n_valid: int = 6) -> Path:
     for name, n in (("train", n_train), ("valid", n_valid), ("test", n_valid)):
         (out / f"{name}.jsonl").write_text("".join(json.dumps(rec(i)) + "\n" for i in range(n)))
     return out
+
+
+def write_assets(out: Path) -> Path:
+    """Everything the device-side tests need, exported here for an environment without torch:
+    ``python tests/tiny.py DIR`` then ``EDGETUNE_TEST_ASSETS=DIR EDGETUNE_DEVICE_ONLY=1 pytest``."""
+    from edgetune.config import AdapterConfig
+    from edgetune.export import export
+
+    model = make_model(out / "model")
+    export(str(model), out / "bundle", AdapterConfig(rank=4, alpha=8, targets=("q_proj", "v_proj")), overwrite=True)
+    export(str(model), out / "dora", AdapterConfig(method="dora", rank=4, alpha=8, targets=("q_proj", "v_proj")),
+           overwrite=True)
+    write_chat_data(out / "data")
+    return out
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(write_assets(Path(sys.argv[1])))
