@@ -113,13 +113,23 @@ def fuse_matmuls(proto: Any) -> int:
 
 
 def elem_types(proto: Any) -> dict[str, int]:
-    """Element type of every tensor, by ONNX shape inference (run before contrib ops appear)."""
+    """Element type of every tensor, by ONNX shape inference; ONNX cannot infer contrib ops,
+    so their outputs take their first input's type (true of FusedMatMul) and inference reruns."""
     import onnx
+    from onnx import helper
 
-    inferred = onnx.shape_inference.infer_shapes(proto)
-    types = {v.name: v.type.tensor_type.elem_type
-             for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)}
-    types.update({i.name: i.data_type for i in proto.graph.initializer})
+    model = onnx.ModelProto()
+    model.CopyFrom(proto)
+    for _ in range(2):
+        inferred = onnx.shape_inference.infer_shapes(model)
+        types = {v.name: v.type.tensor_type.elem_type
+                 for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)}
+        types.update({i.name: i.data_type for i in proto.graph.initializer})
+        missing = [(o, types[n.input[0]]) for n in proto.graph.node if n.domain == MS and n.input
+                   and n.input[0] in types for o in n.output if not types.get(o)]
+        if not missing:
+            break
+        model.graph.value_info.extend(helper.make_tensor_value_info(o, t, None) for o, t in missing)
     return types
 
 

@@ -1,0 +1,224 @@
+"""Every gradient rule of edgetune.autodiff against PyTorch's autograd, on random inputs.
+
+Each case builds a one-op ONNX graph whose inputs are trainable, takes the loss
+``sum(op(...) * R)`` for a random R, builds the training graph, runs it in onnxruntime and
+compares each input's gradient with torch's. Edge shapes: broadcasting along leading and
+inner axes, size-1 dimensions, negative and open-ended slice bounds, repeated gather
+indices, ignored labels.
+"""
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from edgetune import autodiff
+from edgetune.errors import ModelError
+
+torch = pytest.importorskip("torch")
+rng = np.random.default_rng(0)
+
+
+def rand(*shape, positive=False):
+    x = rng.standard_normal(shape).astype(np.float32)
+    return np.abs(x) + 0.5 if positive else x
+
+
+def check(op, params, fn, consts=None, attrs=None, domain="", n_out=1, atol=1e-5):
+    """Gradient of ``sum(op(params..., consts...) * R)`` by autodiff in ORT vs by torch."""
+    import onnxruntime as ort
+
+    consts = consts or {}
+    t_in = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
+    t_c = {k: torch.tensor(v) for k, v in consts.items()}
+    y = fn(**t_in, **t_c)
+    r = rand(*y.shape)
+    (y * torch.tensor(r)).sum().backward()
+    names = list(params) + list(consts)
+    outs = ["y"] + [f"y{i}" for i in range(1, n_out)]
+    nodes = [helper.make_node(op, names, outs, domain=domain, **(attrs or {})),
+             helper.make_node("Mul", ["y", "R"], ["yr"]), helper.make_node("ReduceSum", ["yr"], ["loss"], keepdims=0)]
+    inits = [numpy_helper.from_array(v, k) for k, v in {**params, **consts, "R": r}.items()]
+    graph = helper.make_graph(nodes, "g", [], [helper.make_tensor_value_info("loss", TensorProto.FLOAT, [])], inits)
+    opsets = [helper.make_opsetid("", 17)] + ([helper.make_opsetid(domain, 1)] if domain else [])
+    model = helper.make_model(graph, opset_imports=opsets)
+    tg = autodiff.build(model, list(params), "loss", [{}, {}])
+    sess = ort.InferenceSession(tg.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = sess.run(tg.grads, {k: v for k, v in params.items()})
+    for (k, t), g in zip(t_in.items(), got):
+        np.testing.assert_allclose(g, t.grad.numpy(), rtol=1e-4, atol=atol, err_msg=f"{op} d/d{k}")
+
+
+BINARY = [((2, 3, 4), (4,)), ((2, 1, 4), (2, 3, 4)), ((3,), (1,)), ((1, 5), (4, 1)), ((2, 3), (2, 3))]
+
+
+@pytest.mark.parametrize("shapes", BINARY)
+@pytest.mark.parametrize("op,fn", [("Add", torch.add), ("Sub", torch.sub), ("Mul", torch.mul),
+                                   ("Div", torch.div)])
+def test_broadcasting_binary_ops(op, fn, shapes):
+    a, b = rand(*shapes[0]), rand(*shapes[1], positive=op == "Div")
+    check(op, {"a": a, "b": b}, lambda a, b: fn(a, b))
+
+
+@pytest.mark.parametrize("op,fn,positive", [
+    ("Sqrt", torch.sqrt, True), ("Reciprocal", torch.reciprocal, True), ("Exp", torch.exp, False),
+    ("Log", torch.log, True), ("Tanh", torch.tanh, False), ("Sigmoid", torch.sigmoid, False),
+    ("Neg", torch.neg, False), ("Identity", lambda x: x, False)])
+def test_unary_ops(op, fn, positive):
+    check(op, {"x": rand(3, 1, 5, positive=positive)}, lambda x: fn(x))
+
+
+@pytest.mark.parametrize("p", [2.0, 3.0, 0.5])
+def test_pow_with_constant_exponent(p):
+    check("Pow", {"x": rand(4, 6, positive=True)}, lambda x, e: torch.pow(x, e), consts={"e": np.float32(p)})
+
+
+def test_cast_float_to_float():
+    check("Cast", {"x": rand(2, 3)}, lambda x: x, attrs={"to": TensorProto.FLOAT})
+
+
+@pytest.mark.parametrize("axis", [-1, 1, 0])
+def test_softmax(axis):
+    check("Softmax", {"x": rand(2, 3, 7)}, lambda x: torch.softmax(x, axis), attrs={"axis": axis})
+
+
+@pytest.mark.parametrize("op,fn", [("ReduceMean", torch.mean), ("ReduceSum", torch.sum)])
+@pytest.mark.parametrize("axes,keep", [([-1], 1), ([0, 2], 0), ([1], 0)])
+def test_reductions(op, fn, axes, keep):
+    if op == "ReduceMean":
+        check(op, {"x": rand(2, 3, 4)}, lambda x: fn(x, dim=axes, keepdim=bool(keep)), attrs={"axes": axes, "keepdims": keep})
+    else:
+        check(op, {"x": rand(2, 3, 4)}, lambda x, ax: fn(x, dim=axes, keepdim=bool(keep)),
+              consts={"ax": np.array(axes, np.int64)}, attrs={"keepdims": keep})
+
+
+def test_reshape_squeeze_unsqueeze_flatten():
+    check("Reshape", {"x": rand(2, 3, 4)}, lambda x, s: x.reshape(6, 4), consts={"s": np.array([-1, 4], np.int64)})
+    check("Unsqueeze", {"x": rand(2, 3)}, lambda x, a: x[:, None, :], consts={"a": np.array([1], np.int64)})
+    check("Squeeze", {"x": rand(2, 1, 3)}, lambda x, a: x[:, 0, :], consts={"a": np.array([1], np.int64)})
+    check("Flatten", {"x": rand(2, 3, 4)}, lambda x: x.reshape(6, 4), attrs={"axis": 2})
+
+
+@pytest.mark.parametrize("perm", [[1, 0, 2], [2, 0, 1], [0, 2, 1]])
+def test_transpose(perm):
+    check("Transpose", {"x": rand(2, 3, 4)}, lambda x: x.permute(*perm), attrs={"perm": perm})
+
+
+@pytest.mark.parametrize("src,dst", [((2, 1, 4), (2, 3, 4)), ((4,), (3, 2, 4)), ((1, 1), (5, 6))])
+def test_expand(src, dst):
+    check("Expand", {"x": rand(*src)}, lambda x, s: x.expand(*dst), consts={"s": np.array(dst, np.int64)})
+
+
+@pytest.mark.parametrize("axis", [0, -1])
+def test_concat(axis):
+    a, b, c = rand(2, 3), rand(2, 3), rand(2, 3)
+    check("Concat", {"a": a, "b": b, "c": c}, lambda a, b, c: torch.cat([a, b, c], axis), attrs={"axis": axis})
+
+
+@pytest.mark.parametrize("starts,ends,axes", [([0], [2], [2]), ([2], [2**62], [-1]), ([-3], [-1], [1]),
+                                              ([1, 0], [3, 1], [0, 2])])
+def test_slice(starts, ends, axes):
+    x = rand(4, 5, 6)
+
+    def fn(x, s, e, a):
+        idx = [slice(None)] * 3
+        for st, en, ax in zip(starts, ends, axes):
+            idx[ax] = slice(st, None if en >= 2**62 else en)
+        return x[tuple(idx)]
+    check("Slice", {"x": x}, fn, consts={"s": np.array(starts, np.int64), "e": np.array(ends, np.int64),
+                                         "a": np.array(axes, np.int64)})
+
+
+def test_gather_rows_with_repeated_indices():
+    idx = np.array([0, 3, 3, 1], np.int64)
+    check("Gather", {"x": rand(5, 4)}, lambda x, i: x[i], consts={"i": idx}, attrs={"axis": 0})
+
+
+def test_where():
+    # ONNX puts the condition first; it is a constant, a and b train
+    cond = rng.random((3, 4)) > 0.5
+    a, b = rand(3, 4), rand(4)
+    _where_check(cond, a, b, torch.tensor(a, requires_grad=True), torch.tensor(b, requires_grad=True))
+
+
+def _where_check(cond, a, b, t_a, t_b):
+    import onnxruntime as ort
+
+    y = torch.where(torch.tensor(cond), t_a, t_b)
+    r = rand(*y.shape)
+    (y * torch.tensor(r)).sum().backward()
+    nodes = [helper.make_node("Where", ["c", "a", "b"], ["y"]), helper.make_node("Mul", ["y", "R"], ["yr"]),
+             helper.make_node("ReduceSum", ["yr"], ["loss"], keepdims=0)]
+    inits = [numpy_helper.from_array(v, k) for k, v in {"c": cond, "a": a, "b": b, "R": r}.items()]
+    model = helper.make_model(helper.make_graph(nodes, "g", [], [helper.make_tensor_value_info("loss", 1, [])], inits),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    tg = autodiff.build(model, ["a", "b"], "loss", [{}, {}])
+    got = ort.InferenceSession(tg.model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        tg.grads, {"a": a, "b": b})
+    np.testing.assert_allclose(got[0], t_a.grad.numpy(), atol=1e-6)
+    np.testing.assert_allclose(got[1], t_b.grad.numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize("sa,sb", [((3, 4), (4, 5)), ((2, 3, 4), (4, 5)), ((2, 2, 3, 4), (2, 2, 4, 5)),
+                                   ((1, 3, 4), (2, 4, 5)), ((2, 3, 4), (1, 4, 5))])
+def test_matmul(sa, sb):
+    check("MatMul", {"a": rand(*sa), "b": rand(*sb)}, lambda a, b: a @ b)
+
+
+@pytest.mark.parametrize("ta,tb,alpha", [(0, 1, 1.0), (1, 0, 0.5), (1, 1, 2.0), (0, 0, -1.5)])
+@pytest.mark.parametrize("batched", [False, True])
+def test_fused_matmul(ta, tb, alpha, batched):
+    lead = (2, 3) if batched else ()
+    a = rand(*lead, *((4, 3) if ta else (3, 4)))
+    b = rand(*lead, *((5, 4) if tb else (4, 5)))
+
+    def fn(a, b):
+        return alpha * (a.transpose(-1, -2) if ta else a) @ (b.transpose(-1, -2) if tb else b)
+    check("FusedMatMul", {"a": a, "b": b}, fn, attrs={"transA": ta, "transB": tb, "alpha": alpha},
+          domain="com.microsoft")
+
+
+def test_fused_matmul_weight_on_every_row():
+    check("FusedMatMul", {"x": rand(2, 3, 4), "w": rand(5, 4)}, lambda x, w: 0.7 * x @ w.T,
+          attrs={"transB": 1, "alpha": 0.7}, domain="com.microsoft")
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
+@pytest.mark.parametrize("ignore", [None, -100])
+def test_softmax_cross_entropy(reduction, ignore):
+    labels = np.array([1, 0, 6, 3, 2], np.int64)
+    if ignore is not None:
+        labels[2] = ignore
+    attrs = {"reduction": reduction, **({"ignore_index": ignore} if ignore is not None else {})}
+
+    def fn(s, lab):
+        return torch.nn.functional.cross_entropy(s, lab, reduction=reduction,
+                                                 ignore_index=-100 if ignore is None else ignore)
+    check("SoftmaxCrossEntropyLoss", {"s": rand(5, 7)}, fn, consts={"lab": labels}, attrs=attrs)
+
+
+def test_dropout_with_ratio_zero_is_identity():
+    check("Dropout", {"x": rand(3, 4)}, lambda x, r, t: x,
+          consts={"r": np.array(0.0, np.float32), "t": np.array(True)})
+
+
+def test_fusion_folds_transpose_and_scale():
+    """MatMul(X, Transpose(W)) * c becomes one FusedMatMul(transB=1, alpha=c)."""
+    nodes = [helper.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]), helper.make_node("MatMul", ["x", "wt"], ["m"]),
+             helper.make_node("Mul", ["m", "c"], ["y"])]
+    inits = [numpy_helper.from_array(rand(5, 4), "w"), numpy_helper.from_array(np.float32(0.25), "c")]
+    model = helper.make_model(helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", 1, [3, 4])],
+                                                [helper.make_tensor_value_info("y", 1, [3, 5])], inits),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    autodiff.fuse_matmuls(model)
+    (node,) = model.graph.node
+    assert node.op_type == "FusedMatMul" and list(node.input) == ["x", "w"] and node.output[0] == "y"
+    assert {a.name: helper.get_attribute_value(a) for a in node.attribute} == {
+        "transA": 0, "transB": 1, "alpha": 0.25}
+
+
+def test_an_op_without_a_rule_is_named():
+    nodes = [helper.make_node("Erf", ["x"], ["y"]), helper.make_node("ReduceSum", ["y"], ["loss"], keepdims=0)]
+    model = helper.make_model(helper.make_graph(nodes, "g", [], [helper.make_tensor_value_info("loss", 1, [])],
+                                                [numpy_helper.from_array(rand(3), "x")]),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(ModelError, match="no gradient rule for Erf"):
+        autodiff.build(model, ["x"], "loss", [{}, {}])
