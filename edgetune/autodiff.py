@@ -467,12 +467,19 @@ def _slice(b: _Builder, n: Any, gy: list, want: list) -> list:
 
 @rule("Gather")
 def _gather(b: _Builder, n: Any, gy: list, want: list) -> list:
+    """Rows gathered along axis 0 scatter back through a one-hot GEMM: repeated indices add
+    up, and every provider runs it (OpenVINO refuses ScatterND with reduction='add')."""
     if _attr(n, "axis", 0) != 0:
         raise ModelError("autodiff: Gather of a differentiable tensor is supported along axis 0 only")
     x, idx = n.input[0], n.input[1]
-    zeros = b.op("ConstantOfShape", [b.op("Shape", [x])])
-    where = b.op("Unsqueeze", [idx, b.const([-1], np.int64)])
-    return [b.op("ScatterND", [zeros, where, gy[0]], reduction="add"), None]
+    shape = b.op("Shape", [x])
+    rows = b.op("Gather", [shape, b.const([0], np.int64)], axis=0)
+    flat_idx = b.op("Reshape", [idx, b.const([-1], np.int64)])
+    onehot = b.op("OneHot", [flat_idx, rows, b.const([0.0, 1.0])], axis=-1)
+    width = b.op("ReduceProd", [b.op("Slice", [shape, b.const([1], np.int64), b.const([2**62], np.int64)])], keepdims=1) \
+        if b.rank(x) > 1 else b.const([1], np.int64)
+    g2 = b.op("Reshape", [gy[0], b.op("Concat", [b.const([-1], np.int64), width], axis=0)])
+    return [b.like(b.op("Gemm", [onehot, g2], transA=1), x), None]
 
 
 @rule("Where")
@@ -651,6 +658,17 @@ def differentiate(proto: Any, params: list[str], loss: str, shapes: dict[str, li
     return outs
 
 
+def drop_unused_initializers(proto: Any) -> None:
+    """Constants that fusion left without a reader (ORT warns about each at load)."""
+    used = {i for n in proto.graph.node for i in n.input} | {o.name for o in proto.graph.output}
+    nodes = [n for n in proto.graph.node if n.op_type != "Constant" or n.output[0] in used]
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    keep = [i for i in proto.graph.initializer if i.name in used]
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(keep)
+
+
 def params_to_inputs(proto: Any, params: list[str]) -> dict[str, np.ndarray]:
     """Move the trainable initializers to graph inputs; return their initial values."""
     from onnx import helper, numpy_helper
@@ -674,6 +692,7 @@ def build(proto: Any, params: list[str], loss: str, feeds: Sequence[dict[str, np
 
     types = elem_types(proto)
     fuse_matmuls(proto)
+    drop_unused_initializers(proto)
     shapes, fixed = probe_shapes(proto, feeds, types)
     initial = params_to_inputs(proto, params)
     train = onnx.ModelProto()

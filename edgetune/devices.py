@@ -108,6 +108,8 @@ def session(model: str | os.PathLike, dev: Device, so: Any = None) -> Any:
     providers: list[Any] = [(dev.provider, dict(dev.options))]
     if dev.provider != "CPUExecutionProvider":
         providers.append("CPUExecutionProvider")
+        # Providers rebuild graphs with ORT's default logger, which warns about by-design inputs.
+        ort.set_default_logger_severity(3)
     try:
         return ort.InferenceSession(str(model), sess_options=so, providers=providers)
     except Exception as e:  # noqa: BLE001 - ORT raises several unrelated types here
