@@ -8,8 +8,9 @@ cd "$(dirname "$0")/.."
 CHROOT=${CHROOT:-/var/tmp/edgetune-py313}
 HOSTPY=${HOSTPY:-.venv/bin/python}
 command -v debootstrap >/dev/null || { apt-get update -qq && apt-get install -y -qq debootstrap; }
-if [ ! -x "$CHROOT/usr/bin/python3" ]; then
-  debootstrap --variant=minbase --include=python3,python3-venv,python3-pip,g++,cmake,make trixie "$CHROOT" \
+if ! ls "$CHROOT"/usr/include/python3.*/Python.h >/dev/null 2>&1; then
+  rm -rf "$CHROOT"
+  debootstrap --variant=minbase --include=python3,python3-venv,python3-pip,python3-dev,g++,cmake,make trixie "$CHROOT" \
     http://deb.debian.org/debian >/dev/null
 fi
 PYV=$(chroot "$CHROOT" python3 -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')

@@ -8,12 +8,13 @@ indices, ignored labels.
 """
 import numpy as np
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
-from edgetune import autodiff
-from edgetune.errors import ModelError
+torch = pytest.importorskip("torch")  # a workstation test (conftest makes torch and onnx required in CI)
+onnx = pytest.importorskip("onnx")
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-torch = pytest.importorskip("torch")
+from edgetune import autodiff  # noqa: E402
+from edgetune.errors import ModelError  # noqa: E402
 rng = np.random.default_rng(0)
 
 
