@@ -330,6 +330,18 @@ def _safetensors_bytes(tensors: dict[str, Any]) -> bytes:
     return save(tensors)
 
 
+def _check_reference(model: str | os.PathLike | None) -> None:
+    """An unknown model name or a missing path is reported before anything is loaded or fetched."""
+    from .models import get_spec
+
+    if model is None or Path(str(model)).expanduser().exists():
+        return
+    ref = str(model)
+    if any(sep in ref for sep in ("/", os.sep)) or ref.endswith(".gguf"):
+        raise ModelError(f"model path not found: {ref}")
+    get_spec(ref)
+
+
 def _save_external(onnx_path: Path, data_name: str) -> None:
     import onnx
 
@@ -359,6 +371,7 @@ def _write_tokenizer(tok: Any, out: Path) -> dict[str, Any]:
 def export(model: str | os.PathLike | None, out: str | os.PathLike, cfg: AdapterConfig,
            log: Log = lambda s: None, overwrite: bool = False) -> Path:
     """Export ``model`` with the adapter ``cfg`` into a bundle directory ``out``."""
+    _check_reference(model)
     _require_export_deps()
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:

@@ -28,11 +28,8 @@ def test_merged_onnx_equals_base_plus_adapter(tiny_bundle, runs, tmp_path, monke
     merged = infer.Model.open(tmp_path / "m").logits(IDS, np.ones_like(IDS))
     want = infer.Model.open(tiny_bundle, adapter=runs[0]).logits(IDS, np.ones_like(IDS))
     np.testing.assert_allclose(merged, want, atol=2e-5)
-    import onnx
-
-    g = onnx.load(str(tmp_path / "m" / "model.onnx"), load_external_data=False).graph
-    assert not any("lora" in i.name for i in list(g.input) + list(g.initializer))
-    assert not any("lora" in n.name.lower() for n in g.node)
+    # No adapter input, initializer or node is left: no name in the graph file mentions one.
+    assert b"lora" not in (tmp_path / "m" / "model.onnx").read_bytes().lower()
 
 
 def test_generate_and_eval_accept_a_merged_model(tiny_bundle, runs, chat_data, tmp_path):
