@@ -1,6 +1,7 @@
 # make demo : set up .venv and run the main job on the default model and sample data
 # make test : set up .venv and run the whole test suite (fast and real-model tests)
-.PHONY: setup demo test test-fast bench
+# CI runs make test and make test-py313
+.PHONY: setup demo test test-fast test-py313 test-aarch64 bench
 
 setup:
 	bash scripts/setup.sh
@@ -13,6 +14,14 @@ test: setup
 
 test-fast: setup
 	.venv/bin/python -m pytest -q -m "not slow" tests
+
+# The device part of the suite under Debian 13's Python 3.13 (chroot; needs root).
+test-py313: setup
+	bash scripts/check_python313.sh
+
+# Training on emulated aarch64 (chroot + qemu-user-static; needs root, ~15 minutes the first time).
+test-aarch64: setup
+	bash scripts/check_aarch64.sh
 
 bench: setup
 	.venv/bin/python bench/merge.py --quick

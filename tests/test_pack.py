@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from edgetune import infer, pack, peft_io, trainer
+from edgetune.config import TrainConfig
 from edgetune.errors import BundleError, ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -124,17 +125,32 @@ def test_pack_rejects_mismatched_adapter(tiny_bundle, runs, tmp_path):
 
 
 def test_peft_round_trip_is_bit_for_bit_and_training_continues(tiny_bundle, runs, chat_data, tmp_path):
+    from edgetune import runner
+
     src = runs[0] / "adapter"
     run = pack.import_peft(src, tiny_bundle, tmp_path / "imported")
     a, b = peft_io.load(src)[1], peft_io.load(run)[1]
     assert set(a) == set(b)
     for k in a:
         assert a[k].tobytes() == b[k].tobytes()
+    # What --resume trains from is the checkpoint: it holds the imported tensors, bit for bit.
+    ck = runner.read_tensors(run / "checkpoints" / "step-000000" / runner.ADAPTER_FILE)
+    names = json.loads((tiny_bundle / "edgetune.json").read_text())["trainable"]
+    for g in names:
+        assert ck[g].tobytes() == a[peft_io.to_peft_name(g)].tobytes(), g
     r1 = infer.evaluate(tiny_bundle, chat_data / "test.jsonl", adapter=run)
     r0 = infer.evaluate(tiny_bundle, chat_data / "test.jsonl", adapter=runs[0])
     assert r0["loss"] == r1["loss"]
-    cont = trainer.train(tiny_bundle, chat_data, run, steps=5, lr=5e-2, batch_size=4, resume=True,
-                         progress=False, log=lambda s: None)
+    kw = dict(steps=5, lr=5e-2, batch_size=4, progress=False, log=lambda s: None)
+    cont = trainer.train(tiny_bundle, chat_data, run, resume=True, **kw)
     assert cont.steps == 5
+    # The same optimization as a fresh run started from those tensors: the same first loss.
+    fresh = trainer.Trainer(tiny_bundle, tmp_path / "fresh", TrainConfig(steps=5, lr=5e-2, batch_size=4),
+                            progress=False, log=lambda s: None)
+    fresh.set_adapter({g: a[peft_io.to_peft_name(g)] for g in names})
+    fresh.fit(*fresh.load_data(chat_data))
+    def first_loss(r):
+        return json.loads((r / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+    assert abs(first_loss(run) - first_loss(tmp_path / "fresh")) < 1e-5
     with pytest.raises(ConfigError, match="already exists"):
         pack.import_peft(src, tiny_bundle, tmp_path / "imported")
