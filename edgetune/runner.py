@@ -85,6 +85,15 @@ def write_checkpoint(ck: Path, params: Mapping[str, np.ndarray], optimizer: Adam
         (ck / OPTIMIZER_FILE).write_bytes(save({k: np.ascontiguousarray(v) for k, v in optimizer.state().items()}))
 
 
+def _missing_op(message: str) -> str | None:
+    """The op an ONNX Runtime load error says it has no kernel or schema for, if that is the error."""
+    import re
+
+    m = re.search(r"([\w.:]+)\(-?\d+\) is not a registered function/op", message) or \
+        re.search(r"Could not find an implementation for (\w+)\(", message)
+    return m.group(1) if m else None
+
+
 class StepRunner:
     """Forward and backward passes of one bundle on one device, with AdamW on the adapters."""
 
@@ -108,9 +117,13 @@ class StepRunner:
         try:
             return devices.session(self.bundle.path(name), self.device, so)
         except DeviceError as e:
-            if "NOT_IMPLEMENTED" in str(e) or "not a registered function/op" in str(e):
-                raise DeviceError(f"{self.bundle.path(name)} uses an op this onnxruntime cannot run ({e}); "
-                                  "upgrade onnxruntime (pip install -U onnxruntime) or export the bundle again") from None
+            op = _missing_op(str(e))
+            if op:
+                import onnxruntime as ort
+
+                raise DeviceError(f"{self.bundle.path(name)} uses {op}, which this onnxruntime ({ort.__version__}) "
+                                  "cannot run; upgrade it (pip install -U onnxruntime) or export the bundle again "
+                                  "with this edgetune") from None
             raise
 
     @property

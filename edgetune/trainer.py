@@ -280,8 +280,8 @@ class Trainer:
         total, per_epoch = self.total_steps(train)
         if self.state.step >= total:
             raise ConfigError(f"the run is already at step {self.state.step} of {total}; raise --steps to train further")
+        self._open()  # before the run directory exists: a bundle that cannot load leaves nothing behind
         self.out.mkdir(parents=True, exist_ok=True)
-        self._open()
         self._write_run_files(train, valid, total)
         self.log(f"training {len(self.bundle.trainable)} adapter tensors on {len(train)} examples "
                  f"({train.labelled} labelled of {train.tokens} tokens, {train.truncated} truncated); "

@@ -192,3 +192,40 @@ def test_lr_schedule():
     assert [round(trainer.lr_at(s, cfg, 6), 3) for s in range(6)] == [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]
     cos = TrainConfig(lr=1.0, schedule="cosine")
     assert trainer.lr_at(0, cos, 10) == 1.0 and abs(trainer.lr_at(5, cos, 10) - 0.5) < 1e-9
+
+
+def test_a_graph_op_the_runtime_lacks_is_named(tiny_bundle, chat_data, tmp_path):
+    """A training graph of the old backend's kind (a training-only op) on this onnxruntime."""
+    import shutil
+
+    onnx = pytest.importorskip("onnx")
+    from onnx import helper
+
+    b = tmp_path / "b"
+    shutil.copytree(tiny_bundle, b)
+    proto = onnx.load(str(b / "train.onnx"), load_external_data=False)
+    proto.graph.node.append(helper.make_node("SoftmaxGrad_13", ["loss", "loss"], ["extra"], domain="com.microsoft"))
+    proto.graph.output.append(helper.make_tensor_value_info("extra", 1, None))
+    onnx.save(proto, str(b / "train.onnx"))
+    with pytest.raises(DeviceError) as e:
+        run(b, chat_data, tmp_path / "run", steps=1)
+    msg = str(e.value)
+    assert "uses com.microsoft:SoftmaxGrad_13, which this onnxruntime" in msg and "\n" not in msg
+    assert "pip install -U onnxruntime" in msg and not (tmp_path / "run").exists()
+
+
+def test_old_bundles_and_old_runs_get_the_fix(tiny_bundle, chat_data, tmp_path):
+    import shutil
+
+    b = tmp_path / "old"
+    shutil.copytree(tiny_bundle, b)
+    m = json.loads((b / "edgetune.json").read_text())
+    (b / "edgetune.json").write_text(json.dumps({**m, "format": 1}))
+    with pytest.raises(BundleError, match=r"exported for ONNX Runtime's training package \(1.19.2\).*export it again"):
+        run(b, chat_data, tmp_path / "r0", steps=1)
+    out = tmp_path / "oldrun"
+    run(tiny_bundle, chat_data, out, steps=2)
+    for ck in (out / "checkpoints").glob("step-*"):  # an ORT checkpoint, as 1.19.2 runs wrote them
+        (ck / "adapter.safetensors").rename(ck / "checkpoint")
+    with pytest.raises(TrainingError, match="trained by an older edgetune.*edgetune import-peft"):
+        run(tiny_bundle, chat_data, out, steps=4, resume=True)
