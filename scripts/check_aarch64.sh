@@ -37,7 +37,8 @@ rm -rf /tmp/edgetune-arm64-ref
 "$HOSTPY" -m edgetune.cli train "$CHROOT/opt/assets/bundle" --data "$CHROOT/opt/assets/data" \
   --out /tmp/edgetune-arm64-ref --steps 3 --batch-size 4 --lr 1e-2 --no-progress --json > /dev/null
 mountpoint -q "$CHROOT/proc" || mount -t proc proc "$CHROOT/proc"
-trap 'umount "$CHROOT/proc" 2>/dev/null || true' EXIT
+mountpoint -q "$CHROOT/sys" || mount -t sysfs sysfs "$CHROOT/sys"
+trap 'umount "$CHROOT/proc" "$CHROOT/sys" 2>/dev/null || true' EXIT
 chroot "$CHROOT" /bin/bash -euc '
   python3 -m venv /opt/venv
   /opt/venv/bin/pip install --quiet --no-index --find-links /opt/wheels onnxruntime numpy tokenizers jinja2 click \
