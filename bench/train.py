@@ -56,6 +56,13 @@ def make_data(out: Path, n_train: int, n_valid: int, seed: int = 0) -> Path:
 
 
 def peak_rss_mb() -> float:
+    """This process's own peak (VmHWM): ru_maxrss would also count the parent's peak before exec."""
+    try:
+        for line in open("/proc/self/status", encoding="ascii"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -202,13 +209,14 @@ def run_worker(side: str, a: argparse.Namespace, tmp: Path) -> dict:
 def ensure_bundle(a: argparse.Namespace, tmp: Path) -> Path:
     if a.bundle:
         return Path(a.bundle)
-    from edgetune.config import AdapterConfig
-    from edgetune.export import export
-
     out = ROOT / "out" / f"bench-bundle-r{a.rank}"
     if not (out / "edgetune.json").is_file() or json.loads((out / "edgetune.json").read_text()).get("format") != 2:
+        # In a child process: the driver stays small, so no worker inherits an export-sized peak.
         print(f"exporting the default model (rank {a.rank} on {','.join(TARGETS)}) to {out}", flush=True)
-        export(None, out, AdapterConfig(rank=a.rank, alpha=2 * a.rank, targets=tuple(TARGETS)), overwrite=True)
+        code = ("from edgetune.config import AdapterConfig; from edgetune.export import export; "
+                f"export(None, {str(out)!r}, AdapterConfig(rank={a.rank}, alpha={2 * a.rank}, "
+                f"targets={tuple(TARGETS)!r}), overwrite=True)")
+        subprocess.run([sys.executable, "-c", code], check=True, cwd=str(ROOT))
     return out
 
 
