@@ -104,11 +104,33 @@ def fuse_matmuls(proto: Any) -> int:
             mm.output[0] = node.output[0]
             drop.add(id(node))
             break
+    count += _fuse_silu(g, producers, uses, drop)
     keep = [n for n in g.node if id(n) not in drop]
     del g.node[:]
     g.node.extend(keep)
     if count and not any(o.domain == MS for o in proto.opset_import):
         proto.opset_import.append(helper.make_opsetid(MS, 1))
+    return count
+
+
+def _fuse_silu(g: Any, producers: dict[str, Any], uses: dict[str, int], drop: set[int]) -> int:
+    """``Mul(x, Sigmoid(x))`` (SiLU) becomes ``QuickGelu(x, alpha=1)``: one kernel forward, and
+    the backward recomputes the sigmoid from x instead of keeping a copy per MLP layer."""
+    from onnx import helper
+
+    count = 0
+    for idx, node in enumerate(g.node):
+        if node.op_type != "Mul" or id(node) in drop:
+            continue
+        for k in (0, 1):
+            sig = producers.get(node.input[k])
+            if (sig is not None and sig.op_type == "Sigmoid" and sig.input[0] == node.input[1 - k]
+                    and uses.get(sig.output[0], 0) == 1):
+                g.node[idx].CopyFrom(helper.make_node("QuickGelu", [sig.input[0]], list(node.output),
+                                                      name=node.name or f"silu_{idx}", domain=MS, alpha=1.0))
+                drop.add(id(sig))
+                count += 1
+                break
     return count
 
 
@@ -372,6 +394,16 @@ def _tanh(b: _Builder, n: Any, gy: list, want: list) -> list:
 def _sigmoid(b: _Builder, n: Any, gy: list, want: list) -> list:
     y = n.output[0]
     return [b.op("Mul", [gy[0], b.op("Mul", [y, b.op("Sub", [b.const(1.0), y])])])]
+
+
+@rule("QuickGelu")
+def _quick_gelu(b: _Builder, n: Any, gy: list, want: list) -> list:
+    """y = x * sigmoid(a x): dy/dx = s (1 + a x (1 - s)), with s recomputed from x."""
+    x, alpha = n.input[0], float(_attr(n, "alpha", 1.702))
+    ax = x if alpha == 1.0 else b.op("Mul", [x, b.const(alpha)])
+    sig = b.op("Sigmoid", [ax])
+    d = b.op("Mul", [sig, b.op("Add", [b.const(1.0), b.op("Mul", [ax, b.op("Sub", [b.const(1.0), sig])])])])
+    return [b.op("Mul", [gy[0], d])]
 
 
 @rule("Softmax")

@@ -223,3 +223,19 @@ def test_an_op_without_a_rule_is_named():
                               opset_imports=[helper.make_opsetid("", 17)])
     with pytest.raises(ModelError, match="no gradient rule for Erf"):
         autodiff.build(model, ["x"], "loss", [{}, {}])
+
+
+@pytest.mark.parametrize("alpha", [1.0, 1.702])
+def test_quick_gelu(alpha):
+    check("QuickGelu", {"x": rand(3, 8) * 3}, lambda x: x * torch.sigmoid(alpha * x), attrs={"alpha": alpha},
+          domain="com.microsoft")
+
+
+def test_silu_becomes_one_quick_gelu():
+    nodes = [helper.make_node("Sigmoid", ["x"], ["s"]), helper.make_node("Mul", ["x", "s"], ["y"])]
+    model = helper.make_model(helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", 1, [3])],
+                                                [helper.make_tensor_value_info("y", 1, [3])]),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    autodiff.fuse_matmuls(model)
+    (node,) = model.graph.node
+    assert node.op_type == "QuickGelu" and helper.get_attribute_value(node.attribute[0]) == 1.0
