@@ -84,14 +84,16 @@ def fuse_matmuls(proto: Any) -> int:
             continue
         t = producers.get(node.input[1])
         perm = list(_attr(t, "perm") or []) if t is not None and t.op_type == "Transpose" else None
-        fused = helper.make_node("FusedMatMul", list(node.input), list(node.output), name=node.name or f"fused_{idx}",
-                                 domain=MS, transA=0, transB=0, alpha=1.0)
+        name = node.name or f"fused_{idx}"
         if perm is not None and uses.get(t.output[0], 0) == 1 and _swaps_last_two(perm, ranks.get(t.input[0])):
-            fused = helper.make_node("FusedMatMul", [node.input[0], t.input[0]], list(node.output), name=fused.name,
-                                     domain=MS, transA=0, transB=1, alpha=1.0)
+            g.node[idx].CopyFrom(helper.make_node("FusedMatMul", [node.input[0], t.input[0]], list(node.output),
+                                                  name=name, domain=MS, transA=0, transB=1, alpha=1.0))
             drop.add(id(t))
-        g.node[idx].CopyFrom(fused)
-        count += 1
+            count += 1
+        elif _scaled_after(g, node, uses):
+            g.node[idx].CopyFrom(helper.make_node("FusedMatMul", list(node.input), list(node.output), name=name,
+                                                  domain=MS, transA=0, transB=0, alpha=1.0))
+            count += 1
     for node in g.node:
         if node.op_type != "Mul" or id(node) in drop:
             continue
@@ -111,6 +113,17 @@ def fuse_matmuls(proto: Any) -> int:
     if count and not any(o.domain == MS for o in proto.opset_import):
         proto.opset_import.append(helper.make_opsetid(MS, 1))
     return count
+
+
+def _scaled_after(g: Any, node: Any, uses: dict[str, int]) -> bool:
+    """Whether the only reader of ``node``'s output multiplies it by a constant scalar."""
+    if uses.get(node.output[0], 0) != 1:
+        return False
+    for n in g.node:
+        if n.op_type == "Mul" and node.output[0] in n.input:
+            other = n.input[1] if n.input[0] == node.output[0] else n.input[0]
+            return _scalar(g, other) is not None
+    return False
 
 
 def _fuse_silu(g: Any, producers: dict[str, Any], uses: dict[str, int], drop: set[int]) -> int:
@@ -541,6 +554,8 @@ def _dropout(b: _Builder, n: Any, gy: list, want: list) -> list:
 
 
 def _mm(b: _Builder, x: str, y: str, ta: bool, tb: bool, alpha: float) -> str:
+    if not ta and not tb and alpha == 1.0:  # ORT's plain MatMul kernel, where nothing is folded
+        return b.op("MatMul", [x, y])
     return b.op("FusedMatMul", [x, y], domain=MS, transA=int(ta), transB=int(tb), alpha=float(alpha))
 
 
