@@ -165,6 +165,9 @@ def _session_inputs(path: Path) -> dict[str, tuple[str, list[Any]]]:
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    # Only the input signature is read: no graph optimization (also avoids a crash of
+    # onnxruntime 1.23's full-level optimizer on this graph).
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     # Inputs with a default (every adapter weight) are "overridable initializers" to ORT.
     return {i.name: (i.type, list(i.shape)) for i in [*sess.get_inputs(), *sess.get_overridable_initializers()]}
