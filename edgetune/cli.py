@@ -167,7 +167,11 @@ def export(model: str, out: str, config_file: str | None, overwrite: bool, **opt
 @click.option("--weight-decay", type=float, help="AdamW's decoupled weight decay [0.01].")
 @click.option("--warmup", type=int, help="Linear warmup steps [0].")
 @click.option("--schedule", type=click.Choice(["linear", "cosine", "constant"]), help="Decay after warmup [linear].")
-@click.option("--max-seq-len", type=int, help="Truncate examples to this many tokens [512].")
+@click.option("--max-seq-len", type=int, help="Fit examples into this many tokens [512].")
+@click.option("--truncate", type=click.Choice(["auto", "prompt", "end", "error"]),
+              help="How a longer example is fitted: prompt keeps the answer and the system message and drops "
+                   "the oldest turns, then the end of the prompt; end cuts the end; error refuses it. auto: "
+                   "prompt for chats, completions and labels, end for plain text [auto].")
 @click.option("--eval-every", type=int, help="Validation loss every N steps (0: only at the end) [0].")
 @click.option("--save-every", type=int, help="Checkpoint every N steps (0: only at the end) [0].")
 @click.option("--seed", type=int, help="Seed for data order and dropout [0].")
@@ -231,10 +235,12 @@ def _device_opts(f: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--data", "-d", required=True, type=click.Path(), help="A .jsonl file, or a folder with test.jsonl.")
 @click.option("--batch-size", "-b", default=4, show_default=True)
 @click.option("--max-seq-len", default=512, show_default=True)
+@click.option("--truncate", type=click.Choice(["auto", "prompt", "end", "error"]), default="auto", show_default=True,
+              help="How a longer example is fitted (as in train); use the run's setting to score alike.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON: loss, perplexity, tokens.")
 @_errors
 def eval_cmd(model: str, adapter: str | None, device: str, provider_option: tuple[str, ...], placement: bool,
-             data: str, batch_size: int, max_seq_len: int, as_json: bool) -> None:
+             data: str, batch_size: int, max_seq_len: int, truncate: str, as_json: bool) -> None:
     """Mean loss and perplexity over labelled tokens, for a bundle (base or +adapter) or a merged model.
 
     \b
@@ -246,7 +252,7 @@ def eval_cmd(model: str, adapter: str | None, device: str, provider_option: tupl
     from .infer import Model, evaluate
 
     m = Model.open(model, adapter, device, d.parse_options(provider_option))
-    r = evaluate(model, data, model=m, batch_size=batch_size, max_seq_len=max_seq_len)
+    r = evaluate(model, data, model=m, batch_size=batch_size, max_seq_len=max_seq_len, truncate=truncate)
     if placement:
         r["placement"] = m.placement()
     if as_json:

@@ -15,6 +15,7 @@ from typing import Any, Mapping
 from .errors import ConfigError
 
 METHODS = ("lora", "dora")
+TRUNCATE = ("auto", "prompt", "end", "error")  # see edgetune.data.truncation_for
 SCHEDULES = ("linear", "cosine", "constant")
 
 
@@ -75,6 +76,7 @@ class TrainConfig:
     provider_options: tuple[str, ...] = ()
     valid_batches: int = 0
     weight_decay: float = 0.01
+    truncate: str = "auto"
 
     def __post_init__(self) -> None:
         _check(self.steps is None or self.steps >= 1, f"steps must be at least 1, got {self.steps!r}")
@@ -89,6 +91,7 @@ class TrainConfig:
         _check(self.save_every >= 0, f"save_every must be >= 0, got {self.save_every!r}")
         _check(self.threads >= 0, f"threads must be >= 0, got {self.threads!r}")
         _check(self.max_batch_tokens >= 0, f"max_batch_tokens must be >= 0, got {self.max_batch_tokens!r}")
+        _check(self.truncate in TRUNCATE, f"truncate must be one of {', '.join(TRUNCATE)}, got {self.truncate!r}")
         _check(math.isfinite(self.weight_decay) and self.weight_decay >= 0,
                f"weight_decay must be a number >= 0, got {self.weight_decay!r}")
 

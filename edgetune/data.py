@@ -147,6 +147,11 @@ def encode_record(tok: ChatTokenizer, record: dict[str, Any], fmt: str, where: s
             raise DataError(f"{where}: 'text' must be a non-empty string")
         ids = tok.encode(text) + [tok.eos_id]
         return np.asarray(ids, np.int64), np.ones(len(ids), bool)
+    return _encode_messages(tok, msgs, where, mask_prompt)
+
+
+def _encode_messages(tok: ChatTokenizer, msgs: list[dict[str, str]], where: str,
+                     mask_prompt: bool) -> tuple[np.ndarray, np.ndarray]:
     full, spans = _chat_spans(tok, msgs, where)
     ids, offsets = tok.encode_offsets(full)
     if not mask_prompt:
@@ -164,12 +169,73 @@ def shift_targets(ids: np.ndarray, labelled: np.ndarray) -> np.ndarray:
     return targets
 
 
-def load_dataset(path: str | Path, tok: ChatTokenizer, max_seq_len: int, mask_prompt: bool = True) -> Dataset:
-    """Read, check and tokenize a JSONL file. Any bad record stops with file and line."""
+TRUNCATE = ("auto", "prompt", "end", "error")
+
+
+def truncation_for(strategy: str, fmt: str) -> str:
+    """``auto`` keeps the answer (cuts the prompt) for chats, completions and labels; plain text is cut at the end."""
+    if strategy not in TRUNCATE:
+        raise DataError(f"truncate must be one of {', '.join(TRUNCATE)}, got {strategy!r}")
+    if strategy == "auto":
+        return "end" if fmt == "text" else "prompt"
+    if strategy == "prompt" and fmt == "text":
+        return "end"  # plain text has no prompt side
+    return strategy
+
+
+def _fit_length(tok: ChatTokenizer, msgs: list[dict[str, str]], where: str, mask_prompt: bool,
+                max_seq_len: int) -> tuple[np.ndarray, np.ndarray] | None:
+    ids, labelled = _encode_messages(tok, msgs, where, mask_prompt)
+    return (ids, labelled) if len(ids) <= max_seq_len else None
+
+
+def shorten_prompt(tok: ChatTokenizer, record: dict[str, Any], fmt: str, where: str, max_seq_len: int,
+                   mask_prompt: bool = True) -> tuple[np.ndarray, np.ndarray, str] | None:
+    """Fit a record into ``max_seq_len`` by dropping its oldest whole turns, then cutting the
+    end of the last prompt message; the system message, the template and the final answer stay.
+    None when the answer alone does not fit."""
+    msgs = _as_messages(record, fmt, where) or []
+    last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+    msgs = msgs[: last + 1]
+    head = msgs[:1] if msgs[0]["role"] == "system" else []
+    body = msgs[len(head):]
+    kind = "prompt_cut"
+    while sum(m["role"] == "assistant" for m in body) > 1:
+        body = body[next(i for i, m in enumerate(body) if m["role"] == "assistant") + 1:]
+        kind = "turns_dropped"
+        fit = _fit_length(tok, head + body, where, mask_prompt, max_seq_len)
+        if fit is not None:
+            return (*fit, kind)
+    prompts = [i for i, m in enumerate(body[:-1]) if m["role"] != "assistant"]
+    if not prompts:
+        return None
+    k = prompts[-1]
+    text = body[k]["content"]
+    lo, hi, best = 0, len(text), None
+    while lo <= hi:  # the longest beginning of the prompt that fits
+        mid = (lo + hi) // 2
+        trial = head + body[:k] + [{**body[k], "content": text[:mid]}] + body[k + 1:]
+        fit = _fit_length(tok, trial, where, mask_prompt, max_seq_len)
+        if fit is None:
+            hi = mid - 1
+        else:
+            best, lo = fit, mid + 1
+    return None if best is None else (*best, "prompt_cut")
+
+
+def load_dataset(path: str | Path, tok: ChatTokenizer, max_seq_len: int, mask_prompt: bool = True,
+                 truncate: str = "auto") -> Dataset:
+    """Read, check and tokenize a JSONL file. Any bad record stops with file and line.
+
+    A record longer than ``max_seq_len`` is fitted as ``truncate`` says (see
+    :func:`truncation_for`); one whose answer alone does not fit is skipped and reported,
+    or refused with ``truncate="error"``.
+    """
     path = Path(path)
     examples: list[Example] = []
     fmt = None
-    truncated = 0
+    counts = {"end_cut": 0, "prompt_cut": 0, "turns_dropped": 0}
+    skipped: list[str] = []
     for lineno, rec in read_jsonl(path):
         where = f"{path}:{lineno}"
         f = detect_format(rec, where)
@@ -179,8 +245,20 @@ def load_dataset(path: str | Path, tok: ChatTokenizer, max_seq_len: int, mask_pr
             raise DataError(f"{where}: record is in {f!r} format but earlier records are {fmt!r}; use one format per file")
         ids, labelled = encode_record(tok, rec, f, where, mask_prompt)
         if len(ids) > max_seq_len:
-            truncated += 1
-            ids, labelled = ids[:max_seq_len], labelled[:max_seq_len]
+            how = truncation_for(truncate, f)
+            if how == "error":
+                raise DataError(f"{where}: {len(ids)} tokens, more than --max-seq-len {max_seq_len}; raise it, "
+                                "shorten the record, or choose another --truncate")
+            if how == "end":
+                ids, labelled = ids[:max_seq_len], labelled[:max_seq_len]
+                counts["end_cut"] += 1
+            else:
+                fitted = shorten_prompt(tok, rec, f, where, max_seq_len, mask_prompt)
+                if fitted is None:
+                    skipped.append(where)
+                    continue
+                ids, labelled, kind = fitted
+                counts[kind] += 1
         targets = shift_targets(ids, labelled)
         if not (targets != IGNORE).any():
             raise DataError(f"{where}: no labelled tokens left after truncation to {max_seq_len} tokens "
@@ -188,8 +266,11 @@ def load_dataset(path: str | Path, tok: ChatTokenizer, max_seq_len: int, mask_pr
                             "tokens); raise --max-seq-len or shorten the prompt")
         examples.append(Example(ids, targets, where))
     if not examples:
-        raise DataError(f"{path} has no records")
-    return Dataset(examples, str(path), fmt or "text", truncated)
+        raise DataError(f"{path} has no records" + (f" that fit in {max_seq_len} tokens (the answer alone is "
+                                                    f"longer in all {len(skipped)})" if skipped else ""))
+    stats = {"truncate": truncation_for(truncate, fmt or "text"), **counts, "skipped": len(skipped),
+             "skipped_records": skipped[:20]}
+    return Dataset(examples, str(path), fmt or "text", sum(counts.values()), stats)
 
 
 @dataclass(frozen=True)

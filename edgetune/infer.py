@@ -69,6 +69,7 @@ class Model:
     extra: dict[str, np.ndarray]
     device: devices.Device
     onnx_path: Path
+    context: int | None = None  # the model's position limit; a longer prompt keeps its end
 
     @classmethod
     def open(cls, path: str | Path, adapter: str | Path | None = None, device: str = "cpu",
@@ -87,16 +88,18 @@ class Model:
             extra = _adapter_feed(b, adapter)
             info = b.manifest["infer"]
             onnx_path = b.path("infer.onnx")
+            context = (b.manifest.get("model_config") or {}).get("max_position_embeddings")
         elif (root / "merged.json").is_file():
             if adapter is not None:
                 raise BundleError(f"{root} is a merged model: its adapter is already folded in; drop --adapter")
-            info = json.loads((root / "merged.json").read_text())["infer"]
+            merged = json.loads((root / "merged.json").read_text())
+            info, context = merged["infer"], (merged.get("model_config") or {}).get("max_position_embeddings")
             extra, onnx_path = {}, root / "model.onnx"
         else:
             raise BundleError(f"{root} is neither an edgetune bundle nor a merged model")
         sess = devices.session(onnx_path, dev, so)
         return cls(sess, ChatTokenizer.from_dir(root), int(info["num_layers"]), int(info["kv_heads"]),
-                   int(info["head_dim"]), extra, dev, onnx_path)
+                   int(info["head_dim"]), extra, dev, onnx_path, int(context) if context else None)
 
     @property
     def providers(self) -> list[str]:
@@ -142,13 +145,13 @@ def _nll(logits: np.ndarray, targets: np.ndarray) -> tuple[float, int]:
 
 def evaluate(path: str | Path, data: str | Path, adapter: str | Path | None = None, device: str = "cpu",
              batch_size: int = 4, max_seq_len: int = 512, mask_prompt: bool = True,
-             model: Model | None = None) -> dict[str, Any]:
+             model: Model | None = None, truncate: str = "auto") -> dict[str, Any]:
     """Mean loss and perplexity over the labelled tokens of a JSONL file."""
     model = model or Model.open(path, adapter, device)
     file = _data.resolve_split(data, "test") if Path(data).is_dir() else Path(data)
     if file is None:
         raise DataError(f"{data} has no test.jsonl; pass a .jsonl file")
-    ds = _data.load_dataset(file, model.tok, max_seq_len, mask_prompt)
+    ds = _data.load_dataset(file, model.tok, max_seq_len, mask_prompt, truncate)
     total, count = 0.0, 0
     for s in range(0, len(ds), batch_size):
         b = _data.collate(ds.examples[s:s + batch_size], model.tok.pad_id)
@@ -156,7 +159,8 @@ def evaluate(path: str | Path, data: str | Path, adapter: str | Path | None = No
         total, count = total + nll, count + n
     loss = total / max(1, count)
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": count,
-            "examples": len(ds), "providers": model.providers, "device": model.device.name}
+            "examples": len(ds), "providers": model.providers, "device": model.device.name,
+            "truncation": {k: v for k, v in ds.stats.items() if k != "skipped_records"}}
 
 
 @dataclass(frozen=True)
@@ -204,6 +208,15 @@ def generate_ids(model: Model, prompt_ids: list[int], s: Sampling) -> Iterator[i
         n += 1
 
 
+def fit_prompt(ids: list[int], context: int | None, max_new_tokens: int) -> list[int]:
+    """A prompt longer than the context leaves room for the reply and keeps its end."""
+    if not context or len(ids) + max_new_tokens <= context:
+        return ids
+    if max_new_tokens >= context:
+        raise DataError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in a context of {context}")
+    return ids[len(ids) - (context - max_new_tokens):]
+
+
 def generate(path: str | Path, prompt: str, adapter: str | Path | None = None, device: str = "cpu",
              chat: bool = True, system: str | None = None, on_text: Callable[[str], None] | None = None,
              model: Model | None = None, **sampling: Any) -> str:
@@ -217,7 +230,7 @@ def generate(path: str | Path, prompt: str, adapter: str | Path | None = None, d
         text = prompt
     out: list[int] = []
     shown = ""
-    for t in generate_ids(model, model.tok.encode(text), s):
+    for t in generate_ids(model, fit_prompt(model.tok.encode(text), model.context, s.max_new_tokens), s):
         out.append(t)
         if on_text is not None:
             full = model.tok.decode(out)

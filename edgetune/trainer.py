@@ -184,9 +184,10 @@ class Trainer:
         train_path = _data.resolve_split(data, "train")
         if train_path is None:
             raise DataError(f"{data} has no train.jsonl")
-        train = _data.load_dataset(train_path, self.tok, self.cfg.max_seq_len, self.cfg.mask_prompt)
+        train = _data.load_dataset(train_path, self.tok, self.cfg.max_seq_len, self.cfg.mask_prompt, self.cfg.truncate)
         vpath = _data.resolve_split(data, "valid")
-        valid = _data.load_dataset(vpath, self.tok, self.cfg.max_seq_len, self.cfg.mask_prompt) if vpath else None
+        valid = (_data.load_dataset(vpath, self.tok, self.cfg.max_seq_len, self.cfg.mask_prompt, self.cfg.truncate)
+                 if vpath else None)
         return train, valid
 
     def total_steps(self, train: _data.Dataset) -> tuple[int, int]:
@@ -286,6 +287,7 @@ class Trainer:
         self.log(f"training {len(self.bundle.trainable)} adapter tensors on {len(train)} examples "
                  f"({train.labelled} labelled of {train.tokens} tokens, {train.truncated} truncated); "
                  f"steps {self.state.step}->{total}; providers {', '.join(self.runner.providers())}")
+        self._log_truncation(train)
         stream = self._micro_batches(train)
         bar = _progress(total, self.state.step, self.progress)
         t_start = time.time() - self.state.elapsed
@@ -334,6 +336,18 @@ class Trainer:
         adapter = self.save_adapter()
         return self._finish(adapter, train)
 
+    def _log_truncation(self, train: _data.Dataset) -> None:
+        """Once per run: how many records were fitted to --max-seq-len, how, and which were skipped."""
+        st = train.stats
+        if not (train.truncated or st.get("skipped")):
+            return
+        how = ", ".join(f"{st[k]} {k.replace('_', ' ')}" for k in ("prompt_cut", "turns_dropped", "end_cut") if st.get(k))
+        msg = f"fitted to {self.cfg.max_seq_len} tokens (--truncate {st['truncate']}): {how or 'none'}"
+        if st.get("skipped"):
+            msg += (f"; skipped {st['skipped']} whose answer alone is longer, e.g. "
+                    f"{', '.join(st['skipped_records'][:3])}")
+        self.log(msg)
+
     def _nonfinite(self, loss: float) -> None:
         prev = latest_checkpoint(self.out)
         where = f"the last good checkpoint is {prev}" if prev else "no checkpoint was written yet"
@@ -348,7 +362,8 @@ class Trainer:
             "bundle_id": self.bundle.base_id, "adapter": self.bundle.manifest["adapter"], "status": "running",
             "data": {"train": train.path, "valid": valid.path if valid else None, "format": train.fmt,
                      "examples": len(train), "tokens": train.tokens, "labelled": train.labelled,
-                     "truncated": train.truncated},
+                     "truncated": train.truncated,
+                     "truncation": {k: v for k, v in train.stats.items() if k != "skipped_records"}},
             "train_providers": self.runner.providers(), "device": self.device.name,
         })
 

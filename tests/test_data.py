@@ -78,7 +78,60 @@ def test_missing_and_empty_files(tok, tmp_path):
 def test_record_truncated_to_nothing_is_an_error(tok, tmp_path):
     p = write(tmp_path, [{"prompt": "the quick brown fox " * 10, "completion": "yes"}])
     with pytest.raises(DataError, match=f"{p}:1: no labelled tokens left after truncation to 16 tokens"):
-        data.load_dataset(p, tok, 16)
+        data.load_dataset(p, tok, 16, truncate="end")  # cutting the end removes the answer
+
+
+def _answer_ids(tok, ds_example):
+    return ds_example.targets[ds_example.targets != data.IGNORE].tolist()
+
+
+@pytest.mark.parametrize("extra", [-1, 0, 1, 40])
+def test_prompt_side_is_cut_and_the_answer_kept(tok, tmp_path, extra):
+    """Records just under, at and over the limit: the labelled tokens are exactly the answer's."""
+    rec = {"text": "the package never arrived and the app crashes when I log in " * 3, "label": "shipping"}
+    full, labelled = data.encode_record(tok, rec, "classification", "x")
+    limit = len(full) - extra
+    ds = data.load_dataset(write(tmp_path, [rec]), tok, limit)
+    (ex,) = ds.examples
+    assert len(ex.ids) <= limit
+    want = data.shift_targets(full, labelled)
+    assert _answer_ids(tok, ex) == want[want != data.IGNORE].tolist()
+    assert ds.truncated == (1 if extra > 0 else 0) and ds.stats["prompt_cut"] == ds.truncated
+    if extra > 0:  # the template's structure survives: the record still ends as the full one does
+        assert ex.ids[-3:].tolist() == full[-3:].tolist()
+
+
+def test_oldest_turns_are_dropped_first(tok, tmp_path):
+    msgs = [{"role": "system", "content": "classify"}]
+    for q, a in (("my invoice is wrong", "billing"), ("the package never arrived", "shipping"),
+                 ("the app crashes when I log in", "technical")):
+        msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    rec = {"messages": msgs}
+    last = {"messages": [msgs[0], *msgs[-2:]]}
+    limit = len(data.encode_record(tok, last, "chat", "x")[0]) + 2
+    ds = data.load_dataset(write(tmp_path, [rec]), tok, limit)
+    (ex,) = ds.examples
+    assert ds.stats["turns_dropped"] == 1
+    assert tok.decode(ex.ids.tolist()).startswith(tok.decode(data.encode_record(tok, last, "chat", "x")[0].tolist()))
+    assert "invoice" not in tok.decode(ex.ids.tolist()) and "classify" in tok.decode(ex.ids.tolist())
+
+
+def test_an_answer_longer_than_the_limit_is_skipped_or_refused(tok, tmp_path):
+    long_answer = {"prompt": "hi", "completion": "the quick brown fox jumps over the lazy dog " * 4}
+    short = {"prompt": "hi", "completion": "yes"}
+    n = len(data.encode_record(tok, short, "completion", "x")[0]) + 2
+    p = write(tmp_path, [long_answer, short])
+    ds = data.load_dataset(p, tok, n)
+    assert len(ds) == 1 and ds.stats["skipped"] == 1 and ds.stats["skipped_records"] == [f"{p}:1"]
+    with pytest.raises(DataError, match=f"{p}:1: .* tokens, more than --max-seq-len {n}"):
+        data.load_dataset(p, tok, n, truncate="error")
+    with pytest.raises(DataError, match=f"no records that fit in {n} tokens"):
+        data.load_dataset(write(tmp_path, [long_answer]), tok, n)
+
+
+def test_truncation_strategies_are_checked(tok, tmp_path):
+    with pytest.raises(DataError, match="truncate must be one of auto, prompt, end, error"):
+        data.load_dataset(write(tmp_path, [{"text": "the quick brown fox " * 10}]), tok, 16, truncate="middle")
 
 
 def test_truncation_is_counted(tok, tmp_path):
@@ -106,3 +159,30 @@ def test_sample_dataset_is_valid(tok):
     for split in ("train", "valid", "test"):
         ds = data.load_dataset(SAMPLE_DATA / f"{split}.jsonl", tok, 512)
         assert ds.fmt == "chat" and ds.truncated == 0
+
+
+def test_a_prompt_longer_than_the_context_keeps_its_end():
+    from edgetune.infer import fit_prompt
+
+    ids = list(range(100))
+    assert fit_prompt(ids, 256, 16) == ids
+    assert fit_prompt(ids, 50, 10) == ids[60:]
+    assert fit_prompt(ids, None, 10) == ids
+    with pytest.raises(DataError, match="leaves no room for a prompt"):
+        fit_prompt(ids, 50, 50)
+
+
+def test_train_records_the_truncation(tiny_bundle, tmp_path):
+    from edgetune import trainer
+
+    recs = [{"text": "the package never arrived " * 8, "label": "shipping"}, {"text": "hi", "label": "billing"}] * 4
+    d = tmp_path / "d"
+    d.mkdir()
+    write(d, recs)
+    logs = []
+    r = trainer.train(tiny_bundle, d, tmp_path / "run", steps=1, batch_size=4, max_seq_len=32, progress=False,
+                      log=logs.append)
+    run = json.loads((r.out / "run.json").read_text())
+    assert run["data"]["truncation"]["prompt_cut"] == 4 and run["data"]["truncation"]["truncate"] == "prompt"
+    assert json.loads((r.out / "config.json").read_text())["truncate"] == "auto"
+    assert sum("fitted to 32 tokens (--truncate prompt): 4 prompt cut" in x for x in logs) == 1
