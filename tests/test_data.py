@@ -186,3 +186,33 @@ def test_train_records_the_truncation(tiny_bundle, tmp_path):
     assert run["data"]["truncation"]["prompt_cut"] == 4 and run["data"]["truncation"]["truncate"] == "prompt"
     assert json.loads((r.out / "config.json").read_text())["truncate"] == "auto"
     assert sum("fitted to 32 tokens (--truncate prompt): 4 prompt cut" in x for x in logs) == 1
+
+
+@pytest.mark.parametrize("extra", [-1, 0, 1])
+def test_end_and_error_strategies_around_the_limit(tok, tmp_path, extra):
+    text = {"text": "the quick brown fox jumps over the lazy dog"}
+    n = len(data.encode_record(tok, text, "text", "x")[0])
+    limit = n - extra
+    p = write(tmp_path, [text])
+    ds = data.load_dataset(p, tok, limit)  # auto: plain text is cut at the end
+    assert len(ds.examples[0].ids) == min(n, limit) and ds.stats["end_cut"] == (1 if extra > 0 else 0)
+    if extra > 0:
+        with pytest.raises(DataError, match=f"{p}:1: {n} tokens, more than --max-seq-len {limit}"):
+            data.load_dataset(p, tok, limit, truncate="error")
+    else:
+        assert len(data.load_dataset(p, tok, limit, truncate="error")) == 1
+
+
+def test_a_template_whose_turns_are_not_prefixes_is_named_when_fitting(tok, tmp_path):
+    """A template that renders the turn count first: no turn is a prefix of the next, so the
+    answer cannot be located; fitting such a record says so instead of cutting blindly."""
+    import dataclasses
+
+    from edgetune.tokenizer import _compile
+
+    odd = dataclasses.replace(tok, template=_compile(
+        "{{ messages|length }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"))
+    rec = {"prompt": "the package never arrived " * 6, "completion": "shipping"}
+    with pytest.raises(DataError, match=r":1: the chat template does not render turns as prefixes"):
+        data.load_dataset(write(tmp_path, [rec]), odd, 24)
