@@ -28,7 +28,13 @@ import json
 import os
 import time
 
+import sys
+from pathlib import Path
+
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import machine  # noqa: E402  - CPU model and ISA (avx2, avx512f, amx...) from /proc/cpuinfo
 
 from edgetune import merge as kernels
 
@@ -168,6 +174,7 @@ def main() -> None:
     repeat = 12 if args.quick else 30
     threads = os.cpu_count() or 1
     peak = peak_gflops(threads)
+    print(f"machine: {machine.describe()}")
     print(f"edgetune merge benchmark: {threads} cores, kernels={kernels.implementation()}, "
           f"multiply-add peak {peak:.0f} GFLOP/s")
     _, frac, speed, frac_mem = per_matrix(repeat, peak)

@@ -10,7 +10,11 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import machine  # noqa: E402  - CPU model and ISA (avx2, avx512f, amx...) from /proc/cpuinfo
 
 from edgetune import pack, trainer
 from edgetune.config import AdapterConfig
@@ -19,6 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def main() -> None:
+    print(f"machine: {machine.describe()}")
     bundle = ROOT / "out" / "bench-bundle-r8"
     if not (bundle / "edgetune.json").is_file():
         from edgetune.export import export
