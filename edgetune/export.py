@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator
 from . import _io, autodiff, bundle as _bundle, dora, graphs, variants
 from .config import AdapterConfig
 from .errors import ConfigError, ModelError
-from .models import ModelSpec, home, resolve_model
+from .models import ModelSpec, check_reference, home, resolve_model
 
 OPSET = 17
 Log = Callable[[str], None]
@@ -313,6 +313,7 @@ def build_training(forward_onnx: Path, trainable: list[str], out: Path, vocab: i
     """``train.onnx`` (loss and adapter gradients), ``eval.onnx`` (loss) sharing one weight
     file, and ``adapter_init.safetensors``: only ``trainable`` tensors get gradients."""
     import onnx
+
     proto = onnx.load(str(forward_onnx))
     tg = autodiff.build(proto, trainable, "loss", _probe_feeds(proto, vocab))
     onnx.save_model(tg.model, str(out / "train.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
@@ -320,26 +321,9 @@ def build_training(forward_onnx: Path, trainable: list[str], out: Path, vocab: i
     graphs.disable_dropout(proto)  # ``proto`` is now the forward graph with the adapters as inputs
     graphs.share_external_data(proto, out / "train.onnx")
     onnx.save(proto, str(out / "eval.onnx"))
-    tensors = {n: v.astype("float32") for n, v in tg.initial.items()}
-    _io.write_with(out / "adapter_init.safetensors", lambda f: f.write(_safetensors_bytes(tensors)))
-
-
-def _safetensors_bytes(tensors: dict[str, Any]) -> bytes:
     from safetensors.numpy import save
 
-    return save(tensors)
-
-
-def _check_reference(model: str | os.PathLike | None) -> None:
-    """An unknown model name or a missing path is reported before anything is loaded or fetched."""
-    from .models import get_spec
-
-    if model is None or Path(str(model)).expanduser().exists():
-        return
-    ref = str(model)
-    if any(sep in ref for sep in ("/", os.sep)) or ref.endswith(".gguf"):
-        raise ModelError(f"model path not found: {ref}")
-    get_spec(ref)
+    _io.write_bytes(out / "adapter_init.safetensors", save({n: v.astype("float32") for n, v in tg.initial.items()}))
 
 
 def _save_external(onnx_path: Path, data_name: str) -> None:
@@ -371,7 +355,7 @@ def _write_tokenizer(tok: Any, out: Path) -> dict[str, Any]:
 def export(model: str | os.PathLike | None, out: str | os.PathLike, cfg: AdapterConfig,
            log: Log = lambda s: None, overwrite: bool = False) -> Path:
     """Export ``model`` with the adapter ``cfg`` into a bundle directory ``out``."""
-    _check_reference(model)
+    check_reference(model)  # a wrong name or path is named before torch is even looked for
     _require_export_deps()
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:

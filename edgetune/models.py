@@ -135,8 +135,9 @@ def verify(name: str) -> None:
                          f"run: edgetune models fetch {name} --force")
 
 
-def resolve_model(model: str | os.PathLike | None, download: bool = True) -> tuple[Path, ModelSpec | None]:
-    """Turn a model name or path into a local path (fetching known models) and its spec, if known."""
+def check_reference(model: str | os.PathLike | None) -> None:
+    """A model path that is missing or of the wrong kind, or an unknown name, is an error
+    naming it; nothing is loaded or fetched."""
     model = str(model or DEFAULT_MODEL)
     p = Path(model).expanduser()
     if p.exists():
@@ -144,9 +145,19 @@ def resolve_model(model: str | os.PathLike | None, download: bool = True) -> tup
             raise ModelError(f"{p} is a folder without config.json; expected a Hugging Face model folder")
         if p.is_file() and p.suffix != ".gguf":
             raise ModelError(f"{p}: expected a .gguf file or a Hugging Face model folder")
-        return p, None
+        return
     if any(sep in model for sep in ("/", os.sep)) or model.endswith(".gguf"):
         raise ModelError(f"model path not found: {model}")
+    get_spec(model)
+
+
+def resolve_model(model: str | os.PathLike | None, download: bool = True) -> tuple[Path, ModelSpec | None]:
+    """Turn a model name or path into a local path (fetching known models) and its spec, if known."""
+    model = str(model or DEFAULT_MODEL)
+    p = Path(model).expanduser()
+    check_reference(model)
+    if p.exists():
+        return p, None
     spec = get_spec(model)
     if not spec.cached:
         if not download:
