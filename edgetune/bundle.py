@@ -8,7 +8,8 @@
       eval.onnx                forward and loss; reads the frozen weights from train.onnx.data
       adapter_init.safetensors the adapter weights a run starts from
       infer.onnx(+.data)       KV-cache inference graph; adapter weights are inputs
-      tokenizer.json, tokenizer_meta.json, chat_template.jinja
+      tokenizer.json, tokenizer_meta.json, chat_template.jinja, hf_tokenizer_config.json
+      hf_config.json, generation_config.json   the model's own configs, as transformers wrote them
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ MANIFEST = "edgetune.json"
 FORMAT = 2  # 1: graphs for ONNX Runtime's training package (1.19.2); 2: standard ops, any onnxruntime
 HASHED = ("train.onnx", "train.onnx.data", "eval.onnx", "adapter_init.safetensors",
           "infer.onnx", "infer.onnx.data", "merge_template.onnx", "app_base.onnx",
-          "app_base_f16.onnx", "tokenizer.json")
+          "app_base_f16.onnx", "tokenizer.json", "generation_config.json")
 
 
 def _versions() -> dict[str, str]:

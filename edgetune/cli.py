@@ -226,7 +226,8 @@ def _device_opts(f: Callable[..., Any]) -> Callable[..., Any]:
                      help="Also report how many graph nodes each provider actually ran (one profiled pass).")(f)
     f = click.option("--provider-option", multiple=True, help="KEY=VALUE passed to the device's provider.")(f)
     f = click.option("--device", default="cpu", show_default=True, help="Device name (see `edgetune devices`).")(f)
-    return click.option("--adapter", "-a", type=click.Path(), help="A run directory or PEFT adapter folder.")(f)
+    return click.option("--adapter", "-a", type=click.Path(),
+                        help="A run directory or PEFT adapter folder; for an app directory, a packed adapter's name.")(f)
 
 
 @main.command("eval", context_settings=CONTEXT)
@@ -285,16 +286,17 @@ def generate(model: str, adapter: str | None, device: str, provider_option: tupl
     Examples:
       edgetune generate bundle/ --prompt "Write a haiku about the sea"
       edgetune generate bundle/ --adapter run/ -p "..." --temperature 0.7 --top-p 0.9
+      edgetune generate app/ --adapter support -p "..."     (what an app runs: base.onnx + support.onnx_adapter)
     """
     from . import devices as d
-    from .infer import Model, generate as gen
+    from .infer import Model, generate_full
 
     m = Model.open(model, adapter, device, d.parse_options(provider_option))
     stream = None if as_json else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
-    text = gen(model, prompt, model=m, chat=not raw, system=system, on_text=stream, **sampling)
+    r = generate_full(model, prompt, model=m, chat=not raw, system=system, on_text=stream, **sampling)
     where = m.placement() if placement else None
     if as_json:
-        _print_json({"text": text, "providers": m.providers, "device": m.device.name,
+        _print_json({**r, "providers": m.providers, "device": m.device.name,
                      **({"placement": where} if where else {})})
     else:
         click.echo("")

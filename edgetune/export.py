@@ -334,7 +334,21 @@ def _save_external(onnx_path: Path, data_name: str) -> None:
                     location=data_name, size_threshold=0)
 
 
-def _write_tokenizer(tok: Any, out: Path) -> dict[str, Any]:
+def stop_token_ids(gen: dict[str, Any], eos_id: int | None) -> list[int]:
+    """Every token that ends a reply: the generation config's eos id(s) (a list for models with
+    an end-of-turn token, e.g. Llama-3's ``<|eot_id|>``, Phi-3's ``<|end|>``) and the tokenizer's."""
+    ids = gen.get("eos_token_id")
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    return sorted({int(i) for i in ids} | ({int(eos_id)} if eos_id is not None else set()))
+
+
+def _generation_config(hf: Any) -> dict[str, Any]:
+    gen = getattr(hf, "generation_config", None)
+    return {k: v for k, v in (gen.to_dict() if gen is not None else {}).items()
+            if v is not None and not k.startswith("_")}
+
+
+def _write_tokenizer(tok: Any, out: Path, gen: dict[str, Any]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         tok.save_pretrained(tmp)
         shutil.copy(Path(tmp) / "tokenizer.json", out / "tokenizer.json")
@@ -347,6 +361,7 @@ def _write_tokenizer(tok: Any, out: Path) -> dict[str, Any]:
         "bos_token": tok.bos_token, "eos_token": tok.eos_token, "pad_token": tok.pad_token or tok.eos_token,
         "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
         "chat_template": "chat_template.jinja" if template else None,
+        "stop_token_ids": stop_token_ids(gen, tok.eos_token_id),
     }
     _io.write_json(out / "tokenizer_meta.json", meta)
     return meta
@@ -390,7 +405,9 @@ def _export(model: str | os.PathLike | None, out: Path, cfg: AdapterConfig, log:
         norm_inputs = [m.norm_input for m in dora.modules(trainable)]
         graphs.app_base_templates(tmp / "infer.onnx", tmp, trainable + norm_inputs, "base.onnx.data")
         _io.write_json(tmp / "hf_config.json", hf.config.to_dict())
-        tok_meta = _write_tokenizer(tok, tmp)
+        gen = _generation_config(hf)
+        _io.write_json(tmp / "generation_config.json", gen)
+        tok_meta = _write_tokenizer(tok, tmp, gen)
         train_weights = graphs.external_index(tmp / "train.onnx")
         manifest = _bundle.make_manifest(
             tmp, source=str(spec.name if spec else path), source_sha256=(spec.sha256 if spec else None),

@@ -57,6 +57,26 @@ def check_adapter_matches(b: _bundle.Bundle, cfg: dict, tensors: dict[str, np.nd
                           + "\n  - ".join(shown))
 
 
+def _app_context(root: Path) -> int | None:
+    try:
+        return int(json.loads((root / "genai_config.json").read_text())["model"]["context_length"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _app_adapter_feed(root: Path, m: dict[str, Any], adapter: str | Path | None) -> dict[str, np.ndarray]:
+    """The tensors of a packed adapter, fed as the app's runtime feeds them (scale folded in)."""
+    from . import pack
+
+    if adapter is None:
+        return {}
+    entry = m.get("adapters", {}).get(str(adapter))
+    path = root / entry["file"] if entry else Path(adapter)
+    if not path.is_file():
+        raise BundleError(f"{root} has no adapter named {str(adapter)!r}; packed: {', '.join(sorted(m.get('adapters', {}))) or 'none'}")
+    return pack.read_adapter(path)["parameters"]
+
+
 @dataclass
 class Model:
     """An inference session over a KV-cache graph, plus what is needed to feed it."""
@@ -74,7 +94,8 @@ class Model:
     @classmethod
     def open(cls, path: str | Path, adapter: str | Path | None = None, device: str = "cpu",
              provider_options: dict[str, str] | None = None, threads: int = 0) -> "Model":
-        """Open a bundle (optionally with a run's adapter) or a merged-model folder."""
+        """Open a bundle (optionally with a run's adapter), a merged-model folder, or an app
+        directory from ``edgetune pack`` (``adapter`` is then a packed adapter's name or file)."""
         import onnxruntime as ort
 
         root = Path(path)
@@ -95,8 +116,14 @@ class Model:
             merged = json.loads((root / "merged.json").read_text())
             info, context = merged["infer"], (merged.get("model_config") or {}).get("max_position_embeddings")
             extra, onnx_path = {}, root / "model.onnx"
+        elif (root / "manifest.json").is_file():
+            from . import pack
+
+            m = pack.read_manifest(root)
+            info, context = m["infer"], _app_context(root)
+            extra, onnx_path = _app_adapter_feed(root, m, adapter), root / "base.onnx"
         else:
-            raise BundleError(f"{root} is neither an edgetune bundle nor a merged model")
+            raise BundleError(f"{root} is neither an edgetune bundle, a merged model nor an app directory")
         sess = devices.session(onnx_path, dev, so)
         return cls(sess, ChatTokenizer.from_dir(root), int(info["num_layers"]), int(info["kv_heads"]),
                    int(info["head_dim"]), extra, dev, onnx_path, int(context) if context else None)
@@ -197,7 +224,7 @@ def generate_ids(model: Model, prompt_ids: list[int], s: Sampling) -> Iterator[i
     ids = np.asarray([prompt_ids], np.int64)
     n = ids.shape[1]
     logits, past = model.forward(ids, np.ones((1, n), np.int64), np.arange(n, dtype=np.int64)[None], model.empty_past(1))
-    stop = {model.tok.eos_id}
+    stop = model.tok.stop_ids | {model.tok.eos_id}
     for _ in range(s.max_new_tokens):
         nxt = _pick(logits[0, -1], s, rng)
         if nxt in stop:
@@ -221,6 +248,13 @@ def generate(path: str | Path, prompt: str, adapter: str | Path | None = None, d
              chat: bool = True, system: str | None = None, on_text: Callable[[str], None] | None = None,
              model: Model | None = None, **sampling: Any) -> str:
     """Generate a reply to ``prompt`` (through the chat template unless ``chat=False``)."""
+    return generate_full(path, prompt, adapter, device, chat, system, on_text, model, **sampling)["text"]
+
+
+def generate_full(path: str | Path, prompt: str, adapter: str | Path | None = None, device: str = "cpu",
+                  chat: bool = True, system: str | None = None, on_text: Callable[[str], None] | None = None,
+                  model: Model | None = None, **sampling: Any) -> dict[str, Any]:
+    """As :func:`generate`, also returning the prompt's and the reply's token ids."""
     model = model or Model.open(path, adapter, device)
     s = Sampling(**sampling)
     if chat:
@@ -228,12 +262,13 @@ def generate(path: str | Path, prompt: str, adapter: str | Path | None = None, d
         text = model.tok.render(msgs, add_generation_prompt=True)
     else:
         text = prompt
+    prompt_ids = fit_prompt(model.tok.encode(text), model.context, s.max_new_tokens)
     out: list[int] = []
     shown = ""
-    for t in generate_ids(model, fit_prompt(model.tok.encode(text), model.context, s.max_new_tokens), s):
+    for t in generate_ids(model, prompt_ids, s):
         out.append(t)
         if on_text is not None:
             full = model.tok.decode(out)
             on_text(full[len(shown):])
             shown = full
-    return model.tok.decode(out)
+    return {"text": model.tok.decode(out), "token_ids": out, "prompt_token_ids": prompt_ids}

@@ -7,10 +7,14 @@ An app directory holds one shared base model and any number of small adapters::
                                   whose defaults have no effect, so it runs with or without one
       NAME.onnx_adapter           ONNX Runtime's adapter format (LoRA scale folded in)
       manifest.json               hashes that tie every adapter to this base and tokenizer
-      tokenizer.json, tokenizer_meta.json, chat_template.jinja
+      genai_config.json           the model description onnxruntime-genai reads
+      tokenizer.json, tokenizer_config.json (with the chat template), tokenizer_meta.json,
+      chat_template.jinja, generation_config.json
 
 ONNX Runtime >= 1.20 loads the adapters with ``LoraAdapter`` and
-``RunOptions.add_active_adapter``; onnxruntime-genai with ``Adapters``.
+``RunOptions.add_active_adapter``; onnxruntime-genai opens the directory with
+``og.Model(APPDIR)`` and switches adapters with ``og.Adapters`` and
+``Generator.set_active_adapter``.
 """
 from __future__ import annotations
 
@@ -30,7 +34,10 @@ MANIFEST = "manifest.json"
 FORMAT = 1
 ONNX_DTYPE = {"float32": 1, "float16": 10}
 NP_DTYPE = {1: np.float32, 10: np.float16}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_meta.json", "chat_template.jinja")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_meta.json", "chat_template.jinja", "generation_config.json")
+GENAI_CONFIG = "genai_config.json"
+# transformers model_type -> onnxruntime-genai model.type, for the families edgetune exports.
+GENAI_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "phi3": "phi3", "gemma2": "gemma2"}
 
 
 # -- the .onnx_adapter file, through ONNX Runtime's own AdapterFormat ------------------------
@@ -66,8 +73,15 @@ def read_adapter(path: Path) -> dict[str, Any]:
 
 
 # -- pack ---------------------------------------------------------------------------------
+def _source_name(source: Any) -> Any:
+    """A model's registry name as is; a local path by its last component only (an app ships its
+    manifest, which holds no path of the machine that made it)."""
+    s = str(source) if source is not None else None
+    return Path(s).name if s and ("/" in s or "\\" in s) else source
+
+
 def _base_entry(b: _bundle.Bundle, dtype: str) -> dict[str, Any]:
-    return {"source": b.manifest.get("source"), "source_sha256": b.manifest.get("source_sha256"),
+    return {"source": _source_name(b.manifest.get("source")), "source_sha256": b.manifest.get("source_sha256"),
             "bundle_base_id": b.base_id, "adapter_dtype": dtype}
 
 
@@ -92,6 +106,8 @@ def pack(run: str | Path, bundle: str | Path, out: str | Path, dtype: str = "flo
         manifest = _write_base(b, template, out, dtype)
     if ort_format and "base.ort" not in manifest["files"]:
         manifest["files"]["base.ort"] = _write_ort_format(out)
+        # Mobile builds run ORT-format models only: point onnxruntime-genai at base.ort.
+        manifest["files"][GENAI_CONFIG] = _write_genai_config(b, out, "base.ort")
     graph = {peft_io.to_graph_name(k, b.trainable): v.astype(np.float32) for k, v in tensors.items()}
     # DoRA: the row norms of W + s B A, which the graph takes as inputs, travel with the adapter.
     graph.update(dora.feed_for_adapter(b, graph))
@@ -117,7 +133,7 @@ def _existing_manifest(out: Path, b: _bundle.Bundle, dtype: str) -> dict[str, An
         if out.exists() and any(out.iterdir()):
             raise ConfigError(f"{out} exists, is not empty and has no {MANIFEST}; choose another --out")
         return None
-    m = json.loads((out / MANIFEST).read_text())
+    m = read_manifest(out)
     base = m.get("base", {})
     if base.get("bundle_base_id") != b.base_id or base.get("adapter_dtype") != dtype:
         raise BundleError(f"{out} holds a base for {base.get('source')} (id {str(base.get('bundle_base_id'))[:12]}, "
@@ -135,12 +151,91 @@ def _write_base(b: _bundle.Bundle, template: Path, out: Path, dtype: str) -> dic
     for f in TOKENIZER_FILES:
         if b.path(f).is_file():
             shutil.copyfile(b.path(f), out / f)
-    files = {f: _io.sha256_file(out / f) for f in ("base.onnx", "base.onnx.data", *TOKENIZER_FILES) if (out / f).is_file()}
+    _write_tokenizer_config(b, out)
+    _write_genai_config(b, out, "base.onnx")
+    names = ("base.onnx", "base.onnx.data", *TOKENIZER_FILES, "tokenizer_config.json", GENAI_CONFIG)
+    files = {f: _io.sha256_file(out / f) for f in names if (out / f).is_file()}
     return {"format": FORMAT, "kind": "edgetune-app", "edgetune_version": __version__, "base": _base_entry(b, dtype),
             "base_sha256": files["base.onnx"], "base_data_sha256": files["base.onnx.data"],
             "tokenizer_sha256": files.get("tokenizer.json"), "files": files,
             "base_inputs": b.trainable + [m.norm_input for m in dora.modules(b.trainable)],
             "infer": b.manifest["infer"], "adapters": {}}
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def genai_config(b: _bundle.Bundle, filename: str = "base.onnx") -> dict[str, Any]:
+    """The ``genai_config.json`` onnxruntime-genai needs to open an app directory: the decoder's
+    file and tensor names, its shape, the stop tokens and the model's own search defaults."""
+    mc = b.manifest.get("model_config") or {}
+    hf = _read_json(b.path("hf_config.json"))
+    gen = _read_json(b.path("generation_config.json"))
+    tok = b.manifest.get("tokenizer") or {}
+    mtype = mc.get("model_type")
+    if mtype not in GENAI_TYPES:
+        raise BundleError(f"onnxruntime-genai has no model type for {mtype!r}; supported: {', '.join(GENAI_TYPES)}")
+    info = b.manifest["infer"]
+    context = int(mc.get("max_position_embeddings") or 2048)
+    stops = tok.get("stop_token_ids") or [tok.get("eos_token_id")]
+    bos = hf.get("bos_token_id", gen.get("bos_token_id"))
+    sampling = bool(gen.get("do_sample", False))
+    return {
+        "model": {
+            "type": GENAI_TYPES[mtype],
+            "bos_token_id": bos if bos is not None else stops[0],
+            "eos_token_id": stops if len(stops) > 1 else stops[0],
+            "pad_token_id": tok.get("pad_token_id", stops[0]),
+            "context_length": context,
+            "vocab_size": int(mc["vocab_size"]),
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": filename,
+                "head_size": int(info["head_dim"]),
+                "hidden_size": int(mc["hidden_size"]),
+                "num_attention_heads": int(mc["num_attention_heads"]),
+                "num_hidden_layers": int(info["num_layers"]),
+                "num_key_value_heads": int(info["kv_heads"]),
+                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
+                           "position_ids": "position_ids", "past_key_names": "past_key_values.%d.key",
+                           "past_value_names": "past_key_values.%d.value"},
+                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                            "present_value_names": "present.%d.value"},
+            },
+        },
+        "search": {
+            # The model's generation config, where it says something; greedy otherwise.
+            "do_sample": sampling,
+            "temperature": float(gen.get("temperature") or 1.0) if sampling else 1.0,
+            "top_k": int(gen.get("top_k") or 50) if sampling else 1,
+            "top_p": float(gen.get("top_p") or 1.0) if sampling else 1.0,
+            "repetition_penalty": float(gen.get("repetition_penalty") or 1.0),
+            "max_length": context, "min_length": 0, "num_beams": 1, "num_return_sequences": 1,
+            "early_stopping": True, "length_penalty": 1.0, "no_repeat_ngram_size": 0, "diversity_penalty": 0.0,
+            # The exported decoder concatenates its cache; it does not write into a shared buffer.
+            "past_present_share_buffer": False,
+        },
+    }
+
+
+def _write_genai_config(b: _bundle.Bundle, out: Path, filename: str) -> str:
+    _io.write_json(out / GENAI_CONFIG, genai_config(b, filename))
+    return _io.sha256_file(out / GENAI_CONFIG)
+
+
+def _write_tokenizer_config(b: _bundle.Bundle, out: Path) -> None:
+    """transformers' ``tokenizer_config.json`` with the chat template inside, as
+    onnxruntime-genai's tokenizer (onnxruntime-extensions) reads it."""
+    cfg = _read_json(b.path("hf_tokenizer_config.json"))
+    meta = b.manifest.get("tokenizer") or {}
+    cfg.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+    for k in ("bos_token", "eos_token", "pad_token"):
+        if meta.get(k) is not None:
+            cfg.setdefault(k, meta[k])
+    if b.path("chat_template.jinja").is_file():
+        cfg["chat_template"] = b.path("chat_template.jinja").read_text()
+    _io.write_json(out / "tokenizer_config.json", cfg)
 
 
 def _write_ort_format(out: Path) -> str:
@@ -160,25 +255,61 @@ def _write_ort_format(out: Path) -> str:
 
 
 # -- verify ---------------------------------------------------------------------------------
-def _session_inputs(path: Path) -> dict[str, tuple[str, list[Any]]]:
+def _session_io(path: Path) -> tuple[dict[str, tuple[str, list[Any]]], list[str]]:
+    """The base's inputs (adapter weights included) and output names."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    # Only the input signature is read: no graph optimization (also avoids a crash of
+    # Only the signature is read: no graph optimization (also avoids a crash of
     # onnxruntime 1.23's full-level optimizer on this graph).
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    try:
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - a damaged model is reported, not raised
+        raise BundleError(f"{path} cannot be loaded by onnxruntime ({str(e).splitlines()[0][:160]}); "
+                          "copy the app directory again or re-run edgetune pack") from None
     # Inputs with a default (every adapter weight) are "overridable initializers" to ORT.
-    return {i.name: (i.type, list(i.shape)) for i in [*sess.get_inputs(), *sess.get_overridable_initializers()]}
+    ins = {i.name: (i.type, list(i.shape)) for i in [*sess.get_inputs(), *sess.get_overridable_initializers()]}
+    return ins, [o.name for o in sess.get_outputs()]
+
+
+def _check_genai(appdir: Path, ins: dict[str, Any], outs: list[str], problems: list[str]) -> None:
+    """``genai_config.json`` must describe the base it sits beside, or onnxruntime-genai fails at run time."""
+    path = appdir / GENAI_CONFIG
+    try:
+        cfg = json.loads(path.read_text())
+        dec, model = cfg["model"]["decoder"], cfg["model"]
+        names = (dec["inputs"]["input_ids"], dec["inputs"]["attention_mask"], dec["inputs"]["position_ids"])
+        layers, pk, pv = int(dec["num_hidden_layers"]), dec["inputs"]["past_key_names"], dec["inputs"]["past_value_names"]
+        ok, vk, vv = dec["outputs"]["logits"], dec["outputs"]["present_key_names"], dec["outputs"]["present_value_names"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        problems.append(f"{GENAI_CONFIG} is not a usable onnxruntime-genai config ({type(e).__name__}: {e}); "
+                        "re-run edgetune pack")
+        return
+    if not (appdir / dec.get("filename", "")).is_file():
+        problems.append(f"{GENAI_CONFIG}: decoder file {dec.get('filename')!r} is not in {appdir}")
+    want_in = [*names, *(p % i for i in range(layers) for p in (pk, pv))]
+    want_out = [ok, *(p % i for i in range(layers) for p in (vk, vv))]
+    missing = [n for n in want_in if n not in ins] + [n for n in want_out if n not in outs]
+    if missing:
+        problems.append(f"{GENAI_CONFIG} names {len(missing)} tensor(s) the base model does not have, e.g. {missing[0]}")
+    extra_layers = sum(1 for n in ins if n.startswith("past_key_values.") and n.endswith(".key")) - layers
+    if extra_layers:
+        problems.append(f"{GENAI_CONFIG}: num_hidden_layers is {layers}, the base model has {layers + extra_layers}")
+    past = ins.get(pk % 0)
+    if past and isinstance(past[1][1], int) and past[1][1] != dec.get("num_key_value_heads"):
+        problems.append(f"{GENAI_CONFIG}: num_key_value_heads is {dec.get('num_key_value_heads')}, the base has {past[1][1]}")
+    if past and isinstance(past[1][3], int) and past[1][3] != dec.get("head_size"):
+        problems.append(f"{GENAI_CONFIG}: head_size is {dec.get('head_size')}, the base has {past[1][3]}")
+    if model.get("eos_token_id") is None:
+        problems.append(f"{GENAI_CONFIG}: no eos_token_id; generation would never stop")
 
 
 def verify(appdir: str | Path, base: str | Path | None = None) -> dict[str, Any]:
     """Check every hash and every adapter tensor against the base; all problems in one error."""
     appdir = Path(appdir)
-    if not (appdir / MANIFEST).is_file():
-        raise BundleError(f"{appdir} is not an edgetune app directory ({MANIFEST} is missing)")
-    m = json.loads((appdir / MANIFEST).read_text())
+    m = read_manifest(appdir)
     problems: list[str] = []
     for f, digest in m.get("files", {}).items():
         if not (appdir / f).is_file():
@@ -188,7 +319,13 @@ def verify(appdir: str | Path, base: str | Path | None = None) -> dict[str, Any]
     base_path = Path(base) if base else appdir / "base.onnx"
     if base is not None:
         _check_other_base(m, base_path, problems)
-    inputs = _session_inputs(base_path) if base_path.is_file() and not problems else {}
+    base_ok = base_path.is_file() and not any(p.startswith(("base.onnx", f"base model {base_path}")) for p in problems)
+    inputs, outputs = _session_io(base_path) if base_ok else ({}, [])
+    if inputs and GENAI_CONFIG in m.get("files", {}):
+        _check_genai(appdir, inputs, outputs, problems)
+    elif GENAI_CONFIG not in m.get("files", {}):
+        problems.append(f"{GENAI_CONFIG} is not listed: onnxruntime-genai cannot open this directory; "
+                        "pack it again with this edgetune")
     checked = 0
     for name, entry in m.get("adapters", {}).items():
         f = appdir / entry["file"]
@@ -206,6 +343,20 @@ def verify(appdir: str | Path, base: str | Path | None = None) -> dict[str, Any]
         raise BundleError(f"{appdir} failed verification:\n  - " + "\n  - ".join(problems))
     return {"appdir": str(appdir), "base": str(base_path), "adapters": sorted(m.get("adapters", {})),
             "tensors_checked": checked, "ok": True}
+
+
+def read_manifest(appdir: Path) -> dict[str, Any]:
+    if not appdir.is_dir():
+        raise BundleError(f"app directory not found: {appdir}")
+    if not (appdir / MANIFEST).is_file():
+        raise BundleError(f"{appdir} is not an edgetune app directory ({MANIFEST} is missing)")
+    try:
+        m = json.loads((appdir / MANIFEST).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"{appdir / MANIFEST} is damaged ({e}); copy the app directory again") from None
+    if not isinstance(m, dict) or m.get("kind") != "edgetune-app":
+        raise BundleError(f"{appdir / MANIFEST} is not an edgetune app manifest; copy the app directory again")
+    return m
 
 
 def _check_other_base(m: dict[str, Any], base_path: Path, problems: list[str]) -> None:

@@ -19,6 +19,7 @@ class ChatTokenizer:
     eos_id: int
     pad_id: int
     bos_token: str | None
+    stop_ids: frozenset[int] = frozenset()
 
     @classmethod
     def from_dir(cls, root: str | Path) -> "ChatTokenizer":
@@ -33,8 +34,10 @@ class ChatTokenizer:
         template = None
         if meta.get("chat_template") and (root / meta["chat_template"]).is_file():
             template = _compile((root / meta["chat_template"]).read_text())
-        return cls(tok, template, meta["eos_token"], int(meta["eos_token_id"]), int(meta["pad_token_id"]),
-                   meta.get("bos_token"))
+        eos = int(meta["eos_token_id"])
+        # Bundles from before stop_token_ids stop on the tokenizer's eos only.
+        stops = frozenset(int(i) for i in meta.get("stop_token_ids") or [eos])
+        return cls(tok, template, meta["eos_token"], eos, int(meta["pad_token_id"]), meta.get("bos_token"), stops)
 
     def encode(self, text: str) -> list[int]:
         return list(self.tok.encode(text, add_special_tokens=False).ids)

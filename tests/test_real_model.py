@@ -158,3 +158,34 @@ def test_dora_pack_runs_in_the_app_runtime(dora_real, tmp_path, ort_env):
     want = infer.Model.open(bundle, adapter=run).logits(ids, np.ones_like(ids))
     assert np.abs(got["tickets"] - want).max() < 2e-2 * np.abs(want).max()  # float16 adapter
     assert (got["tickets"][0].argmax(-1) == want[0].argmax(-1)).mean() > 0.95
+
+
+GENAI_PROMPTS = [PROMPT, "I was charged twice for my subscription this month.", "Write one sentence about the sea."]
+
+
+def test_onnxruntime_genai_runs_the_app_dir_token_for_token(real_bundle, real_run, tmp_path):
+    """The real library, in an environment without edgetune, with two adapters and none."""
+    import test_genai as tg
+    from edgetune import pack
+
+    other = trainer.train(real_bundle, SAMPLE_DATA, tmp_path / "other", steps=6, batch_size=4, lr=3e-3, seed=7,
+                          progress=False, log=lambda s: None).out
+    app = tmp_path / "app"
+    pack.pack(real_run, real_bundle, app, name="tickets")
+    pack.pack(other, real_bundle, app, name="other")
+    assert pack.verify(app)["ok"]
+    got = tg.run_app(tg.genai_python(), app, prompts=GENAI_PROMPTS, new_tokens=tg.NEW_TOKENS)
+    tg.check_same_tokens(got, app, prompts=GENAI_PROMPTS, logits_atol=2e-3)
+    tickets = [r for r in got["runs"] if r["adapter"] == "tickets" and r["prompt"] == PROMPT][0]
+    assert tickets["text"].startswith("Category: "), tickets["text"]
+    assert tickets["stopped"], "the reply should end on the model's end-of-turn token"
+
+
+def test_onnxruntime_genai_runs_a_dora_adapter(dora_real, tmp_path):
+    import test_genai as tg
+    from edgetune import pack
+
+    bundle, run = dora_real
+    pack.pack(run, bundle, tmp_path / "app", name="dora")
+    got = tg.run_app(tg.genai_python(), tmp_path / "app", prompts=GENAI_PROMPTS[:2], new_tokens=tg.NEW_TOKENS)
+    tg.check_same_tokens(got, tmp_path / "app", prompts=GENAI_PROMPTS[:2], logits_atol=2e-3)
