@@ -319,8 +319,14 @@ def verify(appdir: str | Path, base: str | Path | None = None) -> dict[str, Any]
     base_path = Path(base) if base else appdir / "base.onnx"
     if base is not None:
         _check_other_base(m, base_path, problems)
-    base_ok = base_path.is_file() and not any(p.startswith(("base.onnx", f"base model {base_path}")) for p in problems)
-    inputs, outputs = _session_io(base_path) if base_ok else ({}, [])
+    base_ok = base_path.is_file() and not any(
+        p.startswith(("base.onnx", f"base model {base_path}", "these adapters were made for")) for p in problems)
+    inputs, outputs = {}, []
+    if base_ok:
+        try:
+            inputs, outputs = _session_io(base_path)
+        except BundleError as e:
+            problems.append(str(e))
     if inputs and GENAI_CONFIG in m.get("files", {}):
         _check_genai(appdir, inputs, outputs, problems)
     elif GENAI_CONFIG not in m.get("files", {}):

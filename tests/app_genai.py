@@ -22,6 +22,8 @@ args = ap.parse_args()
 
 appdir = Path(args.appdir)
 manifest = json.loads((appdir / "manifest.json").read_text())
+eos = json.loads((appdir / "genai_config.json").read_text())["model"]["eos_token_id"]
+stop_ids = set(eos) if isinstance(eos, list) else {eos}
 model = og.Model(str(appdir))
 tokenizer = og.Tokenizer(model)
 adapters = og.Adapters(model)
@@ -45,7 +47,7 @@ def reply(prompt: str, adapter: str | None) -> dict:
         gen.generate_next_token()
         out.append(int(gen.get_next_tokens()[0]))
     # onnxruntime-genai appends the stop token it ended on; edgetune does not return it.
-    stopped = bool(out) and len(out) < args.max_new_tokens
+    stopped = bool(out) and out[-1] in stop_ids
     return {"prompt_ids": ids, "ids": out[:-1] if stopped else out, "stopped": stopped,
             "text": tokenizer.decode(out[:-1] if stopped else out),
             "logits": first.tolist() if args.logits else None}

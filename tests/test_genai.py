@@ -125,11 +125,14 @@ def test_mismatched_adapter_what_genai_and_verify_say(og_python, tiny_bundle, ru
     pack.write_adapter(tmp_path / "rank2.onnx_adapter", [(k, v[:2] if ".lora_A." in k else v[:, :2])
                                                          for k, v in params.items()])
     pack.write_adapter(tmp_path / "names.onnx_adapter", [("not.an.input", np.zeros((2, 2), np.float16))])
+    whole = (app / "tickets.onnx_adapter").read_bytes()
+    (tmp_path / "cut.onnx_adapter").write_bytes(whole[: len(whole) // 2])  # a download that stopped halfway
     got = run_app(og_python, app, prompts=PROMPTS[:1], new_tokens=4,
-                  bad=[tmp_path / "rank2.onnx_adapter", tmp_path / "names.onnx_adapter"])
+                  bad=[tmp_path / "rank2.onnx_adapter", tmp_path / "names.onnx_adapter", tmp_path / "cut.onnx_adapter"])
     said = got["bad"]
     assert "invalid dimensions" in said[str(tmp_path / "rank2.onnx_adapter")], said
     assert "Invalid input name: not.an.input" in said[str(tmp_path / "names.onnx_adapter")], said
+    assert said[str(tmp_path / "cut.onnx_adapter")] != "accepted", said
     # verify, which the README tells app builds to run, names both problems before the app runs.
     (app / "rank2.onnx_adapter").write_bytes((tmp_path / "rank2.onnx_adapter").read_bytes())
     m = json.loads((app / "manifest.json").read_text())
@@ -163,3 +166,49 @@ def test_truncated_adapter_is_named_by_verify(tiny_bundle, runs, tmp_path):
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     with pytest.raises(BundleError, match="adapter tickets: tickets.onnx_adapter does not match its sha256"):
         pack.verify(app)
+
+
+def test_example_chat_app_runs_with_genai_only(og_python, tiny_bundle, runs, tmp_path):
+    app = tmp_path / "app"
+    pack.pack(runs[0], tiny_bundle, app, name="tickets")
+    chat = ROOT / "examples" / "app" / "chat.py"
+    env = {**os.environ, "PYTHONPATH": ""}
+    want = edgetune_reply(app, PROMPTS[1], "tickets", new_tokens=12)["text"]
+    p = subprocess.run([str(og_python), str(chat), str(app), "--adapter", "tickets", "--prompt", PROMPTS[1],
+                        "--max-new-tokens", "12"], capture_output=True, text=True, env=env, cwd="/")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout == want + "\n"
+    # The interactive loop: switch to the adapter, ask, back to the base, ask, quit.
+    p = subprocess.run([str(og_python), str(chat), str(app), "--max-new-tokens", "12"], capture_output=True, text=True,
+                       env=env, cwd="/", input=f"/adapter tickets\n{PROMPTS[1]}\n/adapter nope\n/quit\n")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert want in p.stdout and "no adapter 'nope'; packed: tickets" in p.stdout
+    p = subprocess.run([str(og_python), str(chat), str(app), "--adapter", "nope", "--prompt", "x"],
+                       capture_output=True, text=True, env=env, cwd="/")
+    assert p.returncode != 0 and "no adapter 'nope'" in p.stderr
+
+
+def test_generation_stops_on_every_stop_token_of_the_generation_config(og_python, tiny_model, tiny_bundle, chat_data,
+                                                                        tmp_path):
+    """A model whose generation config lists an end-of-turn token beside eos (as Llama-3 and
+    Phi-3 do): edgetune and the app both stop on it. The tiny base model's greedy reply starts
+    with token 201 ('\\n'), so listing 201 must end every reply at once."""
+    import shutil
+
+    from edgetune.config import AdapterConfig
+    from edgetune.export import export
+
+    assert edgetune_reply(tiny_bundle, PROMPTS[0])["token_ids"][:2] == [201, 201]  # eos only: it goes on
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    (model / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": [2, 201]}))
+    bundle = export(str(model), tmp_path / "bundle", AdapterConfig(rank=4, alpha=8, targets=("q_proj", "v_proj")))
+    assert json.loads((bundle / "tokenizer_meta.json").read_text())["stop_token_ids"] == [2, 201]
+    run = trainer.train(bundle, chat_data, tmp_path / "run", steps=2, progress=False, log=lambda s: None).out
+    app = tmp_path / "app"
+    pack.pack(run, bundle, app, name="x", dtype="float32")
+    assert json.loads((app / "genai_config.json").read_text())["model"]["eos_token_id"] == [2, 201]
+    got = run_app(og_python, app, prompts=PROMPTS[:1])
+    base = [r for r in got["runs"] if r["adapter"] is None][0]
+    assert base["stopped"] and base["ids"] == [] == edgetune_reply(app, PROMPTS[0])["token_ids"]
+    assert edgetune_reply(bundle, PROMPTS[0])["token_ids"] == []

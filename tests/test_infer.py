@@ -69,7 +69,7 @@ def test_adapter_for_another_bundle_is_rejected_with_every_difference(tiny_bundl
 
 
 def test_missing_bundle_and_adapter(tmp_path, tiny_bundle):
-    with pytest.raises(BundleError, match="neither an edgetune bundle nor a merged model"):
+    with pytest.raises(BundleError, match="neither an edgetune bundle, a merged model nor an app directory"):
         infer.Model.open(tmp_path)
     with pytest.raises(BundleError, match="is not a PEFT adapter folder"):
         infer.Model.open(tiny_bundle, adapter=tmp_path)
