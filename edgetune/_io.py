@@ -90,3 +90,94 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
                 break
             h.update(b)
     return h.hexdigest()
+
+
+def read_json(path: str | os.PathLike, what: str = "file", fix: str = "restore it or create it again",
+              error: type[Exception] | None = None) -> dict[str, Any]:
+    """A JSON object from ``path``; a missing, unreadable, non-UTF-8, malformed or non-object file
+    is one error naming the file, what it is and what to do."""
+    from .errors import BundleError
+
+    err = error or BundleError
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise err(f"{path}: {what} is missing; {fix}") from None
+    except OSError as e:
+        raise err(f"{path}: cannot read {what} ({e.strerror}); {fix}") from None
+    if not raw.strip():
+        raise err(f"{path}: {what} is empty; {fix}") from None
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise err(f"{path}: {what} is not UTF-8 text (byte {e.start}; {guess_encoding(raw)}); {fix}") from None
+    except json.JSONDecodeError as e:
+        raise err(f"{path}: {what} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); {fix}") from None
+    if not isinstance(obj, dict):
+        raise err(f"{path}: {what} must hold a JSON object, not a {type(obj).__name__}; {fix}")
+    return obj
+
+
+def guess_encoding(raw: bytes) -> str:
+    """A short guess at what a non-UTF-8 byte string is, for an error message."""
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        return "it looks like UTF-16 (byte-order mark); save it as UTF-8"
+    if raw[:4] in (b"PK\x03\x04",) or raw[:2] == b"\x1f\x8b":
+        return "it looks like a zip or gzip archive; extract it first"
+    if b"\x00" in raw[:4096]:
+        return "it looks like binary data"
+    try:
+        raw.decode("cp1252")
+        return "it looks like Windows-1252/Latin-1 text; save it as UTF-8"
+    except UnicodeDecodeError:
+        return "its encoding is unknown; save it as UTF-8"
+
+
+def _verified_cache() -> Path:
+    from .models import home
+
+    return home() / "verified.json"
+
+
+def check_files(root: Path, files: dict[str, str], sizes: dict[str, int] | None, hashed: tuple[str, ...] | None,
+                fix: str) -> list[str]:
+    """Problems with ``files`` ({name: sha256}) under ``root``: a missing file, a size other than
+    the manifest's, or (for names in ``hashed``; all if None) a sha256 other than the manifest's.
+    A verified hash is remembered per file version (path, size, mtime), so a large file is hashed
+    once, not on every command."""
+    problems = []
+    cache_path = _verified_cache()
+    try:
+        cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+        cache = cache if isinstance(cache, dict) else {}
+    except (OSError, ValueError):
+        cache = {}  # a damaged cache only costs a re-hash
+    dirty = False
+    for name, digest in files.items():
+        f = root / name
+        try:
+            st = f.stat()
+        except FileNotFoundError:
+            problems.append(f"{name} is missing; {fix}")
+            continue
+        if sizes and name in sizes and st.st_size != sizes[name]:
+            problems.append(f"{name} has {st.st_size} bytes, the manifest says {sizes[name]} (damaged or "
+                            f"cut short); {fix}")
+            continue
+        if hashed is not None and name not in hashed:
+            continue
+        key = f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+        if cache.get(key) == digest:
+            continue
+        if sha256_file(f) != digest:
+            problems.append(f"{name} does not match its sha256 in the manifest (damaged or changed); {fix}")
+            continue
+        cache[key] = digest
+        dirty = True
+    if dirty:
+        with contextlib.suppress(OSError):
+            if len(cache) > 2000:  # keep the newest entries only
+                cache = dict(list(cache.items())[-1000:])
+            write_json(cache_path, cache)
+    return problems

@@ -47,6 +47,7 @@ def make_manifest(root: Path, *, source: str, source_sha256: str | None, adapter
                   weights: dict[str, dict[str, Any]], train_weights: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Describe a freshly exported bundle in ``root``; hashes every file."""
     files = {name: _io.sha256_file(root / name) for name in HASHED if (root / name).exists()}
+    sizes = {name: (root / name).stat().st_size for name in files}
     ident = hashlib.sha256(json.dumps([files[k] for k in sorted(files) if k != "adapter_init.safetensors"]).encode()).hexdigest()
     return {
         "format": FORMAT,
@@ -69,6 +70,7 @@ def make_manifest(root: Path, *, source: str, source_sha256: str | None, adapter
         "weights": weights,
         "train_weights": train_weights,
         "files": files,
+        "sizes": sizes,
     }
 
 
@@ -101,18 +103,16 @@ class Bundle:
         return int(self.manifest["infer"]["num_layers"])
 
 
-def load(root: str | Path, verify_hashes: bool = False) -> Bundle:
-    """Open a bundle, checking that every file exists (and, optionally, its hash); all problems in one error."""
+def load(root: str | Path, verify_hashes: bool = True) -> Bundle:
+    """Open a bundle, checking before any work that every file is there with its size and (once
+    per file version, see ``_io.check_files``) its sha256; all problems in one error."""
     root = Path(root)
     if not root.is_dir():
         raise BundleError(f"bundle not found: {root} (create one with: edgetune export --out {root})")
     mpath = root / MANIFEST
     if not mpath.is_file():
         raise BundleError(f"{root} is not an edgetune bundle: {MANIFEST} is missing")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except json.JSONDecodeError as e:
-        raise BundleError(f"{mpath}: corrupt manifest ({e.msg})") from None
+    manifest = _io.read_json(mpath, "the bundle manifest", "export the bundle again or copy it again")
     problems = []
     if manifest.get("kind") != "edgetune-bundle":
         problems.append(f"kind is {manifest.get('kind')!r}, expected 'edgetune-bundle'")
@@ -122,12 +122,16 @@ def load(root: str | Path, verify_hashes: bool = False) -> Bundle:
                           f"--out NEW_BUNDLE (its runs' adapters stay usable: edgetune import-peft RUN/adapter)")
     if manifest.get("format") != FORMAT:
         problems.append(f"format {manifest.get('format')!r} is not supported (this edgetune reads format {FORMAT})")
-    for name, digest in manifest.get("files", {}).items():
-        f = root / name
-        if not f.is_file():
-            problems.append(f"{name} is missing")
-        elif verify_hashes and _io.sha256_file(f) != digest:
-            problems.append(f"{name} does not match its sha256 in the manifest")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        problems.append("the manifest's file list is damaged")
+        files = {}
+    for key in ("adapter", "trainable", "infer", "base_id"):
+        if key not in manifest:
+            problems.append(f"the manifest has no {key!r}")
+    if not problems:
+        problems += _io.check_files(root, files, manifest.get("sizes"), None if verify_hashes else (),
+                                    "export the bundle again or copy it again")
     if problems:
         raise BundleError(f"bundle {root} is not usable:\n  - " + "\n  - ".join(problems))
     return Bundle(root, manifest)

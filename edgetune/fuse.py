@@ -112,7 +112,7 @@ def merge_onnx(b: _bundle.Bundle, sources: list[Source], out: Path, log: Callabl
         del mm
         shutil.copyfile(b.path("merge_template.onnx"), tmp / "model.onnx")
         _copy_tokenizer(b, tmp)
-        _io.write_json(tmp / "merged.json", _merged_manifest(b, sources, "onnx", "float32"))
+        _io.write_json(tmp / "merged.json", _merged_manifest(b, sources, "onnx", "float32", tmp))
 
 
 def _safetensors_header(entries: list[tuple[str, str, list[int], int]]) -> bytes:
@@ -152,7 +152,7 @@ def merge_safetensors(b: _bundle.Bundle, sources: list[Source], out: Path, dtype
         _copy_tokenizer(b, tmp)
         if b.path("hf_tokenizer_config.json").is_file():
             shutil.copyfile(b.path("hf_tokenizer_config.json"), tmp / "tokenizer_config.json")
-        _io.write_json(tmp / "merged.json", _merged_manifest(b, sources, "safetensors", dtype))
+        _io.write_json(tmp / "merged.json", _merged_manifest(b, sources, "safetensors", dtype, tmp))
 
 
 def _copy_tokenizer(b: _bundle.Bundle, tmp: Path) -> None:
@@ -161,10 +161,14 @@ def _copy_tokenizer(b: _bundle.Bundle, tmp: Path) -> None:
             shutil.copyfile(b.path(name), tmp / name)
 
 
-def _merged_manifest(b: _bundle.Bundle, sources: list[Source], fmt: str, dtype: str) -> dict[str, Any]:
+def _merged_manifest(b: _bundle.Bundle, sources: list[Source], fmt: str, dtype: str, root: Path) -> dict[str, Any]:
+    files = sorted(f.name for f in root.iterdir() if f.is_file() and f.name != "merged.json")
     return {"kind": "edgetune-merged", "format": fmt, "dtype": dtype, "base_id": b.base_id,
             "source": b.manifest.get("source"), "infer": b.manifest["infer"], "adapter": b.manifest["adapter"],
-            "adapters": [{"path": str(s.run), "weight": s.weight} for s in sources],
+            # Names and hashes only: a merged model is shipped, and holds no path of this machine.
+            "adapters": [{"run": Path(s.run).resolve().name, "weight": s.weight} for s in sources],
+            "files": {f: _io.sha256_file(root / f) for f in files},
+            "sizes": {f: (root / f).stat().st_size for f in files},
             "implementation": kernels.implementation()}
 
 

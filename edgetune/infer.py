@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from . import bundle as _bundle, data as _data, devices, dora, peft_io
+from . import _io, bundle as _bundle, data as _data, devices, dora, peft_io
 from .errors import BundleError, DataError
 from .tokenizer import ChatTokenizer
 
@@ -113,13 +113,18 @@ class Model:
         elif (root / "merged.json").is_file():
             if adapter is not None:
                 raise BundleError(f"{root} is a merged model: its adapter is already folded in; drop --adapter")
-            merged = json.loads((root / "merged.json").read_text())
+            merged = _io.read_json(root / "merged.json", "the merged model's manifest", "merge again or copy it again")
+            problems = _io.check_files(root, merged.get("files") or {}, merged.get("sizes"), None,
+                                       "merge again or copy the merged model again")
+            if problems:
+                raise BundleError(f"merged model {root} is not usable:\n  - " + "\n  - ".join(problems))
             info, context = merged["infer"], (merged.get("model_config") or {}).get("max_position_embeddings")
             extra, onnx_path = {}, root / "model.onnx"
         elif (root / "manifest.json").is_file():
             from . import pack
 
             m = pack.read_manifest(root)
+            pack.check_app_files(root, m, adapter)
             info, context = m["infer"], _app_context(root)
             extra, onnx_path = _app_adapter_feed(root, m, adapter), root / "base.onnx"
         else:

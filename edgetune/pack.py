@@ -102,12 +102,6 @@ def pack(run: str | Path, bundle: str | Path, out: str | Path, dtype: str = "flo
         raise ConfigError(f"--name {name!r}: use letters, digits, '-', '_' or '.'")
     out = Path(out)
     manifest = _existing_manifest(out, b, dtype)
-    if manifest is None:
-        manifest = _write_base(b, template, out, dtype)
-    if ort_format and "base.ort" not in manifest["files"]:
-        manifest["files"]["base.ort"] = _write_ort_format(out)
-        # Mobile builds run ORT-format models only: point onnxruntime-genai at base.ort.
-        manifest["files"][GENAI_CONFIG] = _write_genai_config(b, out, "base.ort")
     graph = {peft_io.to_graph_name(k, b.trainable): v.astype(np.float32) for k, v in tensors.items()}
     # DoRA: the row norms of W + s B A, which the graph takes as inputs, travel with the adapter.
     graph.update(dora.feed_for_adapter(b, graph))
@@ -116,16 +110,34 @@ def pack(run: str | Path, bundle: str | Path, out: str | Path, dtype: str = "flo
         if ".lora_B." in g:
             arr = arr * np.float32(b.adapter.scale)  # fold the LoRA scale in
         params.append((g, arr.astype(np.float16 if dtype == "float16" else np.float32)))
+    entry = {"rank": b.adapter.rank, "alpha": b.adapter.alpha, "scale_folded": b.adapter.scale,
+             "target_modules": sorted(b.adapter.targets), "dtype": dtype, "parameters": len(params),
+             "run": Path(run).resolve().name, "edgetune_version": __version__}
+    if manifest is None:
+        # A new app directory appears whole or not at all.
+        with _io.atomic_dir(out) as tmp:
+            manifest = _write_base(b, template, tmp, dtype)
+            size = _add(b, tmp, manifest, name, params, entry, ort_format)
+    else:
+        size = _add(b, out, manifest, name, params, entry, ort_format)
+    fname = f"{name}.onnx_adapter"
+    return {"out": str(out), "adapter": str(out / fname), "bytes": size, "seconds": round(time.time() - t0, 2)}
+
+
+def _add(b: _bundle.Bundle, out: Path, manifest: dict[str, Any], name: str, params: list[tuple[str, np.ndarray]],
+         entry: dict[str, Any], ort_format: bool) -> int:
+    """Write the adapter (and base.ort if asked), then the manifest, which names them, last."""
+    if ort_format and "base.ort" not in manifest["files"]:
+        manifest["files"]["base.ort"] = _write_ort_format(out)
+        # Mobile builds run ORT-format models only: point onnxruntime-genai at base.ort.
+        manifest["files"][GENAI_CONFIG] = _write_genai_config(b, out, "base.ort")
+        manifest.setdefault("sizes", {}).update({f: (out / f).stat().st_size for f in ("base.ort", GENAI_CONFIG)})
     fname = f"{name}.onnx_adapter"
     write_adapter(out / fname, params)
     size = (out / fname).stat().st_size
-    manifest["adapters"][name] = {
-        "file": fname, "sha256": _io.sha256_file(out / fname), "rank": b.adapter.rank, "alpha": b.adapter.alpha,
-        "scale_folded": b.adapter.scale, "target_modules": sorted(b.adapter.targets), "dtype": dtype,
-        "parameters": len(params), "run": Path(run).resolve().name, "edgetune_version": __version__,
-    }
+    manifest["adapters"][name] = {"file": fname, "sha256": _io.sha256_file(out / fname), "bytes": size, **entry}
     _io.write_json(out / MANIFEST, manifest)
-    return {"out": str(out), "adapter": str(out / fname), "bytes": size, "seconds": round(time.time() - t0, 2)}
+    return size
 
 
 def _existing_manifest(out: Path, b: _bundle.Bundle, dtype: str) -> dict[str, Any] | None:
@@ -143,7 +155,6 @@ def _existing_manifest(out: Path, b: _bundle.Bundle, dtype: str) -> dict[str, An
 
 
 def _write_base(b: _bundle.Bundle, template: Path, out: Path, dtype: str) -> dict[str, Any]:
-    out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(b.path("infer.onnx.data"), out / ".base.onnx.data.tmp")
     (out / ".base.onnx.data.tmp").replace(out / "base.onnx.data")
     shutil.copyfile(template, out / ".base.onnx.tmp")
@@ -155,9 +166,10 @@ def _write_base(b: _bundle.Bundle, template: Path, out: Path, dtype: str) -> dic
     _write_genai_config(b, out, "base.onnx")
     names = ("base.onnx", "base.onnx.data", *TOKENIZER_FILES, "tokenizer_config.json", GENAI_CONFIG)
     files = {f: _io.sha256_file(out / f) for f in names if (out / f).is_file()}
+    sizes = {f: (out / f).stat().st_size for f in files}
     return {"format": FORMAT, "kind": "edgetune-app", "edgetune_version": __version__, "base": _base_entry(b, dtype),
             "base_sha256": files["base.onnx"], "base_data_sha256": files["base.onnx.data"],
-            "tokenizer_sha256": files.get("tokenizer.json"), "files": files,
+            "tokenizer_sha256": files.get("tokenizer.json"), "files": files, "sizes": sizes,
             "base_inputs": b.trainable + [m.norm_input for m in dora.modules(b.trainable)],
             "infer": b.manifest["infer"], "adapters": {}}
 
@@ -363,6 +375,21 @@ def read_manifest(appdir: Path) -> dict[str, Any]:
     if not isinstance(m, dict) or m.get("kind") != "edgetune-app":
         raise BundleError(f"{appdir / MANIFEST} is not an edgetune app manifest; copy the app directory again")
     return m
+
+
+def check_app_files(appdir: Path, m: dict[str, Any], adapter: str | Path | None = None) -> None:
+    """Before running an app directory: its files (and the named adapter's) by size, and by
+    sha256 once per file version."""
+    files = dict(m.get("files") or {})
+    sizes = dict(m.get("sizes") or {})
+    entry = (m.get("adapters") or {}).get(str(adapter)) if adapter is not None else None
+    if entry:
+        files[entry["file"]] = entry["sha256"]
+        if "bytes" in entry:
+            sizes[entry["file"]] = entry["bytes"]
+    problems = _io.check_files(appdir, files, sizes, None, "copy the app directory again or re-run edgetune pack")
+    if problems:
+        raise BundleError(f"app directory {appdir} is not usable:\n  - " + "\n  - ".join(problems))
 
 
 def _check_other_base(m: dict[str, Any], base_path: Path, problems: list[str]) -> None:
