@@ -181,3 +181,8 @@ def check_files(root: Path, files: dict[str, str], sizes: dict[str, int] | None,
                 cache = dict(list(cache.items())[-1000:])
             write_json(cache_path, cache)
     return problems
+
+
+def relative(path: str | os.PathLike, start: str | os.PathLike) -> str:
+    """``path`` relative to the directory ``start`` (a manifest in ``start`` holds no absolute path)."""
+    return os.path.relpath(Path(path).resolve(), Path(start).resolve())

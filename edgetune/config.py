@@ -128,14 +128,11 @@ def resolve(cls: type, file: str | Path | None = None, **overrides: Any) -> Any:
     names = {f.name for f in fields(cls)}
     values: dict[str, Any] = {}
     if file is not None:
-        try:
-            loaded = json.loads(Path(file).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {file}") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{file}: not valid JSON ({e.msg} at line {e.lineno})") from None
-        if not isinstance(loaded, Mapping):
-            raise ConfigError(f"{file}: expected a JSON object")
+        from ._io import read_json
+
+        if not Path(file).is_file():
+            raise ConfigError(f"config file not found: {file}")
+        loaded = read_json(file, "config file", "fix it (a JSON object of settings)", error=ConfigError)
         unknown = sorted(set(loaded) - names)
         if unknown:
             raise ConfigError(f"{file}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")

@@ -85,18 +85,35 @@ def detect_format(record: dict[str, Any], where: str) -> str:
 
 
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield (line number, record); blank lines are skipped, bad JSON names file and line."""
+    """Yield (line number, record); blank lines are skipped. A line that is not UTF-8, not JSON
+    or not a JSON object is an error naming the file and the line."""
+    from ._io import guess_encoding
+
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        head = f.read(4)
+        if head[:2] in (b"\xff\xfe", b"\xfe\xff"):
+            raise DataError(f"{path}: {guess_encoding(head)}")
+        f.seek(3 if head[:3] == b"\xef\xbb\xbf" else 0)  # a UTF-8 byte-order mark is harmless
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {e.start} of the line; "
+                                f"{guess_encoding(raw)})") from None
             if not line.strip():
                 continue
             try:
-                yield lineno, json.loads(line)
+                rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+            except RecursionError:
+                raise DataError(f"{path}:{lineno}: JSON nested too deeply") from None
+            if not isinstance(rec, dict):
+                raise DataError(f"{path}:{lineno}: each line must be a JSON object, not a {type(rec).__name__}")
+            yield lineno, rec
 
 
 def _as_messages(record: dict[str, Any], fmt: str, where: str) -> list[dict[str, str]] | None:

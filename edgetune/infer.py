@@ -99,6 +99,9 @@ class Model:
         import onnxruntime as ort
 
         root = Path(path)
+        if not root.exists():
+            raise BundleError(f"{root} not found: give a bundle (edgetune export), a merged model (edgetune merge) "
+                              "or an app directory (edgetune pack)")
         dev = devices.resolve(device, provider_options)
         so = ort.SessionOptions()
         so.log_severity_level = 3  # adapter weights are overridable inputs by design; skip ORT's warning

@@ -449,7 +449,7 @@ def import_peft(peft_dir: str | Path, bundle: str | Path, out: str | Path) -> Pa
         _io.write_text(tmp / "checkpoints" / "latest", "step-000000\n")
         peft_io.save(tmp / "adapter", graph, b.adapter, base=str(b.manifest.get("source")),
                      metadata={"edgetune_base_id": b.base_id, "imported_from": Path(peft_dir).name})
-        _io.write_json(tmp / "run.json", {"kind": "edgetune-run", "format": 1, "bundle": str(b.root.resolve()),
+        _io.write_json(tmp / "run.json", {"kind": "edgetune-run", "format": 1, "bundle": _io.relative(b.root, out),
                                           "bundle_id": b.base_id, "adapter": b.manifest["adapter"],
                                           "status": "imported", "imported_from": Path(peft_dir).name})
     return out

@@ -64,12 +64,21 @@ def adapter_dir(path: str | Path) -> Path:
 
 def load(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
     """Read a PEFT adapter folder (or a run directory): (config dict, tensors keyed by PEFT name)."""
-    import json
-
     from safetensors.numpy import load_file
 
     path = adapter_dir(path)
+    if not path.exists():
+        raise BundleError(f"adapter not found: {path} (give a run directory or a PEFT adapter folder)")
     cfgf, wf = path / CONFIG, path / WEIGHTS
     if not cfgf.is_file() or not wf.is_file():
         raise BundleError(f"{path} is not a PEFT adapter folder ({CONFIG} and {WEIGHTS} expected)")
-    return json.loads(cfgf.read_text()), load_file(str(wf))
+    fix = "copy the adapter again, or re-run the training that made it"
+    cfg = _io.read_json(cfgf, "the adapter config", fix)
+    try:
+        tensors = load_file(str(wf))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for damage
+        raise BundleError(f"{wf}: not a readable safetensors file ({str(e).splitlines()[0][:120]}); {fix}") from None
+    bad = sorted(k for k, v in tensors.items() if v.dtype.kind != "f")
+    if bad:
+        raise BundleError(f"{wf}: tensor {bad[0]} is {tensors[bad[0]].dtype}, adapters are floating point; {fix}")
+    return cfg, tensors

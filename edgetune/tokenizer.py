@@ -25,15 +25,25 @@ class ChatTokenizer:
     def from_dir(cls, root: str | Path) -> "ChatTokenizer":
         from tokenizers import Tokenizer
 
+        from . import _io
+
         root = Path(root)
+        fix = "copy the directory again or export it again"
+        meta = _io.read_json(root / "tokenizer_meta.json", "the tokenizer settings", fix)
         try:
             tok = Tokenizer.from_file(str(root / "tokenizer.json"))
-            meta = json.loads((root / "tokenizer_meta.json").read_text())
         except Exception as e:  # noqa: BLE001 - any unreadable file is the same problem to a user
-            raise BundleError(f"{root}: cannot load tokenizer ({e})") from None
+            raise BundleError(f"{root / 'tokenizer.json'}: cannot load the tokenizer "
+                              f"({str(e).splitlines()[0][:120]}); {fix}") from None
         template = None
         if meta.get("chat_template") and (root / meta["chat_template"]).is_file():
-            template = _compile((root / meta["chat_template"]).read_text())
+            try:
+                template = _compile((root / meta["chat_template"]).read_text(encoding="utf-8"))
+            except Exception as e:  # noqa: BLE001 - jinja2's syntax errors, a non-UTF-8 file
+                raise BundleError(f"{root / meta['chat_template']}: not a usable chat template ({e}); {fix}") from None
+        for key in ("eos_token_id", "pad_token_id", "eos_token"):
+            if key not in meta:
+                raise BundleError(f"{root / 'tokenizer_meta.json'}: no {key!r}; {fix}")
         eos = int(meta["eos_token_id"])
         # Bundles from before stop_token_ids stop on the tokenizer's eos only.
         stops = frozenset(int(i) for i in meta.get("stop_token_ids") or [eos])

@@ -13,6 +13,8 @@ AdamW, checkpoint files) is ``edgetune.runner``'s business. The run directory::
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -30,6 +32,7 @@ from .errors import BundleError, ConfigError, DataError, DeviceError, TrainingEr
 from .tokenizer import ChatTokenizer
 
 RUN_MANIFEST = "run.json"
+CHECKSUMS = "checksums.json"  # sha256 of a checkpoint's tensor files, written with them
 KEEP_CHECKPOINTS = 2
 Log = Callable[[str], None]
 
@@ -90,22 +93,47 @@ def _write_metric(out: Path, record: dict[str, Any]) -> None:
         f.write(json.dumps(record, sort_keys=True) + "\n")
 
 
-def latest_checkpoint(run: Path) -> Path | None:
-    """The newest complete checkpoint (``latest`` pointer, else the newest valid folder)."""
+def latest_checkpoint(run: Path, skipped: list[str] | None = None) -> Path | None:
+    """The newest intact checkpoint: the ``latest`` pointer's, else the newest folder whose files
+    are all there and match the checksums written with them. A damaged one is passed over (and
+    named in ``skipped``), so a resume falls back to the previous checkpoint instead of failing."""
     ck = run / "checkpoints"
     ptr = ck / "latest"
+    cands = []
     if ptr.is_file():
-        cand = ck / ptr.read_text().strip()
-        if _complete(cand):
-            return cand
-    for d in sorted(ck.glob("step-*"), reverse=True):
-        if _complete(d):
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            cands.append(ck / ptr.read_text().strip())
+    cands += [d for d in sorted(ck.glob("step-*"), reverse=True) if d not in cands]
+    for d in cands:
+        problem = _checkpoint_problem(d)
+        if problem is None:
             return d
+        if skipped is not None and d.is_dir():
+            skipped.append(f"{d.name}: {problem}")
+    return None
+
+
+def _checkpoint_problem(d: Path) -> str | None:
+    if not d.is_dir():
+        return "missing"
+    for f in (_runner.ADAPTER_FILE, "trainer_state.json"):
+        if not (d / f).is_file():
+            return f"{f} is missing"
+    try:
+        _io.read_json(d / "trainer_state.json", "checkpoint state")
+        sums = _io.read_json(d / CHECKSUMS, "checksums") if (d / CHECKSUMS).is_file() else {}
+    except BundleError as e:
+        return str(e)
+    for f, digest in sums.items():
+        if not (d / f).is_file():
+            return f"{f} is missing"
+        if _io.sha256_file(d / f) != digest:
+            return f"{f} does not match its checksum (damaged)"
     return None
 
 
 def _complete(d: Path) -> bool:
-    return (d / _runner.ADAPTER_FILE).is_file() and (d / "trainer_state.json").is_file()
+    return _checkpoint_problem(d) is None
 
 
 def _old_checkpoint(run: Path) -> bool:
@@ -137,14 +165,26 @@ class Trainer:
             return None
         if not exists:
             raise ConfigError(f"--resume: {self.out} holds no run to resume")
-        ck = latest_checkpoint(self.out)
+        skipped: list[str] = []
+        ck = latest_checkpoint(self.out, skipped)
+        if skipped:
+            self.log(f"--resume: passed over damaged checkpoint(s): {'; '.join(skipped)}"
+                     + (f"; resuming from {ck.name}" if ck else ""))
         if ck is None and _old_checkpoint(self.out):
             raise TrainingError(f"--resume: {self.out} was trained by an older edgetune (ONNX Runtime training "
                                 f"checkpoints); continue from its adapter instead: edgetune import-peft "
                                 f"{self.out}/adapter --bundle BUNDLE --out NEW_RUN, then train NEW_RUN with --resume")
+        if ck is None and not skipped and self._same_run_started():
+            self.log(f"--resume: {self.out} stopped before its first checkpoint; starting from step 0")
+            return None
         if ck is None:
-            raise TrainingError(f"--resume: no complete checkpoint in {self.out}/checkpoints")
-        saved = json.loads((ck / "trainer_state.json").read_text())
+            raise TrainingError(f"--resume: no intact checkpoint in {self.out}/checkpoints; train again from the start "
+                                "into another --out")
+        saved = _io.read_json(ck / "trainer_state.json", "checkpoint state")
+        known = {f.name for f in dataclasses.fields(TrainerState)}
+        if set(saved) - known:
+            raise BundleError(f"{ck / 'trainer_state.json'} has unknown keys {sorted(set(saved) - known)}; "
+                              "it was written by a newer edgetune")
         problems = []
         if saved.get("bundle_id") != self.bundle.base_id:
             problems.append(f"bundle id {self.bundle.base_id[:12]} differs from the run's {str(saved.get('bundle_id'))[:12]}")
@@ -155,6 +195,13 @@ class Trainer:
                               + "\n  - ".join(problems))
         self.state = TrainerState(**saved)
         return ck
+
+    def _same_run_started(self) -> bool:
+        try:
+            run = _io.read_json(self.out / RUN_MANIFEST, "the run manifest")
+        except BundleError:
+            return False
+        return run.get("kind") == "edgetune-run" and run.get("bundle_id") == self.bundle.base_id
 
     def _open(self) -> None:
         if self.runner is not None:
@@ -261,6 +308,7 @@ class Trainer:
                 self.runner.save(tmp)
                 _fault("checkpoint-write")
                 _io.write_json(tmp / "trainer_state.json", self.state.to_json())
+                _io.write_json(tmp / CHECKSUMS, {f.name: _io.sha256_file(f) for f in sorted(tmp.glob("*.safetensors"))})
             _io.write_text(ck_root / "latest", name + "\n")
         except OSError as e:
             prev = latest_checkpoint(self.out)
@@ -282,6 +330,16 @@ class Trainer:
         if self.state.step >= total:
             raise ConfigError(f"the run is already at step {self.state.step} of {total}; raise --steps to train further")
         self._open()  # before the run directory exists: a bundle that cannot load leaves nothing behind
+        created = not self.out.exists() or not any(self.out.iterdir())
+        try:
+            return self._fit(train, valid, total)
+        except BaseException:
+            # A run that stops before its first checkpoint has nothing to resume: leave no directory behind.
+            if created and self.out.exists() and latest_checkpoint(self.out) is None:
+                shutil.rmtree(self.out, ignore_errors=True)
+            raise
+
+    def _fit(self, train: _data.Dataset, valid: _data.Dataset | None, total: int) -> RunResult:
         self.out.mkdir(parents=True, exist_ok=True)
         self._write_run_files(train, valid, total)
         self.log(f"training {len(self.bundle.trainable)} adapter tensors on {len(train)} examples "
@@ -358,9 +416,10 @@ class Trainer:
     def _write_run_files(self, train: _data.Dataset, valid: _data.Dataset | None, total: int) -> None:
         _io.write_json(self.out / "config.json", {**self.cfg.to_dict(), "total_steps": total})
         _io.write_json(self.out / RUN_MANIFEST, {
-            "kind": "edgetune-run", "format": 1, "bundle": str(self.bundle.root.resolve()),
+            "kind": "edgetune-run", "format": 1, "bundle": _io.relative(self.bundle.root, self.out),
             "bundle_id": self.bundle.base_id, "adapter": self.bundle.manifest["adapter"], "status": "running",
-            "data": {"train": train.path, "valid": valid.path if valid else None, "format": train.fmt,
+            "data": {"train": _io.relative(train.path, self.out), "valid": _io.relative(valid.path, self.out) if valid else None,
+                     "train_sha256": _io.sha256_file(train.path), "format": train.fmt,
                      "examples": len(train), "tokens": train.tokens, "labelled": train.labelled,
                      "truncated": train.truncated,
                      "truncation": {k: v for k, v in train.stats.items() if k != "skipped_records"}},
@@ -373,8 +432,8 @@ class Trainer:
                    "valid_loss": self.state.last_valid_loss, "tokens": self.state.tokens,
                    "labelled_tokens": self.state.labelled, "tokens_per_s": round(tps, 1),
                    "elapsed_s": round(self.state.elapsed, 1), "peak_rss_mb": round(_peak_rss_mb()),
-                   "truncated_examples": train.truncated, "adapter": str(adapter)}
-        manifest = json.loads((self.out / RUN_MANIFEST).read_text())
+                   "truncated_examples": train.truncated, "adapter": _io.relative(adapter, self.out)}
+        manifest = _io.read_json(self.out / RUN_MANIFEST, "the run manifest")
         manifest.update(status="complete", summary=summary)
         _io.write_json(self.out / RUN_MANIFEST, manifest)
         plot_loss(self.out)

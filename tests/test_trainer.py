@@ -207,6 +207,11 @@ def test_a_graph_op_the_runtime_lacks_is_named(tiny_bundle, chat_data, tmp_path)
     proto.graph.node.append(helper.make_node("SoftmaxGrad_13", ["loss", "loss"], ["extra"], domain="com.microsoft"))
     proto.graph.output.append(helper.make_tensor_value_info("extra", 1, None))
     onnx.save(proto, str(b / "train.onnx"))
+    # As exported: the manifest records the graph as it now is.
+    m = json.loads((b / "edgetune.json").read_text())
+    m["files"]["train.onnx"] = _io.sha256_file(b / "train.onnx")
+    m["sizes"]["train.onnx"] = (b / "train.onnx").stat().st_size
+    (b / "edgetune.json").write_text(json.dumps(m))
     with pytest.raises(DeviceError) as e:
         run(b, chat_data, tmp_path / "run", steps=1)
     msg = str(e.value)
