@@ -186,3 +186,27 @@ def check_files(root: Path, files: dict[str, str], sizes: dict[str, int] | None,
 def relative(path: str | os.PathLike, start: str | os.PathLike) -> str:
     """``path`` relative to the directory ``start`` (a manifest in ``start`` holds no absolute path)."""
     return os.path.relpath(Path(path).resolve(), Path(start).resolve())
+
+
+SEAL = "manifest_sha256"
+
+
+def seal(obj: dict[str, Any]) -> dict[str, Any]:
+    """``obj`` with the sha256 of its own canonical JSON (without this key) inside, so any change
+    to a manifest's content, not only to the files it lists, is detected when it is read."""
+    body = {k: v for k, v in obj.items() if k != SEAL}
+    return {**body, SEAL: _canonical_sha(body)}
+
+
+def check_seal(obj: dict[str, Any], path: Path, fix: str, error: type[Exception] | None = None) -> None:
+    from .errors import BundleError
+
+    if SEAL in obj and obj[SEAL] != _canonical_sha({k: v for k, v in obj.items() if k != SEAL}):
+        raise (error or BundleError)(f"{path} was changed or damaged after it was written (its content does not "
+                                     f"match its own checksum); {fix}")
+
+
+def _canonical_sha(obj: Any) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()

@@ -28,7 +28,8 @@ MANIFEST = "edgetune.json"
 FORMAT = 2  # 1: graphs for ONNX Runtime's training package (1.19.2); 2: standard ops, any onnxruntime
 HASHED = ("train.onnx", "train.onnx.data", "eval.onnx", "adapter_init.safetensors",
           "infer.onnx", "infer.onnx.data", "merge_template.onnx", "app_base.onnx",
-          "app_base_f16.onnx", "tokenizer.json", "generation_config.json")
+          "app_base_f16.onnx", "tokenizer.json", "generation_config.json", "tokenizer_meta.json",
+          "chat_template.jinja", "hf_config.json", "hf_tokenizer_config.json")
 
 
 def _versions() -> dict[str, str]:
@@ -113,6 +114,7 @@ def load(root: str | Path, verify_hashes: bool = True) -> Bundle:
     if not mpath.is_file():
         raise BundleError(f"{root} is not an edgetune bundle: {MANIFEST} is missing")
     manifest = _io.read_json(mpath, "the bundle manifest", "export the bundle again or copy it again")
+    _io.check_seal(manifest, mpath, "export the bundle again or copy it again")
     problems = []
     if manifest.get("kind") != "edgetune-bundle":
         problems.append(f"kind is {manifest.get('kind')!r}, expected 'edgetune-bundle'")

@@ -113,6 +113,14 @@ def session(model: str | os.PathLike, dev: Device, so: Any = None) -> Any:
     try:
         return ort.InferenceSession(str(model), sess_options=so, providers=providers)
     except Exception as e:  # noqa: BLE001 - ORT raises several unrelated types here
+        text = str(e)
+        damage = ("Protobuf parsing", "INVALID_PROTOBUF", "NO_SUCHFILE", "external data", "External data",
+                  "ModelProto does not have a graph")
+        if any(d in text for d in damage):
+            from .errors import BundleError
+
+            raise BundleError(f"{model} (or its weight file) is damaged or not an ONNX model "
+                              f"({text.splitlines()[0][:160]}); export it again or copy it again") from None
         raise DeviceError(f"cannot start {dev.provider} for {Path(model).name}: {e}") from None
 
 

@@ -414,6 +414,6 @@ def _export(model: str | os.PathLike | None, out: Path, cfg: AdapterConfig, log:
             adapter=cfg, trainable=trainable, kv=kv, tokenizer=tok_meta, hf_config=hf.config.to_dict(),
             shapes={n: list(p.shape) for n, p in pm.named_parameters() if p.requires_grad}, weights=index, train_weights=train_weights,
         )
-        _io.write_json(tmp / _bundle.MANIFEST, manifest)
+        _io.write_json(tmp / _bundle.MANIFEST, _io.seal(manifest))
     log(f"bundle written to {out} in {time.time() - t0:.0f}s")
     return out

@@ -112,7 +112,7 @@ def merge_onnx(b: _bundle.Bundle, sources: list[Source], out: Path, log: Callabl
         del mm
         shutil.copyfile(b.path("merge_template.onnx"), tmp / "model.onnx")
         _copy_tokenizer(b, tmp)
-        _io.write_json(tmp / "merged.json", _merged_manifest(b, sources, "onnx", "float32", tmp))
+        _io.write_json(tmp / "merged.json", _io.seal(_merged_manifest(b, sources, "onnx", "float32", tmp)))
 
 
 def _safetensors_header(entries: list[tuple[str, str, list[int], int]]) -> bytes:
@@ -152,7 +152,7 @@ def merge_safetensors(b: _bundle.Bundle, sources: list[Source], out: Path, dtype
         _copy_tokenizer(b, tmp)
         if b.path("hf_tokenizer_config.json").is_file():
             shutil.copyfile(b.path("hf_tokenizer_config.json"), tmp / "tokenizer_config.json")
-        _io.write_json(tmp / "merged.json", _merged_manifest(b, sources, "safetensors", dtype, tmp))
+        _io.write_json(tmp / "merged.json", _io.seal(_merged_manifest(b, sources, "safetensors", dtype, tmp)))
 
 
 def _copy_tokenizer(b: _bundle.Bundle, tmp: Path) -> None:

@@ -117,6 +117,7 @@ class Model:
             if adapter is not None:
                 raise BundleError(f"{root} is a merged model: its adapter is already folded in; drop --adapter")
             merged = _io.read_json(root / "merged.json", "the merged model's manifest", "merge again or copy it again")
+            _io.check_seal(merged, root / "merged.json", "merge again or copy it again")
             problems = _io.check_files(root, merged.get("files") or {}, merged.get("sizes"), None,
                                        "merge again or copy the merged model again")
             if problems:

@@ -136,7 +136,7 @@ def _add(b: _bundle.Bundle, out: Path, manifest: dict[str, Any], name: str, para
     write_adapter(out / fname, params)
     size = (out / fname).stat().st_size
     manifest["adapters"][name] = {"file": fname, "sha256": _io.sha256_file(out / fname), "bytes": size, **entry}
-    _io.write_json(out / MANIFEST, manifest)
+    _io.write_json(out / MANIFEST, _io.seal(manifest))
     return size
 
 
@@ -368,11 +368,9 @@ def read_manifest(appdir: Path) -> dict[str, Any]:
         raise BundleError(f"app directory not found: {appdir}")
     if not (appdir / MANIFEST).is_file():
         raise BundleError(f"{appdir} is not an edgetune app directory ({MANIFEST} is missing)")
-    try:
-        m = json.loads((appdir / MANIFEST).read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BundleError(f"{appdir / MANIFEST} is damaged ({e}); copy the app directory again") from None
-    if not isinstance(m, dict) or m.get("kind") != "edgetune-app":
+    m = _io.read_json(appdir / MANIFEST, "the app manifest", "copy the app directory again")
+    _io.check_seal(m, appdir / MANIFEST, "copy the app directory again")
+    if m.get("kind") != "edgetune-app" or not isinstance(m.get("files"), dict) or not isinstance(m.get("adapters"), dict):
         raise BundleError(f"{appdir / MANIFEST} is not an edgetune app manifest; copy the app directory again")
     return m
 

@@ -308,7 +308,7 @@ class Trainer:
                 self.runner.save(tmp)
                 _fault("checkpoint-write")
                 _io.write_json(tmp / "trainer_state.json", self.state.to_json())
-                _io.write_json(tmp / CHECKSUMS, {f.name: _io.sha256_file(f) for f in sorted(tmp.glob("*.safetensors"))})
+                _io.write_json(tmp / CHECKSUMS, {f.name: _io.sha256_file(f) for f in sorted(tmp.iterdir())})
             _io.write_text(ck_root / "latest", name + "\n")
         except OSError as e:
             prev = latest_checkpoint(self.out)
@@ -415,7 +415,7 @@ class Trainer:
 
     def _write_run_files(self, train: _data.Dataset, valid: _data.Dataset | None, total: int) -> None:
         _io.write_json(self.out / "config.json", {**self.cfg.to_dict(), "total_steps": total})
-        _io.write_json(self.out / RUN_MANIFEST, {
+        _io.write_json(self.out / RUN_MANIFEST, _io.seal({
             "kind": "edgetune-run", "format": 1, "bundle": _io.relative(self.bundle.root, self.out),
             "bundle_id": self.bundle.base_id, "adapter": self.bundle.manifest["adapter"], "status": "running",
             "data": {"train": _io.relative(train.path, self.out), "valid": _io.relative(valid.path, self.out) if valid else None,
@@ -424,7 +424,7 @@ class Trainer:
                      "truncated": train.truncated,
                      "truncation": {k: v for k, v in train.stats.items() if k != "skipped_records"}},
             "train_providers": self.runner.providers(), "device": self.device.name,
-        })
+        }))
 
     def _finish(self, adapter: Path, train: _data.Dataset) -> RunResult:
         tps = self.state.tokens / max(1e-9, self.state.elapsed)
@@ -435,7 +435,7 @@ class Trainer:
                    "truncated_examples": train.truncated, "adapter": _io.relative(adapter, self.out)}
         manifest = _io.read_json(self.out / RUN_MANIFEST, "the run manifest")
         manifest.update(status="complete", summary=summary)
-        _io.write_json(self.out / RUN_MANIFEST, manifest)
+        _io.write_json(self.out / RUN_MANIFEST, _io.seal(manifest))
         plot_loss(self.out)
         return RunResult(self.out, self.state.step, self.state.last_loss, self.state.last_valid_loss, tps, adapter, summary)
 

@@ -138,7 +138,7 @@ def test_mismatched_adapter_what_genai_and_verify_say(og_python, tiny_bundle, ru
     m = json.loads((app / "manifest.json").read_text())
     m["adapters"]["rank2"] = {**m["adapters"]["tickets"], "file": "rank2.onnx_adapter",
                               "sha256": pack._io.sha256_file(app / "rank2.onnx_adapter")}
-    (app / "manifest.json").write_text(json.dumps(m))
+    (app / "manifest.json").write_text(json.dumps(pack._io.seal(m)))
     with pytest.raises(BundleError) as e:
         pack.verify(app)
     assert "adapter rank2: tensor" in str(e.value) and "has shape" in str(e.value)

@@ -211,7 +211,7 @@ def test_a_graph_op_the_runtime_lacks_is_named(tiny_bundle, chat_data, tmp_path)
     m = json.loads((b / "edgetune.json").read_text())
     m["files"]["train.onnx"] = _io.sha256_file(b / "train.onnx")
     m["sizes"]["train.onnx"] = (b / "train.onnx").stat().st_size
-    (b / "edgetune.json").write_text(json.dumps(m))
+    (b / "edgetune.json").write_text(json.dumps(_io.seal(m)))
     with pytest.raises(DeviceError) as e:
         run(b, chat_data, tmp_path / "run", steps=1)
     msg = str(e.value)
@@ -225,7 +225,7 @@ def test_old_bundles_and_old_runs_get_the_fix(tiny_bundle, chat_data, tmp_path):
     b = tmp_path / "old"
     shutil.copytree(tiny_bundle, b)
     m = json.loads((b / "edgetune.json").read_text())
-    (b / "edgetune.json").write_text(json.dumps({**m, "format": 1}))
+    (b / "edgetune.json").write_text(json.dumps({**{k: v for k, v in m.items() if k != "manifest_sha256"}, "format": 1}))
     with pytest.raises(BundleError, match=r"exported for ONNX Runtime's training package \(1.19.2\).*export it again"):
         run(b, chat_data, tmp_path / "r0", steps=1)
     out = tmp_path / "oldrun"
