@@ -135,5 +135,5 @@ def load(root: str | Path, verify_hashes: bool = True) -> Bundle:
         problems += _io.check_files(root, files, manifest.get("sizes"), None if verify_hashes else (),
                                     "export the bundle again or copy it again")
     if problems:
-        raise BundleError(f"bundle {root} is not usable:\n  - " + "\n  - ".join(problems))
+        raise BundleError(f"bundle {root} is not usable ({MANIFEST} says):\n  - " + "\n  - ".join(problems))
     return Bundle(root, manifest)

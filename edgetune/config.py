@@ -100,27 +100,39 @@ class TrainConfig:
 
 
 def _coerce(cls: type, key: str, value: Any) -> Any:
-    ftype = {f.name: f.type for f in fields(cls)}[key]
+    field_ = {f.name: f for f in fields(cls)}[key]
+    ftype = str(field_.type)
     if value is None:
-        return None
+        if field_.default is None:
+            return None
+        raise ConfigError(f"{key}: null is not allowed; give a value or leave the key out")
+    bad = ConfigError(f"{key}: cannot use {value!r} as {ftype}")
     try:
-        if "tuple" in str(ftype):
+        if "tuple" in ftype:
             if isinstance(value, str):
                 value = [v.strip() for v in value.split(",") if v.strip()]
-            return tuple(str(v) for v in value)
-        if "bool" in str(ftype):
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+                raise bad
+            return tuple(value)
+        if "bool" in ftype:
             if isinstance(value, str):
                 return value.lower() in ("1", "true", "yes", "on")
+            if not isinstance(value, (bool, int)):
+                raise bad
             return bool(value)
-        if "int" in str(ftype) and "float" not in str(ftype):
+        if isinstance(value, (dict, list, tuple, bool)):
+            raise bad
+        if "int" in ftype and "float" not in ftype:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError
             return int(value)
-        if "float" in str(ftype):
+        if "float" in ftype:
             return float(value)
+        if "str" in ftype and not isinstance(value, str):
+            raise bad
         return value
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key}: cannot use {value!r} as {ftype}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise bad from None
 
 
 def resolve(cls: type, file: str | Path | None = None, **overrides: Any) -> Any:

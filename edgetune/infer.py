@@ -118,6 +118,8 @@ class Model:
                 raise BundleError(f"{root} is a merged model: its adapter is already folded in; drop --adapter")
             merged = _io.read_json(root / "merged.json", "the merged model's manifest", "merge again or copy it again")
             _io.check_seal(merged, root / "merged.json", "merge again or copy it again")
+            if merged.get("kind") != "edgetune-merged" or not isinstance(merged.get("infer"), dict):
+                raise BundleError(f"{root / 'merged.json'} is not an edgetune merged-model manifest; merge again")
             problems = _io.check_files(root, merged.get("files") or {}, merged.get("sizes"), None,
                                        "merge again or copy the merged model again")
             if problems:

@@ -17,6 +17,7 @@ from .errors import BundleError
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 ADAPTER_NAME = "default"
+CHECKSUM_KEY = "edgetune_tensors_sha256"
 
 
 def to_peft_name(graph_name: str) -> str:
@@ -49,7 +50,8 @@ def save(out: str | Path, tensors: Mapping[str, np.ndarray], cfg: AdapterConfig,
 
     out = Path(out)
     named = {to_peft_name(k): np.ascontiguousarray(v) for k, v in tensors.items()}
-    meta = {"format": "pt", **(metadata or {})}
+    # PEFT ignores the extra metadata; edgetune checks it when it reads the file back.
+    meta = {"format": "pt", **(metadata or {}), CHECKSUM_KEY: tensors_sha256(named)}
     with _io.atomic_dir(out) as tmp:
         (tmp / WEIGHTS).write_bytes(st_save(named, metadata=meta))
         _io.write_json(tmp / CONFIG, peft_config(cfg, base))
@@ -74,6 +76,9 @@ def load(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
         raise BundleError(f"{path} is not a PEFT adapter folder ({CONFIG} and {WEIGHTS} expected)")
     fix = "copy the adapter again, or re-run the training that made it"
     cfg = _io.read_json(cfgf, "the adapter config", fix)
+    missing = [k for k in ("r", "lora_alpha", "target_modules") if k not in cfg]
+    if missing:
+        raise BundleError(f"{cfgf}: not a PEFT LoRA adapter config (no {', '.join(missing)}); {fix}")
     try:
         tensors = load_file(str(wf))
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for damage
@@ -81,4 +86,31 @@ def load(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
     bad = sorted(k for k, v in tensors.items() if v.dtype.kind != "f")
     if bad:
         raise BundleError(f"{wf}: tensor {bad[0]} is {tensors[bad[0]].dtype}, adapters are floating point; {fix}")
+    want = _metadata(wf).get(CHECKSUM_KEY)
+    if want is not None and want != tensors_sha256(tensors):
+        raise BundleError(f"{wf}: the tensor data does not match the checksum written with it (damaged); {fix}")
     return cfg, tensors
+
+
+def tensors_sha256(tensors: Mapping[str, np.ndarray]) -> str:
+    """A checksum of tensors independent of file layout: names, dtypes, shapes and bytes, in name order."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        v = np.ascontiguousarray(tensors[k])
+        h.update(f"{k}|{v.dtype.str}|{list(v.shape)}|".encode())
+        h.update(v.tobytes())
+    return h.hexdigest()
+
+
+def _metadata(path: Path) -> dict:
+    import json
+    import struct
+
+    try:
+        with open(path, "rb") as f:
+            n = struct.unpack("<Q", f.read(8))[0]
+            return json.loads(f.read(n)).get("__metadata__") or {}
+    except (OSError, ValueError, struct.error):
+        return {}

@@ -87,3 +87,10 @@ def dora_bundle(request, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("dora") / "b"
     export(str(tiny_model), out, AdapterConfig(method="dora", rank=4, alpha=8, targets=("q_proj", "v_proj")))
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_bundle):
+    from edgetune.tokenizer import ChatTokenizer
+
+    return ChatTokenizer.from_dir(tiny_bundle)
