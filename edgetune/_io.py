@@ -210,3 +210,10 @@ def _canonical_sha(obj: Any) -> str:
     import hashlib
 
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def source_name(source: Any) -> Any:
+    """A model's registry name as is; a local path by its last component only (manifests that
+    ship with a model hold no path of the machine that made them)."""
+    s = str(source) if source is not None else None
+    return Path(s).name if s and ("/" in s or "\\" in s) else source

@@ -164,7 +164,7 @@ def _copy_tokenizer(b: _bundle.Bundle, tmp: Path) -> None:
 def _merged_manifest(b: _bundle.Bundle, sources: list[Source], fmt: str, dtype: str, root: Path) -> dict[str, Any]:
     files = sorted(f.name for f in root.iterdir() if f.is_file() and f.name != "merged.json")
     return {"kind": "edgetune-merged", "format": fmt, "dtype": dtype, "base_id": b.base_id,
-            "source": b.manifest.get("source"), "infer": b.manifest["infer"], "adapter": b.manifest["adapter"],
+            "source": _io.source_name(b.manifest.get("source")), "infer": b.manifest["infer"], "adapter": b.manifest["adapter"],
             # Names and hashes only: a merged model is shipped, and holds no path of this machine.
             "adapters": [{"run": Path(s.run).resolve().name, "weight": s.weight} for s in sources],
             "files": {f: _io.sha256_file(root / f) for f in files},

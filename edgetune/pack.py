@@ -73,15 +73,8 @@ def read_adapter(path: Path) -> dict[str, Any]:
 
 
 # -- pack ---------------------------------------------------------------------------------
-def _source_name(source: Any) -> Any:
-    """A model's registry name as is; a local path by its last component only (an app ships its
-    manifest, which holds no path of the machine that made it)."""
-    s = str(source) if source is not None else None
-    return Path(s).name if s and ("/" in s or "\\" in s) else source
-
-
 def _base_entry(b: _bundle.Bundle, dtype: str) -> dict[str, Any]:
-    return {"source": _source_name(b.manifest.get("source")), "source_sha256": b.manifest.get("source_sha256"),
+    return {"source": _io.source_name(b.manifest.get("source")), "source_sha256": b.manifest.get("source_sha256"),
             "bundle_base_id": b.base_id, "adapter_dtype": dtype}
 
 

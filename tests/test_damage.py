@@ -235,3 +235,24 @@ def test_doctor_checks_the_installation():
     names = {c["what"] for c in r["checks"]}
     assert {"onnxruntime", "merge extension", "cache directory", "export tools"} <= names
     assert code == (0 if r["ok"] else 1)
+
+
+def test_shipped_manifests_hold_no_absolute_path(world):
+    """The bundle here comes from a local model folder, the worst case for leaking a path."""
+    def strings(o):
+        if isinstance(o, dict):
+            for k, v in o.items():
+                yield k
+                yield from strings(v)
+        elif isinstance(o, list):
+            for v in o:
+                yield from strings(v)
+        elif isinstance(o, str):
+            yield o
+
+    for f in (world["app"] / "manifest.json", world["run"] / "run.json", world["merged"] / "merged.json",
+              world["app"] / "genai_config.json"):
+        found = [s for s in strings(json.loads(f.read_text())) if s.startswith("/") or str(world["bundle"].parent) in s]
+        assert not found, (f.name, found)
+    run = json.loads((world["run"] / "run.json").read_text())
+    assert (world["run"] / run["bundle"]).resolve() == world["bundle"].resolve()
