@@ -187,6 +187,9 @@ def devices(as_json: bool) -> None:
 @click.option("--targets", help="Comma-separated module names, or all-linear [q_proj,k_proj,v_proj,o_proj].")
 @click.option("--max-seq-len", type=int, help="Longest sequence the bundle is meant for [512].")
 @click.option("--seed", type=int, help="Seed for the adapter's initial weights [0].")
+@click.option("--quantize", type=click.Choice(["int4", "int8"]),
+              help="Store the frozen base block-quantized (QLoRA); adapters train in float32 [none].")
+@click.option("--block-size", type=int, help="Quantization block along each weight's inputs [32].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle directory.")
 @_errors
 def export(model: str, out: str, config_file: str | None, overwrite: bool, **opts: Any) -> None:
@@ -199,6 +202,7 @@ def export(model: str, out: str, config_file: str | None, overwrite: bool, **opt
     Examples:
       edgetune export --out bundle/
       edgetune export ./my-hf-model --out bundle/ --rank 16 --alpha 32 --targets all-linear
+      edgetune export --out qbundle/ --quantize int4          (QLoRA: int4 base, float32 adapters)
     """
     from .config import AdapterConfig, resolve
     from .export import export as do_export
@@ -269,12 +273,12 @@ def train(bundle: str, data: str, out: str, config_file: str | None, resume: boo
             click.echo("placement (training graph nodes per provider): "
                        + ", ".join(f"{k}={v}" for k, v in result.summary["placement"].items()))
     if as_json:
-        _print_json(result.summary)
+        _print_json({**result.summary, "adapter": str(result.adapter)})
         return
     s = result.summary
     click.echo(f"\ndone: {s['steps']} steps in {s['elapsed_s']}s, {s['tokens_per_s']} tokens/s, peak RSS {s['peak_rss_mb']} MB")
     click.echo(f"final train loss {s['final_loss']:.4f}" + (f", validation loss {s['valid_loss']:.4f}" if s["valid_loss"] is not None else ""))
-    click.echo(f"adapter: {s['adapter']}   (PEFT format)")
+    click.echo(f"adapter: {result.adapter}   (PEFT format)")
     if (Path(out) / "loss.png").is_file():
         click.echo(f"loss curve: {Path(out) / 'loss.png'}")
 

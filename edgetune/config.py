@@ -35,8 +35,15 @@ class AdapterConfig:
     targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     max_seq_len: int = 512
     seed: int = 0
+    quantize: str | None = None  # "int4" | "int8": a block-quantized frozen base (QLoRA)
+    block_size: int = 32         # quantization block along the input dimension
 
     def __post_init__(self) -> None:
+        from .quant import check
+
+        check(self.quantize, self.block_size)
+        _check(not (self.quantize and self.method == "dora"),
+               "a quantized base (--quantize) trains LoRA adapters; DoRA needs the float base rows")
         _check(self.method in METHODS, f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         _check(isinstance(self.rank, int) and self.rank >= 1, f"rank must be a positive integer, got {self.rank!r}")
         _check(self.alpha > 0, f"alpha must be positive, got {self.alpha!r}")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 
-from . import _io, autodiff, bundle as _bundle, dora, graphs, variants
+from . import _io, autodiff, bundle as _bundle, dora, graphs, quant, variants
 from .config import AdapterConfig
 from .errors import ConfigError, ModelError
 from .models import ModelSpec, check_reference, home, resolve_model
@@ -403,6 +403,13 @@ def _export(model: str | os.PathLike | None, out: Path, cfg: AdapterConfig, log:
         graphs.merge_template(tmp / "infer.onnx", tmp / "merge_template.onnx", trainable, "model.onnx.data")
         # DoRA's norms are adapter inputs too: an app feeds the ones packed with the adapter.
         norm_inputs = [m.norm_input for m in dora.modules(trainable)]
+        qinfo = None
+        if cfg.quantize:
+            # The merge template stays float (a QLoRA adapter merges into a float base); its layout
+            # is recorded so merge can rebuild the float weights without the onnx package.
+            merge_layout = graphs.external_index(tmp / "merge_template.onnx")
+            qinfo = quant.apply_to_bundle(tmp, cfg.quantize, cfg.block_size, trainable + norm_inputs, log)
+            qinfo.update(merge_layout=merge_layout, infer_weights=graphs.external_index(tmp / "infer.onnx"))
         graphs.app_base_templates(tmp / "infer.onnx", tmp, trainable + norm_inputs, "base.onnx.data")
         _io.write_json(tmp / "hf_config.json", hf.config.to_dict())
         gen = _generation_config(hf)
@@ -414,6 +421,8 @@ def _export(model: str | os.PathLike | None, out: Path, cfg: AdapterConfig, log:
             adapter=cfg, trainable=trainable, kv=kv, tokenizer=tok_meta, hf_config=hf.config.to_dict(),
             shapes={n: list(p.shape) for n, p in pm.named_parameters() if p.requires_grad}, weights=index, train_weights=train_weights,
         )
+        if qinfo:
+            manifest["quantization"] = qinfo
         _io.write_json(tmp / _bundle.MANIFEST, _io.seal(manifest))
     log(f"bundle written to {out} in {time.time() - t0:.0f}s")
     return out

@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from . import bundle as _bundle, devices
+from . import bundle as _bundle, devices, quant
 from .errors import BundleError, DeviceError
 from .optim import AdamW
 
@@ -122,6 +122,9 @@ class StepRunner:
         self.threads = threads
         tune_allocator()
         self._shared = shared_weights(b)
+        # A quantized base's graphs take the dequant's run-time input (see edgetune.quant).
+        q = b.manifest.get("quantization") or {}
+        self._runtime = quant.runtime_feeds(int(q["bits"])) if q else {}
         self.train_sess = self._session("train.onnx")
         self._eval_sess: Any = None
         self.params: dict[str, np.ndarray] = read_tensors(b.path("adapter_init.safetensors"))
@@ -180,8 +183,12 @@ class StepRunner:
         write_checkpoint(ck, self.params, self.optimizer)
 
     # -- steps ------------------------------------------------------------------------------
-    def _feed(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {**batch, **self.params}
+    def _feed(self, batch: Mapping[str, np.ndarray], sess: Any = None) -> dict[str, np.ndarray]:
+        feed = {**batch, **self.params}
+        if self._runtime:
+            names = {i.name for i in (sess or self.train_sess).get_inputs()}
+            feed.update({k: v for k, v in self._runtime.items() if k in names})
+        return feed
 
     def accumulate(self, batch: Mapping[str, np.ndarray]) -> float:
         """Forward and backward on one micro-batch; gradients add up until :meth:`step`."""
@@ -195,7 +202,7 @@ class StepRunner:
 
     def loss(self, batch: Mapping[str, np.ndarray]) -> float:
         """The loss of one micro-batch with the eval graph (no dropout, no gradients)."""
-        return float(np.asarray(self.eval_sess.run(["loss"], self._feed(batch))[0]).reshape(()))
+        return float(np.asarray(self.eval_sess.run(["loss"], self._feed(batch, self.eval_sess))[0]).reshape(()))
 
     def step(self, lr: float) -> None:
         """One AdamW update from the accumulated gradients, which are then cleared."""

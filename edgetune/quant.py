@@ -1,0 +1,272 @@
+"""A quantized frozen base, as QLoRA trains it: block-wise int4 or int8 weights, float32 adapters.
+
+Storage is ONNX Runtime's ``MatMulNBits`` layout, one set of tensors per linear weight
+``W [N, K]`` (``N`` outputs, ``K`` inputs), in blocks of ``block_size`` along ``K``:
+
+- ``<W>.q``      uint8 ``[N, K/bs, bs*bits/8]``: codes 0..2^bits-1, two int4 codes per byte
+                 (low nibble first);
+- ``<W>.scale``  float32 ``[N * K/bs]``;
+- ``<W>.zero``   ``[N * K/bs]``, float32 for int4, uint8 for int8 (what MatMulNBits accepts):
+                 ``w = (code - zero) * scale``.
+
+Codes, scales and zero points are asymmetric min/max per block (as GGUF's Q4_1 and Q8_1 store
+them: the block minimum is code 0, the maximum the top code). For a model read from a Q4_1 GGUF
+file with blocks of 32, this recovers the file's own codes: the float32 weights edgetune
+dequantized from it lie on each block's 16-level grid, and re-quantizing them finds that grid
+again (``tests/test_quant.py`` and the real-model test measure how exactly).
+
+In the graphs:
+
+- forward (training, evaluation and inference): ``MatMulNBits`` on the quantized tensors;
+- backward (the input gradient ``dY @ W``, which the adapters of earlier layers need): the
+  weight is dequantized again in standard ONNX ops right before its one MatMul, and freed after
+  it, so no float32 copy of the weights stays alive between forward and backward. The dequant
+  starts from a graph input (``RUNTIME_SHIFT``), so ONNX Runtime cannot fold it into a float32
+  constant when it loads the graph.
+
+Embeddings (and a tied ``lm_head``) stay float32, as in QLoRA.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .errors import ConfigError
+
+BITS = {"int4": 4, "int8": 8}
+# A uint8 graph input, fed 4 for int4 and 0 for int8: the nibble shift of the backward dequant.
+# Because the dequant starts from a run-time value, ONNX Runtime cannot fold it into a float32
+# constant when it loads the graph.
+RUNTIME_SHIFT = "edgetune.dequant_shift"
+
+
+def runtime_feeds(bits: int) -> dict[str, np.ndarray]:
+    return {RUNTIME_SHIFT: np.array(4 if bits == 4 else 0, np.uint8)}
+
+
+def check(method: str | None, block_size: int) -> None:
+    if method is not None and method not in BITS:
+        raise ConfigError(f"quantize must be one of {', '.join(BITS)} (or none), got {method!r}")
+    if block_size not in (16, 32, 64, 128):
+        raise ConfigError(f"block_size must be 16, 32, 64 or 128, got {block_size!r}")
+
+
+def quantize(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``W [N, K]`` -> (packed codes, scales, zero points) in MatMulNBits' layout."""
+    n, k = w.shape
+    if k % block:
+        raise ConfigError(f"a weight with {k} inputs cannot be split into blocks of {block}; use --block-size 16 or 32")
+    top = (1 << bits) - 1
+    wb = w.astype(np.float32).reshape(n, k // block, block)
+    lo, hi = wb.min(-1), wb.max(-1)
+    if bits == 8:  # an integer zero point: the range must hold 0 (standard asymmetric uint8)
+        lo, hi = np.minimum(lo, 0), np.maximum(hi, 0)
+    scale = (hi - lo) / np.float32(top)
+    scale = np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)  # a constant block: any scale
+    zero = (-lo / scale).astype(np.float32)
+    if bits == 8:
+        # ONNX Runtime's 8-bit MatMulNBits takes integer zero points only.
+        zero = np.clip(np.rint(zero), 0, top).astype(np.uint8)
+    codes = np.clip(np.rint(wb / scale[..., None] + zero[..., None]), 0, top).astype(np.uint8)
+    if bits == 4:
+        codes = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+    return np.ascontiguousarray(codes), scale.reshape(-1), zero.reshape(-1)
+
+
+def dequantize(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: int, k: int) -> np.ndarray:
+    """The float32 weight ``[N, K]`` the graphs compute from the quantized tensors."""
+    n, nb = codes.shape[0], codes.shape[1]
+    if bits == 4:
+        q = np.empty((n, nb, codes.shape[2] * 2), np.uint8)
+        q[..., 0::2] = codes & 0x0F
+        q[..., 1::2] = codes >> 4
+    else:
+        q = codes
+    w = (q.astype(np.float32) - zero.astype(np.float32).reshape(n, nb, 1)) * scale.reshape(n, nb, 1)
+    return w.reshape(n, k)[:, :k]
+
+
+# -- graph rewriting ----------------------------------------------------------------------------
+def _consumers(g: Any) -> dict[str, list[tuple[Any, int]]]:
+    out: dict[str, list[tuple[Any, int]]] = {}
+    for node in g.node:
+        for i, name in enumerate(node.input):
+            out.setdefault(name, []).append((node, i))
+    return out
+
+
+def linear_weights(g: Any, adapter_names: set[str]) -> list[str]:
+    """Frozen 2-D float weights used only as the right-hand side of linear layers (MatMul,
+    FusedMatMul, or Transpose feeding MatMul); never an embedding (Gather) or an adapter."""
+    from onnx import TensorProto
+
+    cons = _consumers(g)
+    out = []
+    for init in g.initializer:
+        if init.name in adapter_names or len(init.dims) != 2 or init.data_type != TensorProto.FLOAT:
+            continue
+        uses = cons.get(init.name, [])
+        ok = bool(uses)
+        for node, i in uses:
+            if node.op_type in ("MatMul", "FusedMatMul") and i == 1:
+                continue
+            if node.op_type == "Transpose" and all(n2.op_type == "MatMul" and j == 1
+                                                   for n2, j in cons.get(node.output[0], [])):
+                continue
+            ok = False
+        if ok:
+            out.append(init.name)
+    return out
+
+
+def rewrite(model: Any, names: list[str], quantized: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
+            bits: int, block: int) -> None:
+    """Replace each weight in ``names`` by its quantized tensors: ``x @ W^T`` becomes
+    ``MatMulNBits``, any other use (the backward ``dY @ W``) a run-time dequantization."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    g = model.graph
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    cons = _consumers(g)
+    inits = {i.name: i for i in g.initializer}
+    new_nodes: dict[int, list[Any]] = {}  # index of the node to insert before -> nodes
+    index = {id(n): k for k, n in enumerate(g.node)}
+    drop: set[int] = set()
+    need_shift = False
+    for name in names:
+        n, k = list(inits[name].dims)
+        codes, scale, zero = quantized[name]
+        qn, sn, zn = f"{name}.q", f"{name}.scale", f"{name}.zero"
+        g.initializer.extend([numpy_helper.from_array(codes, qn), numpy_helper.from_array(scale, sn),
+                              numpy_helper.from_array(zero, zn)])
+        nbits = dict(K=k, N=n, bits=bits, block_size=block)
+        dq_count = 0
+        for node, i in cons.get(name, []):
+            at = index[id(node)]
+            if node.op_type == "FusedMatMul" and _attr(node, "transB", 0) == 1 and _attr(node, "transA", 0) == 0:
+                out = node.output[0]
+                alpha = float(_attr(node, "alpha", 1.0))
+                mm_out = out if alpha == 1.0 else f"{out}.unscaled"
+                nodes = [helper.make_node("MatMulNBits", [node.input[0], qn, sn, zn], [mm_out], domain="com.microsoft",
+                                          name=f"{node.name or out}.nbits", **nbits)]
+                if alpha != 1.0:
+                    c = f"{out}.alpha"
+                    g.initializer.append(numpy_helper.from_array(np.array(alpha, np.float32), c))
+                    nodes.append(helper.make_node("Mul", [mm_out, c], [out]))
+                new_nodes.setdefault(at, []).extend(nodes)
+                drop.add(at)
+            elif node.op_type == "Transpose":
+                for mm, j in cons.get(node.output[0], []):
+                    new_nodes.setdefault(index[id(mm)], []).append(
+                        helper.make_node("MatMulNBits", [mm.input[0], qn, sn, zn], list(mm.output),
+                                         domain="com.microsoft", name=f"{mm.name or mm.output[0]}.nbits", **nbits))
+                    drop.add(index[id(mm)])
+                drop.add(at)
+            else:
+                # Dequantize right before this use, once per use: freed after it, never shared.
+                dq_count += 1
+                w = f"{name}.dq{dq_count}"
+                new_nodes.setdefault(at, []).extend(_dequant_nodes(qn, sn, zn, w, n, k, bits, block, helper,
+                                                                   numpy_helper, g))
+                node.input[i] = w
+                need_shift = True
+        g.initializer.remove(inits[name])
+    kept = []
+    for k_, node in enumerate(g.node):
+        kept.extend(new_nodes.get(k_, []))
+        if k_ not in drop:
+            kept.append(node)
+    del g.node[:]
+    g.node.extend(kept)
+    if need_shift and not any(i.name == RUNTIME_SHIFT for i in g.input):
+        g.input.append(helper.make_tensor_value_info(RUNTIME_SHIFT, TensorProto.UINT8, []))
+
+
+def _attr(node: Any, name: str, default: Any) -> Any:
+    from onnx import helper
+
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _dequant_nodes(qn: str, sn: str, zn: str, out: str, n: int, k: int, bits: int, block: int, helper: Any,
+                   numpy_helper: Any, g: Any) -> list[Any]:
+    """``(code - zero) * scale`` in standard ops; the int4 unpack runs on bytes."""
+    nb = k // block
+    p = out
+    consts = {f"{p}.shape3": np.array([n, nb, 1], np.int64), f"{p}.shapeK": np.array([n, k], np.int64)}
+    nodes = []
+    sh = RUNTIME_SHIFT
+    if bits == 4:
+        consts.update({f"{p}.axes": np.array([-1], np.int64), f"{p}.shapeB": np.array([n, nb, block], np.int64)})
+        nodes += [
+            helper.make_node("BitShift", [qn, sh], [f"{p}.hi"], direction="RIGHT"),
+            helper.make_node("BitShift", [qn, sh], [f"{p}.up"], direction="LEFT"),  # uint8: drops the high nibble
+            helper.make_node("BitShift", [f"{p}.up", sh], [f"{p}.lo"], direction="RIGHT"),
+            helper.make_node("Unsqueeze", [f"{p}.lo", f"{p}.axes"], [f"{p}.lo1"]),
+            helper.make_node("Unsqueeze", [f"{p}.hi", f"{p}.axes"], [f"{p}.hi1"]),
+            helper.make_node("Concat", [f"{p}.lo1", f"{p}.hi1"], [f"{p}.pairs"], axis=-1),
+            helper.make_node("Reshape", [f"{p}.pairs", f"{p}.shapeB"], [f"{p}.codes"]),
+        ]
+    else:
+        nodes.append(helper.make_node("BitShift", [qn, sh], [f"{p}.codes"], direction="RIGHT"))  # shift 0
+    nodes += [
+        helper.make_node("Cast", [f"{p}.codes"], [f"{p}.f"], to=1),
+        helper.make_node("Reshape", [sn, f"{p}.shape3"], [f"{p}.s"]),
+        helper.make_node("Cast", [zn], [f"{p}.zf"], to=1),
+        helper.make_node("Reshape", [f"{p}.zf", f"{p}.shape3"], [f"{p}.z"]),
+        helper.make_node("Sub", [f"{p}.f", f"{p}.z"], [f"{p}.c"]),
+        helper.make_node("Mul", [f"{p}.c", f"{p}.s"], [f"{p}.w3"]),
+        helper.make_node("Reshape", [f"{p}.w3", f"{p}.shapeK"], [out]),
+    ]
+    g.initializer.extend(numpy_helper.from_array(v, name) for name, v in consts.items())
+    return nodes
+
+
+# -- export ----------------------------------------------------------------------------------------
+def apply_to_bundle(tmp: Any, method: str, block: int, adapter_names: list[str],
+                    log: Any = lambda s: None) -> dict[str, Any]:
+    """Quantize the linear weights of a freshly exported bundle directory ``tmp``: ``infer.onnx``
+    (MatMulNBits), ``train.onnx`` and ``eval.onnx`` (MatMulNBits forward, run-time dequant in
+    the backward). Returns the manifest's ``quantization`` entry."""
+    import onnx
+
+    from . import graphs
+
+    bits = BITS[method]
+    infer = onnx.load(str(tmp / "infer.onnx"))
+    names = linear_weights(infer.graph, set(adapter_names))
+    values = {i.name: onnx.numpy_helper.to_array(i) for i in infer.graph.initializer if i.name in set(names)}
+    quantized = {}
+    err = 0.0
+    for name in names:
+        quantized[name] = quantize(values[name], bits, block)
+        w = dequantize(*quantized[name], bits, values[name].shape[1])
+        err = max(err, float(np.abs(w - values[name]).max() / max(1e-12, np.abs(values[name]).max())))
+    float_bytes = sum(v.nbytes for v in values.values())
+    q_bytes = sum(sum(a.nbytes for a in t) for t in quantized.values())
+    del values
+    log(f"quantized {len(names)} linear weights to {method} (blocks of {block}): "
+        f"{float_bytes / 2**20:.0f} MB -> {q_bytes / 2**20:.0f} MB")
+    rewrite(infer, names, quantized, bits, block)
+    (tmp / "infer.onnx.data").unlink()
+    onnx.save_model(infer, str(tmp / "infer.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="infer.onnx.data", size_threshold=0)
+    del infer
+    train = onnx.load(str(tmp / "train.onnx"))
+    train_names = [n for n in linear_weights(train.graph, set(adapter_names)) if n in quantized]
+    rewrite(train, train_names, quantized, bits, block)
+    (tmp / "train.onnx.data").unlink()
+    onnx.save_model(train, str(tmp / "train.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="train.onnx.data", size_threshold=1024)
+    del train
+    ev = onnx.load(str(tmp / "eval.onnx"), load_external_data=False)
+    rewrite(ev, [n for n in linear_weights(ev.graph, set(adapter_names)) if n in quantized], quantized, bits, block)
+    graphs.share_external_data(ev, tmp / "train.onnx")
+    onnx.save(ev, str(tmp / "eval.onnx"))
+    return {"method": method, "bits": bits, "block_size": block, "weights": sorted(names),
+            "float_bytes": float_bytes, "quantized_bytes": q_bytes, "max_relative_error": err}

@@ -1,0 +1,173 @@
+"""QLoRA: a block-quantized frozen base (int4, int8) with float32 adapters."""
+import json
+
+import numpy as np
+import pytest
+
+from edgetune import data, peft_io, quant, runner, trainer
+from edgetune.config import AdapterConfig
+from edgetune.errors import ConfigError
+from edgetune.tokenizer import ChatTokenizer
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantize_round_trip_is_within_half_a_step(bits):
+    rng = np.random.default_rng(bits)
+    w = rng.standard_normal((24, 96)).astype(np.float32) * rng.uniform(0.01, 2, (24, 1)).astype(np.float32)
+    w[3, :32] = 0.7  # a constant block
+    codes, scale, zero = quant.quantize(w, bits, 32)
+    assert codes.dtype == np.uint8 and codes.shape == (24, 3, 32 * bits // 8)
+    back = quant.dequantize(codes, scale, zero, bits, 96)
+    step = np.repeat(scale.reshape(24, 3), 32, axis=1)
+    slack = 0.5 if bits == 4 else 1.0  # int8 rounds its zero point to an integer too
+    assert (np.abs(back - w) <= slack * step + 1e-6).all()
+    np.testing.assert_allclose(back[3, :32], 0.7, rtol=1e-6)
+
+
+def test_values_on_a_q4_1_grid_get_their_own_codes_back():
+    """GGUF's Q4_1 stores w = d*q + m per block of 32 (q in 0..15, the block's minimum at q=0 and
+    maximum at q=15). Weights dequantized from such a file are re-quantized to the same codes."""
+    rng = np.random.default_rng(0)
+    n, k = 16, 128
+    q = rng.integers(0, 16, (n, k // 32, 32))
+    q[..., 0], q[..., 1] = 0, 15
+    d = rng.uniform(0.001, 0.05, (n, k // 32, 1)).astype(np.float16).astype(np.float32)
+    m = rng.uniform(-0.4, 0.0, (n, k // 32, 1)).astype(np.float16).astype(np.float32)
+    w = (d * q + m).astype(np.float32).reshape(n, k)
+    codes, scale, zero = quant.quantize(w, 4, 32)
+    got = np.empty_like(q)
+    got[..., 0::2], got[..., 1::2] = codes & 15, codes >> 4
+    assert (got == q).all()
+    assert np.abs(quant.dequantize(codes, scale, zero, 4, k) - w).max() < 1e-6
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_graph_rewrite_forward_and_backward_match_numpy(bits):
+    import onnxruntime as ort
+    from onnx import TensorProto as T, helper, numpy_helper as nh
+
+    rng = np.random.default_rng(1)
+    n, k = 48, 64
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    nodes = [helper.make_node("FusedMatMul", ["X", "W"], ["Y"], domain="com.microsoft", transB=1, alpha=0.5),
+             helper.make_node("MatMul", ["D", "W"], ["G"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("X", T.FLOAT, [None, k]),
+                                       helper.make_tensor_value_info("D", T.FLOAT, [None, n])],
+                          [helper.make_tensor_value_info("Y", T.FLOAT, [None, n]),
+                           helper.make_tensor_value_info("G", T.FLOAT, [None, k])], [nh.from_array(w, "W")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    assert quant.linear_weights(model.graph, set()) == ["W"]
+    qt = quant.quantize(w, bits, 32)
+    quant.rewrite(model, ["W"], {"W": qt}, bits, 32)
+    ops = [nd.op_type for nd in model.graph.node]
+    assert "MatMulNBits" in ops and "FusedMatMul" not in ops
+    assert all(i.name != "W" for i in model.graph.initializer)  # no float copy of W is stored
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x, dy = rng.standard_normal((5, k)).astype(np.float32), rng.standard_normal((5, n)).astype(np.float32)
+    y, gx = sess.run(None, {"X": x, "D": dy, **quant.runtime_feeds(bits)})
+    deq = quant.dequantize(*qt, bits, k)
+    np.testing.assert_allclose(y, 0.5 * x @ deq.T, atol=2e-5)
+    np.testing.assert_allclose(gx, dy @ deq, atol=2e-5)
+
+
+def test_config_checks():
+    with pytest.raises(ConfigError, match="quantize must be one of"):
+        AdapterConfig(quantize="nf4")
+    with pytest.raises(ConfigError, match="block_size"):
+        AdapterConfig(quantize="int4", block_size=48)
+    with pytest.raises(ConfigError, match="DoRA"):
+        AdapterConfig(quantize="int4", method="dora")
+
+
+@pytest.fixture(scope="module")
+def qlora_bundle(tiny_model, tmp_path_factory):
+    from edgetune.export import export
+
+    out = tmp_path_factory.mktemp("qlora") / "b"
+    export(str(tiny_model), out, AdapterConfig(rank=4, alpha=8, targets=("q_proj", "v_proj"), quantize="int4"))
+    return out
+
+
+def _dequantized_torch_model(tiny_model, bundle):
+    """transformers' model with every quantized weight replaced by what the bundle computes."""
+    import torch
+
+    from edgetune.export import load_model
+
+    hf, _ = load_model(tiny_model)
+    m = json.loads((bundle / "edgetune.json").read_text())
+    q = m["quantization"]
+    idx = q["infer_weights"]
+    raw = np.memmap(bundle / "infer.onnx.data", dtype=np.uint8, mode="r")
+
+    def tensor(name):
+        e = idx[name]
+        return np.frombuffer(raw[e["offset"]:e["offset"] + e["length"]], e["dtype"]).reshape(e["shape"])
+
+    params = dict(hf.named_parameters())
+    with torch.no_grad():
+        for name in q["weights"]:
+            hfname = name.replace("base_model.model.", "").replace(".base_layer", "")
+            k = params[hfname].shape[1]
+            w = quant.dequantize(tensor(f"{name}.q"), tensor(f"{name}.scale"), tensor(f"{name}.zero"), q["bits"], k)
+            params[hfname].copy_(torch.from_numpy(w))
+    return hf, m
+
+
+def test_qlora_bundle_stores_no_float_linear_weights(qlora_bundle):
+    m = json.loads((qlora_bundle / "edgetune.json").read_text())
+    q = m["quantization"]
+    assert q["bits"] == 4 and len(q["weights"]) == 2 * 7  # q,k,v,o,gate,up,down in 2 layers
+    for f in ("train_weights", ):
+        names = set(m[f])
+        assert not (names & set(q["weights"])), "a float copy of a quantized weight is in train.onnx.data"
+        assert {f"{w}.q" for w in q["weights"]} <= names
+    assert q["quantized_bytes"] < 0.25 * q["float_bytes"]
+
+
+def test_qlora_matches_pytorch_peft_on_the_dequantized_base(tiny_model, qlora_bundle, chat_data, tmp_path):
+    torch = pytest.importorskip("torch")
+    from edgetune.export import inject_adapter
+
+    steps, lr, bs, seed = 10, 1e-2, 4, 0
+    run = trainer.train(qlora_bundle, chat_data, tmp_path / "run", steps=steps, lr=lr, batch_size=bs, seed=seed,
+                        schedule="constant", progress=False, log=lambda s: None)
+    ours_losses = [r["loss"] for r in map(json.loads, (run.out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    hf, m = _dequantized_torch_model(tiny_model, qlora_bundle)
+    pm = inject_adapter(hf, AdapterConfig(rank=4, alpha=8, targets=("q_proj", "v_proj")))
+    init = runner.read_tensors(qlora_bundle / "adapter_init.safetensors")
+    params = dict(pm.named_parameters())
+    with torch.no_grad():
+        for n in m["trainable"]:
+            params[n].copy_(torch.from_numpy(init[n]))
+    opt = torch.optim.AdamW([params[n] for n in m["trainable"]], lr=lr)
+    tok = ChatTokenizer.from_dir(qlora_bundle)
+    ds = data.load_dataset(chat_data / "train.jsonl", tok, 512)
+    batches = data.epoch_batches(ds, bs, seed, 0, tok.pad_id) + data.epoch_batches(ds, bs, seed, 1, tok.pad_id)
+    theirs = []
+    pm.train()
+    for b in batches[:steps]:
+        logits = pm(input_ids=torch.from_numpy(b.input_ids), attention_mask=torch.from_numpy(b.attention_mask)).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), torch.from_numpy(b.labels).reshape(-1),
+                                                 ignore_index=-100, reduction="sum") / b.n_labels
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        theirs.append(loss.item())
+    np.testing.assert_allclose(ours_losses, theirs, rtol=0, atol=1e-5)
+    mine = peft_io.load(run.out)[1]
+    for n in m["trainable"]:
+        t = params[n].detach().numpy()
+        assert np.abs(mine[peft_io.to_peft_name(n)] - t).max() / np.abs(t).max() < 1e-4, n
+
+
+def test_qlora_inference_logits_equal_the_dequantized_model(tiny_model, qlora_bundle):
+    torch = pytest.importorskip("torch")
+    from edgetune.infer import Model
+
+    hf, _ = _dequantized_torch_model(tiny_model, qlora_bundle)
+    ids = np.asarray([list(range(5, 30))], np.int64)
+    with torch.no_grad():
+        theirs = hf(input_ids=torch.from_numpy(ids)).logits.numpy()
+    ours = Model.open(qlora_bundle).logits(ids, np.ones_like(ids))
+    np.testing.assert_allclose(ours, theirs, atol=5e-5)
