@@ -191,6 +191,8 @@ def run_worker(side: str, a: argparse.Namespace, tmp: Path) -> dict:
     if side == "legacy":  # the former backend's own worker, source tree and environment
         py, script, bundle = str(LEGACY_PY), str(LEGACY_SRC / "bench" / "train.py"), a.legacy_bundle
         env["PYTHONPATH"] = str(LEGACY_SRC)
+    if side == "quantized":
+        bundle = a.quantized_bundle
     cmd = [py, script, "--worker", "torch" if side == "torch" else "edgetune", "--bundle", str(bundle),
            "--data", str(a.data), "--steps", str(a.steps), "--batch", str(a.batch), "--seq", str(a.seq),
            "--rank", str(a.rank), "--lr", str(a.lr), "--threads", str(a.threads), "--tmp", str(tmp / side),
@@ -199,6 +201,8 @@ def run_worker(side: str, a: argparse.Namespace, tmp: Path) -> dict:
         cmd += ["--max-batch-tokens", str(a.max_batch_tokens)]
     subprocess.run(cmd, check=True, env=env, cwd=str(LEGACY_SRC if side == "legacy" else ROOT))
     res = json.loads(out.read_text())
+    if side == "quantized":
+        res["side"] = f"edgetune, {a.quantize} base"
     if side == "legacy":
         res["side"] = "edgetune on ORT 1.19.2"
         res.setdefault("s_min", res["s_per_step"])
@@ -206,16 +210,18 @@ def run_worker(side: str, a: argparse.Namespace, tmp: Path) -> dict:
     return res
 
 
-def ensure_bundle(a: argparse.Namespace, tmp: Path) -> Path:
-    if a.bundle:
+def ensure_bundle(a: argparse.Namespace, tmp: Path, quantize: str | None = None) -> Path:
+    if a.bundle and not quantize:
         return Path(a.bundle)
-    out = ROOT / "out" / f"bench-bundle-r{a.rank}"
-    if not (out / "edgetune.json").is_file() or json.loads((out / "edgetune.json").read_text()).get("format") != 2:
+    out = ROOT / "out" / (f"bench-bundle-r{a.rank}" + (f"-{quantize}" if quantize else ""))
+    m = json.loads((out / "edgetune.json").read_text()) if (out / "edgetune.json").is_file() else {}
+    if m.get("format") != 2 or "sizes" not in m:
         # In a child process: the driver stays small, so no worker inherits an export-sized peak.
-        print(f"exporting the default model (rank {a.rank} on {','.join(TARGETS)}) to {out}", flush=True)
+        print(f"exporting the default model (rank {a.rank} on {','.join(TARGETS)}"
+              f"{', ' + quantize + ' base' if quantize else ''}) to {out}", flush=True)
         code = ("from edgetune.config import AdapterConfig; from edgetune.export import export; "
                 f"export(None, {str(out)!r}, AdapterConfig(rank={a.rank}, alpha={2 * a.rank}, "
-                f"targets={tuple(TARGETS)!r}), overwrite=True)")
+                f"targets={tuple(TARGETS)!r}, quantize={quantize!r}), overwrite=True)")
         subprocess.run([sys.executable, "-c", code], check=True, cwd=str(ROOT))
     return out
 
@@ -248,6 +254,8 @@ def main() -> None:
     ap.add_argument("--bundle", help="an exported bundle of the default model (else one is exported)")
     ap.add_argument("--no-legacy", action="store_true", help="skip the ONNX Runtime 1.19.2 training backend")
     ap.add_argument("--no-torch", action="store_true", help="skip PyTorch + PEFT (edgetune against 1.19.2 only)")
+    ap.add_argument("--quantize", choices=["int4", "int8"],
+                    help="also train on a block-quantized base (QLoRA) and compare it with the float32 base")
     ap.add_argument("--data")
     ap.add_argument("--worker", choices=["edgetune", "torch"], help=argparse.SUPPRESS)
     ap.add_argument("--tmp", help=argparse.SUPPRESS)
@@ -261,7 +269,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="edgetune-bench-") as tmpd:
         tmp = Path(tmpd)
         a.bundle = ensure_bundle(a, tmp)
-        sides = ["edgetune"] + ([] if a.no_legacy else ["legacy"]) + ([] if a.no_torch else ["torch"])
+        sides = (["edgetune"] + (["quantized"] if a.quantize else []) + ([] if a.no_legacy else ["legacy"])
+                 + ([] if a.no_torch else ["torch"]))
+        if a.quantize:
+            a.quantized_bundle = ensure_bundle(a, tmp, a.quantize)
         if not a.no_legacy:
             a.legacy_bundle = ensure_legacy_bundle(a)
         a.data = Path(a.data) if a.data else make_data(tmp / "data", n_train=a.batch * (a.steps + 1), n_valid=16)
@@ -279,7 +290,29 @@ def main() -> None:
                       f"{res['tokens'] / res['time']:.0f} tokens/s ({res['labelled'] / res['time']:.0f} labelled), "
                       f"peak RSS {res['peak_rss_mb']:.0f} MB, valid loss {res['valid_loss']:.4f}", flush=True)
     manifest = json.loads((Path(a.bundle) / "edgetune.json").read_text())
-    print(json.dumps(summarize(results, manifest, gflops)))
+    out = summarize(results, manifest, gflops)
+    if a.quantize:
+        out.update(summarize_quantized(results, json.loads((Path(a.quantized_bundle) / "edgetune.json").read_text())))
+    print(json.dumps(out))
+
+
+def summarize_quantized(results: dict[str, list[dict]], manifest: dict) -> dict:
+    """The quantized base against the float32 base, in the same run."""
+    q = manifest["quantization"]
+    best = {s: max(results[s], key=lambda r: r["tokens"] / r["time"]) for s in ("edgetune", "quantized")}
+    rss = {s: min(r["peak_rss_mb"] for r in results[s]) for s in ("edgetune", "quantized")}
+    saved_mb = (q["float_bytes"] - q["quantized_bytes"]) / 2**20
+    tps = {s: best[s]["tokens"] / best[s]["time"] for s in best}
+    out = {"quantized_tokens_per_s_ratio": round(tps["quantized"] / tps["edgetune"], 3),
+           "quantized_rss_drop_mb": round(rss["edgetune"] - rss["quantized"]),
+           "quantized_weight_bytes_saved_mb": round(saved_mb),
+           "quantized_rss_drop_fraction_of_saved": round((rss["edgetune"] - rss["quantized"]) / saved_mb, 3),
+           "quantized_loss_gap": round((best["quantized"]["valid_loss"] - best["edgetune"]["valid_loss"])
+                                       / best["edgetune"]["valid_loss"], 4)}
+    print(f"{q['method']} base: {tps['quantized']:.0f} tokens/s ({out['quantized_tokens_per_s_ratio']:.2f}x float32); "
+          f"peak RSS {rss['quantized']:.0f} MB vs {rss['edgetune']:.0f} MB: {out['quantized_rss_drop_mb']} MB less, "
+          f"{out['quantized_rss_drop_fraction_of_saved']:.0%} of the {saved_mb:.0f} MB the weights shrank")
+    return out
 
 
 def summarize(results: dict[str, list[dict]], manifest: dict, gflops: float) -> dict:

@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from . import _io, bundle as _bundle, merge as kernels, peft_io
+from . import _io, bundle as _bundle, merge as kernels, peft_io, quant
 from .errors import BundleError, ConfigError
 from .infer import check_adapter_matches
 
@@ -102,7 +102,10 @@ def merge_onnx(b: _bundle.Bundle, sources: list[Source], out: Path, log: Callabl
     mags = _magnitudes(sources)
     index = b.manifest["weights"]
     with _io.atomic_dir(out) as tmp:
-        shutil.copyfile(b.path("infer.onnx.data"), tmp / "model.onnx.data")
+        if b.manifest.get("quantization"):
+            quant.write_float_data(b, tmp / "model.onnx.data")  # a QLoRA adapter merges into a float base
+        else:
+            shutil.copyfile(b.path("infer.onnx.data"), tmp / "model.onnx.data")
         mm = np.memmap(tmp / "model.onnx.data", dtype=np.uint8, mode="r+")
         for hf, ads in targets.items():
             e = index[hf]
@@ -135,8 +138,12 @@ def merge_safetensors(b: _bundle.Bundle, sources: list[Source], out: Path, dtype
     itemsize = 4 if dtype == "float32" else 2
     names = sorted(index)
     entries = [(n, dtype, index[n]["shape"], int(np.prod(index[n]["shape"])) * itemsize) for n in names]
-    base = np.memmap(b.path("infer.onnx.data"), dtype=np.uint8, mode="r")
     with _io.atomic_dir(out) as tmp:
+        base_file = b.path("infer.onnx.data")
+        if b.manifest.get("quantization"):
+            base_file = tmp / ".float-base.tmp"
+            quant.write_float_data(b, base_file)
+        base = np.memmap(base_file, dtype=np.uint8, mode="r")
         with open(tmp / "model.safetensors", "wb") as f:
             f.write(_safetensors_header(entries))
             for n in names:  # one tensor in memory at a time
@@ -145,6 +152,9 @@ def merge_safetensors(b: _bundle.Bundle, sources: list[Source], out: Path, dtype
                 if n in targets:
                     _merge_into(w, targets[n], mags.get(n), n)
                 f.write(kernels.from_f32(w, dtype).tobytes())
+        del base
+        if base_file.parent == tmp:
+            base_file.unlink()
         cfg = json.loads(b.path("hf_config.json").read_text())
         cfg.pop("quantization_config", None)
         cfg["torch_dtype"] = cfg["dtype"] = dtype

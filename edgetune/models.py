@@ -143,12 +143,29 @@ def check_reference(model: str | os.PathLike | None) -> None:
     if p.exists():
         if p.is_dir() and not (p / "config.json").is_file():
             raise ModelError(f"{p} is a folder without config.json; expected a Hugging Face model folder")
+        if p.is_dir():
+            _check_not_prequantized(p)
         if p.is_file() and p.suffix != ".gguf":
             raise ModelError(f"{p}: expected a .gguf file or a Hugging Face model folder")
         return
     if any(sep in model for sep in ("/", os.sep)) or model.endswith(".gguf"):
         raise ModelError(f"model path not found: {model}")
     get_spec(model)
+
+
+def _check_not_prequantized(folder: Path) -> None:
+    """A folder quantized by another tool (bitsandbytes, GPTQ, AWQ, ...) holds packed integer
+    weights edgetune cannot read back into a float model: say so, and what works instead."""
+    from . import _io
+
+    cfg = _io.read_json(folder / "config.json", "the model config", "give a Hugging Face model folder",
+                        error=ModelError)
+    qc = cfg.get("quantization_config")
+    if isinstance(qc, dict) and qc:
+        method = qc.get("quant_method") or ("bitsandbytes" if "load_in_4bit" in qc or "load_in_8bit" in qc else "?")
+        raise ModelError(f"{folder} is already quantized ({method}); edgetune reads float weights (float32, float16 "
+                         f"or bfloat16 safetensors) or a .gguf file. Export the unquantized model with "
+                         f"--quantize int4 to train on a 4-bit base (QLoRA)")
 
 
 def resolve_model(model: str | os.PathLike | None, download: bool = True) -> tuple[Path, ModelSpec | None]:

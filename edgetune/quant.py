@@ -270,3 +270,32 @@ def apply_to_bundle(tmp: Any, method: str, block: int, adapter_names: list[str],
     onnx.save(ev, str(tmp / "eval.onnx"))
     return {"method": method, "bits": bits, "block_size": block, "weights": sorted(names),
             "float_bytes": float_bytes, "quantized_bytes": q_bytes, "max_relative_error": err}
+
+
+def write_float_data(b: Any, dest: Any) -> None:
+    """The float32 weight file of a quantized bundle's (float) merge template: every tensor in
+    its place, quantized weights dequantized, one tensor in memory at a time. A QLoRA adapter
+    merges into this float base, as QLoRA deploys."""
+    q = b.manifest["quantization"]
+    layout, src = q["merge_layout"], q["infer_weights"]
+    quantized = set(q["weights"])
+    data = np.memmap(b.path("infer.onnx.data"), dtype=np.uint8, mode="r")
+
+    def raw(name: str) -> np.ndarray:
+        e = src[name]
+        return np.frombuffer(data[e["offset"]: e["offset"] + e["length"]], e["dtype"]).reshape(e["shape"])
+
+    size = max(e["offset"] + e["length"] for e in layout.values())
+    with open(dest, "wb") as f:
+        f.truncate(size)
+        for name, e in sorted(layout.items(), key=lambda kv: kv[1]["offset"]):
+            if name in quantized:
+                arr = dequantize(raw(f"{name}.q"), raw(f"{name}.scale"), raw(f"{name}.zero"), int(q["bits"]),
+                                 int(e["shape"][1]))
+            else:
+                arr = raw(name)
+            buf = np.ascontiguousarray(arr, dtype=e["dtype"]).tobytes()
+            if len(buf) != e["length"]:
+                raise ValueError(f"{name}: {len(buf)} bytes for a slot of {e['length']}")
+            f.seek(e["offset"])
+            f.write(buf)

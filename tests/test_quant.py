@@ -171,3 +171,60 @@ def test_qlora_inference_logits_equal_the_dequantized_model(tiny_model, qlora_bu
         theirs = hf(input_ids=torch.from_numpy(ids)).logits.numpy()
     ours = Model.open(qlora_bundle).logits(ids, np.ones_like(ids))
     np.testing.assert_allclose(ours, theirs, atol=5e-5)
+
+
+@pytest.fixture(scope="module")
+def qlora_run(qlora_bundle, chat_data, tmp_path_factory):
+    return trainer.train(qlora_bundle, chat_data, tmp_path_factory.mktemp("qrun") / "run", steps=20, lr=3e-2,
+                         batch_size=4, progress=False, log=lambda s: None).out
+
+
+def test_qlora_adapter_merges_into_a_float_base(qlora_bundle, qlora_run, tmp_path):
+    from edgetune import fuse
+    from edgetune.infer import Model
+
+    ids = np.asarray([list(range(5, 30))], np.int64)
+    want = Model.open(qlora_bundle, adapter=qlora_run).logits(ids, np.ones_like(ids))
+    fuse.merge(qlora_bundle, [qlora_run], tmp_path / "m")
+    got = Model.open(tmp_path / "m").logits(ids, np.ones_like(ids))
+    np.testing.assert_allclose(got, want, atol=2e-5)
+    assert np.abs(want - Model.open(qlora_bundle).logits(ids, np.ones_like(ids))).max() > 1e-3
+    fuse.merge(qlora_bundle, [qlora_run], tmp_path / "st", fmt="safetensors")
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "st", attn_implementation="eager")
+    with torch.no_grad():
+        np.testing.assert_allclose(hf(input_ids=torch.from_numpy(ids)).logits.numpy(), want, atol=5e-5)
+    assert not list((tmp_path / "st").glob(".*tmp"))
+
+
+def test_qlora_pack_runs_the_quantized_base_in_onnxruntime_genai(qlora_bundle, qlora_run, tmp_path):
+    import test_genai as tg
+
+    from edgetune import pack
+
+    app = tmp_path / "app"
+    pack.pack(qlora_run, qlora_bundle, app, name="q", dtype="float32")
+    ops = open(app / "base.onnx", "rb").read()
+    assert b"MatMulNBits" in ops  # the app ships the int4 base
+    assert (app / "base.onnx.data").stat().st_size == (qlora_bundle / "infer.onnx.data").stat().st_size
+    got = tg.run_app(tg.genai_python(), app)
+    tg.check_same_tokens(got, app, qlora_bundle, {"q": qlora_run})
+
+
+@pytest.mark.parametrize("qc", [{"quant_method": "bitsandbytes", "load_in_4bit": True}, {"quant_method": "gptq", "bits": 4},
+                                {"quant_method": "awq"}])
+def test_a_prequantized_folder_is_refused_naming_what_works(tiny_model, tmp_path, qc):
+    import shutil
+
+    from edgetune.errors import ModelError
+    from edgetune.export import export
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_model, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "quantization_config": qc}))
+    with pytest.raises(ModelError, match=rf"already quantized \({qc['quant_method']}\).*--quantize int4"):
+        export(str(folder), tmp_path / "b", AdapterConfig(rank=4, alpha=8, targets=("q_proj",)))
+    assert not (tmp_path / "b").exists()

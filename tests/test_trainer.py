@@ -234,3 +234,12 @@ def test_old_bundles_and_old_runs_get_the_fix(tiny_bundle, chat_data, tmp_path):
         (ck / "adapter.safetensors").rename(ck / "checkpoint")
     with pytest.raises(TrainingError, match="trained by an older edgetune.*edgetune import-peft"):
         run(tiny_bundle, chat_data, out, steps=4, resume=True)
+
+
+def test_a_run_too_large_for_memory_is_refused_up_front(tiny_bundle, chat_data, tmp_path, monkeypatch):
+    monkeypatch.setattr(trainer, "_available_bytes", lambda: 100 * 2**20)
+    with pytest.raises(TrainingError, match=r"training needs about .* GB .*available.*--max-batch-tokens"):
+        run(tiny_bundle, chat_data, tmp_path / "r", steps=1)
+    assert not (tmp_path / "r").exists()
+    monkeypatch.setenv("EDGETUNE_SKIP_MEMORY_CHECK", "1")
+    run(tiny_bundle, chat_data, tmp_path / "r", steps=1)
