@@ -131,6 +131,9 @@ def _train_wrapper(peft_model: Any, dora_mods: list | None = None) -> Any:
             lab = labels.reshape(-1)
             idx = torch.nonzero(lab != -100).squeeze(-1)
             logits = lm.lm_head(flat.index_select(0, idx))
+            cap = getattr(lm.config, "final_logit_softcapping", None)
+            if cap:  # Gemma-2: the loss sees the capped logits, as inference does
+                logits = torch.tanh(logits / cap) * cap
             return F.cross_entropy(logits, lab.index_select(0, idx), reduction="sum") / label_norm
 
     return TrainForward(peft_model)

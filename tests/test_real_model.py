@@ -187,3 +187,29 @@ def test_onnxruntime_genai_runs_a_dora_adapter(dora_real, tmp_path):
     pack.pack(run, bundle, tmp_path / "app", name="dora")
     got = tg.run_app(tg.genai_python(), tmp_path / "app", prompts=GENAI_PROMPTS[:2], new_tokens=tg.NEW_TOKENS)
     tg.check_same_tokens(got, tmp_path / "app", prompts=GENAI_PROMPTS[:2], logits_atol=2e-3)
+
+
+def test_qlora_int4_base_on_the_real_model(real_bundle, real_run, tmp_path):
+    """The default model with an int4 base: the GGUF's own Q4_1 codes come back, the held-out
+    loss after the standard short run is within 3 % of the float32 base's, merge and pack work."""
+    from edgetune import fuse, pack
+    from edgetune.export import export
+
+    bundle = tmp_path / "qbundle"
+    export(models.DEFAULT_MODEL, bundle, AdapterConfig(rank=8, alpha=16, targets=("q_proj", "k_proj", "v_proj", "o_proj"),
+                                                       quantize="int4"))
+    q = json.loads((bundle / "edgetune.json").read_text())["quantization"]
+    assert len(q["weights"]) == 30 * 7
+    assert q["max_relative_error"] < 1e-5, q["max_relative_error"]  # Q4_1's codes, not a second rounding
+    assert q["quantized_bytes"] < 0.2 * q["float_bytes"]
+    run = trainer.train(bundle, SAMPLE_DATA, tmp_path / "run", steps=30, batch_size=4, lr=1e-3, warmup=3,
+                        eval_every=15, valid_batches=4, progress=False, log=lambda s: None).out
+    test = SAMPLE_DATA / "test.jsonl"
+    ours = infer.evaluate(bundle, test, adapter=run)["loss"]
+    ref = infer.evaluate(real_bundle, test, adapter=real_run)["loss"]
+    assert abs(ours - ref) / ref < 0.03, (ours, ref)
+    fuse.merge(bundle, [run], tmp_path / "merged")
+    merged = infer.evaluate(tmp_path / "merged", test)["loss"]
+    assert abs(merged - ours) / ours < 1e-3, (merged, ours)
+    pack.pack(run, bundle, tmp_path / "app", name="tickets")
+    assert pack.verify(tmp_path / "app")["ok"]
