@@ -68,6 +68,8 @@ def make_manifest(root: Path, *, source: str, source_sha256: str | None, adapter
         "model_config": {k: hf_config.get(k) for k in (
             "model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "intermediate_size", "max_position_embeddings", "tie_word_embeddings")},
+        # The context a bundle is meant for: the model's, or less if export was given --max-seq-len.
+        "context": min(x for x in (hf_config.get("max_position_embeddings"), adapter.max_seq_len) if x),
         "weights": weights,
         "train_weights": train_weights,
         "files": files,
@@ -98,6 +100,11 @@ class Bundle:
     @property
     def base_id(self) -> str:
         return str(self.manifest["base_id"])
+
+    @property
+    def context(self) -> int | None:
+        c = self.manifest.get("context") or (self.manifest.get("model_config") or {}).get("max_position_embeddings")
+        return int(c) if c else None
 
     @property
     def num_layers(self) -> int:

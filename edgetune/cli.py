@@ -185,7 +185,8 @@ def devices(as_json: bool) -> None:
 @click.option("--alpha", type=float, help="LoRA alpha; scale is alpha/rank [16].")
 @click.option("--dropout", type=float, help="Dropout on the adapter input [0.0].")
 @click.option("--targets", help="Comma-separated module names, or all-linear [q_proj,k_proj,v_proj,o_proj].")
-@click.option("--max-seq-len", type=int, help="Longest sequence the bundle is meant for [512].")
+@click.option("--max-seq-len", type=int,
+              help="The bundle's context: generate, eval, train and apps stay within it [the model's].")
 @click.option("--seed", type=int, help="Seed for the adapter's initial weights [0].")
 @click.option("--quantize", type=click.Choice(["int4", "int8"]),
               help="Store the frozen base block-quantized (QLoRA); adapters train in float32 [none].")

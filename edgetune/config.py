@@ -33,7 +33,7 @@ class AdapterConfig:
     alpha: float = 16.0
     dropout: float = 0.0
     targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
-    max_seq_len: int = 512
+    max_seq_len: int | None = None  # the bundle's context: generate, eval and train stay within it
     seed: int = 0
     quantize: str | None = None  # "int4" | "int8": a block-quantized frozen base (QLoRA)
     block_size: int = 32         # quantization block along the input dimension
@@ -49,7 +49,8 @@ class AdapterConfig:
         _check(self.alpha > 0, f"alpha must be positive, got {self.alpha!r}")
         _check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout!r}")
         _check(len(self.targets) > 0, "targets must name at least one module")
-        _check(self.max_seq_len >= 8, f"max_seq_len must be at least 8, got {self.max_seq_len!r}")
+        _check(self.max_seq_len is None or self.max_seq_len >= 8,
+               f"max_seq_len must be at least 8, got {self.max_seq_len!r}")
 
     @property
     def scale(self) -> float:

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator
 from . import _io, autodiff, bundle as _bundle, dora, graphs, quant, variants
 from .config import AdapterConfig
 from .errors import ConfigError, ModelError
-from .models import ModelSpec, check_reference, home, resolve_model
+from .models import ModelSpec, check_architecture, check_reference, home, resolve_model
 
 OPSET = 17
 Log = Callable[[str], None]
@@ -45,6 +45,7 @@ def load_model(path: Path, log: Log = lambda s: None) -> tuple[Any, Any]:
 
     if path.is_file() and path.suffix == ".gguf":
         path = _converted_gguf(path, log)
+        check_architecture(_io.read_json(path / "config.json", "the model config"), path)
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
     model.eval()

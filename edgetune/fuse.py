@@ -174,6 +174,7 @@ def _copy_tokenizer(b: _bundle.Bundle, tmp: Path) -> None:
 def _merged_manifest(b: _bundle.Bundle, sources: list[Source], fmt: str, dtype: str, root: Path) -> dict[str, Any]:
     files = sorted(f.name for f in root.iterdir() if f.is_file() and f.name != "merged.json")
     return {"kind": "edgetune-merged", "format": fmt, "dtype": dtype, "base_id": b.base_id,
+            "context": b.context,
             "source": _io.source_name(b.manifest.get("source")), "infer": b.manifest["infer"], "adapter": b.manifest["adapter"],
             # Names and hashes only: a merged model is shipped, and holds no path of this machine.
             "adapters": [{"run": Path(s.run).resolve().name, "weight": s.weight} for s in sources],

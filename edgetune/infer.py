@@ -112,7 +112,7 @@ class Model:
             extra = _adapter_feed(b, adapter)
             info = b.manifest["infer"]
             onnx_path = b.path("infer.onnx")
-            context = (b.manifest.get("model_config") or {}).get("max_position_embeddings")
+            context = b.context
         elif (root / "merged.json").is_file():
             if adapter is not None:
                 raise BundleError(f"{root} is a merged model: its adapter is already folded in; drop --adapter")
@@ -124,7 +124,8 @@ class Model:
                                        "merge again or copy the merged model again")
             if problems:
                 raise BundleError(f"merged model {root} is not usable:\n  - " + "\n  - ".join(problems))
-            info, context = merged["infer"], (merged.get("model_config") or {}).get("max_position_embeddings")
+            info = merged["infer"]
+            context = merged.get("context") or (merged.get("model_config") or {}).get("max_position_embeddings")
             extra, onnx_path = {}, root / "model.onnx"
         elif (root / "manifest.json").is_file():
             from . import pack
@@ -189,6 +190,8 @@ def evaluate(path: str | Path, data: str | Path, adapter: str | Path | None = No
     file = _data.resolve_split(data, "test") if Path(data).is_dir() else Path(data)
     if file is None:
         raise DataError(f"{data} has no test.jsonl; pass a .jsonl file")
+    if model.context and max_seq_len > model.context:
+        max_seq_len = model.context  # the bundle's context (export --max-seq-len) bounds every sequence
     ds = _data.load_dataset(file, model.tok, max_seq_len, mask_prompt, truncate)
     total, count = 0.0, 0
     for s in range(0, len(ds), batch_size):

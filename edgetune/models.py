@@ -153,6 +153,26 @@ def check_reference(model: str | os.PathLike | None) -> None:
     get_spec(model)
 
 
+# transformers model_type -> what edgetune exports it as (each checked against PyTorch + PEFT
+# in tests/test_architectures.py).
+SUPPORTED = {"llama": "Llama (Llama 2/3, SmolLM, TinyLlama)", "qwen2": "Qwen2 / Qwen2.5", "mistral": "Mistral",
+             "phi3": "Phi-3 (4k context)", "gemma2": "Gemma-2"}
+
+
+def check_architecture(cfg: dict, where: object) -> None:
+    """Refuse, before any work, a family edgetune has not been checked on, naming those it has."""
+    mtype = cfg.get("model_type")
+    if mtype not in SUPPORTED:
+        raise ModelError(f"{where}: model type {mtype!r} is not supported; supported families: "
+                         + ", ".join(f"{k} ({v})" for k, v in SUPPORTED.items()))
+    rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+    kind = rope.get("rope_type") or rope.get("type") if isinstance(rope, dict) else None
+    if kind in ("longrope", "su"):
+        # LongRoPE switches its factors at a sequence length: a traced graph would keep one branch.
+        raise ModelError(f"{where}: LongRoPE ({mtype}, e.g. the 128k-context Phi-3 variants) is not supported: the "
+                         "exported graph would be right for one range of lengths only; use the 4k-context variant")
+
+
 def _check_not_prequantized(folder: Path) -> None:
     """A folder quantized by another tool (bitsandbytes, GPTQ, AWQ, ...) holds packed integer
     weights edgetune cannot read back into a float model: say so, and what works instead."""
@@ -160,6 +180,7 @@ def _check_not_prequantized(folder: Path) -> None:
 
     cfg = _io.read_json(folder / "config.json", "the model config", "give a Hugging Face model folder",
                         error=ModelError)
+    check_architecture(cfg, folder)
     qc = cfg.get("quantization_config")
     if isinstance(qc, dict) and qc:
         method = qc.get("quant_method") or ("bitsandbytes" if "load_in_4bit" in qc or "load_in_8bit" in qc else "?")

@@ -182,7 +182,7 @@ def genai_config(b: _bundle.Bundle, filename: str = "base.onnx") -> dict[str, An
     if mtype not in GENAI_TYPES:
         raise BundleError(f"onnxruntime-genai has no model type for {mtype!r}; supported: {', '.join(GENAI_TYPES)}")
     info = b.manifest["infer"]
-    context = int(mc.get("max_position_embeddings") or 2048)
+    context = int(b.context or 2048)
     stops = tok.get("stop_token_ids") or [tok.get("eos_token_id")]
     bos = hf.get("bos_token_id", gen.get("bos_token_id"))
     sampling = bool(gen.get("do_sample", False))

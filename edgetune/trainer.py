@@ -190,6 +190,11 @@ class Trainer:
         self.cfg = cfg
         self.log = log
         self.progress = progress
+        ctx = self.bundle.context
+        if ctx and cfg.max_seq_len > ctx:
+            log(f"--max-seq-len {cfg.max_seq_len} is longer than the bundle's context ({ctx} tokens); using {ctx}")
+            cfg = dataclasses.replace(cfg, max_seq_len=ctx)
+            self.cfg = cfg
         self.device = devices.resolve(cfg.device, devices.parse_options(cfg.provider_options))
         self.tok = ChatTokenizer.from_dir(self.bundle.root)
         self.state = TrainerState(bundle_id=self.bundle.base_id, adapter=self.bundle.manifest["adapter"])

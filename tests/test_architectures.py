@@ -101,3 +101,23 @@ def test_family_matches_pytorch_peft(family, targets, chat_data, tmp_path):
         want = pm(input_ids=torch.from_numpy(ids)).logits.numpy()
     got = Model.open(bundle, adapter=run.out).logits(ids, np.ones_like(ids))
     np.testing.assert_allclose(got, want, atol=1e-4 * max(1.0, np.abs(want).max()))
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"model_type": "gpt2"}, r"model type 'gpt2' is not supported; supported families: llama .*qwen2 .*gemma2"),
+    ({"model_type": "phi3", "rope_scaling": {"type": "longrope", "short_factor": [1.0], "long_factor": [2.0]}},
+     "LongRoPE .* use the 4k-context variant"),
+])
+def test_an_unsupported_model_is_refused_before_any_work(tiny_model, tmp_path, change, match):
+    import shutil
+
+    from edgetune.errors import ModelError
+    from edgetune.export import export
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_model, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, **change}))
+    with pytest.raises(ModelError, match=match):
+        export(str(folder), tmp_path / "b", AdapterConfig(rank=4, alpha=8, targets=("q_proj",)))
+    assert not (tmp_path / "b").exists()

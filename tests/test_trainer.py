@@ -243,3 +243,22 @@ def test_a_run_too_large_for_memory_is_refused_up_front(tiny_bundle, chat_data, 
     assert not (tmp_path / "r").exists()
     monkeypatch.setenv("EDGETUNE_SKIP_MEMORY_CHECK", "1")
     run(tiny_bundle, chat_data, tmp_path / "r", steps=1)
+
+
+def test_export_max_seq_len_bounds_train_eval_generate_and_apps(tiny_model, chat_data, tmp_path):
+    from edgetune import infer, pack
+    from edgetune.config import AdapterConfig
+    from edgetune.export import export
+
+    b = export(str(tiny_model), tmp_path / "b", AdapterConfig(rank=4, alpha=8, targets=("q_proj",), max_seq_len=48))
+    assert json.loads((b / "edgetune.json").read_text())["context"] == 48
+    logs = []
+    r = trainer.train(b, chat_data, tmp_path / "r", steps=1, max_seq_len=512, progress=False, log=logs.append)
+    assert any("longer than the bundle's context (48 tokens); using 48" in s for s in logs)
+    assert json.loads((r.out / "config.json").read_text())["max_seq_len"] == 48
+    m = infer.Model.open(b)
+    assert m.context == 48
+    out = infer.generate_full(b, "word " * 200, model=m, max_new_tokens=8)
+    assert len(out["prompt_token_ids"]) + 8 <= 48
+    pack.pack(r.out, b, tmp_path / "app")
+    assert json.loads((tmp_path / "app" / "genai_config.json").read_text())["model"]["context_length"] == 48
