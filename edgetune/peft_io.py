@@ -18,6 +18,7 @@ CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 ADAPTER_NAME = "default"
 CHECKSUM_KEY = "edgetune_tensors_sha256"
+CONFIG_CHECKSUM_KEY = "edgetune_config_sha256"  # of adapter_config.json's content, which PEFT cannot carry
 
 
 def to_peft_name(graph_name: str) -> str:
@@ -51,10 +52,12 @@ def save(out: str | Path, tensors: Mapping[str, np.ndarray], cfg: AdapterConfig,
     out = Path(out)
     named = {to_peft_name(k): np.ascontiguousarray(v) for k, v in tensors.items()}
     # PEFT ignores the extra metadata; edgetune checks it when it reads the file back.
-    meta = {"format": "pt", **(metadata or {}), CHECKSUM_KEY: tensors_sha256(named)}
+    config = peft_config(cfg, base)
+    meta = {"format": "pt", **(metadata or {}), CHECKSUM_KEY: tensors_sha256(named),
+            CONFIG_CHECKSUM_KEY: _config_sha(config)}
     with _io.atomic_dir(out) as tmp:
         (tmp / WEIGHTS).write_bytes(st_save(named, metadata=meta))
-        _io.write_json(tmp / CONFIG, peft_config(cfg, base))
+        _io.write_json(tmp / CONFIG, config)
     return out
 
 
@@ -86,10 +89,21 @@ def load(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
     bad = sorted(k for k, v in tensors.items() if v.dtype.kind != "f")
     if bad:
         raise BundleError(f"{wf}: tensor {bad[0]} is {tensors[bad[0]].dtype}, adapters are floating point; {fix}")
-    want = _metadata(wf).get(CHECKSUM_KEY)
+    meta = _metadata(wf)
+    want = meta.get(CHECKSUM_KEY)
     if want is not None and want != tensors_sha256(tensors):
         raise BundleError(f"{wf}: the tensor data does not match the checksum written with it (damaged); {fix}")
+    want = meta.get(CONFIG_CHECKSUM_KEY)
+    if want is not None and want != _config_sha(cfg):
+        raise BundleError(f"{cfgf} was changed or damaged after the adapter was written (it does not match the "
+                          f"checksum in {wf.name}); {fix}")
     return cfg, tensors
+
+
+def _config_sha(cfg: Mapping) -> str:
+    """The settings that change what the adapter computes; where the base lives may be edited."""
+    return _io._canonical_sha({k: v for k, v in cfg.items() if k not in ("base_model_name_or_path", "revision",
+                                                                          "inference_mode")})
 
 
 def tensors_sha256(tensors: Mapping[str, np.ndarray]) -> str:

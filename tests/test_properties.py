@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from edgetune import config, data
 from edgetune.errors import EdgetuneError
 
-JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_subnormal=False) | st.text(max_size=20),
                     lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=10), kids, max_size=4),
                     max_leaves=12)
 RECORD = st.one_of(
