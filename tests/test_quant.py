@@ -44,6 +44,8 @@ def test_values_on_a_q4_1_grid_get_their_own_codes_back():
 @pytest.mark.parametrize("bits", [4, 8])
 def test_graph_rewrite_forward_and_backward_match_numpy(bits):
     import onnxruntime as ort
+
+    pytest.importorskip("onnx")
     from onnx import TensorProto as T, helper, numpy_helper as nh
 
     rng = np.random.default_rng(1)
