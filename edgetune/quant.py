@@ -168,8 +168,9 @@ def rewrite(model: Any, names: list[str], quantized: dict[str, tuple[np.ndarray,
                 # Dequantize right before this use, once per use: freed after it, never shared.
                 dq_count += 1
                 w = f"{name}.dq{dq_count}"
+                other = node.input[1 - i] if len(node.input) == 2 else None
                 new_nodes.setdefault(at, []).extend(_dequant_nodes(qn, sn, zn, w, n, k, bits, block, helper,
-                                                                   numpy_helper, g))
+                                                                   numpy_helper, g, after=other))
                 node.input[i] = w
                 need_shift = True
         g.initializer.remove(inits[name])
@@ -194,13 +195,25 @@ def _attr(node: Any, name: str, default: Any) -> Any:
 
 
 def _dequant_nodes(qn: str, sn: str, zn: str, out: str, n: int, k: int, bits: int, block: int, helper: Any,
-                   numpy_helper: Any, g: Any) -> list[Any]:
-    """``(code - zero) * scale`` in standard ops; the int4 unpack runs on bytes."""
+                   numpy_helper: Any, g: Any, after: str | None = None) -> list[Any]:
+    """``(code - zero) * scale`` in standard ops; the int4 unpack runs on bytes. With ``after``
+    (the MatMul's other operand, the incoming gradient), the dequant cannot start before that
+    tensor exists: ONNX Runtime would otherwise be free to run every layer's dequant early and
+    hold all the float32 weights at once."""
     nb = k // block
     p = out
     consts = {f"{p}.shape3": np.array([n, nb, 1], np.int64), f"{p}.shapeK": np.array([n, k], np.int64)}
     nodes = []
     sh = RUNTIME_SHIFT
+    if after is not None:
+        consts[f"{p}.zero64"] = np.array([0], np.int64)
+        nodes += [
+            helper.make_node("Shape", [after], [f"{p}.dep_shape"], start=0, end=1),
+            helper.make_node("Mul", [f"{p}.dep_shape", f"{p}.zero64"], [f"{p}.dep0"]),
+            helper.make_node("Cast", [f"{p}.dep0"], [f"{p}.dep8"], to=2),  # uint8 0, once the gradient exists
+            helper.make_node("Max", [RUNTIME_SHIFT, f"{p}.dep8"], [f"{p}.shift"]),
+        ]
+        sh = f"{p}.shift"
     if bits == 4:
         consts.update({f"{p}.axes": np.array([-1], np.int64), f"{p}.shapeB": np.array([n, nb, block], np.int64)})
         nodes += [
