@@ -193,6 +193,8 @@ def run_worker(side: str, a: argparse.Namespace, tmp: Path) -> dict:
         env["PYTHONPATH"] = str(LEGACY_SRC)
     if side == "quantized":
         bundle = a.quantized_bundle
+    if side == "arena":  # the float32 base with the allocator setting the quantized base uses
+        env["EDGETUNE_ORT_ARENA"] = "1"
     cmd = [py, script, "--worker", "torch" if side == "torch" else "edgetune", "--bundle", str(bundle),
            "--data", str(a.data), "--steps", str(a.steps), "--batch", str(a.batch), "--seq", str(a.seq),
            "--rank", str(a.rank), "--lr", str(a.lr), "--threads", str(a.threads), "--tmp", str(tmp / side),
@@ -203,6 +205,8 @@ def run_worker(side: str, a: argparse.Namespace, tmp: Path) -> dict:
     res = json.loads(out.read_text())
     if side == "quantized":
         res["side"] = f"edgetune, {a.quantize} base"
+    if side == "arena":
+        res["side"] = "edgetune, ORT arena"
     if side == "legacy":
         res["side"] = "edgetune on ORT 1.19.2"
         res.setdefault("s_min", res["s_per_step"])
@@ -269,7 +273,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="edgetune-bench-") as tmpd:
         tmp = Path(tmpd)
         a.bundle = ensure_bundle(a, tmp)
-        sides = (["edgetune"] + (["quantized"] if a.quantize else []) + ([] if a.no_legacy else ["legacy"])
+        sides = (["edgetune"] + (["quantized", "arena"] if a.quantize else []) + ([] if a.no_legacy else ["legacy"])
                  + ([] if a.no_torch else ["torch"]))
         if a.quantize:
             a.quantized_bundle = ensure_bundle(a, tmp, a.quantize)
@@ -299,19 +303,24 @@ def main() -> None:
 def summarize_quantized(results: dict[str, list[dict]], manifest: dict) -> dict:
     """The quantized base against the float32 base, in the same run."""
     q = manifest["quantization"]
-    best = {s: max(results[s], key=lambda r: r["tokens"] / r["time"]) for s in ("edgetune", "quantized")}
-    rss = {s: min(r["peak_rss_mb"] for r in results[s]) for s in ("edgetune", "quantized")}
+    best = {s: max(results[s], key=lambda r: r["tokens"] / r["time"]) for s in ("edgetune", "quantized", "arena")}
+    rss = {s: min(r["peak_rss_mb"] for r in results[s]) for s in ("edgetune", "quantized", "arena")}
     saved_mb = (q["float_bytes"] - q["quantized_bytes"]) / 2**20
     tps = {s: best[s]["tokens"] / best[s]["time"] for s in best}
     out = {"quantized_tokens_per_s_ratio": round(tps["quantized"] / tps["edgetune"], 3),
            "quantized_rss_drop_mb": round(rss["edgetune"] - rss["quantized"]),
            "quantized_weight_bytes_saved_mb": round(saved_mb),
            "quantized_rss_drop_fraction_of_saved": round((rss["edgetune"] - rss["quantized"]) / saved_mb, 3),
+           # The same comparison with the same allocator on both sides: what quantization itself saves.
+           "quantized_rss_drop_mb_same_allocator": round(rss["arena"] - rss["quantized"]),
+           "quantized_rss_drop_fraction_same_allocator": round((rss["arena"] - rss["quantized"]) / saved_mb, 3),
            "quantized_loss_gap": round((best["quantized"]["valid_loss"] - best["edgetune"]["valid_loss"])
                                        / best["edgetune"]["valid_loss"], 4)}
     print(f"{q['method']} base: {tps['quantized']:.0f} tokens/s ({out['quantized_tokens_per_s_ratio']:.2f}x float32); "
           f"peak RSS {rss['quantized']:.0f} MB vs {rss['edgetune']:.0f} MB: {out['quantized_rss_drop_mb']} MB less, "
-          f"{out['quantized_rss_drop_fraction_of_saved']:.0%} of the {saved_mb:.0f} MB the weights shrank")
+          f"{out['quantized_rss_drop_fraction_of_saved']:.0%} of the {saved_mb:.0f} MB the weights shrank; "
+          f"against the float32 base with the same allocator (ORT's arena, {rss['arena']:.0f} MB): "
+          f"{out['quantized_rss_drop_mb_same_allocator']} MB less, {out['quantized_rss_drop_fraction_same_allocator']:.0%}")
     return out
 
 

@@ -140,7 +140,10 @@ class StepRunner:
         # Measured on the default model with an int4 base (bench/train.py --quantize int4, 2 rounds):
         # peak RSS 4,145-4,150 MB with ORT's arena, 4,268-5,033 MB without; the float32 base
         # measured the same with and without (4,163-4,426 against 4,184-4,624), so it keeps glibc's.
-        so = session_options(self.threads, self._shared, arena=bool(self.bundle.manifest.get("quantization")))
+        # EDGETUNE_ORT_ARENA=1/0 forces it either way (bench/train.py --quantize measures both sides with it).
+        forced = __import__("os").environ.get("EDGETUNE_ORT_ARENA")
+        arena = forced == "1" if forced in ("0", "1") else bool(self.bundle.manifest.get("quantization"))
+        so = session_options(self.threads, self._shared, arena=arena)
         try:
             return devices.session(self.bundle.path(name), self.device, so)
         except DeviceError as e:
