@@ -302,22 +302,32 @@ def _device_opts(f: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--max-seq-len", default=512, show_default=True)
 @click.option("--truncate", type=click.Choice(["auto", "prompt", "end", "error"]), default="auto", show_default=True,
               help="How a longer example is fitted (as in train); use the run's setting to score alike.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON: loss, perplexity, tokens.")
+@click.option("--task", type=click.Choice(["classification", "qa", "translation", "ner", "chat", "creative"]),
+              help="Also report the task's own metric (default: the data folder's task.json, if any).")
+@click.option("--labels", help="classification: the label set, comma-separated [the labels in the data].")
+@click.option("--generations", type=click.Path(dir_okay=False), help="Write every reply (and reference) to this JSONL.")
+@click.option("--max-new-tokens", default=64, show_default=True, help="Longest generated reply for the task metric.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON: loss, perplexity, tokens (and the task metric).")
 @_errors
 def eval_cmd(model: str, adapter: str | None, device: str, provider_option: tuple[str, ...], placement: bool,
-             data: str, batch_size: int, max_seq_len: int, truncate: str, as_json: bool) -> None:
-    """Mean loss and perplexity over labelled tokens, for a bundle (base or +adapter) or a merged model.
+             data: str, batch_size: int, max_seq_len: int, truncate: str, task: str | None, labels: str | None,
+             generations: str | None, max_new_tokens: int, as_json: bool) -> None:
+    """Loss and perplexity over labelled tokens, and the task's own metric, for a bundle (base or
+    +adapter), a merged model or an app directory.
 
     \b
     Examples:
       edgetune eval bundle/ --data data/test.jsonl
       edgetune eval bundle/ --adapter run/ --data data/ --json
+      edgetune eval bundle/ --adapter run/ --data tickets/test.jsonl --task classification
+      edgetune eval bundle/ --adapter run/ --data qa/ --task qa --generations replies.jsonl
     """
     from . import devices as d
     from .infer import Model, evaluate
 
     m = Model.open(model, adapter, device, d.parse_options(provider_option))
-    r = evaluate(model, data, model=m, batch_size=batch_size, max_seq_len=max_seq_len, truncate=truncate)
+    r = evaluate(model, data, model=m, batch_size=batch_size, max_seq_len=max_seq_len, truncate=truncate, task=task,
+                 labels=labels.split(",") if labels else None, generations=generations, max_new_tokens=max_new_tokens)
     if placement:
         r["placement"] = m.placement()
     if as_json:
@@ -325,6 +335,19 @@ def eval_cmd(model: str, adapter: str | None, device: str, provider_option: tupl
         return
     click.echo(f"loss {r['loss']:.4f}  perplexity {r['perplexity']:.2f}  over {r['tokens']} tokens "
                f"({r['examples']} examples) on {', '.join(r['providers'])}")
+    if "task_metrics" in r:
+        tm = r["task_metrics"]
+        shown = {k: v for k, v in tm.items() if isinstance(v, (int, float)) and k != "examples"}
+        click.echo(f"{tm['task']}: " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                                 for k, v in shown.items()))
+        if tm.get("confusion"):
+            labs = tm["labels"]
+            click.echo("confusion (rows: reference, columns: predicted): " + " | ".join(labs))
+            for g, row in sorted(tm["confusion"].items()):
+                click.echo(f"  {g:>16}: " + " ".join(f"{row.get(p, 0):>5}" for p in labs))
+        if tm.get("unseen_labels", {}).get("labels"):
+            u = tm["unseen_labels"]
+            click.echo(f"  {u['examples']} example(s) have labels outside the label set: {', '.join(u['labels'])}")
     if placement:
         click.echo("nodes run: " + ", ".join(f"{k} {v}" for k, v in r["placement"].items()))
 

@@ -24,6 +24,8 @@ IGNORE = -100
 FORMATS = {
     "chat": ("messages",),
     "completion": ("prompt", "completion"),
+    "qa": ("question", "answer"),       # optional "context", given before the question
+    "ner": ("text", "entities"),         # entities: [{"text", "type"}]; the answer is that JSON list
     "classification": ("text", "label"),
     "text": ("text",),
 }
@@ -131,12 +133,34 @@ def _as_messages(record: dict[str, Any], fmt: str, where: str) -> list[dict[str,
         p, c = record["prompt"], record["completion"]
     elif fmt == "classification":
         p, c = record["text"], record["label"]
-        c = str(c) if isinstance(c, (int, float)) else c
+        c = str(c) if isinstance(c, (int, float)) and not isinstance(c, bool) else c
+    elif fmt == "qa":
+        p, c = record["question"], record["answer"]
+        ctx = record.get("context")
+        if ctx is not None and not isinstance(ctx, str):
+            raise DataError(f"{where}: 'context' must be a string")
+        if isinstance(p, str) and ctx:
+            p = f"{ctx}\n\nQuestion: {p}"
+    elif fmt == "ner":
+        p, c = record["text"], _entities_answer(record, where)
     else:
         return None
     if not isinstance(p, str) or not isinstance(c, str):
         raise DataError(f"{where}: {FORMATS[fmt][0]!r} and {FORMATS[fmt][1]!r} must be strings")
     return [{"role": "user", "content": p}, {"role": "assistant", "content": c}]
+
+
+def _entities_answer(record: dict[str, Any], where: str) -> str:
+    """The declared NER output: the entities as a JSON list of {"text", "type"}, in order."""
+    text, ents = record["text"], record["entities"]
+    if not isinstance(text, str) or not isinstance(ents, list):
+        raise DataError(f"{where}: 'text' must be a string and 'entities' a list of {{\"text\", \"type\"}}")
+    for i, e in enumerate(ents):
+        if not isinstance(e, dict) or not isinstance(e.get("text"), str) or not isinstance(e.get("type"), str):
+            raise DataError(f"{where}: entity {i} needs a string 'text' and 'type'")
+        if e["text"] not in text:
+            raise DataError(f"{where}: entity {i} {e['text']!r} does not occur in the text")
+    return json.dumps([{"text": e["text"], "type": e["type"]} for e in ents], ensure_ascii=False)
 
 
 def _chat_spans(tok: ChatTokenizer, msgs: list[dict[str, str]], where: str) -> tuple[str, list[tuple[int, int]]]:

@@ -184,8 +184,11 @@ def _nll(logits: np.ndarray, targets: np.ndarray) -> tuple[float, int]:
 
 def evaluate(path: str | Path, data: str | Path, adapter: str | Path | None = None, device: str = "cpu",
              batch_size: int = 4, max_seq_len: int = 512, mask_prompt: bool = True,
-             model: Model | None = None, truncate: str = "auto") -> dict[str, Any]:
-    """Mean loss and perplexity over the labelled tokens of a JSONL file."""
+             model: Model | None = None, truncate: str = "auto", task: str | None = None,
+             labels: list[str] | None = None, generations: str | Path | None = None,
+             max_new_tokens: int = 64) -> dict[str, Any]:
+    """Mean loss and perplexity over the labelled tokens of a JSONL file, and with ``task`` (or a
+    ``task.json`` beside the data) that task's own metric under ``task_metrics`` (see edgetune.tasks)."""
     model = model or Model.open(path, adapter, device)
     file = _data.resolve_split(data, "test") if Path(data).is_dir() else Path(data)
     if file is None:
@@ -199,9 +202,16 @@ def evaluate(path: str | Path, data: str | Path, adapter: str | Path | None = No
         nll, n = _nll(model.logits(b.input_ids, b.attention_mask), b.labels)
         total, count = total + nll, count + n
     loss = total / max(1, count)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": count,
-            "examples": len(ds), "providers": model.providers, "device": model.device.name,
-            "truncation": {k: v for k, v in ds.stats.items() if k != "skipped_records"}}
+    out = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": count,
+           "examples": len(ds), "providers": model.providers, "device": model.device.name,
+           "truncation": {k: v for k, v in ds.stats.items() if k != "skipped_records"}}
+    from . import tasks
+
+    task = task or tasks.read_task(data)
+    if task:
+        out["task_metrics"] = tasks.evaluate_task(model, Path(file), task, labels, max_new_tokens,
+                                                  Path(generations) if generations else None)
+    return out
 
 
 @dataclass(frozen=True)
@@ -267,11 +277,15 @@ def generate(path: str | Path, prompt: str, adapter: str | Path | None = None, d
 
 def generate_full(path: str | Path, prompt: str, adapter: str | Path | None = None, device: str = "cpu",
                   chat: bool = True, system: str | None = None, on_text: Callable[[str], None] | None = None,
-                  model: Model | None = None, **sampling: Any) -> dict[str, Any]:
-    """As :func:`generate`, also returning the prompt's and the reply's token ids."""
+                  model: Model | None = None, messages: list[dict[str, str]] | None = None,
+                  **sampling: Any) -> dict[str, Any]:
+    """As :func:`generate`, also returning the prompt's and the reply's token ids. ``messages``
+    (a whole conversation to reply to) replaces ``prompt`` and ``system``."""
     model = model or Model.open(path, adapter, device)
     s = Sampling(**sampling)
-    if chat:
+    if messages is not None:
+        text = model.tok.render(messages, add_generation_prompt=True)
+    elif chat:
         msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         text = model.tok.render(msgs, add_generation_prompt=True)
     else:
