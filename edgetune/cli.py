@@ -237,6 +237,8 @@ def export(model: str, out: str, config_file: str | None, overwrite: bool, **opt
                    "the oldest turns, then the end of the prompt; end cuts the end; error refuses it. auto: "
                    "prompt for chats, completions and labels, end for plain text [auto].")
 @click.option("--eval-every", type=int, help="Validation loss every N steps (0: only at the end) [0].")
+@click.option("--task", type=click.Choice(["classification", "qa", "translation", "ner", "chat", "creative"]),
+              help="Also report this task's metric on the validation set (default: the data's task.json).")
 @click.option("--save-every", type=int, help="Checkpoint every N steps (0: only at the end) [0].")
 @click.option("--seed", type=int, help="Seed for data order and dropout [0].")
 @click.option("--threads", type=int, help="CPU threads for ONNX Runtime (0: all cores) [0].")

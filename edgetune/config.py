@@ -85,6 +85,7 @@ class TrainConfig:
     valid_batches: int = 0
     weight_decay: float = 0.01
     truncate: str = "auto"
+    task: str | None = None  # report this task's metric on the validation set (edgetune.tasks)
 
     def __post_init__(self) -> None:
         _check(self.steps is None or self.steps >= 1, f"steps must be at least 1, got {self.steps!r}")
@@ -100,6 +101,9 @@ class TrainConfig:
         _check(self.threads >= 0, f"threads must be >= 0, got {self.threads!r}")
         _check(self.max_batch_tokens >= 0, f"max_batch_tokens must be >= 0, got {self.max_batch_tokens!r}")
         _check(self.truncate in TRUNCATE, f"truncate must be one of {', '.join(TRUNCATE)}, got {self.truncate!r}")
+        from .tasks import TASKS
+
+        _check(self.task is None or self.task in TASKS, f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
         _check(math.isfinite(self.weight_decay) and self.weight_decay >= 0,
                f"weight_decay must be a number >= 0, got {self.weight_decay!r}")
 

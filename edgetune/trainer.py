@@ -200,6 +200,9 @@ class Trainer:
         self.state = TrainerState(bundle_id=self.bundle.base_id, adapter=self.bundle.manifest["adapter"])
         self._resume_from = self._check_out_dir(resume)
         self.runner: _runner.StepRunner | None = None
+        self.task: str | None = cfg.task
+        self.task_labels: list[str] | None = None
+        self._task_model: Any = None
 
     # -- setup -----------------------------------------------------------------
     def _check_out_dir(self, resume: bool) -> Path | None:
@@ -281,7 +284,25 @@ class Trainer:
         vpath = _data.resolve_split(data, "valid")
         valid = (_data.load_dataset(vpath, self.tok, self.cfg.max_seq_len, self.cfg.mask_prompt, self.cfg.truncate)
                  if vpath else None)
+        from . import tasks
+
+        self.task = self.cfg.task or tasks.read_task(data)
+        if self.task == "classification":  # the label set is the training set's
+            self.task_labels = sorted({ref for _, _, ref in tasks.load_records(Path(train.path))})
         return train, valid
+
+    def task_metric(self, valid: _data.Dataset) -> dict[str, Any]:
+        """The task's metric on the validation set with the adapter as it is now (infer graph)."""
+        from . import tasks
+        from .infer import Model
+
+        if self._task_model is None:
+            self._task_model = Model.open(self.bundle.root, threads=self.cfg.threads)
+        feed = {n: np.asarray(v, np.float32) for n, v in self.runner.params.items()}
+        self._task_model.extra = {**feed, **_dora.feed_for_adapter(self.bundle, feed)}
+        r = tasks.evaluate_task(self._task_model, Path(valid.path), self.task, self.task_labels, max_new_tokens=32)
+        return {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
     def total_steps(self, train: _data.Dataset) -> tuple[int, int]:
         per_epoch = math.ceil(len(train) / self.cfg.batch_size)
@@ -423,6 +444,9 @@ class Trainer:
                 if valid is not None and self.cfg.eval_every and self.state.step % self.cfg.eval_every == 0:
                     t_val = time.time()
                     rec["valid_loss"] = self.state.last_valid_loss = round(self.validate(valid), 6)
+                    if self.task:
+                        rec["task_metrics"] = self.last_task_metrics = self.task_metric(valid)
+                        self.log(f"step {self.state.step}: {self.task} " + _fmt_metrics(rec["task_metrics"]))
                     window_t += time.time() - t_val  # tokens/s counts training time only
                 _write_metric(self.out, rec)
                 _bar_update(bar, rec)
@@ -435,7 +459,12 @@ class Trainer:
         validated_last = bool(self.cfg.eval_every) and self.state.step % self.cfg.eval_every == 0
         if valid is not None and not validated_last:
             self.state.last_valid_loss = self.validate(valid)
-            _write_metric(self.out, {"step": self.state.step, "valid_loss": round(self.state.last_valid_loss, 6)})
+            final: dict[str, Any] = {"step": self.state.step, "valid_loss": round(self.state.last_valid_loss, 6)}
+            if self.task:
+                final["task_metrics"] = self.last_task_metrics = self.task_metric(valid)
+            _write_metric(self.out, final)
+        if self.task and valid is not None:
+            self.log(f"final {self.task} on the validation set: " + _fmt_metrics(self.last_task_metrics))
         self.save_checkpoint()
         adapter = self.save_adapter()
         return self._finish(adapter, train)
@@ -478,12 +507,17 @@ class Trainer:
                    "valid_loss": self.state.last_valid_loss, "tokens": self.state.tokens,
                    "labelled_tokens": self.state.labelled, "tokens_per_s": round(tps, 1),
                    "elapsed_s": round(self.state.elapsed, 1), "peak_rss_mb": round(_peak_rss_mb()),
-                   "truncated_examples": train.truncated, "adapter": _io.relative(adapter, self.out)}
+                   "truncated_examples": train.truncated, "adapter": _io.relative(adapter, self.out),
+                   **({"task": self.task, "task_metrics": getattr(self, "last_task_metrics", None)} if self.task else {})}
         manifest = _io.read_json(self.out / RUN_MANIFEST, "the run manifest")
         manifest.update(status="complete", summary=summary)
         _io.write_json(self.out / RUN_MANIFEST, _io.seal(manifest))
         plot_loss(self.out)
         return RunResult(self.out, self.state.step, self.state.last_loss, self.state.last_valid_loss, tps, adapter, summary)
+
+
+def _fmt_metrics(m: dict[str, Any]) -> str:
+    return "  ".join(f"{k} {v}" for k, v in m.items() if k not in ("task", "examples"))
 
 
 def _batch_feed(b: _data.Batch, norm: np.ndarray, extra: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

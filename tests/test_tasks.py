@@ -130,3 +130,23 @@ def test_ner_and_qa_records_train_and_are_checked(tiny_tokenizer, tmp_path):
     f.write_text(json.dumps({"text": "Ada lives in Rome", "entities": [{"text": "Paris", "type": "LOC"}]}) + "\n")
     with pytest.raises(DataError, match=r"train.jsonl:1: entity 0 'Paris' does not occur in the text"):
         data.load_dataset(f, tiny_tokenizer, 256)
+
+
+def test_training_reports_the_task_metric_on_the_validation_set(tiny_bundle, chat_data, tmp_path):
+    import shutil
+
+    from edgetune import trainer
+
+    d = tmp_path / "d"
+    shutil.copytree(chat_data, d)
+    (d / "task.json").write_text('{"task": "classification"}')
+    logs = []
+    r = trainer.train(tiny_bundle, d, tmp_path / "run", steps=4, eval_every=2, batch_size=4, lr=5e-2,
+                      progress=False, log=logs.append)
+    recs = [json.loads(x) for x in (r.out / "metrics.jsonl").read_text().splitlines()]
+    with_task = [x for x in recs if "task_metrics" in x]
+    assert [x["step"] for x in with_task] == [2, 4]
+    assert {"accuracy", "macro_f1"} <= set(with_task[-1]["task_metrics"])
+    assert any(s.startswith("step 2: classification accuracy") for s in logs)
+    assert any(s.startswith("final classification on the validation set") for s in logs)
+    assert r.summary["task"] == "classification" and "accuracy" in r.summary["task_metrics"]
