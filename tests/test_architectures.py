@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgetune import data, peft_io, runner, trainer
+import torch_reference
+from edgetune import trainer
 from edgetune.config import AdapterConfig
-from edgetune.tokenizer import ChatTokenizer
 
 torch = pytest.importorskip("torch")
 
@@ -50,7 +50,7 @@ CASES = [(f, t) for f in FAMILIES for t in TARGETS.get(f, [("all-linear",)])]
 
 @pytest.mark.parametrize("family,targets", CASES, ids=[f"{f}-{'+'.join(t)}" for f, t in CASES])
 def test_family_matches_pytorch_peft(family, targets, chat_data, tmp_path):
-    from edgetune.export import export, inject_adapter, load_model, resolve_targets
+    from edgetune.export import export, inject_adapter, load_model
     from edgetune.infer import Model
 
     model = make_family(family, tmp_path / "model")
@@ -59,38 +59,15 @@ def test_family_matches_pytorch_peft(family, targets, chat_data, tmp_path):
     steps, lr, bs, seed = 10, 1e-2, 4, 0
     run = trainer.train(bundle, chat_data, tmp_path / "run", steps=steps, lr=lr, batch_size=bs, seed=seed,
                         schedule="constant", progress=False, log=lambda s: None)
-    ours = [r["loss"] for r in map(json.loads, (run.out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
-
+    ours = torch_reference.edgetune_losses(run.out)
     hf, _ = load_model(model)
-    cfg = AdapterConfig(**{**manifest["adapter"], "targets": tuple(manifest["adapter"]["targets"])})
-    pm = inject_adapter(hf, cfg)
-    init = runner.read_tensors(bundle / "adapter_init.safetensors")
-    params = dict(pm.named_parameters())
-    with torch.no_grad():
-        for n in manifest["trainable"]:
-            params[n].copy_(torch.from_numpy(init[n]))
-    opt = torch.optim.AdamW([params[n] for n in manifest["trainable"]], lr=lr)
-    tok = ChatTokenizer.from_dir(bundle)
-    ds = data.load_dataset(chat_data / "train.jsonl", tok, 512)
-    batches = data.epoch_batches(ds, bs, seed, 0, tok.pad_id) + data.epoch_batches(ds, bs, seed, 1, tok.pad_id)
-    theirs = []
-    pm.train()
-    for b in batches[:steps]:
-        logits = pm(input_ids=torch.from_numpy(b.input_ids), attention_mask=torch.from_numpy(b.attention_mask)).logits
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                 torch.from_numpy(b.labels).reshape(-1),
-                                                 ignore_index=-100, reduction="sum") / b.n_labels
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        theirs.append(loss.item())
+    pm = inject_adapter(hf, AdapterConfig(**{**manifest["adapter"], "targets": tuple(manifest["adapter"]["targets"])}))
+    theirs, params = torch_reference.train_like_peft(pm, bundle, chat_data, steps, lr, bs, seed)
     assert abs(ours[0] - theirs[0]) < 1e-5, (ours[0], theirs[0])
     np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5)
     # The adapter after 10 steps, relative to each tensor's norm (AdamW divides by the root of the
     # squared gradient, so an element whose gradient is float noise moves by float noise times lr).
-    mine = peft_io.load(run.out)[1]
-    worst = max(np.linalg.norm(mine[peft_io.to_peft_name(n)] - params[n].detach().numpy())
-                / np.linalg.norm(params[n].detach().numpy()) for n in manifest["trainable"])
+    worst = torch_reference.worst_adapter_error(run.out, params)
     print(f"{family}: worst adapter relative error {worst:.2e}")
     assert worst < 1e-4
 

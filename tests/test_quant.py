@@ -4,10 +4,9 @@ import json
 import numpy as np
 import pytest
 
-from edgetune import data, peft_io, quant, runner, trainer
+from edgetune import quant, trainer
 from edgetune.config import AdapterConfig
 from edgetune.errors import ConfigError
-from edgetune.tokenizer import ChatTokenizer
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -130,39 +129,18 @@ def test_qlora_bundle_stores_no_float_linear_weights(qlora_bundle):
 
 
 def test_qlora_matches_pytorch_peft_on_the_dequantized_base(tiny_model, qlora_bundle, chat_data, tmp_path):
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
+    import torch_reference
     from edgetune.export import inject_adapter
 
     steps, lr, bs, seed = 10, 1e-2, 4, 0
     run = trainer.train(qlora_bundle, chat_data, tmp_path / "run", steps=steps, lr=lr, batch_size=bs, seed=seed,
                         schedule="constant", progress=False, log=lambda s: None)
-    ours_losses = [r["loss"] for r in map(json.loads, (run.out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     hf, m = _dequantized_torch_model(tiny_model, qlora_bundle)
     pm = inject_adapter(hf, AdapterConfig(rank=4, alpha=8, targets=("q_proj", "v_proj")))
-    init = runner.read_tensors(qlora_bundle / "adapter_init.safetensors")
-    params = dict(pm.named_parameters())
-    with torch.no_grad():
-        for n in m["trainable"]:
-            params[n].copy_(torch.from_numpy(init[n]))
-    opt = torch.optim.AdamW([params[n] for n in m["trainable"]], lr=lr)
-    tok = ChatTokenizer.from_dir(qlora_bundle)
-    ds = data.load_dataset(chat_data / "train.jsonl", tok, 512)
-    batches = data.epoch_batches(ds, bs, seed, 0, tok.pad_id) + data.epoch_batches(ds, bs, seed, 1, tok.pad_id)
-    theirs = []
-    pm.train()
-    for b in batches[:steps]:
-        logits = pm(input_ids=torch.from_numpy(b.input_ids), attention_mask=torch.from_numpy(b.attention_mask)).logits
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), torch.from_numpy(b.labels).reshape(-1),
-                                                 ignore_index=-100, reduction="sum") / b.n_labels
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        theirs.append(loss.item())
-    np.testing.assert_allclose(ours_losses, theirs, rtol=0, atol=1e-5)
-    mine = peft_io.load(run.out)[1]
-    for n in m["trainable"]:
-        t = params[n].detach().numpy()
-        assert np.abs(mine[peft_io.to_peft_name(n)] - t).max() / np.abs(t).max() < 1e-4, n
+    theirs, params = torch_reference.train_like_peft(pm, qlora_bundle, chat_data, steps, lr, bs, seed)
+    np.testing.assert_allclose(torch_reference.edgetune_losses(run.out), theirs, rtol=0, atol=1e-5)
+    assert torch_reference.worst_adapter_error(run.out, params) < 1e-4
 
 
 def test_qlora_inference_logits_equal_the_dequantized_model(tiny_model, qlora_bundle):
