@@ -12,6 +12,7 @@ platform and with any execution provider, runs it. Checkpoints are edgetune's ow
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -139,9 +140,9 @@ class StepRunner:
     def _session(self, name: str) -> Any:
         # Measured on the default model with an int4 base (bench/train.py --quantize int4, 2 rounds):
         # peak RSS 4,145-4,150 MB with ORT's arena, 4,268-5,033 MB without; the float32 base
-        # measured the same with and without (4,163-4,426 against 4,184-4,624), so it keeps glibc's.
+        # measured alike with and without (4,163-4,426 against 3,962-4,624), so it keeps glibc's.
         # EDGETUNE_ORT_ARENA=1/0 forces it either way (bench/train.py --quantize measures both sides with it).
-        forced = __import__("os").environ.get("EDGETUNE_ORT_ARENA")
+        forced = os.environ.get("EDGETUNE_ORT_ARENA")
         arena = forced == "1" if forced in ("0", "1") else bool(self.bundle.manifest.get("quantization"))
         so = session_options(self.threads, self._shared, arena=arena)
         try:
