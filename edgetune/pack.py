@@ -168,7 +168,8 @@ def _write_base(b: _bundle.Bundle, template: Path, out: Path, dtype: str) -> dic
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    """An optional bundle file (older bundles lack some): its object, or {} when absent."""
+    return _io.read_json(path, path.name, "export the bundle again") if path.is_file() else {}
 
 
 def genai_config(b: _bundle.Bundle, filename: str = "base.onnx") -> dict[str, Any]:
@@ -392,7 +393,10 @@ def _check_other_base(m: dict[str, Any], base_path: Path, problems: list[str]) -
     other = "an unknown model"
     om = base_path.parent / MANIFEST
     if om.is_file():
-        ob = json.loads(om.read_text()).get("base", {})
+        try:
+            ob = read_manifest(base_path.parent).get("base", {})
+        except BundleError:
+            ob = {"source": f"a model whose {MANIFEST} is damaged", "bundle_base_id": "?"}
         other = f"{ob.get('source')} (id {str(ob.get('bundle_base_id'))[:12]})"
     mine = m.get("base", {})
     problems.append(f"these adapters were made for {mine.get('source')} (id {str(mine.get('bundle_base_id'))[:12]}, "
