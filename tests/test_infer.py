@@ -54,6 +54,65 @@ def test_generate_is_deterministic_and_sampling_is_seeded(tiny_bundle, run_dir):
     assert s1 == s2
 
 
+def _softmax(z):
+    p = np.exp(z - z.max())
+    return p / p.sum()
+
+
+def test_sampling_follows_temperature_top_k_and_top_p_as_defined():
+    z = np.array([2.0, 1.5, 1.0, 0.0, -1.0, -3.0], np.float32)
+    n = 40000
+
+    def freq(**kw):
+        rng = np.random.default_rng(0)
+        s = infer.Sampling(**kw)
+        return np.bincount([infer._pick(z, s, rng) for _ in range(n)], minlength=len(z)) / n
+
+    tol = 4 * np.sqrt(0.25 / n)  # four standard errors of a frequency
+    for t in (1.0, 0.5, 2.0):
+        assert np.abs(freq(temperature=t) - _softmax(z.astype(np.float64) / t)).max() < tol, t
+    # top-k keeps the k most likely tokens, renormalised
+    want = np.zeros(len(z))
+    want[:2] = _softmax(z[:2].astype(np.float64))
+    assert np.abs(freq(temperature=1.0, top_k=2) - want).max() < tol
+    # top-p keeps the smallest set of most likely tokens whose probability reaches p
+    p = _softmax(z.astype(np.float64))
+    k = int(np.searchsorted(np.cumsum(p), 0.8) + 1)  # p = .41 .25 .15 .06 ...: the first three reach 0.8
+    want = np.zeros(len(z))
+    want[:k] = p[:k] / p[:k].sum()
+    got = freq(temperature=1.0, top_p=0.8)
+    assert k == 3 and (got[k:] == 0).all() and np.abs(got - want).max() < tol
+    # a temperature near zero and top-k 1 are greedy
+    assert freq(temperature=1e-4)[0] == 1.0 and freq(temperature=3.0, top_k=1)[0] == 1.0
+
+
+def test_sampled_generation_matches_the_models_distribution(tiny_bundle, run_dir):
+    m = infer.Model.open(tiny_bundle, adapter=run_dir)
+    prompt = "classify this ticket: my invoice is wrong"
+    greedy = infer.generate(tiny_bundle, prompt, model=m, max_new_tokens=8)
+    assert infer.generate(tiny_bundle, prompt, model=m, max_new_tokens=8, temperature=1.0, top_k=1, seed=5) == greedy
+    assert infer.generate(tiny_bundle, prompt, model=m, max_new_tokens=8, temperature=1e-6, seed=5) == greedy
+    # first tokens sampled with different seeds follow the softmax of the model's logits
+    ids = m.tok.encode(m.tok.render([{"role": "user", "content": prompt}], add_generation_prompt=True))
+    arr = np.asarray([ids], np.int64)
+    z = m.logits(arr, np.ones_like(arr))[0, -1].astype(np.float64)
+    # the temperature at which the tiny model's top token has about a third of the mass
+    t = min((0.02 * 1.25 ** i for i in range(40)), key=lambda t: abs(_softmax(z / t).max() - 0.35))
+    p = _softmax(z / t)
+    assert 0.25 < p.max() < 0.45
+    n = 1500
+    stop = sorted(m.tok.stop_ids | {m.tok.eos_id})
+    # a stop token ends the generator without a token: count those draws as one "stop" outcome
+    firsts = [next(infer.generate_ids(m, ids, infer.Sampling(max_new_tokens=1, temperature=t, seed=s)), -1)
+              for s in range(n)]
+    got = np.bincount([f if f >= 0 else stop[0] for f in firsts], minlength=len(p)) / n
+    p[stop[0]] = p[stop].sum()
+    p[stop[1:]] = 0.0
+    top = np.argsort(-p)[:5]
+    assert np.abs(got[top] - p[top]).max() < 4 * np.sqrt(0.25 / n), (got[top], p[top])
+    assert len(set(firsts)) > 1
+
+
 def test_adapter_for_another_bundle_is_rejected_with_every_difference(tiny_bundle, run_dir, tmp_path):
     cfg, tensors = peft_io.load(run_dir)
     from edgetune.config import AdapterConfig
