@@ -147,7 +147,13 @@ def _as_messages(record: dict[str, Any], fmt: str, where: str) -> list[dict[str,
         return None
     if not isinstance(p, str) or not isinstance(c, str):
         raise DataError(f"{where}: {FORMATS[fmt][0]!r} and {FORMATS[fmt][1]!r} must be strings")
-    return [{"role": "user", "content": p}, {"role": "assistant", "content": c}]
+    msgs = [{"role": "user", "content": p}, {"role": "assistant", "content": c}]
+    system = record.get("system")
+    if system is not None:
+        if not isinstance(system, str):
+            raise DataError(f"{where}: 'system' must be a string (the instruction given before the record)")
+        msgs.insert(0, {"role": "system", "content": system})
+    return msgs
 
 
 def _entities_answer(record: dict[str, Any], where: str) -> str:

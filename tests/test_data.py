@@ -53,6 +53,21 @@ def test_formats_detected_from_keys(tok, tmp_path, rec, fmt):
     assert data.load_dataset(write(tmp_path, [rec]), tok, 128).fmt == fmt
 
 
+def test_system_instruction_is_the_system_message_and_not_labelled(tok, tmp_path):
+    sys_msg = "Answer with one of: billing, technical."
+    recs = [{"system": sys_msg, "text": "my invoice is wrong", "label": "billing"},
+            {"system": sys_msg, "question": "why?", "answer": "because"}]
+    examples = [data.load_dataset(write(tmp_path, [r], f"{i}.jsonl"), tok, 256).examples[0] for i, r in enumerate(recs)]
+    for e, answer in zip(examples, ["billing", "because"]):
+        full = tok.decode(e.ids, skip_special=False)
+        assert f"<|im_start|>system\n{sys_msg}<|im_end|>" in full
+        labelled = tok.decode(e.ids[1:][e.targets[:-1] != data.IGNORE], skip_special=False)
+        assert labelled.startswith(answer + "<|im_end|>") and sys_msg not in labelled
+    bad = write(tmp_path, [{"system": ["x"], "text": "t", "label": "l"}])
+    with pytest.raises(DataError, match=f"{bad}:1: 'system' must be a string"):
+        data.load_dataset(bad, tok, 128)
+
+
 def test_malformed_line_names_file_and_line(tok, tmp_path):
     p = write(tmp_path, [{"text": "ok"}, "", '{"text": "broken"'])
     with pytest.raises(DataError) as e:
