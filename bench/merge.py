@@ -36,7 +36,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import machine  # noqa: E402  - CPU model and ISA (avx2, avx512f, amx...) from /proc/cpuinfo
 
-from edgetune import merge as kernels
+from edgetune import kernels
 
 SHAPES = [(3072, 3072), (8192, 3072)]
 RANKS = [8, 16, 64]

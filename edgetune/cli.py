@@ -419,7 +419,7 @@ def merge_cmd(bundle: str, run: str, out: str, fmt: str, dtype: str, extra: tupl
       edgetune merge bundle/ run_a/ --adapter run_b/ --weight 0.7 --weight 0.3 --out blend/
     """
     from .errors import ConfigError
-    from .fuse import merge
+    from .merge import merge
 
     runs = [run, *extra]
     if weights and len(weights) == len(extra):
@@ -507,7 +507,7 @@ def import_peft(peft_dir: str, bundle: str, out: str) -> None:
       edgetune import-peft cloud-adapter/ --bundle bundle/ --out run/
       edgetune train bundle/ --data data/ --out run/ --steps 100 --resume
     """
-    from .pack import import_peft as do_import
+    from .peft_io import import_peft as do_import
 
     click.echo(str(do_import(peft_dir, bundle, out)))
 

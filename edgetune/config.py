@@ -6,11 +6,10 @@ rejects unknown keys by name.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from .errors import ConfigError
 

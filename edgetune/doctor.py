@@ -59,9 +59,9 @@ def installation() -> list[Check]:
     out.append(_try("onnxruntime", ort, "pip install -U onnxruntime (and uninstall onnxruntime-training*)"))
 
     def ext() -> str:
-        from . import merge
+        from . import kernels
 
-        impl = merge.implementation()
+        impl = kernels.implementation()
         if impl != "cpp":
             raise EdgetuneError("the C++ merge extension is not built; merges run on numpy (slower)")
         return "C++ merge kernels loaded"

@@ -178,7 +178,7 @@ def _make_server_app() -> Any:
 
 def write_run(b: _bundle.Bundle, tensors: Mapping[str, np.ndarray], out: str | Path, summary: dict[str, Any]) -> Path:
     """The federated adapter as a run directory (adapter + resumable checkpoint + run.json)."""
-    from .pack import import_peft
+    from .peft_io import import_peft
 
     with tempfile.TemporaryDirectory() as tmp:
         peft_io.save(Path(tmp) / "adapter", tensors, b.adapter, base=str(b.manifest.get("source")),

@@ -1,165 +1,210 @@
-"""Adapter merge kernels: the C++ extension (``edgetune._ext``) and its numpy reference.
+"""``edgetune merge``: fold one or more trained adapters into the base weights.
 
-Weights are modified in place. ``float32`` and ``float16`` weights are numpy arrays of those
-dtypes; ``bfloat16`` weights are ``uint16`` arrays holding the raw bits (numpy has no
-bfloat16). Adapters are float32 or float16. ``EDGETUNE_IMPL=cpp|numpy`` forces an
-implementation; by default the C++ kernels run, and if the extension is missing edgetune
-says so once and uses numpy.
+Output formats:
+
+- ``onnx``: a standalone inference model (``model.onnx`` + ``model.onnx.data``) with no
+  adapter nodes; ``edgetune generate`` and ``eval`` open it like a bundle. The base
+  weights are copied file to file and merged through a memory map, so RAM stays near the
+  size of one weight matrix.
+- ``safetensors``: a Hugging Face model folder (``config.json``, ``model.safetensors``,
+  tokenizer) that ``transformers`` loads, in float32, float16 or bfloat16.
 """
 from __future__ import annotations
 
-import os
-import sys
-from typing import Sequence
+import json
+import shutil
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .errors import MergeError
+from . import _io, bundle as _bundle, kernels, peft_io, quant
+from .errors import BundleError, ConfigError
+from .infer import check_adapter_matches
 
-_warned = False
-
-
-def _impl() -> str:
-    global _warned
-    want = os.environ.get("EDGETUNE_IMPL", "").lower()
-    if want not in ("", "cpp", "numpy"):
-        raise MergeError(f"EDGETUNE_IMPL must be cpp or numpy, got {want!r}")
-    if want == "numpy":
-        return "numpy"
-    try:
-        from . import _ext  # noqa: F401
-    except ImportError as e:
-        if want == "cpp":
-            raise MergeError(f"EDGETUNE_IMPL=cpp but the C++ extension is not built ({e}); reinstall edgetune") from None
-        if not _warned:
-            print(f"edgetune: C++ merge extension unavailable ({e}); using the slower numpy reference", file=sys.stderr)
-            _warned = True
-        return "numpy"
-    return "cpp"
+FORMATS = ("onnx", "safetensors")
+DTYPES = ("float32", "float16", "bfloat16")
+ST_DTYPE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_meta.json", "chat_template.jinja")
 
 
-def implementation() -> str:
-    """Which implementation the merge functions use now: ``cpp`` or ``numpy``."""
-    return _impl()
+@dataclass(frozen=True)
+class Source:
+    """One adapter to blend in, with its weight."""
+
+    run: Path
+    weight: float
+    tensors: dict[str, np.ndarray]
 
 
-def kind_of(w: np.ndarray) -> str:
-    return {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16", np.dtype(np.uint16): "bfloat16"}.get(
-        w.dtype, "")
+def load_sources(b: _bundle.Bundle, runs: Sequence[str | Path], weights: Sequence[float] | None) -> list[Source]:
+    if not runs:
+        raise ConfigError("merge needs at least one adapter (a run directory or PEFT folder)")
+    weights = list(weights) if weights else [1.0] * len(runs)
+    if len(weights) != len(runs):
+        raise ConfigError(f"{len(runs)} adapters but {len(weights)} weights; give one --weight per adapter")
+    out = []
+    for run, w in zip(runs, weights):
+        cfg, tensors = peft_io.load(run)
+        check_adapter_matches(b, cfg, tensors, str(run))
+        out.append(Source(Path(run), float(w), tensors))
+    return out
 
 
-# -- bfloat16 <-> float32 (numpy reference) -------------------------------------------
-def bf16_to_f32(h: np.ndarray) -> np.ndarray:
-    return (h.astype(np.uint32) << 16).view(np.float32)
+def _merge_into(w: np.ndarray, ads: list[tuple[np.ndarray, np.ndarray, float]], magnitude: np.ndarray | None,
+                name: str) -> None:
+    if magnitude is None:
+        kernels.lora_merge_many(w, ads, safe=True, name=name)
+    else:  # DoRA: one adapter (blends are refused up front)
+        a, bmat, coef = ads[0]
+        kernels.dora_merge(w, a, bmat, coef, magnitude, safe=True, name=name)
 
 
-def f32_to_bf16(f: np.ndarray) -> np.ndarray:
-    u = np.ascontiguousarray(f, np.float32).view(np.uint32)
-    nan = (u & 0x7FFFFFFF) > 0x7F800000
-    rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
-    return np.where(nan, ((u >> 16) | 0x40).astype(np.uint16), rounded)
+def _magnitudes(sources: list[Source]) -> dict[str, np.ndarray]:
+    """HF weight name -> DoRA magnitude vector (empty for LoRA)."""
+    out = {}
+    for src in sources:
+        for name, m in src.tensors.items():
+            if name.endswith(".lora_magnitude_vector"):
+                out[name[len("base_model.model."):-len(".lora_magnitude_vector")] + ".weight"] = m
+    return out
 
 
-def to_f32(w: np.ndarray, kind: str) -> np.ndarray:
-    return bf16_to_f32(w) if kind == "bfloat16" else w.astype(np.float32)
+def _module_adapters(b: _bundle.Bundle, sources: list[Source]) -> dict[str, list[tuple[np.ndarray, np.ndarray, float]]]:
+    """HF weight name -> [(A, B, weight * scale)] over all sources."""
+    scale = b.adapter.scale
+    out: dict[str, list[tuple[np.ndarray, np.ndarray, float]]] = {}
+    for src in sources:
+        for name, a in src.tensors.items():
+            if ".lora_A." not in name:
+                continue
+            bmat = src.tensors[name.replace(".lora_A.", ".lora_B.")]
+            module = name.split(".lora_A.")[0]
+            hf = module[len("base_model.model."):] + ".weight"
+            out.setdefault(hf, []).append((a, bmat, src.weight * scale))
+    return out
 
 
-def from_f32(f: np.ndarray, kind: str) -> np.ndarray:
-    if kind == "bfloat16":
-        return f32_to_bf16(f)
-    return f.astype(np.float16 if kind == "float16" else np.float32)
+def _check_targets(b: _bundle.Bundle, targets: dict[str, Any]) -> None:
+    missing = sorted(set(targets) - set(b.manifest["weights"]))
+    if missing:
+        raise BundleError(f"bundle {b.root} has no base weight for {missing[0]} (and {len(missing) - 1} more)")
 
 
-# -- checks ------------------------------------------------------------------------------
-def _check(w: np.ndarray, pairs: Sequence[tuple[np.ndarray, np.ndarray]], name: str) -> str:
-    if not isinstance(w, np.ndarray):
-        raise MergeError(f"{name}: W must be a numpy array, got {type(w).__name__}")
-    kind = kind_of(w)
-    if not kind:
-        raise MergeError(f"{name}: W has dtype {w.dtype}; expected float32, float16 or uint16 (bfloat16 bits)")
-    if w.ndim != 2:
-        raise MergeError(f"{name}: W must be 2-D, got shape {w.shape}")
-    if not w.flags.c_contiguous:
-        raise MergeError(f"{name}: W must be C-contiguous (got a strided view of shape {w.shape})")
-    if not w.flags.writeable:
-        raise MergeError(f"{name}: W is read-only; merge needs a writable buffer (copy it, or open the file read-write)")
-    for i, (a, b) in enumerate(pairs):
-        for label, x in (("A", a), ("B", b)):
-            if x.dtype not in (np.float32, np.float16):
-                raise MergeError(f"{name}: adapter {i} {label} has dtype {x.dtype}; expected float32 or float16")
-        if a.ndim != 2 or b.ndim != 2 or b.shape[1] != a.shape[0] or b.shape[0] != w.shape[0] or a.shape[1] != w.shape[1]:
-            raise MergeError(f"{name}: shapes do not fit: W {w.shape}, A {a.shape}, B {b.shape} "
-                             f"(need A (r, {w.shape[1]}), B ({w.shape[0]}, r))")
-    return kind
+def merge_onnx(b: _bundle.Bundle, sources: list[Source], out: Path, log: Callable[[str], None]) -> None:
+    if not b.path("merge_template.onnx").is_file():
+        raise BundleError(f"bundle {b.root} has no merge_template.onnx ({b.adapter.method} bundles merge to safetensors only)")
+    targets = _module_adapters(b, sources)
+    _check_targets(b, targets)
+    mags = _magnitudes(sources)
+    index = b.manifest["weights"]
+    with _io.atomic_dir(out) as tmp:
+        if b.manifest.get("quantization"):
+            quant.write_float_data(b, tmp / "model.onnx.data")  # a QLoRA adapter merges into a float base
+        else:
+            shutil.copyfile(b.path("infer.onnx.data"), tmp / "model.onnx.data")
+        mm = np.memmap(tmp / "model.onnx.data", dtype=np.uint8, mode="r+")
+        for hf, ads in targets.items():
+            e = index[hf]
+            w = mm[e["offset"]:e["offset"] + e["length"]].view(np.float32).reshape(e["shape"])
+            _merge_into(w, ads, mags.get(hf), hf)
+        mm.flush()
+        del mm
+        shutil.copyfile(b.path("merge_template.onnx"), tmp / "model.onnx")
+        _copy_tokenizer(b, tmp)
+        _io.write_json(tmp / "merged.json", _io.seal(_merged_manifest(b, sources, "onnx", "float32", tmp)))
 
 
-def _safe(w: np.ndarray, kind: str, name: str) -> None:
-    if _impl() == "cpp":
-        from . import _ext
+def _safetensors_header(entries: list[tuple[str, str, list[int], int]]) -> bytes:
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, dtype, shape, nbytes in entries:
+        header[name] = {"dtype": ST_DTYPE[dtype], "shape": shape, "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
 
-        bad = _ext.first_nonfinite(w, kind)
+
+def merge_safetensors(b: _bundle.Bundle, sources: list[Source], out: Path, dtype: str,
+                      log: Callable[[str], None]) -> None:
+    targets = _module_adapters(b, sources)
+    _check_targets(b, targets)
+    mags = _magnitudes(sources)
+    index = b.manifest["weights"]
+    itemsize = 4 if dtype == "float32" else 2
+    names = sorted(index)
+    entries = [(n, dtype, index[n]["shape"], int(np.prod(index[n]["shape"])) * itemsize) for n in names]
+    with _io.atomic_dir(out) as tmp:
+        base_file = b.path("infer.onnx.data")
+        if b.manifest.get("quantization"):
+            base_file = tmp / ".float-base.tmp"
+            quant.write_float_data(b, base_file)
+        base = np.memmap(base_file, dtype=np.uint8, mode="r")
+        with open(tmp / "model.safetensors", "wb") as f:
+            f.write(_safetensors_header(entries))
+            for n in names:  # one tensor in memory at a time
+                e = index[n]
+                w = np.array(base[e["offset"]:e["offset"] + e["length"]].view(np.float32).reshape(e["shape"]))
+                if n in targets:
+                    _merge_into(w, targets[n], mags.get(n), n)
+                f.write(kernels.from_f32(w, dtype).tobytes())
+        del base
+        if base_file.parent == tmp:
+            base_file.unlink()
+        cfg = json.loads(b.path("hf_config.json").read_text())
+        cfg.pop("quantization_config", None)
+        cfg["torch_dtype"] = cfg["dtype"] = dtype
+        _io.write_json(tmp / "config.json", cfg)
+        _copy_tokenizer(b, tmp)
+        if b.path("hf_tokenizer_config.json").is_file():
+            shutil.copyfile(b.path("hf_tokenizer_config.json"), tmp / "tokenizer_config.json")
+        _io.write_json(tmp / "merged.json", _io.seal(_merged_manifest(b, sources, "safetensors", dtype, tmp)))
+
+
+def _copy_tokenizer(b: _bundle.Bundle, tmp: Path) -> None:
+    for name in TOKENIZER_FILES:
+        if b.path(name).is_file():
+            shutil.copyfile(b.path(name), tmp / name)
+
+
+def _merged_manifest(b: _bundle.Bundle, sources: list[Source], fmt: str, dtype: str, root: Path) -> dict[str, Any]:
+    files = sorted(f.name for f in root.iterdir() if f.is_file() and f.name != "merged.json")
+    return {"kind": "edgetune-merged", "format": fmt, "dtype": dtype, "base_id": b.base_id,
+            "context": b.context,
+            "source": _io.source_name(b.manifest.get("source")), "infer": b.manifest["infer"], "adapter": b.manifest["adapter"],
+            # Names and hashes only: a merged model is shipped, and holds no path of this machine.
+            "adapters": [{"run": Path(s.run).resolve().name, "weight": s.weight} for s in sources],
+            "files": {f: _io.sha256_file(root / f) for f in files},
+            "sizes": {f: (root / f).stat().st_size for f in files},
+            "implementation": kernels.implementation()}
+
+
+def merge(bundle: str | Path, runs: Sequence[str | Path], out: str | Path, fmt: str = "onnx",
+          dtype: str = "float32", weights: Sequence[float] | None = None,
+          log: Callable[[str], None] = lambda s: None, overwrite: bool = False) -> dict[str, Any]:
+    """Merge ``runs`` (weighted) into the base of ``bundle``; write ``out``; return a summary."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if fmt == "onnx" and dtype != "float32":
+        raise ConfigError("ONNX output is float32; use --format safetensors for float16 or bfloat16")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"{out} already exists and is not empty; choose another --out or pass --overwrite")
+    b = _bundle.load(bundle)
+    sources = load_sources(b, runs, weights)
+    if b.adapter.method == "dora" and (len(sources) > 1 or sources[0].weight != 1.0):
+        raise ConfigError("DoRA adapters merge one at a time with weight 1: a DoRA layer rescales whole rows, "
+                          "so a weighted blend of DoRA adapters is not defined; merge LoRA adapters to blend")
+    t0 = time.time()
+    if fmt == "onnx":
+        merge_onnx(b, sources, out, log)
     else:
-        f = to_f32(w, kind).reshape(-1)
-        idx = np.flatnonzero(~np.isfinite(f))
-        bad = int(idx[0]) if idx.size else -1
-    if bad >= 0:
-        r, c = divmod(bad, w.shape[1])
-        raise MergeError(f"{name}: merge produced a non-finite value at [{r}, {c}]; the adapter or its weight is broken")
-
-
-# -- kernels -----------------------------------------------------------------------------
-def lora_merge_many(w: np.ndarray, adapters: Sequence[tuple[np.ndarray, np.ndarray, float]], *, sign: float = 1.0,
-                    safe: bool = False, name: str = "W", threads: int = 0) -> np.ndarray:
-    """``W += sign * sum(coef * B @ A)`` in place, for ``(A, B, coef)`` in ``adapters``."""
-    pairs = [(np.asarray(a), np.asarray(b)) for a, b, _ in adapters]
-    kind = _check(w, pairs, name)
-    coefs = [float(c) for _, _, c in adapters]
-    if _impl() == "cpp":
-        from . import _ext
-
-        _ext.lora_merge(w, [np.ascontiguousarray(a) for a, _ in pairs], [np.ascontiguousarray(b) for _, b in pairs],
-                        coefs, kind, float(sign), threads, name)
-    else:
-        acc = to_f32(w, kind)
-        for (a, b), c in zip(pairs, coefs):
-            acc += (sign * c) * (b.astype(np.float32) @ a.astype(np.float32))
-        w[...] = from_f32(acc, kind)
-    if safe:
-        _safe(w, kind, name)
-    return w
-
-
-def lora_merge(w: np.ndarray, a: np.ndarray, b: np.ndarray, scale: float, **kw) -> np.ndarray:
-    """``W += scale * B @ A`` in place."""
-    return lora_merge_many(w, [(a, b, scale)], **kw)
-
-
-def lora_unmerge(w: np.ndarray, a: np.ndarray, b: np.ndarray, scale: float, **kw) -> np.ndarray:
-    """``W -= scale * B @ A`` in place (the inverse of :func:`lora_merge`, up to rounding)."""
-    return lora_merge_many(w, [(a, b, scale)], sign=-1.0, **kw)
-
-
-def dora_merge(w: np.ndarray, a: np.ndarray, b: np.ndarray, scale: float, magnitude: np.ndarray, *,
-               safe: bool = False, name: str = "W", threads: int = 0) -> np.ndarray:
-    """``W = m * (W + s B@A) / ||W + s B@A||`` per output row, in place."""
-    kind = _check(w, [(a, b)], name)
-    magnitude = np.asarray(magnitude, np.float32).reshape(-1)
-    if magnitude.shape[0] != w.shape[0]:
-        raise MergeError(f"{name}: magnitude has {magnitude.shape[0]} values, W has {w.shape[0]} rows")
-    if _impl() == "cpp":
-        from . import _ext
-
-        _ext.dora_merge(w, np.ascontiguousarray(a), np.ascontiguousarray(b), float(scale), magnitude, kind, threads, name)
-    else:
-        merged = to_f32(w, kind) + float(scale) * (b.astype(np.float32) @ a.astype(np.float32))
-        norm = np.sqrt((merged.astype(np.float64) ** 2).sum(axis=1)).astype(np.float32)
-        w[...] = from_f32(merged * (magnitude / norm)[:, None], kind)
-    if safe:
-        _safe(w, kind, name)
-    return w
-
-
-def reference_merge(w: np.ndarray, a: np.ndarray, b: np.ndarray, scale: float) -> np.ndarray:
-    """The obvious numpy merge, as a baseline: ``W += scale * (B @ A)`` (two full-size temporaries)."""
-    w += scale * (b @ a)
-    return w
+        merge_safetensors(b, sources, out, dtype, log)
+    return {"out": str(out), "format": fmt, "dtype": dtype, "adapters": len(sources),
+            "seconds": round(time.time() - t0, 2), "implementation": kernels.implementation()}

@@ -128,3 +128,36 @@ def _metadata(path: Path) -> dict:
             return json.loads(f.read(n)).get("__metadata__") or {}
     except (OSError, ValueError, struct.error):
         return {}
+
+
+def import_peft(peft_dir: str | Path, bundle: str | Path, out: str | Path) -> Path:
+    """Turn a PEFT LoRA adapter into a run directory: eval, merge, pack, or train on with --resume."""
+    from . import bundle as _bundle
+    from .errors import ConfigError
+    from .infer import check_adapter_matches
+    from .runner import write_checkpoint
+    from .trainer import TrainerState
+
+    b = _bundle.load(bundle)
+    cfg, tensors = load(peft_dir)
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise ConfigError(f"{peft_dir}: peft_type {cfg.get('peft_type')!r} is not LORA")
+    check_adapter_matches(b, cfg, tensors, str(peft_dir))
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"{out} already exists and is not empty; choose another --out")
+    # float32 holds every float16/bfloat16 value exactly, so the checkpoint keeps the adapter's values.
+    graph = {to_graph_name(k, b.trainable): np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}
+    with _io.atomic_dir(out) as tmp:
+        ck = tmp / "checkpoints" / "step-000000"
+        ck.mkdir(parents=True)
+        write_checkpoint(ck, graph, None)
+        st = TrainerState(bundle_id=b.base_id, adapter=b.manifest["adapter"])
+        _io.write_json(ck / "trainer_state.json", st.to_json())
+        _io.write_text(tmp / "checkpoints" / "latest", "step-000000\n")
+        save(tmp / "adapter", graph, b.adapter, base=str(b.manifest.get("source")),
+                     metadata={"edgetune_base_id": b.base_id, "imported_from": Path(peft_dir).name})
+        _io.write_json(tmp / "run.json", {"kind": "edgetune-run", "format": 1, "bundle": _io.relative(b.root, out),
+                                          "bundle_id": b.base_id, "adapter": b.manifest["adapter"],
+                                          "status": "imported", "imported_from": Path(peft_dir).name})
+    return out

@@ -1,7 +1,6 @@
 """Tokenizer and chat template for the device: ``tokenizers`` and ``jinja2`` only."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence

@@ -28,7 +28,7 @@ import numpy as np
 
 from . import _io, bundle as _bundle, data as _data, devices, dora as _dora, peft_io, runner as _runner
 from .config import TrainConfig
-from .errors import BundleError, ConfigError, DataError, DeviceError, TrainingError
+from .errors import BundleError, ConfigError, DataError, TrainingError
 from .tokenizer import ChatTokenizer
 
 RUN_MANIFEST = "run.json"

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from edgetune import fuse, pack, trainer
+from edgetune import merge, pack, trainer
 from edgetune.cli import main
 
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 2
@@ -49,7 +49,7 @@ def world(tiny_bundle, chat_data, tmp_path_factory):
     shutil.copytree(tiny_bundle, bundle)
     run = trainer.train(bundle, chat_data, root / "run", steps=4, save_every=2, batch_size=4, progress=False,
                         log=lambda s: None).out
-    fuse.merge(bundle, [run], root / "merged")
+    merge.merge(bundle, [run], root / "merged")
     pack.pack(run, bundle, root / "app", name="tickets")
     return {"bundle": bundle, "run": run, "merged": root / "merged", "app": root / "app", "data": chat_data}
 

@@ -105,7 +105,7 @@ def test_inference_matches_peft_with_and_without_adapter(tiny_model, dora_bundle
 
 @pytest.mark.parametrize("fmt", ["onnx", "safetensors"])
 def test_merged_model_matches_peft(fmt, tiny_model, dora_bundle, dora_run, tmp_path):
-    from edgetune.fuse import merge
+    from edgetune.merge import merge
 
     merge(dora_bundle, [dora_run], tmp_path / "m", fmt=fmt)
     want = _torch_logits(tiny_model, dora_run / "adapter", IDS)
@@ -123,7 +123,7 @@ def test_merged_model_matches_peft(fmt, tiny_model, dora_bundle, dora_run, tmp_p
 
 
 def test_blends_are_refused_clearly(dora_bundle, dora_run, tmp_path):
-    from edgetune.fuse import merge
+    from edgetune.merge import merge
 
     with pytest.raises(ConfigError, match="DoRA adapters merge one at a time"):
         merge(dora_bundle, [dora_run, dora_run], tmp_path / "m", weights=[0.5, 0.5])
@@ -170,7 +170,7 @@ def test_peft_dora_adapter_imports_and_runs(tiny_model, dora_bundle, tmp_path):
     """A DoRA adapter saved by PEFT itself (file layout and all) imports and gives PEFT's logits."""
     from edgetune.export import inject_adapter, load_model
     from edgetune.infer import Model
-    from edgetune.pack import import_peft
+    from edgetune.peft_io import import_peft
 
     pm = inject_adapter(load_model(tiny_model)[0], CFG)
     g = torch.Generator().manual_seed(3)

@@ -5,7 +5,6 @@ import json
 import os
 import platform
 import subprocess
-import sys
 import venv
 from pathlib import Path
 

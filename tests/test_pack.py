@@ -128,7 +128,7 @@ def test_peft_round_trip_is_bit_for_bit_and_training_continues(tiny_bundle, runs
     from edgetune import runner
 
     src = runs[0] / "adapter"
-    run = pack.import_peft(src, tiny_bundle, tmp_path / "imported")
+    run = peft_io.import_peft(src, tiny_bundle, tmp_path / "imported")
     a, b = peft_io.load(src)[1], peft_io.load(run)[1]
     assert set(a) == set(b)
     for k in a:
@@ -153,4 +153,4 @@ def test_peft_round_trip_is_bit_for_bit_and_training_continues(tiny_bundle, runs
         return json.loads((r / "metrics.jsonl").read_text().splitlines()[0])["loss"]
     assert abs(first_loss(run) - first_loss(tmp_path / "fresh")) < 1e-5
     with pytest.raises(ConfigError, match="already exists"):
-        pack.import_peft(src, tiny_bundle, tmp_path / "imported")
+        peft_io.import_peft(src, tiny_bundle, tmp_path / "imported")

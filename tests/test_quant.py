@@ -162,16 +162,16 @@ def qlora_run(qlora_bundle, chat_data, tmp_path_factory):
 
 
 def test_qlora_adapter_merges_into_a_float_base(qlora_bundle, qlora_run, tmp_path):
-    from edgetune import fuse
+    from edgetune import merge
     from edgetune.infer import Model
 
     ids = np.asarray([list(range(5, 30))], np.int64)
     want = Model.open(qlora_bundle, adapter=qlora_run).logits(ids, np.ones_like(ids))
-    fuse.merge(qlora_bundle, [qlora_run], tmp_path / "m")
+    merge.merge(qlora_bundle, [qlora_run], tmp_path / "m")
     got = Model.open(tmp_path / "m").logits(ids, np.ones_like(ids))
     np.testing.assert_allclose(got, want, atol=2e-5)
     assert np.abs(want - Model.open(qlora_bundle).logits(ids, np.ones_like(ids))).max() > 1e-3
-    fuse.merge(qlora_bundle, [qlora_run], tmp_path / "st", fmt="safetensors")
+    merge.merge(qlora_bundle, [qlora_run], tmp_path / "st", fmt="safetensors")
     torch = pytest.importorskip("torch")
     from transformers import AutoModelForCausalLM
 

@@ -72,9 +72,9 @@ def test_peft_logits_match_on_the_real_model(real_bundle, real_run):
 
 
 def test_merged_model_equals_adapter_on_the_real_model(real_bundle, real_run, tmp_path):
-    from edgetune import fuse
+    from edgetune import merge
 
-    summary = fuse.merge(real_bundle, [real_run], tmp_path / "merged")
+    summary = merge.merge(real_bundle, [real_run], tmp_path / "merged")
     assert summary["implementation"] == "cpp"
     ids = np.asarray([list(range(100, 140))], np.int64)
     merged = infer.Model.open(tmp_path / "merged").logits(ids, np.ones_like(ids))
@@ -127,7 +127,7 @@ def test_dora_on_the_real_model(dora_real, tmp_path):
     torch = pytest.importorskip("torch")
     from peft import PeftModel
 
-    from edgetune import fuse
+    from edgetune import merge
     from edgetune.export import load_model
 
     bundle, run = dora_real
@@ -147,7 +147,7 @@ def test_dora_on_the_real_model(dora_real, tmp_path):
         theirs = pm(input_ids=torch.from_numpy(ids)).logits.numpy()
     assert np.abs(ours - theirs).max() < 2e-3 * np.abs(theirs).max()
 
-    fuse.merge(bundle, [run], tmp_path / "merged")
+    merge.merge(bundle, [run], tmp_path / "merged")
     merged = infer.Model.open(tmp_path / "merged").logits(ids, np.ones_like(ids))
     assert np.abs(merged - ours).max() < 1e-3 * np.abs(ours).max()
 
@@ -192,7 +192,7 @@ def test_onnxruntime_genai_runs_a_dora_adapter(dora_real, tmp_path):
 def test_qlora_int4_base_on_the_real_model(real_bundle, real_run, tmp_path):
     """The default model with an int4 base: the GGUF's own Q4_1 codes come back, the held-out
     loss after the standard short run is within 3 % of the float32 base's, merge and pack work."""
-    from edgetune import fuse, pack
+    from edgetune import merge, pack
     from edgetune.export import export
 
     bundle = tmp_path / "qbundle"
@@ -208,7 +208,7 @@ def test_qlora_int4_base_on_the_real_model(real_bundle, real_run, tmp_path):
     ours = infer.evaluate(bundle, test, adapter=run)["loss"]
     ref = infer.evaluate(real_bundle, test, adapter=real_run)["loss"]
     assert abs(ours - ref) / ref < 0.03, (ours, ref)
-    fuse.merge(bundle, [run], tmp_path / "merged")
+    merge.merge(bundle, [run], tmp_path / "merged")
     merged = infer.evaluate(tmp_path / "merged", test)["loss"]
     assert abs(merged - ours) / ours < 1e-3, (merged, ours)
     pack.pack(run, bundle, tmp_path / "app", name="tickets")

@@ -1,5 +1,6 @@
 """Task metrics against hand-computed values, and eval --task end to end on a tiny model."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -150,3 +151,29 @@ def test_training_reports_the_task_metric_on_the_validation_set(tiny_bundle, cha
     assert any(s.startswith("step 2: classification accuracy") for s in logs)
     assert any(s.startswith("final classification on the validation set") for s in logs)
     assert r.summary["task"] == "classification" and "accuracy" in r.summary["task_metrics"]
+
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "tasks"
+
+
+@pytest.mark.parametrize("name", ["translation", "classification", "ner", "qa", "chat", "creative", "domain"])
+def test_example_task_folders_are_well_formed(name):
+    """Each shipped task folder reads in its declared task, has three disjoint splits, and its
+    test set asks for no label the training set lacks."""
+    from edgetune import data
+
+    folder = EXAMPLES / name
+    task = tasks.read_task(folder)
+    assert (task is None) == (name == "domain")
+    splits = {}
+    for split in ("train", "valid", "test"):
+        recs = [rec for _, rec in data.read_jsonl(folder / f"{split}.jsonl")]
+        assert len(recs) >= 10
+        splits[split] = {json.dumps(r, sort_keys=True) for r in recs}
+        if task:
+            assert len(tasks.load_records(folder / f"{split}.jsonl")) == len(recs)
+    assert not splits["train"] & splits["test"] and not splits["train"] & splits["valid"]
+    if task == "classification":
+        labels = {s: {ref for _, _, ref in tasks.load_records(folder / f"{s}.jsonl")} for s in ("train", "test")}
+        assert labels["test"] <= labels["train"] and len(labels["train"]) >= 2

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from edgetune import fuse, infer, peft_io, trainer
+from edgetune import merge, infer, peft_io, trainer
 from edgetune.errors import BundleError, ConfigError
 
 
@@ -23,7 +23,7 @@ IDS = np.asarray([[5, 9, 17, 33, 41, 50, 61, 70, 80, 90]], np.int64)
 @pytest.mark.parametrize("impl", ["cpp", "numpy"])
 def test_merged_onnx_equals_base_plus_adapter(tiny_bundle, runs, tmp_path, monkeypatch, impl):
     monkeypatch.setenv("EDGETUNE_IMPL", impl)
-    s = fuse.merge(tiny_bundle, [runs[0]], tmp_path / "m")
+    s = merge.merge(tiny_bundle, [runs[0]], tmp_path / "m")
     assert s["implementation"] == impl
     merged = infer.Model.open(tmp_path / "m").logits(IDS, np.ones_like(IDS))
     want = infer.Model.open(tiny_bundle, adapter=runs[0]).logits(IDS, np.ones_like(IDS))
@@ -33,7 +33,7 @@ def test_merged_onnx_equals_base_plus_adapter(tiny_bundle, runs, tmp_path, monke
 
 
 def test_generate_and_eval_accept_a_merged_model(tiny_bundle, runs, chat_data, tmp_path):
-    fuse.merge(tiny_bundle, [runs[0]], tmp_path / "m")
+    merge.merge(tiny_bundle, [runs[0]], tmp_path / "m")
     a = infer.evaluate(tmp_path / "m", chat_data / "test.jsonl")
     b = infer.evaluate(tiny_bundle, chat_data / "test.jsonl", adapter=runs[0])
     assert abs(a["loss"] - b["loss"]) < 1e-4
@@ -48,7 +48,7 @@ def test_weighted_blend_matches_manual_sum(tiny_bundle, runs, tmp_path):
 
     from edgetune import bundle
 
-    fuse.merge(tiny_bundle, list(runs), tmp_path / "blend", fmt="safetensors", weights=[0.7, -0.3])
+    merge.merge(tiny_bundle, list(runs), tmp_path / "blend", fmt="safetensors", weights=[0.7, -0.3])
     merged = load_file(str(tmp_path / "blend" / "model.safetensors"))
     b = bundle.load(tiny_bundle)
     data = np.fromfile(tiny_bundle / "infer.onnx.data", dtype=np.uint8)
@@ -71,7 +71,7 @@ def test_safetensors_folder_loads_in_transformers(tiny_model, tiny_bundle, runs,
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    fuse.merge(tiny_bundle, [runs[0]], tmp_path / "hf", fmt="safetensors", dtype=dtype)
+    merge.merge(tiny_bundle, [runs[0]], tmp_path / "hf", fmt="safetensors", dtype=dtype)
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager",
                                                   dtype=torch.float32).eval()
     base = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="eager").eval()
@@ -86,18 +86,18 @@ def test_safetensors_folder_loads_in_transformers(tiny_model, tiny_bundle, runs,
 
 def test_merge_errors(tiny_bundle, runs, tmp_path):
     with pytest.raises(ConfigError, match="ONNX output is float32"):
-        fuse.merge(tiny_bundle, [runs[0]], tmp_path / "x", dtype="float16")
+        merge.merge(tiny_bundle, [runs[0]], tmp_path / "x", dtype="float16")
     with pytest.raises(ConfigError, match="2 adapters but 1 weights"):
-        fuse.merge(tiny_bundle, list(runs), tmp_path / "x", weights=[0.5])
+        merge.merge(tiny_bundle, list(runs), tmp_path / "x", weights=[0.5])
     cfg, tensors = peft_io.load(runs[0])
     bad = {k: v[:2] if ".lora_A." in k else v for k, v in tensors.items()}
     from edgetune.config import AdapterConfig
 
     peft_io.save(tmp_path / "bad", bad, AdapterConfig(rank=2, alpha=8, targets=("q_proj", "v_proj")), "x")
     with pytest.raises(BundleError, match="does not fit bundle"):
-        fuse.merge(tiny_bundle, [tmp_path / "bad"], tmp_path / "x")
+        merge.merge(tiny_bundle, [tmp_path / "bad"], tmp_path / "x")
     assert not (tmp_path / "x").exists()
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "f").write_text("x")
     with pytest.raises(ConfigError, match="already exists and is not empty"):
-        fuse.merge(tiny_bundle, [runs[0]], tmp_path / "full")
+        merge.merge(tiny_bundle, [runs[0]], tmp_path / "full")

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from edgetune import merge
+from edgetune import kernels as merge_kernels
 from edgetune.errors import MergeError
 
 pytest.importorskip("edgetune._ext")
@@ -26,7 +26,7 @@ def both(fn, monkeypatch):
 def test_lora_merge_float32_matches_numpy(rows, cols, r, adapter_dtype, monkeypatch):
     rng = np.random.default_rng(rows * 7 + cols)
     w0, a, b = rand(rng, (rows, cols)), rand(rng, (r, cols), adapter_dtype), rand(rng, (rows, r), adapter_dtype)
-    res = both(lambda: merge.lora_merge(w0.copy(), a, b, 0.5), monkeypatch)
+    res = both(lambda: merge_kernels.lora_merge(w0.copy(), a, b, 0.5), monkeypatch)
     np.testing.assert_allclose(res["cpp"], res["numpy"], rtol=1e-5, atol=1e-5)
 
 
@@ -36,9 +36,9 @@ def test_bfloat16_and_float16_round_like_numpy(rows, cols, r, monkeypatch):
     base = rand(rng, (rows, cols))
     a, b = rand(rng, (r, cols)), rand(rng, (rows, r))
     for kind in ("bfloat16", "float16"):
-        w0 = merge.from_f32(base, kind)
-        res = both(lambda: merge.lora_merge(w0.copy(), a, b, 0.25), monkeypatch)
-        got, want = merge.to_f32(res["cpp"], kind), merge.to_f32(res["numpy"], kind)
+        w0 = merge_kernels.from_f32(base, kind)
+        res = both(lambda: merge_kernels.lora_merge(w0.copy(), a, b, 0.25), monkeypatch)
+        got, want = merge_kernels.to_f32(res["cpp"], kind), merge_kernels.to_f32(res["numpy"], kind)
         # Same float32 sums up to summation order; the stored values differ by at most one rounding step.
         ulp = 2.0 ** -7 if kind == "bfloat16" else 2.0 ** -10
         assert np.all(np.abs(got - want) <= ulp * np.abs(want) + 1e-6), kind
@@ -46,9 +46,9 @@ def test_bfloat16_and_float16_round_like_numpy(rows, cols, r, monkeypatch):
 
 def test_bf16_rounding_is_nearest_even():
     vals = np.array([1.0, 1.00390625, 1.01171875, -2.5, np.inf, 3.4e38], np.float32)
-    bits = merge.f32_to_bf16(vals)
-    assert merge.bf16_to_f32(bits).tolist()[:4] == [1.0, 1.0, 1.015625, -2.5]
-    assert np.isinf(merge.bf16_to_f32(bits)[4])
+    bits = merge_kernels.f32_to_bf16(vals)
+    assert merge_kernels.bf16_to_f32(bits).tolist()[:4] == [1.0, 1.0, 1.015625, -2.5]
+    assert np.isinf(merge_kernels.bf16_to_f32(bits)[4])
 
 
 def test_merge_then_unmerge_restores(monkeypatch):
@@ -56,7 +56,7 @@ def test_merge_then_unmerge_restores(monkeypatch):
     w0, a, b = rand(rng, (96, 80)), rand(rng, (8, 80)), rand(rng, (96, 8))
     for impl in ("numpy", "cpp"):
         monkeypatch.setenv("EDGETUNE_IMPL", impl)
-        w = merge.lora_unmerge(merge.lora_merge(w0.copy(), a, b, 2.0), a, b, 2.0)
+        w = merge_kernels.lora_unmerge(merge_kernels.lora_merge(w0.copy(), a, b, 2.0), a, b, 2.0)
         np.testing.assert_allclose(w, w0, atol=1e-5)
 
 
@@ -64,7 +64,7 @@ def test_weighted_merge_of_several_adapters(monkeypatch):
     rng = np.random.default_rng(3)
     w0 = rand(rng, (50, 70))
     ads = [(rand(rng, (r, 70)), rand(rng, (50, r)), c) for r, c in ((4, 0.5), (8, -1.5), (1, 2.0))]
-    res = both(lambda: merge.lora_merge_many(w0.copy(), ads), monkeypatch)
+    res = both(lambda: merge_kernels.lora_merge_many(w0.copy(), ads), monkeypatch)
     want = w0 + sum(c * (b @ a) for a, b, c in ads)
     np.testing.assert_allclose(res["cpp"], want, rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(res["numpy"], want, rtol=1e-5, atol=1e-4)
@@ -76,12 +76,12 @@ def test_weighted_merge_in_16_bit_with_mixed_adapter_dtypes(kind, monkeypatch):
     base = rand(rng, (45, 83))
     ads = [(rand(rng, (r, 83), dt), rand(rng, (45, r), dt), c)
            for r, c, dt in ((3, 0.5, np.float16), (16, -0.25, np.float32), (1, 2.0, np.float16))]
-    w0 = merge.from_f32(base, kind)
-    res = both(lambda: merge.lora_merge_many(w0.copy(), ads), monkeypatch)
-    want = merge.to_f32(w0, kind) + sum(c * (b.astype(np.float32) @ a.astype(np.float32)) for a, b, c in ads)
+    w0 = merge_kernels.from_f32(base, kind)
+    res = both(lambda: merge_kernels.lora_merge_many(w0.copy(), ads), monkeypatch)
+    want = merge_kernels.to_f32(w0, kind) + sum(c * (b.astype(np.float32) @ a.astype(np.float32)) for a, b, c in ads)
     ulp = 2.0 ** -7 if kind == "bfloat16" else 2.0 ** -10
     for impl in ("cpp", "numpy"):
-        got = merge.to_f32(res[impl], kind)
+        got = merge_kernels.to_f32(res[impl], kind)
         assert np.all(np.abs(got - want) <= ulp * np.abs(want) + 1e-4), (kind, impl)
 
 
@@ -93,12 +93,12 @@ def test_16_bit_stores_round_ties_to_even_and_keep_nan_inf(kind, monkeypatch):
     base = np.where(np.arange(cols) % 2 == 0, 1.0, 1.0 + ulp).astype(np.float32)
     base = np.tile(base, (rows, 1))
     base[0, 3], base[7, 20], base[12, 36] = np.nan, np.inf, -np.inf
-    w0 = merge.from_f32(base, kind)
+    w0 = merge_kernels.from_f32(base, kind)
     a = np.full((1, cols), ulp / 2, np.float32)  # every sum falls exactly half-way between two values
     b = np.ones((rows, 1), np.float32)
-    res = both(lambda: merge.lora_merge(w0.copy(), a, b, 1.0), monkeypatch)
+    res = both(lambda: merge_kernels.lora_merge(w0.copy(), a, b, 1.0), monkeypatch)
     np.testing.assert_array_equal(res["cpp"].view(np.uint16), res["numpy"].view(np.uint16))
-    got = merge.to_f32(res["cpp"], kind)
+    got = merge_kernels.to_f32(res["cpp"], kind)
     assert got[1, 0] == 1.0 and got[1, 1] == 1.0 + 2 * ulp  # ties to even, both ways
     assert np.isnan(got[0, 3]) and got[7, 20] == np.inf and got[12, 36] == -np.inf
 
@@ -108,9 +108,9 @@ def test_thread_split_does_not_change_a_bit(kind, monkeypatch):
     """Threads split W by rows; every weight gets the same sum whatever the split."""
     monkeypatch.setenv("EDGETUNE_IMPL", "cpp")
     rng = np.random.default_rng(6)
-    w0 = merge.from_f32(rand(rng, (101, 67)), kind)
+    w0 = merge_kernels.from_f32(rand(rng, (101, 67)), kind)
     a, b = rand(rng, (5, 67)), rand(rng, (101, 5))
-    outs = [merge.lora_merge(w0.copy(), a, b, 0.3, threads=t).view(np.uint16 if kind != "float32" else np.uint32)
+    outs = [merge_kernels.lora_merge(w0.copy(), a, b, 0.3, threads=t).view(np.uint16 if kind != "float32" else np.uint32)
             for t in (1, 2, 3, 7, 0)]
     for out in outs[1:]:
         np.testing.assert_array_equal(out, outs[0])
@@ -122,13 +122,13 @@ def test_dora_merge_matches_reference(kind, monkeypatch):
     base = rand(rng, (40, 300))
     a, b = rand(rng, (4, 300)), rand(rng, (40, 4))
     mag = np.abs(rand(rng, (40,))) + 0.5
-    w0 = merge.from_f32(base, kind)
-    res = both(lambda: merge.dora_merge(w0.copy(), a, b, 0.5, mag), monkeypatch)
+    w0 = merge_kernels.from_f32(base, kind)
+    res = both(lambda: merge_kernels.dora_merge(w0.copy(), a, b, 0.5, mag), monkeypatch)
     merged = base + 0.5 * (b @ a)
     want = merged * (mag / np.linalg.norm(merged, axis=1))[:, None]
     tol = 1e-5 if kind == "float32" else 1e-2
     for impl in ("cpp", "numpy"):
-        np.testing.assert_allclose(merge.to_f32(res[impl], kind), want, rtol=tol, atol=tol)
+        np.testing.assert_allclose(merge_kernels.to_f32(res[impl], kind), want, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("impl", ["cpp", "numpy"])
@@ -136,20 +136,20 @@ def test_error_paths_name_the_tensor(impl, monkeypatch):
     monkeypatch.setenv("EDGETUNE_IMPL", impl)
     w, a, b = np.zeros((8, 6), np.float32), np.zeros((2, 6), np.float32), np.zeros((8, 2), np.float32)
     with pytest.raises(MergeError, match=r"q_proj: shapes do not fit: W \(8, 6\), A \(2, 5\), B \(8, 2\)"):
-        merge.lora_merge(w, np.zeros((2, 5), np.float32), b, 1.0, name="q_proj")
+        merge_kernels.lora_merge(w, np.zeros((2, 5), np.float32), b, 1.0, name="q_proj")
     with pytest.raises(MergeError, match="q_proj: W has dtype float64"):
-        merge.lora_merge(w.astype(np.float64), a, b, 1.0, name="q_proj")
+        merge_kernels.lora_merge(w.astype(np.float64), a, b, 1.0, name="q_proj")
     with pytest.raises(MergeError, match="q_proj: W must be C-contiguous"):
-        merge.lora_merge(np.zeros((6, 8), np.float32).T, a, b, 1.0, name="q_proj")
+        merge_kernels.lora_merge(np.zeros((6, 8), np.float32).T, a, b, 1.0, name="q_proj")
     ro = w.copy()
     ro.flags.writeable = False
     with pytest.raises(MergeError, match="q_proj: W is read-only"):
-        merge.lora_merge(ro, a, b, 1.0, name="q_proj")
+        merge_kernels.lora_merge(ro, a, b, 1.0, name="q_proj")
     with pytest.raises(MergeError, match="adapter 0 A has dtype int32"):
-        merge.lora_merge(w, a.astype(np.int32), b, 1.0, name="q_proj")
+        merge_kernels.lora_merge(w, a.astype(np.int32), b, 1.0, name="q_proj")
     bad = np.full((2, 6), np.inf, np.float32)
     with pytest.raises(MergeError, match=r"v_proj: merge produced a non-finite value at \[0, 0\]"):
-        merge.lora_merge(w.copy(), bad, np.ones((8, 2), np.float32), 1.0, safe=True, name="v_proj")
+        merge_kernels.lora_merge(w.copy(), bad, np.ones((8, 2), np.float32), 1.0, safe=True, name="v_proj")
 
 
 def test_cpp_rejects_bad_input_itself():
@@ -164,9 +164,9 @@ def test_cpp_rejects_bad_input_itself():
 
 def test_forced_numpy_and_default(monkeypatch):
     monkeypatch.setenv("EDGETUNE_IMPL", "numpy")
-    assert merge.implementation() == "numpy"
+    assert merge_kernels.implementation() == "numpy"
     monkeypatch.delenv("EDGETUNE_IMPL")
-    assert merge.implementation() == "cpp"
+    assert merge_kernels.implementation() == "cpp"
     monkeypatch.setenv("EDGETUNE_IMPL", "fortran")
     with pytest.raises(MergeError, match="EDGETUNE_IMPL must be cpp or numpy"):
-        merge.implementation()
+        merge_kernels.implementation()
