@@ -329,7 +329,8 @@ def eval_cmd(model: str, adapter: str | None, device: str, provider_option: tupl
 
     m = Model.open(model, adapter, device, d.parse_options(provider_option))
     r = evaluate(model, data, model=m, batch_size=batch_size, max_seq_len=max_seq_len, truncate=truncate, task=task,
-                 labels=labels.split(",") if labels else None, generations=generations, max_new_tokens=max_new_tokens)
+                 labels=labels.split(",") if labels else None, generations=generations, max_new_tokens=max_new_tokens,
+                 progress=True)
     if placement:
         r["placement"] = m.placement()
     if as_json:

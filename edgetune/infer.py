@@ -186,7 +186,7 @@ def evaluate(path: str | Path, data: str | Path, adapter: str | Path | None = No
              batch_size: int = 4, max_seq_len: int = 512, mask_prompt: bool = True,
              model: Model | None = None, truncate: str = "auto", task: str | None = None,
              labels: list[str] | None = None, generations: str | Path | None = None,
-             max_new_tokens: int = 64) -> dict[str, Any]:
+             max_new_tokens: int = 64, progress: bool = False) -> dict[str, Any]:
     """Mean loss and perplexity over the labelled tokens of a JSONL file, and with ``task`` (or a
     ``task.json`` beside the data) that task's own metric under ``task_metrics`` (see edgetune.tasks)."""
     model = model or Model.open(path, adapter, device)
@@ -210,7 +210,7 @@ def evaluate(path: str | Path, data: str | Path, adapter: str | Path | None = No
     task = task or tasks.read_task(data)
     if task:
         out["task_metrics"] = tasks.evaluate_task(model, Path(file), task, labels, max_new_tokens,
-                                                  Path(generations) if generations else None)
+                                                  Path(generations) if generations else None, progress=progress)
     return out
 
 

@@ -19,6 +19,7 @@ import collections
 import json
 import re
 import string
+import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -180,8 +181,10 @@ def label_logprob(model: Any, prompt_ids: list[int], label_ids: list[int]) -> fl
 
 
 def evaluate_task(model: Any, path: Path, task: str, labels: Sequence[str] | None = None,
-                  max_new_tokens: int = 64, generations: Path | None = None) -> dict[str, Any]:
-    """The task metric of ``model`` on the records of ``path``."""
+                  max_new_tokens: int = 64, generations: Path | None = None, progress: bool = False) -> dict[str, Any]:
+    """The task metric of ``model`` on the records of ``path`` (a progress bar on a terminal if ``progress``)."""
+    from tqdm import tqdm
+
     from .infer import generate_full
 
     if task not in TASKS:
@@ -195,7 +198,8 @@ def evaluate_task(model: Any, path: Path, task: str, labels: Sequence[str] | Non
             raise DataError(f"{path}: the label set is empty")
         unseen = sorted({r for _, _, r in recs} - set(label_set))
         gold, pred = [], []
-        for where, msgs, ref in recs:
+        for where, msgs, ref in tqdm(recs, desc=f"{task} ({len(label_set)} labels scored)", unit="example",
+                                     disable=None if progress else True, dynamic_ncols=True):
             prompt = model.tok.encode(model.tok.render(msgs, add_generation_prompt=True))
             scores = {lab: label_logprob(model, prompt, model.tok.encode(lab)) for lab in label_set}
             best = max(scores, key=lambda k: scores[k])
@@ -206,9 +210,14 @@ def evaluate_task(model: Any, path: Path, task: str, labels: Sequence[str] | Non
         out["labels"] = label_set
         out["unseen_labels"] = {"labels": unseen, "examples": sum(g in unseen for g in gold)}
     else:
-        for where, msgs, ref in recs:
+        bar = tqdm(recs, desc=f"{task} (generating)", unit="example", disable=None if progress else True,
+                   dynamic_ncols=True)
+        new_tokens, t0 = 0, time.perf_counter()
+        for where, msgs, ref in bar:
             r = generate_full(None, "", model=model, messages=msgs, max_new_tokens=max_new_tokens)
             replies.append({"where": where, "reference": ref, "prediction": r["text"]})
+            new_tokens += len(r["token_ids"])
+            bar.set_postfix_str(f"{new_tokens / max(time.perf_counter() - t0, 1e-9):.1f} new tok/s")
         preds, refs = [x["prediction"] for x in replies], [x["reference"] for x in replies]
         if task == "qa":
             out["exact_match"] = float(np.mean([exact_match(p, [r]) for p, r in zip(preds, refs)]))
