@@ -171,13 +171,34 @@ def load_records(path: Path) -> list[tuple[str, list[dict[str, str]], str]]:
 
 
 # -- evaluation with a model -----------------------------------------------------------------------
+def _log_softmax_at(row: np.ndarray, token: int) -> float:
+    r = row.astype(np.float64)
+    m = r.max()
+    return float(r[token] - m - np.log(np.exp(r - m).sum()))
+
+
+def label_logprobs(model: Any, prompt_ids: list[int], labels_ids: Sequence[list[int]]) -> list[float]:
+    """The log-probability of each label's tokens after the prompt: the prompt runs once and each
+    label continues from its KV cache, so scoring k labels costs one prompt pass, not k."""
+    n = len(prompt_ids)
+    ids = np.asarray([prompt_ids], np.int64)
+    logits, past = model.forward(ids, np.ones((1, n), np.int64), np.arange(n, dtype=np.int64)[None], model.empty_past(1))
+    last = logits[0, -1]
+    out = []
+    for lab in labels_ids:
+        total, row, cache = 0.0, last, past
+        for i, t in enumerate(lab):  # one cached decode step per further token, as generation runs
+            total += _log_softmax_at(row, t)
+            if i + 1 < len(lab):
+                step, cache = model.forward(np.asarray([[t]], np.int64), np.ones((1, n + i + 1), np.int64),
+                                            np.asarray([[n + i]], np.int64), cache)
+                row = step[0, -1]
+        out.append(total)
+    return out
+
+
 def label_logprob(model: Any, prompt_ids: list[int], label_ids: list[int]) -> float:
-    ids = np.asarray([prompt_ids + label_ids], np.int64)
-    logits = model.logits(ids, np.ones_like(ids))[0].astype(np.float64)
-    start = len(prompt_ids) - 1
-    lp = logits - logits.max(-1, keepdims=True)
-    lp = lp - np.log(np.exp(lp).sum(-1, keepdims=True))
-    return float(sum(lp[start + i, t] for i, t in enumerate(label_ids)))
+    return label_logprobs(model, prompt_ids, [label_ids])[0]
 
 
 def evaluate_task(model: Any, path: Path, task: str, labels: Sequence[str] | None = None,
@@ -201,7 +222,7 @@ def evaluate_task(model: Any, path: Path, task: str, labels: Sequence[str] | Non
         for where, msgs, ref in tqdm(recs, desc=f"{task} ({len(label_set)} labels scored)", unit="example",
                                      disable=None if progress else True, dynamic_ncols=True):
             prompt = model.tok.encode(model.tok.render(msgs, add_generation_prompt=True))
-            scores = {lab: label_logprob(model, prompt, model.tok.encode(lab)) for lab in label_set}
+            scores = dict(zip(label_set, label_logprobs(model, prompt, [model.tok.encode(lab) for lab in label_set])))
             best = max(scores, key=lambda k: scores[k])
             gold.append(ref)
             pred.append(best)
