@@ -5,8 +5,12 @@
 // into W straight away. Several adapters are one adapter of the summed rank
 // ([c1 B1 | c2 B2] @ [A1; A2]). Threads split W by rows.
 //
-// Plain C++ (no Python): merge.cpp binds it; a C++ program can include it directly.
-#pragma once
+// One source, compiled once per instruction set (isa_*.cpp, each with its own target flags and
+// its own namespace, EDGETUNE_ISA_NS, so no inline function of one build can be linked into
+// another); dispatch.cpp picks the widest the CPU has at run time. Plain C++ (no Python).
+#ifndef EDGETUNE_ISA_NS
+#define EDGETUNE_ISA_NS native
+#endif
 
 #include <algorithm>
 #include <chrono>
@@ -16,14 +20,18 @@
 #include <thread>
 #include <vector>
 
-#if defined(__AVX2__) && defined(__F16C__)
+#include "common.hpp"
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__F16C__) && defined(__FMA__)
+#include <immintrin.h>
+#define EDGETUNE_AVX512 1
+#elif defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
 #include <immintrin.h>
 #define EDGETUNE_AVX2 1
 #endif
 
 namespace edgetune {
-
-enum class DType { F32, F16, BF16 };
+namespace EDGETUNE_ISA_NS {
 
 // -- scalar conversions (round to nearest even) ------------------------------------------
 inline float bf16_to_f32(uint16_t h) {
@@ -101,7 +109,9 @@ inline void store1(void* w, size_t i, float v) {
 // -- float vectors --------------------------------------------------------------------------
 // GCC/Clang vector extensions in the target's register width: 8 floats with AVX, 4 with SSE
 // or NEON. A register tile is MR rows of two vectors.
-#if defined(__AVX__)
+#if defined(EDGETUNE_AVX512)
+constexpr size_t VW = 16;
+#elif defined(__AVX__)
 constexpr size_t VW = 8;
 #else
 constexpr size_t VW = 4;
@@ -128,6 +138,17 @@ inline __m256i bf16_round_avx(vf f) {
 }
 #endif
 
+#ifdef EDGETUNE_AVX512
+inline __m512i bf16_round_avx512(vf f) {
+  const __m512i u = _mm512_castps_si512((__m512)f);
+  const __m512i top = _mm512_srli_epi32(u, 16);
+  const __m512i lsb = _mm512_and_si512(top, _mm512_set1_epi32(1));
+  const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask((__m512)f, (__m512)f, _CMP_UNORD_Q);
+  return _mm512_mask_blend_epi32(nan, r, _mm512_or_si512(top, _mm512_set1_epi32(0x40)));  // NaN stays quiet
+}
+#endif
+
 // Column order of the NR values in a (lo, hi) pair: natural, except bfloat16 on AVX2 where
 // load_tile leaves them interleaved by 128-bit lane.
 template <DType D>
@@ -147,7 +168,17 @@ inline void load_tile(const void* w, size_t i, vf& lo, vf& hi) {
     hi = loadv(p + VW);
   } else {
     const uint16_t* p = static_cast<const uint16_t*>(w) + i;
-#ifdef EDGETUNE_AVX2
+#if defined(EDGETUNE_AVX512)
+    const __m256i h0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    const __m256i h1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16));
+    if constexpr (D == DType::BF16) {  // widen and shift the bits into the high halves: natural order
+      lo = (vf)_mm512_slli_epi32(_mm512_cvtepu16_epi32(h0), 16);
+      hi = (vf)_mm512_slli_epi32(_mm512_cvtepu16_epi32(h1), 16);
+    } else {
+      lo = (vf)_mm512_cvtph_ps(h0);
+      hi = (vf)_mm512_cvtph_ps(h1);
+    }
+#elif defined(EDGETUNE_AVX2)
     __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     if constexpr (D == DType::BF16) {
       // bf16 bits into the high halves. unpack works per 128-bit lane, so lo holds columns
@@ -175,7 +206,18 @@ inline void store_tile(void* w, size_t i, vf lo, vf hi) {
     storev(p + VW, hi);
   } else {
     uint16_t* p = static_cast<uint16_t*>(w) + i;
-#ifdef EDGETUNE_AVX2
+#if defined(EDGETUNE_AVX512)
+    __m256i o0, o1;
+    if constexpr (D == DType::BF16) {  // each lane holds a value below 2^16: the narrowing is exact
+      o0 = _mm512_cvtepi32_epi16(bf16_round_avx512(lo));
+      o1 = _mm512_cvtepi32_epi16(bf16_round_avx512(hi));
+    } else {
+      o0 = _mm512_cvtps_ph((__m512)lo, _MM_FROUND_TO_NEAREST_INT);
+      o1 = _mm512_cvtps_ph((__m512)hi, _MM_FROUND_TO_NEAREST_INT);
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), o0);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + 16), o1);
+#elif defined(EDGETUNE_AVX2)
     __m256i out;
     if constexpr (D == DType::BF16) {
       // Each 32-bit lane holds a value below 2^16, so the unsigned-saturating pack is exact;
@@ -216,14 +258,6 @@ inline float* scratch(std::vector<float>& buf, size_t n) {
   std::fill(buf.begin(), buf.begin() + static_cast<std::ptrdiff_t>(n), 0.0f);
   return buf.data();
 }
-
-// One adapter: A (r x cols) and B (rows x r), float32, row-major; its term is coef * B @ A.
-struct Factor {
-  const float* a;
-  const float* b;
-  size_t r;
-  float coef;
-};
 
 // Several adapters are packed as one of the summed rank: [c1 B1 | c2 B2 | ...] @ [A1; A2; ...].
 // A's columns within a tile follow lane_col<D>, the order load_tile<D> gives W's columns in.
@@ -276,7 +310,14 @@ inline void micro(void* w, size_t row0, size_t nr, size_t j0, size_t cols, const
       c51 = {};
 #pragma GCC unroll 8
   for (size_t k = 0; k < r; ++k) {
-#ifdef EDGETUNE_AVX2
+#if defined(EDGETUNE_AVX512)
+    const __m512 x0 = _mm512_loadu_ps(ap + k * NR), x1 = _mm512_loadu_ps(ap + k * NR + 16);
+    __m512 b;
+#define EDGETUNE_ROW(i, lo, hi)                            \
+    b = _mm512_set1_ps(bp[k * MR + i]);                     \
+    lo = (vf)_mm512_fmadd_ps(b, x0, (__m512)lo);           \
+    hi = (vf)_mm512_fmadd_ps(b, x1, (__m512)hi);
+#elif defined(EDGETUNE_AVX2)
     const __m256 x0 = _mm256_loadu_ps(ap + k * NR), x1 = _mm256_loadu_ps(ap + k * NR + 8);
     __m256 b;
 #define EDGETUNE_ROW(i, lo, hi)                            \
@@ -458,7 +499,9 @@ inline double peak_gflops(int threads, size_t iters) {
     for (size_t n = 0; n < iters; ++n) {
 #pragma GCC unroll 12
       for (int i = 0; i < 12; ++i) {
-#ifdef EDGETUNE_AVX2
+#if defined(EDGETUNE_AVX512)
+        c[i] = (vf)_mm512_fmadd_ps((__m512)c[i], (__m512)x, (__m512)y);
+#elif defined(EDGETUNE_AVX2)
         c[i] = (vf)_mm256_fmadd_ps((__m256)c[i], (__m256)x, (__m256)y);
 #else
         c[i] = c[i] * x + y;
@@ -479,4 +522,19 @@ inline double peak_gflops(int threads, size_t iters) {
   return static_cast<double>(nt) * static_cast<double>(iters) * 12 * VW * 2 / secs / 1e9;
 }
 
+// -- the entry points dispatch.cpp calls, one set per instruction set -------------------------
+inline void lora_merge_entry(void* w, size_t rows, size_t cols, const std::vector<Factor>& fs, DType dt, int threads) {
+  lora_merge(w, pack_for(dt, rows, cols, fs), dt, threads);
+}
+
+inline void dora_merge_entry(void* w, size_t rows, size_t cols, const std::vector<Factor>& fs, DType dt,
+                             const float* mag, int threads) {
+  dora_merge(w, pack_for(DType::F32, rows, cols, fs), dt, mag, threads);
+}
+
+inline Ops ops(const char* name) {
+  return Ops{name, VW, &lora_merge_entry, &dora_merge_entry, &peak_gflops};
+}
+
+}  // namespace EDGETUNE_ISA_NS
 }  // namespace edgetune

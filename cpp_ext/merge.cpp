@@ -1,4 +1,4 @@
-// Python bindings for the adapter merge kernels in kernels.hpp.
+// Python bindings for the adapter merge kernels in kernels.hpp, through dispatch.cpp.
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/string.h>
@@ -8,6 +8,8 @@
 #include <string>
 #include <vector>
 
+#include "common.hpp"
+#define EDGETUNE_ISA_NS isa_generic  // the scalar conversions, compiled for the baseline like isa_generic.cpp
 #include "kernels.hpp"
 
 namespace nb = nanobind;
@@ -15,6 +17,7 @@ namespace nb = nanobind;
 namespace {
 
 using edgetune::DType;
+namespace scalar = edgetune::isa_generic;
 
 using AnyArray = nb::ndarray<nb::device::cpu>;
 
@@ -42,7 +45,7 @@ std::vector<float> to_f32(const AnyArray& x, const std::string& what) {
   } else if (x.dtype() == nb::dtype<uint16_t>() || x.dtype().code == static_cast<uint8_t>(nb::dlpack::dtype_code::Float)) {
     if (x.dtype().bits != 16) throw std::invalid_argument(what + " must be float32 or float16");
     const uint16_t* p = static_cast<const uint16_t*>(x.data());
-    for (size_t i = 0; i < n; ++i) out[i] = edgetune::f16_to_f32(p[i]);
+    for (size_t i = 0; i < n; ++i) out[i] = scalar::f16_to_f32(p[i]);
   } else {
     throw std::invalid_argument(what + " must be float32 or float16");
   }
@@ -59,23 +62,25 @@ DType weight_dtype(const AnyArray& w, const std::string& kind, const std::string
 }
 
 struct Prepared {
-  edgetune::Packed packed;
-  DType dt;
+  size_t rows = 0, cols = 0;
+  DType dt = DType::F32;
+  std::vector<edgetune::Factor> fs;
+  std::vector<std::vector<float>> widened;  // float16 adapters widened; fs points into them
 };
 
-// Checks every array and packs the adapters (edgetune::pack): in the column order of W's dtype,
-// or of float32 when `f32_order` (DoRA merges through a float32 buffer).
-// float32 adapters are read in place; float16 ones are widened first.
+// Checks every array; float32 adapters are read in place, float16 ones are widened first.
 Prepared prepare(AnyArray w, const std::vector<AnyArray>& as, const std::vector<AnyArray>& bs,
-                 const std::vector<double>& coefs, const std::string& kind, const std::string& name, bool f32_order) {
+                 const std::vector<double>& coefs, const std::string& kind, const std::string& name) {
   if (w.ndim() != 2) throw std::invalid_argument(name + ": W must be 2-D, got shape " + shape_str(w));
   if (!is_contiguous(w)) throw std::invalid_argument(name + ": W must be C-contiguous (got strides of a view)");
   if (as.size() != bs.size() || as.size() != coefs.size())
     throw std::invalid_argument(name + ": need as many A, B and coefficients");
   const size_t rows = w.shape(0), cols = w.shape(1);
   Prepared p;
+  p.rows = rows;
+  p.cols = cols;
   p.dt = weight_dtype(w, kind, name);
-  std::vector<std::vector<float>> widened;
+  std::vector<std::vector<float>>& widened = p.widened;
   widened.reserve(2 * as.size());  // pointers into it must stay valid
   auto as_f32 = [&](const AnyArray& x, const std::string& what) -> const float* {
     if (!is_contiguous(x)) throw std::invalid_argument(what + " must be C-contiguous");
@@ -83,7 +88,7 @@ Prepared prepare(AnyArray w, const std::vector<AnyArray>& as, const std::vector<
     widened.push_back(to_f32(x, what));
     return widened.back().data();
   };
-  std::vector<edgetune::Factor> fs;
+  std::vector<edgetune::Factor>& fs = p.fs;
   for (size_t i = 0; i < as.size(); ++i) {
     const AnyArray& a = as[i];
     const AnyArray& b = bs[i];
@@ -93,29 +98,30 @@ Prepared prepare(AnyArray w, const std::vector<AnyArray>& as, const std::vector<
                                   std::to_string(rows) + ", r))");
     fs.push_back({as_f32(a, name + ": A"), as_f32(b, name + ": B"), a.shape(0), static_cast<float>(coefs[i])});
   }
-  p.packed = edgetune::pack_for(f32_order ? DType::F32 : p.dt, rows, cols, fs);
   return p;
 }
 
 void lora_merge(AnyArray w, std::vector<AnyArray> as, std::vector<AnyArray> bs, std::vector<double> coefs,
                 const std::string& kind, double sign, int threads, const std::string& name) {
   for (double& c : coefs) c *= sign;
-  Prepared p = prepare(w, as, bs, coefs, kind, name, false);
+  Prepared p = prepare(w, as, bs, coefs, kind, name);
+  const edgetune::Ops& ops = edgetune::selected_ops();
   void* data = w.data();
   nb::gil_scoped_release release;
-  edgetune::lora_merge(data, p.packed, p.dt, threads);
+  ops.lora_merge(data, p.rows, p.cols, p.fs, p.dt, threads);
 }
 
 void dora_merge(AnyArray w, AnyArray a, AnyArray b, double scale, AnyArray mag, const std::string& kind, int threads,
                 const std::string& name) {
-  Prepared p = prepare(w, {a}, {b}, {scale}, kind, name, true);
+  Prepared p = prepare(w, {a}, {b}, {scale}, kind, name);
   std::vector<float> m = to_f32(mag, name + ": magnitude");
-  if (m.size() != p.packed.rows)
+  if (m.size() != p.rows)
     throw std::invalid_argument(name + ": magnitude has " + std::to_string(m.size()) + " values, W has " +
-                                std::to_string(p.packed.rows) + " rows");
+                                std::to_string(p.rows) + " rows");
+  const edgetune::Ops& ops = edgetune::selected_ops();
   void* data = w.data();
   nb::gil_scoped_release release;
-  edgetune::dora_merge(data, p.packed, p.dt, m.data(), threads);
+  ops.dora_merge(data, p.rows, p.cols, p.fs, p.dt, m.data(), threads);
 }
 
 // Index of the first non-finite value, or -1.
@@ -125,7 +131,7 @@ int64_t first_nonfinite(AnyArray w, const std::string& kind) {
   const void* d = w.data();
   nb::gil_scoped_release release;
   for (size_t i = 0; i < n; ++i) {
-    float v = dt == DType::F32 ? edgetune::load1<DType::F32>(d, i) : dt == DType::BF16 ? edgetune::load1<DType::BF16>(d, i) : edgetune::load1<DType::F16>(d, i);
+    float v = dt == DType::F32 ? scalar::load1<DType::F32>(d, i) : dt == DType::BF16 ? scalar::load1<DType::BF16>(d, i) : scalar::load1<DType::F16>(d, i);
     if (!std::isfinite(v)) return static_cast<int64_t>(i);
   }
   return -1;
@@ -138,11 +144,11 @@ void convert(AnyArray src, const std::string& src_kind, AnyArray dst, const std:
   void* out = dst.data();
   size_t n = src.size();
   nb::gil_scoped_release release;
-  edgetune::dispatch(s, [&](auto st) {
-    edgetune::dispatch(d, [&](auto dt) {
+  scalar::dispatch(s, [&](auto st) {
+    scalar::dispatch(d, [&](auto dt) {
       constexpr DType S = decltype(st)::value;
       constexpr DType T = decltype(dt)::value;
-      for (size_t i = 0; i < n; ++i) edgetune::store1<T>(out, i, edgetune::load1<S>(in, i));
+      for (size_t i = 0; i < n; ++i) scalar::store1<T>(out, i, scalar::load1<S>(in, i));
     });
   });
 }
@@ -150,16 +156,33 @@ void convert(AnyArray src, const std::string& src_kind, AnyArray dst, const std:
 }  // namespace
 
 NB_MODULE(_ext, m) {
-  m.doc() = "edgetune's adapter merge kernels (see edgetune.merge for the numpy reference)";
+  m.doc() = "edgetune's adapter merge kernels (see edgetune.kernels for the numpy reference)";
   m.def("lora_merge", &lora_merge, nb::arg("w"), nb::arg("a"), nb::arg("b"), nb::arg("coefs"), nb::arg("dtype"),
         nb::arg("sign") = 1.0, nb::arg("threads") = 0, nb::arg("name") = "W",
         "W += sign * sum_i coefs[i] * b[i] @ a[i], in place, tile by tile.");
   m.def("dora_merge", &dora_merge, nb::arg("w"), nb::arg("a"), nb::arg("b"), nb::arg("scale"), nb::arg("magnitude"),
         nb::arg("dtype"), nb::arg("threads") = 0, nb::arg("name") = "W",
         "W = magnitude * (W + scale * b @ a) / row_norm(W + scale * b @ a), in place.");
-  m.def("peak_gflops", &edgetune::peak_gflops, nb::arg("threads") = 0, nb::arg("iters") = 20000000,
-        nb::call_guard<nb::gil_scoped_release>(),
-        "Multiply-add throughput of this machine in GFLOP/s, with the kernels' vector width (for benchmarks).");
+  m.def(
+      "peak_gflops",
+      [](int threads, size_t iters) {
+        const edgetune::Ops& ops = edgetune::selected_ops();
+        nb::gil_scoped_release release;
+        return ops.peak_gflops(threads, iters);
+      },
+      nb::arg("threads") = 0, nb::arg("iters") = 20000000,
+      "Multiply-add throughput of this machine in GFLOP/s, with the selected kernels' vector width (for benchmarks).");
+  m.def(
+      "isa", [] { return std::string(edgetune::selected_ops().name); },
+      "The instruction set the kernels run with: the widest this CPU has, or EDGETUNE_ISA.");
+  m.def(
+      "isas",
+      [] {
+        std::vector<std::string> v;
+        for (const auto& o : edgetune::available_ops()) v.push_back(o.name);
+        return v;
+      },
+      "Every instruction-set build of the kernels this CPU can run.");
   m.def("first_nonfinite", &first_nonfinite, nb::arg("w"), nb::arg("dtype"));
   m.def("convert", &convert, nb::arg("src"), nb::arg("src_dtype"), nb::arg("dst"), nb::arg("dst_dtype"));
 }

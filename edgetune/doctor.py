@@ -58,13 +58,18 @@ def installation() -> list[Check]:
 
     out.append(_try("onnxruntime", ort, "pip install -U onnxruntime (and uninstall onnxruntime-training*)"))
 
+    def _ext_isas() -> list[str]:
+        from . import _ext
+
+        return list(_ext.isas())
+
     def ext() -> str:
         from . import kernels
 
         impl = kernels.implementation()
         if impl != "cpp":
             raise EdgetuneError("the C++ merge extension is not built; merges run on numpy (slower)")
-        return "C++ merge kernels loaded"
+        return f"C++ merge kernels loaded ({kernels.isa()}; builds for this CPU: {', '.join(_ext_isas())})"
 
     out.append(_try("merge extension", ext, "reinstall with a C++ compiler and CMake present: pip install -e .",
                     level="warning"))

@@ -27,7 +27,7 @@ def _impl() -> str:
     if want == "numpy":
         return "numpy"
     try:
-        from . import _ext  # noqa: F401
+        from . import _ext
     except ImportError as e:
         if want == "cpp":
             raise MergeError(f"EDGETUNE_IMPL=cpp but the C++ extension is not built ({e}); reinstall edgetune") from None
@@ -35,12 +35,26 @@ def _impl() -> str:
             print(f"edgetune: C++ merge extension unavailable ({e}); using the slower numpy reference", file=sys.stderr)
             _warned = True
         return "numpy"
+    try:
+        _ext.isa()  # EDGETUNE_ISA names a build this CPU runs
+    except ValueError as e:
+        raise MergeError(str(e)) from None
     return "cpp"
 
 
 def implementation() -> str:
     """Which implementation the merge functions use now: ``cpp`` or ``numpy``."""
     return _impl()
+
+
+def isa() -> str:
+    """The instruction set the C++ kernels run with (the widest this CPU has, or ``EDGETUNE_ISA``:
+    generic, avx2, avx512), or ``numpy``."""
+    if _impl() != "cpp":
+        return "numpy"
+    from . import _ext
+
+    return str(_ext.isa())
 
 
 def kind_of(w: np.ndarray) -> str:

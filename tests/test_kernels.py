@@ -5,8 +5,39 @@ import pytest
 from edgetune import kernels as merge_kernels
 from edgetune.errors import MergeError
 
-pytest.importorskip("edgetune._ext")
+_ext = pytest.importorskip("edgetune._ext")
 SHAPES = [(1, 1, 1), (7, 13, 1), (64, 64, 8), (33, 257, 3), (130, 515, 16), (300, 1000, 64)]
+
+
+@pytest.fixture(autouse=True, params=_ext.isas())
+def isa(request, monkeypatch):
+    """Every test runs with each instruction-set build of the kernels this CPU has."""
+    monkeypatch.setenv("EDGETUNE_ISA", request.param)
+    return request.param
+
+
+def test_the_widest_instruction_set_the_cpu_has_is_built_and_chosen(isa, monkeypatch):
+    flags = set()
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith(("flags", "Features")):
+                flags.update(line.split(":", 1)[1].split())
+    except OSError:
+        pytest.skip("no /proc/cpuinfo")
+    want = ["generic"]
+    if {"avx2", "fma", "f16c"} <= flags:
+        want.append("avx2")
+        if {"avx512f", "avx512bw"} <= flags:
+            want.append("avx512")
+    assert _ext.isas() == want
+    assert merge_kernels.isa() == isa
+    monkeypatch.delenv("EDGETUNE_ISA")
+    assert merge_kernels.isa() == want[-1]
+    monkeypatch.setenv("EDGETUNE_ISA", "sse9")
+    with pytest.raises(MergeError, match="EDGETUNE_ISA=sse9 is not available on this CPU"):
+        merge_kernels.isa()
+    with pytest.raises(MergeError, match="EDGETUNE_ISA=sse9"):
+        merge_kernels.lora_merge(np.zeros((2, 2), np.float32), np.zeros((1, 2), np.float32), np.zeros((2, 1), np.float32), 1.0)
 
 
 def rand(rng, shape, dtype=np.float32):

@@ -1,0 +1,35 @@
+// Types shared by every instruction-set build of the kernels and by the dispatcher: plain data,
+// no code, so one definition serves all of them.
+#pragma once
+
+#include <cstddef>
+#include <vector>
+
+namespace edgetune {
+
+enum class DType { F32, F16, BF16 };
+
+// One adapter: A (r x cols) and B (rows x r), float32, row-major; its term is coef * B @ A.
+struct Factor {
+  const float* a;
+  const float* b;
+  size_t r;
+  float coef;
+};
+
+// The kernels of one instruction set.
+struct Ops {
+  const char* name;    // "generic", "avx2", "avx512"
+  size_t vector_floats;  // floats per vector register in its kernels
+  void (*lora_merge)(void* w, size_t rows, size_t cols, const std::vector<Factor>& fs, DType dt, int threads);
+  void (*dora_merge)(void* w, size_t rows, size_t cols, const std::vector<Factor>& fs, DType dt, const float* mag,
+                     int threads);
+  double (*peak_gflops)(int threads, size_t iters);
+};
+
+// Every build this CPU can run, widest last (dispatch.cpp).
+const std::vector<Ops>& available_ops();
+// The widest, or the one EDGETUNE_ISA names (generic, avx2, avx512); throws if this CPU lacks it.
+const Ops& selected_ops();
+
+}  // namespace edgetune
