@@ -1,24 +1,31 @@
-"""Merge speed: the C++ kernels against a plain copy, the obvious numpy merge, and PEFT.
+"""Merge speed: the C++ kernels against the memory-bandwidth limits, numpy, PyTorch and PEFT.
 
 Per matrix, at Phi-3-mini's shapes (3072x3072 and 8192x3072), ranks 8, 16 and 64, float32
-and bfloat16: the C++ kernel, the numpy reference written the obvious way, and a plain copy
-of the same bytes (the bandwidth limit: the faster of numpy's copy and the same copy split
-over the kernel's threads). Then the whole default model's adapter
-(SmolLM2-135M, rank 8 on q,k,v,o): edgetune's merge against PEFT's ``merge_and_unload``
-in torch on the same weights. The last line is JSON:
+and bfloat16, beside the kernel:
 
-    {"bandwidth_fraction": ..., "speedup_vs_numpy": ..., "speedup_vs_torch": ...}
-
-bandwidth_fraction is the worst kernel-over-copy bandwidth over the Phi-3-mini shapes
-(float32 and bfloat16); speedup_vs_numpy the worst numpy-over-kernel time in float32;
-speedup_vs_torch the whole-model ratio.
+- two bandwidth references over the same bytes: a plain copy (read W, write another buffer)
+  and an in-place read-modify-write pass over W, which is what a merge does; each the faster
+  of one thread and the kernel's threads;
+- numpy written as a numpy user would: ``np.matmul(s * B, A, out=buf)`` into a buffer
+  allocated once, then ``np.add(W, buf, out=W)`` (bfloat16: widened, added, rounded back).
 
 A merge of rank r also does 2r flops per weight. The benchmark measures this machine's
-multiply-add peak (``fma_peak_gflops``) and prints, per shape, the compute ceiling: the
-bandwidth fraction the kernel would reach if it ran at that peak and memory were free
-(copy time over FMA time). Where the ceiling is below 1 the merge is compute-bound here, not
-memory-bound; ``bandwidth_fraction_memory_bound`` is the worst fraction over the shapes whose
-ceiling is at least 1. Copy and kernel runs alternate, so a noisy neighbour slows both.
+multiply-add peak and, per shape, the compute ceiling: the fraction of the in-place bandwidth
+the kernel would reach at that peak were memory free. Below 1 the merge is compute-bound and
+its figure is the fraction of the FMA peak; otherwise the fraction of the in-place bandwidth.
+
+Then the whole default model's adapter (SmolLM2-135M, rank 8 on q,k,v,o, float32), the same
+work on every side: edgetune's merge path (the kernel plus the finiteness check the merge
+command runs), PyTorch as a user would write it (``W.addmm_(B, A, alpha=s)`` per layer, in
+place), and PEFT's ``merge_and_unload``. The last line is JSON:
+
+    {"bandwidth_fraction_inplace", "fma_fraction_compute_bound", "bandwidth_fraction_copy",
+     "speedup_vs_numpy", "speedup_vs_torch", "speedup_vs_peft", "fma_peak_gflops"}
+
+``bandwidth_fraction_inplace`` is the worst over the memory-bound shapes,
+``fma_fraction_compute_bound`` the worst over the compute-bound ones, ``bandwidth_fraction_copy``
+the worst kernel-over-copy figure over all shapes, ``speedup_vs_numpy`` the worst over float32
+shapes. Reference and kernel runs alternate, so a noisy neighbour slows both.
 Usage: ``python bench/merge.py [--quick]``.
 """
 from __future__ import annotations
@@ -61,11 +68,30 @@ def threaded_copy(dst: np.ndarray, src: np.ndarray, threads: int) -> None:
         list(pool.map(lambda r: np.copyto(dst[r[0]:r[-1] + 1], src[r[0]:r[-1] + 1]), rows))
 
 
-def numpy_obvious(w: np.ndarray, a: np.ndarray, b: np.ndarray, scale: float, kind: str) -> None:
+def threaded_rmw(w: np.ndarray, threads: int) -> None:
+    """Read and write every element of W in place, split over threads (the merge's memory traffic)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rows = np.array_split(np.arange(w.shape[0]), threads)
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(lambda r: rmw(w[r[0]:r[-1] + 1]), rows))
+
+
+def rmw(w: np.ndarray) -> None:
+    if w.dtype == np.float32:
+        np.multiply(w, np.float32(1.0), out=w)
+    else:  # bfloat16 bits
+        np.bitwise_or(w, np.uint16(0), out=w)
+
+
+def numpy_merge(w: np.ndarray, a: np.ndarray, b: np.ndarray, scale: float, kind: str, buf: np.ndarray) -> None:
+    """What a numpy user writes: the product into a buffer allocated once, then an in-place add."""
+    np.matmul(b * np.float32(scale), a, out=buf)
     if kind == "float32":
-        w += scale * (b @ a)
+        np.add(w, buf, out=w)
     else:  # numpy has no bfloat16: widen, add, round back
-        w[...] = kernels.f32_to_bf16(kernels.bf16_to_f32(w) + scale * (b @ a))
+        np.add(buf, kernels.bf16_to_f32(w), out=buf)
+        w[...] = kernels.f32_to_bf16(buf)
 
 
 def peak_gflops(threads: int) -> float:
@@ -74,68 +100,81 @@ def peak_gflops(threads: int) -> float:
     return max(_ext.peak_gflops(threads) for _ in range(5))
 
 
-def per_matrix(repeat: int, peak: float) -> tuple[list[dict], float, float, float | None]:
+def per_matrix(repeat: int, peak: float) -> dict:
     os.environ["EDGETUNE_IMPL"] = "cpp"
     rng = np.random.default_rng(0)
     threads = os.cpu_count() or 1
-    rows_out, fracs, speedups, memory_bound = [], [], [], []
-    print(f"{'shape':>11} {'rank':>4} {'dtype':>8} {'copy ms':>8} {'kernel ms':>9} {'numpy ms':>9} "
-          f"{'GB/s copy':>9} {'GB/s kern':>9} {'bw frac':>7} {'ceiling':>7} {'x numpy':>7}")
+    rows_out, copy_fr, inplace_fr, fma_fr, speedups = [], [], [], [], []
+    print(f"{'shape':>11} {'rank':>4} {'dtype':>8} {'copy ms':>7} {'rmw ms':>7} {'kern ms':>7} {'numpy ms':>8} "
+          f"{'GB/s rmw':>8} {'GB/s kern':>9} {'x copy':>6} {'x rmw':>6} {'ceiling':>7} {'FMA frac':>8} {'x numpy':>7}")
     for rows, cols in SHAPES:
         w32 = rng.standard_normal((rows, cols), dtype=np.float32)
+        buf = np.empty((rows, cols), np.float32)
         for kind in ("float32", "bfloat16"):
-            w = w32 if kind == "float32" else kernels.f32_to_bf16(w32)
+            w = w32.copy() if kind == "float32" else kernels.f32_to_bf16(w32)
             dst = np.empty_like(w)
-            # The bandwidth reference is the faster of a plain copy and one split over the threads.
             copies = [lambda: np.copyto(dst, w), lambda: threaded_copy(dst, w, threads)]
+            rmws = [lambda: rmw(w), lambda: threaded_rmw(w, threads)]
             for r in RANKS:
                 a = rng.standard_normal((r, cols), dtype=np.float32) * 0.01
                 b = rng.standard_normal((rows, r), dtype=np.float32) * 0.01
                 merge_once = lambda: kernels.lora_merge(w, a, b, 1e-3)  # noqa: E731
-                t_copy, t_kern = interleaved(copies, merge_once, repeat)
-                t_np = best_of(lambda: numpy_obvious(w, a, b, 1e-3, kind), max(1, repeat // 4))
+                (t_copy, t_rmw), t_kern = interleaved([copies, rmws], merge_once, repeat)
+                t_np = best_of(lambda: numpy_merge(w, a, b, 1e-3, kind, buf), max(2, repeat // 4))
                 gb = 2 * w.nbytes / 1e9  # read + write
-                frac, speed = t_copy / t_kern, t_np / t_kern
-                ceiling = t_copy / (2.0 * rows * cols * r / (peak * 1e9))
-                fracs.append(frac)
-                if ceiling >= 1.0:
-                    memory_bound.append(frac)
+                flops = 2.0 * rows * cols * r
+                ceiling = t_rmw / (flops / (peak * 1e9))
+                fma = flops / t_kern / (peak * 1e9)
+                row = {"shape": [rows, cols], "rank": r, "dtype": kind, "copy_ms": t_copy * 1e3, "rmw_ms": t_rmw * 1e3,
+                       "kernel_ms": t_kern * 1e3, "numpy_ms": t_np * 1e3, "fraction_of_copy": t_copy / t_kern,
+                       "fraction_of_inplace": t_rmw / t_kern, "compute_ceiling": ceiling, "fma_fraction": fma,
+                       "speedup_vs_numpy": t_np / t_kern}
+                copy_fr.append(row["fraction_of_copy"])
+                (inplace_fr if ceiling >= 1.0 else fma_fr).append(row["fraction_of_inplace"] if ceiling >= 1.0 else fma)
                 if kind == "float32":
-                    speedups.append(speed)
-                rows_out.append({"shape": [rows, cols], "rank": r, "dtype": kind, "copy_ms": t_copy * 1e3,
-                                 "kernel_ms": t_kern * 1e3, "numpy_ms": t_np * 1e3, "bandwidth_fraction": frac,
-                                 "compute_ceiling": ceiling, "speedup_vs_numpy": speed})
-                print(f"{rows:>5}x{cols:<5} {r:>4} {kind:>8} {t_copy * 1e3:8.2f} {t_kern * 1e3:9.2f} {t_np * 1e3:9.2f} "
-                      f"{gb / t_copy:9.1f} {gb / t_kern:9.1f} {frac:7.2f} {ceiling:7.2f} {speed:7.2f}")
-    return rows_out, min(fracs), min(speedups), min(memory_bound) if memory_bound else None
+                    speedups.append(row["speedup_vs_numpy"])
+                rows_out.append(row)
+                print(f"{rows:>5}x{cols:<5} {r:>4} {kind:>8} {t_copy * 1e3:7.2f} {t_rmw * 1e3:7.2f} {t_kern * 1e3:7.2f} "
+                      f"{t_np * 1e3:8.2f} {gb / t_rmw:8.1f} {gb / t_kern:9.1f} {row['fraction_of_copy']:6.2f} "
+                      f"{row['fraction_of_inplace']:6.2f} {ceiling:7.2f} {fma:8.2f} {row['speedup_vs_numpy']:7.2f}")
+    return {"rows": rows_out, "bandwidth_fraction_copy": min(copy_fr),
+            "bandwidth_fraction_inplace": min(inplace_fr) if inplace_fr else None,
+            "fma_fraction_compute_bound": min(fma_fr) if fma_fr else None, "speedup_vs_numpy": min(speedups)}
 
 
-def interleaved(copies, kernel, repeat: int) -> tuple[float, float]:
-    """Best copy time and best kernel time, the runs alternating so both see the same machine."""
-    for fn in (*copies, kernel):
-        fn()  # warm up: page faults and thread start-up are not merge time
-    t_copy = t_kern = float("inf")
+def interleaved(references, kernel, repeat: int) -> tuple[list[float], float]:
+    """Best time of each reference (the faster of its variants) and of the kernel, runs alternating
+    so every side sees the same machine."""
+    for group in references:
+        for fn in group:
+            fn()  # warm up: page faults and thread start-up are not merge time
+    kernel()
+    best = [float("inf")] * len(references)
+    t_kern = float("inf")
     for _ in range(repeat):
-        for fn in copies:
-            t = time.perf_counter()
-            fn()
-            t_copy = min(t_copy, time.perf_counter() - t)
+        for i, group in enumerate(references):
+            for fn in group:
+                t = time.perf_counter()
+                fn()
+                best[i] = min(best[i], time.perf_counter() - t)
         t = time.perf_counter()
         kernel()
         t_kern = min(t_kern, time.perf_counter() - t)
-    return t_copy, t_kern
+    return best, t_kern
 
 
-def whole_model(repeat: int) -> float:
+def whole_model(repeat: int) -> tuple[float, float]:
+    """Whole-model merge: edgetune's path vs PyTorch's in-place addmm_ vs PEFT, same weights."""
     import torch
     from peft import LoraConfig, get_peft_model
 
     from edgetune.export import load_model
     from edgetune.models import DEFAULT_MODEL, resolve_model
 
+    torch.set_num_threads(os.cpu_count() or 1)
     path, _ = resolve_model(DEFAULT_MODEL)
     torch.manual_seed(0)
-    times_torch, times_ours = [], []
+    t_peft, t_torch, t_ours = [], [], []
     for _ in range(repeat):
         hf, _tok = load_model(path)
         pm = get_peft_model(hf, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
@@ -147,23 +186,34 @@ def whole_model(repeat: int) -> float:
                     mods[name] = (mod.base_layer.weight.detach().numpy().copy(),
                                   mod.lora_A["default"].weight.detach().numpy().copy(),
                                   mod.lora_B["default"].weight.detach().numpy().copy())
+        scale = 16 / 8
+        ours = {k: v[0].copy() for k, v in mods.items()}
+        tw = {k: torch.from_numpy(v[0].copy()) for k, v in mods.items()}
+        ta = {k: (torch.from_numpy(v[1]), torch.from_numpy(v[2])) for k, v in mods.items()}
+        t = time.perf_counter()
+        with torch.no_grad():
+            for k, w in tw.items():
+                a, b = ta[k]
+                w.addmm_(b, a, alpha=scale)
+        t_torch.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        for k, (_w, a, b) in mods.items():
+            kernels.lora_merge(ours[k], a, b, scale, safe=True, name=k)
+        t_ours.append(time.perf_counter() - t)
         t = time.perf_counter()
         merged = pm.merge_and_unload()
-        times_torch.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        for _name, (w, a, b) in mods.items():
-            kernels.lora_merge(w, a, b, 2.0)
-        times_ours.append(time.perf_counter() - t)
-        # Same result, or the comparison means nothing.
+        t_peft.append(time.perf_counter() - t)
+        # The same result on every side, or the comparison means nothing.
         ref = dict(merged.named_parameters())
-        name0 = next(iter(mods))
-        hf_name = name0.replace("base_model.model.", "") + ".weight"
-        np.testing.assert_allclose(mods[name0][0], ref[hf_name].detach().numpy(), rtol=1e-5, atol=1e-6)
-    t_torch, t_ours = min(times_torch), min(times_ours)
-    n = len(mods)
-    print(f"\nwhole model (SmolLM2-135M, rank 8 on q,k,v,o; {n} matrices): "
-          f"PEFT merge_and_unload {t_torch * 1e3:.1f} ms, edgetune {t_ours * 1e3:.1f} ms, x{t_torch / t_ours:.2f}")
-    return t_torch / t_ours
+        for k in mods:
+            want = ref[k.replace("base_model.model.", "") + ".weight"].detach().numpy()
+            np.testing.assert_allclose(ours[k], want, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(tw[k].numpy(), want, rtol=1e-5, atol=1e-6)
+    tp, tt, to = min(t_peft), min(t_torch), min(t_ours)
+    print(f"\nwhole model (SmolLM2-135M, rank 8 on q,k,v,o; {len(mods)} float32 matrices, {torch.get_num_threads()} "
+          f"threads): edgetune (kernel + finiteness check) {to * 1e3:.1f} ms, PyTorch W.addmm_(B, A, alpha=s) "
+          f"{tt * 1e3:.1f} ms (x{tt / to:.2f}), PEFT merge_and_unload {tp * 1e3:.1f} ms (x{tp / to:.2f})")
+    return tt / to, tp / to
 
 
 def main() -> None:
@@ -177,12 +227,17 @@ def main() -> None:
     print(f"machine: {machine.describe()}")
     print(f"edgetune merge benchmark: {threads} cores, kernels={kernels.implementation()}, "
           f"multiply-add peak {peak:.0f} GFLOP/s")
-    _, frac, speed, frac_mem = per_matrix(repeat, peak)
-    vs_torch = None if args.no_model else whole_model(2 if args.quick else 5)
-    print(json.dumps({"bandwidth_fraction": round(frac, 3), "speedup_vs_numpy": round(speed, 2),
-                      "speedup_vs_torch": None if vs_torch is None else round(vs_torch, 2),
-                      "bandwidth_fraction_memory_bound": None if frac_mem is None else round(frac_mem, 3),
-                      "fma_peak_gflops": round(peak, 1)}))
+    res = per_matrix(repeat, peak)
+    vs_torch, vs_peft = (None, None) if args.no_model else whole_model(3 if args.quick else 5)
+
+    def r(x, n=3):
+        return None if x is None else round(x, n)
+
+    print(json.dumps({"bandwidth_fraction_inplace": r(res["bandwidth_fraction_inplace"]),
+                      "fma_fraction_compute_bound": r(res["fma_fraction_compute_bound"]),
+                      "bandwidth_fraction_copy": r(res["bandwidth_fraction_copy"]),
+                      "speedup_vs_numpy": r(res["speedup_vs_numpy"], 2), "speedup_vs_torch": r(vs_torch, 2),
+                      "speedup_vs_peft": r(vs_peft, 2), "fma_peak_gflops": round(peak, 1)}))
 
 
 if __name__ == "__main__":

@@ -1,19 +1,33 @@
-"""Training speed and memory: edgetune on the current onnxruntime, against edgetune's former
-backend (ONNX Runtime's last training release, 1.19.2, in its own environment: see
-scripts/legacy_env.sh) and against PyTorch + PEFT, side by side.
+"""Training speed and memory: edgetune on the current onnxruntime against PyTorch + PEFT, as its
+documentation shows it and tuned, and (optionally) against edgetune's former backend (ONNX
+Runtime's last training release, 1.19.2, in its own environment: scripts/legacy_env.sh).
 
-All sides train the same model, LoRA config, batches (multi-turn chats with prompt
-masking and varied lengths), optimizer (AdamW, PyTorch's rule and defaults) and thread
-count. Each side runs in its own process, so peak RSS is its own; rounds alternate so
-machine drift hits both. Prints per side tokens/s (all and labelled), s/step, peak RSS and
-the validation loss after the run, then the ratios and an achieved-FLOP/s estimate against
-a float32 matmul measured in the same run. The last line is JSON:
+Sides (each in its own process, so peak RSS is its own; rounds alternate so drift hits all):
 
-    {"tokens_per_s_ratio": ..., "peak_rss_ratio": ..., "loss_gap": ..., "flops_fraction": ...,
-     "tokens_per_s_ratio_vs_1192": ..., "peak_rss_ratio_vs_1192": ..., "loss_gap_vs_1192": ...}
+- ``edgetune``: the default path, batches run in chunks of at most 1,024 tokens;
+- ``edgetune, no chunks``: the same with ``--max-batch-tokens 0`` (each batch in one pass);
+- ``pytorch+peft``: the documented loop: ``model(input_ids, attention_mask, labels)``, full-vocabulary
+  logits at every position, one pass per batch;
+- ``pytorch+peft tuned``: the same tricks edgetune uses, written in PyTorch: the hidden states of
+  labelled positions gathered before ``lm_head`` (logits only where a label is), the same
+  token-budget chunks with token-weighted gradient accumulation, each chunk trimmed of the padding
+  its rows do not use, no tensor kept alive into the next step, SDPA attention, and
+  ``torch.compile`` when ``--compile`` is given (measured: see the README);
+- ``edgetune on ORT 1.19.2`` (``--legacy``).
 
-ratios are edgetune over PyTorch (or over the 1.19.2 backend); loss_gap is (edgetune - other) / other.
-Usage: python bench/train.py [--steps 6] [--batch 8] [--seq 256] [--rank 8] [--rounds 1] [--no-legacy]
+All train the same model, LoRA config, batches (multi-turn chats with prompt masking and varied
+lengths), optimizer (AdamW, PyTorch's rule and defaults) and thread count. Each side takes one
+untimed warm-up step, then ``--steps`` timed steps (median and min-max reported); the validation
+loss is taken before the first step and after the last. flops_fraction is edgetune's useful
+work (frozen body forward and activation backward, attention matmuls included, vocabulary
+projection of labelled rows) over the machine's multiply-add peak measured by the merge
+kernels' FMA loop in the same run. The last line is JSON:
+
+    {"tokens_per_s_ratio", "tokens_per_s_ratio_tuned", "peak_rss_ratio", "peak_rss_ratio_tuned",
+     "loss_gap", "loss_gap_tuned", "flops_fraction", "tokens_per_s_ratio_no_chunks", ...}
+
+ratios are edgetune over the other side; loss_gap is (edgetune - other) / other.
+Usage: python bench/train.py [--steps 6] [--batch 8] [--seq 256] [--rank 8] [--rounds 2] [--legacy]
 """
 from __future__ import annotations
 
@@ -82,12 +96,16 @@ def worker_edgetune(a: argparse.Namespace) -> dict:
 
     import onnxruntime as ort
 
+    if "torch" in sys.modules:
+        raise SystemExit("torch was imported into the edgetune worker: its RSS would count against edgetune")
+
     cfg = TrainConfig(steps=a.steps + 1, batch_size=a.batch, lr=a.lr, schedule="constant", max_seq_len=a.seq,
                       threads=a.threads, **({} if a.max_batch_tokens is None else {"max_batch_tokens": a.max_batch_tokens}))
     t = trainer.Trainer(a.bundle, Path(a.tmp) / "run", cfg, progress=False, log=lambda s: None)
     t._open()
     train, valid = batches(a.bundle, a.data, a.batch, a.seq), batches(a.bundle, a.data, a.batch, a.seq, "valid")
-    times, toks, labs = [], 0, 0
+    vl0 = t.validate_batches(valid)
+    times, toks, labs, lengths = [], 0, 0, []
     for i, b in enumerate(train[: a.steps + 1]):
         t0 = time.perf_counter()
         loss = t._step([b])
@@ -96,15 +114,17 @@ def worker_edgetune(a: argparse.Namespace) -> dict:
         if i > 0:  # the first step builds kernels and arenas
             times.append(dt)
             toks, labs = toks + b.n_tokens, labs + b.n_labels
+            lengths += b.attention_mask.sum(1).tolist()
     vl = t.validate_batches(valid)
     return {"side": "edgetune", "s_per_step": float(np.median(times)), "s_min": float(np.min(times)),
             "s_max": float(np.max(times)), "tokens": toks, "labelled": labs,
-            "time": float(np.sum(times)), "peak_rss_mb": peak_rss_mb(), "valid_loss": vl, "last_loss": loss,
-            "onnxruntime": ort.__version__, "max_batch_tokens": cfg.max_batch_tokens,
+            "time": float(np.sum(times)), "peak_rss_mb": peak_rss_mb(), "valid_loss": vl, "valid_loss_0": vl0,
+            "last_loss": loss, "onnxruntime": ort.__version__, "max_batch_tokens": cfg.max_batch_tokens,
+            "lengths": lengths,
             "torch_loaded": "torch" in sys.modules}
 
 
-def worker_torch(a: argparse.Namespace) -> dict:
+def _torch_model(a: argparse.Namespace, **kw):
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -115,10 +135,37 @@ def worker_torch(a: argparse.Namespace) -> dict:
     torch.set_num_threads(a.threads or os.cpu_count())
     torch.manual_seed(0)
     gguf, _ = resolve_model(DEFAULT_MODEL)
-    model = AutoModelForCausalLM.from_pretrained(_converted_gguf(gguf, print), dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(r=a.rank, lora_alpha=2 * a.rank, target_modules=TARGETS, lora_dropout=0.0))
+    model = AutoModelForCausalLM.from_pretrained(_converted_gguf(gguf, print), dtype=torch.float32, **kw)
+    return get_peft_model(model, LoraConfig(r=a.rank, lora_alpha=2 * a.rank, target_modules=TARGETS, lora_dropout=0.0))
+
+
+def _torch_valid_loss(model, valid) -> float:
+    """Mean loss over the labelled tokens (labels are edgetune's shifted targets)."""
+    import torch
+
+    model.eval()
+    base = model.base_model.model
+    vl, vn = 0.0, 0
+    with torch.no_grad():
+        for b in valid:
+            h = base.model(input_ids=torch.from_numpy(b.input_ids),
+                           attention_mask=torch.from_numpy(b.attention_mask)).last_hidden_state
+            tgt = torch.from_numpy(b.labels)
+            sel = tgt != -100
+            vl += torch.nn.functional.cross_entropy(base.lm_head(h[sel]), tgt[sel], reduction="sum").item()
+            vn += int(sel.sum())
+    model.train()
+    return vl / vn
+
+
+def worker_torch(a: argparse.Namespace) -> dict:
+    """PyTorch + PEFT as its documentation shows it."""
+    import torch
+
+    model = _torch_model(a)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr)
     train, valid = batches(a.bundle, a.data, a.batch, a.seq), batches(a.bundle, a.data, a.batch, a.seq, "valid")
+    vl0 = _torch_valid_loss(model, valid)
 
     def unshift(lab: np.ndarray) -> torch.Tensor:  # HF shifts labels itself
         out = np.full_like(lab, -100)
@@ -139,46 +186,76 @@ def worker_torch(a: argparse.Namespace) -> dict:
         if i > 0:
             times.append(dt)
             toks, labs = toks + b.n_tokens, labs + b.n_labels
-    model.eval()
-    vl, vn = 0.0, 0
-    with torch.no_grad():
-        for b in valid:
-            logits = model(input_ids=torch.from_numpy(b.input_ids), attention_mask=torch.from_numpy(b.attention_mask)).logits
-            vl += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                    torch.from_numpy(b.labels).reshape(-1), ignore_index=-100,
-                                                    reduction="sum").item()
-            vn += b.n_labels
+    vl = _torch_valid_loss(model, valid)
     return {"side": "pytorch+peft", "s_per_step": float(np.median(times)), "s_min": float(np.min(times)),
             "s_max": float(np.max(times)), "tokens": toks, "labelled": labs,
-            "time": float(np.sum(times)), "peak_rss_mb": peak_rss_mb(), "valid_loss": vl / vn, "last_loss": loss,
-            "torch": torch.__version__}
+            "time": float(np.sum(times)), "peak_rss_mb": peak_rss_mb(), "valid_loss": vl, "valid_loss_0": vl0,
+            "last_loss": loss, "torch": torch.__version__}
+
+
+def worker_torch_tuned(a: argparse.Namespace) -> dict:
+    """PyTorch + PEFT with edgetune's tricks: labelled rows only through lm_head, token-budget
+    chunks trimmed of padding with token-weighted accumulation, nothing stale, SDPA, optional compile."""
+    import torch
+    import torch.nn.functional as F
+
+    from edgetune import data as D
+
+    model = _torch_model(a, attn_implementation="sdpa")
+    base = model.base_model.model
+    body, head = base.model, base.lm_head
+    if a.compile:
+        body = torch.compile(body, dynamic=True)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=a.lr)
+    train, valid = batches(a.bundle, a.data, a.batch, a.seq), batches(a.bundle, a.data, a.batch, a.seq, "valid")
+    vl0 = _torch_valid_loss(model, valid)
+    budget = 1024 if a.max_batch_tokens is None else a.max_batch_tokens
+    times, toks, labs, loss = [], 0, 0, 0.0
+    for i, b in enumerate(train[: a.steps + 1]):
+        t0 = time.perf_counter()
+        loss = 0.0
+        for c in D.split_rows(b, budget):  # the same chunks edgetune runs, trimmed of unused padding
+            n = int(c.attention_mask.sum(1).max())
+            ids, mask = torch.from_numpy(c.input_ids[:, :n]), torch.from_numpy(c.attention_mask[:, :n])
+            tgt = torch.from_numpy(c.labels[:, :n])
+            sel = tgt != -100
+            h = body(input_ids=ids, attention_mask=mask).last_hidden_state
+            part = F.cross_entropy(head(h[sel]), tgt[sel], reduction="sum") / b.n_labels
+            part.backward()
+            loss += part.item()
+            del h, part  # nothing of this chunk outlives it
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        dt = time.perf_counter() - t0
+        if i > 0:
+            times.append(dt)
+            toks, labs = toks + b.n_tokens, labs + b.n_labels
+    vl = _torch_valid_loss(model, valid)
+    return {"side": "pytorch+peft tuned" + (" +compile" if a.compile else ""), "s_per_step": float(np.median(times)),
+            "s_min": float(np.min(times)), "s_max": float(np.max(times)), "tokens": toks, "labelled": labs,
+            "time": float(np.sum(times)), "peak_rss_mb": peak_rss_mb(), "valid_loss": vl, "valid_loss_0": vl0,
+            "last_loss": loss, "torch": torch.__version__, "max_batch_tokens": budget}
 
 
 # -- driver ----------------------------------------------------------------------------
-def matmul_gflops(threads: int) -> float:
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
-    n = 1024
-    x = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
-    y = x.copy()
-    x @ y
-    best = min(_timed(lambda: x @ y) for _ in range(5))
-    return 2 * n**3 / best / 1e9
+def fma_peak_gflops(threads: int) -> float:
+    """The machine's multiply-add peak: the merge kernels' FMA loop at their widest vector width."""
+    from edgetune import _ext
+
+    return max(_ext.peak_gflops(threads) for _ in range(5))
 
 
-def _timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
-
-
-def train_flops(manifest: dict, tokens: int, labelled: int) -> float:
-    """Useful work: forward 2N and activation backward 2N per token for the frozen body,
-    plus the vocabulary projection for labelled tokens (the adapter's own work is tiny)."""
+def train_flops(manifest: dict, lengths: list[int], labelled: int) -> float:
+    """Useful work of one pass over sequences of ``lengths`` tokens: per token, forward 2N and
+    activation backward 2N for the frozen body's matmuls; per sequence of L tokens and layer,
+    the attention matmuls (QK^T and PV forward, 4 L^2 d; their backward, 8 L^2 d); and the
+    vocabulary projection of labelled tokens (the adapters' own work is tiny)."""
     c = manifest["model_config"]
     h, inter, layers, vocab = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"]
     kv = c["num_key_value_heads"] * (h // c["num_attention_heads"])
     body = layers * (2 * h * h + 2 * h * kv + 3 * h * inter)
-    return 4.0 * body * tokens + 4.0 * vocab * h * labelled
+    attention = layers * 12.0 * h * sum(L * L for L in lengths)
+    return 4.0 * body * sum(lengths) + attention + 4.0 * vocab * h * labelled
 
 
 LEGACY_SRC = ROOT / "out" / "legacy-src"
@@ -195,18 +272,25 @@ def run_worker(side: str, a: argparse.Namespace, tmp: Path) -> dict:
         bundle = a.quantized_bundle
     if side == "arena":  # the float32 base with the allocator setting the quantized base uses
         env["EDGETUNE_ORT_ARENA"] = "1"
-    cmd = [py, script, "--worker", "torch" if side == "torch" else "edgetune", "--bundle", str(bundle),
+    worker = {"torch": "torch", "tuned": "tuned"}.get(side, "edgetune")
+    cmd = [py, script, "--worker", worker, "--bundle", str(bundle),
            "--data", str(a.data), "--steps", str(a.steps), "--batch", str(a.batch), "--seq", str(a.seq),
            "--rank", str(a.rank), "--lr", str(a.lr), "--threads", str(a.threads), "--tmp", str(tmp / side),
            "--result", str(out)]
-    if a.max_batch_tokens is not None:
+    if side == "nochunk":
+        cmd += ["--max-batch-tokens", "0"]
+    elif a.max_batch_tokens is not None:
         cmd += ["--max-batch-tokens", str(a.max_batch_tokens)]
+    if side == "tuned" and a.compile:
+        cmd += ["--compile"]
     subprocess.run(cmd, check=True, env=env, cwd=str(LEGACY_SRC if side == "legacy" else ROOT))
     res = json.loads(out.read_text())
     if side == "quantized":
         res["side"] = f"edgetune, {a.quantize} base"
     if side == "arena":
         res["side"] = "edgetune, ORT arena"
+    if side == "nochunk":
+        res["side"] = "edgetune, no chunks"
     if side == "legacy":
         res["side"] = "edgetune on ORT 1.19.2"
         res.setdefault("s_min", res["s_per_step"])
@@ -256,43 +340,49 @@ def main() -> None:
     ap.add_argument("--max-batch-tokens", type=int, default=None,
                     help="edgetune's chunking of each batch (default: edgetune's own default; 0 turns it off)")
     ap.add_argument("--bundle", help="an exported bundle of the default model (else one is exported)")
-    ap.add_argument("--no-legacy", action="store_true", help="skip the ONNX Runtime 1.19.2 training backend")
-    ap.add_argument("--no-torch", action="store_true", help="skip PyTorch + PEFT (edgetune against 1.19.2 only)")
+    ap.add_argument("--legacy", action="store_true", help="also run the ONNX Runtime 1.19.2 training backend")
+    ap.add_argument("--no-legacy", action="store_true", help=argparse.SUPPRESS)  # the default now
+    ap.add_argument("--no-torch", action="store_true", help="skip both PyTorch + PEFT sides")
+    ap.add_argument("--no-chunks-side", action="store_true", help="skip the edgetune side without chunks")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the tuned PyTorch side's model body")
     ap.add_argument("--quantize", choices=["int4", "int8"],
                     help="also train on a block-quantized base (QLoRA) and compare it with the float32 base")
     ap.add_argument("--data")
-    ap.add_argument("--worker", choices=["edgetune", "torch"], help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=["edgetune", "torch", "tuned"], help=argparse.SUPPRESS)
     ap.add_argument("--tmp", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
         a.bundle, a.data = Path(a.bundle), Path(a.data)
-        res = worker_edgetune(a) if a.worker == "edgetune" else worker_torch(a)
+        res = {"edgetune": worker_edgetune, "torch": worker_torch, "tuned": worker_torch_tuned}[a.worker](a)
         Path(a.result).write_text(json.dumps(res))
         return
     with tempfile.TemporaryDirectory(prefix="edgetune-bench-") as tmpd:
         tmp = Path(tmpd)
         a.bundle = ensure_bundle(a, tmp)
-        sides = (["edgetune"] + (["quantized", "arena"] if a.quantize else []) + ([] if a.no_legacy else ["legacy"])
-                 + ([] if a.no_torch else ["torch"]))
+        sides = (["edgetune"] + ([] if a.no_chunks_side else ["nochunk"]) + (["quantized", "arena"] if a.quantize else [])
+                 + (["legacy"] if a.legacy else []) + ([] if a.no_torch else ["torch", "tuned"]))
         if a.quantize:
             a.quantized_bundle = ensure_bundle(a, tmp, a.quantize)
-        if not a.no_legacy:
+        if a.legacy:
             a.legacy_bundle = ensure_legacy_bundle(a)
         a.data = Path(a.data) if a.data else make_data(tmp / "data", n_train=a.batch * (a.steps + 1), n_valid=16)
         print(f"machine: {machine.describe()}")
-        gflops = matmul_gflops(a.threads)
-        print(f"float32 matmul (1024^3, numpy, {a.threads} threads): {gflops:.1f} GFLOP/s")
+        from edgetune import kernels
+
+        gflops = fma_peak_gflops(a.threads)
+        print(f"multiply-add peak ({kernels.isa()} FMA loop, {a.threads} threads): {gflops:.1f} GFLOP/s")
         results: dict[str, list[dict]] = {s: [] for s in sides}
         for r in range(a.rounds):
             for side in (sides if r % 2 == 0 else sides[::-1]):
                 res = run_worker(side, a, tmp)
                 results[side].append(res)
                 chunks = f" (chunks of <= {res['max_batch_tokens']} tokens)" if res.get("max_batch_tokens") else ""
+                v0 = f"{res['valid_loss_0']:.4f} -> " if "valid_loss_0" in res else ""
                 print(f"round {r + 1} {res['side'] + chunks:>13}: {res['s_per_step']:.2f} s/step "
                       f"(median; {res['s_min']:.2f}-{res['s_max']:.2f}), "
                       f"{res['tokens'] / res['time']:.0f} tokens/s ({res['labelled'] / res['time']:.0f} labelled), "
-                      f"peak RSS {res['peak_rss_mb']:.0f} MB, valid loss {res['valid_loss']:.4f}", flush=True)
+                      f"peak RSS {res['peak_rss_mb']:.0f} MB, valid loss {v0}{res['valid_loss']:.4f}", flush=True)
     manifest = json.loads((Path(a.bundle) / "edgetune.json").read_text())
     out = summarize(results, manifest, gflops)
     if a.quantize:
@@ -332,16 +422,17 @@ def summarize(results: dict[str, list[dict]], manifest: dict, gflops: float) -> 
     best = {side: max(rs, key=tps) for side, rs in results.items()}
     rss = {side: min(r["peak_rss_mb"] for r in rs) for side, rs in results.items()}
     e = best["edgetune"]
-    fl = train_flops(manifest, e["tokens"], e["labelled"]) / e["time"] / 1e9
+    steps = len(e["lengths"]) and e["time"]
+    fl = train_flops(manifest, e["lengths"], e["labelled"]) / steps / 1e9
     out = {"flops_fraction": round(fl / gflops, 3)}
-    for side, suffix in (("torch", ""), ("legacy", "_vs_1192")):
+    for side, suffix in (("torch", ""), ("tuned", "_tuned"), ("nochunk", "_no_chunks"), ("legacy", "_vs_1192")):
         if side in best:
             o = best[side]
             out.update({f"tokens_per_s_ratio{suffix}": round(tps(e) / tps(o), 3),
                         f"peak_rss_ratio{suffix}": round(rss["edgetune"] / rss[side], 3),
                         f"loss_gap{suffix}": round((e["valid_loss"] - o["valid_loss"]) / o["valid_loss"], 4)})
     print(f"\nedgetune {tps(e):.0f} tokens/s; useful work {fl:.1f} GFLOP/s ({out['flops_fraction']:.0%} of the "
-          f"numpy matmul measured in this run)")
+          f"multiply-add peak measured in this run)")
     return out
 
 

@@ -21,6 +21,7 @@ if os.environ.get("CI") and not DEVICE_ONLY:
     import flwr  # noqa: F401
     import onnx  # noqa: F401
     import peft  # noqa: F401
+    import sacrebleu  # noqa: F401
     import torch  # noqa: F401
 
 
