@@ -403,11 +403,14 @@ def generate(model: str, adapter: str | None, device: str, provider_option: tupl
 @click.option("--adapter", "-a", "extra", multiple=True, type=click.Path(), help="Another adapter to blend in (repeat).")
 @click.option("--weight", "-w", "weights", multiple=True, type=float,
               help="Blend weight, one per --adapter (RUN gets 1.0), or one per adapter including RUN first.")
+@click.option("--quantize", type=click.Choice(["int4", "int8"]),
+              help="Re-quantize the merged linear weights block-wise (MatMulNBits; ONNX output).")
+@click.option("--block-size", default=32, show_default=True, type=int, help="Weights per quantization block.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 @_errors
 def merge_cmd(bundle: str, run: str, out: str, fmt: str, dtype: str, extra: tuple[str, ...],
-              weights: tuple[float, ...], overwrite: bool, as_json: bool) -> None:
+              weights: tuple[float, ...], quantize: str | None, block_size: int, overwrite: bool, as_json: bool) -> None:
     """Fold RUN's adapter (and any --adapter) into the base weights of BUNDLE.
 
     Uses the C++ kernels (EDGETUNE_IMPL=numpy forces the numpy reference). ONNX output
@@ -418,6 +421,7 @@ def merge_cmd(bundle: str, run: str, out: str, fmt: str, dtype: str, extra: tupl
       edgetune merge bundle/ run/ --out merged/
       edgetune merge bundle/ run/ --out hf-merged/ --format safetensors --dtype bfloat16
       edgetune merge bundle/ run_a/ --adapter run_b/ --weight 0.7 --weight 0.3 --out blend/
+      edgetune merge qlora-bundle/ run/ --out merged-int4/ --quantize int4
     """
     from .errors import ConfigError
     from .merge import merge
@@ -433,7 +437,8 @@ def merge_cmd(bundle: str, run: str, out: str, fmt: str, dtype: str, extra: tupl
     else:
         ws = [1.0] * len(runs)
     try:
-        summary = merge(bundle, runs, out, fmt, dtype, ws, log=_log, overwrite=overwrite)
+        summary = merge(bundle, runs, out, fmt, dtype, ws, log=_log, overwrite=overwrite, quantize=quantize,
+                        block_size=block_size)
     except ConfigError as e:
         raise click.ClickException(str(e)) from None
     if as_json:

@@ -94,7 +94,8 @@ def _check_targets(b: _bundle.Bundle, targets: dict[str, Any]) -> None:
         raise BundleError(f"bundle {b.root} has no base weight for {missing[0]} (and {len(missing) - 1} more)")
 
 
-def merge_onnx(b: _bundle.Bundle, sources: list[Source], out: Path, log: Callable[[str], None]) -> None:
+def merge_onnx(b: _bundle.Bundle, sources: list[Source], out: Path, log: Callable[[str], None],
+               quantize: str | None = None, block_size: int = 32) -> None:
     if not b.path("merge_template.onnx").is_file():
         raise BundleError(f"bundle {b.root} has no merge_template.onnx ({b.adapter.method} bundles merge to safetensors only)")
     targets = _module_adapters(b, sources)
@@ -114,8 +115,12 @@ def merge_onnx(b: _bundle.Bundle, sources: list[Source], out: Path, log: Callabl
         mm.flush()
         del mm
         shutil.copyfile(b.path("merge_template.onnx"), tmp / "model.onnx")
+        qinfo = quant.quantize_model(tmp / "model.onnx", "model.onnx.data", quantize, block_size, log) if quantize else None
         _copy_tokenizer(b, tmp)
-        _io.write_json(tmp / "merged.json", _io.seal(_merged_manifest(b, sources, "onnx", "float32", tmp)))
+        manifest = _merged_manifest(b, sources, "onnx", "float32", tmp)
+        if qinfo:
+            manifest["quantization"] = qinfo
+        _io.write_json(tmp / "merged.json", _io.seal(manifest))
 
 
 def _safetensors_header(entries: list[tuple[str, str, list[int], int]]) -> bytes:
@@ -185,14 +190,21 @@ def _merged_manifest(b: _bundle.Bundle, sources: list[Source], fmt: str, dtype: 
 
 def merge(bundle: str | Path, runs: Sequence[str | Path], out: str | Path, fmt: str = "onnx",
           dtype: str = "float32", weights: Sequence[float] | None = None,
-          log: Callable[[str], None] = lambda s: None, overwrite: bool = False) -> dict[str, Any]:
-    """Merge ``runs`` (weighted) into the base of ``bundle``; write ``out``; return a summary."""
+          log: Callable[[str], None] = lambda s: None, overwrite: bool = False,
+          quantize: str | None = None, block_size: int = 32) -> dict[str, Any]:
+    """Merge ``runs`` (weighted) into the base of ``bundle``; write ``out``; return a summary.
+    ``quantize`` (int4, int8; ONNX output) re-quantizes the merged weights block-wise."""
     if fmt not in FORMATS:
         raise ConfigError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if dtype not in DTYPES:
         raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if fmt == "onnx" and dtype != "float32":
         raise ConfigError("ONNX output is float32; use --format safetensors for float16 or bfloat16")
+    if quantize and fmt != "onnx":
+        raise ConfigError("--quantize writes ONNX (MatMulNBits); for a quantized Hugging Face model, merge to "
+                          "safetensors and quantize it with the tool that will load it")
+    if quantize:
+        quant.check(quantize, block_size)
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"{out} already exists and is not empty; choose another --out or pass --overwrite")
@@ -203,8 +215,9 @@ def merge(bundle: str | Path, runs: Sequence[str | Path], out: str | Path, fmt: 
                           "so a weighted blend of DoRA adapters is not defined; merge LoRA adapters to blend")
     t0 = time.time()
     if fmt == "onnx":
-        merge_onnx(b, sources, out, log)
+        merge_onnx(b, sources, out, log, quantize, block_size)
     else:
         merge_safetensors(b, sources, out, dtype, log)
     return {"out": str(out), "format": fmt, "dtype": dtype, "adapters": len(sources),
-            "seconds": round(time.time() - t0, 2), "implementation": kernels.implementation()}
+            "seconds": round(time.time() - t0, 2), "implementation": kernels.implementation(),
+            **({"quantize": quantize, "block_size": block_size} if quantize else {})}

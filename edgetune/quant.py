@@ -312,3 +312,37 @@ def write_float_data(b: Any, dest: Any) -> None:
                 raise ValueError(f"{name}: {len(buf)} bytes for a slot of {e['length']}")
             f.seek(e["offset"])
             f.write(buf)
+
+
+def quantize_model(onnx_path: Any, data_name: str, method: str, block: int,
+                   log: Any = lambda s: None) -> dict[str, Any]:
+    """Re-quantize an inference model in place (a merged model): every linear weight becomes
+    block-quantized ``MatMulNBits``, one weight quantized at a time; the embedding and the norms
+    stay float. Returns what the merged manifest records."""
+    try:
+        import onnx
+    except ImportError:
+        raise ConfigError("merge --quantize rewrites the graph and needs the onnx package: "
+                          "pip install onnx (or merge without --quantize)") from None
+    check(method, block)
+    bits = BITS[method]
+    model = onnx.load(str(onnx_path))
+    names = linear_weights(model.graph, set())
+    inits = {i.name: i for i in model.graph.initializer}
+    quantized, float_bytes, err = {}, 0, 0.0
+    for name in names:
+        w = onnx.numpy_helper.to_array(inits[name])
+        quantized[name] = quantize(w, bits, block)
+        back = dequantize(*quantized[name], bits, w.shape[1])
+        err = max(err, float(np.abs(back - w).max() / max(1e-12, np.abs(w).max())))
+        float_bytes += w.nbytes
+    q_bytes = sum(sum(a.nbytes for a in t) for t in quantized.values())
+    log(f"quantized {len(names)} linear weights to {method} (blocks of {block}): "
+        f"{float_bytes / 2**20:.0f} MB -> {q_bytes / 2**20:.0f} MB")
+    rewrite(model, names, quantized, bits, block)
+    data = onnx_path.parent / data_name
+    data.unlink()
+    onnx.save_model(model, str(onnx_path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data_name, size_threshold=0)
+    return {"method": method, "bits": bits, "block_size": block, "weights": len(names),
+            "float_bytes": float_bytes, "quantized_bytes": q_bytes, "max_relative_error": err}

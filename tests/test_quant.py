@@ -181,6 +181,41 @@ def test_qlora_adapter_merges_into_a_float_base(qlora_bundle, qlora_run, tmp_pat
     assert not list((tmp_path / "st").glob(".*tmp"))
 
 
+@pytest.mark.parametrize("method", ["int4", "int8"])
+def test_merge_can_requantize_the_merged_weights(qlora_bundle, qlora_run, tmp_path, method):
+    onnx = pytest.importorskip("onnx")
+    from onnx import numpy_helper
+
+    from edgetune import merge
+    from edgetune.infer import Model
+
+    merge.merge(qlora_bundle, [qlora_run], tmp_path / "f")
+    s = merge.merge(qlora_bundle, [qlora_run], tmp_path / "q", quantize=method, block_size=16)
+    assert s["quantize"] == method
+    fm = onnx.load(str(tmp_path / "f" / "model.onnx"))
+    qm = onnx.load(str(tmp_path / "q" / "model.onnx"))
+    fw = {i.name: numpy_helper.to_array(i) for i in fm.graph.initializer}
+    qw = {i.name: numpy_helper.to_array(i) for i in qm.graph.initializer}
+    linear = quant.linear_weights(fm.graph, set())
+    assert linear and not set(linear) & set(qw)  # no float copy of a linear weight is left
+    assert sum(n.op_type == "MatMulNBits" for n in qm.graph.node) == len(linear)
+    bits = quant.BITS[method]
+    for name in linear:  # the merged float weights, quantized exactly as the bundle's base was
+        codes, scale, zero = quant.quantize(fw[name], bits, 16)
+        np.testing.assert_array_equal(qw[f"{name}.q"], codes)
+        np.testing.assert_array_equal(qw[f"{name}.scale"], scale)
+        np.testing.assert_array_equal(qw[f"{name}.zero"], zero)
+    ids = np.asarray([list(range(5, 30))], np.int64)
+    want = Model.open(tmp_path / "f").logits(ids, np.ones_like(ids))
+    got = Model.open(tmp_path / "q").logits(ids, np.ones_like(ids))
+    assert np.abs(got - want).max() < (0.05 if method == "int8" else 0.5) * np.abs(want).max()
+    meta = json.loads((tmp_path / "q" / "merged.json").read_text())
+    assert meta["quantization"]["method"] == method
+    assert (tmp_path / "q" / "model.onnx.data").stat().st_size < (tmp_path / "f" / "model.onnx.data").stat().st_size
+    with pytest.raises(ConfigError, match="--quantize writes ONNX"):
+        merge.merge(qlora_bundle, [qlora_run], tmp_path / "x", fmt="safetensors", quantize=method)
+
+
 def test_qlora_pack_runs_the_quantized_base_in_onnxruntime_genai(qlora_bundle, qlora_run, tmp_path):
     import test_genai as tg
 
