@@ -211,5 +211,9 @@ def test_qlora_int4_base_on_the_real_model(real_bundle, real_run, tmp_path):
     merge.merge(bundle, [run], tmp_path / "merged")
     merged = infer.evaluate(tmp_path / "merged", test)["loss"]
     assert abs(merged - ours) / ours < 1e-3, (merged, ours)
+    # Re-quantized after the merge: the loss stays within the int4 grid's reach of the float merge.
+    merge.merge(bundle, [run], tmp_path / "merged-int4", quantize="int4")
+    requant = infer.evaluate(tmp_path / "merged-int4", test)["loss"]
+    assert abs(requant - merged) / merged < 0.1, (requant, merged)
     pack.pack(run, bundle, tmp_path / "app", name="tickets")
     assert pack.verify(tmp_path / "app")["ok"]
