@@ -95,7 +95,7 @@ def _check_targets(b: _bundle.Bundle, targets: dict[str, Any]) -> None:
 
 
 def merge_onnx(b: _bundle.Bundle, sources: list[Source], out: Path, log: Callable[[str], None],
-               quantize: str | None = None, block_size: int = 32) -> None:
+               quantize: str | None = None, block_size: int = 32) -> dict[str, Any] | None:
     if not b.path("merge_template.onnx").is_file():
         raise BundleError(f"bundle {b.root} has no merge_template.onnx ({b.adapter.method} bundles merge to safetensors only)")
     targets = _module_adapters(b, sources)
@@ -108,19 +108,33 @@ def merge_onnx(b: _bundle.Bundle, sources: list[Source], out: Path, log: Callabl
         else:
             shutil.copyfile(b.path("infer.onnx.data"), tmp / "model.onnx.data")
         mm = np.memmap(tmp / "model.onnx.data", dtype=np.uint8, mode="r+")
+        changes: dict[int, np.ndarray] = {}  # offset -> what the merge changed (for --quantize's check)
         for hf, ads in targets.items():
             e = index[hf]
             w = mm[e["offset"]:e["offset"] + e["length"]].view(np.float32).reshape(e["shape"])
+            before = np.array(w) if quantize else None
             _merge_into(w, ads, mags.get(hf), hf)
+            if before is not None:
+                changes[e["offset"]] = before
+            del before
         mm.flush()
         del mm
         shutil.copyfile(b.path("merge_template.onnx"), tmp / "model.onnx")
-        qinfo = quant.quantize_model(tmp / "model.onnx", "model.onnx.data", quantize, block_size, log) if quantize else None
+        qinfo = None
+        if quantize:
+            qinfo = quant.quantize_model(tmp / "model.onnx", "model.onnx.data", quantize, block_size, log, changes)
+            kept = qinfo["adapter_change_kept"]
+            if kept < 0.5:
+                log(f"warning: after {quantize} rounding the merged weights keep {kept:.0%} of the change the adapter "
+                    f"made (its changes are smaller than the {quantize} steps and round back), so the merged model "
+                    f"loses most of the fine-tuning; use --quantize int8, or ship the adapter beside the quantized "
+                    f"base (pack)")
         _copy_tokenizer(b, tmp)
         manifest = _merged_manifest(b, sources, "onnx", "float32", tmp)
         if qinfo:
             manifest["quantization"] = qinfo
         _io.write_json(tmp / "merged.json", _io.seal(manifest))
+    return qinfo
 
 
 def _safetensors_header(entries: list[tuple[str, str, list[int], int]]) -> bytes:
@@ -214,10 +228,12 @@ def merge(bundle: str | Path, runs: Sequence[str | Path], out: str | Path, fmt: 
         raise ConfigError("DoRA adapters merge one at a time with weight 1: a DoRA layer rescales whole rows, "
                           "so a weighted blend of DoRA adapters is not defined; merge LoRA adapters to blend")
     t0 = time.time()
+    qinfo = None
     if fmt == "onnx":
-        merge_onnx(b, sources, out, log, quantize, block_size)
+        qinfo = merge_onnx(b, sources, out, log, quantize, block_size)
     else:
         merge_safetensors(b, sources, out, dtype, log)
     return {"out": str(out), "format": fmt, "dtype": dtype, "adapters": len(sources),
             "seconds": round(time.time() - t0, 2), "implementation": kernels.implementation(),
-            **({"quantize": quantize, "block_size": block_size} if quantize else {})}
+            **({"quantize": quantize, "block_size": block_size,
+                "adapter_change_kept": round(qinfo["adapter_change_kept"], 3)} if qinfo else {})}

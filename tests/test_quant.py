@@ -200,11 +200,27 @@ def test_merge_can_requantize_the_merged_weights(qlora_bundle, qlora_run, tmp_pa
     assert linear and not set(linear) & set(qw)  # no float copy of a linear weight is left
     assert sum(n.op_type == "MatMulNBits" for n in qm.graph.node) == len(linear)
     bits = quant.BITS[method]
+    from edgetune import bundle as _bundle
+
+    quant.write_float_data(_bundle.load(qlora_bundle), tmp_path / "base.data")  # the weights before the merge
+    base = np.fromfile(tmp_path / "base.data", np.uint8)
+    offsets = {i.name: int({e.key: e.value for e in i.external_data}["offset"])
+               for i in onnx.load(str(tmp_path / "f" / "model.onnx"), load_external_data=False).graph.initializer
+               if i.external_data}
+    change = kept = 0.0
     for name in linear:  # the merged float weights, quantized exactly as the bundle's base was
         codes, scale, zero = quant.quantize(fw[name], bits, 16)
+        w0 = base[offsets[name]:offsets[name] + fw[name].nbytes].view(np.float32).reshape(fw[name].shape)
+        if not np.array_equal(fw[name], w0):  # a weight the adapter changed
+            delta = fw[name].astype(np.float64) - w0
+            change += float(np.square(delta).sum())
+            kept += float(((quant.dequantize(codes, scale, zero, bits, fw[name].shape[1]) - w0) * delta).sum())
         np.testing.assert_array_equal(qw[f"{name}.q"], codes)
         np.testing.assert_array_equal(qw[f"{name}.scale"], scale)
         np.testing.assert_array_equal(qw[f"{name}.zero"], zero)
+    # the reported check: how much of the merge's change survives the rounding
+    got_kept = json.loads((tmp_path / "q" / "merged.json").read_text())["quantization"]["adapter_change_kept"]
+    assert got_kept == pytest.approx(kept / change, rel=1e-6) and s["adapter_change_kept"] == round(got_kept, 3)
     ids = np.asarray([list(range(5, 30))], np.int64)
     want = Model.open(tmp_path / "f").logits(ids, np.ones_like(ids))
     got = Model.open(tmp_path / "q").logits(ids, np.ones_like(ids))

@@ -211,9 +211,12 @@ def test_qlora_int4_base_on_the_real_model(real_bundle, real_run, tmp_path):
     merge.merge(bundle, [run], tmp_path / "merged")
     merged = infer.evaluate(tmp_path / "merged", test)["loss"]
     assert abs(merged - ours) / ours < 1e-3, (merged, ours)
-    # Re-quantized after the merge: the loss stays within the int4 grid's reach of the float merge.
-    merge.merge(bundle, [run], tmp_path / "merged-int4", quantize="int4")
-    requant = infer.evaluate(tmp_path / "merged-int4", test)["loss"]
-    assert abs(requant - merged) / merged < 0.1, (requant, merged)
+    # Re-quantized after the merge: int8 keeps the adapter's change; int4 rounds it back onto the
+    # Q4_1 grid the base came from, and says so.
+    s8 = merge.merge(bundle, [run], tmp_path / "merged-int8", quantize="int8")
+    requant = infer.evaluate(tmp_path / "merged-int8", test)["loss"]
+    assert s8["adapter_change_kept"] > 0.9 and abs(requant - merged) / merged < 0.03, (s8, requant, merged)
+    s4 = merge.merge(bundle, [run], tmp_path / "merged-int4", quantize="int4")
+    assert s4["adapter_change_kept"] < 0.5, s4
     pack.pack(run, bundle, tmp_path / "app", name="tickets")
     assert pack.verify(tmp_path / "app")["ok"]
