@@ -26,4 +26,4 @@ test-aarch64: setup
 bench: setup
 	.venv/bin/python bench/merge.py --quick
 	.venv/bin/python bench/pack.py
-	.venv/bin/python bench/train.py
+	.venv/bin/python bench/train.py --rounds 2

@@ -211,6 +211,16 @@ def evaluate_task(model: Any, path: Path, task: str, labels: Sequence[str] | Non
     if task not in TASKS:
         raise ConfigError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
     recs = load_records(path)
+    if task in ("classification", "qa", "translation"):
+        for where, _, ref in recs:
+            if not ref.strip():
+                raise DataError(f"{where}: the reference answer is empty; every {task} record needs one "
+                                "(the metric is never computed on a subset)")
+    if labels is not None:
+        labels = [lab.strip() for lab in labels if lab.strip()]
+        if not labels:
+            raise DataError("the label set is empty: give --labels a comma-separated list, or leave it out to use "
+                            "the labels of the data")
     out: dict[str, Any] = {"task": task, "examples": len(recs)}
     replies: list[dict[str, Any]] = []
     if task == "classification":

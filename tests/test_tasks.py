@@ -109,6 +109,15 @@ def test_task_data_errors_name_file_and_line(tiny_bundle, tmp_path):
     f.write_text(json.dumps({"prompt": "x", "completion": "not json"}) + "\n")
     with pytest.raises(DataError, match=r"t.jsonl:1: the reference must be a JSON list"):
         tasks.evaluate_task(m, f, "ner", max_new_tokens=2)
+    f.write_text(json.dumps({"question": "x?", "answer": "y"}) + "\n" + json.dumps({"question": "z?", "answer": " "}) + "\n")
+    with pytest.raises(DataError, match=r"t.jsonl:2: the reference answer is empty"):
+        tasks.evaluate_task(m, f, "qa")
+    f.write_text(json.dumps({"messages": [{"role": "user", "content": "hello"}]}) + "\n")
+    with pytest.raises(DataError, match=r"t.jsonl:1: a chat record needs at least one assistant message"):
+        tasks.evaluate_task(m, f, "translation")
+    f.write_text(json.dumps({"text": "x", "label": "a"}) + "\n")
+    with pytest.raises(DataError, match="the label set is empty"):
+        tasks.evaluate_task(m, f, "classification", labels=["", " "])
     (tmp_path / "task.json").write_text('{"task": "poetry"}')
     with pytest.raises(DataError, match="task must be one of"):
         tasks.read_task(tmp_path)
