@@ -201,3 +201,18 @@ def test_forced_numpy_and_default(monkeypatch):
     monkeypatch.setenv("EDGETUNE_IMPL", "fortran")
     with pytest.raises(MergeError, match="EDGETUNE_IMPL must be cpp or numpy"):
         merge_kernels.implementation()
+
+
+@pytest.mark.parametrize("kind", ["float32", "float16", "bfloat16"])
+def test_finiteness_check_finds_the_first_nan_or_inf_anywhere(kind):
+    rng = np.random.default_rng(5)
+    base = merge_kernels.from_f32(rand(rng, (37, 301)), kind)  # 11,137 values: several scan blocks
+    assert _ext.first_nonfinite(base, kind) == -1
+    for at in (0, 4095, 4096, 9000, base.size - 1):
+        for bad in (np.nan, np.inf, -np.inf):
+            w = base.copy()
+            w.reshape(-1)[at] = merge_kernels.from_f32(np.array([bad], np.float32), kind)[0]
+            w.reshape(-1)[min(at + 7, base.size - 1)] = merge_kernels.from_f32(np.array([np.nan], np.float32), kind)[0]
+            assert _ext.first_nonfinite(w, kind) == at, (kind, at, bad)
+    big = merge_kernels.from_f32(np.array([65504.0, -3.0e38 if kind != "float16" else -65504.0], np.float32), kind)
+    assert _ext.first_nonfinite(big.reshape(1, 2), kind) == -1  # the largest finite values are finite
