@@ -21,7 +21,8 @@ struct Factor {
 struct Ops {
   const char* name;    // "generic", "avx2", "avx512"
   size_t vector_floats;  // floats per vector register in its kernels
-  void (*lora_merge)(void* w, size_t rows, size_t cols, const std::vector<Factor>& fs, DType dt, int threads);
+  // W += sum coef * B @ A; returns whether a non-finite value was written (before any 16-bit rounding).
+  bool (*lora_merge)(void* w, size_t rows, size_t cols, const std::vector<Factor>& fs, DType dt, int threads);
   void (*dora_merge)(void* w, size_t rows, size_t cols, const std::vector<Factor>& fs, DType dt, const float* mag,
                      int threads);
   double (*peak_gflops)(int threads, size_t iters);

@@ -13,6 +13,7 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -303,9 +304,11 @@ Packed pack(size_t rows, size_t cols, const std::vector<Factor>& fs) {
 // -- the micro-kernel --------------------------------------------------------------------------
 // W[row0 + i, j0:j0+NR] += sum_k B[row0 + i, k] * A[k, j0:j0+NR] for i < nr (and j < cols).
 // ap is the tile's packed A ([r][NR]), bp the row block's packed B ([r][6]).
+// chk gathers x - x of every value written: 0 for a finite x, NaN for an infinity or a NaN, so the
+// merge learns whether it wrote a non-finite float32 value without a second pass over W.
 template <DType D>
 inline void micro(void* w, size_t row0, size_t nr, size_t j0, size_t cols, const float* ap, const float* bp,
-                  size_t r) {
+                  size_t r, vf& chk) {
   vf c00 = {}, c01 = {}, c10 = {}, c11 = {}, c20 = {}, c21 = {}, c30 = {}, c31 = {}, c40 = {}, c41 = {}, c50 = {},
       c51 = {};
 #pragma GCC unroll 8
@@ -343,7 +346,10 @@ inline void micro(void* w, size_t row0, size_t nr, size_t j0, size_t cols, const
     vf lo, hi;
 #define EDGETUNE_ADD(i, a, b2)                \
     load_tile<D>(w, at + i * cols, lo, hi);      \
-    store_tile<D>(w, at + i * cols, lo + a, hi + b2);
+    lo += a;                                     \
+    hi += b2;                                    \
+    chk += (lo - lo) + (hi - hi);                \
+    store_tile<D>(w, at + i * cols, lo, hi);
     EDGETUNE_ADD(0, c00, c01)
     EDGETUNE_ADD(1, c10, c11)
     EDGETUNE_ADD(2, c20, c21)
@@ -362,15 +368,27 @@ inline void micro(void* w, size_t row0, size_t nr, size_t j0, size_t cols, const
     storev(t + VW, acc[i][1]);
     for (size_t l = 0; l < NR; ++l) {
       const size_t j = lane_col<D>(l);
-      if (j < n) store1<D>(w, at + i * cols + j, load1<D>(w, at + i * cols + j) + t[l]);
+      if (j < n) {
+        const float v = load1<D>(w, at + i * cols + j) + t[l];
+        chk[0] += v - v;
+        store1<D>(w, at + i * cols + j, v);
+      }
     }
   }
 }
 
 constexpr size_t A_BLOCK_BYTES = 256 * 1024;  // the packed A of one column block stays in L2
 
+inline bool any_nan(vf v) {
+  for (size_t l = 0; l < VW; ++l)
+    if (v[l] != v[l]) return true;
+  return false;
+}
+
+// Returns whether a non-finite value was written.
 template <DType D>
-void merge_rows(void* w, size_t r0, size_t r1, const Packed& p) {
+bool merge_rows(void* w, size_t r0, size_t r1, const Packed& p) {
+  vf chk = {};
   const size_t cols = p.cols, r = p.r;
   // Widest column block whose packed A fits the budget: at low rank whole rows, so W streams.
   const size_t tb = std::max<size_t>(1, A_BLOCK_BYTES / (sizeof(float) * NR * std::max<size_t>(1, r)));
@@ -395,10 +413,11 @@ void merge_rows(void* w, size_t r0, size_t r1, const Packed& p) {
           const char* q = static_cast<const char*>(w) + (prow * cols + pt * NR) * esize;
           for (size_t i = 0; i < MR; ++i) __builtin_prefetch(q + i * cols * esize, 1, 3);
         }
-        micro<D>(w, row, nr, t * NR, cols, p.ap + t * r * NR, bp, r);
+        micro<D>(w, row, nr, t * NR, cols, p.ap + t * r * NR, bp, r, chk);
       }
     }
   }
+  return any_nan(chk);
 }
 
 // DoRA: W'[o,:] = m[o] * (W[o,:] + s B[o,:] A) / ||W[o,:] + s B[o,:] A||, a block of rows at a time:
@@ -407,13 +426,14 @@ template <DType D>
 void dora_rows(void* w, size_t r0, size_t r1, const Packed& p, const float* mag) {
   const size_t cols = p.cols, r = p.r;
   std::vector<float> merged(MR * p.tiles * NR);
+  vf unused = {};  // DoRA's result is checked after its rows are rescaled
   for (size_t row = r0; row < r1; row += MR) {
     const size_t nr = std::min(MR, r1 - row);
     for (size_t i = 0; i < nr; ++i)
       for (size_t j = 0; j < cols; ++j) merged[i * p.tiles * NR + j] = load1<D>(w, (row + i) * cols + j);
     const float* bp = p.bp + (row / MR) * r * MR;
     for (size_t t = 0; t < p.tiles; ++t)
-      micro<DType::F32>(merged.data(), 0, nr, t * NR, p.tiles * NR, p.ap + t * r * NR, bp, r);
+      micro<DType::F32>(merged.data(), 0, nr, t * NR, p.tiles * NR, p.ap + t * r * NR, bp, r, unused);
     for (size_t i = 0; i < nr; ++i) {
       const float* m = merged.data() + i * p.tiles * NR;
       double ss = 0.0;
@@ -469,12 +489,17 @@ inline int auto_threads(size_t rows, size_t cols, size_t r, int threads) {
 }
 
 // p must come from pack_for(dt, ...).
-inline void lora_merge(void* w, const Packed& p, DType dt, int threads) {
+// Returns whether a non-finite value was written (before rounding to a 16-bit type).
+inline bool lora_merge(void* w, const Packed& p, DType dt, int threads) {
   threads = auto_threads(p.rows, p.cols, p.r, threads);
+  std::atomic<bool> bad{false};
   dispatch(dt, [&](auto tag) {
     constexpr DType D = decltype(tag)::value;
-    parallel_rows(p.rows, threads, [&](size_t a, size_t b) { merge_rows<D>(w, a, b, p); });
+    parallel_rows(p.rows, threads, [&](size_t a, size_t b) {
+      if (merge_rows<D>(w, a, b, p)) bad = true;
+    });
   });
+  return bad;
 }
 
 // p must come from pack_for(DType::F32, ...): the merged rows are computed in float32.
@@ -523,8 +548,8 @@ inline double peak_gflops(int threads, size_t iters) {
 }
 
 // -- the entry points dispatch.cpp calls, one set per instruction set -------------------------
-inline void lora_merge_entry(void* w, size_t rows, size_t cols, const std::vector<Factor>& fs, DType dt, int threads) {
-  lora_merge(w, pack_for(dt, rows, cols, fs), dt, threads);
+inline bool lora_merge_entry(void* w, size_t rows, size_t cols, const std::vector<Factor>& fs, DType dt, int threads) {
+  return lora_merge(w, pack_for(dt, rows, cols, fs), dt, threads);
 }
 
 inline void dora_merge_entry(void* w, size_t rows, size_t cols, const std::vector<Factor>& fs, DType dt,

@@ -101,14 +101,14 @@ Prepared prepare(AnyArray w, const std::vector<AnyArray>& as, const std::vector<
   return p;
 }
 
-void lora_merge(AnyArray w, std::vector<AnyArray> as, std::vector<AnyArray> bs, std::vector<double> coefs,
+bool lora_merge(AnyArray w, std::vector<AnyArray> as, std::vector<AnyArray> bs, std::vector<double> coefs,
                 const std::string& kind, double sign, int threads, const std::string& name) {
   for (double& c : coefs) c *= sign;
   Prepared p = prepare(w, as, bs, coefs, kind, name);
   const edgetune::Ops& ops = edgetune::selected_ops();
   void* data = w.data();
   nb::gil_scoped_release release;
-  ops.lora_merge(data, p.rows, p.cols, p.fs, p.dt, threads);
+  return ops.lora_merge(data, p.rows, p.cols, p.fs, p.dt, threads);
 }
 
 void dora_merge(AnyArray w, AnyArray a, AnyArray b, double scale, AnyArray mag, const std::string& kind, int threads,
@@ -173,7 +173,8 @@ NB_MODULE(_ext, m) {
   m.doc() = "edgetune's adapter merge kernels (see edgetune.kernels for the numpy reference)";
   m.def("lora_merge", &lora_merge, nb::arg("w"), nb::arg("a"), nb::arg("b"), nb::arg("coefs"), nb::arg("dtype"),
         nb::arg("sign") = 1.0, nb::arg("threads") = 0, nb::arg("name") = "W",
-        "W += sign * sum_i coefs[i] * b[i] @ a[i], in place, tile by tile.");
+        "W += sign * sum_i coefs[i] * b[i] @ a[i], in place, tile by tile; True if a value written was not "
+        "finite (float32 values before any 16-bit rounding).");
   m.def("dora_merge", &dora_merge, nb::arg("w"), nb::arg("a"), nb::arg("b"), nb::arg("scale"), nb::arg("magnitude"),
         nb::arg("dtype"), nb::arg("threads") = 0, nb::arg("name") = "W",
         "W = magnitude * (W + scale * b @ a) / row_norm(W + scale * b @ a), in place.");

@@ -216,3 +216,18 @@ def test_finiteness_check_finds_the_first_nan_or_inf_anywhere(kind):
             assert _ext.first_nonfinite(w, kind) == at, (kind, at, bad)
     big = merge_kernels.from_f32(np.array([65504.0, -3.0e38 if kind != "float16" else -65504.0], np.float32), kind)
     assert _ext.first_nonfinite(big.reshape(1, 2), kind) == -1  # the largest finite values are finite
+
+
+@pytest.mark.parametrize("at", [(0, 0), (36, 300), (30, 287), (12, 5)])  # full tiles, and the edges
+def test_the_kernel_notices_a_non_finite_value_it_writes(at):
+    rng = np.random.default_rng(9)
+    w = rand(rng, (37, 301))
+    a, b = rand(rng, (4, 301)), rand(rng, (37, 4))
+    w[at] = np.inf
+    with pytest.raises(MergeError, match=rf"non-finite value at \[{at[0]}, {at[1]}\]"):
+        merge_kernels.lora_merge(w, a, b, 0.5, safe=True, name="W")
+    w = rand(rng, (37, 301))
+    b[at[0], 2] = np.nan  # a broken adapter poisons that whole row
+    with pytest.raises(MergeError, match=rf"non-finite value at \[{at[0]}, 0\]"):
+        merge_kernels.lora_merge(w, a, b, 0.5, safe=True, name="W")
+    assert _ext.lora_merge(rand(rng, (37, 301)), [a], [np.nan_to_num(b)], [0.5], "float32") is False
