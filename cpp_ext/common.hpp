@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstddef>
+#include <functional>
 #include <vector>
 
 namespace edgetune {
@@ -27,6 +28,9 @@ struct Ops {
                      int threads);
   double (*peak_gflops)(int threads, size_t iters);
 };
+
+// Runs fn(0) .. fn(n - 1) on a process-wide thread pool and the calling thread (pool.cpp).
+void run_parallel(size_t n, const std::function<void(size_t)>& fn);
 
 // Every build this CPU can run, widest last (dispatch.cpp).
 const std::vector<Ops>& available_ops();

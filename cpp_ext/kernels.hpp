@@ -454,13 +454,10 @@ void parallel_rows(size_t rows, int threads, F&& fn) {
     fn(0, rows);
     return;
   }
-  std::vector<std::thread> pool;
-  for (size_t t = 0; t < nt; ++t) {
+  run_parallel(nt, [&](size_t t) {
     size_t b0 = blocks * t / nt, b1 = blocks * (t + 1) / nt;
-    size_t a = std::min(rows, b0 * MR), b = std::min(rows, b1 * MR);
-    pool.emplace_back([&fn, a, b] { fn(a, b); });
-  }
-  for (auto& th : pool) th.join();
+    fn(std::min(rows, b0 * MR), std::min(rows, b1 * MR));
+  });
 }
 
 template <typename F>
@@ -479,12 +476,12 @@ inline Packed pack_for(DType dt, size_t rows, size_t cols, const std::vector<Fac
   return p;
 }
 
-// threads <= 0: as many as the machine has, but one per ~8M multiply-adds at least, since
-// starting a thread costs tens of microseconds (a 576 x 576 rank-8 merge takes about 100).
+// threads <= 0: as many as the machine has, but one per ~1M multiply-adds at least: handing
+// work to a pooled thread costs a few microseconds (a 576 x 576 rank-8 merge takes about 70).
 inline int auto_threads(size_t rows, size_t cols, size_t r, int threads) {
   if (threads > 0) return threads;
   const size_t hw = std::max(1u, std::thread::hardware_concurrency());
-  const size_t by_work = rows * cols * (r + 8) / (size_t(1) << 23);
+  const size_t by_work = rows * cols * (r + 8) / (size_t(1) << 20);
   return static_cast<int>(std::max<size_t>(1, std::min(hw, by_work)));
 }
 
