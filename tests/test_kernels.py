@@ -231,3 +231,32 @@ def test_the_kernel_notices_a_non_finite_value_it_writes(at):
     with pytest.raises(MergeError, match=rf"non-finite value at \[{at[0]}, 0\]"):
         merge_kernels.lora_merge(w, a, b, 0.5, safe=True, name="W")
     assert _ext.lora_merge(rand(rng, (37, 301)), [a], [np.nan_to_num(b)], [0.5], "float32") is False
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+def test_thread_pool_serves_concurrent_callers_and_a_forked_child():
+    import os
+    import threading
+
+    def merge_ones(rows: int) -> np.ndarray:
+        w = np.zeros((rows, 64), np.float32)
+        merge_kernels.lora_merge(w, np.ones((2, 64), np.float32), np.ones((rows, 2), np.float32), 1.0, threads=2)
+        return w
+
+    errors = []
+
+    def caller():
+        for rows in range(12, 200, 7):
+            if not (merge_ones(rows) == 2.0).all():
+                errors.append(rows)
+
+    ts = [threading.Thread(target=caller) for _ in range(4)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert not errors
+    pid = os.fork()  # the parent's pool threads do not exist in the child: it must start its own
+    if pid == 0:
+        os._exit(0 if (merge_ones(300) == 2.0).all() else 1)
+    assert os.waitpid(pid, 0)[1] == 0

@@ -1,0 +1,98 @@
+// One process-wide pool of worker threads for the merge kernels: starting threads for every
+// matrix costs tens of microseconds, as much as merging a small matrix.
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "common.hpp"
+
+#if defined(__unix__) || defined(__APPLE__)
+#include <unistd.h>
+#define EDGETUNE_PID() static_cast<int64_t>(getpid())
+#else
+#define EDGETUNE_PID() int64_t{0}
+#endif
+
+namespace edgetune {
+namespace {
+
+class Pool {
+ public:
+  explicit Pool(size_t workers) : owner_(EDGETUNE_PID()) {
+    for (size_t i = 0; i < workers; ++i) threads_.emplace_back([this] { loop(); });
+  }
+  int64_t owner() const { return owner_; }
+  size_t size() const { return threads_.size() + 1; }
+
+  // Runs fn(0..n-1) on the workers and the calling thread; returns when all are done.
+  void run(size_t n, const std::function<void(size_t)>& fn) {
+    std::lock_guard<std::mutex> one_at_a_time(run_);
+    std::unique_lock<std::mutex> l(m_);
+    job_ = &fn;
+    njobs_ = n;
+    next_ = 0;
+    remaining_ = n;
+    ++generation_;
+    wake_.notify_all();
+    work(l);
+    done_.wait(l, [&] { return remaining_ == 0; });
+    job_ = nullptr;
+  }
+
+ private:
+  void work(std::unique_lock<std::mutex>& l) {
+    while (next_ < njobs_) {
+      const size_t t = next_++;
+      const auto* fn = job_;
+      l.unlock();
+      (*fn)(t);
+      l.lock();
+      if (--remaining_ == 0) done_.notify_all();
+    }
+  }
+  void loop() {
+    uint64_t seen = 0;
+    std::unique_lock<std::mutex> l(m_);
+    for (;;) {
+      wake_.wait(l, [&] { return generation_ != seen; });
+      seen = generation_;
+      work(l);
+    }
+  }
+
+  int64_t owner_;
+  std::vector<std::thread> threads_;
+  std::mutex run_, m_;
+  std::condition_variable wake_, done_;
+  const std::function<void(size_t)>* job_ = nullptr;
+  size_t njobs_ = 0, next_ = 0, remaining_ = 0;
+  uint64_t generation_ = 0;
+};
+
+std::mutex pool_mutex;
+Pool* pool = nullptr;  // never destroyed: its threads live as long as the process
+
+}  // namespace
+
+void run_parallel(size_t n, const std::function<void(size_t)>& fn) {
+  if (n <= 1) {
+    if (n == 1) fn(0);
+    return;
+  }
+  Pool* p;
+  {
+    std::lock_guard<std::mutex> l(pool_mutex);
+    // A forked child has none of its parent's threads: it starts a pool of its own.
+    if (!pool || pool->owner() != EDGETUNE_PID()) {
+      const size_t hw = std::max(1u, std::thread::hardware_concurrency());
+      pool = new Pool(hw > 1 ? hw - 1 : 1);
+    }
+    p = pool;
+  }
+  p->run(n, fn);
+}
+
+}  // namespace edgetune
