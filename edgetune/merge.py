@@ -108,22 +108,22 @@ def merge_onnx(b: _bundle.Bundle, sources: list[Source], out: Path, log: Callabl
         else:
             shutil.copyfile(b.path("infer.onnx.data"), tmp / "model.onnx.data")
         mm = np.memmap(tmp / "model.onnx.data", dtype=np.uint8, mode="r+")
-        changes: dict[int, np.ndarray] = {}  # offset -> what the merge changed (for --quantize's check)
+        kept = change = 0.0  # for --quantize: how much of the merge's change its rounding keeps
         for hf, ads in targets.items():
             e = index[hf]
             w = mm[e["offset"]:e["offset"] + e["length"]].view(np.float32).reshape(e["shape"])
-            before = np.array(w) if quantize else None
+            before = np.array(w) if quantize else None  # one weight at a time
             _merge_into(w, ads, mags.get(hf), hf)
             if before is not None:
-                changes[e["offset"]] = before
-            del before
+                k, c = quant.change_kept(before, w, quant.BITS[quantize], block_size)
+                kept, change = kept + k, change + c
         mm.flush()
         del mm
         shutil.copyfile(b.path("merge_template.onnx"), tmp / "model.onnx")
         qinfo = None
         if quantize:
-            qinfo = quant.quantize_model(tmp / "model.onnx", "model.onnx.data", quantize, block_size, log, changes)
-            kept = qinfo["adapter_change_kept"]
+            qinfo = quant.quantize_model(tmp / "model.onnx", "model.onnx.data", quantize, block_size, log)
+            qinfo["adapter_change_kept"] = kept = kept / change if change > 0 else 1.0
             if kept < 0.5:
                 log(f"warning: after {quantize} rounding the merged weights keep {kept:.0%} of the change the adapter "
                     f"made (its changes are smaller than the {quantize} steps and round back), so the merged model "

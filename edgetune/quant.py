@@ -314,14 +314,20 @@ def write_float_data(b: Any, dest: Any) -> None:
             f.write(buf)
 
 
+def change_kept(before: np.ndarray, after: np.ndarray, bits: int, block: int) -> tuple[float, float]:
+    """How much of the change ``after - before`` survives quantizing ``after``: the projection
+    <Q(after) - before, after - before> and ||after - before||^2 (their ratio is 1 when all of it
+    survives, 0 when ``after`` rounds back onto the grid ``before`` came from)."""
+    delta = after.astype(np.float64) - before
+    back = dequantize(*quantize(after, bits, block), bits, after.shape[1])
+    return float(((back.astype(np.float64) - before) * delta).sum()), float(np.square(delta).sum())
+
+
 def quantize_model(onnx_path: Any, data_name: str, method: str, block: int,
-                   log: Any = lambda s: None, before: dict[int, np.ndarray] | None = None) -> dict[str, Any]:
+                   log: Any = lambda s: None) -> dict[str, Any]:
     """Re-quantize an inference model in place (a merged model): every linear weight becomes
-    block-quantized ``MatMulNBits``; the embedding and the norms stay float. ``before`` maps the
-    data-file offset of each merged weight to its value before the merge: the result then says
-    how much of the change the merge made survives the rounding (``adapter_change_kept``, the
-    projection <Q(W') - W, W' - W> / ||W' - W||^2 over those weights: 1 keeps all of it, 0 none,
-    as when W' rounds back onto the grid W came from)."""
+    block-quantized ``MatMulNBits``; the embedding and the norms stay float. Returns what the
+    merged manifest records."""
     try:
         import onnx
     except ImportError:
@@ -329,27 +335,16 @@ def quantize_model(onnx_path: Any, data_name: str, method: str, block: int,
                           "pip install onnx (or merge without --quantize)") from None
     check(method, block)
     bits = BITS[method]
-    offsets = {}
-    for init in onnx.load(str(onnx_path), load_external_data=False).graph.initializer:
-        ext = {e.key: e.value for e in init.external_data}
-        if "offset" in ext:
-            offsets[init.name] = int(ext["offset"])
     model = onnx.load(str(onnx_path))
     names = linear_weights(model.graph, set())
     inits = {i.name: i for i in model.graph.initializer}
     quantized, float_bytes, err = {}, 0, 0.0
-    change_sq = kept = 0.0
     for name in names:
         w = onnx.numpy_helper.to_array(inits[name])
         quantized[name] = quantize(w, bits, block)
         back = dequantize(*quantized[name], bits, w.shape[1])
         err = max(err, float(np.abs(back - w).max() / max(1e-12, np.abs(w).max())))
         float_bytes += w.nbytes
-        old = (before or {}).get(offsets.get(name, -1))
-        if old is not None:
-            delta = w.astype(np.float64) - old
-            change_sq += float(np.square(delta).sum())
-            kept += float(((back.astype(np.float64) - old) * delta).sum())
     q_bytes = sum(sum(a.nbytes for a in t) for t in quantized.values())
     log(f"quantized {len(names)} linear weights to {method} (blocks of {block}): "
         f"{float_bytes / 2**20:.0f} MB -> {q_bytes / 2**20:.0f} MB")
@@ -359,5 +354,4 @@ def quantize_model(onnx_path: Any, data_name: str, method: str, block: int,
     onnx.save_model(model, str(onnx_path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=data_name, size_threshold=0)
     return {"method": method, "bits": bits, "block_size": block, "weights": len(names),
-            "float_bytes": float_bytes, "quantized_bytes": q_bytes, "max_relative_error": err,
-            "adapter_change_kept": kept / change_sq if change_sq > 0 else 1.0}
+            "float_bytes": float_bytes, "quantized_bytes": q_bytes, "max_relative_error": err}
