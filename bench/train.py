@@ -422,8 +422,7 @@ def summarize(results: dict[str, list[dict]], manifest: dict, gflops: float) -> 
     best = {side: max(rs, key=tps) for side, rs in results.items()}
     rss = {side: min(r["peak_rss_mb"] for r in rs) for side, rs in results.items()}
     e = best["edgetune"]
-    steps = len(e["lengths"]) and e["time"]
-    fl = train_flops(manifest, e["lengths"], e["labelled"]) / steps / 1e9
+    fl = train_flops(manifest, e["lengths"], e["labelled"]) / e["time"] / 1e9
     out = {"flops_fraction": round(fl / gflops, 3)}
     for side, suffix in (("torch", ""), ("tuned", "_tuned"), ("nochunk", "_no_chunks"), ("legacy", "_vs_1192")):
         if side in best:
