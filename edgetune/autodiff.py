@@ -47,11 +47,18 @@ def _swaps_last_two(perm: list[int], rank: int | None) -> bool:
     return perm == list(range(r - 2)) + [r - 1, r - 2]
 
 
+def _external(init: Any) -> bool:
+    """Weights in an external data file are never small constants: not read while building."""
+    return init.data_location == 1  # TensorProto.EXTERNAL
+
+
 def _scalar(g: Any, name: str) -> float | None:
     from onnx import numpy_helper
 
     for i in g.initializer:
         if i.name == name:
+            if _external(i):
+                return None
             v = numpy_helper.to_array(i)
             return float(v.reshape(())) if v.size == 1 and v.dtype.kind == "f" else None
     for n in g.node:
@@ -155,6 +162,14 @@ def elem_types(proto: Any) -> dict[str, int]:
 
     model = onnx.ModelProto()
     model.CopyFrom(proto)
+    # A quantized MatMul stands in as a standard MatMul on a float [K, N] input, so inference
+    # carries types through the chain of them (one or more per layer) in one pass.
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits" and node.domain == MS:
+            k, n = (int(_attr(node, key)) for key in ("K", "N"))
+            stub = f"{node.output[0]}/stub"
+            model.graph.input.append(helper.make_tensor_value_info(stub, onnx.TensorProto.FLOAT, [k, n]))
+            node.CopyFrom(helper.make_node("MatMul", [node.input[0], stub], list(node.output), name=node.name))
     for _ in range(2):
         inferred = onnx.shape_inference.infer_shapes(model)
         types = {v.name: v.type.tensor_type.elem_type
@@ -168,11 +183,12 @@ def elem_types(proto: Any) -> dict[str, int]:
     return types
 
 
-def probe_shapes(proto: Any, feeds: Sequence[dict[str, np.ndarray]],
-                 types: dict[str, int]) -> tuple[dict[str, list[tuple]], dict[str, np.ndarray]]:
+def probe_shapes(proto: Any, feeds: Sequence[dict[str, np.ndarray]], types: dict[str, int],
+                 base_dir: Any = None) -> tuple[dict[str, list[tuple]], dict[str, np.ndarray]]:
     """Run the forward graph on each feed with every intermediate exposed; return the
     concrete shapes of each tensor (one per feed) and the small integer tensors whose value
-    is the same for every feed (slice bounds computed from static dimensions)."""
+    is the same for every feed (slice bounds computed from static dimensions). A graph with
+    external weights is run from a file in ``base_dir``, where its data file lies."""
     import onnx
     import onnxruntime as ort
     from onnx import helper
@@ -189,7 +205,18 @@ def probe_shapes(proto: Any, feeds: Sequence[dict[str, np.ndarray]],
     so = ort.SessionOptions()
     so.log_severity_level = 3
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    so.add_session_config_entry("session.disable_prepacking", "1")  # weights stay memory-mapped
+    if base_dir is None:
+        sess = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    else:
+        from pathlib import Path
+
+        path = Path(base_dir) / "_probe.onnx"
+        onnx.save(probe, str(path))
+        try:
+            sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        finally:
+            path.unlink()
     outs = [o.name for o in sess.get_outputs()]
     shapes: dict[str, list[tuple]] = {}
     seen: dict[str, list[np.ndarray]] = {}
@@ -298,7 +325,7 @@ def _const_value(b: "_Builder", name: str) -> Optional[np.ndarray]:
     proto = b.proto
     for i in proto.graph.initializer:
         if i.name == name:
-            return numpy_helper.to_array(i)
+            return None if _external(i) else numpy_helper.to_array(i)
     for n in proto.graph.node:
         if n.op_type == "Constant" and n.output[0] == name:
             return numpy_helper.to_array(_attr(n, "value"))
@@ -609,6 +636,32 @@ def _fused_matmul(b: _Builder, n: Any, gy: list, want: list) -> list:
                          bool(_attr(n, "transB", 0)), float(_attr(n, "alpha", 1.0)), want)
 
 
+@rule("MatMulNBits")
+def _matmul_nbits(b: _Builder, n: Any, gy: list, want: list) -> list:
+    """``y = x @ dequant(W)^T`` on a block-quantized frozen ``W [N, K]``: the input gradient
+    ``dy @ W`` dequantizes ``W`` again right before its MatMul (and only once ``dy`` exists), so
+    no float32 copy of the weight lives from the forward pass to the backward."""
+    from onnx import helper, numpy_helper
+
+    from . import quant
+
+    if any(want[1:]):
+        raise ModelError("autodiff: a quantized weight cannot be trained")
+    if not want[0]:
+        return [None] * len(n.input)
+    if len(n.input) < 4 or not n.input[3] or (len(n.input) > 4 and any(n.input[4:])):
+        raise ModelError("autodiff: MatMulNBits without zero points, or with g_idx/bias, is not supported")
+    k, nn = int(_attr(n, "K")), int(_attr(n, "N"))
+    bits, block = int(_attr(n, "bits", 4)), int(_attr(n, "block_size"))
+    w = b.fresh("dequant")
+    nodes, consts = quant.dequant_ops(n.input[1], n.input[2], n.input[3], w, nn, k, bits, block, after=gy[0])
+    b.nodes.extend(nodes)
+    b.inits.extend(numpy_helper.from_array(v, name) for name, v in consts.items())
+    if not any(i.name == quant.RUNTIME_SHIFT for i in b.proto.graph.input):
+        b.proto.graph.input.append(helper.make_tensor_value_info(quant.RUNTIME_SHIFT, 2, []))  # uint8 scalar
+    return [b.op("MatMul", [gy[0], w]), None, None, None]
+
+
 @rule("SoftmaxCrossEntropyLoss")
 def _sce(b: _Builder, n: Any, gy: list, want: list) -> list:
     scores, labels = n.input[0], n.input[1]
@@ -716,7 +769,7 @@ def drop_unused_initializers(proto: Any) -> None:
     proto.graph.initializer.extend(keep)
 
 
-def params_to_inputs(proto: Any, params: list[str]) -> dict[str, np.ndarray]:
+def params_to_inputs(proto: Any, params: list[str], base_dir: Any = None) -> dict[str, np.ndarray]:
     """Move the trainable initializers to graph inputs; return their initial values."""
     from onnx import helper, numpy_helper
 
@@ -724,7 +777,8 @@ def params_to_inputs(proto: Any, params: list[str]) -> dict[str, np.ndarray]:
     missing = [p for p in params if p not in inits]
     if missing:
         raise ModelError(f"trainable weights not found in the exported graph: {missing[:3]}")
-    values = {p: numpy_helper.to_array(inits[p]).copy() for p in params}
+    where = {} if base_dir is None else {"base_dir": str(base_dir)}
+    values = {p: numpy_helper.to_array(inits[p], **where).copy() for p in params}
     keep = [i for i in proto.graph.initializer if i.name not in set(params)]
     del proto.graph.initializer[:]
     proto.graph.initializer.extend(keep)
@@ -733,15 +787,17 @@ def params_to_inputs(proto: Any, params: list[str]) -> dict[str, np.ndarray]:
     return values
 
 
-def build(proto: Any, params: list[str], loss: str, feeds: Sequence[dict[str, np.ndarray]]) -> TrainingGraph:
-    """The training graph of ``proto``: ``loss`` and the gradient of each of ``params``."""
+def build(proto: Any, params: list[str], loss: str, feeds: Sequence[dict[str, np.ndarray]],
+          base_dir: Any = None) -> TrainingGraph:
+    """The training graph of ``proto``: ``loss`` and the gradient of each of ``params``.
+    ``base_dir`` is where the external data of ``proto``'s weights lies, if it has any."""
     import onnx
 
     types = elem_types(proto)
     fuse_matmuls(proto)
     drop_unused_initializers(proto)
-    shapes, fixed = probe_shapes(proto, feeds, types)
-    initial = params_to_inputs(proto, params)
+    shapes, fixed = probe_shapes(proto, feeds, types, base_dir)
+    initial = params_to_inputs(proto, params, base_dir)
     train = onnx.ModelProto()
     train.CopyFrom(proto)
     grads = differentiate(train, params, loss, shapes, types, fixed)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 
-from . import _io, autodiff, bundle as _bundle, dora, graphs, quant, variants
+from . import _io, autodiff, bundle as _bundle, dora, extdata, graphs, quant, variants
 from .config import AdapterConfig
 from .errors import ConfigError, ModelError
 from .models import ModelSpec, check_architecture, check_reference, home, resolve_model
@@ -50,6 +50,62 @@ def load_model(path: Path, log: Log = lambda s: None) -> tuple[Any, Any]:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
     model.eval()
     return model, tok
+
+
+def load_skeleton(path: Path, log: Log = lambda s: None) -> tuple[Any, Any, "extdata.SourceWeights"]:
+    """The model's structure without its weights, its tokenizer, and a reader of its weights.
+
+    Every parameter is a placeholder that takes no memory (a scalar expanded to the
+    parameter's shape); the weights are read from the checkpoint one tensor at a time when
+    the graphs' data files are written. Buffers (rotary frequencies) are computed as usual.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    if path.is_file() and path.suffix == ".gguf":
+        path = _converted_gguf(path, log)
+        check_architecture(_io.read_json(path / "config.json", "the model config"), path)
+    source = extdata.SourceWeights(path)
+    tok = AutoTokenizer.from_pretrained(path)
+    config = AutoConfig.from_pretrained(path)
+    with _params_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
+    for mod in model.modules():
+        for name, prm in list(mod.named_parameters(recurse=False)):
+            setattr(mod, name, torch.nn.Parameter(_placeholder(prm.shape), requires_grad=False))
+    model.tie_weights()
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    except OSError:
+        model.generation_config = GenerationConfig.from_model_config(config)
+    model.eval()
+    return model, tok, source
+
+
+@contextlib.contextmanager
+def _params_on_meta() -> Iterator[None]:
+    """Modules built here keep their parameters on the meta device (no memory, no init work)
+    and their buffers (rotary frequencies, embedding scales) on the CPU, computed as usual."""
+    import torch
+
+    orig = torch.nn.Module.register_parameter
+
+    def register(self: Any, name: str, param: Any) -> None:
+        orig(self, name, param)
+        if param is not None:
+            self._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    torch.nn.Module.register_parameter = register  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = orig  # type: ignore[method-assign]
+
+
+def _placeholder(shape: Any, value: float = 0.0) -> Any:
+    import torch
+
+    return torch.full((), value, dtype=torch.float32).expand(shape)
 
 
 def _converted_gguf(gguf: Path, log: Log) -> Path:
@@ -167,41 +223,76 @@ def _kv_wrapper(peft_model: Any, num_layers: int, dora_mods: list | None = None)
     return KVForward(peft_model)
 
 
-class _DistinctTrainables:
-    """The exporter merges initializers with equal values (every zero-initialized lora_B is
-    equal; so are fresh norm weights), which ties tensors together and breaks the gradient
-    builder. Trace with distinct values, then write the true values into the graph by name."""
+class _Traceable:
+    """While tracing, every parameter is a distinct placeholder: the exporter merges graph
+    inputs with equal values (every zero-initialized lora_B is equal), which would tie tensors
+    together. Parameters become graph inputs (no weight is serialized); :func:`_attach` turns
+    them into initializers afterwards."""
 
     def __init__(self, peft_model: Any) -> None:
         self.pm = peft_model
         self.saved: dict[str, Any] = {}
 
-    def __enter__(self) -> "_DistinctTrainables":
-        import torch
-
-        g = torch.Generator().manual_seed(1234)
-        with torch.no_grad():
-            for n, p in self.pm.named_parameters():
-                self.saved[n] = p.detach().clone()
-                p.copy_(torch.rand(p.shape, generator=g) + 1.0)
+    def __enter__(self) -> "_Traceable":
+        for i, (n, p) in enumerate(self.pm.named_parameters()):
+            self.saved[n] = p.data
+            p.data = _placeholder(p.shape, 1.0 + i / 1024)
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        import torch
+        for n, p in self.pm.named_parameters():
+            p.data = self.saved[n]
 
-        with torch.no_grad():
-            for n, p in self.pm.named_parameters():
-                if n in self.saved:
-                    p.copy_(self.saved[n])
 
-    def restore(self, proto: Any) -> None:
-        from onnx import numpy_helper
+def _attach(proto: Any, peft_model: Any, source: "extdata.SourceWeights") -> dict[str, extdata.Loader]:
+    """Parameter inputs of a freshly traced graph become initializers: adapters with their
+    values, base weights as placeholders read from ``source`` when the data file is written.
+    Returns the loaders of those placeholders."""
+    from onnx import TensorProto, numpy_helper
 
-        inits = {i.name: i for i in proto.graph.initializer}
-        for n, v in self.saved.items():
-            if n not in inits:
-                raise ModelError(f"adapter weight {n} was not exported as its own tensor")
-            inits[n].CopyFrom(numpy_helper.from_array(v.numpy(), n))
+    params = dict(peft_model.named_parameters())
+    lazy: dict[str, extdata.Loader] = {}
+    kept = []
+    for inp in proto.graph.input:
+        p = params.get(inp.name)
+        if p is None:
+            kept.append(inp)
+            continue
+        if p.requires_grad:
+            proto.graph.initializer.append(numpy_helper.from_array(p.detach().numpy().astype("float32"), inp.name))
+        else:
+            t = TensorProto(name=inp.name, data_type=TensorProto.FLOAT)
+            t.dims.extend(p.shape)
+            proto.graph.initializer.append(t)
+            lazy[inp.name] = lambda hf=graphs.hf_name(inp.name): source.get(hf)
+    del proto.graph.input[:]
+    proto.graph.input.extend(kept)
+    return lazy
+
+
+def init_dora(peft_model: Any, source: "extdata.SourceWeights") -> None:
+    """DoRA magnitudes as PEFT initializes them (the row norms of ``W + s B A``), from the
+    checkpoint's weights, one layer at a time."""
+    import torch
+
+    with torch.no_grad():
+        for name, mod in dora.torch_modules(peft_model):
+            w = torch.from_numpy(source.get(graphs.hf_name(f"{name}.base_layer.weight")))
+            a, b = mod.lora_A["default"].weight, mod.lora_B["default"].weight
+            norm = torch.linalg.norm(w + mod.scaling["default"] * (b @ a), dim=1)
+            mod.lora_magnitude_vector["default"].weight.copy_(norm)
+
+
+def _initial_norms(mods: list[tuple[str, Any]], source: "extdata.SourceWeights") -> list[Any]:
+    import torch
+
+    out = []
+    for name, mod in mods:
+        w = source.get(graphs.hf_name(f"{name}.base_layer.weight"))
+        a = mod.lora_A["default"].weight.detach().float().numpy()
+        b = mod.lora_B["default"].weight.detach().float().numpy()
+        out.append(torch.from_numpy(dora.row_norms(w, a, b, float(mod.scaling["default"]))))
+    return out
 
 
 @contextlib.contextmanager
@@ -215,9 +306,26 @@ def _quiet_tracing() -> Iterator[None]:
         yield
 
 
-def export_train_graph(peft_model: Any, path: Path, seq: int = 16) -> None:
-    """Trace the loss graph with dynamic batch and sequence axes into ``path``."""
+def _trace(wrapper: Any, args: tuple, path: Path, input_names: list[str], output_names: list[str],
+           dyn: dict[str, dict[int, str]], training: Any) -> Any:
+    """Trace ``wrapper`` with parameters as graph inputs (no weight is serialized) and return
+    the graph with PEFT's names."""
     import onnx
+    import torch
+
+    torch.onnx.export(wrapper, args, str(path), dynamo=False, input_names=input_names, output_names=output_names,
+                      dynamic_axes=dyn, opset_version=OPSET, do_constant_folding=False, training=training,
+                      export_params=False)
+    proto = onnx.load(str(path))
+    path.unlink()
+    graphs.strip_prefix(proto)
+    return proto
+
+
+def export_train_graph(peft_model: Any, path: Path, source: "extdata.SourceWeights",
+                       seq: int = 16) -> tuple[Any, dict[str, extdata.Loader]]:
+    """Trace the loss graph with dynamic batch and sequence axes; returns it with the loaders
+    of its base weights (see :func:`_attach`)."""
     import torch
 
     ids = torch.randint(3, 100, (2, seq))
@@ -227,19 +335,13 @@ def export_train_graph(peft_model: Any, path: Path, seq: int = 16) -> None:
     dyn = {n: {0: "batch", 1: "seq"} for n in _Names.train_inputs[:3]}
     mode = torch.onnx.TrainingMode.TRAINING if _has_dropout(peft_model) else torch.onnx.TrainingMode.EVAL
     with _quiet_tracing(), dora.norms_from_inputs(peft_model) as mods:
-        norms = dora.initial_norms(mods)
+        norms = [torch.ones(mod.base_layer.weight.shape[0]) for _, mod in mods]
         norm_names = [dora.DoraModule(n).norm_input for n, _ in mods]
         wrapper = _train_wrapper(peft_model, mods)
-        with _DistinctTrainables(peft_model) as distinct:
-            torch.onnx.export(
-                wrapper, (ids, mask, labels, torch.tensor(float(seq), dtype=torch.float32), *norms), str(path),
-                dynamo=False, input_names=_Names.train_inputs + norm_names, output_names=["loss"], dynamic_axes=dyn,
-                opset_version=OPSET, do_constant_folding=False, training=mode,
-            )
-    proto = onnx.load(str(path))
-    graphs.strip_prefix(proto)
-    distinct.restore(proto)
-    onnx.save(proto, str(path))
+        with _Traceable(peft_model):
+            proto = _trace(wrapper, (ids, mask, labels, torch.tensor(float(seq), dtype=torch.float32), *norms), path,
+                           _Names.train_inputs + norm_names, ["loss"], dyn, mode)
+    return proto, _attach(proto, peft_model, source)
 
 
 def _has_dropout(peft_model: Any) -> bool:
@@ -254,10 +356,12 @@ def kv_names(num_layers: int) -> tuple[list[str], list[str]]:
     return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
 
 
-def export_infer_graph(peft_model: Any, path: Path, adapter_names: list[str]) -> dict[str, Any]:
-    """Trace the KV-cache inference graph; adapter weights become overridable inputs."""
-    import onnx
+def export_infer_graph(peft_model: Any, path: Path, adapter_names: list[str],
+                       source: "extdata.SourceWeights") -> tuple[Any, dict[str, Any], dict[str, extdata.Loader]]:
+    """Trace the KV-cache inference graph; adapter weights become overridable inputs.
+    Returns the graph, its KV-cache description and the loaders of its base weights."""
     import torch
+    from onnx import numpy_helper
 
     cfg = peft_model.base_model.model.config
     layers = cfg.num_hidden_layers
@@ -271,27 +375,20 @@ def export_infer_graph(peft_model: Any, path: Path, adapter_names: list[str]) ->
     dyn.update({n: {0: "batch", 2: "past"} for n in ins[3:]})
     dyn.update({n: {0: "batch", 2: "total"} for n in outs[1:]})
     with _quiet_tracing(), torch.no_grad(), dora.norms_from_inputs(peft_model) as mods:
-        norms = dora.initial_norms(mods)
+        norms = _initial_norms(mods, source)
         norm_names = [dora.DoraModule(n).norm_input for n, _ in mods]
         wrapper = _kv_wrapper(peft_model, layers, mods)
-        with _DistinctTrainables(peft_model) as distinct:
-            torch.onnx.export(
-                wrapper, (ids, torch.ones(1, 4, dtype=torch.int64), torch.arange(4)[None], *past, *norms), str(path),
-                dynamo=False, input_names=ins + norm_names, output_names=outs, dynamic_axes=dyn,
-                opset_version=OPSET, do_constant_folding=False,
-            )
-    proto = onnx.load(str(path))
-    graphs.strip_prefix(proto)
-    distinct.restore(proto)
+        with _Traceable(peft_model):
+            proto = _trace(wrapper, (ids, torch.ones(1, 4, dtype=torch.int64), torch.arange(4)[None], *past, *norms),
+                           path, ins + norm_names, outs, dyn, torch.onnx.TrainingMode.EVAL)
+    lazy = _attach(proto, peft_model, source)
     graphs.expose_as_inputs(proto, adapter_names)
     # DoRA norms default to those of the untrained adapter, so the graph runs as the base model.
-    from onnx import numpy_helper
-
     for name, value in zip(norm_names, norms):
         proto.graph.initializer.append(numpy_helper.from_array(value.numpy(), name))
-    onnx.save(proto, str(path))
-    return {"num_layers": layers, "kv_heads": kv_heads, "head_dim": head_dim, "inputs": ins + norm_names,
-            "outputs": outs}
+    kv = {"num_layers": layers, "kv_heads": kv_heads, "head_dim": head_dim, "inputs": ins + norm_names,
+          "outputs": outs}
+    return proto, kv, lazy
 
 
 def _probe_feeds(proto: Any, vocab: int) -> list[dict[str, Any]]:
@@ -315,11 +412,13 @@ def _probe_feeds(proto: Any, vocab: int) -> list[dict[str, Any]]:
 
 def build_training(forward_onnx: Path, trainable: list[str], out: Path, vocab: int) -> None:
     """``train.onnx`` (loss and adapter gradients), ``eval.onnx`` (loss) sharing one weight
-    file, and ``adapter_init.safetensors``: only ``trainable`` tensors get gradients."""
+    file, and ``adapter_init.safetensors``: only ``trainable`` tensors get gradients.
+    ``forward_onnx`` keeps its weights in ``train.onnx.data`` beside it; the tensors the
+    gradient builder adds go at the end of that file."""
     import onnx
 
-    proto = onnx.load(str(forward_onnx))
-    tg = autodiff.build(proto, trainable, "loss", _probe_feeds(proto, vocab))
+    proto = onnx.load(str(forward_onnx), load_external_data=False)
+    tg = autodiff.build(proto, trainable, "loss", _probe_feeds(proto, vocab), base_dir=forward_onnx.parent)
     onnx.save_model(tg.model, str(out / "train.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
                     location="train.onnx.data", size_threshold=1024)
     graphs.disable_dropout(proto)  # ``proto`` is now the forward graph with the adapters as inputs
@@ -328,14 +427,6 @@ def build_training(forward_onnx: Path, trainable: list[str], out: Path, vocab: i
     from safetensors.numpy import save
 
     _io.write_bytes(out / "adapter_init.safetensors", save({n: v.astype("float32") for n, v in tg.initial.items()}))
-
-
-def _save_external(onnx_path: Path, data_name: str) -> None:
-    import onnx
-
-    proto = onnx.load(str(onnx_path))
-    onnx.save_model(proto, str(onnx_path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data_name, size_threshold=0)
 
 
 def stop_token_ids(gen: dict[str, Any], eos_id: int | None) -> list[int]:
@@ -385,35 +476,69 @@ def export(model: str | os.PathLike | None, out: str | os.PathLike, cfg: Adapter
 
 
 def _export(model: str | os.PathLike | None, out: Path, cfg: AdapterConfig, log: Log, t0: float) -> Path:
+    import onnx
+
     path, spec = resolve_model(model)
     log(f"loading {spec.name if spec else path}")
-    hf, tok = load_model(path, log)
+    hf, tok, source = load_skeleton(path, log)
     targets = resolve_targets(cfg.targets, spec, hf)
     cfg = AdapterConfig(**{**cfg.to_dict(), "targets": targets})
     hf_names = set(hf.state_dict())
     pm = inject_adapter(hf, cfg)
+    init_dora(pm, source)
     trainable = [n for n, p in pm.named_parameters() if p.requires_grad]
+    norm_inputs = [m.norm_input for m in dora.modules(trainable)]
     with _io.atomic_dir(out) as tmp:
-        log(f"exporting training graph ({len(trainable)} adapter tensors)")
-        train_onnx = tmp / "_forward.onnx"
-        export_train_graph(pm, train_onnx)
+        log(f"tracing the training and inference graphs ({len(trainable)} adapter tensors)")
+        fwd, fwd_lazy = export_train_graph(pm, tmp / "_forward.onnx", source)
+        infer, kv, infer_lazy = export_infer_graph(pm, tmp / "_infer.onnx", trainable, source)
+        qnames: list[str] = []
+        if cfg.quantize:
+            bits = quant.BITS[cfg.quantize]
+            in_infer = quant.linear_weights(infer.graph, set(trainable + norm_inputs))
+            in_train = set(quant.linear_weights(fwd.graph, set(trainable)))
+            qnames = [n for n in in_infer if n in in_train]
+            quant.rewrite(fwd, qnames, None, bits, cfg.block_size)
+            for n in qnames:
+                fwd_lazy.update(extdata.Quantized(source_loader(source), bits, cfg.block_size).loaders(n))
+        log("writing the training weights")
+        extdata.write_external(fwd, tmp / "_forward.onnx", "train.onnx.data", fwd_lazy, threshold=1024)
+        del fwd
         log("building the training graph (gradients of the adapter weights)")
-        build_training(train_onnx, trainable, tmp, int(hf.config.vocab_size))
-        train_onnx.unlink()
-        log("exporting KV-cache inference graph")
-        kv = export_infer_graph(pm, tmp / "infer.onnx", trainable)
-        _save_external(tmp / "infer.onnx", "infer.onnx.data")
-        index = graphs.weights_index(tmp / "infer.onnx", hf_names)
-        graphs.merge_template(tmp / "infer.onnx", tmp / "merge_template.onnx", trainable, "model.onnx.data")
-        # DoRA's norms are adapter inputs too: an app feeds the ones packed with the adapter.
-        norm_inputs = [m.norm_input for m in dora.modules(trainable)]
+        build_training(tmp / "_forward.onnx", trainable, tmp, int(hf.config.vocab_size))
+        (tmp / "_forward.onnx").unlink()
+        log("writing the inference graph and weights")
         qinfo = None
         if cfg.quantize:
-            # The merge template stays float (a QLoRA adapter merges into a float base); its layout
-            # is recorded so merge can rebuild the float weights without the onnx package.
+            # The merge template stays float (a QLoRA adapter merges into a float base): its layout is
+            # that of the float inference weights, which are never written.
+            float_infer = onnx.ModelProto()
+            float_infer.CopyFrom(infer)
+            extdata.write_external(float_infer, tmp / "_float_infer.onnx", "infer.onnx.data", infer_lazy,
+                                   threshold=0, dry=True)
+            del float_infer
+            index = graphs.weights_index(tmp / "_float_infer.onnx", hf_names)
+            graphs.merge_template(tmp / "_float_infer.onnx", tmp / "merge_template.onnx", trainable, "model.onnx.data")
+            (tmp / "_float_infer.onnx").unlink()
             merge_layout = graphs.external_index(tmp / "merge_template.onnx")
-            qinfo = quant.apply_to_bundle(tmp, cfg.quantize, cfg.block_size, trainable + norm_inputs, log)
-            qinfo.update(merge_layout=merge_layout, infer_weights=graphs.external_index(tmp / "infer.onnx"))
+            qz = extdata.Quantized(source_loader(source), bits, cfg.block_size)
+            quant.rewrite(infer, qnames, None, bits, cfg.block_size)
+            for n in qnames:
+                infer_lazy.pop(n, None)
+                infer_lazy.update(qz.loaders(n))
+            extdata.write_external(infer, tmp / "infer.onnx", "infer.onnx.data", infer_lazy, threshold=0)
+            log(f"quantized {len(qnames)} linear weights to {cfg.quantize} (blocks of {cfg.block_size}): "
+                f"{qz.float_bytes / 2**20:.0f} MB -> {qz.quantized_bytes / 2**20:.0f} MB")
+            qinfo = {"method": cfg.quantize, "bits": bits, "block_size": cfg.block_size, "weights": sorted(qnames),
+                     "float_bytes": qz.float_bytes, "quantized_bytes": qz.quantized_bytes,
+                     "max_relative_error": qz.max_relative_error, "merge_layout": merge_layout,
+                     "infer_weights": graphs.external_index(tmp / "infer.onnx")}
+        else:
+            extdata.write_external(infer, tmp / "infer.onnx", "infer.onnx.data", infer_lazy, threshold=0)
+            index = graphs.weights_index(tmp / "infer.onnx", hf_names)
+            graphs.merge_template(tmp / "infer.onnx", tmp / "merge_template.onnx", trainable, "model.onnx.data")
+        del infer
+        # DoRA's norms are adapter inputs too: an app feeds the ones packed with the adapter.
         graphs.app_base_templates(tmp / "infer.onnx", tmp, trainable + norm_inputs, "base.onnx.data")
         _io.write_json(tmp / "hf_config.json", hf.config.to_dict())
         gen = _generation_config(hf)
@@ -430,3 +555,8 @@ def _export(model: str | os.PathLike | None, out: Path, cfg: AdapterConfig, log:
         _io.write_json(tmp / _bundle.MANIFEST, _io.seal(manifest))
     log(f"bundle written to {out} in {time.time() - t0:.0f}s")
     return out
+
+
+def source_loader(source: "extdata.SourceWeights") -> Callable[[str], Any]:
+    """Graph weight name -> its float32 value from the checkpoint."""
+    return lambda name: source.get(graphs.hf_name(name))

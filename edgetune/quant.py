@@ -120,10 +120,27 @@ def linear_weights(g: Any, adapter_names: set[str]) -> list[str]:
     return out
 
 
-def rewrite(model: Any, names: list[str], quantized: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
+def placeholders(name: str, n: int, k: int, bits: int, block: int) -> list[Any]:
+    """The quantized tensors of ``W [n, k]`` with type and shape only (their data is written
+    later, one weight at a time, by :func:`edgetune.extdata.write_external`)."""
+    from onnx import TensorProto
+
+    nb = k // block
+    out = []
+    for suffix, dims, dtype in ((".q", [n, nb, block * bits // 8], TensorProto.UINT8),
+                                (".scale", [n * nb], TensorProto.FLOAT),
+                                (".zero", [n * nb], TensorProto.FLOAT if bits == 4 else TensorProto.UINT8)):
+        t = TensorProto(name=name + suffix, data_type=dtype)
+        t.dims.extend(dims)
+        out.append(t)
+    return out
+
+
+def rewrite(model: Any, names: list[str], quantized: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] | None,
             bits: int, block: int) -> None:
     """Replace each weight in ``names`` by its quantized tensors: ``x @ W^T`` becomes
-    ``MatMulNBits``, any other use (the backward ``dY @ W``) a run-time dequantization."""
+    ``MatMulNBits``, any other use (the backward ``dY @ W``) a run-time dequantization.
+    With ``quantized`` None, the new tensors are placeholders to be written lazily."""
     from onnx import TensorProto, helper, numpy_helper
 
     g = model.graph
@@ -137,10 +154,15 @@ def rewrite(model: Any, names: list[str], quantized: dict[str, tuple[np.ndarray,
     need_shift = False
     for name in names:
         n, k = list(inits[name].dims)
-        codes, scale, zero = quantized[name]
+        if k % block:
+            raise ConfigError(f"a weight with {k} inputs cannot be split into blocks of {block}; use --block-size 16 or 32")
         qn, sn, zn = f"{name}.q", f"{name}.scale", f"{name}.zero"
-        g.initializer.extend([numpy_helper.from_array(codes, qn), numpy_helper.from_array(scale, sn),
-                              numpy_helper.from_array(zero, zn)])
+        if quantized is None:
+            g.initializer.extend(placeholders(name, n, k, bits, block))
+        else:
+            codes, scale, zero = quantized[name]
+            g.initializer.extend([numpy_helper.from_array(codes, qn), numpy_helper.from_array(scale, sn),
+                                  numpy_helper.from_array(zero, zn)])
         nbits = dict(K=k, N=n, bits=bits, block_size=block)
         dq_count = 0
         for node, i in cons.get(name, []):
@@ -196,10 +218,19 @@ def _attr(node: Any, name: str, default: Any) -> Any:
 
 def _dequant_nodes(qn: str, sn: str, zn: str, out: str, n: int, k: int, bits: int, block: int, helper: Any,
                    numpy_helper: Any, g: Any, after: str | None = None) -> list[Any]:
+    nodes, consts = dequant_ops(qn, sn, zn, out, n, k, bits, block, after)
+    g.initializer.extend(numpy_helper.from_array(v, name) for name, v in consts.items())
+    return nodes
+
+
+def dequant_ops(qn: str, sn: str, zn: str, out: str, n: int, k: int, bits: int, block: int,
+                after: str | None = None) -> tuple[list[Any], dict[str, np.ndarray]]:
     """``(code - zero) * scale`` in standard ops; the int4 unpack runs on bytes. With ``after``
     (the MatMul's other operand, the incoming gradient), the dequant cannot start before that
     tensor exists: ONNX Runtime would otherwise be free to run every layer's dequant early and
-    hold all the float32 weights at once."""
+    hold all the float32 weights at once. Returns the nodes and the constants they read."""
+    from onnx import helper
+
     nb = k // block
     p = out
     consts = {f"{p}.shape3": np.array([n, nb, 1], np.int64), f"{p}.shapeK": np.array([n, k], np.int64)}
@@ -236,53 +267,7 @@ def _dequant_nodes(qn: str, sn: str, zn: str, out: str, n: int, k: int, bits: in
         helper.make_node("Mul", [f"{p}.c", f"{p}.s"], [f"{p}.w3"]),
         helper.make_node("Reshape", [f"{p}.w3", f"{p}.shapeK"], [out]),
     ]
-    g.initializer.extend(numpy_helper.from_array(v, name) for name, v in consts.items())
-    return nodes
-
-
-# -- export ----------------------------------------------------------------------------------------
-def apply_to_bundle(tmp: Any, method: str, block: int, adapter_names: list[str],
-                    log: Any = lambda s: None) -> dict[str, Any]:
-    """Quantize the linear weights of a freshly exported bundle directory ``tmp``: ``infer.onnx``
-    (MatMulNBits), ``train.onnx`` and ``eval.onnx`` (MatMulNBits forward, run-time dequant in
-    the backward). Returns the manifest's ``quantization`` entry."""
-    import onnx
-
-    from . import graphs
-
-    bits = BITS[method]
-    infer = onnx.load(str(tmp / "infer.onnx"))
-    names = linear_weights(infer.graph, set(adapter_names))
-    values = {i.name: onnx.numpy_helper.to_array(i) for i in infer.graph.initializer if i.name in set(names)}
-    quantized = {}
-    err = 0.0
-    for name in names:
-        quantized[name] = quantize(values[name], bits, block)
-        w = dequantize(*quantized[name], bits, values[name].shape[1])
-        err = max(err, float(np.abs(w - values[name]).max() / max(1e-12, np.abs(values[name]).max())))
-    float_bytes = sum(v.nbytes for v in values.values())
-    q_bytes = sum(sum(a.nbytes for a in t) for t in quantized.values())
-    del values
-    log(f"quantized {len(names)} linear weights to {method} (blocks of {block}): "
-        f"{float_bytes / 2**20:.0f} MB -> {q_bytes / 2**20:.0f} MB")
-    rewrite(infer, names, quantized, bits, block)
-    (tmp / "infer.onnx.data").unlink()
-    onnx.save_model(infer, str(tmp / "infer.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location="infer.onnx.data", size_threshold=0)
-    del infer
-    train = onnx.load(str(tmp / "train.onnx"))
-    train_names = [n for n in linear_weights(train.graph, set(adapter_names)) if n in quantized]
-    rewrite(train, train_names, quantized, bits, block)
-    (tmp / "train.onnx.data").unlink()
-    onnx.save_model(train, str(tmp / "train.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location="train.onnx.data", size_threshold=1024)
-    del train
-    ev = onnx.load(str(tmp / "eval.onnx"), load_external_data=False)
-    rewrite(ev, [n for n in linear_weights(ev.graph, set(adapter_names)) if n in quantized], quantized, bits, block)
-    graphs.share_external_data(ev, tmp / "train.onnx")
-    onnx.save(ev, str(tmp / "eval.onnx"))
-    return {"method": method, "bits": bits, "block_size": block, "weights": sorted(names),
-            "float_bytes": float_bytes, "quantized_bytes": q_bytes, "max_relative_error": err}
+    return nodes, consts
 
 
 def write_float_data(b: Any, dest: Any) -> None:
@@ -326,32 +311,49 @@ def change_kept(before: np.ndarray, after: np.ndarray, bits: int, block: int) ->
 def quantize_model(onnx_path: Any, data_name: str, method: str, block: int,
                    log: Any = lambda s: None) -> dict[str, Any]:
     """Re-quantize an inference model in place (a merged model): every linear weight becomes
-    block-quantized ``MatMulNBits``; the embedding and the norms stay float. Returns what the
-    merged manifest records."""
+    block-quantized ``MatMulNBits``; the embedding and the norms stay float. Streams one weight
+    at a time from the float data file into a new one. Returns what the merged manifest records."""
     try:
         import onnx
     except ImportError:
         raise ConfigError("merge --quantize rewrites the graph and needs the onnx package: "
                           "pip install onnx (or merge without --quantize)") from None
+    from pathlib import Path
+
+    from . import extdata
+
     check(method, block)
     bits = BITS[method]
-    model = onnx.load(str(onnx_path))
+    onnx_path = Path(onnx_path)
+    model = onnx.load(str(onnx_path), load_external_data=False)
     names = linear_weights(model.graph, set())
-    inits = {i.name: i for i in model.graph.initializer}
-    quantized, float_bytes, err = {}, 0, 0.0
+    data = np.memmap(onnx_path.parent / data_name, dtype=np.uint8, mode="r")
+    dtypes = {1: np.float32, 2: np.uint8, 7: np.int64, 6: np.int32, 10: np.float16, 9: np.bool_}
+
+    def reader(init: Any) -> Any:
+        ext = {e.key: e.value for e in init.external_data}
+        off, length = int(ext.get("offset", 0)), int(ext["length"])
+        dims = list(init.dims)
+        return lambda: np.frombuffer(data[off:off + length], dtypes[init.data_type]).reshape(dims)
+
+    lazy = {i.name: reader(i) for i in model.graph.initializer if i.data_location == onnx.TensorProto.EXTERNAL}
+    qz = extdata.Quantized(lambda name: np.array(lazy[name](), np.float32), bits, block)
+    rewrite(model, names, None, bits, block)
     for name in names:
-        w = onnx.numpy_helper.to_array(inits[name])
-        quantized[name] = quantize(w, bits, block)
-        back = dequantize(*quantized[name], bits, w.shape[1])
-        err = max(err, float(np.abs(back - w).max() / max(1e-12, np.abs(w).max())))
-        float_bytes += w.nbytes
-    q_bytes = sum(sum(a.nbytes for a in t) for t in quantized.values())
+        lazy.update(qz.loaders(name))
+    tmp_name = data_name + ".quantized"
+    extdata.write_external(model, onnx_path.with_name(onnx_path.name + ".tmp"), tmp_name, lazy, threshold=0)
+    del data
+    (onnx_path.parent / tmp_name).replace(onnx_path.parent / data_name)
+    model = onnx.load(str(onnx_path.with_name(onnx_path.name + ".tmp")), load_external_data=False)
+    for init in model.graph.initializer:
+        for e in init.external_data:
+            if e.key == "location":
+                e.value = data_name
+    onnx.save(model, str(onnx_path))
+    onnx_path.with_name(onnx_path.name + ".tmp").unlink()
     log(f"quantized {len(names)} linear weights to {method} (blocks of {block}): "
-        f"{float_bytes / 2**20:.0f} MB -> {q_bytes / 2**20:.0f} MB")
-    rewrite(model, names, quantized, bits, block)
-    data = onnx_path.parent / data_name
-    data.unlink()
-    onnx.save_model(model, str(onnx_path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data_name, size_threshold=0)
+        f"{qz.float_bytes / 2**20:.0f} MB -> {qz.quantized_bytes / 2**20:.0f} MB")
     return {"method": method, "bits": bits, "block_size": block, "weights": len(names),
-            "float_bytes": float_bytes, "quantized_bytes": q_bytes, "max_relative_error": err}
+            "float_bytes": qz.float_bytes, "quantized_bytes": qz.quantized_bytes,
+            "max_relative_error": qz.max_relative_error}

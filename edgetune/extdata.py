@@ -1,0 +1,173 @@
+"""Weights streamed tensor by tensor (workstation side): read from a model's checkpoint files,
+written into an ONNX graph's external data file.
+
+Export never loads the model's weights as a whole: graphs are traced from a model whose
+weights are placeholders, and each weight is read from the checkpoint, converted (float32, or
+block-quantized), written and freed before the next. Graphs of any size are saved with external
+data, so protobuf's 2 GB limit never applies.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from .errors import ModelError
+
+Loader = Callable[[], np.ndarray]
+PAGE = 4096
+
+
+class SourceWeights:
+    """The tensors of a Hugging Face folder (``*.safetensors``, sharded or not, or a
+    ``pytorch_model*.bin``), read one at a time as float32."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.where: dict[str, Path] = {}
+        files = sorted(self.folder.glob("*.safetensors"))
+        self._bins: dict[Path, Any] = {}
+        if files:
+            from safetensors import safe_open
+
+            for f in files:
+                try:
+                    with safe_open(str(f), framework="pt") as h:
+                        for k in h.keys():
+                            self.where[k] = f
+                except Exception as e:  # noqa: BLE001 - any damage: name the file
+                    raise ModelError(f"{f}: cannot read the safetensors file ({e}); re-download or re-save the model") from None
+        else:
+            bins = sorted(self.folder.glob("pytorch_model*.bin"))
+            if not bins:
+                raise ModelError(f"{self.folder}: no *.safetensors or pytorch_model*.bin weight files")
+            import torch
+
+            for f in bins:
+                sd = torch.load(str(f), map_location="cpu", mmap=True, weights_only=True)
+                self._bins[f] = sd
+                for k in sd:
+                    self.where[k] = f
+
+    def resolve(self, name: str) -> str:
+        """The checkpoint key of a model parameter name (some checkpoints omit the ``model.``
+        prefix of the base model, or carry a ``model.`` prefix on ``lm_head``)."""
+        for key in (name, name.removeprefix("model."), f"model.{name}"):
+            if key in self.where:
+                return key
+        raise ModelError(f"{self.folder}: the checkpoint has no tensor for {name}; is it the model its config.json "
+                         "describes?")
+
+    def get(self, name: str) -> np.ndarray:
+        key = self.resolve(name)
+        f = self.where[key]
+        if f in self._bins:
+            t = self._bins[f][key]
+        else:
+            from safetensors import safe_open
+
+            with safe_open(str(f), framework="pt") as h:
+                t = h.get_tensor(key)
+        return t.float().numpy() if t.dtype.is_floating_point else t.numpy()
+
+
+def _raw(init: Any) -> bytes | None:
+    """The bytes of an initializer stored inside the graph (raw or typed fields)."""
+    from onnx import TensorProto, numpy_helper
+
+    if init.data_location == TensorProto.EXTERNAL:
+        return None
+    if init.HasField("raw_data"):
+        return init.raw_data
+    return numpy_helper.to_array(init).tobytes()
+
+
+def write_external(proto: Any, onnx_path: Path, data_name: str, lazy: Mapping[str, Loader] | None = None,
+                   threshold: int = 1024, dry: bool = False) -> None:
+    """Save ``proto`` as ``onnx_path`` with its weights in ``data_name`` beside it.
+
+    Initializers named in ``lazy`` hold only their type and shape; their values come from the
+    loader, one at a time, as they are written. Other initializers of at least ``threshold``
+    bytes move to the data file too; those already external keep their place. New tensors go
+    at the end of an existing data file; large ones start on a page boundary, so ONNX Runtime
+    can map them. With ``dry``, offsets are assigned as if written and no data is written.
+    """
+    import onnx
+    from onnx import TensorProto
+
+    lazy = lazy or {}
+    data_path = onnx_path.parent / data_name
+    itemsize = {TensorProto.FLOAT: 4, TensorProto.FLOAT16: 2, TensorProto.BFLOAT16: 2, TensorProto.INT64: 8,
+                TensorProto.INT32: 4, TensorProto.INT8: 1, TensorProto.UINT8: 1, TensorProto.DOUBLE: 8,
+                TensorProto.BOOL: 1}
+    dtypes = {TensorProto.FLOAT: np.float32, TensorProto.UINT8: np.uint8, TensorProto.INT64: np.int64}
+    f = None if dry else open(data_path, "r+b" if data_path.exists() else "wb")
+    try:
+        pos = data_path.stat().st_size if data_path.exists() else 0
+        for init in proto.graph.initializer:
+            if init.name in lazy:
+                size = int(np.prod(init.dims, dtype=np.int64)) * itemsize[init.data_type]
+                payload: bytes | np.ndarray | None = None
+                if not dry:
+                    arr = np.asarray(lazy[init.name]())
+                    want = dtypes.get(init.data_type)
+                    if want is not None and arr.dtype != want:
+                        arr = arr.astype(want)
+                    if list(arr.shape) != list(init.dims):
+                        raise ModelError(f"{init.name}: the checkpoint holds shape {list(arr.shape)}, the model "
+                                         f"expects {list(init.dims)}")
+                    payload = np.ascontiguousarray(arr)
+            else:
+                raw = _raw(init)
+                if raw is None or len(raw) < threshold:
+                    continue
+                size, payload = len(raw), raw
+            align = PAGE if size >= 1 << 20 else 64
+            pos = (pos + align - 1) // align * align
+            if f is not None:
+                f.seek(pos)
+                f.write(payload.data if isinstance(payload, np.ndarray) else payload)  # type: ignore[union-attr]
+            for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+                init.ClearField(field)
+            del init.external_data[:]
+            init.data_location = TensorProto.EXTERNAL
+            for k, v in (("location", data_name), ("offset", str(pos)), ("length", str(size))):
+                init.external_data.append(onnx.StringStringEntryProto(key=k, value=v))
+            pos += size
+        if f is not None and f.tell() < pos:
+            f.truncate(pos)
+    finally:
+        if f is not None:
+            f.close()
+    onnx.save(proto, str(onnx_path))
+
+
+class Quantized:
+    """Lazy block quantization of checkpoint weights: loaders for ``W.q``, ``W.scale`` and
+    ``W.zero`` that quantize ``W`` once (the three are written one after another)."""
+
+    def __init__(self, load: Callable[[str], np.ndarray], bits: int, block: int) -> None:
+        self.load, self.bits, self.block = load, bits, block
+        self._last: tuple[str, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
+        self.float_bytes = 0
+        self.quantized_bytes = 0
+        self.max_relative_error = 0.0
+
+    def parts(self, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        from . import quant
+
+        if self._last is None or self._last[0] != name:
+            w = self.load(name)
+            q = quant.quantize(w, self.bits, self.block)
+            back = quant.dequantize(*q, self.bits, w.shape[1])
+            self.max_relative_error = max(self.max_relative_error,
+                                          float(np.abs(back - w).max() / max(1e-12, float(np.abs(w).max()))))
+            self.float_bytes += w.nbytes
+            self.quantized_bytes += sum(a.nbytes for a in q)
+            self._last = (name, q)
+        return self._last[1]
+
+    def loaders(self, name: str) -> dict[str, Loader]:
+        return {f"{name}.q": lambda: self.parts(name)[0], f"{name}.scale": lambda: self.parts(name)[1],
+                f"{name}.zero": lambda: self.parts(name)[2]}
