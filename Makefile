@@ -1,7 +1,7 @@
 # make demo : set up .venv and run the main job on the default model and sample data
 # make test : set up .venv and run the whole test suite (fast and real-model tests)
 # CI runs make test and make test-py313
-.PHONY: setup demo test test-fast test-py313 test-aarch64 bench
+.PHONY: setup demo test test-fast test-py313 test-aarch64 bench bench-scale
 
 setup:
 	bash scripts/setup.sh
@@ -27,3 +27,8 @@ bench: setup
 	.venv/bin/python bench/merge.py --quick
 	.venv/bin/python bench/pack.py
 	.venv/bin/python bench/train.py --rounds 2
+
+# A Phi-3-mini-shaped model (3.8B parameters, random weights) end to end on an int4 base:
+# export, train, eval, merge, pack, generate; about 30 GB of disk in /var/tmp/edgetune-scale.
+bench-scale: setup
+	.venv/bin/python bench/scale.py

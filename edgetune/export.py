@@ -313,9 +313,20 @@ def _trace(wrapper: Any, args: tuple, path: Path, input_names: list[str], output
     import onnx
     import torch
 
-    torch.onnx.export(wrapper, args, str(path), dynamo=False, input_names=input_names, output_names=output_names,
-                      dynamic_axes=dyn, opset_version=OPSET, do_constant_folding=False, training=training,
-                      export_params=False)
+    # The exporter's whole-graph shape pass serializes every parameter's values for every node;
+    # parameters are graph inputs with their shapes here, so it runs without their values.
+    whole_graph = torch._C._jit_pass_onnx_graph_shape_type_inference
+
+    def shapes_only(graph: Any, params: Any, opset: int) -> Any:
+        return whole_graph(graph, {}, opset)
+
+    torch._C._jit_pass_onnx_graph_shape_type_inference = shapes_only
+    try:
+        torch.onnx.export(wrapper, args, str(path), dynamo=False, input_names=input_names, output_names=output_names,
+                          dynamic_axes=dyn, opset_version=OPSET, do_constant_folding=False, training=training,
+                          export_params=False)
+    finally:
+        torch._C._jit_pass_onnx_graph_shape_type_inference = whole_graph
     proto = onnx.load(str(path))
     path.unlink()
     graphs.strip_prefix(proto)

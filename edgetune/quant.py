@@ -17,12 +17,15 @@ again (``tests/test_quant.py`` and the real-model test measure how exactly).
 
 In the graphs:
 
-- forward (training, evaluation and inference): ``MatMulNBits`` on the quantized tensors;
+- forward (training, evaluation and inference): ``MatMulNBits`` on the quantized tensors; export
+  quantizes the forward graph before the gradient builder sees it, so float32 weights are
+  never written;
 - backward (the input gradient ``dY @ W``, which the adapters of earlier layers need): the
-  weight is dequantized again in standard ONNX ops right before its one MatMul, and freed after
-  it, so no float32 copy of the weights stays alive between forward and backward. The dequant
-  starts from a graph input (``RUNTIME_SHIFT``), so ONNX Runtime cannot fold it into a float32
-  constant when it loads the graph.
+  gradient rule of ``MatMulNBits`` (``edgetune.autodiff``) dequantizes the weight again in
+  standard ONNX ops right before its one MatMul, freed after it, so no float32 copy of the
+  weights stays alive between forward and backward. The dequant starts from a graph input
+  (``RUNTIME_SHIFT``), so ONNX Runtime cannot fold it into a float32 constant when it loads
+  the graph.
 
 Embeddings (and a tied ``lm_head``) stay float32, as in QLoRA.
 """
