@@ -788,9 +788,11 @@ def params_to_inputs(proto: Any, params: list[str], base_dir: Any = None) -> dic
 
 
 def build(proto: Any, params: list[str], loss: str, feeds: Sequence[dict[str, np.ndarray]],
-          base_dir: Any = None) -> TrainingGraph:
+          base_dir: Any = None, recompute: bool = False) -> TrainingGraph:
     """The training graph of ``proto``: ``loss`` and the gradient of each of ``params``.
-    ``base_dir`` is where the external data of ``proto``'s weights lies, if it has any."""
+    ``base_dir`` is where the external data of ``proto``'s weights lies, if it has any. With
+    ``recompute``, each decoder layer's activations are recomputed in the backward pass
+    (:func:`recompute_layers`)."""
     import onnx
 
     types = elem_types(proto)
@@ -800,5 +802,101 @@ def build(proto: Any, params: list[str], loss: str, feeds: Sequence[dict[str, np
     initial = params_to_inputs(proto, params, base_dir)
     train = onnx.ModelProto()
     train.CopyFrom(proto)
+    n_forward = len(train.graph.node)
     grads = differentiate(train, params, loss, shapes, types, fixed)
+    if recompute:
+        recompute_layers(train, n_forward, types)
     return TrainingGraph(train, list(params), grads, initial)
+
+
+_LAYER = __import__("re").compile(r"layers\.(\d+)[/.]")
+
+
+def _layer(node: Any) -> Optional[int]:
+    m = _LAYER.search(node.name)
+    return int(m.group(1)) if m else None
+
+
+def recompute_layers(proto: Any, n_forward: int, types: dict[str, int]) -> int:
+    """Gradient checkpointing: the backward pass recomputes each decoder layer's forward from
+    the layer's inputs instead of reading activations saved since the forward pass.
+
+    Tensors that cross layers (the residual stream, rotary tables, the mask) stay as they are;
+    every other forward tensor of layer ``L`` that a backward node reads is computed again by a
+    copy of the layer's nodes, placed right before the first backward node that needs it. The
+    copy's float inputs pass through an ``Add`` of a zero derived from the incoming gradient, so
+    ONNX Runtime cannot run it before the backward pass reaches the layer; the originals are then
+    freed as soon as the forward pass is done with them. Live activations fall from every layer's
+    to one layer's, for about one more forward pass of compute. Returns the nodes added."""
+    from onnx import helper
+
+    g = proto.graph
+    nodes = list(g.node)
+    fwd, bwd = nodes[:n_forward], nodes[n_forward:]
+    producer = {o: n for n in fwd for o in n.output if o}
+    layer = {o: _layer(n) for o, n in producer.items()}
+    crossing = set()
+    for n in fwd:
+        for i in n.input:
+            if i in layer and layer[i] is not None and layer[i] != _layer(n):
+                crossing.add(i)
+    graph_out = {o.name for o in g.output}
+    keep = crossing | graph_out | {o for n in fwd if n.op_type == "Dropout" for o in n.output}
+    readers: dict[int, list[int]] = {}  # layer -> indices of backward nodes reading its activations
+    for k, n in enumerate(bwd):
+        for i in n.input:
+            if i in layer and layer[i] is not None and i not in keep and producer[i].op_type != "Constant":
+                readers.setdefault(layer[i], []).append(k)
+    inserts: dict[int, list[Any]] = {}
+    added = 0
+    for lyr, ks in readers.items():
+        first = min(ks)
+        targets = {i for k in ks for i in bwd[k].input if layer.get(i) == lyr and i not in keep
+                   and producer[i].op_type != "Constant"}
+        # The forward nodes of this layer the targets depend on (within the layer), in order.
+        need, stack = set(), list(targets)
+        while stack:
+            t = stack.pop()
+            n = producer.get(t)
+            if n is None or layer.get(t) != lyr or t in keep or id(n) in need:
+                continue
+            need.add(id(n))
+            stack.extend(n.input)
+        chosen = [n for n in fwd if id(n) in need]
+        if first == 0:
+            continue
+        grad_in = bwd[first - 1].output[0]  # the backward pass has reached this layer once it exists
+        suffix = f"/re{lyr}"
+        dep = f"recompute{suffix}/zero"
+        new = [helper.make_node("Shape", [grad_in], [dep + "_shape"], start=0, end=0, name=dep + "_shape"),
+               helper.make_node("ConstantOfShape", [dep + "_shape"], [dep], name=dep + "_fill")]  # a float 0.0 scalar
+        local = {o for n in chosen for o in n.output}
+        gated: dict[str, str] = {}
+        for n in chosen:
+            ins = []
+            for i in n.input:
+                if i in local:
+                    ins.append(i + suffix)
+                elif i and i in producer and producer[i].op_type != "Constant" and types.get(i) == 1:
+                    if i not in gated:
+                        gated[i] = f"{i}{suffix}/gated"
+                        new.append(helper.make_node("Add", [i, dep], [gated[i]], name=gated[i]))
+                    ins.append(gated[i])
+                else:
+                    ins.append(i)
+            c = helper.make_node(n.op_type, ins, [o + suffix if o else o for o in n.output], name=n.name + suffix,
+                                 domain=n.domain)
+            c.attribute.extend(n.attribute)
+            new.append(c)
+        inserts.setdefault(first, []).extend(new)
+        added += len(new)
+        for k in ks:
+            node = bwd[k]
+            node.input[:] = [i + suffix if i in targets else i for i in node.input]
+    out = list(fwd)
+    for k, n in enumerate(bwd):
+        out.extend(inserts.get(k, []))
+        out.append(n)
+    del g.node[:]
+    g.node.extend(out)
+    return added

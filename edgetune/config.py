@@ -36,6 +36,7 @@ class AdapterConfig:
     seed: int = 0
     quantize: str | None = None  # "int4" | "int8": a block-quantized frozen base (QLoRA)
     block_size: int = 32         # quantization block along the input dimension
+    gradient_checkpointing: bool = False  # the training graph recomputes each layer in the backward pass
 
     def __post_init__(self) -> None:
         from .quant import check

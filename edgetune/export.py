@@ -421,7 +421,7 @@ def _probe_feeds(proto: Any, vocab: int) -> list[dict[str, Any]]:
     return feeds
 
 
-def build_training(forward_onnx: Path, trainable: list[str], out: Path, vocab: int) -> None:
+def build_training(forward_onnx: Path, trainable: list[str], out: Path, vocab: int, recompute: bool = False) -> None:
     """``train.onnx`` (loss and adapter gradients), ``eval.onnx`` (loss) sharing one weight
     file, and ``adapter_init.safetensors``: only ``trainable`` tensors get gradients.
     ``forward_onnx`` keeps its weights in ``train.onnx.data`` beside it; the tensors the
@@ -429,7 +429,8 @@ def build_training(forward_onnx: Path, trainable: list[str], out: Path, vocab: i
     import onnx
 
     proto = onnx.load(str(forward_onnx), load_external_data=False)
-    tg = autodiff.build(proto, trainable, "loss", _probe_feeds(proto, vocab), base_dir=forward_onnx.parent)
+    tg = autodiff.build(proto, trainable, "loss", _probe_feeds(proto, vocab), base_dir=forward_onnx.parent,
+                        recompute=recompute)
     onnx.save_model(tg.model, str(out / "train.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
                     location="train.onnx.data", size_threshold=1024)
     graphs.disable_dropout(proto)  # ``proto`` is now the forward graph with the adapters as inputs
@@ -516,7 +517,7 @@ def _export(model: str | os.PathLike | None, out: Path, cfg: AdapterConfig, log:
         extdata.write_external(fwd, tmp / "_forward.onnx", "train.onnx.data", fwd_lazy, threshold=1024)
         del fwd
         log("building the training graph (gradients of the adapter weights)")
-        build_training(tmp / "_forward.onnx", trainable, tmp, int(hf.config.vocab_size))
+        build_training(tmp / "_forward.onnx", trainable, tmp, int(hf.config.vocab_size), cfg.gradient_checkpointing)
         (tmp / "_forward.onnx").unlink()
         log("writing the inference graph and weights")
         qinfo = None
