@@ -159,13 +159,11 @@ class Quantized:
 
         if self._last is None or self._last[0] != name:
             w = self.load(name)
-            q = quant.quantize(w, self.bits, self.block)
-            back = quant.dequantize(*q, self.bits, w.shape[1])
-            self.max_relative_error = max(self.max_relative_error,
-                                          float(np.abs(back - w).max() / max(1e-12, float(np.abs(w).max()))))
+            *q, err = quant.quantize_with_error(w, self.bits, self.block)
+            self.max_relative_error = max(self.max_relative_error, err / max(1e-12, float(np.abs(w).max())))
             self.float_bytes += w.nbytes
             self.quantized_bytes += sum(a.nbytes for a in q)
-            self._last = (name, q)
+            self._last = (name, tuple(q))  # type: ignore[assignment]
         return self._last[1]
 
     def loaders(self, name: str) -> dict[str, Loader]:

@@ -57,11 +57,17 @@ def check(method: str | None, block_size: int) -> None:
 
 def quantize(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``W [N, K]`` -> (packed codes, scales, zero points) in MatMulNBits' layout."""
+    return quantize_with_error(w, bits, block)[:3]  # type: ignore[return-value]
+
+
+def quantize_with_error(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """:func:`quantize`, plus the largest absolute rounding error ``|w - (code - zero) * scale|``
+    (from the rounding residual, without dequantizing)."""
     n, k = w.shape
     if k % block:
         raise ConfigError(f"a weight with {k} inputs cannot be split into blocks of {block}; use --block-size 16 or 32")
     top = (1 << bits) - 1
-    wb = w.astype(np.float32).reshape(n, k // block, block)
+    wb = w.astype(np.float32, copy=False).reshape(n, k // block, block)
     lo, hi = wb.min(-1), wb.max(-1)
     if bits == 8:  # an integer zero point: the range must hold 0 (standard asymmetric uint8)
         lo, hi = np.minimum(lo, 0), np.maximum(hi, 0)
@@ -71,10 +77,20 @@ def quantize(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarr
     if bits == 8:
         # ONNX Runtime's 8-bit MatMulNBits takes integer zero points only.
         zero = np.clip(np.rint(zero), 0, top).astype(np.uint8)
-    codes = np.clip(np.rint(wb / scale[..., None] + zero[..., None]), 0, top).astype(np.uint8)
+    t = wb / scale[..., None]
+    t += zero[..., None]
+    c = np.rint(t)
+    np.clip(c, 0, top, out=c)
+    t -= c
+    np.abs(t, out=t)
+    t *= scale[..., None]
+    err = float(t.max()) if t.size else 0.0
+    del t
+    codes = c.astype(np.uint8)
+    del c
     if bits == 4:
         codes = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
-    return np.ascontiguousarray(codes), scale.reshape(-1), zero.reshape(-1)
+    return np.ascontiguousarray(codes), scale.reshape(-1), zero.reshape(-1), err
 
 
 def dequantize(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: int, k: int) -> np.ndarray:
@@ -273,6 +289,14 @@ def dequant_ops(qn: str, sn: str, zn: str, out: str, n: int, k: int, bits: int, 
     return nodes, consts
 
 
+def _read(f: Any, offset: int, length: int, dtype: Any) -> np.ndarray:
+    f.seek(offset)
+    buf = f.read(length)
+    if len(buf) != length:
+        raise ValueError(f"{getattr(f, 'name', 'data file')}: {len(buf)} bytes at offset {offset}, expected {length}")
+    return np.frombuffer(buf, dtype)
+
+
 def write_float_data(b: Any, dest: Any) -> None:
     """The float32 weight file of a quantized bundle's (float) merge template: every tensor in
     its place, quantized weights dequantized, one tensor in memory at a time. A QLoRA adapter
@@ -280,11 +304,12 @@ def write_float_data(b: Any, dest: Any) -> None:
     q = b.manifest["quantization"]
     layout, src = q["merge_layout"], q["infer_weights"]
     quantized = set(q["weights"])
-    data = np.memmap(b.path("infer.onnx.data"), dtype=np.uint8, mode="r")
+    # Read, not mapped: the process holds one tensor at a time, not every page it has read.
+    data = open(b.path("infer.onnx.data"), "rb")
 
     def raw(name: str) -> np.ndarray:
         e = src[name]
-        return np.frombuffer(data[e["offset"]: e["offset"] + e["length"]], e["dtype"]).reshape(e["shape"])
+        return _read(data, e["offset"], e["length"], e["dtype"]).reshape(e["shape"])
 
     size = max(e["offset"] + e["length"] for e in layout.values())
     with open(dest, "wb") as f:
@@ -300,6 +325,7 @@ def write_float_data(b: Any, dest: Any) -> None:
                 raise ValueError(f"{name}: {len(buf)} bytes for a slot of {e['length']}")
             f.seek(e["offset"])
             f.write(buf)
+    data.close()
 
 
 def change_kept(before: np.ndarray, after: np.ndarray, bits: int, block: int) -> tuple[float, float]:
@@ -330,14 +356,14 @@ def quantize_model(onnx_path: Any, data_name: str, method: str, block: int,
     onnx_path = Path(onnx_path)
     model = onnx.load(str(onnx_path), load_external_data=False)
     names = linear_weights(model.graph, set())
-    data = np.memmap(onnx_path.parent / data_name, dtype=np.uint8, mode="r")
+    data = open(onnx_path.parent / data_name, "rb")  # read, not mapped (see write_float_data)
     dtypes = {1: np.float32, 2: np.uint8, 7: np.int64, 6: np.int32, 10: np.float16, 9: np.bool_}
 
     def reader(init: Any) -> Any:
         ext = {e.key: e.value for e in init.external_data}
         off, length = int(ext.get("offset", 0)), int(ext["length"])
         dims = list(init.dims)
-        return lambda: np.frombuffer(data[off:off + length], dtypes[init.data_type]).reshape(dims)
+        return lambda: _read(data, off, length, dtypes[init.data_type]).reshape(dims)
 
     lazy = {i.name: reader(i) for i in model.graph.initializer if i.data_location == onnx.TensorProto.EXTERNAL}
     qz = extdata.Quantized(lambda name: np.array(lazy[name](), np.float32), bits, block)
@@ -346,7 +372,7 @@ def quantize_model(onnx_path: Any, data_name: str, method: str, block: int,
         lazy.update(qz.loaders(name))
     tmp_name = data_name + ".quantized"
     extdata.write_external(model, onnx_path.with_name(onnx_path.name + ".tmp"), tmp_name, lazy, threshold=0)
-    del data
+    data.close()
     (onnx_path.parent / tmp_name).replace(onnx_path.parent / data_name)
     model = onnx.load(str(onnx_path.with_name(onnx_path.name + ".tmp")), load_external_data=False)
     for init in model.graph.initializer:

@@ -148,7 +148,11 @@ def memory_estimate(b: _bundle.Bundle, cfg: TrainConfig) -> dict[str, float]:
     tokens = cfg.max_batch_tokens or cfg.batch_size * cfg.max_seq_len
     tokens = min(tokens, cfg.batch_size * cfg.max_seq_len)
     weights = sum(b.path(f).stat().st_size for f in ("train.onnx.data",) if b.path(f).is_file())
-    acts = ACTIVATION_BYTES * int(mc.get("num_hidden_layers") or 1) * int(mc.get("hidden_size") or 1) * tokens
+    layers, hidden = int(mc.get("num_hidden_layers") or 1), int(mc.get("hidden_size") or 1)
+    if b.adapter.gradient_checkpointing:  # one layer's activations, plus each layer's inputs
+        acts = (ACTIVATION_BYTES + 16 * layers) * hidden * tokens
+    else:
+        acts = ACTIVATION_BYTES * layers * hidden * tokens
     return {"weights": float(weights), "activations": float(acts), "total": 1.15 * (weights + acts) + 300 * 2**20}
 
 
@@ -173,7 +177,7 @@ def check_memory(b: _bundle.Bundle, cfg: TrainConfig) -> None:
             f"training needs about {est['total'] / gb:.1f} GB (weights {est['weights'] / gb:.1f} GB, activations "
             f"{est['activations'] / gb:.1f} GB for chunks of {cfg.max_batch_tokens or cfg.batch_size * cfg.max_seq_len} "
             f"tokens); this machine has {avail / gb:.1f} GB available. Lower --max-batch-tokens or --batch-size, "
-            "export with --quantize int4, or set EDGETUNE_SKIP_MEMORY_CHECK=1 to try anyway")
+            "export with --quantize int4 or --gradient-checkpointing, or set EDGETUNE_SKIP_MEMORY_CHECK=1 to try anyway")
 
 
 def _old_checkpoint(run: Path) -> bool:
