@@ -42,8 +42,6 @@ class AdapterConfig:
         from .quant import check
 
         check(self.quantize, self.block_size)
-        _check(not (self.quantize and self.method == "dora"),
-               "a quantized base (--quantize) trains LoRA adapters; DoRA needs the float base rows")
         _check(self.method in METHODS, f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         _check(isinstance(self.rank, int) and self.rank >= 1, f"rank must be a positive integer, got {self.rank!r}")
         _check(self.alpha > 0, f"alpha must be positive, got {self.alpha!r}")

@@ -81,17 +81,47 @@ def norms_feed(mods: list[DoraModule], base: Mapping[str, np.ndarray], tensors: 
                                     None if w_sq is None else w_sq[m.base]) for m in mods}
 
 
-def bundle_base_weights(b: Any, mods: list[DoraModule]) -> dict[str, np.ndarray]:
+def bundle_base_weights(b: Any, mods: list[DoraModule]) -> Mapping[str, np.ndarray]:
     """The frozen base rows of each DoRA layer, read (memory-mapped) from the bundle's
-    inference weights through the manifest's index."""
-    by_graph = {e["graph_name"]: e for e in b.manifest["weights"].values()}
+    inference weights through the manifest's index; with a quantized base, dequantized when
+    asked for (one layer at a time, as the graphs compute them)."""
     data = np.memmap(b.path("infer.onnx.data"), dtype=np.uint8, mode="r")
+    q = b.manifest.get("quantization")
+    if q:
+        return _Dequantized(data, q, {m.base for m in mods})
+    by_graph = {e["graph_name"]: e for e in b.manifest["weights"].values()}
     out = {}
     for m in mods:
         e = by_graph[m.base]
         raw = data[e["offset"]: e["offset"] + e["length"]]
         out[m.base] = np.frombuffer(raw, np.float32).reshape(e["shape"])
     return out
+
+
+class _Dequantized(Mapping[str, np.ndarray]):
+    def __init__(self, data: np.ndarray, q: dict[str, Any], names: set[str]) -> None:
+        self.data, self.q, self.names = data, q, names
+
+    def _raw(self, name: str) -> np.ndarray:
+        e = self.q["infer_weights"][name]
+        return np.frombuffer(self.data[e["offset"]: e["offset"] + e["length"]], e["dtype"]).reshape(e["shape"])
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        from . import quant
+
+        if name not in self.names:
+            raise KeyError(name)
+        if name not in set(self.q["weights"]):
+            return self._raw(name)
+        k = int(self.q["merge_layout"][name]["shape"][1])
+        return quant.dequantize(self._raw(f"{name}.q"), self._raw(f"{name}.scale"), self._raw(f"{name}.zero"),
+                                int(self.q["bits"]), k)
+
+    def __iter__(self) -> Any:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 def feed_for_adapter(b: Any, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

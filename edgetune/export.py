@@ -270,25 +270,35 @@ def _attach(proto: Any, peft_model: Any, source: "extdata.SourceWeights") -> dic
     return lazy
 
 
-def init_dora(peft_model: Any, source: "extdata.SourceWeights") -> None:
+def _base_weight(source: "extdata.SourceWeights", name: str, cfg: AdapterConfig) -> Any:
+    """A DoRA layer's frozen weight as the graphs compute it: with a quantized base, the
+    dequantized one (as PEFT's DoRA does on a bitsandbytes base)."""
+    w = source.get(graphs.hf_name(f"{name}.base_layer.weight"))
+    if cfg.quantize:
+        bits = quant.BITS[cfg.quantize]
+        w = quant.dequantize(*quant.quantize(w, bits, cfg.block_size), bits, w.shape[1])
+    return w
+
+
+def init_dora(peft_model: Any, source: "extdata.SourceWeights", cfg: AdapterConfig) -> None:
     """DoRA magnitudes as PEFT initializes them (the row norms of ``W + s B A``), from the
     checkpoint's weights, one layer at a time."""
     import torch
 
     with torch.no_grad():
         for name, mod in dora.torch_modules(peft_model):
-            w = torch.from_numpy(source.get(graphs.hf_name(f"{name}.base_layer.weight")))
+            w = torch.from_numpy(_base_weight(source, name, cfg))
             a, b = mod.lora_A["default"].weight, mod.lora_B["default"].weight
             norm = torch.linalg.norm(w + mod.scaling["default"] * (b @ a), dim=1)
             mod.lora_magnitude_vector["default"].weight.copy_(norm)
 
 
-def _initial_norms(mods: list[tuple[str, Any]], source: "extdata.SourceWeights") -> list[Any]:
+def _initial_norms(mods: list[tuple[str, Any]], source: "extdata.SourceWeights", cfg: AdapterConfig) -> list[Any]:
     import torch
 
     out = []
     for name, mod in mods:
-        w = source.get(graphs.hf_name(f"{name}.base_layer.weight"))
+        w = _base_weight(source, name, cfg)
         a = mod.lora_A["default"].weight.detach().float().numpy()
         b = mod.lora_B["default"].weight.detach().float().numpy()
         out.append(torch.from_numpy(dora.row_norms(w, a, b, float(mod.scaling["default"]))))
@@ -367,8 +377,8 @@ def kv_names(num_layers: int) -> tuple[list[str], list[str]]:
     return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
 
 
-def export_infer_graph(peft_model: Any, path: Path, adapter_names: list[str],
-                       source: "extdata.SourceWeights") -> tuple[Any, dict[str, Any], dict[str, extdata.Loader]]:
+def export_infer_graph(peft_model: Any, path: Path, adapter_names: list[str], source: "extdata.SourceWeights",
+                       adapter: AdapterConfig) -> tuple[Any, dict[str, Any], dict[str, extdata.Loader]]:
     """Trace the KV-cache inference graph; adapter weights become overridable inputs.
     Returns the graph, its KV-cache description and the loaders of its base weights."""
     import torch
@@ -386,7 +396,7 @@ def export_infer_graph(peft_model: Any, path: Path, adapter_names: list[str],
     dyn.update({n: {0: "batch", 2: "past"} for n in ins[3:]})
     dyn.update({n: {0: "batch", 2: "total"} for n in outs[1:]})
     with _quiet_tracing(), torch.no_grad(), dora.norms_from_inputs(peft_model) as mods:
-        norms = _initial_norms(mods, source)
+        norms = _initial_norms(mods, source, adapter)
         norm_names = [dora.DoraModule(n).norm_input for n, _ in mods]
         wrapper = _kv_wrapper(peft_model, layers, mods)
         with _Traceable(peft_model):
@@ -497,13 +507,13 @@ def _export(model: str | os.PathLike | None, out: Path, cfg: AdapterConfig, log:
     cfg = AdapterConfig(**{**cfg.to_dict(), "targets": targets})
     hf_names = set(hf.state_dict())
     pm = inject_adapter(hf, cfg)
-    init_dora(pm, source)
+    init_dora(pm, source, cfg)
     trainable = [n for n, p in pm.named_parameters() if p.requires_grad]
     norm_inputs = [m.norm_input for m in dora.modules(trainable)]
     with _io.atomic_dir(out) as tmp:
         log(f"tracing the training and inference graphs ({len(trainable)} adapter tensors)")
         fwd, fwd_lazy = export_train_graph(pm, tmp / "_forward.onnx", source)
-        infer, kv, infer_lazy = export_infer_graph(pm, tmp / "_infer.onnx", trainable, source)
+        infer, kv, infer_lazy = export_infer_graph(pm, tmp / "_infer.onnx", trainable, source, cfg)
         qnames: list[str] = []
         if cfg.quantize:
             bits = quant.BITS[cfg.quantize]

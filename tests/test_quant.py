@@ -78,8 +78,6 @@ def test_config_checks():
         AdapterConfig(quantize="nf4")
     with pytest.raises(ConfigError, match="block_size"):
         AdapterConfig(quantize="int4", block_size=48)
-    with pytest.raises(ConfigError, match="DoRA"):
-        AdapterConfig(quantize="int4", method="dora")
 
 
 @pytest.fixture(scope="module")
@@ -261,3 +259,40 @@ def test_a_prequantized_folder_is_refused_naming_what_works(tiny_model, tmp_path
     with pytest.raises(ModelError, match=rf"already quantized \({qc['quant_method']}\).*--quantize int4"):
         export(str(folder), tmp_path / "b", AdapterConfig(rank=4, alpha=8, targets=("q_proj",)))
     assert not (tmp_path / "b").exists()
+
+
+def test_qlora_dora_matches_pytorch_peft_on_the_dequantized_base(tiny_model, chat_data, tmp_path):
+    """DoRA on an int4 base: the magnitudes start from the dequantized rows (as PEFT's DoRA does
+    on a bitsandbytes base), the norms fed while training come from them too, and 10 steps agree
+    with PyTorch + PEFT on the dequantized weights. Then merge into a float base and pack."""
+    torch = pytest.importorskip("torch")
+    import torch_reference
+    from edgetune import merge as merge_mod
+    from edgetune.export import export, inject_adapter
+    from edgetune.infer import Model
+
+    cfg = AdapterConfig(method="dora", rank=4, alpha=8, targets=("q_proj", "v_proj"), quantize="int4")
+    bundle = export(str(tiny_model), tmp_path / "b", cfg)
+    steps, lr, bs, seed = 10, 1e-2, 4, 0
+    run = trainer.train(bundle, chat_data, tmp_path / "run", steps=steps, lr=lr, batch_size=bs, seed=seed,
+                        schedule="constant", progress=False, log=lambda s: None)
+    hf, m = _dequantized_torch_model(tiny_model, bundle)
+    q_weights = set(m["quantization"]["weights"])
+    assert {f"base_model.model.model.layers.{i}.self_attn.{t}.base_layer.weight" for i in (0, 1)
+            for t in ("q_proj", "v_proj")} <= q_weights  # the DoRA layers' bases are int4 too
+    pm = inject_adapter(hf, AdapterConfig(method="dora", rank=4, alpha=8, targets=("q_proj", "v_proj")))
+    theirs, params = torch_reference.train_like_peft(pm, bundle, chat_data, steps, lr, bs, seed)
+    np.testing.assert_allclose(torch_reference.edgetune_losses(run.out), theirs, rtol=0, atol=1e-5)
+    assert torch_reference.worst_adapter_error(run.out, params) < 1e-4
+    # The bundle's inference graph with the trained adapter, and the merge into a float base,
+    # give the logits PyTorch + PEFT gives on the dequantized base.
+    pm.eval()
+    ids = np.asarray([list(range(5, 30))], np.int64)
+    with torch.no_grad():
+        want = pm(input_ids=torch.from_numpy(ids)).logits.numpy()
+    got = Model.open(bundle, adapter=run.out).logits(ids, np.ones_like(ids))
+    np.testing.assert_allclose(got, want, atol=1e-4 * max(1.0, np.abs(want).max()))
+    merged = tmp_path / "merged"
+    merge_mod.merge(bundle, [run.out], merged)
+    got = Model.open(merged).logits(ids, np.ones_like(ids))
+    np.testing.assert_allclose(got, want, atol=1e-4 * max(1.0, np.abs(want).max()))
