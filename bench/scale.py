@@ -13,8 +13,8 @@ weights that were read, not only allocations.
 
     python bench/scale.py [--work DIR] [--quantize int4] [--steps 3] [--seq 256] [--keep]
 
-Stages: make the model (once; cached in DIR), ``export --quantize int4 --targets qkv_proj,o_proj
---rank 8``, ``train`` (batch 1 x SEQ tokens, STEPS steps), ``eval``, ``merge --quantize int4``,
+Stages: make the model (once; cached in DIR), ``export --quantize int4 --block-size 64
+--gradient-checkpointing --targets qkv_proj,o_proj --rank 8``, ``train`` (batch 1 x SEQ tokens, STEPS steps), ``eval``, ``merge --quantize int4``,
 ``pack``, and ``generate`` from the packed app. The last line is JSON.
 
 Disk: about 7.6 GB for the model, 5 GB for the bundle, 15 GB while merge writes the float
@@ -170,6 +170,9 @@ def main() -> None:
     ap.add_argument("--quantize", default="int4", choices=["int4", "int8", "none"])
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--block-size", type=int, default=64)
+    ap.add_argument("--no-gradient-checkpointing", dest="gc", action="store_false",
+                    help="keep every layer's activations (about 3 GB more at 256 tokens)")
     ap.add_argument("--keep", action="store_true", help="keep bundle, run, merged model and app directory")
     a = ap.parse_args()
     print(f"machine: {machine.describe()}", flush=True)
@@ -184,7 +187,8 @@ def main() -> None:
     for d in (bundle, rund, merged, app):
         shutil.rmtree(d, ignore_errors=True)
     logs.mkdir(exist_ok=True)
-    q = [] if tag == "none" else ["--quantize", tag]
+    q = [] if tag == "none" else ["--quantize", tag, "--block-size", str(a.block_size)]
+    q += ["--gradient-checkpointing"] if a.gc else []
     rows = [run("export", ["export", str(model), "--out", str(bundle), "--rank", "8", "--alpha", "16",
                            "--targets", "qkv_proj,o_proj", "--max-seq-len", "4096", *q], logs / "export.log")]
     rows[-1]["bundle_mb"] = dir_mb(bundle)
@@ -199,7 +203,7 @@ def main() -> None:
     print(f"[train] s/step after the first: {times}; losses {rows[-1]['losses']}", flush=True)
     rows.append(run("eval", ["eval", str(bundle), "--adapter", str(rund), "--data", str(data / "valid.jsonl"),
                              "--json"], logs / "eval.log"))
-    merge_q = ["--quantize", tag] if tag != "none" else []
+    merge_q = ["--quantize", tag, "--block-size", str(a.block_size)] if tag != "none" else []
     rows.append(run("merge", ["merge", str(bundle), str(rund), "--out", str(merged), *merge_q], logs / "merge.log"))
     rows[-1]["merged_mb"] = dir_mb(merged)
     rows.append(run("pack", ["pack", str(rund), "--bundle", str(bundle), "--out", str(app), "--name", "scale"],
@@ -210,8 +214,8 @@ def main() -> None:
     if not a.keep:
         for d in (bundle, rund, merged, app):
             shutil.rmtree(d, ignore_errors=True)
-    print(json.dumps({"model": LABEL, "machine": machine.describe(), "quantize": tag, "steps": a.steps,
-                      "seq": a.seq, "stages": rows}))
+    print(json.dumps({"model": LABEL, "machine": machine.describe(), "quantize": tag, "block_size": a.block_size,
+                      "gradient_checkpointing": a.gc, "steps": a.steps, "seq": a.seq, "stages": rows}))
 
 
 if __name__ == "__main__":

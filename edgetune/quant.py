@@ -156,10 +156,11 @@ def placeholders(name: str, n: int, k: int, bits: int, block: int) -> list[Any]:
 
 
 def rewrite(model: Any, names: list[str], quantized: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] | None,
-            bits: int, block: int) -> None:
+            bits: int, block: int, inference: bool = False) -> None:
     """Replace each weight in ``names`` by its quantized tensors: ``x @ W^T`` becomes
     ``MatMulNBits``, any other use (the backward ``dY @ W``) a run-time dequantization.
-    With ``quantized`` None, the new tensors are placeholders to be written lazily."""
+    With ``quantized`` None, the new tensors are placeholders to be written lazily. With
+    ``inference``, int4 layers take ONNX Runtime's packed kernels (see :func:`_nbits`)."""
     from onnx import TensorProto, helper, numpy_helper
 
     g = model.graph
@@ -190,8 +191,7 @@ def rewrite(model: Any, names: list[str], quantized: dict[str, tuple[np.ndarray,
                 out = node.output[0]
                 alpha = float(_attr(node, "alpha", 1.0))
                 mm_out = out if alpha == 1.0 else f"{out}.unscaled"
-                nodes = [helper.make_node("MatMulNBits", [node.input[0], qn, sn, zn], [mm_out], domain="com.microsoft",
-                                          name=f"{node.name or out}.nbits", **nbits)]
+                nodes = _nbits(g, node.input[0], mm_out, qn, sn, zn, f"{node.name or out}.nbits", nbits, inference)
                 if alpha != 1.0:
                     c = f"{out}.alpha"
                     g.initializer.append(numpy_helper.from_array(np.array(alpha, np.float32), c))
@@ -200,9 +200,9 @@ def rewrite(model: Any, names: list[str], quantized: dict[str, tuple[np.ndarray,
                 drop.add(at)
             elif node.op_type == "Transpose":
                 for mm, j in cons.get(node.output[0], []):
-                    new_nodes.setdefault(index[id(mm)], []).append(
-                        helper.make_node("MatMulNBits", [mm.input[0], qn, sn, zn], list(mm.output),
-                                         domain="com.microsoft", name=f"{mm.name or mm.output[0]}.nbits", **nbits))
+                    new_nodes.setdefault(index[id(mm)], []).extend(
+                        _nbits(g, mm.input[0], mm.output[0], qn, sn, zn, f"{mm.name or mm.output[0]}.nbits", nbits,
+                               inference))
                     drop.add(index[id(mm)])
                 drop.add(at)
             else:
@@ -224,6 +224,42 @@ def rewrite(model: Any, names: list[str], quantized: dict[str, tuple[np.ndarray,
     g.node.extend(kept)
     if need_shift and not any(i.name == RUNTIME_SHIFT for i in g.input):
         g.input.append(helper.make_tensor_value_info(RUNTIME_SHIFT, TensorProto.UINT8, []))
+
+
+def _nbits(g: Any, x: str, out: str, qn: str, sn: str, zn: str, name: str, attrs: dict[str, int],
+           inference: bool) -> list[Any]:
+    """``out = x @ W^T`` on the quantized tensors.
+
+    ONNX Runtime packs a ``MatMulNBits`` weight for its fast kernels only when the zero points
+    are integers; with float zero points (ours for int4, so that a GGUF's Q4_1 blocks stay
+    exact) every call dequantizes the whole weight first, about 35 times slower for one token.
+    For inference graphs an int4 layer is therefore split exactly, with ``w = (c - z) s =
+    (c - 8) s + (8 - z) s``: a ``MatMulNBits`` without zero points (8 by default, packed, fast)
+    plus the block sums of ``x`` times ``C = ((8 - z) s)^T`` ``[K/bs, N]``, a GEMM 1/``bs`` the
+    size, whose constant ONNX Runtime folds when it loads the graph. Training graphs keep the
+    plain form: their sessions do not pre-pack (each weight would be held twice)."""
+    from onnx import helper, numpy_helper
+
+    if not inference or attrs["bits"] != 4:
+        return [helper.make_node("MatMulNBits", [x, qn, sn, zn], [out], domain="com.microsoft", name=name, **attrs)]
+    n, k, bs = attrs["N"], attrs["K"], attrs["block_size"]
+    p = f"{out}.nbits"
+    consts = {f"{p}.eight": np.array(8.0, np.float32), f"{p}.nk": np.array([n, k // bs], np.int64),
+              f"{p}.blocks": np.array([-1, k // bs, bs], np.int64), f"{p}.axes": np.array([-1], np.int64)}
+    # Constant nodes, not initializers: shapes must stay inside the graph (the data file holds weights).
+    return [helper.make_node("Constant", [], [c], value=numpy_helper.from_array(v, c), name=c) for c, v in consts.items()] + [
+        helper.make_node("MatMulNBits", [x, qn, sn], [f"{p}.sym"], domain="com.microsoft", name=name, **attrs),
+        helper.make_node("Sub", [f"{p}.eight", zn], [f"{p}.c0"], name=f"{p}.c0"),
+        helper.make_node("Mul", [f"{p}.c0", sn], [f"{p}.c1"], name=f"{p}.c1"),
+        helper.make_node("Reshape", [f"{p}.c1", f"{p}.nk"], [f"{p}.c2"], name=f"{p}.c2"),
+        helper.make_node("Transpose", [f"{p}.c2"], [f"{p}.corr"], perm=[1, 0], name=f"{p}.corr"),
+        helper.make_node("Reshape", [x, f"{p}.blocks"], [f"{p}.xb"], name=f"{p}.xb"),
+        helper.make_node("ReduceSum", [f"{p}.xb", f"{p}.axes"], [f"{p}.xs"], keepdims=0, name=f"{p}.xs"),
+        helper.make_node("MatMul", [f"{p}.xs", f"{p}.corr"], [f"{p}.fix2"], name=f"{p}.fix2"),
+        helper.make_node("Shape", [f"{p}.sym"], [f"{p}.shape"], name=f"{p}.shape"),
+        helper.make_node("Reshape", [f"{p}.fix2", f"{p}.shape"], [f"{p}.fix"], name=f"{p}.fix"),
+        helper.make_node("Add", [f"{p}.sym", f"{p}.fix"], [out], name=f"{p}.add"),
+    ]
 
 
 def _attr(node: Any, name: str, default: Any) -> Any:
@@ -367,7 +403,7 @@ def quantize_model(onnx_path: Any, data_name: str, method: str, block: int,
 
     lazy = {i.name: reader(i) for i in model.graph.initializer if i.data_location == onnx.TensorProto.EXTERNAL}
     qz = extdata.Quantized(lambda name: np.array(lazy[name](), np.float32), bits, block)
-    rewrite(model, names, None, bits, block)
+    rewrite(model, names, None, bits, block, inference=True)
     for name in names:
         lazy.update(qz.loaders(name))
     tmp_name = data_name + ".quantized"
