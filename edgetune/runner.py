@@ -49,6 +49,17 @@ def session_options(threads: int = 0, shared: Mapping[str, Any] | None = None, a
     return so
 
 
+def _small_quantized(manifest: Mapping[str, Any]) -> bool:
+    """A quantized base whose dequantized weights (the backward's short-lived blocks) all stay
+    under glibc's 32 MB mapping threshold, where they would fragment the heap."""
+    q = manifest.get("quantization")
+    if not q:
+        return False
+    layout = q.get("merge_layout") or {}
+    sizes = [4 * int(layout[n]["shape"][0]) * int(layout[n]["shape"][1]) for n in q.get("weights", []) if n in layout]
+    return bool(sizes) and max(sizes) < 32 << 20
+
+
 def tune_allocator() -> None:
     """Without ORT's arena, tensors come from malloc: on glibc, serve those up to 32 MB from the
     heap and keep 256 MB of freed memory for the next chunk, instead of mapping fresh zeroed
@@ -142,8 +153,11 @@ class StepRunner:
         # peak RSS 4,145-4,150 MB with ORT's arena, 4,268-5,033 MB without; the float32 base
         # measured alike with and without (4,163-4,426 against 3,962-4,624), so it keeps glibc's.
         # EDGETUNE_ORT_ARENA=1/0 forces it either way (bench/train.py --quantize measures both sides with it).
+        # With weights of more than 32 MB (glibc maps those blocks fresh and returns them), the arena only
+        # grows: a Phi-3-mini-shaped int4 model (bench/scale.py) went 5.0 -> 6.0 -> 7.9 GB over three
+        # steps with it, and held steady without it.
         forced = os.environ.get("EDGETUNE_ORT_ARENA")
-        arena = forced == "1" if forced in ("0", "1") else bool(self.bundle.manifest.get("quantization"))
+        arena = forced == "1" if forced in ("0", "1") else _small_quantized(self.bundle.manifest)
         so = session_options(self.threads, self._shared, arena=arena)
         try:
             return devices.session(self.bundle.path(name), self.device, so)
