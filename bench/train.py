@@ -13,7 +13,11 @@ Sides (each in its own process, so peak RSS is its own; rounds alternate so drif
   token-budget chunks with token-weighted gradient accumulation, each chunk trimmed of the padding
   its rows do not use, no tensor kept alive into the next step, SDPA attention, and
   ``torch.compile`` when ``--compile`` is given (measured: see the README);
-- ``edgetune on ORT 1.19.2`` (``--legacy``).
+- ``edgetune on ORT 1.19.2`` (``--legacy``);
+- with ``--gradient-checkpointing``: ``edgetune, checkpointed`` (the bundle exported with
+  ``--gradient-checkpointing``) and ``pytorch+peft tuned, checkpointed`` (the tuned side with
+  transformers' gradient checkpointing, non-reentrant): the same trick on both sides, reported as
+  ``*_ckpt`` ratios (and ``*_ckpt_vs_tuned``: checkpointed edgetune against the plain tuned side).
 
 All train the same model, LoRA config, batches (multi-turn chats with prompt masking and varied
 lengths), optimizer (AdamW, PyTorch's rule and defaults) and thread count. Each side takes one
@@ -202,6 +206,9 @@ def worker_torch_tuned(a: argparse.Namespace) -> dict:
     from edgetune import data as D
 
     model = _torch_model(a, attn_implementation="sdpa")
+    if a.ckpt:  # recompute each decoder layer in the backward pass, as edgetune's checkpointed graph does
+        model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.base_model.model.train()
     base = model.base_model.model
     body, head = base.model, base.lm_head
     if a.compile:
@@ -231,7 +238,8 @@ def worker_torch_tuned(a: argparse.Namespace) -> dict:
             times.append(dt)
             toks, labs = toks + b.n_tokens, labs + b.n_labels
     vl = _torch_valid_loss(model, valid)
-    return {"side": "pytorch+peft tuned" + (" +compile" if a.compile else ""), "s_per_step": float(np.median(times)),
+    return {"side": "pytorch+peft tuned" + (" +compile" if a.compile else "") + (", checkpointed" if a.ckpt else ""),
+            "s_per_step": float(np.median(times)),
             "s_min": float(np.min(times)), "s_max": float(np.max(times)), "tokens": toks, "labelled": labs,
             "time": float(np.sum(times)), "peak_rss_mb": peak_rss_mb(), "valid_loss": vl, "valid_loss_0": vl0,
             "last_loss": loss, "torch": torch.__version__, "max_batch_tokens": budget}
@@ -270,9 +278,11 @@ def run_worker(side: str, a: argparse.Namespace, tmp: Path) -> dict:
         env["PYTHONPATH"] = str(LEGACY_SRC)
     if side == "quantized":
         bundle = a.quantized_bundle
+    if side == "ckpt":
+        bundle = a.ckpt_bundle
     if side == "arena":  # the float32 base with the allocator setting the quantized base uses
         env["EDGETUNE_ORT_ARENA"] = "1"
-    worker = {"torch": "torch", "tuned": "tuned"}.get(side, "edgetune")
+    worker = {"torch": "torch", "tuned": "tuned", "tuned_ckpt": "tuned"}.get(side, "edgetune")
     cmd = [py, script, "--worker", worker, "--bundle", str(bundle),
            "--data", str(a.data), "--steps", str(a.steps), "--batch", str(a.batch), "--seq", str(a.seq),
            "--rank", str(a.rank), "--lr", str(a.lr), "--threads", str(a.threads), "--tmp", str(tmp / side),
@@ -281,8 +291,10 @@ def run_worker(side: str, a: argparse.Namespace, tmp: Path) -> dict:
         cmd += ["--max-batch-tokens", "0"]
     elif a.max_batch_tokens is not None:
         cmd += ["--max-batch-tokens", str(a.max_batch_tokens)]
-    if side == "tuned" and a.compile:
+    if side in ("tuned", "tuned_ckpt") and a.compile:
         cmd += ["--compile"]
+    if side == "tuned_ckpt":
+        cmd += ["--ckpt"]
     subprocess.run(cmd, check=True, env=env, cwd=str(LEGACY_SRC if side == "legacy" else ROOT))
     res = json.loads(out.read_text())
     if side == "quantized":
@@ -291,6 +303,8 @@ def run_worker(side: str, a: argparse.Namespace, tmp: Path) -> dict:
         res["side"] = "edgetune, ORT arena"
     if side == "nochunk":
         res["side"] = "edgetune, no chunks"
+    if side == "ckpt":
+        res["side"] = "edgetune, checkpointed"
     if side == "legacy":
         res["side"] = "edgetune on ORT 1.19.2"
         res.setdefault("s_min", res["s_per_step"])
@@ -298,10 +312,10 @@ def run_worker(side: str, a: argparse.Namespace, tmp: Path) -> dict:
     return res
 
 
-def ensure_bundle(a: argparse.Namespace, tmp: Path, quantize: str | None = None) -> Path:
-    if a.bundle and not quantize:
+def ensure_bundle(a: argparse.Namespace, tmp: Path, quantize: str | None = None, ckpt: bool = False) -> Path:
+    if a.bundle and not quantize and not ckpt:
         return Path(a.bundle)
-    out = ROOT / "out" / (f"bench-bundle-r{a.rank}" + (f"-{quantize}" if quantize else ""))
+    out = ROOT / "out" / (f"bench-bundle-r{a.rank}" + (f"-{quantize}" if quantize else "") + ("-ckpt" if ckpt else ""))
     m = json.loads((out / "edgetune.json").read_text()) if (out / "edgetune.json").is_file() else {}
     if m.get("format") != 2 or "sizes" not in m:
         # In a child process: the driver stays small, so no worker inherits an export-sized peak.
@@ -309,7 +323,7 @@ def ensure_bundle(a: argparse.Namespace, tmp: Path, quantize: str | None = None)
               f"{', ' + quantize + ' base' if quantize else ''}) to {out}", flush=True)
         code = ("from edgetune.config import AdapterConfig; from edgetune.export import export; "
                 f"export(None, {str(out)!r}, AdapterConfig(rank={a.rank}, alpha={2 * a.rank}, "
-                f"targets={tuple(TARGETS)!r}, quantize={quantize!r}), overwrite=True)")
+                f"targets={tuple(TARGETS)!r}, quantize={quantize!r}, gradient_checkpointing={ckpt!r}), overwrite=True)")
         subprocess.run([sys.executable, "-c", code], check=True, cwd=str(ROOT))
     return out
 
@@ -347,6 +361,10 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="torch.compile the tuned PyTorch side's model body")
     ap.add_argument("--quantize", choices=["int4", "int8"],
                     help="also train on a block-quantized base (QLoRA) and compare it with the float32 base")
+    ap.add_argument("--gradient-checkpointing", action="store_true",
+                    help="also run edgetune exported with --gradient-checkpointing against the tuned PyTorch side "
+                         "with gradient checkpointing (the same trick on both sides)")
+    ap.add_argument("--ckpt", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--data")
     ap.add_argument("--worker", choices=["edgetune", "torch", "tuned"], help=argparse.SUPPRESS)
     ap.add_argument("--tmp", help=argparse.SUPPRESS)
@@ -361,7 +379,10 @@ def main() -> None:
         tmp = Path(tmpd)
         a.bundle = ensure_bundle(a, tmp)
         sides = (["edgetune"] + ([] if a.no_chunks_side else ["nochunk"]) + (["quantized", "arena"] if a.quantize else [])
-                 + (["legacy"] if a.legacy else []) + ([] if a.no_torch else ["torch", "tuned"]))
+                 + (["legacy"] if a.legacy else []) + ([] if a.no_torch else ["torch", "tuned"])
+                 + (["ckpt"] + ([] if a.no_torch else ["tuned_ckpt"]) if a.gradient_checkpointing else []))
+        if a.gradient_checkpointing:
+            a.ckpt_bundle = ensure_bundle(a, tmp, ckpt=True)
         if a.quantize:
             a.quantized_bundle = ensure_bundle(a, tmp, a.quantize)
         if a.legacy:
@@ -424,12 +445,14 @@ def summarize(results: dict[str, list[dict]], manifest: dict, gflops: float) -> 
     e = best["edgetune"]
     fl = train_flops(manifest, e["lengths"], e["labelled"]) / e["time"] / 1e9
     out = {"flops_fraction": round(fl / gflops, 3)}
-    for side, suffix in (("torch", ""), ("tuned", "_tuned"), ("nochunk", "_no_chunks"), ("legacy", "_vs_1192")):
-        if side in best:
-            o = best[side]
-            out.update({f"tokens_per_s_ratio{suffix}": round(tps(e) / tps(o), 3),
-                        f"peak_rss_ratio{suffix}": round(rss["edgetune"] / rss[side], 3),
-                        f"loss_gap{suffix}": round((e["valid_loss"] - o["valid_loss"]) / o["valid_loss"], 4)})
+    for mine, side, suffix in (("edgetune", "torch", ""), ("edgetune", "tuned", "_tuned"),
+                               ("edgetune", "nochunk", "_no_chunks"), ("edgetune", "legacy", "_vs_1192"),
+                               ("ckpt", "tuned_ckpt", "_ckpt"), ("ckpt", "tuned", "_ckpt_vs_tuned")):
+        if side in best and mine in best:
+            m, o = best[mine], best[side]
+            out.update({f"tokens_per_s_ratio{suffix}": round(tps(m) / tps(o), 3),
+                        f"peak_rss_ratio{suffix}": round(rss[mine] / rss[side], 3),
+                        f"loss_gap{suffix}": round((m["valid_loss"] - o["valid_loss"]) / o["valid_loss"], 4)})
     print(f"\nedgetune {tps(e):.0f} tokens/s; useful work {fl:.1f} GFLOP/s ({out['flops_fraction']:.0%} of the "
           f"multiply-add peak measured in this run)")
     return out

@@ -519,7 +519,8 @@ def _export(model: str | os.PathLike | None, out: Path, cfg: AdapterConfig, log:
             bits = quant.BITS[cfg.quantize]
             in_infer = quant.linear_weights(infer.graph, set(trainable + norm_inputs))
             in_train = set(quant.linear_weights(fwd.graph, set(trainable)))
-            qnames = [n for n in in_infer if n in in_train]
+            # lm_head stays float32, as bitsandbytes' QLoRA keeps it (and its backward needs no dequant).
+            qnames = [n for n in in_infer if n in in_train and not n.endswith("lm_head.weight")]
             quant.rewrite(fwd, qnames, None, bits, cfg.block_size)
             for n in qnames:
                 fwd_lazy.update(extdata.Quantized(source_loader(source), bits, cfg.block_size).loaders(n))

@@ -27,7 +27,8 @@ In the graphs:
   (``RUNTIME_SHIFT``), so ONNX Runtime cannot fold it into a float32 constant when it loads
   the graph.
 
-Embeddings (and a tied ``lm_head``) stay float32, as in QLoRA.
+Embeddings and ``lm_head`` stay float32 in a bundle, as bitsandbytes' QLoRA keeps them
+(``merge --quantize`` does quantize ``lm_head``: a deployed model gains from it).
 """
 from __future__ import annotations
 

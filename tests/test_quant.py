@@ -296,3 +296,20 @@ def test_qlora_dora_matches_pytorch_peft_on_the_dequantized_base(tiny_model, cha
     merge_mod.merge(bundle, [run.out], merged)
     got = Model.open(merged).logits(ids, np.ones_like(ids))
     np.testing.assert_allclose(got, want, atol=1e-4 * max(1.0, np.abs(want).max()))
+
+
+def test_lm_head_stays_float_as_in_qlora(tmp_path):
+    """An untied lm_head keeps float32 in a QLoRA bundle (bitsandbytes skips it too); the
+    decoder's linear layers are all int4."""
+    pytest.importorskip("torch")
+    from test_architectures import make_family
+
+    from edgetune.export import export
+
+    model = make_family("mistral", tmp_path / "m")
+    assert not json.loads((model / "config.json").read_text()).get("tie_word_embeddings")
+    bundle = export(str(model), tmp_path / "b", AdapterConfig(rank=4, alpha=8, targets=("q_proj",), quantize="int4"))
+    m = json.loads((bundle / "edgetune.json").read_text())
+    names = m["quantization"]["weights"]
+    assert len(names) == 2 * 7 and not any("lm_head" in n for n in names)
+    assert m["train_weights"]["base_model.model.lm_head.weight"]["dtype"] == "float32"
