@@ -649,12 +649,13 @@ def _matmul_nbits(b: _Builder, n: Any, gy: list, want: list) -> list:
         raise ModelError("autodiff: a quantized weight cannot be trained")
     if not want[0]:
         return [None] * len(n.input)
-    if len(n.input) < 4 or not n.input[3] or (len(n.input) > 4 and any(n.input[4:])):
-        raise ModelError("autodiff: MatMulNBits without zero points, or with g_idx/bias, is not supported")
+    if len(n.input) > 4 and any(n.input[4:]):
+        raise ModelError("autodiff: MatMulNBits with g_idx or bias is not supported")
     k, nn = int(_attr(n, "K")), int(_attr(n, "N"))
     bits, block = int(_attr(n, "bits", 4)), int(_attr(n, "block_size"))
     w = b.fresh("dequant")
-    nodes, consts = quant.dequant_ops(n.input[1], n.input[2], n.input[3], w, nn, k, bits, block, after=gy[0])
+    zero = n.input[3] if len(n.input) > 3 and n.input[3] else None  # none: the default, 2^(bits-1)
+    nodes, consts = quant.dequant_ops(n.input[1], n.input[2], zero, w, nn, k, bits, block, after=gy[0])
     b.nodes.extend(nodes)
     b.inits.extend(numpy_helper.from_array(v, name) for name, v in consts.items())
     if not any(i.name == quant.RUNTIME_SHIFT for i in b.proto.graph.input):

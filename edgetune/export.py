@@ -6,6 +6,7 @@ import lives inside a function so that importing this module on a device is harm
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -251,6 +252,7 @@ def _attach(proto: Any, peft_model: Any, source: "extdata.SourceWeights") -> dic
     from onnx import TensorProto, numpy_helper
 
     params = dict(peft_model.named_parameters())
+    load = source_loader(source)
     lazy: dict[str, extdata.Loader] = {}
     kept = []
     for inp in proto.graph.input:
@@ -264,7 +266,7 @@ def _attach(proto: Any, peft_model: Any, source: "extdata.SourceWeights") -> dic
             t = TensorProto(name=inp.name, data_type=TensorProto.FLOAT)
             t.dims.extend(p.shape)
             proto.graph.initializer.append(t)
-            lazy[inp.name] = lambda hf=graphs.hf_name(inp.name): source.get(hf)
+            lazy[inp.name] = functools.partial(load, inp.name)
     del proto.graph.input[:]
     proto.graph.input.extend(kept)
     return lazy
@@ -519,8 +521,7 @@ def _export(model: str | os.PathLike | None, out: Path, cfg: AdapterConfig, log:
             bits = quant.BITS[cfg.quantize]
             in_infer = quant.linear_weights(infer.graph, set(trainable + norm_inputs))
             in_train = set(quant.linear_weights(fwd.graph, set(trainable)))
-            # lm_head stays float32, as bitsandbytes' QLoRA keeps it (and its backward needs no dequant).
-            qnames = [n for n in in_infer if n in in_train and not n.endswith("lm_head.weight")]
+            qnames = [n for n in in_infer if n in in_train]
             quant.rewrite(fwd, qnames, None, bits, cfg.block_size)
             for n in qnames:
                 fwd_lazy.update(extdata.Quantized(source_loader(source), bits, cfg.block_size).loaders(n))
@@ -545,7 +546,7 @@ def _export(model: str | os.PathLike | None, out: Path, cfg: AdapterConfig, log:
             (tmp / "_float_infer.onnx").unlink()
             merge_layout = graphs.external_index(tmp / "merge_template.onnx")
             qz = extdata.Quantized(source_loader(source), bits, cfg.block_size)
-            quant.rewrite(infer, qnames, None, bits, cfg.block_size, inference=True)
+            quant.rewrite(infer, qnames, None, bits, cfg.block_size)
             for n in qnames:
                 infer_lazy.pop(n, None)
                 infer_lazy.update(qz.loaders(n))

@@ -27,8 +27,9 @@ In the graphs:
   (``RUNTIME_SHIFT``), so ONNX Runtime cannot fold it into a float32 constant when it loads
   the graph.
 
-Embeddings and ``lm_head`` stay float32 in a bundle, as bitsandbytes' QLoRA keeps them
-(``merge --quantize`` does quantize ``lm_head``: a deployed model gains from it).
+Embeddings (and a tied ``lm_head``) stay float32. An untied ``lm_head`` is quantized too
+(bitsandbytes' QLoRA keeps it in 16 bits): on a Phi-3-mini-shaped model its float32 copy
+measured 0.3 GB more at the training peak, which is what a device runs out of.
 """
 from __future__ import annotations
 
@@ -157,11 +158,11 @@ def placeholders(name: str, n: int, k: int, bits: int, block: int) -> list[Any]:
 
 
 def rewrite(model: Any, names: list[str], quantized: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] | None,
-            bits: int, block: int, inference: bool = False) -> None:
+            bits: int, block: int) -> None:
     """Replace each weight in ``names`` by its quantized tensors: ``x @ W^T`` becomes
     ``MatMulNBits``, any other use (the backward ``dY @ W``) a run-time dequantization.
-    With ``quantized`` None, the new tensors are placeholders to be written lazily. With
-    ``inference``, int4 layers take ONNX Runtime's packed kernels (see :func:`_nbits`)."""
+    With ``quantized`` None, the new tensors are placeholders to be written lazily. int4 layers
+    are split to reach ONNX Runtime's fast kernels (see :func:`_nbits`)."""
     from onnx import TensorProto, helper, numpy_helper
 
     g = model.graph
@@ -192,7 +193,7 @@ def rewrite(model: Any, names: list[str], quantized: dict[str, tuple[np.ndarray,
                 out = node.output[0]
                 alpha = float(_attr(node, "alpha", 1.0))
                 mm_out = out if alpha == 1.0 else f"{out}.unscaled"
-                nodes = _nbits(g, node.input[0], mm_out, qn, sn, zn, f"{node.name or out}.nbits", nbits, inference)
+                nodes = _nbits(g, node.input[0], mm_out, qn, sn, zn, f"{node.name or out}.nbits", nbits)
                 if alpha != 1.0:
                     c = f"{out}.alpha"
                     g.initializer.append(numpy_helper.from_array(np.array(alpha, np.float32), c))
@@ -202,8 +203,7 @@ def rewrite(model: Any, names: list[str], quantized: dict[str, tuple[np.ndarray,
             elif node.op_type == "Transpose":
                 for mm, j in cons.get(node.output[0], []):
                     new_nodes.setdefault(index[id(mm)], []).extend(
-                        _nbits(g, mm.input[0], mm.output[0], qn, sn, zn, f"{mm.name or mm.output[0]}.nbits", nbits,
-                               inference))
+                        _nbits(g, mm.input[0], mm.output[0], qn, sn, zn, f"{mm.name or mm.output[0]}.nbits", nbits))
                     drop.add(index[id(mm)])
                 drop.add(at)
             else:
@@ -227,21 +227,20 @@ def rewrite(model: Any, names: list[str], quantized: dict[str, tuple[np.ndarray,
         g.input.append(helper.make_tensor_value_info(RUNTIME_SHIFT, TensorProto.UINT8, []))
 
 
-def _nbits(g: Any, x: str, out: str, qn: str, sn: str, zn: str, name: str, attrs: dict[str, int],
-           inference: bool) -> list[Any]:
+def _nbits(g: Any, x: str, out: str, qn: str, sn: str, zn: str, name: str, attrs: dict[str, int]) -> list[Any]:
     """``out = x @ W^T`` on the quantized tensors.
 
     ONNX Runtime packs a ``MatMulNBits`` weight for its fast kernels only when the zero points
     are integers; with float zero points (ours for int4, so that a GGUF's Q4_1 blocks stay
-    exact) every call dequantizes the whole weight first, about 35 times slower for one token.
-    For inference graphs an int4 layer is therefore split exactly, with ``w = (c - z) s =
-    (c - 8) s + (8 - z) s``: a ``MatMulNBits`` without zero points (8 by default, packed, fast)
-    plus the block sums of ``x`` times ``C = ((8 - z) s)^T`` ``[K/bs, N]``, a GEMM 1/``bs`` the
-    size, whose constant ONNX Runtime folds when it loads the graph. Training graphs keep the
-    plain form: their sessions do not pre-pack (each weight would be held twice)."""
+    exact) every call dequantizes the whole weight first with a naive loop, about 35 times
+    slower for one token. An int4 layer is therefore split exactly, with ``w = (c - z) s =
+    (c - 8) s + (8 - z) s``: a ``MatMulNBits`` without zero points (8 by default: packed kernels
+    where the session pre-packs, MLAS's threaded dequantization where it does not, as training
+    sessions) plus the block sums of ``x`` times ``C = ((8 - z) s)^T`` ``[K/bs, N]``, a GEMM
+    1/``bs`` the size, whose constant ONNX Runtime folds when it loads the graph."""
     from onnx import helper, numpy_helper
 
-    if not inference or attrs["bits"] != 4:
+    if attrs["bits"] != 4:
         return [helper.make_node("MatMulNBits", [x, qn, sn, zn], [out], domain="com.microsoft", name=name, **attrs)]
     n, k, bs = attrs["N"], attrs["K"], attrs["block_size"]
     p = f"{out}.nbits"
@@ -279,12 +278,13 @@ def _dequant_nodes(qn: str, sn: str, zn: str, out: str, n: int, k: int, bits: in
     return nodes
 
 
-def dequant_ops(qn: str, sn: str, zn: str, out: str, n: int, k: int, bits: int, block: int,
+def dequant_ops(qn: str, sn: str, zn: str | None, out: str, n: int, k: int, bits: int, block: int,
                 after: str | None = None) -> tuple[list[Any], dict[str, np.ndarray]]:
     """``(code - zero) * scale`` in standard ops; the int4 unpack runs on bytes. With ``after``
     (the MatMul's other operand, the incoming gradient), the dequant cannot start before that
     tensor exists: ONNX Runtime would otherwise be free to run every layer's dequant early and
-    hold all the float32 weights at once. Returns the nodes and the constants they read."""
+    hold all the float32 weights at once. Without ``zn``, the zero point is MatMulNBits'
+    default, ``2^(bits-1)``. Returns the nodes and the constants they read."""
     from onnx import helper
 
     nb = k // block
@@ -317,8 +317,13 @@ def dequant_ops(qn: str, sn: str, zn: str, out: str, n: int, k: int, bits: int, 
     nodes += [
         helper.make_node("Cast", [f"{p}.codes"], [f"{p}.f"], to=1),
         helper.make_node("Reshape", [sn, f"{p}.shape3"], [f"{p}.s"]),
-        helper.make_node("Cast", [zn], [f"{p}.zf"], to=1),
-        helper.make_node("Reshape", [f"{p}.zf", f"{p}.shape3"], [f"{p}.z"]),
+    ]
+    if zn:
+        nodes += [helper.make_node("Cast", [zn], [f"{p}.zf"], to=1),
+                  helper.make_node("Reshape", [f"{p}.zf", f"{p}.shape3"], [f"{p}.z"])]
+    else:
+        consts[f"{p}.z"] = np.array(float(1 << (bits - 1)), np.float32)
+    nodes += [
         helper.make_node("Sub", [f"{p}.f", f"{p}.z"], [f"{p}.c"]),
         helper.make_node("Mul", [f"{p}.c", f"{p}.s"], [f"{p}.w3"]),
         helper.make_node("Reshape", [f"{p}.w3", f"{p}.shapeK"], [out]),
@@ -404,7 +409,7 @@ def quantize_model(onnx_path: Any, data_name: str, method: str, block: int,
 
     lazy = {i.name: reader(i) for i in model.graph.initializer if i.data_location == onnx.TensorProto.EXTERNAL}
     qz = extdata.Quantized(lambda name: np.array(lazy[name](), np.float32), bits, block)
-    rewrite(model, names, None, bits, block, inference=True)
+    rewrite(model, names, None, bits, block)
     for name in names:
         lazy.update(qz.loaders(name))
     tmp_name = data_name + ".quantized"

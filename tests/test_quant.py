@@ -298,9 +298,9 @@ def test_qlora_dora_matches_pytorch_peft_on_the_dequantized_base(tiny_model, cha
     np.testing.assert_allclose(got, want, atol=1e-4 * max(1.0, np.abs(want).max()))
 
 
-def test_lm_head_stays_float_as_in_qlora(tmp_path):
-    """An untied lm_head keeps float32 in a QLoRA bundle (bitsandbytes skips it too); the
-    decoder's linear layers are all int4."""
+def test_untied_lm_head_is_quantized(tmp_path):
+    """Every linear weight of the decoder and an untied lm_head are int4; the embedding stays
+    float32 (it is read a few rows at a time)."""
     pytest.importorskip("torch")
     from test_architectures import make_family
 
@@ -311,5 +311,5 @@ def test_lm_head_stays_float_as_in_qlora(tmp_path):
     bundle = export(str(model), tmp_path / "b", AdapterConfig(rank=4, alpha=8, targets=("q_proj",), quantize="int4"))
     m = json.loads((bundle / "edgetune.json").read_text())
     names = m["quantization"]["weights"]
-    assert len(names) == 2 * 7 and not any("lm_head" in n for n in names)
-    assert m["train_weights"]["base_model.model.lm_head.weight"]["dtype"] == "float32"
+    assert len(names) == 2 * 7 + 1 and "base_model.model.lm_head.weight" in names
+    assert m["train_weights"]["base_model.model.model.embed_tokens.weight"]["dtype"] == "float32"
