@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -198,8 +199,8 @@ def main() -> None:
     recs = [json.loads(x) for x in (rund / "metrics.jsonl").read_text().splitlines()]
     recs = [r for r in recs if "elapsed" in r]
     times = [b["elapsed"] - a_["elapsed"] for a_, b in zip(recs, recs[1:])]
-    rows[-1].update(first_step_s=recs[0]["elapsed"] if recs else None, s_per_step=(sorted(times)[len(times) // 2]
-                    if times else None), losses=[r["loss"] for r in recs], tokens_per_s=[r["tokens_per_s"] for r in recs])
+    rows[-1].update(first_step_s=recs[0]["elapsed"] if recs else None,
+                    s_per_step=round(statistics.median(times), 1) if times else None, losses=[r["loss"] for r in recs], tokens_per_s=[r["tokens_per_s"] for r in recs])
     print(f"[train] s/step after the first: {times}; losses {rows[-1]['losses']}", flush=True)
     rows.append(run("eval", ["eval", str(bundle), "--adapter", str(rund), "--data", str(data / "valid.jsonl"),
                              "--json"], logs / "eval.log"))
