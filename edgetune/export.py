@@ -546,7 +546,7 @@ def _export(model: str | os.PathLike | None, out: Path, cfg: AdapterConfig, log:
             (tmp / "_float_infer.onnx").unlink()
             merge_layout = graphs.external_index(tmp / "merge_template.onnx")
             qz = extdata.Quantized(source_loader(source), bits, cfg.block_size)
-            quant.rewrite(infer, qnames, None, bits, cfg.block_size)
+            quant.rewrite(infer, qnames, None, bits, cfg.block_size, inference=True)
             for n in qnames:
                 infer_lazy.pop(n, None)
                 infer_lazy.update(qz.loaders(n))
