@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import machine  # noqa: E402
+import machine  # noqa: E402  - CPU model and ISA (avx2, avx512f, amx...) from /proc/cpuinfo
 
 ROOT = Path(__file__).resolve().parent.parent
 LABEL = "RANDOM WEIGHTS (Phi-3-mini shape, not a trained model)"
