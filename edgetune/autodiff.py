@@ -852,6 +852,8 @@ def recompute_layers(proto: Any, n_forward: int, types: dict[str, int]) -> int:
     added = 0
     for lyr, ks in readers.items():
         first = min(ks)
+        if first == 0:  # nothing of the backward pass precedes it to wait for
+            continue
         targets = {i for k in ks for i in bwd[k].input if layer.get(i) == lyr and i not in keep
                    and producer[i].op_type != "Constant"}
         # The forward nodes of this layer the targets depend on (within the layer), in order.
@@ -864,8 +866,6 @@ def recompute_layers(proto: Any, n_forward: int, types: dict[str, int]) -> int:
             need.add(id(n))
             stack.extend(n.input)
         chosen = [n for n in fwd if id(n) in need]
-        if first == 0:
-            continue
         grad_in = bwd[first - 1].output[0]  # the backward pass has reached this layer once it exists
         suffix = f"/re{lyr}"
         dep = f"recompute{suffix}/zero"
