@@ -51,7 +51,6 @@ CASES = [(f, t) for f in FAMILIES for t in TARGETS.get(f, [("all-linear",)])]
 @pytest.mark.parametrize("family,targets", CASES, ids=[f"{f}-{'+'.join(t)}" for f, t in CASES])
 def test_family_matches_pytorch_peft(family, targets, chat_data, tmp_path):
     from edgetune.export import export, inject_adapter, load_model
-    from edgetune.infer import Model
 
     model = make_family(family, tmp_path / "model")
     bundle = export(str(model), tmp_path / "bundle", AdapterConfig(rank=4, alpha=8, targets=targets))
@@ -72,12 +71,7 @@ def test_family_matches_pytorch_peft(family, targets, chat_data, tmp_path):
     assert worst < 1e-4
 
     # The inference graph (KV cache) with the trained adapter equals transformers' logits.
-    pm.eval()
-    ids = np.asarray([list(range(5, 40))], np.int64)
-    with torch.no_grad():
-        want = pm(input_ids=torch.from_numpy(ids)).logits.numpy()
-    got = Model.open(bundle, adapter=run.out).logits(ids, np.ones_like(ids))
-    np.testing.assert_allclose(got, want, atol=1e-4 * max(1.0, np.abs(want).max()))
+    torch_reference.assert_same_logits(pm, bundle, run.out, n=35)
 
 
 @pytest.mark.parametrize("change,match", [

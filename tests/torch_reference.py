@@ -54,3 +54,18 @@ def worst_adapter_error(run_dir: Path, params) -> float:
     mine = peft_io.load(run_dir)[1]
     return max(float(np.linalg.norm(mine[peft_io.to_peft_name(n)] - p.detach().numpy())
                      / np.linalg.norm(p.detach().numpy())) for n, p in params.items())
+
+
+def assert_same_logits(torch_model, path: Path, adapter: Path | None = None, n: int = 25) -> None:
+    """The inference graph at ``path`` (a bundle with ``adapter``, or a merged model) gives
+    ``torch_model``'s logits on one sequence of ``n`` tokens."""
+    import torch
+
+    from edgetune.infer import Model
+
+    torch_model.eval()
+    ids = np.asarray([list(range(5, 5 + n))], np.int64)
+    with torch.no_grad():
+        want = torch_model(input_ids=torch.from_numpy(ids)).logits.numpy()
+    got = Model.open(path, adapter=adapter).logits(ids, np.ones_like(ids))
+    np.testing.assert_allclose(got, want, atol=1e-4 * max(1.0, np.abs(want).max()))
