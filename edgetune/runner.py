@@ -37,16 +37,33 @@ def session_options(threads: int = 0, shared: Mapping[str, Any] | None = None, a
     # Each frozen weight feeds a forward and a backward MatMul: pre-packing would keep two packed
     # copies beside the mapped file (+1.3 GB for SmolLM2); packing per call measured no slower.
     so.add_session_config_entry("session.disable_prepacking", "1")
-    # Without ORT's arena, activations go back to the system after each run: the peak is the live
-    # peak of one chunk (the arena kept 0.4-1.2 GB of dead chunks across shapes), at the same speed.
-    # A quantized base is the exception (see StepRunner): its backward allocates a short-lived
-    # float32 copy of each weight, and those 0.4-4 MB blocks fragment glibc's heap.
+    # ORT's arena or the system's malloc: see use_arena.
     so.enable_cpu_mem_arena = arena
+    # ONNX Runtime's memory patterns lay out one block per input shape from the first run's
+    # allocations, without reusing the space of tensors freed during the run: on the default
+    # model's 1,024-token chunks that was 1.3 GB over the live peak from the second run of a shape on.
+    so.enable_mem_pattern = False
+    # Run shape nodes as soon as their input exists and otherwise keep the graph's order: the
+    # backward pass's shape reads then do not keep forward activations alive (-0.4 GB there).
+    so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     for name, value in (shared or {}).items():
         so.add_initializer(name, value)
     if threads:
         so.intra_op_num_threads = threads
     return so
+
+
+def use_arena(manifest: Mapping[str, Any]) -> bool:
+    """ORT's arena, shrunk after every run (:func:`run_options`), for every base but a quantized
+    one whose dequantized weights pass 32 MB.
+
+    Measured on the default model (float32 base, 1,024-token chunks of varied shapes, with
+    memory patterns off and the priority-based order): peak 2.15-2.2 GB with the shrunk arena,
+    2.4 GB with the arena unshrunk, 2.5 GB with glibc's malloc (its heap holds freed blocks it
+    cannot hand back); the same speed. A quantized base's backward allocates a float32 copy of
+    each weight for a moment: with weights over 32 MB (a Phi-3-mini-shaped int4 model,
+    bench/scale.py) the arena went 5.0 -> 6.0 -> 7.9 GB over three steps and held steady without."""
+    return not manifest.get("quantization") or _small_quantized(manifest)
 
 
 def _small_quantized(manifest: Mapping[str, Any]) -> bool:
@@ -127,6 +144,17 @@ def _missing_op(message: str) -> str | None:
     return m.group(1) if m else None
 
 
+def run_options(arena: bool) -> Any:
+    """With ORT's arena, hand the arena's free regions back to the system after every run, so
+    that chunks of different shapes do not pile up dead space (the arena's weakness without it)."""
+    import onnxruntime as ort
+
+    ro = ort.RunOptions()
+    if arena:
+        ro.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+    return ro
+
+
 class StepRunner:
     """Forward and backward passes of one bundle on one device, with AdamW on the adapters."""
 
@@ -140,6 +168,9 @@ class StepRunner:
         # A quantized base's graphs take the dequant's run-time input (see edgetune.quant).
         q = b.manifest.get("quantization") or {}
         self._runtime = quant.runtime_feeds(int(q["bits"])) if q else {}
+        forced = os.environ.get("EDGETUNE_ORT_ARENA")  # 1/0 forces it either way (bench/train.py --quantize)
+        self.arena = forced == "1" if forced in ("0", "1") else use_arena(b.manifest)
+        self._run_opts = run_options(self.arena)
         self.train_sess = self._session("train.onnx")
         self._eval_sess: Any = None
         self.params: dict[str, np.ndarray] = read_tensors(b.path("adapter_init.safetensors"))
@@ -150,16 +181,7 @@ class StepRunner:
 
     # -- sessions ---------------------------------------------------------------------------
     def _session(self, name: str) -> Any:
-        # Measured on the default model with an int4 base (bench/train.py --quantize int4, 2 rounds):
-        # peak RSS 4,145-4,150 MB with ORT's arena, 4,268-5,033 MB without; the float32 base
-        # measured alike with and without (4,163-4,426 against 3,962-4,624), so it keeps glibc's.
-        # EDGETUNE_ORT_ARENA=1/0 forces it either way (bench/train.py --quantize measures both sides with it).
-        # With weights of more than 32 MB (glibc maps those blocks fresh and returns them), the arena only
-        # grows: a Phi-3-mini-shaped int4 model (bench/scale.py) went 5.0 -> 6.0 -> 7.9 GB over three
-        # steps with it, and held steady without it.
-        forced = os.environ.get("EDGETUNE_ORT_ARENA")
-        arena = forced == "1" if forced in ("0", "1") else _small_quantized(self.bundle.manifest)
-        so = session_options(self.threads, self._shared, arena=arena)
+        so = session_options(self.threads, self._shared, arena=self.arena)
         try:
             return devices.session(self.bundle.path(name), self.device, so)
         except DeviceError as e:
@@ -216,7 +238,7 @@ class StepRunner:
 
     def accumulate(self, batch: Mapping[str, np.ndarray]) -> float:
         """Forward and backward on one micro-batch; gradients add up until :meth:`step`."""
-        out = self.train_sess.run(["loss", *self._grad_names], self._feed(batch))
+        out = self.train_sess.run(["loss", *self._grad_names], self._feed(batch), self._run_opts)
         for name, g in zip(self.bundle.trainable, out[1:]):
             if name in self.grads:
                 self.grads[name] += g
@@ -226,7 +248,7 @@ class StepRunner:
 
     def loss(self, batch: Mapping[str, np.ndarray]) -> float:
         """The loss of one micro-batch with the eval graph (no dropout, no gradients)."""
-        return float(np.asarray(self.eval_sess.run(["loss"], self._feed(batch, self.eval_sess))[0]).reshape(()))
+        return float(np.asarray(self.eval_sess.run(["loss"], self._feed(batch, self.eval_sess), self._run_opts)[0]).reshape(()))
 
     def step(self, lr: float) -> None:
         """One AdamW update from the accumulated gradients, which are then cleared."""

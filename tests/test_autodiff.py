@@ -239,3 +239,54 @@ def test_silu_becomes_one_quick_gelu():
     autodiff.fuse_matmuls(model)
     (node,) = model.graph.node
     assert node.op_type == "QuickGelu" and helper.get_attribute_value(node.attribute[0]) == 1.0
+
+
+def _layer_graph(nodes, params, consts, out="loss"):
+    inits = [numpy_helper.from_array(v, k) for k, v in {**params, **consts}.items()]
+    graph = helper.make_graph(nodes, "g", [], [helper.make_tensor_value_info(out, TensorProto.FLOAT, [])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+
+
+def _backward_reads(tg, name):
+    nodes = list(tg.model.graph.node)
+    fwd_end = next(k for k, n in enumerate(nodes) if n.name.startswith("grad/") and n.op_type != "Shape")
+    return [n.name for n in nodes[fwd_end:] if name in n.input and n.op_type != "Shape"]
+
+
+def test_noop_cast_is_dropped_and_its_reader_takes_the_input():
+    import onnxruntime as ort
+
+    x, r = rand(3, 4), rand(3, 4)
+    nodes = [helper.make_node("Cast", ["x"], ["xc"], to=TensorProto.FLOAT, name="cast"),
+             helper.make_node("Mul", ["xc", "xc"], ["y"]), helper.make_node("Mul", ["y", "R"], ["yr"]),
+             helper.make_node("ReduceSum", ["yr"], ["loss"], keepdims=0)]
+    tg = autodiff.build(_layer_graph(nodes, {"x": x}, {"R": r}), ["x"], "loss", [{}, {}])
+    assert not any(n.op_type == "Cast" and n.name == "cast" for n in tg.model.graph.node)
+    got = ort.InferenceSession(tg.model.SerializeToString(), providers=["CPUExecutionProvider"]).run(tg.grads, {"x": x})
+    np.testing.assert_allclose(got[0], 2 * x * r, rtol=1e-6)
+
+
+def test_attention_probabilities_and_silu_are_recomputed_not_saved():
+    """Selective recomputation: the backward pass reads neither the softmax's nor the SiLU's
+    output from the forward pass, and the gradients are unchanged."""
+    import onnxruntime as ort
+
+    q, k, v, r = rand(2, 5, 4), rand(2, 6, 4), rand(2, 6, 4), rand(2, 5, 4)
+    L = "/model/layers.0/"
+    nodes = [helper.make_node("FusedMatMul", ["q", "k"], ["s"], domain="com.microsoft", transB=1, alpha=0.5,
+                              name=L + "qk"),
+             helper.make_node("Softmax", ["s"], ["p"], axis=-1, name=L + "softmax"),
+             helper.make_node("MatMul", ["p", "v"], ["o"], name=L + "pv"),
+             helper.make_node("QuickGelu", ["o"], ["act"], domain="com.microsoft", alpha=1.0, name=L + "act"),
+             helper.make_node("Mul", ["act", "o"], ["h"], name=L + "gate"),
+             helper.make_node("Mul", ["h", "R"], ["hr"], name="head"),
+             helper.make_node("ReduceSum", ["hr"], ["loss"], keepdims=0, name="sum")]
+    tg = autodiff.build(_layer_graph(nodes, {"q": q, "k": k, "v": v}, {"R": r}), ["q", "k", "v"], "loss", [{}, {}])
+    assert _backward_reads(tg, "p") == [] and _backward_reads(tg, "act") == []
+    got = ort.InferenceSession(tg.model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        tg.grads, {"q": q, "k": k, "v": v})
+    tq, tk, tv = (torch.tensor(a, requires_grad=True) for a in (q, k, v))
+    o = torch.softmax(0.5 * tq @ tk.transpose(-1, -2), -1) @ tv
+    ((torch.nn.functional.silu(o) * o) * torch.tensor(r)).sum().backward()
+    for g, t in zip(got, (tq, tk, tv)):
+        np.testing.assert_allclose(g, t.grad.numpy(), rtol=1e-4, atol=1e-5)
