@@ -693,12 +693,18 @@ def _sce(b: _Builder, n: Any, gy: list, want: list) -> list:
         raise ModelError("autodiff: SoftmaxCrossEntropyLoss is supported on [N, C] scores only")
     if len(n.output) < 2:
         n.output.append(n.output[0] + "/log_prob")
-    depth = b.op("Gather", [b.op("Shape", [scores]), b.const([1], np.int64)], axis=0)
-    onehot = b.op("OneHot", [labels, depth, b.const([0.0, 1.0])], axis=-1)
-    d = b.op("Sub", [b.op("Exp", [n.output[1]]), onehot])
+    # softmax - onehot(labels): 1 is taken off each row's label entry in place (ScatterElements on
+    # the softmax, whose buffer is dead after it), not by a [N, vocab] one-hot and a subtraction.
+    ignore = _attr(n, "ignore_index")
+    idx = labels
+    if ignore is not None:  # an ignored row's factor below is 0: any valid index will do
+        idx = b.op("Where", [b.op("Equal", [labels, b.const(ignore, np.int64)]), b.const(0, np.int64), labels])
+    idx = b.op("Unsqueeze", [idx, b.const([-1], np.int64)])
+    p = b.op("Exp", [n.output[1]])
+    d = b.op("ScatterElements", [p, idx, b.op("Sub", [b.op("GatherElements", [p, idx], axis=1), b.const(1.0)])],
+             axis=1)
     # Everything that scales a row (the incoming gradient, the ignore mask, a mean's count)
     # is gathered into one [N, 1] factor: a single sweep over the [N, vocab] tensor.
-    ignore = _attr(n, "ignore_index")
     valid = None
     if ignore is not None:
         valid = b.op("Cast", [b.op("Not", [b.op("Equal", [labels, b.const(ignore, np.int64)])])], to=1)
