@@ -110,27 +110,97 @@ def _placeholder(shape: Any, value: float = 0.0) -> Any:
 
 
 def _converted_gguf(gguf: Path, log: Log) -> Path:
-    """Dequantize a GGUF once into a cached HF folder; later exports load it in a second."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Dequantize a GGUF once into a cached HF folder; later exports read it in a second.
 
+    The conversion streams: one GGUF tensor at a time is dequantized, given transformers'
+    per-architecture fix-ups (Llama's q/k row order) and name, and written to float32
+    safetensors shards of at most 512 MB, so a 3.8B model's GGUF converts within about a GB of
+    memory instead of the float model and a copy of it. The tensors are exactly those
+    ``from_pretrained(..., gguf_file=...)`` builds (tests/test_real_model.py)."""
     digest = _io.sha256_file(gguf)
     out = home() / "converted" / digest[:16]
     if (out / "config.json").is_file():
         return out
     log(f"dequantizing {gguf.name} (once; cached in {out})")
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    model.config.quantization_config = None
-    for attr in ("hf_quantizer", "quantization_method"):
-        if hasattr(model, attr):
-            setattr(model, attr, None)
-    model.is_quantized = False
     with _io.atomic_dir(out) as tmp:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+        write_gguf_as_hf(gguf, tmp)
         (tmp / "source.json").write_text(json.dumps({"gguf": gguf.name, "sha256": digest}))
     return out
+
+
+def gguf_tensors(gguf: Path) -> Iterator[tuple[str, Any]]:
+    """(HF name, float32 array) of each weight of a GGUF, one at a time, named and fixed up
+    as transformers' GGUF loader does."""
+    import numpy as np
+    import torch
+    from gguf import GGUFReader, dequantize
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
+                                                          get_gguf_hf_weights_map, load_gguf_checkpoint,
+                                                          read_field)
+
+    parsed = load_gguf_checkpoint(str(gguf), return_tensors=False)
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    with _params_on_meta():
+        skeleton = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    reader = GGUFReader(str(gguf))
+    arch = read_field(reader, "general.architecture")[0]
+    processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=parsed["config"])
+    mapping = get_gguf_hf_weights_map(skeleton, processor)
+    wanted = set(skeleton.state_dict())
+    del skeleton
+    for t in reader.tensors:
+        result = processor.process(weights=dequantize(t.data, t.tensor_type), name=t.name,
+                                   tensor_key_mapping=mapping, parsed_parameters=parsed)
+        name = mapping.get(result.name)
+        if name is not None and name in wanted:
+            yield name, np.ascontiguousarray(result.weights, dtype=np.float32)
+
+
+def write_gguf_as_hf(gguf: Path, out: Path, shard_bytes: int = 512 << 20) -> None:
+    """A HF folder (config, generation config, tokenizer, float32 safetensors shards) from a GGUF,
+    streamed tensor by tensor (see :func:`_converted_gguf`)."""
+    from safetensors.numpy import save_file
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config.dtype = "float32"
+    if getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config
+    shards: list[dict[str, Any]] = [{}]
+    size = 0
+    files: list[Path] = []
+
+    def flush() -> None:
+        if shards[-1]:
+            f = out / f"part-{len(files):05d}.safetensors"
+            save_file(shards[-1], str(f), metadata={"format": "pt"})
+            files.append(f)
+            shards[-1] = {}
+
+    for name, w in gguf_tensors(gguf):
+        if size and size + w.nbytes > shard_bytes:
+            flush()
+            size = 0
+        shards[-1][name] = w
+        size += w.nbytes
+    flush()
+    weight_map = {}
+    n = len(files)
+    for k, f in enumerate(files):
+        final = out / ("model.safetensors" if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors")
+        f.rename(final)
+        from safetensors import safe_open
+
+        with safe_open(str(final), "np") as h:
+            weight_map.update({key: final.name for key in h.keys()})
+    if n > 1:
+        total = sum((out / v).stat().st_size for v in set(weight_map.values()))
+        (out / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    config.save_pretrained(out)
+    GenerationConfig.from_model_config(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
 
 
 def resolve_targets(targets: tuple[str, ...], spec: ModelSpec | None, model: Any) -> tuple[str, ...]:

@@ -54,27 +54,18 @@ def session_options(threads: int = 0, shared: Mapping[str, Any] | None = None, a
 
 
 def use_arena(manifest: Mapping[str, Any]) -> bool:
-    """ORT's arena, shrunk after every run (:func:`run_options`), for every base but a quantized
-    one whose dequantized weights pass 32 MB.
+    """ORT's arena, shrunk after every run (:func:`run_options`), unless ``EDGETUNE_ORT_ARENA=0``
+    asks for the system's malloc.
 
-    Measured on the default model (float32 base, 1,024-token chunks of varied shapes, with
-    memory patterns off and the priority-based order): peak 2.15-2.2 GB with the shrunk arena,
-    2.4 GB with the arena unshrunk, 2.5 GB with glibc's malloc (its heap holds freed blocks it
-    cannot hand back); the same speed. A quantized base's backward allocates a float32 copy of
-    each weight for a moment: with weights over 32 MB (a Phi-3-mini-shaped int4 model,
-    bench/scale.py) the arena went 5.0 -> 6.0 -> 7.9 GB over three steps and held steady without."""
-    return not manifest.get("quantization") or _small_quantized(manifest)
-
-
-def _small_quantized(manifest: Mapping[str, Any]) -> bool:
-    """A quantized base whose dequantized weights (the backward's short-lived blocks) all stay
-    under glibc's 32 MB mapping threshold, where they would fragment the heap."""
-    q = manifest.get("quantization")
-    if not q:
-        return False
-    layout = q.get("merge_layout") or {}
-    sizes = [4 * int(layout[n]["shape"][0]) * int(layout[n]["shape"][1]) for n in q.get("weights", []) if n in layout]
-    return bool(sizes) and max(sizes) < 32 << 20
+    Measured on the default model (float32 base, 1,024-token chunks of varied shapes, with memory
+    patterns off and the priority-based order): peak 2.15-2.2 GB with the shrunk arena, 2.4 GB with
+    the arena unshrunk, 2.5 GB with glibc's malloc (its heap holds freed blocks it cannot hand
+    back); the same speed. On the Phi-3-mini-shaped int4 model (bench/scale.py, checkpointed, batch
+    1 x 256), whose backward allocates a float32 copy of each 37-100 MB weight for a moment: 4.9 GB
+    with the shrunk arena at 3.5 tokens/s, 6.1 GB with malloc at 4.5 tokens/s (the unshrunk arena
+    grew 5.0 -> 6.0 -> 7.9 GB over three steps). Memory is what a device runs out of first."""
+    forced = os.environ.get("EDGETUNE_ORT_ARENA")
+    return forced != "0"
 
 
 def tune_allocator(mmap_threshold: int = 32 << 20) -> None:
@@ -168,8 +159,7 @@ class StepRunner:
         # A quantized base's graphs take the dequant's run-time input (see edgetune.quant).
         q = b.manifest.get("quantization") or {}
         self._runtime = quant.runtime_feeds(int(q["bits"])) if q else {}
-        forced = os.environ.get("EDGETUNE_ORT_ARENA")  # 1/0 forces it either way (bench/train.py --quantize)
-        self.arena = forced == "1" if forced in ("0", "1") else use_arena(b.manifest)
+        self.arena = use_arena(b.manifest)
         self._run_opts = run_options(self.arena)
         self.train_sess = self._session("train.onnx")
         self._eval_sess: Any = None

@@ -220,3 +220,33 @@ def test_qlora_int4_base_on_the_real_model(real_bundle, real_run, tmp_path):
     assert s4["adapter_change_kept"] < 0.5, s4
     pack.pack(run, bundle, tmp_path / "app", name="tickets")
     assert pack.verify(tmp_path / "app")["ok"]
+
+
+def test_streamed_gguf_conversion_equals_transformers_loader(tmp_path):
+    """The HF folder a GGUF is converted to holds exactly the tensors transformers' own GGUF
+    loader builds (Llama's q/k rows reordered, tied embeddings), written one tensor at a time
+    into several shards, and loads into the same model with the same tokenizer."""
+    torch = pytest.importorskip("torch")
+    from safetensors.numpy import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from edgetune.export import write_gguf_as_hf
+
+    gguf = models.resolve_model(models.DEFAULT_MODEL)[0]
+    write_gguf_as_hf(gguf, tmp_path, shard_bytes=64 << 20)
+    shards = sorted(tmp_path.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (tmp_path / "model.safetensors.index.json").is_file()
+    got = {}
+    for f in shards:
+        got.update(load_file(str(f)))
+    ref_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    ref = {k: v for k, v in ref_model.state_dict().items() if k != "lm_head.weight"}  # tied to the embedding
+    assert got.keys() == ref.keys()
+    for k, v in ref.items():
+        np.testing.assert_array_equal(got[k], v.numpy(), err_msg=k)
+    ours = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    tok, ref_tok = AutoTokenizer.from_pretrained(tmp_path), AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    ids = tok(PROMPT, return_tensors="pt").input_ids
+    assert ids.tolist() == ref_tok(PROMPT, return_tensors="pt").input_ids.tolist()
+    with torch.no_grad():
+        assert torch.equal(ours(ids).logits, ref_model(ids).logits)
