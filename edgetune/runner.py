@@ -61,9 +61,10 @@ def use_arena(manifest: Mapping[str, Any]) -> bool:
     patterns off and the priority-based order): peak 2.15-2.2 GB with the shrunk arena, 2.4 GB with
     the arena unshrunk, 2.5 GB with glibc's malloc (its heap holds freed blocks it cannot hand
     back); the same speed. On the Phi-3-mini-shaped int4 model (bench/scale.py, checkpointed, batch
-    1 x 256), whose backward allocates a float32 copy of each 37-100 MB weight for a moment: 4.9 GB
-    with the shrunk arena at 3.5 tokens/s, 6.1 GB with malloc at 4.5 tokens/s (the unshrunk arena
-    grew 5.0 -> 6.0 -> 7.9 GB over three steps). Memory is what a device runs out of first."""
+    1 x 256), whose backward allocates a float32 copy of each 37-201 MB weight for a moment: 4.9-5.0 GB
+    with the shrunk arena at 3.5-4.4 tokens/s over two runs, 6.1 GB with malloc at 4.3-4.6 tokens/s
+    (the unshrunk arena grew 5.0 -> 6.0 -> 7.9 GB over three steps). Memory is what a device runs
+    out of first."""
     forced = os.environ.get("EDGETUNE_ORT_ARENA")
     return forced != "0"
 
