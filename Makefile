@@ -32,4 +32,4 @@ bench: setup
 # export, train, eval, merge, pack, generate; about 30 GB of disk in /var/tmp/edgetune-scale.
 bench-scale: setup
 	.venv/bin/python bench/scale.py
-	.venv/bin/python bench/gguf.py
+	.venv/bin/python bench/convert_gguf.py

@@ -114,7 +114,7 @@ def _converted_gguf(gguf: Path, log: Log) -> Path:
 
     The conversion streams: one GGUF tensor at a time is dequantized, given transformers'
     per-architecture fix-ups (Llama's q/k row order) and name, and written to float32
-    safetensors shards of at most 512 MB, so a 3.8B model's GGUF converts within about a GB of
+    safetensors shards of at most 256 MB, so a 3.8B model's GGUF converts within about a GB of
     memory instead of the float model and a copy of it. The tensors are exactly those
     ``from_pretrained(..., gguf_file=...)`` builds (tests/test_real_model.py)."""
     digest = _io.sha256_file(gguf)
@@ -149,18 +149,39 @@ def gguf_tensors(gguf: Path) -> Iterator[tuple[str, Any]]:
     mapping = get_gguf_hf_weights_map(skeleton, processor)
     wanted = set(skeleton.state_dict())
     del skeleton
-    for t in reader.tensors:
-        result = processor.process(weights=dequantize(t.data, t.tensor_type), name=t.name,
-                                   tensor_key_mapping=mapping, parsed_parameters=parsed)
-        name = mapping.get(result.name)
-        if name is not None and name in wanted:
-            yield name, np.ascontiguousarray(result.weights, dtype=np.float32)
+    with open(gguf, "rb") as f:
+        for t in reader.tensors:
+            # Read, not through the reader's memory map: mapped pages would count as this
+            # process's memory until the end (the whole file's worth).
+            f.seek(t.data_offset)
+            raw = np.frombuffer(f.read(t.n_bytes), dtype=t.data.dtype).reshape(t.data.shape)
+            result = processor.process(weights=dequantize(raw, t.tensor_type), name=t.name,
+                                       tensor_key_mapping=mapping, parsed_parameters=parsed)
+            name = mapping.get(result.name)
+            if name is not None and name in wanted:
+                yield name, np.ascontiguousarray(result.weights, dtype=np.float32)
 
 
-def write_gguf_as_hf(gguf: Path, out: Path, shard_bytes: int = 512 << 20) -> None:
+def _write_safetensors(path: Path, tensors: dict[str, Any]) -> None:
+    """A float32 safetensors file written straight from the arrays (``safetensors.numpy.save_file``
+    first copies every tensor into a bytes object: twice the shard in memory)."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, a in tensors.items():
+        header[name] = {"dtype": "F32", "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for a in tensors.values():
+            f.write(memoryview(a).cast("B"))
+
+
+def write_gguf_as_hf(gguf: Path, out: Path, shard_bytes: int = 256 << 20) -> None:
     """A HF folder (config, generation config, tokenizer, float32 safetensors shards) from a GGUF,
     streamed tensor by tensor (see :func:`_converted_gguf`)."""
-    from safetensors.numpy import save_file
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
     config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -170,11 +191,13 @@ def write_gguf_as_hf(gguf: Path, out: Path, shard_bytes: int = 512 << 20) -> Non
     shards: list[dict[str, Any]] = [{}]
     size = 0
     files: list[Path] = []
+    shard_names: list[list[str]] = []
 
     def flush() -> None:
         if shards[-1]:
+            shard_names.append(list(shards[-1]))
             f = out / f"part-{len(files):05d}.safetensors"
-            save_file(shards[-1], str(f), metadata={"format": "pt"})
+            _write_safetensors(f, shards[-1])
             files.append(f)
             shards[-1] = {}
 
@@ -187,13 +210,10 @@ def write_gguf_as_hf(gguf: Path, out: Path, shard_bytes: int = 512 << 20) -> Non
     flush()
     weight_map = {}
     n = len(files)
-    for k, f in enumerate(files):
+    for k, (f, names) in enumerate(zip(files, shard_names)):
         final = out / ("model.safetensors" if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors")
         f.rename(final)
-        from safetensors import safe_open
-
-        with safe_open(str(final), "np") as h:
-            weight_map.update({key: final.name for key in h.keys()})
+        weight_map.update({key: final.name for key in names})
     if n > 1:
         total = sum((out / v).stat().st_size for v in set(weight_map.values()))
         (out / "model.safetensors.index.json").write_text(

@@ -6,11 +6,11 @@ tensor and the float model built from them; edgetune's (``edgetune.export.write_
 dequantizes one tensor at a time into shards of at most 512 MB. No large GGUF is available
 here, so the script writes one: a Llama-shaped model with **random weights** (about 1.1B
 parameters by default, float16, the default model's tokenizer), labelled as such in its name.
-Each side runs in its own process; the peak RSS is the kernel's (``wait4``). The tensors of the
+Each side runs in its own process; the peak RSS is its own VmHWM. The tensors of the
 two folders are compared exactly. Last line JSON: ``{"peak_rss_mb", "peak_rss_mb_transformers",
 "peak_rss_ratio", "seconds", "seconds_transformers", "float32_gb", "identical"}``.
 
-Usage: python bench/gguf.py [--hidden 2048] [--layers 16] [--intermediate 8192] [--work DIR] [--keep]
+Usage: python bench/convert_gguf.py [--hidden 2048] [--layers 16] [--intermediate 8192] [--work DIR] [--keep]
 """
 from __future__ import annotations
 
@@ -95,18 +95,25 @@ def write_random_gguf(path: Path, hidden: int, layers: int, inter: int, heads: i
 def run_side(side: str, gguf_path: Path, out: Path) -> dict:
     code = {
         "edgetune": "from edgetune.export import write_gguf_as_hf; write_gguf_as_hf(G, O)",
+        # transformers marks a model loaded from a GGUF as quantized and refuses to save it: the
+        # markers are cleared first (the float32 weights are plain tensors).
         "transformers": ("import torch; from transformers import AutoModelForCausalLM, AutoTokenizer; "
                          "m = AutoModelForCausalLM.from_pretrained(G.parent, gguf_file=G.name, dtype=torch.float32); "
+                         "m.config.quantization_config = None; m.hf_quantizer = None; m.quantization_method = None; "
+                         "m.is_quantized = False; "
                          "m.save_pretrained(O); AutoTokenizer.from_pretrained(G.parent, gguf_file=G.name).save_pretrained(O)"),
     }[side]
-    prog = f"from pathlib import Path; G = Path({str(gguf_path)!r}); O = Path({str(out)!r}); O.mkdir(); {code}"
+    # The peak is the child's own VmHWM: ru_maxrss would also count the parent's pages between
+    # fork and exec.
+    prog = (f"from pathlib import Path; G = Path({str(gguf_path)!r}); O = Path({str(out)!r}); O.mkdir(); {code}; "
+            "print('VmHWM', [int(x.split()[1]) for x in open('/proc/self/status') if x.startswith('VmHWM')][0])")
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", prog], cwd=str(ROOT))
-    _, status, usage = os.wait4(proc.pid, 0)
+    proc = subprocess.run([sys.executable, "-c", prog], cwd=str(ROOT), stdout=subprocess.PIPE, text=True)
     secs = time.perf_counter() - t0
-    if status:
-        raise SystemExit(f"{side} side failed ({status})")
-    return {"side": side, "seconds": round(secs, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024)}
+    if proc.returncode:
+        raise SystemExit(f"{side} side failed ({proc.returncode})")
+    hwm = next(int(x.split()[1]) for x in proc.stdout.splitlines() if x.startswith("VmHWM"))
+    return {"side": side, "seconds": round(secs, 1), "peak_rss_mb": round(hwm / 1024)}
 
 
 def same_tensors(a: Path, b: Path) -> bool:
