@@ -53,7 +53,7 @@ def session_options(threads: int = 0, shared: Mapping[str, Any] | None = None, a
     return so
 
 
-def use_arena(manifest: Mapping[str, Any]) -> bool:
+def use_arena() -> bool:
     """ORT's arena, shrunk after every run (:func:`run_options`), unless ``EDGETUNE_ORT_ARENA=0``
     asks for the system's malloc.
 
@@ -160,7 +160,7 @@ class StepRunner:
         # A quantized base's graphs take the dequant's run-time input (see edgetune.quant).
         q = b.manifest.get("quantization") or {}
         self._runtime = quant.runtime_feeds(int(q["bits"])) if q else {}
-        self.arena = use_arena(b.manifest)
+        self.arena = use_arena()
         self._run_opts = run_options(self.arena)
         self.train_sess = self._session("train.onnx")
         self._eval_sess: Any = None
