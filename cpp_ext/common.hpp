@@ -20,7 +20,7 @@ struct Factor {
 
 // The kernels of one instruction set.
 struct Ops {
-  const char* name;    // "generic", "avx2", "avx512"
+  const char* name;    // "generic", "avx2", "avx512", "avx512bf16"
   size_t vector_floats;  // floats per vector register in its kernels
   // W += sum coef * B @ A; returns whether a non-finite value was written (before any 16-bit rounding).
   bool (*lora_merge)(void* w, size_t rows, size_t cols, const std::vector<Factor>& fs, DType dt, int threads);
@@ -34,7 +34,7 @@ void run_parallel(size_t n, const std::function<void(size_t)>& fn);
 
 // Every build this CPU can run, widest last (dispatch.cpp).
 const std::vector<Ops>& available_ops();
-// The widest, or the one EDGETUNE_ISA names (generic, avx2, avx512); throws if this CPU lacks it.
+// The widest, or the one EDGETUNE_ISA names (generic, avx2, avx512, avx512bf16); throws if this CPU lacks it.
 const Ops& selected_ops();
 
 }  // namespace edgetune

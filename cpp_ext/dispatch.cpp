@@ -11,6 +11,7 @@ Ops ops_generic();
 #if defined(EDGETUNE_X86)
 Ops ops_avx2();
 Ops ops_avx512();
+Ops ops_avx512bf16();
 #endif
 
 const std::vector<Ops>& available_ops() {
@@ -20,7 +21,9 @@ const std::vector<Ops>& available_ops() {
     __builtin_cpu_init();  // libgcc's checks include the OS saving the wider registers (XGETBV)
     const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
     if (avx2) v.push_back(ops_avx2());
-    if (avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) v.push_back(ops_avx512());
+    const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+    if (avx512) v.push_back(ops_avx512());
+    if (avx512 && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bf16")) v.push_back(ops_avx512bf16());
 #endif
     return v;
   }();

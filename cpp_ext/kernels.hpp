@@ -26,6 +26,9 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__F16C__) && defined(__FMA__)
 #include <immintrin.h>
 #define EDGETUNE_AVX512 1
+#if defined(__AVX512BF16__) && defined(__AVX512DQ__)
+#define EDGETUNE_AVX512BF16 1  // one instruction rounds 32 floats to bfloat16
+#endif
 #elif defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
 #include <immintrin.h>
 #define EDGETUNE_AVX2 1
@@ -301,11 +304,45 @@ Packed pack(size_t rows, size_t cols, const std::vector<Factor>& fs) {
   return p;
 }
 
+// chk gathers v * 0 for every value v written: 0 for a finite v, NaN for an infinity or a NaN, so
+// the merge learns whether it wrote a non-finite float32 value without a second pass over W.
+inline void check(vf& chk, vf v) {
+#if defined(EDGETUNE_AVX512)
+  chk = (vf)_mm512_fmadd_ps((__m512)v, _mm512_setzero_ps(), (__m512)chk);
+#elif defined(EDGETUNE_AVX2)
+  chk = (vf)_mm256_fmadd_ps((__m256)v, _mm256_setzero_ps(), (__m256)chk);
+#else
+  chk += v - v;
+#endif
+}
+
+// One full tile row: W[i : i + NR] += (a, b), checked and stored.
+template <DType D>
+inline void add_row(void* w, size_t i, vf a, vf b, vf& chk) {
+  vf lo, hi;
+  load_tile<D>(w, i, lo, hi);
+  lo += a;
+  hi += b;
+#if defined(EDGETUNE_AVX512BF16)
+  if constexpr (D == DType::BF16) {
+    // VCVTNE2PS2BF16 rounds to nearest even like bf16_round_avx512 but flushes subnormal inputs
+    // to zero; rows holding a NaN, an infinity or a subnormal take the exact path below.
+    const __mmask16 special = _mm512_fpclass_ps_mask((__m512)lo, 0xb9) | _mm512_fpclass_ps_mask((__m512)hi, 0xb9);
+    if (__builtin_expect(special == 0, 1)) {
+      _mm512_storeu_si512(static_cast<uint16_t*>(w) + i, (__m512i)_mm512_cvtne2ps_pbh((__m512)hi, (__m512)lo));
+      return;
+    }
+  }
+#endif
+  check(chk, lo);
+  check(chk, hi);
+  store_tile<D>(w, i, lo, hi);
+}
+
 // -- the micro-kernel --------------------------------------------------------------------------
 // W[row0 + i, j0:j0+NR] += sum_k B[row0 + i, k] * A[k, j0:j0+NR] for i < nr (and j < cols).
 // ap is the tile's packed A ([r][NR]), bp the row block's packed B ([r][6]).
-// chk gathers x - x of every value written: 0 for a finite x, NaN for an infinity or a NaN, so the
-// merge learns whether it wrote a non-finite float32 value without a second pass over W.
+// chk: see check().
 template <DType D>
 inline void micro(void* w, size_t row0, size_t nr, size_t j0, size_t cols, const float* ap, const float* bp,
                   size_t r, vf& chk) {
@@ -343,20 +380,12 @@ inline void micro(void* w, size_t row0, size_t nr, size_t j0, size_t cols, const
   }
   const size_t at = row0 * cols + j0;
   if (j0 + NR <= cols && nr == MR) {
-    vf lo, hi;
-#define EDGETUNE_ADD(i, a, b2)                \
-    load_tile<D>(w, at + i * cols, lo, hi);      \
-    lo += a;                                     \
-    hi += b2;                                    \
-    chk += (lo - lo) + (hi - hi);                \
-    store_tile<D>(w, at + i * cols, lo, hi);
-    EDGETUNE_ADD(0, c00, c01)
-    EDGETUNE_ADD(1, c10, c11)
-    EDGETUNE_ADD(2, c20, c21)
-    EDGETUNE_ADD(3, c30, c31)
-    EDGETUNE_ADD(4, c40, c41)
-    EDGETUNE_ADD(5, c50, c51)
-#undef EDGETUNE_ADD
+    add_row<D>(w, at, c00, c01, chk);
+    add_row<D>(w, at + cols, c10, c11, chk);
+    add_row<D>(w, at + 2 * cols, c20, c21, chk);
+    add_row<D>(w, at + 3 * cols, c30, c31, chk);
+    add_row<D>(w, at + 4 * cols, c40, c41, chk);
+    add_row<D>(w, at + 5 * cols, c50, c51, chk);
     return;
   }
   // Edges: fewer than 6 rows left, or the last, partial column tile.

@@ -49,7 +49,7 @@ def implementation() -> str:
 
 def isa() -> str:
     """The instruction set the C++ kernels run with (the widest this CPU has, or ``EDGETUNE_ISA``:
-    generic, avx2, avx512), or ``numpy``."""
+    generic, avx2, avx512, avx512bf16), or ``numpy``."""
     if _impl() != "cpp":
         return "numpy"
     from . import _ext

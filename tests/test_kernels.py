@@ -29,6 +29,8 @@ def test_the_widest_instruction_set_the_cpu_has_is_built_and_chosen(isa, monkeyp
         want.append("avx2")
         if {"avx512f", "avx512bw"} <= flags:
             want.append("avx512")
+            if {"avx512dq", "avx512_bf16"} <= flags:
+                want.append("avx512bf16")
     assert _ext.isas() == want
     assert merge_kernels.isa() == isa
     monkeypatch.delenv("EDGETUNE_ISA")
@@ -132,6 +134,28 @@ def test_16_bit_stores_round_ties_to_even_and_keep_nan_inf(kind, monkeypatch):
     got = merge_kernels.to_f32(res["cpp"], kind)
     assert got[1, 0] == 1.0 and got[1, 1] == 1.0 + 2 * ulp  # ties to even, both ways
     assert np.isnan(got[0, 3]) and got[7, 20] == np.inf and got[12, 36] == -np.inf
+
+
+def test_bfloat16_subnormal_results_round_exactly_and_non_finite_ones_are_reported(monkeypatch):
+    """AVX-512 BF16's conversion flushes subnormals to zero: such rows must still round like numpy."""
+    rows, cols = 12, 69  # two full 6-row blocks; two 32-column tiles (four 16-column ones) and 5 columns left
+    tiny = 2.0 ** -133  # the smallest bfloat16 subnormal
+    base = np.tile((np.arange(cols) % 5 + 1).astype(np.float32) * tiny, (rows, 1))
+    base[::3] = 1.5  # normal rows beside them, in the same tiles
+    w0 = merge_kernels.from_f32(base, "bfloat16")
+    a = np.full((1, cols), tiny / 2, np.float32)  # half a subnormal step: ties everywhere
+    b = np.ones((rows, 1), np.float32)
+    res = both(lambda: merge_kernels.lora_merge(w0.copy(), a, b, 1.0), monkeypatch)
+    np.testing.assert_array_equal(res["cpp"].view(np.uint16), res["numpy"].view(np.uint16))
+    got = merge_kernels.to_f32(res["cpp"], "bfloat16")
+    assert got[1, 0] == 2 * tiny and got[1, 1] == 2 * tiny and got[1, 2] == 4 * tiny  # ties to even, not to zero
+    rng = np.random.default_rng(4)
+    for at in ((0, 0), (7, 40), (11, 68)):
+        w = merge_kernels.from_f32(rand(rng, (rows, cols)), "bfloat16")
+        a2, b2 = rand(rng, (2, cols)), rand(rng, (rows, 2))
+        assert _ext.lora_merge(w.copy(), [a2], [b2], [0.5], "bfloat16") is False
+        a2[1, at[1]] = np.inf
+        assert _ext.lora_merge(w, [a2], [b2], [0.5], "bfloat16") is True, at
 
 
 @pytest.mark.parametrize("kind", ["float32", "bfloat16", "float16"])
