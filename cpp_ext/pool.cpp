@@ -1,5 +1,7 @@
 // One process-wide pool of worker threads for the merge kernels: starting threads for every
 // matrix costs tens of microseconds, as much as merging a small matrix.
+#include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
@@ -19,6 +21,32 @@
 namespace edgetune {
 namespace {
 
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
+// Spins until done() or `us` microseconds have passed; returns done(). A merge calls the pool
+// once per matrix, back to back: waking a sleeping thread costs tens of microseconds on a
+// virtual machine, as much as merging a small matrix, so workers and the caller spin a while
+// before they block.
+template <typename F>
+bool spin_until(F&& done, int us) {
+  const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(us);
+  for (;;) {
+    for (int i = 0; i < 64; ++i) {
+      if (done()) return true;
+      cpu_relax();
+    }
+    if (std::chrono::steady_clock::now() >= until) return done();
+  }
+}
+
+constexpr int SPIN_US = 200;
+
 class Pool {
  public:
   explicit Pool(size_t workers) : owner_(EDGETUNE_PID()) {
@@ -34,11 +62,14 @@ class Pool {
     job_ = &fn;
     njobs_ = n;
     next_ = 0;
-    remaining_ = n;
-    ++generation_;
+    remaining_.store(n);
+    generation_.fetch_add(1);
     wake_.notify_all();
     work(l);
-    done_.wait(l, [&] { return remaining_ == 0; });
+    l.unlock();
+    spin_until([&] { return remaining_.load() == 0; }, SPIN_US);
+    l.lock();
+    done_.wait(l, [&] { return remaining_.load() == 0; });
     job_ = nullptr;
   }
 
@@ -50,15 +81,16 @@ class Pool {
       l.unlock();
       (*fn)(t);
       l.lock();
-      if (--remaining_ == 0) done_.notify_all();
+      if (remaining_.fetch_sub(1) == 1) done_.notify_all();
     }
   }
   void loop() {
     uint64_t seen = 0;
-    std::unique_lock<std::mutex> l(m_);
     for (;;) {
-      wake_.wait(l, [&] { return generation_ != seen; });
-      seen = generation_;
+      spin_until([&] { return generation_.load() != seen; }, SPIN_US);
+      std::unique_lock<std::mutex> l(m_);
+      wake_.wait(l, [&] { return generation_.load() != seen; });
+      seen = generation_.load();
       work(l);
     }
   }
@@ -68,8 +100,9 @@ class Pool {
   std::mutex run_, m_;
   std::condition_variable wake_, done_;
   const std::function<void(size_t)>* job_ = nullptr;
-  size_t njobs_ = 0, next_ = 0, remaining_ = 0;
-  uint64_t generation_ = 0;
+  size_t njobs_ = 0, next_ = 0;  // guarded by m_
+  std::atomic<size_t> remaining_{0};  // changed under m_, read without it while spinning
+  std::atomic<uint64_t> generation_{0};
 };
 
 std::mutex pool_mutex;

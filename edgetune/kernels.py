@@ -17,11 +17,22 @@ import numpy as np
 from .errors import MergeError
 
 _warned = False
+_chosen: dict[tuple[str, str], str] = {}  # (EDGETUNE_IMPL, EDGETUNE_ISA) -> "cpp" or "numpy"
+_ADAPTER_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 
 
 def _impl() -> str:
+    # Chosen once per setting of the two variables: a whole-model merge asks for every matrix.
+    env = os.environ
+    key = (env.get("EDGETUNE_IMPL", ""), env.get("EDGETUNE_ISA", ""))
+    got = _chosen.get(key)
+    if got is None:
+        got = _chosen[key] = _choose(key[0].lower())
+    return got
+
+
+def _choose(want: str) -> str:
     global _warned
-    want = os.environ.get("EDGETUNE_IMPL", "").lower()
     if want not in ("", "cpp", "numpy"):
         raise MergeError(f"EDGETUNE_IMPL must be cpp or numpy, got {want!r}")
     if want == "numpy":
@@ -99,7 +110,7 @@ def _check(w: np.ndarray, pairs: Sequence[tuple[np.ndarray, np.ndarray]], name: 
         raise MergeError(f"{name}: W is read-only; merge needs a writable buffer (copy it, or open the file read-write)")
     for i, (a, b) in enumerate(pairs):
         for label, x in (("A", a), ("B", b)):
-            if x.dtype not in (np.float32, np.float16):
+            if x.dtype not in _ADAPTER_DTYPES:
                 raise MergeError(f"{name}: adapter {i} {label} has dtype {x.dtype}; expected float32 or float16")
         if a.ndim != 2 or b.ndim != 2 or b.shape[1] != a.shape[0] or b.shape[0] != w.shape[0] or a.shape[1] != w.shape[1]:
             raise MergeError(f"{name}: shapes do not fit: W {w.shape}, A {a.shape}, B {b.shape} "
