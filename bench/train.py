@@ -282,8 +282,6 @@ def run_worker(side: str, a: argparse.Namespace, tmp: Path) -> dict:
         bundle = a.quantized_bundle
     if side == "ckpt":
         bundle = a.ckpt_bundle
-    if side == "arena":  # the float32 base with the allocator setting the quantized base uses
-        env["EDGETUNE_ORT_ARENA"] = "1"
     worker = {"torch": "torch", "tuned": "tuned", "tuned_compile": "tuned", "tuned_ckpt": "tuned"}.get(side, "edgetune")
     cmd = [py, script, "--worker", worker, "--bundle", str(bundle),
            "--data", str(a.data), "--steps", str(a.steps), "--batch", str(a.batch), "--seq", str(a.seq),
@@ -301,8 +299,6 @@ def run_worker(side: str, a: argparse.Namespace, tmp: Path) -> dict:
     res = json.loads(out.read_text())
     if side == "quantized":
         res["side"] = f"edgetune, {a.quantize} base"
-    if side == "arena":
-        res["side"] = "edgetune, ORT arena"
     if side == "nochunk":
         res["side"] = "edgetune, no chunks"
     if side == "ckpt":
@@ -382,7 +378,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="edgetune-bench-") as tmpd:
         tmp = Path(tmpd)
         a.bundle = ensure_bundle(a, tmp)
-        sides = (["edgetune"] + ([] if a.no_chunks_side else ["nochunk"]) + (["quantized", "arena"] if a.quantize else [])
+        sides = (["edgetune"] + ([] if a.no_chunks_side else ["nochunk"]) + (["quantized"] if a.quantize else [])
                  + (["legacy"] if a.legacy else []) + ([] if a.no_torch else ["torch", "tuned"])
                  + (["tuned_compile"] if a.compile and not a.no_torch else [])
                  + (["ckpt"] + ([] if a.no_torch else ["tuned_ckpt"]) if a.gradient_checkpointing else []))
@@ -419,24 +415,20 @@ def main() -> None:
 def summarize_quantized(results: dict[str, list[dict]], manifest: dict) -> dict:
     """The quantized base against the float32 base, in the same run."""
     q = manifest["quantization"]
-    best = {s: max(results[s], key=lambda r: r["tokens"] / r["time"]) for s in ("edgetune", "quantized", "arena")}
-    rss = {s: min(r["peak_rss_mb"] for r in results[s]) for s in ("edgetune", "quantized", "arena")}
+    best = {s: max(results[s], key=lambda r: r["tokens"] / r["time"]) for s in ("edgetune", "quantized")}
+    rss = {s: min(r["peak_rss_mb"] for r in results[s]) for s in ("edgetune", "quantized")}
     saved_mb = (q["float_bytes"] - q["quantized_bytes"]) / 2**20
     tps = {s: best[s]["tokens"] / best[s]["time"] for s in best}
     out = {"quantized_tokens_per_s_ratio": round(tps["quantized"] / tps["edgetune"], 3),
            "quantized_rss_drop_mb": round(rss["edgetune"] - rss["quantized"]),
            "quantized_weight_bytes_saved_mb": round(saved_mb),
            "quantized_rss_drop_fraction_of_saved": round((rss["edgetune"] - rss["quantized"]) / saved_mb, 3),
-           # The same comparison with the same allocator on both sides: what quantization itself saves.
-           "quantized_rss_drop_mb_same_allocator": round(rss["arena"] - rss["quantized"]),
-           "quantized_rss_drop_fraction_same_allocator": round((rss["arena"] - rss["quantized"]) / saved_mb, 3),
            "quantized_loss_gap": round((best["quantized"]["valid_loss"] - best["edgetune"]["valid_loss"])
                                        / best["edgetune"]["valid_loss"], 4)}
     print(f"{q['method']} base: {tps['quantized']:.0f} tokens/s ({out['quantized_tokens_per_s_ratio']:.2f}x float32); "
           f"peak RSS {rss['quantized']:.0f} MB vs {rss['edgetune']:.0f} MB: {out['quantized_rss_drop_mb']} MB less, "
-          f"{out['quantized_rss_drop_fraction_of_saved']:.0%} of the {saved_mb:.0f} MB the weights shrank; "
-          f"against the float32 base with the same allocator (ORT's arena, {rss['arena']:.0f} MB): "
-          f"{out['quantized_rss_drop_mb_same_allocator']} MB less, {out['quantized_rss_drop_fraction_same_allocator']:.0%}")
+          f"{out['quantized_rss_drop_fraction_of_saved']:.0%} of the {saved_mb:.0f} MB the weights shrank (both "
+          f"bases with the same allocator)")
     return out
 
 

@@ -907,7 +907,7 @@ def recompute_cheap(proto: Any, n_forward: int, types: dict[str, int], shapes: d
     for t in sorted(cands):
         lyr = _layer(producer[t])
         leaves, stack, seen, ok = set(), [t], set(), True
-        while stack and ok:
+        while stack:
             x = stack.pop()
             if x in seen:
                 continue
