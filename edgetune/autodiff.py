@@ -872,12 +872,12 @@ _CHEAP = {"Softmax", "QuickGelu", "Expand", "Reshape", "Unsqueeze", "Squeeze", "
 
 
 def recompute_cheap(proto: Any, n_forward: int, types: dict[str, int], shapes: dict[str, list[tuple]]) -> int:
-    """Selective recomputation: attention probabilities, SiLU outputs and grouped-query
-    attention's repeated keys and values are computed again in the backward pass from tensors it
-    keeps anyway, instead of being saved from the forward pass.
+    """Selective recomputation: attention probabilities, SiLU outputs, grouped-query
+    attention's repeated keys and values and the RMSNorms' outputs are computed again in the
+    backward pass from tensors it keeps anyway, instead of being saved from the forward pass.
 
-    A saved tensor produced by Softmax, QuickGelu or Expand (or a reshape of an Expand) is a
-    candidate. Walking back from it through cheap ops (:data:`_CHEAP`), the walk stops at
+    A saved tensor produced by Softmax, QuickGelu, Expand (or a reshape of an Expand), Div or
+    Mul is a candidate. Walking back from it through cheap ops (:data:`_CHEAP`), the walk stops at
     tensors the backward pass keeps anyway, at tensors of another layer, and at tensors less than
     half the candidate's size, which are then kept instead; a candidate is recomputed when what it
     newly keeps is under half of what it frees. The attention scores' matmul is the only one
@@ -895,7 +895,7 @@ def recompute_cheap(proto: Any, n_forward: int, types: dict[str, int], shapes: d
 
     def candidate(t: str) -> bool:
         n = producer[t]
-        if n.op_type in ("Softmax", "QuickGelu", "Expand"):
+        if n.op_type in ("Softmax", "QuickGelu", "Expand", "Div", "Mul"):
             return True
         src = producer.get(n.input[0]) if n.op_type == "Reshape" else None
         return src is not None and src.op_type == "Expand"

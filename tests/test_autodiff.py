@@ -266,6 +266,37 @@ def test_noop_cast_is_dropped_and_its_reader_takes_the_input():
     np.testing.assert_allclose(got[0], 2 * x * r, rtol=1e-6)
 
 
+def test_rms_norm_outputs_are_recomputed_not_saved():
+    """The backward pass reads neither x / rms(x) nor its scaled copy (the adapters' input) from
+    the forward pass: it divides again, from x and rms(x), which it keeps anyway."""
+    import onnxruntime as ort
+
+    x0, r0, a, r = rand(2, 5, 4), rand(2, 5, 4), rand(4, 3), rand(2, 5, 3)
+    w, eps = rand(4), np.array(1e-5, np.float32)
+    L = "/model/layers.0/norm/"
+    nodes = [helper.make_node("Mul", ["x0", "R0"], ["x"], name="embed"),
+             helper.make_node("Pow", ["x", "two"], ["sq"], name=L + "pow"),
+             helper.make_node("ReduceMean", ["sq"], ["ms"], axes=[-1], keepdims=1, name=L + "mean"),
+             helper.make_node("Add", ["ms", "eps"], ["mse"], name=L + "add"),
+             helper.make_node("Sqrt", ["mse"], ["rms"], name=L + "sqrt"),
+             helper.make_node("Div", ["x", "rms"], ["xhat"], name=L + "div"),
+             helper.make_node("Mul", ["xhat", "w"], ["normed"], name=L + "scale"),
+             helper.make_node("MatMul", ["normed", "A"], ["y"], name="/model/layers.0/lora_A"),
+             helper.make_node("Mul", ["y", "R"], ["yr"], name="head"),
+             helper.make_node("ReduceSum", ["yr"], ["loss"], keepdims=0, name="sum")]
+    consts = {"R0": r0, "R": r, "w": w, "eps": eps, "two": np.array(2.0, np.float32)}
+    tg = autodiff.build(_layer_graph(nodes, {"x0": x0, "A": a}, consts), ["x0", "A"], "loss", [{}, {}])
+    assert _backward_reads(tg, "xhat") == [] and _backward_reads(tg, "normed") == []
+    got = ort.InferenceSession(tg.model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        tg.grads, {"x0": x0, "A": a})
+    tx, ta = torch.tensor(x0, requires_grad=True), torch.tensor(a, requires_grad=True)
+    x = tx * torch.tensor(r0)
+    normed = x / torch.sqrt((x * x).mean(-1, keepdim=True) + 1e-5) * torch.tensor(w)
+    ((normed @ ta) * torch.tensor(r)).sum().backward()
+    for g, t in zip(got, (tx, ta)):
+        np.testing.assert_allclose(g, t.grad.numpy(), rtol=1e-4, atol=1e-5)
+
+
 def test_attention_probabilities_and_silu_are_recomputed_not_saved():
     """Selective recomputation: the backward pass reads neither the softmax's nor the SiLU's
     output from the forward pass, and the gradients are unchanged."""
