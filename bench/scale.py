@@ -18,7 +18,8 @@ Stages: make the model (once; cached in DIR), ``export --quantize int4 --block-s
 ``pack``, and ``generate`` from the packed app. The last line is JSON.
 
 Disk: about 7.6 GB for the model, 5 GB for the bundle, 15 GB while merge writes the float
-weights it re-quantizes. A float32 base (``--quantize none``) needs 31 GB more for the bundle.
+weights it re-quantizes. A float32 base (``--quantize none``) needs 31 GB more for the bundle
+and 15 GB for the merged model (deleted before ``pack`` unless ``--keep``).
 """
 from __future__ import annotations
 
@@ -207,6 +208,8 @@ def main() -> None:
     merge_q = ["--quantize", tag, "--block-size", str(a.block_size)] if tag != "none" else []
     rows.append(run("merge", ["merge", str(bundle), str(rund), "--out", str(merged), *merge_q], logs / "merge.log"))
     rows[-1]["merged_mb"] = dir_mb(merged)
+    if not a.keep:  # a float32 merge is 15 GB: free it before pack writes the app
+        shutil.rmtree(merged, ignore_errors=True)
     rows.append(run("pack", ["pack", str(rund), "--bundle", str(bundle), "--out", str(app), "--name", "scale"],
                     logs / "pack.log"))
     rows[-1]["app_mb"] = dir_mb(app)
