@@ -177,6 +177,11 @@ def _chat_spans(tok: ChatTokenizer, msgs: list[dict[str, str]], where: str) -> t
             continue
         prefix = tok.render(msgs[:i], add_generation_prompt=True)
         upto = tok.render(msgs[: i + 1])
+        # Some templates close a chat with the eos when no generation prompt follows (Phi-3's
+        # `{% else %}{{ eos_token }}`): a turn in the middle is then followed by the next turn instead.
+        eos = tok.eos_token
+        if eos and upto.endswith(eos) and not full.startswith(upto) and full.startswith(upto[: -len(eos)]):
+            upto = upto[: -len(eos)]
         if not (full.startswith(upto) and upto.startswith(prefix)):
             raise DataError(f"{where}: the chat template does not render turns as prefixes; "
                             "cannot find the assistant tokens (use --no-mask-prompt)")

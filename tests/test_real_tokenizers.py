@@ -39,6 +39,12 @@ LLAMA3_TEMPLATE = (
     "'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
     "{{ content }}{% endfor %}{% if add_generation_prompt %}"
     "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+# The template of later Phi-3-mini revisions (system turns kept; the eos closes a chat).
+PHI3_LATER_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + "
+    "'<|end|>\n'}}{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}")
 # Family: (tokenizer eos, generation config's eos list, end-of-turn token)
 FAMILIES = {"llama3": (128001, [128001, 128008, 128009], 128009),
             "phi3": (32000, [32000, 32001, 32007], 32007)}
@@ -176,6 +182,31 @@ def test_phi3_tokenizer_gives_the_reference_ids_and_its_own_chat_template(tmp_pa
     ids, labelled = data.encode_record(tok, {"messages": DIALOG[1:4]}, "chat", "x")
     lab = ids[labelled].tolist()  # the reply and its <|end|> (and the newline after it), nothing else
     assert tok.decode(lab).strip() == "billing" and lab.count(32007) == 1 and lab[-1] == tok.encode("\n")[-1]
+
+
+def test_phi3_later_template_ending_chats_with_eos_labels_every_turn(tmp_path_factory):
+    """The template of later Phi-3 revisions closes a chat with the eos unless a generation prompt
+    follows, so a turn in the middle is not a prefix of the whole chat as rendered."""
+    import dataclasses
+
+    from edgetune.tokenizer import ChatTokenizer, _compile
+
+    _, bundle = built("phi3", tmp_path_factory)
+    tok = dataclasses.replace(ChatTokenizer.from_dir(bundle), template=_compile(PHI3_LATER_TEMPLATE))
+    chat = DIALOG[1:3] + [{"role": "user", "content": "and the refund?"}, {"role": "assistant", "content": "refund"}]
+    ids, labelled = data.encode_record(tok, {"messages": chat}, "chat", "x")
+    def text(part: list[int]) -> str:  # (this tokenizer decodes a newline after a special token as " \n")
+        return tok.decode(part, skip_special=False).replace(" \n", "\n")
+
+    assert text(ids.tolist()).endswith("<|assistant|>\nrefund<|end|>\n<|endoftext|>")
+    runs, start = [], None  # the labelled stretches, decoded
+    for i, on in enumerate([*labelled.tolist(), False]):
+        if on and start is None:
+            start = i
+        elif not on and start is not None:
+            runs.append(text(ids[start:i].tolist()))
+            start = None
+    assert [r.strip() for r in runs] == ["billing<|end|>", "refund<|end|>\n<|endoftext|>"]
 
 
 @pytest.fixture(scope="module")
