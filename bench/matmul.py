@@ -1,0 +1,255 @@
+"""The matrix products of edgetune's training step, each timed in ONNX Runtime and in PyTorch on
+the same shapes and layouts: how fast the matrix-product library alone lets each side be.
+
+1. A worker without torch trains ``--steps`` steps of ``bench/train.py``'s workload (SmolLM2-135M,
+   rank 8 on q,k,v,o, batch 8 x <= 256 tokens, chunks of <= 1,024 tokens) with ONNX Runtime's
+   profiler on, and lists every MatMul, FusedMatMul and Gemm node it ran: input shapes, transposes,
+   kernel time in the step. That is edgetune's share of matrix products, in place.
+2. Each distinct product (op, shapes, transposes) is then timed in isolation, as a one-node ONNX
+   Runtime session with the training session's options, and as ``torch.matmul`` on tensors of the
+   same layout (a transposed operand is a transposed view, which PyTorch hands to its BLAS as a
+   transpose flag), each in its own process, the same threads, median of repeated calls. The sides
+   take turns going first.
+
+Weighted by how often the step runs each product, the two isolated totals say how much of the
+training gap is the matrix-product library. The last line is JSON:
+
+    {"ort_ms_per_step", "torch_ms_per_step", "torch_speedup", "in_step_ms", "gflops_ort",
+     "gflops_torch", "fma_peak_gflops"}
+
+Usage: python bench/matmul.py [--steps 2] [--threads N] [--rounds 2]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import machine  # noqa: E402
+import train as T  # noqa: E402  - the training benchmark's workload, bundle and FMA peak
+
+OPS = ("MatMul", "FusedMatMul", "Gemm")
+
+
+def _attrs(node) -> dict:
+    from onnx import helper
+
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def worker_profile(a: argparse.Namespace) -> dict:
+    """Train with the profiler on; every matrix-product node's shapes, attributes and time."""
+    import onnx
+
+    from edgetune import devices, runner, trainer
+    from edgetune.config import TrainConfig
+
+    if "torch" in sys.modules:
+        raise SystemExit("torch was imported into the edgetune worker")
+    cfg = TrainConfig(steps=a.steps + 1, batch_size=8, lr=1e-3, schedule="constant", max_seq_len=256,
+                      threads=a.threads)
+    t = trainer.Trainer(a.bundle, Path(a.tmp) / "run", cfg, progress=False, log=lambda s: None)
+    t._open()
+    r = t.runner
+    so = runner.session_options(r.threads, r._shared, arena=r.arena)
+    so.enable_profiling = True
+    so.profile_file_prefix = str(Path(a.tmp) / "profile")
+    r.train_sess = devices.session(r.bundle.path("train.onnx"), r.device, so)
+    train = T.batches(a.bundle, a.data, 8, 256)
+    t._step([train[0]])  # warm-up, not counted
+    r.train_sess.end_profiling()
+    r.train_sess = devices.session(r.bundle.path("train.onnx"), r.device, so)
+    t0 = time.perf_counter()
+    for b in train[1: a.steps + 1]:
+        t._step([b])
+        r.step(1e-3)
+    wall = time.perf_counter() - t0
+    events = json.loads(Path(r.train_sess.end_profiling()).read_text())
+    nodes = {n.name: n for n in onnx.load(str(r.bundle.path("train.onnx")), load_external_data=False).graph.node}
+    prods: dict[str, dict] = {}
+    total_kernel = 0.0
+    for ev in events:
+        args = ev.get("args") or {}
+        if ev.get("cat") != "Node" or not ev.get("name", "").endswith("_kernel_time"):
+            continue
+        total_kernel += ev["dur"]
+        if args.get("op_name") not in OPS:
+            continue
+        node = nodes[ev["name"][: -len("_kernel_time")]]
+        shapes = [list(s.values())[0] for s in args["input_type_shape"]]
+        at = {k: v for k, v in _attrs(node).items() if k in ("transA", "transB", "alpha", "beta", "transBatchA",
+                                                              "transBatchB")}
+        key = json.dumps([node.op_type, shapes, at], sort_keys=True)
+        p = prods.setdefault(key, {"op": node.op_type, "shapes": shapes, "attrs": at, "count": 0, "us": 0.0})
+        p["count"] += 1
+        p["us"] += ev["dur"]
+    return {"products": list(prods.values()), "steps": a.steps, "wall_s": wall, "kernel_us": total_kernel}
+
+
+def _flops(p: dict) -> float:
+    a, b = p["shapes"][0], p["shapes"][1]
+    at = p["attrs"]
+    m = a[-1] if at.get("transA") else a[-2]
+    k = a[-2] if at.get("transA") else a[-1]
+    n = b[-2] if at.get("transB") else b[-1]
+    batch = int(np.prod(np.broadcast_shapes(tuple(a[:-2]), tuple(b[:-2])))) if len(a) > 2 or len(b) > 2 else 1
+    return 2.0 * batch * m * k * n
+
+
+def _reps(seconds_per_call: float) -> int:
+    return max(5, min(200, int(0.25 / max(seconds_per_call, 1e-6))))
+
+
+def worker_ort(a: argparse.Namespace) -> dict:
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from edgetune import runner
+
+    prods = json.loads(Path(a.products).read_text())
+    rng = np.random.default_rng(0)
+    out = []
+    for p in prods:
+        names = [f"x{i}" for i in range(len(p["shapes"]))]
+        kw = dict(p["attrs"])
+        node = helper.make_node(p["op"], names, ["y"], domain="com.microsoft" if p["op"] == "FusedMatMul" else "",
+                                **kw)
+        graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, s)
+                                                for n, s in zip(names, p["shapes"])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+        so = runner.session_options(a.threads, None, arena=runner.use_arena())
+        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        feed = {n: rng.standard_normal(s).astype(np.float32) for n, s in zip(names, p["shapes"])}
+        for _ in range(3):
+            sess.run(None, feed)
+        t0 = time.perf_counter()
+        sess.run(None, feed)
+        reps = _reps(time.perf_counter() - t0)
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            sess.run(None, feed)
+            ts.append(time.perf_counter() - t0)
+        out.append(statistics.median(ts))
+    return {"seconds": out}
+
+
+def worker_torch(a: argparse.Namespace) -> dict:
+    import torch
+
+    torch.set_num_threads(a.threads)
+    prods = json.loads(Path(a.products).read_text())
+    g = torch.Generator().manual_seed(0)
+    out = []
+    with torch.inference_mode():
+        for p in prods:
+            xs = [torch.randn(s, generator=g) for s in p["shapes"]]
+            at = p["attrs"]
+            x, w = xs[0], xs[1]
+            xa = x.transpose(-1, -2) if at.get("transA") else x
+            wb = w.transpose(-1, -2) if at.get("transB") else w
+            alpha = float(at.get("alpha", 1.0))
+            if p["op"] == "Gemm" and len(xs) > 2:
+                def f():
+                    return torch.addmm(xs[2], xa, wb, beta=float(at.get("beta", 1.0)), alpha=alpha)
+            elif alpha != 1.0:
+                def f():
+                    return torch.matmul(xa, wb).mul_(alpha)
+            else:
+                def f():
+                    return torch.matmul(xa, wb)
+            for _ in range(3):
+                f()
+            t0 = time.perf_counter()
+            f()
+            reps = _reps(time.perf_counter() - t0)
+            ts = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                f()
+                ts.append(time.perf_counter() - t0)
+            out.append(statistics.median(ts))
+    return {"seconds": out, "torch": torch.__version__}
+
+
+def run(worker: str, a: argparse.Namespace, tmp: Path, **extra: str) -> dict:
+    res = tmp / f"{worker}.json"
+    cmd = [sys.executable, __file__, "--worker", worker, "--threads", str(a.threads), "--steps", str(a.steps),
+           "--tmp", str(tmp), "--result", str(res), "--bundle", str(a.bundle), "--data", str(a.data)]
+    for k, v in extra.items():
+        cmd += [f"--{k}", v]
+    subprocess.run(cmd, check=True)
+    return json.loads(res.read_text())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=2, help="profiled training steps (after one warm-up step)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--rounds", type=int, default=2, help="isolated timings per side, alternating; best kept")
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--bundle")
+    ap.add_argument("--data")
+    ap.add_argument("--worker", choices=["profile", "ort", "torch"], help=argparse.SUPPRESS)
+    ap.add_argument("--tmp", help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    ap.add_argument("--products", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.worker:
+        a.bundle, a.data = Path(a.bundle), Path(a.data)
+        res = {"profile": worker_profile, "ort": worker_ort, "torch": worker_torch}[a.worker](a)
+        Path(a.result).write_text(json.dumps(res))
+        return
+    with tempfile.TemporaryDirectory(prefix="edgetune-matmul-") as tmpd:
+        tmp = Path(tmpd)
+        a.bundle = T.ensure_bundle(a, tmp)
+        a.data = Path(a.data) if a.data else T.make_data(tmp / "data", n_train=8 * (a.steps + 1), n_valid=8)
+        print(f"machine: {machine.describe()}", flush=True)
+        peak = T.fma_peak_gflops(a.threads)
+        print(f"multiply-add peak (FMA loop, {a.threads} threads): {peak:.1f} GFLOP/s", flush=True)
+        prof = run("profile", a, tmp)
+        prods = sorted(prof["products"], key=lambda p: -p["us"])
+        (tmp / "products.json").write_text(json.dumps(prods))
+        best: dict[str, list[float]] = {}
+        for r in range(a.rounds):
+            for side in (("ort", "torch") if r % 2 == 0 else ("torch", "ort")):
+                sec = run(side, a, tmp, products=str(tmp / "products.json"))["seconds"]
+                best[side] = sec if side not in best else [min(x, y) for x, y in zip(best[side], sec)]
+    steps = prof["steps"]
+    print(f"\n{prof['steps']} profiled steps: {prof['wall_s'] / steps:.2f} s/step, kernels {prof['kernel_us'] / 1e3 / steps:.0f} "
+          f"ms/step, of which matrix products {sum(p['us'] for p in prods) / 1e3 / steps:.0f} ms")
+    print("\n| product | shapes | per step | in the step, ms | ORT alone, ms | PyTorch alone, ms | ORT GFLOP/s "
+          "| PyTorch GFLOP/s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    tot = {"ort": 0.0, "torch": 0.0, "step": 0.0, "flops": 0.0}
+    for p, so, st in zip(prods, best["ort"], best["torch"]):
+        n = p["count"] / steps
+        fl = _flops(p)
+        tot["ort"] += n * so
+        tot["torch"] += n * st
+        tot["step"] += p["us"] / 1e6 / steps
+        tot["flops"] += n * fl
+        tr = "".join(k for k in ("transA", "transB") if p["attrs"].get(k))
+        print(f"| {p['op']}{' ' + tr if tr else ''} | {' x '.join(str(s) for s in p['shapes'][:2])} | {n:g} "
+              f"| {p['us'] / 1e3 / steps:.1f} | {n * so * 1e3:.1f} | {n * st * 1e3:.1f} | {fl / so / 1e9:.0f} "
+              f"| {fl / st / 1e9:.0f} |")
+    summary = {"ort_ms_per_step": round(tot["ort"] * 1e3, 1), "torch_ms_per_step": round(tot["torch"] * 1e3, 1),
+               "torch_speedup": round(tot["ort"] / tot["torch"], 3), "in_step_ms": round(tot["step"] * 1e3, 1),
+               "gflops_ort": round(tot["flops"] / tot["ort"] / 1e9, 1),
+               "gflops_torch": round(tot["flops"] / tot["torch"] / 1e9, 1), "fma_peak_gflops": round(peak, 1)}
+    print(f"\nmachine: {machine.describe()}")
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
