@@ -8,14 +8,19 @@ the same shapes and layouts: how fast the matrix-product library alone lets each
 2. Each distinct product (op, shapes, transposes) is then timed in isolation, as a one-node ONNX
    Runtime session with the training session's options, and as ``torch.matmul`` on tensors of the
    same layout (a transposed operand is a transposed view, which PyTorch hands to its BLAS as a
-   transpose flag), each in its own process, the same threads, median of repeated calls. The sides
-   take turns going first.
+   transpose flag): median of repeated calls, the same threads, each library in its own process.
+   Both processes are alive at once and take turns product by product (the order alternating, a
+   pause before each), so both time a product under the same machine conditions; the best of
+   ``--rounds`` passes is kept.
 
 Weighted by how often the step runs each product, the two isolated totals say how much of the
 training gap is the matrix-product library. The last line is JSON:
 
     {"ort_ms_per_step", "torch_ms_per_step", "torch_speedup", "in_step_ms", "gflops_ort",
-     "gflops_torch", "fma_peak_gflops"}
+     "gflops_torch", "fma_peak_gflops", "flops_fraction_ceiling"}
+
+``flops_fraction_ceiling`` is ONNX Runtime's isolated rate over the FMA peak: the most
+``bench/train.py``'s ``flops_fraction`` could reach if every other op of the step were free.
 
 Usage: python bench/matmul.py [--steps 2] [--threads N] [--rounds 2]
 """
@@ -109,7 +114,28 @@ def _reps(seconds_per_call: float) -> int:
     return max(5, min(200, int(0.25 / max(seconds_per_call, 1e-6))))
 
 
-def worker_ort(a: argparse.Namespace) -> dict:
+def _median_time(f) -> float:
+    for _ in range(3):
+        f()
+    t0 = time.perf_counter()
+    f()
+    ts = []
+    for _ in range(_reps(time.perf_counter() - t0)):
+        t0 = time.perf_counter()
+        f()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def _serve(calls: list) -> None:
+    """Lockstep with the driver: time product ``j`` when it sends ``j``; answer ``@time j seconds``."""
+    print("@ready", flush=True)
+    for line in sys.stdin:
+        j = int(line)
+        print(f"@time {j} {_median_time(calls[j]):.9f}", flush=True)
+
+
+def worker_ort(a: argparse.Namespace) -> None:
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
@@ -117,69 +143,81 @@ def worker_ort(a: argparse.Namespace) -> dict:
 
     prods = json.loads(Path(a.products).read_text())
     rng = np.random.default_rng(0)
-    out = []
+    calls = []
     for p in prods:
         names = [f"x{i}" for i in range(len(p["shapes"]))]
-        kw = dict(p["attrs"])
         node = helper.make_node(p["op"], names, ["y"], domain="com.microsoft" if p["op"] == "FusedMatMul" else "",
-                                **kw)
+                                **p["attrs"])
         graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, s)
                                                 for n, s in zip(names, p["shapes"])],
                                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                        helper.make_opsetid("com.microsoft", 1)])
         so = runner.session_options(a.threads, None, arena=runner.use_arena())
         sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
         feed = {n: rng.standard_normal(s).astype(np.float32) for n, s in zip(names, p["shapes"])}
-        for _ in range(3):
-            sess.run(None, feed)
-        t0 = time.perf_counter()
-        sess.run(None, feed)
-        reps = _reps(time.perf_counter() - t0)
-        ts = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            sess.run(None, feed)
-            ts.append(time.perf_counter() - t0)
-        out.append(statistics.median(ts))
-    return {"seconds": out}
+        calls.append(lambda sess=sess, feed=feed: sess.run(None, feed))
+    _serve(calls)
 
 
-def worker_torch(a: argparse.Namespace) -> dict:
+def worker_torch(a: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(a.threads)
+    torch.set_grad_enabled(False)
     prods = json.loads(Path(a.products).read_text())
     g = torch.Generator().manual_seed(0)
-    out = []
-    with torch.inference_mode():
-        for p in prods:
-            xs = [torch.randn(s, generator=g) for s in p["shapes"]]
-            at = p["attrs"]
-            x, w = xs[0], xs[1]
-            xa = x.transpose(-1, -2) if at.get("transA") else x
-            wb = w.transpose(-1, -2) if at.get("transB") else w
-            alpha = float(at.get("alpha", 1.0))
-            if p["op"] == "Gemm" and len(xs) > 2:
-                def f():
-                    return torch.addmm(xs[2], xa, wb, beta=float(at.get("beta", 1.0)), alpha=alpha)
-            elif alpha != 1.0:
-                def f():
-                    return torch.matmul(xa, wb).mul_(alpha)
-            else:
-                def f():
-                    return torch.matmul(xa, wb)
-            for _ in range(3):
-                f()
-            t0 = time.perf_counter()
-            f()
-            reps = _reps(time.perf_counter() - t0)
-            ts = []
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                f()
-                ts.append(time.perf_counter() - t0)
-            out.append(statistics.median(ts))
-    return {"seconds": out, "torch": torch.__version__}
+    calls = []
+    for p in prods:
+        xs = [torch.randn(s, generator=g) for s in p["shapes"]]
+        at = p["attrs"]
+        xa = xs[0].transpose(-1, -2) if at.get("transA") else xs[0]
+        wb = xs[1].transpose(-1, -2) if at.get("transB") else xs[1]
+        alpha = float(at.get("alpha", 1.0))
+        if p["op"] == "Gemm" and len(xs) > 2:
+            calls.append(lambda xa=xa, wb=wb, c=xs[2], at=at, alpha=alpha:
+                         torch.addmm(c, xa, wb, beta=float(at.get("beta", 1.0)), alpha=alpha))
+        elif alpha != 1.0:
+            calls.append(lambda xa=xa, wb=wb, alpha=alpha: torch.matmul(xa, wb).mul_(alpha))
+        else:
+            calls.append(lambda xa=xa, wb=wb: torch.matmul(xa, wb))
+    _serve(calls)
+
+
+PAUSE = 0.2  # s before each timing: PyTorch's OpenMP threads spin for a while after their last call
+
+
+def _expect(p: subprocess.Popen, prefix: str) -> str:
+    for line in p.stdout:
+        if line.startswith(prefix):
+            return line
+        print(line, end="", flush=True)
+    raise SystemExit(f"a timing worker ended early (exit code {p.wait()})")
+
+
+def time_products(a: argparse.Namespace, tmp: Path, n: int) -> dict[str, list[float]]:
+    """Both timing workers alive at once, taking turns product by product (the order alternating),
+    so both time each product under the same machine conditions; the best of ``--rounds``."""
+    procs = {}
+    for side in ("ort", "torch"):
+        cmd = [sys.executable, __file__, "--worker", side, "--threads", str(a.threads), "--products",
+               str(tmp / "products.json"), "--bundle", str(a.bundle), "--data", str(a.data)]
+        procs[side] = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        _expect(procs[side], "@ready")
+    best: dict[str, list[float]] = {side: [float("inf")] * n for side in procs}
+    try:
+        for r in range(a.rounds):
+            for j in range(n):
+                for side in (("ort", "torch") if (j + r) % 2 == 0 else ("torch", "ort")):
+                    time.sleep(PAUSE)
+                    procs[side].stdin.write(f"{j}\n")
+                    procs[side].stdin.flush()
+                    best[side][j] = min(best[side][j], float(_expect(procs[side], "@time").split()[2]))
+    finally:
+        for p in procs.values():
+            p.stdin.close()
+            p.wait()
+    return best
 
 
 def run(worker: str, a: argparse.Namespace, tmp: Path, **extra: str) -> dict:
@@ -207,8 +245,10 @@ def main() -> None:
     a = ap.parse_args()
     if a.worker:
         a.bundle, a.data = Path(a.bundle), Path(a.data)
-        res = {"profile": worker_profile, "ort": worker_ort, "torch": worker_torch}[a.worker](a)
-        Path(a.result).write_text(json.dumps(res))
+        if a.worker == "profile":
+            Path(a.result).write_text(json.dumps(worker_profile(a)))
+        else:
+            {"ort": worker_ort, "torch": worker_torch}[a.worker](a)
         return
     with tempfile.TemporaryDirectory(prefix="edgetune-matmul-") as tmpd:
         tmp = Path(tmpd)
@@ -220,11 +260,7 @@ def main() -> None:
         prof = run("profile", a, tmp)
         prods = sorted(prof["products"], key=lambda p: -p["us"])
         (tmp / "products.json").write_text(json.dumps(prods))
-        best: dict[str, list[float]] = {}
-        for r in range(a.rounds):
-            for side in (("ort", "torch") if r % 2 == 0 else ("torch", "ort")):
-                sec = run(side, a, tmp, products=str(tmp / "products.json"))["seconds"]
-                best[side] = sec if side not in best else [min(x, y) for x, y in zip(best[side], sec)]
+        best = time_products(a, tmp, len(prods))
     steps = prof["steps"]
     print(f"\n{prof['steps']} profiled steps: {prof['wall_s'] / steps:.2f} s/step, kernels {prof['kernel_us'] / 1e3 / steps:.0f} "
           f"ms/step, of which matrix products {sum(p['us'] for p in prods) / 1e3 / steps:.0f} ms")
@@ -246,7 +282,9 @@ def main() -> None:
     summary = {"ort_ms_per_step": round(tot["ort"] * 1e3, 1), "torch_ms_per_step": round(tot["torch"] * 1e3, 1),
                "torch_speedup": round(tot["ort"] / tot["torch"], 3), "in_step_ms": round(tot["step"] * 1e3, 1),
                "gflops_ort": round(tot["flops"] / tot["ort"] / 1e9, 1),
-               "gflops_torch": round(tot["flops"] / tot["torch"] / 1e9, 1), "fma_peak_gflops": round(peak, 1)}
+               "gflops_torch": round(tot["flops"] / tot["torch"] / 1e9, 1), "fma_peak_gflops": round(peak, 1),
+               # bench/train.py's flops_fraction cannot pass this: its FLOPs are these products'.
+               "flops_fraction_ceiling": round(tot["flops"] / tot["ort"] / 1e9 / peak, 3)}
     print(f"\nmachine: {machine.describe()}")
     print(json.dumps(summary))
 

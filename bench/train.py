@@ -2,7 +2,12 @@
 documentation shows it and tuned, and (optionally) against edgetune's former backend (ONNX
 Runtime's last training release, 1.19.2, in its own environment: scripts/legacy_env.sh).
 
-Sides (each in its own process, so peak RSS is its own; rounds alternate so drift hits all):
+Sides (each in its own process, so peak RSS is its own), run in lockstep: all side processes are
+alive at once and take turns step by step (the order rotating, a 0.3 s pause before each step),
+so step ``i`` of every side runs on the same batch under the same machine conditions, and a
+machine whose speed drifts (seen here: 2x between minutes) slows every side alike. Loading,
+warm-up and validation run one process at a time. ``--no-lockstep`` runs the sides one after
+another instead; rounds alternate the order either way.
 
 - ``edgetune``: the default path, batches run in chunks of at most 1,024 tokens;
 - ``edgetune, no chunks``: the same with ``--max-batch-tokens 0`` (each batch in one pass);
@@ -32,7 +37,9 @@ kernels' FMA loop in the same run. The last line is JSON:
     {"tokens_per_s_ratio", "tokens_per_s_ratio_tuned", "peak_rss_ratio", "peak_rss_ratio_tuned",
      "loss_gap", "loss_gap_tuned", "flops_fraction", "tokens_per_s_ratio_no_chunks", ...}
 
-ratios are edgetune over the other side; loss_gap is (edgetune - other) / other.
+ratios are edgetune over the other side; loss_gap is (edgetune - other) / other. In lockstep the
+tokens/s ratios are the median, over every step of every round, of the other side's step time over
+edgetune's on the same batch (the range is printed); peak RSS is each side's lowest over rounds.
 Usage: python bench/train.py [--steps 6] [--batch 8] [--seq 256] [--rank 8] [--rounds 2] [--legacy]
 """
 from __future__ import annotations
@@ -96,6 +103,31 @@ def batches(bundle: Path, data: Path, batch: int, seq: int, split: str = "train"
 
 
 # -- workers ---------------------------------------------------------------------------
+class Gate:
+    """Lockstep with the driver (the default; ``--no-lockstep`` turns it off): a worker says when its warm-up step is done,
+    then runs each timed step only when told to and reports its time, so that every side's step
+    ``i`` runs on the same batch under the same machine conditions as the others'. In a worker
+    started without ``--gated`` every call is a no-op."""
+
+    def __init__(self, a: argparse.Namespace) -> None:
+        self.on = bool(getattr(a, "gated", False))
+
+    def before(self, i: int) -> None:
+        if self.on and i > 0:
+            if i == 1:
+                print("@ready", flush=True)
+            sys.stdin.readline()
+
+    def after(self, i: int, dt: float) -> None:
+        if self.on and i > 0:
+            print(f"@step {i} {dt:.6f}", flush=True)
+
+    def finish(self) -> None:  # the validation afterwards runs when the driver says so
+        if self.on:
+            print("@ready", flush=True)
+            sys.stdin.readline()
+
+
 def worker_edgetune(a: argparse.Namespace) -> dict:
     from edgetune import trainer  # never torch: the device side does not have it
     from edgetune.config import TrainConfig
@@ -112,15 +144,19 @@ def worker_edgetune(a: argparse.Namespace) -> dict:
     train, valid = batches(a.bundle, a.data, a.batch, a.seq), batches(a.bundle, a.data, a.batch, a.seq, "valid")
     vl0 = t.validate_batches(valid)
     times, toks, labs, lengths = [], 0, 0, []
+    gate = Gate(a)
     for i, b in enumerate(train[: a.steps + 1]):
+        gate.before(i)
         t0 = time.perf_counter()
         loss = t._step([b])
         t.runner.step(a.lr)
         dt = time.perf_counter() - t0
+        gate.after(i, dt)
         if i > 0:  # the first step builds kernels and arenas
             times.append(dt)
             toks, labs = toks + b.n_tokens, labs + b.n_labels
             lengths += b.attention_mask.sum(1).tolist()
+    gate.finish()
     vl = t.validate_batches(valid)
     return {"side": "edgetune", "s_per_step": float(np.median(times)), "s_min": float(np.min(times)),
             "s_max": float(np.max(times)), "tokens": toks, "labelled": labs,
@@ -180,7 +216,9 @@ def worker_torch(a: argparse.Namespace) -> dict:
 
     model.train()
     times, toks, labs, loss = [], 0, 0, None
+    gate = Gate(a)
     for i, b in enumerate(train[: a.steps + 1]):
+        gate.before(i)
         t0 = time.perf_counter()
         out = model(input_ids=torch.from_numpy(b.input_ids), attention_mask=torch.from_numpy(b.attention_mask),
                     labels=unshift(b.labels))
@@ -188,10 +226,12 @@ def worker_torch(a: argparse.Namespace) -> dict:
         opt.step()
         opt.zero_grad()
         dt = time.perf_counter() - t0
+        gate.after(i, dt)
         loss = out.loss.item()
         if i > 0:
             times.append(dt)
             toks, labs = toks + b.n_tokens, labs + b.n_labels
+    gate.finish()
     vl = _torch_valid_loss(model, valid)
     return {"side": "pytorch+peft", "s_per_step": float(np.median(times)), "s_min": float(np.min(times)),
             "s_max": float(np.max(times)), "tokens": toks, "labelled": labs,
@@ -220,7 +260,9 @@ def worker_torch_tuned(a: argparse.Namespace) -> dict:
     vl0 = _torch_valid_loss(model, valid)
     budget = 1024 if a.max_batch_tokens is None else a.max_batch_tokens
     times, toks, labs, loss = [], 0, 0, 0.0
+    gate = Gate(a)
     for i, b in enumerate(train[: a.steps + 1]):
+        gate.before(i)
         t0 = time.perf_counter()
         loss = 0.0
         for c in D.split_rows(b, budget):  # the same chunks edgetune runs, trimmed of unused padding
@@ -236,9 +278,11 @@ def worker_torch_tuned(a: argparse.Namespace) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
+        gate.after(i, dt)
         if i > 0:
             times.append(dt)
             toks, labs = toks + b.n_tokens, labs + b.n_labels
+    gate.finish()
     vl = _torch_valid_loss(model, valid)
     return {"side": "pytorch+peft tuned" + (" +compile" if a.compile else "") + (", checkpointed" if a.ckpt else ""),
             "s_per_step": float(np.median(times)),
@@ -272,7 +316,7 @@ LEGACY_SRC = ROOT / "out" / "legacy-src"
 LEGACY_PY = ROOT / ".venv-legacy" / "bin" / "python"
 
 
-def run_worker(side: str, a: argparse.Namespace, tmp: Path) -> dict:
+def worker_cmd(side: str, a: argparse.Namespace, tmp: Path) -> tuple[list[str], dict, str, Path]:
     out = tmp / f"{side}-{time.time_ns()}.json"
     py, script, bundle, env = sys.executable, __file__, a.bundle, dict(os.environ)
     if side == "legacy":  # the former backend's own worker, source tree and environment
@@ -295,7 +339,68 @@ def run_worker(side: str, a: argparse.Namespace, tmp: Path) -> dict:
         cmd += ["--compile"]
     if side == "tuned_ckpt":
         cmd += ["--ckpt"]
-    subprocess.run(cmd, check=True, env=env, cwd=str(LEGACY_SRC if side == "legacy" else ROOT))
+    return cmd, env, str(LEGACY_SRC if side == "legacy" else ROOT), out
+
+
+def run_worker(side: str, a: argparse.Namespace, tmp: Path) -> dict:
+    cmd, env, cwd, out = worker_cmd(side, a, tmp)
+    subprocess.run(cmd, check=True, env=env, cwd=cwd)
+    return worker_result(side, a, out)
+
+
+PAUSE = 0.3  # s before each step: PyTorch's OpenMP threads spin for a while after their last call
+
+
+def _expect(p: subprocess.Popen, side: str, prefix: str) -> str:
+    """The worker's next protocol line starting with ``prefix``; its other output passes through."""
+    for line in p.stdout:
+        if line.startswith(prefix):
+            return line
+        print(line, end="", flush=True)
+    raise SystemExit(f"the {side} worker ended early (exit code {p.wait()})")
+
+
+def run_lockstep(sides: list[str], a: argparse.Namespace, tmp: Path) -> dict[str, dict]:
+    """Every side in its own process, all alive at once, taking turns step by step: step ``i`` of
+    each side runs on the same batch, back to back with the others' (the order rotating), so a
+    machine whose speed drifts slows every side alike. Loading, warm-up and validation run one
+    worker at a time; each result gets its ``step_times``."""
+    procs: dict[str, tuple[subprocess.Popen, Path]] = {}
+    try:
+        for side in sides:
+            cmd, env, cwd, out = worker_cmd(side, a, tmp)
+            p = subprocess.Popen(cmd + ["--gated"], env=env, cwd=cwd, stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, text=True, bufsize=1)
+            procs[side] = (p, out)
+            _expect(p, side, "@ready")
+        steps: dict[str, list[float]] = {side: [] for side in sides}
+        for i in range(1, a.steps + 1):
+            k = i % len(sides)
+            for side in sides[k:] + sides[:k]:
+                p = procs[side][0]
+                time.sleep(PAUSE)
+                p.stdin.write("go\n")
+                p.stdin.flush()
+                steps[side].append(float(_expect(p, side, "@step").split()[2]))
+        results = {}
+        for side in sides:
+            p, out = procs[side]
+            _expect(p, side, "@ready")
+            p.stdin.write("go\n")
+            p.stdin.close()
+            for line in p.stdout:
+                print(line, end="", flush=True)
+            if p.wait() != 0:
+                raise SystemExit(f"the {side} worker failed (exit code {p.returncode})")
+            results[side] = {**worker_result(side, a, out), "step_times": steps[side]}
+        return results
+    finally:
+        for p, _ in procs.values():
+            if p.poll() is None:
+                p.kill()
+
+
+def worker_result(side: str, a: argparse.Namespace, out: Path) -> dict:
     res = json.loads(out.read_text())
     if side == "quantized":
         res["side"] = f"edgetune, {a.quantize} base"
@@ -366,7 +471,10 @@ def main() -> None:
                          "with gradient checkpointing (the same trick on both sides)")
     ap.add_argument("--ckpt", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--data")
+    ap.add_argument("--no-lockstep", dest="lockstep", action="store_false",
+                    help="run the sides one after another instead of step by step in turn")
     ap.add_argument("--worker", choices=["edgetune", "torch", "tuned"], help=argparse.SUPPRESS)
+    ap.add_argument("--gated", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--tmp", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -396,8 +504,10 @@ def main() -> None:
         print(f"multiply-add peak ({kernels.isa()} FMA loop, {a.threads} threads): {gflops:.1f} GFLOP/s")
         results: dict[str, list[dict]] = {s: [] for s in sides}
         for r in range(a.rounds):
-            for side in (sides if r % 2 == 0 else sides[::-1]):
-                res = run_worker(side, a, tmp)
+            order = sides if r % 2 == 0 else sides[::-1]
+            together = run_lockstep([s for s in order if s != "legacy"], a, tmp) if a.lockstep else {}
+            for side in order:
+                res = together.get(side) or run_worker(side, a, tmp)
                 results[side].append(res)
                 chunks = f" (chunks of <= {res['max_batch_tokens']} tokens)" if res.get("max_batch_tokens") else ""
                 v0 = f"{res['valid_loss_0']:.4f} -> " if "valid_loss_0" in res else ""
@@ -446,16 +556,32 @@ def summarize(results: dict[str, list[dict]], manifest: dict, gflops: float) -> 
             best[side + "_plain"], rss[side + "_plain"] = best[side], rss[side]
         best["tuned"] = max(best["tuned_plain"], best["tuned_compile_plain"], key=tps)
         rss["tuned"] = min(rss["tuned_plain"], rss["tuned_compile_plain"])
+    def paired(mine: str, side: str) -> list[float]:
+        """Step by step in lockstep runs: the other side's time over mine for the same batch."""
+        return [o / m for rm, ro in zip(results.get(mine, []), results.get(side, []))
+                for m, o in zip(rm.get("step_times", []), ro.get("step_times", []))]
+
     e = best["edgetune"]
     fl = train_flops(manifest, e["lengths"], e["labelled"]) / e["time"] / 1e9
     out = {"flops_fraction": round(fl / gflops, 3)}
+    names = {"tuned": ["tuned", "tuned_compile"] if "tuned_compile" in results else ["tuned"],
+             "tuned_plain": ["tuned"], "tuned_compile_plain": ["tuned_compile"]}
     for mine, side, suffix in (("edgetune", "torch", ""), ("edgetune", "tuned", "_tuned"),
                                ("edgetune", "tuned_plain", "_tuned_eager"), ("edgetune", "tuned_compile_plain", "_tuned_compile"),
                                ("edgetune", "nochunk", "_no_chunks"), ("edgetune", "legacy", "_vs_1192"),
                                ("ckpt", "tuned_ckpt", "_ckpt"), ("ckpt", "tuned", "_ckpt_vs_tuned")):
         if side in best and mine in best:
             m, o = best[mine], best[side]
-            out.update({f"tokens_per_s_ratio{suffix}": round(tps(m) / tps(o), 3),
+            speed = tps(m) / tps(o)
+            # In lockstep, the median of the step-by-step ratios (against the faster tuned side
+            # when there are two); else each side's best round.
+            pairs = [paired(mine, s) for s in names.get(side, [side])]
+            if all(pairs):
+                speed = min(float(np.median(x)) for x in pairs)
+                x = min(pairs, key=np.median)
+                print(f"{mine} vs {side}: tokens/s ratio {speed:.3f}, step by step (median of {len(x)} paired "
+                      f"steps; range {min(x):.2f}-{max(x):.2f})")
+            out.update({f"tokens_per_s_ratio{suffix}": round(speed, 3),
                         f"peak_rss_ratio{suffix}": round(rss[mine] / rss[side], 3),
                         f"loss_gap{suffix}": round((m["valid_loss"] - o["valid_loss"]) / o["valid_loss"], 4)})
     print(f"\nedgetune {tps(e):.0f} tokens/s; useful work {fl:.1f} GFLOP/s ({out['flops_fraction']:.0%} of the "
