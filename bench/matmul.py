@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import machine  # noqa: E402
+import machine  # noqa: E402  - CPU model and ISA (avx2, avx512f, amx...) from /proc/cpuinfo
 import train as T  # noqa: E402  - the training benchmark's workload, bundle and FMA peak
 
 OPS = ("MatMul", "FusedMatMul", "Gemm")

@@ -104,10 +104,10 @@ def batches(bundle: Path, data: Path, batch: int, seq: int, split: str = "train"
 
 # -- workers ---------------------------------------------------------------------------
 class Gate:
-    """Lockstep with the driver (the default; ``--no-lockstep`` turns it off): a worker says when its warm-up step is done,
-    then runs each timed step only when told to and reports its time, so that every side's step
-    ``i`` runs on the same batch under the same machine conditions as the others'. In a worker
-    started without ``--gated`` every call is a no-op."""
+    """Lockstep with the driver (the default; ``--no-lockstep`` turns it off): a worker says when
+    its warm-up step is done, then runs each timed step only when told to and reports its time, so
+    that every side's step ``i`` runs on the same batch under the same machine conditions as the
+    others'. In a worker started without ``--gated`` every call is a no-op."""
 
     def __init__(self, a: argparse.Namespace) -> None:
         self.on = bool(getattr(a, "gated", False))
