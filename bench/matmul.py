@@ -187,14 +187,6 @@ def worker_torch(a: argparse.Namespace) -> None:
 PAUSE = 0.2  # s before each timing: PyTorch's OpenMP threads spin for a while after their last call
 
 
-def _expect(p: subprocess.Popen, prefix: str) -> str:
-    for line in p.stdout:
-        if line.startswith(prefix):
-            return line
-        print(line, end="", flush=True)
-    raise SystemExit(f"a timing worker ended early (exit code {p.wait()})")
-
-
 def time_products(a: argparse.Namespace, tmp: Path, n: int) -> dict[str, list[float]]:
     """Both timing workers alive at once, taking turns product by product (the order alternating),
     so both time each product under the same machine conditions; the best of ``--rounds``."""
@@ -203,7 +195,7 @@ def time_products(a: argparse.Namespace, tmp: Path, n: int) -> dict[str, list[fl
         cmd = [sys.executable, __file__, "--worker", side, "--threads", str(a.threads), "--products",
                str(tmp / "products.json"), "--bundle", str(a.bundle), "--data", str(a.data)]
         procs[side] = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
-        _expect(procs[side], "@ready")
+        T._expect(procs[side], side, "@ready")
     best: dict[str, list[float]] = {side: [float("inf")] * n for side in procs}
     try:
         for r in range(a.rounds):
@@ -212,7 +204,7 @@ def time_products(a: argparse.Namespace, tmp: Path, n: int) -> dict[str, list[fl
                     time.sleep(PAUSE)
                     procs[side].stdin.write(f"{j}\n")
                     procs[side].stdin.flush()
-                    best[side][j] = min(best[side][j], float(_expect(procs[side], "@time").split()[2]))
+                    best[side][j] = min(best[side][j], float(T._expect(procs[side], side, "@time").split()[2]))
     finally:
         for p in procs.values():
             p.stdin.close()
@@ -220,13 +212,11 @@ def time_products(a: argparse.Namespace, tmp: Path, n: int) -> dict[str, list[fl
     return best
 
 
-def run(worker: str, a: argparse.Namespace, tmp: Path, **extra: str) -> dict:
-    res = tmp / f"{worker}.json"
-    cmd = [sys.executable, __file__, "--worker", worker, "--threads", str(a.threads), "--steps", str(a.steps),
-           "--tmp", str(tmp), "--result", str(res), "--bundle", str(a.bundle), "--data", str(a.data)]
-    for k, v in extra.items():
-        cmd += [f"--{k}", v]
-    subprocess.run(cmd, check=True)
+def run_profile(a: argparse.Namespace, tmp: Path) -> dict:
+    res = tmp / "profile.json"
+    subprocess.run([sys.executable, __file__, "--worker", "profile", "--threads", str(a.threads), "--steps",
+                    str(a.steps), "--tmp", str(tmp), "--result", str(res), "--bundle", str(a.bundle), "--data",
+                    str(a.data)], check=True)
     return json.loads(res.read_text())
 
 
@@ -234,7 +224,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=2, help="profiled training steps (after one warm-up step)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--rounds", type=int, default=2, help="isolated timings per side, alternating; best kept")
+    ap.add_argument("--rounds", type=int, default=2, help="passes over the products, both libraries in lockstep; best kept")
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--bundle")
     ap.add_argument("--data")
@@ -257,7 +247,7 @@ def main() -> None:
         print(f"machine: {machine.describe()}", flush=True)
         peak = T.fma_peak_gflops(a.threads)
         print(f"multiply-add peak (FMA loop, {a.threads} threads): {peak:.1f} GFLOP/s", flush=True)
-        prof = run("profile", a, tmp)
+        prof = run_profile(a, tmp)
         prods = sorted(prof["products"], key=lambda p: -p["us"])
         (tmp / "products.json").write_text(json.dumps(prods))
         best = time_products(a, tmp, len(prods))
