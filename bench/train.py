@@ -17,9 +17,13 @@ another instead; rounds alternate the order either way.
   labelled positions gathered before ``lm_head`` (logits only where a label is), the same
   token-budget chunks with token-weighted gradient accumulation, each chunk trimmed of the padding
   its rows do not use, no tensor kept alive into the next step, SDPA attention;
-- ``pytorch+peft tuned +compile`` (``--compile``): the tuned side with ``torch.compile`` on its model
-  body; the ``_tuned`` ratios then take the faster of the two tuned sides for speed and the smaller
-  for memory (``_tuned_eager`` and ``_tuned_compile`` give each);
+- ``pytorch+peft tuned +compile`` (``--compile``): the tuned side with ``torch.compile`` on each
+  decoder layer (regional compilation: the 30 layers share one compiled graph, so the first
+  compile takes about a minute; ``use_cache=False``, so no guard watches a KV cache); with
+  ``--compile-body`` also ``pytorch+peft tuned +compile body``: ``torch.compile`` on the whole model
+  body (one graph of all 30 layers, about 13 minutes to compile on 2 cores). The ``_tuned`` ratios
+  take the fastest of the tuned sides for speed and the smallest for memory (``_tuned_eager``,
+  ``_tuned_compile`` and ``_tuned_compile_body`` give each);
 - ``edgetune on ORT 1.19.2`` (``--legacy``);
 - with ``--gradient-checkpointing``: ``edgetune, checkpointed`` (the bundle exported with
   ``--gradient-checkpointing``) and ``pytorch+peft tuned, checkpointed`` (the tuned side with
@@ -191,7 +195,7 @@ def _torch_valid_loss(model, valid) -> float:
     with torch.no_grad():
         for b in valid:
             h = base.model(input_ids=torch.from_numpy(b.input_ids),
-                           attention_mask=torch.from_numpy(b.attention_mask)).last_hidden_state
+                           attention_mask=torch.from_numpy(b.attention_mask), use_cache=False).last_hidden_state
             tgt = torch.from_numpy(b.labels)
             sel = tgt != -100
             vl += torch.nn.functional.cross_entropy(base.lm_head(h[sel]), tgt[sel], reduction="sum").item()
@@ -253,7 +257,10 @@ def worker_torch_tuned(a: argparse.Namespace) -> dict:
         model.base_model.model.train()
     base = model.base_model.model
     body, head = base.model, base.lm_head
-    if a.compile:
+    if a.compile == "layers":  # regional compilation: every decoder layer runs one shared compiled graph
+        for layer in body.layers:
+            layer.compile(dynamic=True)
+    elif a.compile == "body":
         body = torch.compile(body, dynamic=True)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=a.lr)
     train, valid = batches(a.bundle, a.data, a.batch, a.seq), batches(a.bundle, a.data, a.batch, a.seq, "valid")
@@ -270,7 +277,7 @@ def worker_torch_tuned(a: argparse.Namespace) -> dict:
             ids, mask = torch.from_numpy(c.input_ids[:, :n]), torch.from_numpy(c.attention_mask[:, :n])
             tgt = torch.from_numpy(c.labels[:, :n])
             sel = tgt != -100
-            h = body(input_ids=ids, attention_mask=mask).last_hidden_state
+            h = body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
             part = F.cross_entropy(head(h[sel]), tgt[sel], reduction="sum") / b.n_labels
             part.backward()
             loss += part.item()
@@ -284,7 +291,8 @@ def worker_torch_tuned(a: argparse.Namespace) -> dict:
             toks, labs = toks + b.n_tokens, labs + b.n_labels
     gate.finish()
     vl = _torch_valid_loss(model, valid)
-    return {"side": "pytorch+peft tuned" + (" +compile" if a.compile else "") + (", checkpointed" if a.ckpt else ""),
+    compiled = {"layers": " +compile", "body": " +compile body"}.get(a.compile, "")
+    return {"side": "pytorch+peft tuned" + compiled + (", checkpointed" if a.ckpt else ""),
             "s_per_step": float(np.median(times)),
             "s_min": float(np.min(times)), "s_max": float(np.max(times)), "tokens": toks, "labelled": labs,
             "time": float(np.sum(times)), "peak_rss_mb": peak_rss_mb(), "valid_loss": vl, "valid_loss_0": vl0,
@@ -326,7 +334,8 @@ def worker_cmd(side: str, a: argparse.Namespace, tmp: Path) -> tuple[list[str], 
         bundle = a.quantized_bundle
     if side == "ckpt":
         bundle = a.ckpt_bundle
-    worker = {"torch": "torch", "tuned": "tuned", "tuned_compile": "tuned", "tuned_ckpt": "tuned"}.get(side, "edgetune")
+    worker = {"torch": "torch", "tuned": "tuned", "tuned_compile": "tuned", "tuned_compile_body": "tuned",
+              "tuned_ckpt": "tuned"}.get(side, "edgetune")
     cmd = [py, script, "--worker", worker, "--bundle", str(bundle),
            "--data", str(a.data), "--steps", str(a.steps), "--batch", str(a.batch), "--seq", str(a.seq),
            "--rank", str(a.rank), "--lr", str(a.lr), "--threads", str(a.threads), "--tmp", str(tmp / side),
@@ -336,7 +345,9 @@ def worker_cmd(side: str, a: argparse.Namespace, tmp: Path) -> tuple[list[str], 
     elif a.max_batch_tokens is not None:
         cmd += ["--max-batch-tokens", str(a.max_batch_tokens)]
     if side == "tuned_compile":
-        cmd += ["--compile"]
+        cmd += ["--compile", "layers"]
+    if side == "tuned_compile_body":
+        cmd += ["--compile", "body"]
     if side == "tuned_ckpt":
         cmd += ["--ckpt"]
     return cmd, env, str(LEGACY_SRC if side == "legacy" else ROOT), out
@@ -461,9 +472,12 @@ def main() -> None:
     ap.add_argument("--no-legacy", action="store_true", help=argparse.SUPPRESS)  # the default now
     ap.add_argument("--no-torch", action="store_true", help="skip both PyTorch + PEFT sides")
     ap.add_argument("--no-chunks-side", action="store_true", help="skip the edgetune side without chunks")
-    ap.add_argument("--compile", action="store_true",
-                    help="add a side: the tuned PyTorch with torch.compile on its model body (the _tuned ratios "
-                         "then take the faster and the smaller of the two tuned sides)")
+    ap.add_argument("--compile", nargs="?", const="layers", choices=["layers", "body"],
+                    help="add a side: the tuned PyTorch with torch.compile on each decoder layer (the _tuned "
+                         "ratios then take the fastest and the smallest of the tuned sides)")
+    ap.add_argument("--compile-body", action="store_true",
+                    help="add a side: the tuned PyTorch with torch.compile on its whole model body "
+                         "(about 13 minutes to compile on 2 cores)")
     ap.add_argument("--quantize", choices=["int4", "int8"],
                     help="also train on a block-quantized base (QLoRA) and compare it with the float32 base")
     ap.add_argument("--gradient-checkpointing", action="store_true",
@@ -489,6 +503,7 @@ def main() -> None:
         sides = (["edgetune"] + ([] if a.no_chunks_side else ["nochunk"]) + (["quantized"] if a.quantize else [])
                  + (["legacy"] if a.legacy else []) + ([] if a.no_torch else ["torch", "tuned"])
                  + (["tuned_compile"] if a.compile and not a.no_torch else [])
+                 + (["tuned_compile_body"] if a.compile_body and not a.no_torch else [])
                  + (["ckpt"] + ([] if a.no_torch else ["tuned_ckpt"]) if a.gradient_checkpointing else []))
         if a.gradient_checkpointing:
             a.ckpt_bundle = ensure_bundle(a, tmp, ckpt=True)
@@ -549,13 +564,14 @@ def summarize(results: dict[str, list[dict]], manifest: dict, gflops: float) -> 
 
     best = {side: max(rs, key=tps) for side, rs in results.items()}
     rss = {side: min(r["peak_rss_mb"] for r in rs) for side, rs in results.items()}
-    if "tuned_compile" in best:
-        # The tuned baseline at its best on each axis: the faster of the plain and compiled sides
-        # for speed (and the loss), the smaller for memory.
-        for side in ("tuned", "tuned_compile"):
+    tuned = [s for s in ("tuned", "tuned_compile", "tuned_compile_body") if s in best]
+    if len(tuned) > 1:
+        # The tuned baseline at its best on each axis: the fastest of the plain and compiled sides
+        # for speed (and the loss), the smallest for memory.
+        for side in tuned:
             best[side + "_plain"], rss[side + "_plain"] = best[side], rss[side]
-        best["tuned"] = max(best["tuned_plain"], best["tuned_compile_plain"], key=tps)
-        rss["tuned"] = min(rss["tuned_plain"], rss["tuned_compile_plain"])
+        best["tuned"] = max((best[s + "_plain"] for s in tuned), key=tps)
+        rss["tuned"] = min(rss[s + "_plain"] for s in tuned)
     def paired(mine: str, side: str) -> list[float]:
         """Step by step in lockstep runs: the other side's time over mine for the same batch."""
         return [o / m for rm, ro in zip(results.get(mine, []), results.get(side, []))
@@ -564,10 +580,12 @@ def summarize(results: dict[str, list[dict]], manifest: dict, gflops: float) -> 
     e = best["edgetune"]
     fl = train_flops(manifest, e["lengths"], e["labelled"]) / e["time"] / 1e9
     out = {"flops_fraction": round(fl / gflops, 3)}
-    names = {"tuned": ["tuned", "tuned_compile"] if "tuned_compile" in results else ["tuned"],
-             "tuned_plain": ["tuned"], "tuned_compile_plain": ["tuned_compile"]}
+    names = {"tuned": tuned, "tuned_plain": ["tuned"], "tuned_compile_plain": ["tuned_compile"],
+             "tuned_compile_body_plain": ["tuned_compile_body"]}
     for mine, side, suffix in (("edgetune", "torch", ""), ("edgetune", "tuned", "_tuned"),
-                               ("edgetune", "tuned_plain", "_tuned_eager"), ("edgetune", "tuned_compile_plain", "_tuned_compile"),
+                               ("edgetune", "tuned_plain", "_tuned_eager"),
+                               ("edgetune", "tuned_compile_plain", "_tuned_compile"),
+                               ("edgetune", "tuned_compile_body_plain", "_tuned_compile_body"),
                                ("edgetune", "nochunk", "_no_chunks"), ("edgetune", "legacy", "_vs_1192"),
                                ("ckpt", "tuned_ckpt", "_ckpt"), ("ckpt", "tuned", "_ckpt_vs_tuned")):
         if side in best and mine in best:
