@@ -334,6 +334,8 @@ def worker_cmd(side: str, a: argparse.Namespace, tmp: Path) -> tuple[list[str], 
         bundle = a.quantized_bundle
     if side == "ckpt":
         bundle = a.ckpt_bundle
+    if side == "int8":
+        bundle = a.int8_bundle
     worker = {"torch": "torch", "tuned": "tuned", "tuned_compile": "tuned", "tuned_compile_body": "tuned",
               "tuned_ckpt": "tuned"}.get(side, "edgetune")
     cmd = [py, script, "--worker", worker, "--bundle", str(bundle),
@@ -419,6 +421,8 @@ def worker_result(side: str, a: argparse.Namespace, out: Path) -> dict:
         res["side"] = "edgetune, no chunks"
     if side == "ckpt":
         res["side"] = "edgetune, checkpointed"
+    if side == "int8":
+        res["side"] = "edgetune, int8 products (lever)"
     if side == "legacy":
         res["side"] = "edgetune on ORT 1.19.2"
         res.setdefault("s_min", res["s_per_step"])
@@ -483,6 +487,10 @@ def main() -> None:
     ap.add_argument("--gradient-checkpointing", action="store_true",
                     help="also run edgetune exported with --gradient-checkpointing against the tuned PyTorch side "
                          "with gradient checkpointing (the same trick on both sides)")
+    ap.add_argument("--int8", nargs="?", const="all", choices=["all", "forward"],
+                    help="also train a copy of the bundle whose frozen-weight products (all, or the forward "
+                         "pass's only) run in int8 (DynamicQuantizeMatMul; bench/int8.py): the "
+                         "reduced-precision lever, measured")
     ap.add_argument("--ckpt", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--data")
     ap.add_argument("--no-lockstep", dest="lockstep", action="store_false",
@@ -501,6 +509,7 @@ def main() -> None:
         tmp = Path(tmpd)
         a.bundle = ensure_bundle(a, tmp)
         sides = (["edgetune"] + ([] if a.no_chunks_side else ["nochunk"]) + (["quantized"] if a.quantize else [])
+                 + (["int8"] if a.int8 else [])
                  + (["legacy"] if a.legacy else []) + ([] if a.no_torch else ["torch", "tuned"])
                  + (["tuned_compile"] if a.compile and not a.no_torch else [])
                  + (["tuned_compile_body"] if a.compile_body and not a.no_torch else [])
@@ -509,6 +518,10 @@ def main() -> None:
             a.ckpt_bundle = ensure_bundle(a, tmp, ckpt=True)
         if a.quantize:
             a.quantized_bundle = ensure_bundle(a, tmp, a.quantize)
+        if a.int8:
+            import int8
+
+            a.int8_bundle = int8.int8_bundle(a.bundle, Path(f"{a.bundle}-int8-{a.int8}"), backward=a.int8 == "all")
         if a.legacy:
             a.legacy_bundle = ensure_legacy_bundle(a)
         a.data = Path(a.data) if a.data else make_data(tmp / "data", n_train=a.batch * (a.steps + 1), n_valid=16)
@@ -587,6 +600,7 @@ def summarize(results: dict[str, list[dict]], manifest: dict, gflops: float) -> 
                                ("edgetune", "tuned_compile_plain", "_tuned_compile"),
                                ("edgetune", "tuned_compile_body_plain", "_tuned_compile_body"),
                                ("edgetune", "nochunk", "_no_chunks"), ("edgetune", "legacy", "_vs_1192"),
+                               ("int8", "edgetune", "_int8_vs_float"), ("int8", "tuned", "_int8_vs_tuned"),
                                ("ckpt", "tuned_ckpt", "_ckpt"), ("ckpt", "tuned", "_ckpt_vs_tuned")):
         if side in best and mine in best:
             m, o = best[mine], best[side]
