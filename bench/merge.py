@@ -15,9 +15,11 @@ the kernel would reach at that peak were memory free. Below 1 the merge is compu
 its figure is the fraction of the FMA peak; otherwise the fraction of the in-place bandwidth.
 
 Then the whole default model's adapter (SmolLM2-135M, rank 8 on q,k,v,o, float32), the same
-work on every side: edgetune's merge path (the kernel plus the finiteness check the merge
-command runs), PyTorch as a user would write it (``W.addmm_(B, A, alpha=s)`` per layer, in
-place), and PEFT's ``merge_and_unload``. The last line is JSON:
+work on every side: edgetune's merge path (what ``edgetune merge`` runs: every weight in one call
+to the kernels, which deal the small matrices out to the threads whole, plus the finiteness
+check), PyTorch as a user would write it (``W.addmm_(B, A, alpha=s)`` per layer, in place; PyTorch
+has no batched call for matrices of different shapes, its ``_foreach`` ops being elementwise),
+and PEFT's ``merge_and_unload``. The last line is JSON:
 
     {"bandwidth_fraction_inplace", "fma_fraction_compute_bound", "bandwidth_fraction_copy",
      "speedup_vs_numpy", "speedup_vs_torch", "speedup_vs_peft", "fma_peak_gflops"}
@@ -197,9 +199,8 @@ def whole_model(repeat: int) -> tuple[float, float]:
                     a, b = ta[k]
                     w.addmm_(b, a, alpha=scale)
 
-        def edgetune_side():
-            for k, (_w, a, b) in mods.items():
-                kernels.lora_merge(ours[k], a, b, scale, safe=True, name=k)
+        def edgetune_side():  # what `edgetune merge` runs: every weight in one call, checked
+            kernels.lora_merge_batch([(k, ours[k], [(a, b, scale)]) for k, (_w, a, b) in mods.items()], safe=True)
 
         # The sides take turns going first, and each starts on a quiet machine: PyTorch's OpenMP
         # threads keep spinning for a while after its last call and would slow whatever runs next.

@@ -4,8 +4,10 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
+#include <algorithm>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "common.hpp"
@@ -111,6 +113,62 @@ bool lora_merge(AnyArray w, std::vector<AnyArray> as, std::vector<AnyArray> bs, 
   return ops.lora_merge(data, p.rows, p.cols, p.fs, p.dt, threads);
 }
 
+// Many weights at once (a whole model's adapters): each W is checked first, with the GIL held; then
+// the small ones (work a single thread does in well under a millisecond) are dealt out to the
+// threads whole, each thread merging its share one after another with no hand-off per matrix,
+// and the large ones are split by rows as lora_merge does. Returns, per W, whether a non-finite
+// value was written.
+std::vector<bool> lora_merge_batch(std::vector<AnyArray> ws, std::vector<std::vector<AnyArray>> as,
+                                   std::vector<std::vector<AnyArray>> bs, std::vector<std::vector<double>> coefs,
+                                   const std::string& kind, double sign, int threads, std::vector<std::string> names) {
+  const size_t n = ws.size();
+  if (as.size() != n || bs.size() != n || coefs.size() != n || names.size() != n)
+    throw std::invalid_argument("lora_merge_batch: need as many W, A lists, B lists, coefficient lists and names");
+  std::vector<Prepared> ps;
+  ps.reserve(n);
+  std::vector<void*> data(n);
+  for (size_t i = 0; i < n; ++i) {
+    for (double& c : coefs[i]) c *= sign;
+    ps.push_back(prepare(ws[i], as[i], bs[i], coefs[i], kind, names[i]));
+    data[i] = ws[i].data();
+  }
+  const edgetune::Ops& ops = edgetune::selected_ops();
+  const size_t hw = threads > 0 ? static_cast<size_t>(threads) : std::max(1u, std::thread::hardware_concurrency());
+  std::vector<char> bad(n, 0);
+  nb::gil_scoped_release release;
+  // Work of one merge, in multiply-adds plus a load and a store per weight; below SMALL a matrix
+  // goes to one thread whole.
+  constexpr size_t SMALL = size_t(1) << 23;
+  auto work = [&](size_t i) {
+    size_t r = 0;
+    for (const edgetune::Factor& f : ps[i].fs) r += f.r;
+    return ps[i].rows * ps[i].cols * (r + 8);
+  };
+  std::vector<size_t> small;
+  for (size_t i = 0; i < n; ++i) {
+    if (work(i) >= SMALL || hw == 1)
+      bad[i] = ops.lora_merge(data[i], ps[i].rows, ps[i].cols, ps[i].fs, ps[i].dt, threads);
+    else
+      small.push_back(i);
+  }
+  if (!small.empty()) {
+    // Largest first, each to the least loaded thread.
+    std::sort(small.begin(), small.end(), [&](size_t x, size_t y) { return work(x) > work(y); });
+    const size_t nt = std::min(hw, small.size());
+    std::vector<std::vector<size_t>> share(nt);
+    std::vector<size_t> load(nt, 0);
+    for (size_t i : small) {
+      const size_t t = static_cast<size_t>(std::min_element(load.begin(), load.end()) - load.begin());
+      share[t].push_back(i);
+      load[t] += work(i);
+    }
+    edgetune::run_parallel(nt, [&](size_t t) {
+      for (size_t i : share[t]) bad[i] = ops.lora_merge(data[i], ps[i].rows, ps[i].cols, ps[i].fs, ps[i].dt, 1);
+    });
+  }
+  return std::vector<bool>(bad.begin(), bad.end());
+}
+
 void dora_merge(AnyArray w, AnyArray a, AnyArray b, double scale, AnyArray mag, const std::string& kind, int threads,
                 const std::string& name) {
   Prepared p = prepare(w, {a}, {b}, {scale}, kind, name);
@@ -175,6 +233,10 @@ NB_MODULE(_ext, m) {
         nb::arg("sign") = 1.0, nb::arg("threads") = 0, nb::arg("name") = "W",
         "W += sign * sum_i coefs[i] * b[i] @ a[i], in place, tile by tile; True if a value written was not "
         "finite (float32 values before any 16-bit rounding).");
+  m.def("lora_merge_batch", &lora_merge_batch, nb::arg("ws"), nb::arg("as"), nb::arg("bs"), nb::arg("coefs"),
+        nb::arg("dtype"), nb::arg("sign"), nb::arg("threads"), nb::arg("names"),
+        "lora_merge over many weights of one dtype in one call: small ones dealt out to the threads whole; "
+        "returns per W whether a non-finite value was written");
   m.def("dora_merge", &dora_merge, nb::arg("w"), nb::arg("a"), nb::arg("b"), nb::arg("scale"), nb::arg("magnitude"),
         nb::arg("dtype"), nb::arg("threads") = 0, nb::arg("name") = "W",
         "W = magnitude * (W + scale * b @ a) / row_norm(W + scale * b @ a), in place.");

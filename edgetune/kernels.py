@@ -156,6 +156,34 @@ def lora_merge_many(w: np.ndarray, adapters: Sequence[tuple[np.ndarray, np.ndarr
     return w
 
 
+def lora_merge_batch(items: Sequence[tuple[str, np.ndarray, Sequence[tuple[np.ndarray, np.ndarray, float]]]], *,
+                     sign: float = 1.0, safe: bool = False, threads: int = 0) -> None:
+    """:func:`lora_merge_many` over many weights, ``(name, W, adapters)`` each, in place: one call
+    into the C++ kernels per dtype, which deal small matrices out to the threads whole instead of
+    splitting each one's rows (for a model's many small projections, the hand-off per matrix cost
+    as much as the merge). The same results, bit for bit, as one :func:`lora_merge_many` per W."""
+    if _impl() != "cpp":
+        for name, w, adapters in items:
+            lora_merge_many(w, adapters, sign=sign, safe=safe, name=name, threads=threads)
+        return
+    from . import _ext
+
+    groups: dict[str, list] = {}
+    for name, w, adapters in items:
+        pairs = [(np.asarray(a), np.asarray(b)) for a, b, _ in adapters]
+        groups.setdefault(_check(w, pairs, name), []).append((name, w, pairs, [float(c) for _, _, c in adapters]))
+    for kind, group in groups.items():
+        seen = _ext.lora_merge_batch([w for _, w, _, _ in group],
+                                     [[np.ascontiguousarray(a) for a, _ in p] for _, _, p, _ in group],
+                                     [[np.ascontiguousarray(b) for _, b in p] for _, _, p, _ in group],
+                                     [c for _, _, _, c in group], kind, float(sign), threads,
+                                     [name for name, _, _, _ in group])
+        if safe:
+            for (name, w, _, _), bad in zip(group, seen):
+                if kind != "float32" or bad:  # float32: the kernel checked every value it wrote
+                    _safe(w, kind, name)
+
+
 def lora_merge(w: np.ndarray, a: np.ndarray, b: np.ndarray, scale: float, **kw) -> np.ndarray:
     """``W += scale * B @ A`` in place."""
     return lora_merge_many(w, [(a, b, scale)], **kw)

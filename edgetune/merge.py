@@ -109,9 +109,18 @@ def merge_onnx(b: _bundle.Bundle, sources: list[Source], out: Path, log: Callabl
             shutil.copyfile(b.path("infer.onnx.data"), tmp / "model.onnx.data")
         mm = np.memmap(tmp / "model.onnx.data", dtype=np.uint8, mode="r+")
         kept = change = 0.0  # for --quantize: how much of the merge's change its rounding keeps
-        for hf, ads in targets.items():
+
+        def view(hf: str) -> np.ndarray:
             e = index[hf]
-            w = mm[e["offset"]:e["offset"] + e["length"]].view(np.float32).reshape(e["shape"])
+            return mm[e["offset"]:e["offset"] + e["length"]].view(np.float32).reshape(e["shape"])
+
+        if not quantize:  # every LoRA weight in one call: views of the mapped file, no copies
+            kernels.lora_merge_batch([(hf, view(hf), ads) for hf, ads in targets.items() if hf not in mags],
+                                     safe=True)
+        for hf, ads in targets.items():
+            if not quantize and hf not in mags:
+                continue
+            w = view(hf)
             before = np.array(w) if quantize else None  # one weight at a time
             _merge_into(w, ads, mags.get(hf), hf)
             if before is not None:

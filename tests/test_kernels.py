@@ -171,6 +171,36 @@ def test_thread_split_does_not_change_a_bit(kind, monkeypatch):
         np.testing.assert_array_equal(out, outs[0])
 
 
+@pytest.mark.parametrize("threads", [0, 1, 2, 3])
+def test_batch_merge_equals_one_merge_per_weight_bit_for_bit(threads, monkeypatch):
+    """lora_merge_batch deals small weights out to the threads whole and splits large ones by
+    rows: every weight must come out exactly as its own lora_merge_many leaves it, in every
+    dtype, with blends and float16 adapters, and a non-finite result must name its weight."""
+    monkeypatch.setenv("EDGETUNE_IMPL", "cpp")
+    rng = np.random.default_rng(11)
+    items, want = [], []
+    for i, (rows, cols, kind) in enumerate([(576, 576, "float32"), (192, 576, "float32"), (7, 13, "bfloat16"),
+                                            (1536, 2048, "float32"), (64, 100, "float16"), (300, 1000, "bfloat16"),
+                                            (1, 1, "float32")]):
+        w = merge_kernels.from_f32(rand(rng, (rows, cols)), kind)
+        ads = [(rand(rng, (r, cols), dt), rand(rng, (rows, r), dt), c)
+               for r, dt, c in ((8, np.float32, 2.0), (3, np.float16, -0.5))[: 1 + i % 2]]
+        want.append(merge_kernels.lora_merge_many(w.copy(), ads, threads=1))
+        items.append((f"w{i}", w, ads))
+    merge_kernels.lora_merge_batch(items, safe=True, threads=threads)
+    for (name, got, _), ref in zip(items, want):
+        np.testing.assert_array_equal(got.view(np.uint8), ref.view(np.uint8), err_msg=name)
+    merge_kernels.lora_merge_batch(items, sign=-1.0, threads=threads)  # and back, as unmerge does
+    for (name, got, ads), ref in zip(items, want):
+        np.testing.assert_array_equal(got.view(np.uint8),
+                                      merge_kernels.lora_merge_many(ref.copy(), ads, sign=-1.0).view(np.uint8))
+    items[1][2][0][1][5, 0] = np.inf  # a broken adapter in the second weight
+    with pytest.raises(MergeError, match=r"w1: merge produced a non-finite value at \[5, 0\]"):
+        merge_kernels.lora_merge_batch(items, safe=True, threads=threads)
+    with pytest.raises(MergeError, match="w3: shapes do not fit"):
+        merge_kernels.lora_merge_batch([items[0], ("w3", items[3][1], items[0][2])])
+
+
 @pytest.mark.parametrize("kind", ["float32", "bfloat16"])
 def test_dora_merge_matches_reference(kind, monkeypatch):
     rng = np.random.default_rng(4)
