@@ -94,6 +94,11 @@ def _check_targets(b: _bundle.Bundle, targets: dict[str, Any]) -> None:
         raise BundleError(f"bundle {b.root} has no base weight for {missing[0]} (and {len(missing) - 1} more)")
 
 
+def _view(mm: np.memmap, e: dict[str, Any]) -> np.ndarray:
+    """The float32 weight ``e`` (an index entry) as a writable view of the mapped data file."""
+    return mm[e["offset"]:e["offset"] + e["length"]].view(np.float32).reshape(e["shape"])
+
+
 def merge_onnx(b: _bundle.Bundle, sources: list[Source], out: Path, log: Callable[[str], None],
                quantize: str | None = None, block_size: int = 32) -> dict[str, Any] | None:
     if not b.path("merge_template.onnx").is_file():
@@ -109,18 +114,13 @@ def merge_onnx(b: _bundle.Bundle, sources: list[Source], out: Path, log: Callabl
             shutil.copyfile(b.path("infer.onnx.data"), tmp / "model.onnx.data")
         mm = np.memmap(tmp / "model.onnx.data", dtype=np.uint8, mode="r+")
         kept = change = 0.0  # for --quantize: how much of the merge's change its rounding keeps
-
-        def view(hf: str) -> np.ndarray:
-            e = index[hf]
-            return mm[e["offset"]:e["offset"] + e["length"]].view(np.float32).reshape(e["shape"])
-
         if not quantize:  # every LoRA weight in one call: views of the mapped file, no copies
-            kernels.lora_merge_batch([(hf, view(hf), ads) for hf, ads in targets.items() if hf not in mags],
-                                     safe=True)
+            kernels.lora_merge_batch([(hf, _view(mm, index[hf]), ads) for hf, ads in targets.items()
+                                      if hf not in mags], safe=True)
         for hf, ads in targets.items():
             if not quantize and hf not in mags:
                 continue
-            w = view(hf)
+            w = _view(mm, index[hf])
             before = np.array(w) if quantize else None  # one weight at a time
             _merge_into(w, ads, mags.get(hf), hf)
             if before is not None:
