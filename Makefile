@@ -26,7 +26,7 @@ test-aarch64: setup
 bench: setup
 	.venv/bin/python bench/merge.py --quick
 	.venv/bin/python bench/pack.py
-	.venv/bin/python bench/train.py --rounds 2
+	.venv/bin/python bench/train.py --rounds 2 --compile
 	.venv/bin/python bench/matmul.py
 
 # A Phi-3-mini-shaped model (3.8B parameters, random weights) end to end on an int4 base:

@@ -25,6 +25,9 @@ another instead; rounds alternate the order either way.
   take the fastest of the tuned sides for speed and the smallest for memory (``_tuned_eager``,
   ``_tuned_compile`` and ``_tuned_compile_body`` give each);
 - ``edgetune on ORT 1.19.2`` (``--legacy``);
+- ``edgetune, int8 products (lever)`` (``--int8 [all|forward]``): a copy of the bundle whose
+  frozen-weight products run in int8 (``bench/int8.py``), against edgetune in float32
+  (``*_int8_vs_float``) and the best tuned side (``*_int8_vs_tuned``);
 - with ``--gradient-checkpointing``: ``edgetune, checkpointed`` (the bundle exported with
   ``--gradient-checkpointing``) and ``pytorch+peft tuned, checkpointed`` (the tuned side with
   transformers' gradient checkpointing, non-reentrant): the same trick on both sides, reported as
