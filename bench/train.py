@@ -490,10 +490,11 @@ def main() -> None:
     ap.add_argument("--gradient-checkpointing", action="store_true",
                     help="also run edgetune exported with --gradient-checkpointing against the tuned PyTorch side "
                          "with gradient checkpointing (the same trick on both sides)")
-    ap.add_argument("--int8", nargs="?", const="all", choices=["all", "forward"],
-                    help="also train a copy of the bundle whose frozen-weight products (all, or the forward "
-                         "pass's only) run in int8 (DynamicQuantizeMatMul; bench/int8.py): the "
-                         "reduced-precision lever, measured")
+    ap.add_argument("--int8", nargs="?", const="all", choices=["all", "forward", "smooth"],
+                    help="also train a copy of the bundle whose frozen-weight products (all but lm_head, "
+                         "down_proj and o_proj; or the forward pass's only; or, smooth, all but lm_head "
+                         "with SmoothQuant's per-channel smoothing in the forward pass) run in int8 "
+                         "(DynamicQuantizeMatMul; bench/int8.py): the reduced-precision lever, measured")
     ap.add_argument("--ckpt", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--data")
     ap.add_argument("--no-lockstep", dest="lockstep", action="store_false",
@@ -511,6 +512,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="edgetune-bench-") as tmpd:
         tmp = Path(tmpd)
         a.bundle = ensure_bundle(a, tmp)
+        a.data = Path(a.data) if a.data else make_data(tmp / "data", n_train=a.batch * (a.steps + 1), n_valid=16)
         sides = (["edgetune"] + ([] if a.no_chunks_side else ["nochunk"]) + (["quantized"] if a.quantize else [])
                  + (["int8"] if a.int8 else [])
                  + (["legacy"] if a.legacy else []) + ([] if a.no_torch else ["torch", "tuned"])
@@ -524,10 +526,12 @@ def main() -> None:
         if a.int8:
             import int8
 
-            a.int8_bundle = int8.int8_bundle(a.bundle, Path(f"{a.bundle}-int8-{a.int8}"), backward=a.int8 == "all")
+            opts = {"all": {}, "forward": {"backward": False},
+                    "smooth": {"keep": lambda n: "embed_tokens" in n,
+                               "smooth": int8.calibrate(a.data, a.batch, a.seq, a.bundle)}}[a.int8]
+            a.int8_bundle = int8.int8_bundle(a.bundle, Path(f"{a.bundle}-int8-{a.int8}"), **opts)
         if a.legacy:
             a.legacy_bundle = ensure_legacy_bundle(a)
-        a.data = Path(a.data) if a.data else make_data(tmp / "data", n_train=a.batch * (a.steps + 1), n_valid=16)
         print(f"machine: {machine.describe()}")
         from edgetune import kernels
 
