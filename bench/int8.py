@@ -12,7 +12,9 @@ adapters, attention and everything else stay float32; the float32 weights a grap
 forward layout, one for the backward) go to ``int8.data`` beside it.
 
 ``bench/train.py --int8`` trains this copy in lockstep with the bundle it came from and reports
-its speed and validation loss against it (``int8_*`` keys).
+its speed and validation loss against it (``int8_*`` keys); ``--int8 forward`` leaves the
+backward products float32, and ``--int8 smooth`` quantizes every product but ``lm_head`` after
+SmoothQuant's per-channel smoothing of the forward products (:func:`calibrate`).
 """
 from __future__ import annotations
 
