@@ -15,6 +15,8 @@ forward layout, one for the backward) go to ``int8.data`` beside it.
 its speed and validation loss against it (``int8_*`` keys); ``--int8 forward`` leaves the
 backward products float32, and ``--int8 smooth`` quantizes every product but ``lm_head`` after
 SmoothQuant's per-channel smoothing of the forward products (:func:`calibrate`).
+``bench/train.py`` prints the machine the run was on (CPU model and instruction sets: avx2,
+avx512f, avx512_vnni, amx_int8...); this module only writes the bundle.
 """
 from __future__ import annotations
 
