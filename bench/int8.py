@@ -48,9 +48,9 @@ def calibrate(data: Path, batch: int, seq: int, bundle: Path) -> dict[str, np.nd
     training batches (PyTorch forward hooks; the untrained adapter adds nothing): SmoothQuant's
     statistics."""
     import torch
+    import train as T
     from transformers import AutoModelForCausalLM
 
-    import train as T
     from edgetune.export import _converted_gguf
     from edgetune.models import DEFAULT_MODEL, resolve_model
 

@@ -178,7 +178,8 @@ def _ort_int8(p: dict, x: np.ndarray, w: np.ndarray, so) -> tuple:
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
                               [numpy_helper.from_array(q, "q"), numpy_helper.from_array(scale, "s")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)])
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     err = _rel_err(sess.run(None, {"x": x})[0], x @ wkn)
     return (lambda: sess.run(None, {"x": x})), err
