@@ -527,9 +527,10 @@ def main() -> None:
         if a.int8:
             import int8
 
-            opts = {"all": {}, "forward": {"backward": False},
-                    "smooth": {"keep": lambda n: "embed_tokens" in n,
-                               "smooth": int8.calibrate(a.data, a.batch, a.seq, a.bundle)}}[a.int8]
+            opts: dict = {"forward": {"backward": False}}.get(a.int8, {})
+            if a.int8 == "smooth":  # calibration only when it is used: it loads the model in PyTorch
+                opts = {"keep": lambda n: "embed_tokens" in n,
+                        "smooth": int8.calibrate(a.data, a.batch, a.seq, a.bundle)}
             a.int8_bundle = int8.int8_bundle(a.bundle, Path(f"{a.bundle}-int8-{a.int8}"), **opts)
         if a.legacy:
             a.legacy_bundle = ensure_legacy_bundle(a)
