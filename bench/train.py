@@ -377,15 +377,18 @@ def _expect(p: subprocess.Popen, side: str, prefix: str) -> str:
     raise SystemExit(f"the {side} worker ended early (exit code {p.wait()})")
 
 
-def run_lockstep(sides: list[str], a: argparse.Namespace, tmp: Path) -> dict[str, dict]:
+def run_lockstep(sides: list[str], a: argparse.Namespace, tmp: Path, cmd_for=None,
+                 result_for=None) -> dict[str, dict]:
     """Every side in its own process, all alive at once, taking turns step by step: step ``i`` of
     each side runs on the same batch, back to back with the others' (the order rotating), so a
     machine whose speed drifts slows every side alike. Loading, warm-up and validation run one
-    worker at a time; each result gets its ``step_times``."""
+    worker at a time; each result gets its ``step_times``. ``cmd_for(side, a, tmp)`` and
+    ``result_for(side, a, out)`` default to this benchmark's workers (bench/levers.py passes its own)."""
+    cmd_for, result_for = cmd_for or worker_cmd, result_for or worker_result
     procs: dict[str, tuple[subprocess.Popen, Path]] = {}
     try:
         for side in sides:
-            cmd, env, cwd, out = worker_cmd(side, a, tmp)
+            cmd, env, cwd, out = cmd_for(side, a, tmp)
             p = subprocess.Popen(cmd + ["--gated"], env=env, cwd=cwd, stdin=subprocess.PIPE,
                                  stdout=subprocess.PIPE, text=True, bufsize=1)
             procs[side] = (p, out)
@@ -409,7 +412,7 @@ def run_lockstep(sides: list[str], a: argparse.Namespace, tmp: Path) -> dict[str
                 print(line, end="", flush=True)
             if p.wait() != 0:
                 raise SystemExit(f"the {side} worker failed (exit code {p.returncode})")
-            results[side] = {**worker_result(side, a, out), "step_times": steps[side]}
+            results[side] = {**result_for(side, a, out), "step_times": steps[side]}
         return results
     finally:
         for p, _ in procs.values():
