@@ -1,7 +1,7 @@
 # make demo : set up .venv and run the main job on the default model and sample data
 # make test : set up .venv and run the whole test suite (fast and real-model tests)
 # CI runs make test and make test-py313
-.PHONY: setup demo test test-fast test-py313 test-aarch64 bench bench-scale
+.PHONY: setup demo test test-fast test-py313 test-aarch64 bench bench-scale docs
 
 setup:
 	bash scripts/setup.sh
@@ -11,6 +11,8 @@ demo: setup
 
 test: setup
 	.venv/bin/python -m pytest -q -p no:cacheprovider tests
+	.venv/bin/lint-imports --no-cache
+	.venv/bin/mkdocs build --strict --quiet
 
 test-fast: setup
 	.venv/bin/python -m pytest -q -m "not slow" tests
@@ -22,6 +24,9 @@ test-py313: setup
 # Training on emulated aarch64 (chroot + qemu-user-static; needs root, ~15 minutes the first time).
 test-aarch64: setup
 	bash scripts/check_aarch64.sh
+
+docs: setup
+	.venv/bin/mkdocs build --strict
 
 bench: setup
 	.venv/bin/python bench/merge.py --quick

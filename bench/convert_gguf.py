@@ -36,7 +36,7 @@ def write_random_gguf(path: Path, hidden: int, layers: int, inter: int, heads: i
     import gguf
     from transformers.modeling_gguf_pytorch_utils import read_field
 
-    from edgetune import models
+    from edgetune.formats import models
 
     src = gguf.GGUFReader(str(models.resolve_model(models.DEFAULT_MODEL)[0]))
     vocab = len(read_field(src, "tokenizer.ggml.tokens"))

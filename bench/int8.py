@@ -43,16 +43,15 @@ def _layer_key(name: str) -> str:
     return ".".join(parts[i: i + 4])
 
 
-def calibrate(data: Path, batch: int, seq: int, bundle: Path) -> dict[str, np.ndarray]:
+def calibrate(batches: list) -> dict[str, np.ndarray]:
     """Per input channel, the largest |activation| each linear layer of the base model sees on four
     training batches (PyTorch forward hooks; the untrained adapter adds nothing): SmoothQuant's
-    statistics."""
+    statistics. ``batches``: the first training batches of bench/train.py's workload."""
     import torch
-    import train as T
     from transformers import AutoModelForCausalLM
 
-    from edgetune.export import _converted_gguf
-    from edgetune.models import DEFAULT_MODEL, resolve_model
+    from edgetune.formats.models import DEFAULT_MODEL, resolve_model
+    from edgetune.workstation.export import _converted_gguf
 
     gguf, _ = resolve_model(DEFAULT_MODEL)
     model = AutoModelForCausalLM.from_pretrained(_converted_gguf(gguf, print), dtype=torch.float32).eval()
@@ -68,7 +67,7 @@ def calibrate(data: Path, batch: int, seq: int, bundle: Path) -> dict[str, np.nd
         if isinstance(mod, torch.nn.Linear) and ".layers." in f".{name}":
             mod.register_forward_pre_hook(hook(_layer_key(name)))
     with torch.no_grad():
-        for b in T.batches(bundle, data, batch, seq)[:4]:  # training batches: the validation set stays unseen
+        for b in batches[:4]:  # training batches: the validation set stays unseen
             model.model(input_ids=torch.from_numpy(b.input_ids), attention_mask=torch.from_numpy(b.attention_mask),
                         use_cache=False)
     return {k: v.numpy().astype(np.float32) for k, v in amax.items()}
@@ -164,8 +163,8 @@ def int8_bundle(src: Path, dst: Path, keep=keep_float, backward: bool = True,
     manifest and these options are unchanged)."""
     import onnx
 
-    from edgetune import _io
-    from edgetune import bundle as B
+    from edgetune.formats import atomic as _io
+    from edgetune.formats import bundle as B
 
     src, dst = Path(src), Path(dst)
     manifest = json.loads((src / "edgetune.json").read_text())

@@ -79,7 +79,7 @@ def export_without(lever: str, out: Path, rank: int) -> None:
 
 def worker(a: argparse.Namespace) -> dict:
     """bench/train.py's edgetune side, with one session setting undone."""
-    from edgetune import runner
+    from edgetune.device import runner
 
     original = runner.session_options
 

@@ -69,8 +69,9 @@ def worker_profile(a: argparse.Namespace) -> dict:
     """Train with the profiler on; every matrix-product node's shapes, attributes and time."""
     import onnx
 
-    from edgetune import devices, runner, trainer
-    from edgetune.config import TrainConfig
+    from edgetune.device import providers as devices
+    from edgetune.device import runner, trainer
+    from edgetune.formats.config import TrainConfig
 
     if "torch" in sys.modules:
         raise SystemExit("torch was imported into the edgetune worker")
@@ -189,7 +190,7 @@ def worker_ort(a: argparse.Namespace) -> None:
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    from edgetune import runner
+    from edgetune.device import runner
 
     prods = json.loads(Path(a.products).read_text())
     rng = np.random.default_rng(0)

@@ -35,9 +35,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
-
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +44,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import machine  # noqa: E402  - CPU model and ISA (avx2, avx512f, amx...) from /proc/cpuinfo
 
-from edgetune import kernels
+from edgetune.device import kernels
 
 SHAPES = [(3072, 3072), (8192, 3072)]
 RANKS = [8, 16, 64]
@@ -97,7 +96,7 @@ def numpy_merge(w: np.ndarray, a: np.ndarray, b: np.ndarray, scale: float, kind:
 
 
 def peak_gflops(threads: int) -> float:
-    from edgetune import _ext
+    from edgetune.device import _ext
 
     return max(_ext.peak_gflops(threads) for _ in range(5))
 
@@ -170,8 +169,8 @@ def whole_model(repeat: int) -> tuple[float, float]:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from edgetune.export import load_model
-    from edgetune.models import DEFAULT_MODEL, resolve_model
+    from edgetune.formats.models import DEFAULT_MODEL, resolve_model
+    from edgetune.workstation.export import load_model
 
     torch.set_num_threads(os.cpu_count() or 1)
     path, _ = resolve_model(DEFAULT_MODEL)

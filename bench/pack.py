@@ -8,16 +8,18 @@ Usage: python bench/pack.py
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 import time
-import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import machine  # noqa: E402  - CPU model and ISA (avx2, avx512f, amx...) from /proc/cpuinfo
 
-from edgetune import pack, trainer
-from edgetune.config import AdapterConfig
+from edgetune.app import pack
+from edgetune.app.verify import verify
+from edgetune.device import trainer
+from edgetune.formats.config import AdapterConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,7 +28,7 @@ def main() -> None:
     print(f"machine: {machine.describe()}")
     bundle = ROOT / "out" / "bench-bundle-r8"
     if not (bundle / "edgetune.json").is_file():
-        from edgetune.export import export
+        from edgetune.workstation.export import export
 
         export(None, bundle, AdapterConfig(rank=8, alpha=16), overwrite=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -36,7 +38,7 @@ def main() -> None:
         r = pack.pack(run.out, bundle, Path(tmp) / "app", name="tickets")
         t_pack = time.perf_counter() - t0
         t0 = time.perf_counter()
-        pack.verify(Path(tmp) / "app")
+        verify(Path(tmp) / "app")
         t_verify = time.perf_counter() - t0
     mb = r["bytes"] / 2**20
     print(f"adapter file: {mb:.2f} MB (target < 2 MB); pack: {t_pack:.2f} s (target < 5 s, includes writing the "

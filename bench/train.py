@@ -102,8 +102,8 @@ def peak_rss_mb() -> float:
 
 
 def batches(bundle: Path, data: Path, batch: int, seq: int, split: str = "train"):
-    from edgetune import data as D
-    from edgetune.tokenizer import ChatTokenizer
+    from edgetune.device import data as D
+    from edgetune.device.tokenizer import ChatTokenizer
 
     tok = ChatTokenizer.from_dir(bundle)
     ds = D.load_dataset(data / f"{split}.jsonl", tok, seq)
@@ -137,10 +137,10 @@ class Gate:
 
 
 def worker_edgetune(a: argparse.Namespace) -> dict:
-    from edgetune import trainer  # never torch: the device side does not have it
-    from edgetune.config import TrainConfig
-
     import onnxruntime as ort
+
+    from edgetune.device import trainer  # never torch: the device side does not have it
+    from edgetune.formats.config import TrainConfig
 
     if "torch" in sys.modules:
         raise SystemExit("torch was imported into the edgetune worker: its RSS would count against edgetune")
@@ -179,8 +179,8 @@ def _torch_model(a: argparse.Namespace, **kw):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from edgetune.export import _converted_gguf
-    from edgetune.models import DEFAULT_MODEL, resolve_model
+    from edgetune.formats.models import DEFAULT_MODEL, resolve_model
+    from edgetune.workstation.export import _converted_gguf
 
     torch.set_num_threads(a.threads or os.cpu_count())
     torch.manual_seed(0)
@@ -253,7 +253,7 @@ def worker_torch_tuned(a: argparse.Namespace) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from edgetune import data as D
+    from edgetune.device import data as D
 
     model = _torch_model(a, attn_implementation="sdpa")
     if a.ckpt:  # recompute each decoder layer in the backward pass, as edgetune's checkpointed graph does
@@ -306,7 +306,7 @@ def worker_torch_tuned(a: argparse.Namespace) -> dict:
 # -- driver ----------------------------------------------------------------------------
 def fma_peak_gflops(threads: int) -> float:
     """The machine's multiply-add peak: the merge kernels' FMA loop at their widest vector width."""
-    from edgetune import _ext
+    from edgetune.device import _ext
 
     return max(_ext.peak_gflops(threads) for _ in range(5))
 
@@ -533,12 +533,12 @@ def main() -> None:
             opts: dict = {"forward": {"backward": False}}.get(a.int8, {})
             if a.int8 == "smooth":  # calibration only when it is used: it loads the model in PyTorch
                 opts = {"keep": lambda n: "embed_tokens" in n,
-                        "smooth": int8.calibrate(a.data, a.batch, a.seq, a.bundle)}
+                        "smooth": int8.calibrate(batches(a.bundle, a.data, a.batch, a.seq))}
             a.int8_bundle = int8.int8_bundle(a.bundle, Path(f"{a.bundle}-int8-{a.int8}"), **opts)
         if a.legacy:
             a.legacy_bundle = ensure_legacy_bundle(a)
         print(f"machine: {machine.describe()}")
-        from edgetune import kernels
+        from edgetune.device import kernels
 
         gflops = fma_peak_gflops(a.threads)
         print(f"multiply-add peak ({kernels.isa()} FMA loop, {a.threads} threads): {gflops:.1f} GFLOP/s")

@@ -1,5 +1,5 @@
 """``python -m edgetune``: the same as the ``edgetune`` command."""
-from .cli import main
+from edgetune.cli import main
 
 if __name__ == "__main__":
     main()

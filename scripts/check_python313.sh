@@ -32,7 +32,7 @@ chroot "$CHROOT" /bin/bash -euc '
   /opt/venv/bin/pip install --quiet --no-index --find-links /opt/wheels numpy onnxruntime tokenizers jinja2 click \
       safetensors tqdm psutil pytest hypothesis matplotlib scikit-build-core nanobind
   /opt/venv/bin/pip install --quiet --no-index --find-links /opt/wheels --no-build-isolation .
-  cd /opt && /opt/venv/bin/python -c "import sys, onnxruntime, edgetune._ext; print(sys.version.split()[0], onnxruntime.__version__)"
+  cd /opt && /opt/venv/bin/python -c "import sys, onnxruntime, edgetune.device._ext; print(sys.version.split()[0], onnxruntime.__version__)"
   ! /opt/venv/bin/python -c "import torch" 2>/dev/null
   EDGETUNE_TEST_ASSETS=/opt/assets EDGETUNE_DEVICE_ONLY=1 /opt/venv/bin/python -m pytest -q -p no:cacheprovider \
       -m "not slow" /opt/src/tests

@@ -18,13 +18,15 @@ WORKSTATION_MODULES = {"test_parity", "test_dora", "test_real_model", "test_auto
                        "test_real_tokenizers"}
 
 if os.environ.get("CI") and not DEVICE_ONLY:
-    import edgetune._ext  # noqa: F401  - CI must build the extension, not skip its tests
     import flwr  # noqa: F401
+    import grimp  # noqa: F401  - the layer tests need it
     import llama_models  # noqa: F401
     import onnx  # noqa: F401
     import peft  # noqa: F401
     import sacrebleu  # noqa: F401
     import torch  # noqa: F401
+
+    import edgetune.device._ext  # noqa: F401  - CI must build the extension, not skip its tests
 
 
 def pytest_collection_modifyitems(config, items):
@@ -47,8 +49,8 @@ def tiny_model(tmp_path_factory) -> Path:
 def tiny_bundle(request, tmp_path_factory) -> Path:
     if ASSETS is not None:
         return ASSETS / "bundle"
-    from edgetune.config import AdapterConfig
-    from edgetune.export import export
+    from edgetune.formats.config import AdapterConfig
+    from edgetune.workstation.export import export
 
     tiny_model = request.getfixturevalue("tiny_model")
     out = tmp_path_factory.mktemp("bundle") / "b"
@@ -83,8 +85,8 @@ def ort_env() -> Path:
 def dora_bundle(request, tmp_path_factory) -> Path:
     if ASSETS is not None:
         return ASSETS / "dora"
-    from edgetune.config import AdapterConfig
-    from edgetune.export import export
+    from edgetune.formats.config import AdapterConfig
+    from edgetune.workstation.export import export
 
     tiny_model = request.getfixturevalue("tiny_model")
     out = tmp_path_factory.mktemp("dora") / "b"
@@ -94,6 +96,6 @@ def dora_bundle(request, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_bundle):
-    from edgetune.tokenizer import ChatTokenizer
+    from edgetune.device.tokenizer import ChatTokenizer
 
     return ChatTokenizer.from_dir(tiny_bundle)

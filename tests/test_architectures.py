@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 import torch_reference
-from edgetune import trainer
-from edgetune.config import AdapterConfig
+
+from edgetune.device import trainer
+from edgetune.formats.config import AdapterConfig
 
 torch = pytest.importorskip("torch")
 
@@ -50,7 +50,7 @@ CASES = [(f, t) for f in FAMILIES for t in TARGETS.get(f, [("all-linear",)])]
 
 @pytest.mark.parametrize("family,targets", CASES, ids=[f"{f}-{'+'.join(t)}" for f, t in CASES])
 def test_family_matches_pytorch_peft(family, targets, chat_data, tmp_path):
-    from edgetune.export import export, inject_adapter, load_model
+    from edgetune.workstation.export import export, inject_adapter, load_model
 
     model = make_family(family, tmp_path / "model")
     bundle = export(str(model), tmp_path / "bundle", AdapterConfig(rank=4, alpha=8, targets=targets))
@@ -82,8 +82,8 @@ def test_family_matches_pytorch_peft(family, targets, chat_data, tmp_path):
 def test_an_unsupported_model_is_refused_before_any_work(tiny_model, tmp_path, change, match):
     import shutil
 
-    from edgetune.errors import ModelError
-    from edgetune.export import export
+    from edgetune.formats.errors import ModelError
+    from edgetune.workstation.export import export
 
     folder = tmp_path / "m"
     shutil.copytree(tiny_model, folder)

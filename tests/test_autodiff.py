@@ -13,8 +13,10 @@ torch = pytest.importorskip("torch")  # a workstation test (conftest makes torch
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from edgetune import autodiff  # noqa: E402
-from edgetune.errors import ModelError  # noqa: E402
+from edgetune.formats.errors import ModelError  # noqa: E402
+from edgetune.workstation import gradients as autodiff  # noqa: E402
+from edgetune.workstation.gradients import prepare
+
 rng = np.random.default_rng(0)
 
 
@@ -209,7 +211,7 @@ def test_fusion_folds_transpose_and_scale():
     model = helper.make_model(helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", 1, [3, 4])],
                                                 [helper.make_tensor_value_info("y", 1, [3, 5])], inits),
                               opset_imports=[helper.make_opsetid("", 17)])
-    autodiff.fuse_matmuls(model)
+    prepare.fuse_matmuls(model)
     (node,) = model.graph.node
     assert node.op_type == "FusedMatMul" and list(node.input) == ["x", "w"] and node.output[0] == "y"
     assert {a.name: helper.get_attribute_value(a) for a in node.attribute} == {
@@ -236,7 +238,7 @@ def test_silu_becomes_one_quick_gelu():
     model = helper.make_model(helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", 1, [3])],
                                                 [helper.make_tensor_value_info("y", 1, [3])]),
                               opset_imports=[helper.make_opsetid("", 17)])
-    autodiff.fuse_matmuls(model)
+    prepare.fuse_matmuls(model)
     (node,) = model.graph.node
     assert node.op_type == "QuickGelu" and helper.get_attribute_value(node.attribute[0]) == 1.0
 

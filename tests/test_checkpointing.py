@@ -8,8 +8,8 @@ import re
 import numpy as np
 import pytest
 
-from edgetune import trainer
-from edgetune.config import AdapterConfig
+from edgetune.device import trainer
+from edgetune.formats.config import AdapterConfig
 
 pytest.importorskip("torch")
 TARGETS = ("q_proj", "v_proj", "down_proj")
@@ -17,7 +17,7 @@ TARGETS = ("q_proj", "v_proj", "down_proj")
 
 @pytest.fixture(scope="module", params=[None, "int4"], ids=["float", "int4"])
 def bundles(request, tiny_model, tmp_path_factory):
-    from edgetune.export import export
+    from edgetune.workstation.export import export
 
     out = tmp_path_factory.mktemp("gc")
     made = {}

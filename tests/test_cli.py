@@ -2,8 +2,8 @@ import json
 
 from click.testing import CliRunner
 
-from edgetune import __version__
 from edgetune.cli import main
+from edgetune.formats.version import __version__
 
 
 def invoke(*args):

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from edgetune.config import AdapterConfig, TrainConfig, resolve
-from edgetune.errors import ConfigError
+from edgetune.formats.config import AdapterConfig, TrainConfig, resolve
+from edgetune.formats.errors import ConfigError
 
 
 def test_defaults_and_scale():
@@ -49,7 +49,7 @@ def test_bad_type_is_reported():
 
 def test_export_does_not_flood_the_terminal(tiny_model, tmp_path, capfd):
     """ORT's graph builder logs every transformer at INFO level unless told otherwise."""
-    from edgetune.export import export
+    from edgetune.workstation.export import export
 
     export(str(tiny_model), tmp_path / "b", AdapterConfig(rank=2, targets=("q_proj",)))
     err = capfd.readouterr().err

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from edgetune import merge, pack, trainer
+from edgetune.app import merge, pack
 from edgetune.cli import main
+from edgetune.device import trainer
 
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 2
 
@@ -200,7 +201,7 @@ def test_the_real_entry_point_prints_one_line_and_debug_shows_the_traceback(worl
 
 
 def test_an_unexpected_exception_is_called_a_bug(monkeypatch):
-    from edgetune import infer
+    from edgetune.device import infer
 
     def boom(*a, **k):
         raise ZeroDivisionError("division by zero")

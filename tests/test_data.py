@@ -3,9 +3,9 @@ import json
 import numpy as np
 import pytest
 
-from edgetune import data
-from edgetune.errors import DataError
-from edgetune.tokenizer import ChatTokenizer
+from edgetune.device import data
+from edgetune.device.tokenizer import ChatTokenizer
+from edgetune.formats.errors import DataError
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +177,7 @@ def test_sample_dataset_is_valid(tok):
 
 
 def test_a_prompt_longer_than_the_context_keeps_its_end():
-    from edgetune.infer import fit_prompt
+    from edgetune.device.infer import fit_prompt
 
     ids = list(range(100))
     assert fit_prompt(ids, 256, 16) == ids
@@ -188,7 +188,7 @@ def test_a_prompt_longer_than_the_context_keeps_its_end():
 
 
 def test_train_records_the_truncation(tiny_bundle, tmp_path):
-    from edgetune import trainer
+    from edgetune.device import trainer
 
     recs = [{"text": "the package never arrived " * 8, "label": "shipping"}, {"text": "hi", "label": "billing"}] * 4
     d = tmp_path / "d"
@@ -223,7 +223,7 @@ def test_a_template_whose_turns_are_not_prefixes_is_named_when_fitting(tok, tmp_
     answer cannot be located; fitting such a record says so instead of cutting blindly."""
     import dataclasses
 
-    from edgetune.tokenizer import _compile
+    from edgetune.device.tokenizer import _compile
 
     odd = dataclasses.replace(tok, template=_compile(
         "{{ messages|length }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"

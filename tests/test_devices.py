@@ -6,11 +6,11 @@ import sys
 
 import pytest
 
-from edgetune import devices
-from edgetune.errors import DeviceError
+from edgetune.device import providers as devices
+from edgetune.formats.errors import DeviceError
 
 PLUGIN = '''
-from edgetune.devices import Device
+from edgetune import Device
 
 def device():
     return Device("fakeboard", "CPUExecutionProvider", {}, "a board whose provider is the CPU's")

@@ -5,10 +5,13 @@ import json
 import numpy as np
 import pytest
 
-from edgetune import data, dora, peft_io, runner, trainer
-from edgetune.config import AdapterConfig
-from edgetune.errors import ConfigError
-from edgetune.tokenizer import ChatTokenizer
+from edgetune.app.verify import verify
+from edgetune.device import data, dora, runner, trainer
+from edgetune.device.tokenizer import ChatTokenizer
+from edgetune.formats import peft_io
+from edgetune.formats.appdir import read_adapter
+from edgetune.formats.config import AdapterConfig
+from edgetune.formats.errors import ConfigError
 
 torch = pytest.importorskip("torch")
 CFG = AdapterConfig(method="dora", rank=4, alpha=8, targets=("q_proj", "v_proj"))
@@ -56,7 +59,7 @@ def test_bundle_takes_norms_as_inputs(dora_bundle):
 
 def test_training_matches_pytorch_peft(tiny_model, dora_bundle, chat_data, dora_run):
     """Same initial adapter, batches and AdamW: PEFT's DoRA (norm detached) in torch, and ours."""
-    from edgetune.export import inject_adapter, load_model
+    from edgetune.workstation.export import inject_adapter, load_model
 
     names = json.loads((dora_bundle / "edgetune.json").read_text())["trainable"]
     saved = runner.read_tensors(dora_bundle / "adapter_init.safetensors")
@@ -95,7 +98,7 @@ def test_training_matches_pytorch_peft(tiny_model, dora_bundle, chat_data, dora_
 
 
 def test_inference_matches_peft_with_and_without_adapter(tiny_model, dora_bundle, dora_run):
-    from edgetune.infer import Model
+    from edgetune.device.infer import Model
 
     ours = Model.open(dora_bundle, adapter=dora_run).logits(IDS, np.ones_like(IDS))
     np.testing.assert_allclose(ours, _torch_logits(tiny_model, dora_run / "adapter", IDS), atol=1e-5)
@@ -105,14 +108,14 @@ def test_inference_matches_peft_with_and_without_adapter(tiny_model, dora_bundle
 
 @pytest.mark.parametrize("fmt", ["onnx", "safetensors"])
 def test_merged_model_matches_peft(fmt, tiny_model, dora_bundle, dora_run, tmp_path):
-    from edgetune.merge import merge
+    from edgetune.app.merge import merge
 
     merge(dora_bundle, [dora_run], tmp_path / "m", fmt=fmt)
     want = _torch_logits(tiny_model, dora_run / "adapter", IDS)
     if fmt == "onnx":
         import onnx
 
-        from edgetune.infer import Model
+        from edgetune.device.infer import Model
 
         g = onnx.load(str(tmp_path / "m" / "model.onnx"), load_external_data=False).graph
         assert not [i.name for i in g.input if "lora" in i.name or i.name.startswith(dora.NORM_PREFIX)]
@@ -123,7 +126,7 @@ def test_merged_model_matches_peft(fmt, tiny_model, dora_bundle, dora_run, tmp_p
 
 
 def test_blends_are_refused_clearly(dora_bundle, dora_run, tmp_path):
-    from edgetune.merge import merge
+    from edgetune.app.merge import merge
 
     with pytest.raises(ConfigError, match="DoRA adapters merge one at a time"):
         merge(dora_bundle, [dora_run, dora_run], tmp_path / "m", weights=[0.5, 0.5])
@@ -136,13 +139,14 @@ def test_packed_adapter_runs_in_the_app_runtime(tiny_model, dora_bundle, dora_ru
     import subprocess
 
     from conftest import ROOT
-    from edgetune import pack
-    from edgetune.infer import Model
+
+    from edgetune.app import pack
+    from edgetune.device.infer import Model
 
     app = tmp_path / "app"
     pack.pack(dora_run, dora_bundle, app, name="dora")
-    assert pack.verify(app)["tensors_checked"] == 16  # A, B, magnitude and norm for 4 layers
-    params = pack.read_adapter(app / "dora.onnx_adapter")["parameters"]
+    assert verify(app)["tensors_checked"] == 16  # A, B, magnitude and norm for 4 layers
+    params = read_adapter(app / "dora.onnx_adapter")["parameters"]
     assert sum(k.startswith(dora.NORM_PREFIX) for k in params) == 4
     np.save(tmp_path / "ids.npy", IDS)
     p = subprocess.run([str(ort_env), str(ROOT / "tests" / "app_consumer.py"), str(app), str(tmp_path / "ids.npy"),
@@ -168,9 +172,9 @@ def test_resume_continues_a_dora_run(dora_bundle, chat_data, tmp_path):
 
 def test_peft_dora_adapter_imports_and_runs(tiny_model, dora_bundle, tmp_path):
     """A DoRA adapter saved by PEFT itself (file layout and all) imports and gives PEFT's logits."""
-    from edgetune.export import inject_adapter, load_model
-    from edgetune.infer import Model
-    from edgetune.peft_io import import_peft
+    from edgetune.device.infer import Model
+    from edgetune.formats.peft_io import import_peft
+    from edgetune.workstation.export import inject_adapter, load_model
 
     pm = inject_adapter(load_model(tiny_model)[0], CFG)
     g = torch.Generator().manual_seed(3)

@@ -4,10 +4,11 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import ROOT
-from edgetune import bundle, federated, infer, peft_io
-from edgetune.errors import ConfigError
+
+from edgetune.device import federated, infer
+from edgetune.formats import bundle, peft_io
+from edgetune.formats.errors import ConfigError
 
 pytest.importorskip("flwr")
 sys.path.insert(0, str(ROOT / "examples" / "federated"))

@@ -11,8 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgetune import infer, pack, trainer
-from edgetune.errors import BundleError
+from edgetune.app import pack
+from edgetune.app.verify import verify
+from edgetune.device import infer, trainer
+from edgetune.formats.appdir import read_adapter
+from edgetune.formats.errors import BundleError
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["hello world", "classify this ticket: the app crashes when I log in", "my invoice is wrong"]
@@ -91,7 +94,7 @@ def test_genai_opens_the_app_dir_and_matches_edgetune_generate(og_python, tiny_b
     app = tmp_path / "app"
     pack.pack(runs[0], tiny_bundle, app, name="tickets", dtype="float32")
     pack.pack(runs[1], tiny_bundle, app, name="other", dtype="float32")
-    assert pack.verify(app)["ok"]
+    assert verify(app)["ok"]
     got = run_app(og_python, app)
     assert got["onnxruntime_genai"].startswith("0.")
     check_same_tokens(got, app, tiny_bundle, {"tickets": runs[0], "other": runs[1]})
@@ -103,7 +106,7 @@ def test_float16_adapters_and_ort_format(og_python, tiny_bundle, runs, tmp_path)
     pack.pack(runs[1], tiny_bundle, app, name="other")
     cfg = json.loads((app / "genai_config.json").read_text())
     assert cfg["model"]["decoder"]["filename"] == "base.ort"
-    assert pack.verify(app)["ok"]
+    assert verify(app)["ok"]
     check_same_tokens(run_app(og_python, app), app)
 
 
@@ -119,7 +122,7 @@ def test_dora_adapter_in_genai(og_python, dora_bundle, chat_data, tmp_path):
 def test_mismatched_adapter_what_genai_and_verify_say(og_python, tiny_bundle, runs, tmp_path):
     app = tmp_path / "app"
     pack.pack(runs[0], tiny_bundle, app, name="tickets")
-    params = pack.read_adapter(app / "tickets.onnx_adapter")["parameters"]
+    params = read_adapter(app / "tickets.onnx_adapter")["parameters"]
     # An adapter made for another base: the same tensor names, another rank.
     pack.write_adapter(tmp_path / "rank2.onnx_adapter", [(k, v[:2] if ".lora_A." in k else v[:, :2])
                                                          for k, v in params.items()])
@@ -139,7 +142,7 @@ def test_mismatched_adapter_what_genai_and_verify_say(og_python, tiny_bundle, ru
                               "sha256": pack._io.sha256_file(app / "rank2.onnx_adapter")}
     (app / "manifest.json").write_text(json.dumps(pack._io.seal(m)))
     with pytest.raises(BundleError) as e:
-        pack.verify(app)
+        verify(app)
     assert "adapter rank2: tensor" in str(e.value) and "has shape" in str(e.value)
 
 
@@ -150,12 +153,12 @@ def test_verify_names_a_missing_or_edited_genai_config(tiny_bundle, runs, tmp_pa
     cfg["model"]["decoder"]["num_hidden_layers"] += 1
     (app / "genai_config.json").write_text(json.dumps(cfg))
     with pytest.raises(BundleError) as e:
-        pack.verify(app)
+        verify(app)
     assert "genai_config.json does not match its sha256" in str(e.value)
     assert "num_hidden_layers is 3, the base model has 2" in str(e.value)
     (app / "genai_config.json").unlink()
     with pytest.raises(BundleError, match="genai_config.json is missing"):
-        pack.verify(app)
+        verify(app)
 
 
 def test_truncated_adapter_is_named_by_verify(tiny_bundle, runs, tmp_path):
@@ -164,7 +167,7 @@ def test_truncated_adapter_is_named_by_verify(tiny_bundle, runs, tmp_path):
     f = app / "tickets.onnx_adapter"
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     with pytest.raises(BundleError, match="adapter tickets: tickets.onnx_adapter does not match its sha256"):
-        pack.verify(app)
+        verify(app)
 
 
 def test_example_chat_app_runs_with_genai_only(og_python, tiny_bundle, runs, tmp_path):
@@ -194,8 +197,8 @@ def test_generation_stops_on_every_stop_token_of_the_generation_config(og_python
     with token 201 ('\\n'), so listing 201 must end every reply at once."""
     import shutil
 
-    from edgetune.config import AdapterConfig
-    from edgetune.export import export
+    from edgetune.formats.config import AdapterConfig
+    from edgetune.workstation.export import export
 
     assert edgetune_reply(tiny_bundle, PROMPTS[0])["token_ids"][:2] == [201, 201]  # eos only: it goes on
     model = tmp_path / "model"

@@ -3,8 +3,9 @@ import json
 import numpy as np
 import pytest
 
-from edgetune import infer, peft_io, trainer
-from edgetune.errors import BundleError, DataError
+from edgetune.device import infer, trainer
+from edgetune.formats import peft_io
+from edgetune.formats.errors import BundleError, DataError
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +116,7 @@ def test_sampled_generation_matches_the_models_distribution(tiny_bundle, run_dir
 
 def test_adapter_for_another_bundle_is_rejected_with_every_difference(tiny_bundle, run_dir, tmp_path):
     cfg, tensors = peft_io.load(run_dir)
-    from edgetune.config import AdapterConfig
+    from edgetune.formats.config import AdapterConfig
 
     bad = {k.replace("q_proj", "k_proj"): v[:, :2] if "lora_A" in k else v for k, v in tensors.items()}
     peft_io.save(tmp_path / "bad", {k: v for k, v in bad.items()}, AdapterConfig(rank=2, alpha=8, targets=("k_proj", "v_proj")), "x")

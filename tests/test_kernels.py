@@ -2,10 +2,10 @@
 import numpy as np
 import pytest
 
-from edgetune import kernels as merge_kernels
-from edgetune.errors import MergeError
+from edgetune.device import kernels as merge_kernels
+from edgetune.formats.errors import MergeError
 
-_ext = pytest.importorskip("edgetune._ext")
+_ext = pytest.importorskip("edgetune.device._ext")
 SHAPES = [(1, 1, 1), (7, 13, 1), (64, 64, 8), (33, 257, 3), (130, 515, 16), (300, 1000, 64)]
 
 
@@ -238,7 +238,7 @@ def test_error_paths_name_the_tensor(impl, monkeypatch):
 
 
 def test_cpp_rejects_bad_input_itself():
-    from edgetune import _ext
+    from edgetune.device import _ext
 
     w = np.zeros((4, 4), np.float32)
     with pytest.raises(ValueError, match="shapes do not fit"):

@@ -4,8 +4,10 @@ import json
 import numpy as np
 import pytest
 
-from edgetune import merge, infer, peft_io, trainer
-from edgetune.errors import BundleError, ConfigError
+from edgetune.app import merge
+from edgetune.device import infer, trainer
+from edgetune.formats import peft_io
+from edgetune.formats.errors import BundleError, ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +48,7 @@ def test_generate_and_eval_accept_a_merged_model(tiny_bundle, runs, chat_data, t
 def test_weighted_blend_matches_manual_sum(tiny_bundle, runs, tmp_path):
     from safetensors.numpy import load_file
 
-    from edgetune import bundle
+    from edgetune.formats import bundle
 
     merge.merge(tiny_bundle, list(runs), tmp_path / "blend", fmt="safetensors", weights=[0.7, -0.3])
     merged = load_file(str(tmp_path / "blend" / "model.safetensors"))
@@ -91,7 +93,7 @@ def test_merge_errors(tiny_bundle, runs, tmp_path):
         merge.merge(tiny_bundle, list(runs), tmp_path / "x", weights=[0.5])
     cfg, tensors = peft_io.load(runs[0])
     bad = {k: v[:2] if ".lora_A." in k else v for k, v in tensors.items()}
-    from edgetune.config import AdapterConfig
+    from edgetune.formats.config import AdapterConfig
 
     peft_io.save(tmp_path / "bad", bad, AdapterConfig(rank=2, alpha=8, targets=("q_proj", "v_proj")), "x")
     with pytest.raises(BundleError, match="does not fit bundle"):

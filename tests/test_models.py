@@ -1,7 +1,7 @@
 import pytest
 
-from edgetune import models
-from edgetune.errors import ModelError
+from edgetune.formats import models
+from edgetune.formats.errors import ModelError
 
 
 def test_known_default_model():

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgetune import peft_io, trainer
+from edgetune.device import trainer
+from edgetune.formats import peft_io
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.slow,

@@ -7,9 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgetune import infer, pack, peft_io, trainer
-from edgetune.config import TrainConfig
-from edgetune.errors import BundleError, ConfigError
+from edgetune.app import pack
+from edgetune.app.verify import verify
+from edgetune.device import infer, trainer
+from edgetune.formats import peft_io
+from edgetune.formats.appdir import read_adapter
+from edgetune.formats.config import TrainConfig
+from edgetune.formats.errors import BundleError, ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 IDS = np.asarray([[5, 9, 17, 33, 41, 50, 61, 70, 80, 90]], np.int64)
@@ -26,7 +30,7 @@ def runs(tiny_bundle, chat_data, tmp_path_factory):
 def test_adapter_file_round_trip(tmp_path):
     params = [("a.lora_A", np.arange(6, dtype=np.float16).reshape(2, 3)), ("b", np.ones((1, 4), np.float32))]
     pack.write_adapter(tmp_path / "x.onnx_adapter", params, adapter_version=3)
-    back = pack.read_adapter(tmp_path / "x.onnx_adapter")
+    back = read_adapter(tmp_path / "x.onnx_adapter")
     assert back["format_version"] == 1 and back["adapter_version"] == 3
     for name, arr in params:
         np.testing.assert_array_equal(back["parameters"][name], arr)
@@ -42,7 +46,7 @@ def test_pack_writes_a_small_verified_app_dir(tiny_bundle, runs, tmp_path):
     entry = m["adapters"]["tickets"]
     assert entry["dtype"] == "float16" and entry["rank"] == 4 and entry["target_modules"] == ["q_proj", "v_proj"]
     assert set(m) >= {"format", "base_sha256", "tokenizer_sha256", "edgetune_version", "base_inputs"}
-    assert pack.verify(app)["tensors_checked"] == 8
+    assert verify(app)["tensors_checked"] == 8
     assert r["bytes"] < 64 * 1024
 
 
@@ -52,7 +56,7 @@ def test_edgetune_logits_equal_base_plus_adapter_in_pack_base(tiny_bundle, runs,
 
     pack.pack(runs[0], tiny_bundle, tmp_path / "app", name="tickets", dtype="float32")
     app = tmp_path / "app"
-    params = pack.read_adapter(app / "tickets.onnx_adapter")["parameters"]
+    params = read_adapter(app / "tickets.onnx_adapter")["parameters"]
     sess = ort.InferenceSession(str(app / "base.onnx"), providers=["CPUExecutionProvider"])
     m = infer.Model.open(tiny_bundle, adapter=runs[0])
     feed = {"input_ids": IDS, "attention_mask": np.ones_like(IDS), "position_ids": np.arange(10)[None], **m.empty_past(1)}
@@ -66,7 +70,7 @@ def test_real_consumer_loads_and_switches_adapters(tiny_bundle, runs, tmp_path, 
     app = tmp_path / "app"
     pack.pack(runs[0], tiny_bundle, app, name="tickets", ort_format=model_file == "base.ort")
     pack.pack(runs[1], tiny_bundle, app, name="other")
-    assert pack.verify(app)["adapters"] == ["other", "tickets"]
+    assert verify(app)["adapters"] == ["other", "tickets"]
     np.save(tmp_path / "ids.npy", IDS)
     p = subprocess.run([str(ort_env), str(ROOT / "tests" / "app_consumer.py"), str(app), str(tmp_path / "ids.npy"),
                         str(tmp_path / "out.npz"), model_file], capture_output=True, text=True,
@@ -85,8 +89,8 @@ def test_real_consumer_loads_and_switches_adapters(tiny_bundle, runs, tmp_path, 
 
 
 def test_adapter_for_another_base_is_rejected_naming_both(tiny_model, tiny_bundle, runs, tmp_path):
-    from edgetune.config import AdapterConfig
-    from edgetune.export import export
+    from edgetune.formats.config import AdapterConfig
+    from edgetune.workstation.export import export
 
     pack.pack(runs[0], tiny_bundle, tmp_path / "app", name="tickets")
     other = export(str(tiny_model), tmp_path / "ob", AdapterConfig(rank=4, alpha=8, targets=("q_proj", "v_proj"), seed=9))
@@ -97,7 +101,7 @@ def test_adapter_for_another_base_is_rejected_naming_both(tiny_model, tiny_bundl
     # Make app2's base a different model file, then check app's adapters against it.
     (tmp_path / "app2" / "base.onnx").write_bytes((tmp_path / "app2" / "base.onnx").read_bytes() + b"\0")
     with pytest.raises(BundleError) as e:
-        pack.verify(tmp_path / "app", base=tmp_path / "app2" / "base.onnx")
+        verify(tmp_path / "app", base=tmp_path / "app2" / "base.onnx")
     msg = str(e.value)
     assert "these adapters were made for" in msg and f"{tmp_path / 'app2' / 'base.onnx'} is" in msg
 
@@ -108,13 +112,13 @@ def test_verify_reports_every_problem(tiny_bundle, runs, tmp_path):
     (app / "tokenizer.json").write_text("{}")
     (app / "tickets.onnx_adapter").write_bytes(b"garbage")
     with pytest.raises(BundleError) as e:
-        pack.verify(app)
+        verify(app)
     assert "tokenizer.json does not match its sha256" in str(e.value)
     assert "adapter tickets: tickets.onnx_adapter does not match its sha256" in str(e.value)
 
 
 def test_pack_rejects_mismatched_adapter(tiny_bundle, runs, tmp_path):
-    from edgetune.config import AdapterConfig
+    from edgetune.formats.config import AdapterConfig
 
     cfg, tensors = peft_io.load(runs[0])
     peft_io.save(tmp_path / "bad", {k: v[:2] if ".lora_A." in k else v for k, v in tensors.items()},
@@ -125,7 +129,7 @@ def test_pack_rejects_mismatched_adapter(tiny_bundle, runs, tmp_path):
 
 
 def test_peft_round_trip_is_bit_for_bit_and_training_continues(tiny_bundle, runs, chat_data, tmp_path):
-    from edgetune import runner
+    from edgetune.device import runner
 
     src = runs[0] / "adapter"
     run = peft_io.import_peft(src, tiny_bundle, tmp_path / "imported")

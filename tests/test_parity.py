@@ -1,16 +1,17 @@
 """edgetune's training on onnxruntime against PyTorch + PEFT on the same tiny Llama, batches and AdamW."""
 import numpy as np
 import pytest
-
 import torch_reference
-from edgetune import peft_io, trainer
+
+from edgetune.device import trainer
+from edgetune.formats import peft_io
 
 torch = pytest.importorskip("torch")
 
 
 def test_matches_pytorch_peft(tiny_model, tiny_bundle, chat_data, tmp_path):
-    from edgetune.config import AdapterConfig
-    from edgetune.export import inject_adapter, load_model
+    from edgetune.formats.config import AdapterConfig
+    from edgetune.workstation.export import inject_adapter, load_model
 
     steps, lr, bs, seed = 10, 1e-2, 4, 0
     run = trainer.train(tiny_bundle, chat_data, tmp_path / "run", steps=steps, lr=lr, batch_size=bs, seed=seed,
@@ -33,7 +34,7 @@ def test_peft_loads_our_adapter_and_matches_our_logits(tiny_model, tiny_bundle, 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from edgetune.infer import Model
+    from edgetune.device.infer import Model
 
     run = trainer.train(tiny_bundle, chat_data, tmp_path / "run", steps=5, lr=5e-2, batch_size=4,
                         progress=False, log=lambda s: None)

@@ -4,9 +4,11 @@ import json
 import numpy as np
 import pytest
 
-from edgetune import quant, trainer
-from edgetune.config import AdapterConfig
-from edgetune.errors import ConfigError
+from edgetune.device import trainer
+from edgetune.formats import quantized
+from edgetune.formats.config import AdapterConfig
+from edgetune.formats.errors import ConfigError
+from edgetune.workstation import quantize as quant
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -14,9 +16,9 @@ def test_quantize_round_trip_is_within_half_a_step(bits):
     rng = np.random.default_rng(bits)
     w = rng.standard_normal((24, 96)).astype(np.float32) * rng.uniform(0.01, 2, (24, 1)).astype(np.float32)
     w[3, :32] = 0.7  # a constant block
-    codes, scale, zero = quant.quantize(w, bits, 32)
+    codes, scale, zero = quantized.quantize(w, bits, 32)
     assert codes.dtype == np.uint8 and codes.shape == (24, 3, 32 * bits // 8)
-    back = quant.dequantize(codes, scale, zero, bits, 96)
+    back = quantized.dequantize(codes, scale, zero, bits, 96)
     step = np.repeat(scale.reshape(24, 3), 32, axis=1)
     slack = 0.5 if bits == 4 else 1.0  # int8 rounds its zero point to an integer too
     assert (np.abs(back - w) <= slack * step + 1e-6).all()
@@ -33,11 +35,11 @@ def test_values_on_a_q4_1_grid_get_their_own_codes_back():
     d = rng.uniform(0.001, 0.05, (n, k // 32, 1)).astype(np.float16).astype(np.float32)
     m = rng.uniform(-0.4, 0.0, (n, k // 32, 1)).astype(np.float16).astype(np.float32)
     w = (d * q + m).astype(np.float32).reshape(n, k)
-    codes, scale, zero = quant.quantize(w, 4, 32)
+    codes, scale, zero = quantized.quantize(w, 4, 32)
     got = np.empty_like(q)
     got[..., 0::2], got[..., 1::2] = codes & 15, codes >> 4
     assert (got == q).all()
-    assert np.abs(quant.dequantize(codes, scale, zero, 4, k) - w).max() < 1e-6
+    assert np.abs(quantized.dequantize(codes, scale, zero, 4, k) - w).max() < 1e-6
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -45,7 +47,9 @@ def test_graph_rewrite_forward_and_backward_match_numpy(bits):
     import onnxruntime as ort
 
     pytest.importorskip("onnx")
-    from onnx import TensorProto as T, helper, numpy_helper as nh
+    from onnx import TensorProto as T
+    from onnx import helper
+    from onnx import numpy_helper as nh
 
     rng = np.random.default_rng(1)
     n, k = 48, 64
@@ -58,7 +62,7 @@ def test_graph_rewrite_forward_and_backward_match_numpy(bits):
                            helper.make_tensor_value_info("G", T.FLOAT, [None, k])], [nh.from_array(w, "W")])
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
     assert quant.linear_weights(model.graph, set()) == ["W"]
-    qt = quant.quantize(w, bits, 32)
+    qt = quantized.quantize(w, bits, 32)
     quant.rewrite(model, ["W"], {"W": qt}, bits, 32)
     ops = [nd.op_type for nd in model.graph.node]
     assert "MatMulNBits" in ops and "FusedMatMul" not in ops
@@ -67,8 +71,8 @@ def test_graph_rewrite_forward_and_backward_match_numpy(bits):
     assert any(nd.op_type == "Shape" and list(nd.input) == ["D"] for nd in model.graph.node)
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     x, dy = rng.standard_normal((5, k)).astype(np.float32), rng.standard_normal((5, n)).astype(np.float32)
-    y, gx = sess.run(None, {"X": x, "D": dy, **quant.runtime_feeds(bits)})
-    deq = quant.dequantize(*qt, bits, k)
+    y, gx = sess.run(None, {"X": x, "D": dy, **quantized.runtime_feeds(bits)})
+    deq = quantized.dequantize(*qt, bits, k)
     np.testing.assert_allclose(y, 0.5 * x @ deq.T, atol=2e-5)
     np.testing.assert_allclose(gx, dy @ deq, atol=2e-5)
 
@@ -82,7 +86,7 @@ def test_config_checks():
 
 @pytest.fixture(scope="module")
 def qlora_bundle(tiny_model, tmp_path_factory):
-    from edgetune.export import export
+    from edgetune.workstation.export import export
 
     out = tmp_path_factory.mktemp("qlora") / "b"
     export(str(tiny_model), out, AdapterConfig(rank=4, alpha=8, targets=("q_proj", "v_proj"), quantize="int4"))
@@ -93,7 +97,7 @@ def _dequantized_torch_model(tiny_model, bundle):
     """transformers' model with every quantized weight replaced by what the bundle computes."""
     import torch
 
-    from edgetune.export import load_model
+    from edgetune.workstation.export import load_model
 
     hf, _ = load_model(tiny_model)
     m = json.loads((bundle / "edgetune.json").read_text())
@@ -110,7 +114,7 @@ def _dequantized_torch_model(tiny_model, bundle):
         for name in q["weights"]:
             hfname = name.replace("base_model.model.", "").replace(".base_layer", "")
             k = params[hfname].shape[1]
-            w = quant.dequantize(tensor(f"{name}.q"), tensor(f"{name}.scale"), tensor(f"{name}.zero"), q["bits"], k)
+            w = quantized.dequantize(tensor(f"{name}.q"), tensor(f"{name}.scale"), tensor(f"{name}.zero"), q["bits"], k)
             params[hfname].copy_(torch.from_numpy(w))
     return hf, m
 
@@ -129,7 +133,8 @@ def test_qlora_bundle_stores_no_float_linear_weights(qlora_bundle):
 def test_qlora_matches_pytorch_peft_on_the_dequantized_base(tiny_model, qlora_bundle, chat_data, tmp_path):
     pytest.importorskip("torch")
     import torch_reference
-    from edgetune.export import inject_adapter
+
+    from edgetune.workstation.export import inject_adapter
 
     steps, lr, bs, seed = 10, 1e-2, 4, 0
     run = trainer.train(qlora_bundle, chat_data, tmp_path / "run", steps=steps, lr=lr, batch_size=bs, seed=seed,
@@ -143,7 +148,7 @@ def test_qlora_matches_pytorch_peft_on_the_dequantized_base(tiny_model, qlora_bu
 
 def test_qlora_inference_logits_equal_the_dequantized_model(tiny_model, qlora_bundle):
     torch = pytest.importorskip("torch")
-    from edgetune.infer import Model
+    from edgetune.device.infer import Model
 
     hf, _ = _dequantized_torch_model(tiny_model, qlora_bundle)
     ids = np.asarray([list(range(5, 30))], np.int64)
@@ -160,8 +165,8 @@ def qlora_run(qlora_bundle, chat_data, tmp_path_factory):
 
 
 def test_qlora_adapter_merges_into_a_float_base(qlora_bundle, qlora_run, tmp_path):
-    from edgetune import merge
-    from edgetune.infer import Model
+    from edgetune.app import merge
+    from edgetune.device.infer import Model
 
     ids = np.asarray([list(range(5, 30))], np.int64)
     want = Model.open(qlora_bundle, adapter=qlora_run).logits(ids, np.ones_like(ids))
@@ -184,8 +189,8 @@ def test_merge_can_requantize_the_merged_weights(qlora_bundle, qlora_run, tmp_pa
     onnx = pytest.importorskip("onnx")
     from onnx import numpy_helper
 
-    from edgetune import merge
-    from edgetune.infer import Model
+    from edgetune.app import merge
+    from edgetune.device.infer import Model
 
     merge.merge(qlora_bundle, [qlora_run], tmp_path / "f")
     s = merge.merge(qlora_bundle, [qlora_run], tmp_path / "q", quantize=method, block_size=16)
@@ -197,22 +202,22 @@ def test_merge_can_requantize_the_merged_weights(qlora_bundle, qlora_run, tmp_pa
     linear = quant.linear_weights(fm.graph, set())
     assert linear and not set(linear) & set(qw)  # no float copy of a linear weight is left
     assert sum(n.op_type == "MatMulNBits" for n in qm.graph.node) == len(linear)
-    bits = quant.BITS[method]
-    from edgetune import bundle as _bundle
+    bits = quantized.BITS[method]
+    from edgetune.formats import bundle as _bundle
 
-    quant.write_float_data(_bundle.load(qlora_bundle), tmp_path / "base.data")  # the weights before the merge
+    quantized.write_float_data(_bundle.load(qlora_bundle), tmp_path / "base.data")  # the weights before the merge
     base = np.fromfile(tmp_path / "base.data", np.uint8)
     offsets = {i.name: int({e.key: e.value for e in i.external_data}["offset"])
                for i in onnx.load(str(tmp_path / "f" / "model.onnx"), load_external_data=False).graph.initializer
                if i.external_data}
     change = kept = 0.0
     for name in linear:  # the merged float weights, quantized exactly as the bundle's base was
-        codes, scale, zero = quant.quantize(fw[name], bits, 16)
+        codes, scale, zero = quantized.quantize(fw[name], bits, 16)
         w0 = base[offsets[name]:offsets[name] + fw[name].nbytes].view(np.float32).reshape(fw[name].shape)
         if not np.array_equal(fw[name], w0):  # a weight the adapter changed
             delta = fw[name].astype(np.float64) - w0
             change += float(np.square(delta).sum())
-            kept += float(((quant.dequantize(codes, scale, zero, bits, fw[name].shape[1]) - w0) * delta).sum())
+            kept += float(((quantized.dequantize(codes, scale, zero, bits, fw[name].shape[1]) - w0) * delta).sum())
         np.testing.assert_array_equal(qw[f"{name}.q"], codes)
         np.testing.assert_array_equal(qw[f"{name}.scale"], scale)
         np.testing.assert_array_equal(qw[f"{name}.zero"], zero)
@@ -233,7 +238,7 @@ def test_merge_can_requantize_the_merged_weights(qlora_bundle, qlora_run, tmp_pa
 def test_qlora_pack_runs_the_quantized_base_in_onnxruntime_genai(qlora_bundle, qlora_run, tmp_path):
     import test_genai as tg
 
-    from edgetune import pack
+    from edgetune.app import pack
 
     app = tmp_path / "app"
     pack.pack(qlora_run, qlora_bundle, app, name="q", dtype="float32")
@@ -249,8 +254,8 @@ def test_qlora_pack_runs_the_quantized_base_in_onnxruntime_genai(qlora_bundle, q
 def test_a_prequantized_folder_is_refused_naming_what_works(tiny_model, tmp_path, qc):
     import shutil
 
-    from edgetune.errors import ModelError
-    from edgetune.export import export
+    from edgetune.formats.errors import ModelError
+    from edgetune.workstation.export import export
 
     folder = tmp_path / "m"
     shutil.copytree(tiny_model, folder)
@@ -267,8 +272,9 @@ def test_qlora_dora_matches_pytorch_peft_on_the_dequantized_base(tiny_model, cha
     with PyTorch + PEFT on the dequantized weights. Then merge into a float base and pack."""
     pytest.importorskip("torch")
     import torch_reference
-    from edgetune import merge as merge_mod
-    from edgetune.export import export, inject_adapter
+
+    from edgetune.app import merge as merge_mod
+    from edgetune.workstation.export import export, inject_adapter
 
     cfg = AdapterConfig(method="dora", rank=4, alpha=8, targets=("q_proj", "v_proj"), quantize="int4")
     bundle = export(str(tiny_model), tmp_path / "b", cfg)
@@ -296,7 +302,7 @@ def test_untied_lm_head_is_quantized(tmp_path):
     pytest.importorskip("torch")
     from test_architectures import make_family
 
-    from edgetune.export import export
+    from edgetune.workstation.export import export
 
     model = make_family("mistral", tmp_path / "m")
     assert not json.loads((model / "config.json").read_text()).get("tie_word_embeddings")

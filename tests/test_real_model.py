@@ -3,10 +3,12 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import SAMPLE_DATA
-from edgetune import infer, models, trainer
-from edgetune.config import AdapterConfig
+
+from edgetune.app.verify import verify
+from edgetune.device import infer, trainer
+from edgetune.formats import models
+from edgetune.formats.config import AdapterConfig
 
 pytestmark = pytest.mark.slow
 SYSTEM = "You triage customer support tickets. Reply with the category and the priority only."
@@ -15,7 +17,7 @@ PROMPT = "My KettlePro arrived with a broken handle and I need a replacement urg
 
 @pytest.fixture(scope="module")
 def real_bundle(tmp_path_factory):
-    from edgetune.export import export
+    from edgetune.workstation.export import export
 
     out = tmp_path_factory.mktemp("real") / "bundle"
     export(models.DEFAULT_MODEL, out, AdapterConfig(rank=8, alpha=16, targets=("q_proj", "k_proj", "v_proj", "o_proj")))
@@ -57,7 +59,7 @@ def test_peft_logits_match_on_the_real_model(real_bundle, real_run):
     torch = pytest.importorskip("torch")
     from peft import PeftModel
 
-    from edgetune.export import load_model
+    from edgetune.workstation.export import load_model
 
     path, _ = models.resolve_model(models.DEFAULT_MODEL)
     hf, tok = load_model(path)
@@ -72,7 +74,7 @@ def test_peft_logits_match_on_the_real_model(real_bundle, real_run):
 
 
 def test_merged_model_equals_adapter_on_the_real_model(real_bundle, real_run, tmp_path):
-    from edgetune import merge
+    from edgetune.app import merge
 
     summary = merge.merge(real_bundle, [real_run], tmp_path / "merged")
     assert summary["implementation"] == "cpp"
@@ -87,12 +89,13 @@ def _packed_and_run_in_app_runtime(bundle, run, tmp_path, ort_env, tensors):
     import os
     import subprocess
 
-    from edgetune import pack
     from test_pack import ROOT
+
+    from edgetune.app import pack
 
     r = pack.pack(run, bundle, tmp_path / "app", name="tickets")
     assert r["bytes"] < 2 * 2**20, r
-    assert pack.verify(tmp_path / "app")["tensors_checked"] == tensors
+    assert verify(tmp_path / "app")["tensors_checked"] == tensors
     ids = np.asarray([list(range(100, 130))], np.int64)
     np.save(tmp_path / "ids.npy", ids)
     p = subprocess.run([str(ort_env), str(ROOT / "tests" / "app_consumer.py"), str(tmp_path / "app"),
@@ -112,7 +115,7 @@ def test_pack_is_small_and_loads_in_the_app_runtime(real_bundle, real_run, tmp_p
 
 @pytest.fixture(scope="module")
 def dora_real(tmp_path_factory):
-    from edgetune.export import export
+    from edgetune.workstation.export import export
 
     root = tmp_path_factory.mktemp("real-dora")
     export(models.DEFAULT_MODEL, root / "bundle",
@@ -127,8 +130,8 @@ def test_dora_on_the_real_model(dora_real, tmp_path):
     torch = pytest.importorskip("torch")
     from peft import PeftModel
 
-    from edgetune import merge
-    from edgetune.export import load_model
+    from edgetune.app import merge
+    from edgetune.workstation.export import load_model
 
     bundle, run = dora_real
     test = SAMPLE_DATA / "test.jsonl"
@@ -166,14 +169,15 @@ GENAI_PROMPTS = [PROMPT, "I was charged twice for my subscription this month.", 
 def test_onnxruntime_genai_runs_the_app_dir_token_for_token(real_bundle, real_run, tmp_path):
     """The real library, in an environment without edgetune, with two adapters and none."""
     import test_genai as tg
-    from edgetune import pack
+
+    from edgetune.app import pack
 
     other = trainer.train(real_bundle, SAMPLE_DATA, tmp_path / "other", steps=6, batch_size=4, lr=3e-3, seed=7,
                           progress=False, log=lambda s: None).out
     app = tmp_path / "app"
     pack.pack(real_run, real_bundle, app, name="tickets")
     pack.pack(other, real_bundle, app, name="other")
-    assert pack.verify(app)["ok"]
+    assert verify(app)["ok"]
     got = tg.run_app(tg.genai_python(), app, prompts=GENAI_PROMPTS, new_tokens=tg.NEW_TOKENS)
     tg.check_same_tokens(got, app, prompts=GENAI_PROMPTS, logits_atol=2e-3)
     assert any(r["stopped"] for r in got["runs"]), "some replies end on the model's end-of-turn token"
@@ -181,7 +185,8 @@ def test_onnxruntime_genai_runs_the_app_dir_token_for_token(real_bundle, real_ru
 
 def test_onnxruntime_genai_runs_a_dora_adapter(dora_real, tmp_path):
     import test_genai as tg
-    from edgetune import pack
+
+    from edgetune.app import pack
 
     bundle, run = dora_real
     pack.pack(run, bundle, tmp_path / "app", name="dora")
@@ -192,8 +197,8 @@ def test_onnxruntime_genai_runs_a_dora_adapter(dora_real, tmp_path):
 def test_qlora_int4_base_on_the_real_model(real_bundle, real_run, tmp_path):
     """The default model with an int4 base: the GGUF's own Q4_1 codes come back, the held-out
     loss after the standard short run is within 3 % of the float32 base's, merge and pack work."""
-    from edgetune import merge, pack
-    from edgetune.export import export
+    from edgetune.app import merge, pack
+    from edgetune.workstation.export import export
 
     bundle = tmp_path / "qbundle"
     export(models.DEFAULT_MODEL, bundle, AdapterConfig(rank=8, alpha=16, targets=("q_proj", "k_proj", "v_proj", "o_proj"),
@@ -219,7 +224,7 @@ def test_qlora_int4_base_on_the_real_model(real_bundle, real_run, tmp_path):
     s4 = merge.merge(bundle, [run], tmp_path / "merged-int4", quantize="int4")
     assert s4["adapter_change_kept"] < 0.5, s4
     pack.pack(run, bundle, tmp_path / "app", name="tickets")
-    assert pack.verify(tmp_path / "app")["ok"]
+    assert verify(tmp_path / "app")["ok"]
 
 
 def test_streamed_gguf_conversion_equals_transformers_loader(tmp_path):
@@ -230,7 +235,7 @@ def test_streamed_gguf_conversion_equals_transformers_loader(tmp_path):
     from safetensors.numpy import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from edgetune.export import write_gguf_as_hf
+    from edgetune.workstation.export import write_gguf_as_hf
 
     gguf = models.resolve_model(models.DEFAULT_MODEL)[0]
     write_gguf_as_hf(gguf, tmp_path, shard_bytes=64 << 20)

@@ -25,7 +25,8 @@ import numpy as np
 import pytest
 from test_genai import edgetune_reply, genai_python, run_app
 
-from edgetune import data, infer, pack, trainer
+from edgetune.app import pack
+from edgetune.device import data, infer, trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache" / "tokenizers"
@@ -131,8 +132,8 @@ _BUILT: dict[str, tuple[Path, Path]] = {}
 
 def built(name: str, tmp_path_factory) -> tuple[Path, Path]:
     """(work directory, exported bundle) for one family, made once per session."""
-    from edgetune.config import AdapterConfig
-    from edgetune.export import export
+    from edgetune.formats.config import AdapterConfig
+    from edgetune.workstation.export import export
 
     if name not in _BUILT:
         root = tmp_path_factory.mktemp(name)
@@ -145,7 +146,7 @@ def test_llama3_chats_encode_token_for_token_as_metas_chat_format(tmp_path_facto
     from llama_models.datatypes import RawMessage, StopReason
     from llama_models.llama3.chat_format import ChatFormat
 
-    from edgetune.tokenizer import ChatTokenizer
+    from edgetune.device.tokenizer import ChatTokenizer
 
     _, bundle = built("llama3", tmp_path_factory)
     tok = ChatTokenizer.from_dir(bundle)
@@ -166,7 +167,7 @@ def test_llama3_chats_encode_token_for_token_as_metas_chat_format(tmp_path_facto
 
 
 def test_phi3_tokenizer_gives_the_reference_ids_and_its_own_chat_template(tmp_path_factory):
-    from edgetune.tokenizer import ChatTokenizer
+    from edgetune.device.tokenizer import ChatTokenizer
 
     _, bundle = built("phi3", tmp_path_factory)
     tok = ChatTokenizer.from_dir(bundle)
@@ -189,7 +190,7 @@ def test_phi3_later_template_ending_chats_with_eos_labels_every_turn(tmp_path_fa
     follows, so a turn in the middle is not a prefix of the whole chat as rendered."""
     import dataclasses
 
-    from edgetune.tokenizer import ChatTokenizer, _compile
+    from edgetune.device.tokenizer import ChatTokenizer, _compile
 
     _, bundle = built("phi3", tmp_path_factory)
     tok = dataclasses.replace(ChatTokenizer.from_dir(bundle), template=_compile(PHI3_LATER_TEMPLATE))

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from edgetune import infer, trainer
 from edgetune.cli import main
+from edgetune.device import infer, trainer
 
 FIXTURE = Path(__file__).parent / "fixtures" / "release-0.1.0"
 EXPECTED = json.loads((FIXTURE / "expected.json").read_text())

@@ -7,17 +7,16 @@ import shutil
 import numpy as np
 import pytest
 
-from edgetune.config import AdapterConfig
-from edgetune.errors import ModelError
+from edgetune.formats.config import AdapterConfig
+from edgetune.formats.errors import ModelError
 
 torch = pytest.importorskip("torch")
 CFG = AdapterConfig(rank=4, alpha=8, targets=("q_proj", "v_proj"))
 
 
 def _logits_match(model_dir, bundle, dtype=torch.float32):
-    from transformers import AutoModelForCausalLM
-
     import torch_reference
+    from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="eager").float()
     torch_reference.assert_same_logits(hf, bundle)
@@ -28,7 +27,7 @@ def test_export_never_loads_the_model(tiny_model, tmp_path, monkeypatch):
     element: a model of any size costs one weight at a time."""
     import transformers
 
-    from edgetune import export as ex
+    from edgetune.workstation import export as ex
 
     def refuse(*a, **k):
         raise AssertionError("export loaded the whole model")
@@ -39,7 +38,7 @@ def test_export_never_loads_the_model(tiny_model, tmp_path, monkeypatch):
     assert sizes and max(sizes.values()) <= 4, sizes
     reads = []
     real_get = source.get
-    monkeypatch.setattr(ex.extdata.SourceWeights, "get", lambda self, name: reads.append(name) or real_get(name))
+    monkeypatch.setattr(ex.weights.SourceWeights, "get", lambda self, name: reads.append(name) or real_get(name))
     bundle = ex.export(str(tiny_model), tmp_path / "b", CFG)
     # Each base weight is read once for the training data file and once for the inference one.
     counts = {n: reads.count(n) for n in set(reads)}
@@ -58,7 +57,7 @@ def test_sharded_bfloat16_checkpoint(tiny_model, tmp_path):
         if (tiny_model / f).is_file():
             shutil.copy(tiny_model / f, folder / f)
     assert len(list(folder.glob("*.safetensors"))) > 1 and (folder / "model.safetensors.index.json").is_file()
-    from edgetune.export import export
+    from edgetune.workstation.export import export
 
     bundle = export(str(folder), tmp_path / "b", CFG)
     _logits_match(folder, bundle, torch.bfloat16)
@@ -67,7 +66,7 @@ def test_sharded_bfloat16_checkpoint(tiny_model, tmp_path):
 def test_pytorch_bin_checkpoint(tiny_model, tmp_path):
     from safetensors.torch import load_file
 
-    from edgetune.export import export
+    from edgetune.workstation.export import export
 
     folder = tmp_path / "bin"
     shutil.copytree(tiny_model, folder)
@@ -81,7 +80,7 @@ def test_pytorch_bin_checkpoint(tiny_model, tmp_path):
 def test_a_tensor_missing_from_the_checkpoint_is_named(tiny_model, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from edgetune.export import export
+    from edgetune.workstation.export import export
 
     folder = tmp_path / "cut"
     shutil.copytree(tiny_model, folder)
@@ -96,7 +95,7 @@ def test_a_tensor_missing_from_the_checkpoint_is_named(tiny_model, tmp_path):
 def test_a_tensor_of_the_wrong_shape_is_named(tiny_model, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from edgetune.export import export
+    from edgetune.workstation.export import export
 
     folder = tmp_path / "shape"
     shutil.copytree(tiny_model, folder)
@@ -110,9 +109,9 @@ def test_a_tensor_of_the_wrong_shape_is_named(tiny_model, tmp_path):
 def test_data_files_are_page_aligned_for_large_tensors(tmp_path):
     """Weights of 1 MB or more start on a 4 KB boundary (so ONNX Runtime can map them)."""
     import onnx
-
-    from edgetune import extdata
     from onnx import helper, numpy_helper
+
+    from edgetune.workstation import extdata
 
     big = np.arange(300_000, dtype=np.float32).reshape(600, 500)
     g = helper.make_graph([helper.make_node("Add", ["x", "w"], ["y"]), helper.make_node("Add", ["y", "v"], ["z"])],

@@ -5,8 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgetune import tasks
-from edgetune.errors import DataError
+from edgetune.device import tasks
+from edgetune.formats.errors import DataError
 
 
 def test_squad_normalisation_exact_match_and_f1():
@@ -61,7 +61,7 @@ def test_translation_metrics_are_sacrebleus():
 
 
 def test_label_scoring_equals_the_sum_of_token_log_probabilities(tiny_bundle):
-    from edgetune.infer import Model
+    from edgetune.device.infer import Model
 
     m = Model.open(tiny_bundle)
     prompt, label = [1, 20, 30, 40], [50, 60]
@@ -99,7 +99,7 @@ def test_eval_task_classification_and_qa_end_to_end(tiny_bundle, chat_data, tmp_
 
 
 def test_task_data_errors_name_file_and_line(tiny_bundle, tmp_path):
-    from edgetune.infer import Model
+    from edgetune.device.infer import Model
 
     m = Model.open(tiny_bundle)
     f = tmp_path / "t.jsonl"
@@ -124,7 +124,7 @@ def test_task_data_errors_name_file_and_line(tiny_bundle, tmp_path):
 
 
 def test_ner_and_qa_records_train_and_are_checked(tiny_tokenizer, tmp_path):
-    from edgetune import data
+    from edgetune.device import data
 
     f = tmp_path / "train.jsonl"
     ner = {"text": "Ada lives in Paris", "entities": [{"text": "Paris", "type": "LOC"}]}
@@ -145,7 +145,7 @@ def test_ner_and_qa_records_train_and_are_checked(tiny_tokenizer, tmp_path):
 def test_training_reports_the_task_metric_on_the_validation_set(tiny_bundle, chat_data, tmp_path):
     import shutil
 
-    from edgetune import trainer
+    from edgetune.device import trainer
 
     d = tmp_path / "d"
     shutil.copytree(chat_data, d)
@@ -170,7 +170,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "tasks"
 def test_example_task_folders_are_well_formed(name):
     """Each shipped task folder reads in its declared task, has three disjoint splits, and its
     test set asks for no label the training set lacks."""
-    from edgetune import data
+    from edgetune.device import data
 
     folder = EXAMPLES / name
     task = tasks.read_task(folder)

@@ -7,9 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgetune import _io, peft_io, trainer
-from edgetune.config import TrainConfig
-from edgetune.errors import BundleError, ConfigError, DataError, DeviceError, TrainingError
+from edgetune.device import trainer
+from edgetune.formats import atomic as _io
+from edgetune.formats import peft_io
+from edgetune.formats.config import TrainConfig
+from edgetune.formats.errors import BundleError, ConfigError, DataError, DeviceError, TrainingError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -133,8 +135,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_bundle, chat_data, t
 
 
 def test_resume_with_a_different_bundle_is_refused(tiny_bundle, tiny_model, chat_data, tmp_path):
-    from edgetune.config import AdapterConfig
-    from edgetune.export import export
+    from edgetune.formats.config import AdapterConfig
+    from edgetune.workstation.export import export
 
     out = tmp_path / "run"
     run(tiny_bundle, chat_data, out, steps=2)
@@ -246,9 +248,10 @@ def test_a_run_too_large_for_memory_is_refused_up_front(tiny_bundle, chat_data, 
 
 
 def test_export_max_seq_len_bounds_train_eval_generate_and_apps(tiny_model, chat_data, tmp_path):
-    from edgetune import infer, pack
-    from edgetune.config import AdapterConfig
-    from edgetune.export import export
+    from edgetune.app import pack
+    from edgetune.device import infer
+    from edgetune.formats.config import AdapterConfig
+    from edgetune.workstation.export import export
 
     b = export(str(tiny_model), tmp_path / "b", AdapterConfig(rank=4, alpha=8, targets=("q_proj",), max_seq_len=48))
     assert json.loads((b / "edgetune.json").read_text())["context"] == 48

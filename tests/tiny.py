@@ -63,8 +63,8 @@ def write_chat_data(out: Path, n_train: int = 24, n_valid: int = 6) -> Path:
 def write_assets(out: Path) -> Path:
     """Everything the device-side tests need, exported here for an environment without torch:
     ``python tests/tiny.py DIR`` then ``EDGETUNE_TEST_ASSETS=DIR EDGETUNE_DEVICE_ONLY=1 pytest``."""
-    from edgetune.config import AdapterConfig
-    from edgetune.export import export
+    from edgetune.formats.config import AdapterConfig
+    from edgetune.workstation.export import export
 
     model = make_model(out / "model")
     export(str(model), out / "bundle", AdapterConfig(rank=4, alpha=8, targets=("q_proj", "v_proj")), overwrite=True)

@@ -17,8 +17,8 @@ def train_like_peft(pm, bundle: Path, data_dir: Path, steps: int, lr: float, bat
     same batches edgetune draws; return (losses, {graph name: parameter})."""
     import torch
 
-    from edgetune import data, runner
-    from edgetune.tokenizer import ChatTokenizer
+    from edgetune.device import data, runner
+    from edgetune.device.tokenizer import ChatTokenizer
 
     manifest = json.loads((Path(bundle) / "edgetune.json").read_text())
     init = runner.read_tensors(Path(bundle) / "adapter_init.safetensors")
@@ -49,7 +49,7 @@ def train_like_peft(pm, bundle: Path, data_dir: Path, steps: int, lr: float, bat
 def worst_adapter_error(run_dir: Path, params) -> float:
     """The largest relative difference, over adapter tensors, between edgetune's saved adapter
     and the reference's, measured by each tensor's norm."""
-    from edgetune import peft_io
+    from edgetune.formats import peft_io
 
     mine = peft_io.load(run_dir)[1]
     return max(float(np.linalg.norm(mine[peft_io.to_peft_name(n)] - p.detach().numpy())
@@ -61,7 +61,7 @@ def assert_same_logits(torch_model, path: Path, adapter: Path | None = None, n: 
     ``torch_model``'s logits on one sequence of ``n`` tokens."""
     import torch
 
-    from edgetune.infer import Model
+    from edgetune.device.infer import Model
 
     torch_model.eval()
     ids = np.asarray([list(range(5, 5 + n))], np.int64)

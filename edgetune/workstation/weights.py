@@ -1,0 +1,69 @@
+"""Weights streamed tensor by tensor (workstation side): read from a model's checkpoint files,
+written into an ONNX graph's external data file.
+
+Export never loads the model's weights as a whole: graphs are traced from a model whose
+weights are placeholders, and each weight is read from the checkpoint, converted (float32, or
+block-quantized), written and freed before the next. Graphs of any size are saved with external
+data, so protobuf's 2 GB limit never applies.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgetune.formats.errors import ModelError
+
+
+class SourceWeights:
+    """The tensors of a Hugging Face folder (``*.safetensors``, sharded or not, or a
+    ``pytorch_model*.bin``), read one at a time as float32."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.where: dict[str, Path] = {}
+        files = sorted(self.folder.glob("*.safetensors"))
+        self._bins: dict[Path, Any] = {}
+        if files:
+            from safetensors import safe_open
+
+            for f in files:
+                try:
+                    with safe_open(str(f), framework="pt") as h:
+                        for k in h.keys():
+                            self.where[k] = f
+                except Exception as e:  # noqa: BLE001 - any damage: name the file
+                    raise ModelError(f"{f}: cannot read the safetensors file ({e}); re-download or re-save the model") from None
+        else:
+            bins = sorted(self.folder.glob("pytorch_model*.bin"))
+            if not bins:
+                raise ModelError(f"{self.folder}: no *.safetensors or pytorch_model*.bin weight files")
+            import torch
+
+            for f in bins:
+                sd = torch.load(str(f), map_location="cpu", mmap=True, weights_only=True)
+                self._bins[f] = sd
+                for k in sd:
+                    self.where[k] = f
+
+    def resolve(self, name: str) -> str:
+        """The checkpoint key of a model parameter name (some checkpoints omit the ``model.``
+        prefix of the base model, or carry a ``model.`` prefix on ``lm_head``)."""
+        for key in (name, name.removeprefix("model."), f"model.{name}"):
+            if key in self.where:
+                return key
+        raise ModelError(f"{self.folder}: the checkpoint has no tensor for {name}; is it the model its config.json "
+                         "describes?")
+
+    def get(self, name: str) -> np.ndarray:
+        key = self.resolve(name)
+        f = self.where[key]
+        if f in self._bins:
+            t = self._bins[f][key]
+        else:
+            from safetensors import safe_open
+
+            with safe_open(str(f), framework="pt") as h:
+                t = h.get_tensor(key)
+        return t.float().numpy() if t.dtype.is_floating_point else t.numpy()

@@ -1,0 +1,92 @@
+"""The package reads as the pipeline: layers import only downward, nothing imports in a circle,
+and what a device runs loads no workstation stack."""
+from __future__ import annotations
+
+import ast
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in edges.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(edges):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_cycle_finder_finds_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_module_of_edgetune_imports_one_that_imports_it_back():
+    grimp = pytest.importorskip("grimp")
+    g = grimp.build_graph("edgetune")
+    edges = {m: set(g.find_modules_directly_imported_by(m)) for m in g.modules}
+    assert _cycles(edges) == []
+
+
+def test_no_benchmark_imports_one_that_imports_it_back():
+    names = {p.stem for p in (ROOT / "bench").glob("*.py")}
+    edges: dict[str, set[str]] = {}
+    for p in (ROOT / "bench").glob("*.py"):
+        deps = set()
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names if a.name in names}
+            elif isinstance(node, ast.ImportFrom) and node.module in names and not node.level:
+                deps.add(node.module)
+        edges[p.stem] = deps
+    assert _cycles(edges) == []
+
+
+def test_layer_contracts_hold():
+    exe = shutil.which("lint-imports", path=str(Path(sys.executable).parent))
+    if exe is None:
+        pytest.skip("import-linter is not installed here (it is in the test extras)")
+    p = subprocess.run([exe, "--no-cache"], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "3 kept, 0 broken" in p.stdout
+
+
+def test_device_formats_and_app_load_no_workstation_stack():
+    mods = sorted(".".join(p.relative_to(ROOT).with_suffix("").parts)
+                  for layer in ("formats", "device", "app") for p in (ROOT / "edgetune" / layer).glob("*.py"))
+    code = ("import importlib, sys\n"
+            f"for m in {mods!r}: importlib.import_module(m)\n"
+            "import edgetune.cli\n"
+            "print(sorted(k for k in ('torch', 'transformers', 'peft', 'onnx', 'gguf') if k in sys.modules))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "[]"
