@@ -1,4 +1,4 @@
-"""``edgetune pack`` / ``verify`` / ``import-peft``: adapters for apps, and PEFT interop.
+"""``edgetune pack``: adapters for apps, beside one shared base model (verify: :mod:`edgetune.app.verify`).
 
 An app directory holds one shared base model and any number of small adapters::
 

@@ -1,21 +1,6 @@
-"""``edgetune pack`` / ``verify`` / ``import-peft``: adapters for apps, and PEFT interop.
-
-An app directory holds one shared base model and any number of small adapters::
-
-    APPDIR/
-      base.onnx, base.onnx.data   the base inference model; adapter weights are graph inputs
-                                  whose defaults have no effect, so it runs with or without one
-      NAME.onnx_adapter           ONNX Runtime's adapter format (LoRA scale folded in)
-      manifest.json               hashes that tie every adapter to this base and tokenizer
-      genai_config.json           the model description onnxruntime-genai reads
-      tokenizer.json, tokenizer_config.json (with the chat template), tokenizer_meta.json,
-      chat_template.jinja, generation_config.json
-
-ONNX Runtime >= 1.20 loads the adapters with ``LoraAdapter`` and
-``RunOptions.add_active_adapter``; onnxruntime-genai opens the directory with
-``og.Model(APPDIR)`` and switches adapters with ``og.Adapters`` and
-``Generator.set_active_adapter``.
-"""
+"""``edgetune verify``: every hash of an app directory, and that each adapter's tensors are
+inputs of the base model with the same names, types and shapes (plain onnxruntime and
+onnxruntime-genai both checked); ``--base`` names a base elsewhere and says whose adapters these are."""
 from __future__ import annotations
 
 import json

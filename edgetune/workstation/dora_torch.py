@@ -1,15 +1,5 @@
-"""DoRA in the graphs: the weight norm is a graph input, computed outside the graph.
-
-DoRA scales each output row of ``W + s B A`` to a learned magnitude ``m``:
-``y = m / ||W + s B A|| * (x W^T + s x A^T B^T)``. PEFT (following the DoRA paper,
-section 4.3) treats the norm as a constant in the backward pass. ONNX has no stop-gradient,
-so edgetune's graphs take the norm as an input (``dora_norm.<module>``) and the caller
-computes it from the current weights: the trainer before every optimizer step, inference
-once when it loads an adapter. The gradient then flows exactly as in PEFT.
-
-The norm is computed without forming ``W + s B A``:
-``||W_o + s (BA)_o||^2 = ||W_o||^2 + 2 s (W A^T)_o . B_o + s^2 B_o (A A^T) B_o^T``.
-"""
+"""DoRA on the export side (torch): the PEFT modules, their norms turned into graph inputs while
+tracing, and their initial values. The numpy side the device uses is :mod:`edgetune.device.dora`."""
 from __future__ import annotations
 
 import contextlib
@@ -18,7 +8,6 @@ from typing import Any, Iterator
 from edgetune.device.dora import row_norms
 
 
-# -- export side (torch) -----------------------------------------------------------------------
 def torch_modules(peft_model: Any) -> list[tuple[str, Any]]:
     """(graph path, PEFT LoraLayer) for every DoRA layer, graph paths as after strip_prefix."""
     out = []
