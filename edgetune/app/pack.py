@@ -44,7 +44,6 @@ from edgetune.formats.peft_io import check_adapter_matches
 from edgetune.formats.version import __version__
 
 
-# -- pack ---------------------------------------------------------------------------------
 def _base_entry(b: _bundle.Bundle, dtype: str) -> dict[str, Any]:
     return {"source": _io.source_name(b.manifest.get("source")), "source_sha256": b.manifest.get("source_sha256"),
             "bundle_base_id": b.base_id, "adapter_dtype": dtype}

@@ -14,7 +14,6 @@ from edgetune.formats.appdir import GENAI_CONFIG, MANIFEST, read_adapter, read_m
 from edgetune.formats.errors import BundleError
 
 
-# -- verify ---------------------------------------------------------------------------------
 def _session_io(path: Path) -> tuple[dict[str, tuple[str, list[Any]]], list[str]]:
     """The base's inputs (adapter weights included) and output names."""
     import onnxruntime as ort

@@ -8,7 +8,6 @@ import click
 from edgetune.cli.main import CONTEXT, handle_errors, log, main
 
 
-# -- export ---------------------------------------------------------------------
 @main.command(context_settings=CONTEXT)
 @click.argument("model", required=False, default="smollm2-135m-instruct")
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Bundle directory to create.")

@@ -9,7 +9,6 @@ import click
 from edgetune.cli.main import CONTEXT, handle_errors, log, main, print_json
 
 
-# -- eval / generate --------------------------------------------------------------
 def _device_opts(f: Callable[..., Any]) -> Callable[..., Any]:
     f = click.option("--placement", is_flag=True,
                      help="Also report how many graph nodes each provider actually ran (one profiled pass).")(f)

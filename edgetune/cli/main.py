@@ -105,6 +105,3 @@ def main() -> None:
                   edgetune generate bundle/ --adapter run/ --prompt "Hello"
     """
 
-
-if __name__ == "__main__":
-    main()

@@ -6,7 +6,6 @@ import click
 from edgetune.cli.main import CONTEXT, handle_errors, log, main, print_json
 
 
-# -- merge ----------------------------------------------------------------------------
 @main.command("merge", context_settings=CONTEXT)
 @click.argument("bundle", type=click.Path())
 @click.argument("run", type=click.Path())

@@ -6,7 +6,6 @@ import click
 from edgetune.cli.main import CONTEXT, handle_errors, log, main, print_json
 
 
-# -- pack / verify / import-peft -------------------------------------------------------
 @main.command(context_settings=CONTEXT)
 @click.argument("run", type=click.Path())
 @click.option("--bundle", "-b", required=True, type=click.Path(), help="The bundle the run was trained from.")

@@ -9,7 +9,6 @@ import click
 from edgetune.cli.main import CONTEXT, handle_errors, log, main, print_json
 
 
-# -- train ----------------------------------------------------------------------
 @main.command(context_settings=CONTEXT)
 @click.argument("bundle", type=click.Path())
 @click.option("--data", "-d", required=True, type=click.Path(), help="Folder with train.jsonl (valid.jsonl) or one .jsonl.")

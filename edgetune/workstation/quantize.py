@@ -10,7 +10,6 @@ from edgetune.formats.errors import ConfigError
 from edgetune.formats.quantized import BITS, RUNTIME_SHIFT, check, read_at
 
 
-# -- graph rewriting ----------------------------------------------------------------------------
 def _consumers(g: Any) -> dict[str, list[tuple[Any, int]]]:
     out: dict[str, list[tuple[Any, int]]] = {}
     for node in g.node:

@@ -38,9 +38,6 @@ def grad_name(param: str) -> str:
     return param + "_grad"
 
 
-# -- graph preparation ------------------------------------------------------------------
-
-
 # -- the builder -------------------------------------------------------------------------
 
 class Builder:
@@ -151,9 +148,6 @@ def rule(*ops: str) -> Callable[[Rule], Rule]:
             RULES[op] = fn
         return fn
     return deco
-
-
-# -- driver ------------------------------------------------------------------------------
 
 
 def is_external(init: Any) -> bool:
