@@ -2,7 +2,7 @@
 
 ``export`` starts from a GGUF by converting it once into a float32 HF folder. transformers'
 way (``from_pretrained(..., gguf_file=...)`` then ``save_pretrained``) holds every dequantized
-tensor and the float model built from them; edgetune's (``edgetune.export.write_gguf_as_hf``)
+tensor and the float model built from them; edgetune's (``edgetune.workstation.export.write_gguf_as_hf``)
 dequantizes one tensor at a time into shards of at most 512 MB. No large GGUF is available
 here, so the script writes one: a Llama-shaped model with **random weights** (about 1.1B
 parameters by default, float16, the default model's tokenizer), labelled as such in its name.
@@ -94,7 +94,7 @@ def write_random_gguf(path: Path, hidden: int, layers: int, inter: int, heads: i
 
 def run_side(side: str, gguf_path: Path, out: Path) -> dict:
     code = {
-        "edgetune": "from edgetune.export import write_gguf_as_hf; write_gguf_as_hf(G, O)",
+        "edgetune": "from edgetune.workstation.export import write_gguf_as_hf; write_gguf_as_hf(G, O)",
         # transformers marks a model loaded from a GGUF as quantized and refuses to save it: the
         # markers are cleared first (the float32 weights are plain tensors).
         "transformers": ("import torch; from transformers import AutoModelForCausalLM, AutoTokenizer; "

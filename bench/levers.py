@@ -70,7 +70,7 @@ WHAT = {
 def export_without(lever: str, out: Path, rank: int) -> None:
     """The default model exported as bench/train.py exports it, with one graph pass skipped."""
     code = (f"from edgetune import autodiff; autodiff.{lever} = {EXPORT_PASSES[lever]}; "
-            "from edgetune.config import AdapterConfig; from edgetune.export import export; "
+            "from edgetune.formats.config import AdapterConfig; from edgetune.workstation.export import export; "
             f"export(None, {str(out)!r}, AdapterConfig(rank={rank}, alpha={2 * rank}, "
             f"targets={tuple(T.TARGETS)!r}), overwrite=True)")
     print(f"exporting the default model without {lever} to {out}", flush=True)

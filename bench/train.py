@@ -446,7 +446,7 @@ def ensure_bundle(a: argparse.Namespace, tmp: Path, quantize: str | None = None,
         # In a child process: the driver stays small, so no worker inherits an export-sized peak.
         print(f"exporting the default model (rank {a.rank} on {','.join(TARGETS)}"
               f"{', ' + quantize + ' base' if quantize else ''}) to {out}", flush=True)
-        code = ("from edgetune.config import AdapterConfig; from edgetune.export import export; "
+        code = ("from edgetune.formats.config import AdapterConfig; from edgetune.workstation.export import export; "
                 f"export(None, {str(out)!r}, AdapterConfig(rank={a.rank}, alpha={2 * a.rank}, "
                 f"targets={tuple(TARGETS)!r}, quantize={quantize!r}, gradient_checkpointing={ckpt!r}), overwrite=True)")
         subprocess.run([sys.executable, "-c", code], check=True, cwd=str(ROOT))
@@ -459,7 +459,7 @@ def ensure_legacy_bundle(a: argparse.Namespace) -> Path:
     out = ROOT / "out" / f"bench-bundle-legacy-r{a.rank}"
     if not (out / "edgetune.json").is_file():
         print(f"exporting the default model for the 1.19.2 backend to {out}", flush=True)
-        code = ("from edgetune.config import AdapterConfig; from edgetune.export import export; "
+        code = ("from edgetune.formats.config import AdapterConfig; from edgetune.workstation.export import export; "
                 f"export(None, {str(out)!r}, AdapterConfig(rank={a.rank}, alpha={2 * a.rank}, "
                 f"targets={tuple(TARGETS)!r}), overwrite=True)")
         subprocess.run([str(LEGACY_PY), "-c", code], check=True, cwd=str(LEGACY_SRC),

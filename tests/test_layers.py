@@ -90,3 +90,34 @@ def test_device_formats_and_app_load_no_workstation_stack():
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == "[]"
+
+
+def _is_module(name: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # a parent that is a module, not a package
+        return False
+
+
+def test_every_edgetune_module_named_outside_the_package_exists():
+    # Benchmarks pass import lines to child processes as strings, and the docs name modules: a
+    # rename of a module must not leave either pointing at nothing.
+    import re
+
+    pattern = re.compile(r"\bedgetune(?:\.[a-z_][a-z_0-9]*)+")
+    public = {"export", "train", "evaluate", "generate", "merge", "pack", "verify", "json", "devices", "dequant_shift"}
+    missing = []
+    for folder in ("bench", "scripts", "examples", "docs"):
+        for f in sorted((ROOT / folder).rglob("*")):
+            if f.suffix not in (".py", ".md", ".sh", ".toml") or not f.is_file():
+                continue
+            for name in set(pattern.findall(f.read_text(errors="replace"))):
+                parts = name.split(".")
+                if len(parts) == 2 and parts[1] in public:
+                    continue  # a public function, an entry-point group, a file or graph-input name
+                # the longest prefix that is a module; what follows may be an attribute of it
+                if not any(_is_module(".".join(parts[:k])) for k in range(len(parts), 1, -1)):
+                    missing.append(f"{f.relative_to(ROOT)}: {name}")
+    assert not missing, "modules named but not in the package:\n" + "\n".join(missing)
