@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from edgetune.device import fused as kernels
 from edgetune.device import providers as devices
 from edgetune.device.optim import AdamW
 from edgetune.formats import bundle as _bundle
@@ -136,7 +137,9 @@ class StepRunner:
         self._runtime = quantized.runtime_feeds(int(q["bits"])) if q else {}
         self.arena = use_arena()
         self._run_opts = run_options(self.arena)
-        self.train_sess = self._session("train.onnx")
+        self.kernel_info = "plain"  # or "fused (ISA)": which graphs run, for run.json and the log
+        self._graphs = {"train": "train.onnx", "eval": "eval.onnx"}
+        self.train_sess = self._open_train()
         self._eval_sess: Any = None
         self.params: dict[str, np.ndarray] = read_tensors(b.path("adapter_init.safetensors"))
         self._check_params(self.params, b.path("adapter_init.safetensors"))
@@ -145,8 +148,45 @@ class StepRunner:
         self._grad_names = [p + "_grad" for p in b.trainable]
 
     # -- sessions ---------------------------------------------------------------------------
-    def _session(self, name: str) -> Any:
+    def _open_train(self) -> Any:
+        """The fused training graph where it can run (CPU provider, library loads, bundle has it),
+        else the plain one; a fused graph the session refuses falls back to the plain one."""
+        fused = self.bundle.manifest.get("fused") or {}
+        want = kernels.mode()
+        why = None
+        if want == "plain":
+            return self._session("train.onnx")
+        if not fused:
+            why = f"bundle {self.bundle.root} has no fused graphs (export it again where the kernel library builds)"
+        elif self.device.provider != "CPUExecutionProvider":
+            why = f"the fused kernels run on the CPU provider, not {self.device.provider}"
+        elif fused.get("abi") != kernels.ABI:
+            why = f"the bundle's fused graphs need kernel ABI {fused.get('abi')}, this edgetune has {kernels.ABI}"
+        elif not kernels.library().ok:
+            why = kernels.library().reason
+        if why is None:
+            try:
+                sess = self._session(fused["train"], fused=True)
+            except DeviceError as e:
+                why = str(e)
+            else:
+                self._graphs = {"train": fused["train"], "eval": fused.get("eval", "eval.onnx")}
+                self.kernel_info = f"fused ({kernels.library().isa})"
+                return sess
+        if want == "fused":
+            raise DeviceError(f"EDGETUNE_KERNELS=fused, but {why}")
+        kernels.say_once(why)
+        return self._session("train.onnx")
+
+    @property
+    def graphs(self) -> dict[str, str]:
+        """The bundle files the training and eval sessions run."""
+        return dict(self._graphs)
+
+    def _session(self, name: str, fused: bool = False) -> Any:
         so = session_options(self.threads, self._shared, arena=self.arena)
+        if fused or name.endswith("_fused.onnx"):
+            kernels.register(so)
         try:
             return devices.session(self.bundle.path(name), self.device, so)
         except DeviceError as e:
@@ -162,7 +202,7 @@ class StepRunner:
     @property
     def eval_sess(self) -> Any:
         if self._eval_sess is None:
-            self._eval_sess = self._session("eval.onnx")
+            self._eval_sess = self._session(self._graphs["eval"])
         return self._eval_sess
 
     def providers(self) -> list[str]:

@@ -359,7 +359,8 @@ class Trainer:
         self._write_run_files(train, valid, total)
         self.log(f"training {len(self.bundle.trainable)} adapter tensors on {len(train)} examples "
                  f"({train.labelled} labelled of {train.tokens} tokens, {train.truncated} truncated); "
-                 f"steps {self.state.step}->{total}; providers {', '.join(self.runner.providers())}")
+                 f"steps {self.state.step}->{total}; providers {', '.join(self.runner.providers())}; "
+                 f"kernels {self.runner.kernel_info}")
         self._log_truncation(train)
         stream = self._micro_batches(train)
         bar = _progress(total, self.state.step, self.progress)
@@ -447,6 +448,7 @@ class Trainer:
                      "truncated": train.truncated,
                      "truncation": {k: v for k, v in train.stats.items() if k != "skipped_records"}},
             "train_providers": self.runner.providers(), "device": self.device.name,
+            "graphs": self.runner.graphs, "kernels": self.runner.kernel_info,
         }))
 
     def _finish(self, adapter: Path, train: _data.Dataset) -> RunResult:

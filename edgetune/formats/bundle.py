@@ -30,7 +30,10 @@ FORMAT = 2  # 1: graphs for ONNX Runtime's training package (1.19.2); 2: standar
 HASHED = ("train.onnx", "train.onnx.data", "eval.onnx", "adapter_init.safetensors",
           "infer.onnx", "infer.onnx.data", "merge_template.onnx", "app_base.onnx",
           "app_base_f16.onnx", "tokenizer.json", "generation_config.json", "tokenizer_meta.json",
-          "chat_template.jinja", "hf_config.json", "hf_tokenizer_config.json")
+          "chat_template.jinja", "hf_config.json", "hf_tokenizer_config.json", "train_fused.onnx", "eval_fused.onnx")
+# Files that do not change what the base model computes: a bundle's id (which adapters are checked
+# against) is the same with or without them.
+NOT_IN_ID = ("adapter_init.safetensors", "train_fused.onnx", "eval_fused.onnx")
 
 
 def _versions() -> dict[str, str]:
@@ -50,7 +53,7 @@ def make_manifest(root: Path, *, source: str, source_sha256: str | None, adapter
     """Describe a freshly exported bundle in ``root``; hashes every file."""
     files = {name: _io.sha256_file(root / name) for name in HASHED if (root / name).exists()}
     sizes = {name: (root / name).stat().st_size for name in files}
-    ident = hashlib.sha256(json.dumps([files[k] for k in sorted(files) if k != "adapter_init.safetensors"]).encode()).hexdigest()
+    ident = hashlib.sha256(json.dumps([files[k] for k in sorted(files) if k not in NOT_IN_ID]).encode()).hexdigest()
     return {
         "format": FORMAT,
         "kind": "edgetune-bundle",

@@ -533,11 +533,13 @@ def _probe_feeds(proto: Any, vocab: int) -> list[dict[str, Any]]:
     return feeds
 
 
-def build_training(forward_onnx: Path, trainable: list[str], out: Path, vocab: int, recompute: bool = False) -> None:
+def build_training(forward_onnx: Path, trainable: list[str], out: Path, vocab: int,
+                   recompute: bool = False) -> dict[str, Any]:
     """``train.onnx`` (loss and adapter gradients), ``eval.onnx`` (loss) sharing one weight
     file, and ``adapter_init.safetensors``: only ``trainable`` tensors get gradients.
     ``forward_onnx`` keeps its weights in ``train.onnx.data`` beside it; the tensors the
-    gradient builder adds go at the end of that file."""
+    gradient builder adds go at the end of that file. Then the fused graphs (:func:`build_fused`);
+    returns the manifest's ``fused`` entry."""
     import onnx
 
     proto = onnx.load(str(forward_onnx), load_external_data=False)
@@ -551,6 +553,40 @@ def build_training(forward_onnx: Path, trainable: list[str], out: Path, vocab: i
     from safetensors.numpy import save
 
     _io.write_bytes(out / "adapter_init.safetensors", save({n: v.astype("float32") for n, v in tg.initial.items()}))
+    return build_fused(forward_onnx, trainable, out, vocab, recompute)
+
+
+def build_fused(forward_onnx: Path, trainable: list[str], out: Path, vocab: int, recompute: bool = False,
+                log: Log = lambda s: None) -> dict[str, Any]:
+    """``train_fused.onnx`` and ``eval_fused.onnx``: the same graphs with the ``edgetune`` domain's
+    fused kernels (:mod:`edgetune.workstation.gradients.fused`), reading the plain graphs' weight
+    file. Built when the kernel library loads here; returns the manifest's ``fused`` entry
+    (``{}`` when there is none)."""
+    import onnx
+
+    from edgetune.device import fused as kernels
+
+    lib = kernels.library()
+    if not lib.ok or kernels.mode() == "plain":
+        log(f"no fused graphs: {lib.reason or 'EDGETUNE_KERNELS=plain'}")
+        return {}
+    proto = onnx.load(str(forward_onnx), load_external_data=False)
+    tg = autodiff.build(proto, trainable, "loss", _probe_feeds(proto, vocab), base_dir=forward_onnx.parent,
+                        recompute=recompute, fused=True)
+    ops: dict[str, int] = {}
+    for n in tg.model.graph.node:
+        if n.domain == kernels.DOMAIN:
+            ops[n.op_type] = ops.get(n.op_type, 0) + 1
+    if not ops:
+        return {}
+    # Weights stay in the plain graph's file (its bytes, and so the base id, do not change); the
+    # few tensors the fused build adds are small and stay inline.
+    for model, name in ((tg.model, "train_fused.onnx"), (proto, "eval_fused.onnx")):
+        if model is proto:
+            graphs.disable_dropout(proto)
+        graphs.share_external_data(model, out / "train.onnx")
+        onnx.save(model, str(out / name))
+    return {"train": "train_fused.onnx", "eval": "eval_fused.onnx", "abi": kernels.ABI, "ops": ops}
 
 
 def stop_token_ids(gen: dict[str, Any], eos_id: int | None) -> list[int]:
@@ -629,7 +665,8 @@ def _export(model: str | os.PathLike | None, out: Path, cfg: AdapterConfig, log:
         extdata.write_external(fwd, tmp / "_forward.onnx", "train.onnx.data", fwd_lazy, threshold=1024)
         del fwd
         log("building the training graph (gradients of the adapter weights)")
-        build_training(tmp / "_forward.onnx", trainable, tmp, int(hf.config.vocab_size), cfg.gradient_checkpointing)
+        fused = build_training(tmp / "_forward.onnx", trainable, tmp, int(hf.config.vocab_size),
+                               cfg.gradient_checkpointing)
         (tmp / "_forward.onnx").unlink()
         log("writing the inference graph and weights")
         qinfo = None
@@ -676,6 +713,8 @@ def _export(model: str | os.PathLike | None, out: Path, cfg: AdapterConfig, log:
         )
         if qinfo:
             manifest["quantization"] = qinfo
+        if fused:
+            manifest["fused"] = fused
         _io.write_json(tmp / _bundle.MANIFEST, _io.seal(manifest))
     log(f"bundle written to {out} in {time.time() - t0:.0f}s")
     return out

@@ -8,7 +8,7 @@ onnxruntime-training package. Only nodes on a path from a trainable tensor to th
 differentiated; frozen weights get no gradient.
 
 One module per op family (``elementwise``, ``normalization``, ``shape``, ``matmul``,
-``loss``); ``core`` holds the builder and the registry the rules add themselves to; the one
+``loss``, and ``fused``: the ``edgetune`` domain's fused ops and the rewrite that makes them); ``core`` holds the builder and the registry the rules add themselves to; the one
 public entry is :func:`build`.
 
 Broadcast axes are found by running the forward graph on two probe batches of different
@@ -18,7 +18,7 @@ symbolic shape inference cannot tell that two unknown dimensions are the same.
 from __future__ import annotations
 
 # Each rule module registers its rules in core.RULES when imported.
-from . import elementwise, loss, matmul, normalization, shape  # noqa: F401
+from . import elementwise, fused, loss, matmul, normalization, shape  # noqa: F401
 from .core import RULES, TrainingGraph, grad_name
 from .driver import build
 

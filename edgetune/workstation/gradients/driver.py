@@ -8,6 +8,7 @@ import numpy as np
 from edgetune.formats.errors import ModelError
 
 from .core import FLOATS, RULES, Builder, TrainingGraph, grad_name
+from .fused import fuse as fuse_ops
 from .memory import hoist_shapes, recompute_cheap, recompute_layers
 from .prepare import drop_noop_casts, elem_types, fuse_matmuls, probe_shapes
 
@@ -104,17 +105,22 @@ def params_to_inputs(proto: Any, params: list[str], base_dir: Any = None) -> dic
 
 
 def build(proto: Any, params: list[str], loss: str, feeds: Sequence[dict[str, np.ndarray]],
-          base_dir: Any = None, recompute: bool = False) -> TrainingGraph:
+          base_dir: Any = None, recompute: bool = False, fused: bool = False) -> TrainingGraph:
     """The training graph of ``proto``: ``loss`` and the gradient of each of ``params``.
     ``base_dir`` is where the external data of ``proto``'s weights lies, if it has any. With
     ``recompute``, each decoder layer's activations are recomputed in the backward pass
-    (:func:`recompute_layers`)."""
+    (:func:`recompute_layers`). With ``fused``, the forward graph is first rewritten into the
+    ``edgetune`` domain's fused ops (:func:`edgetune.workstation.gradients.fused.fuse`), whose
+    library must load here."""
     import onnx
 
     types = elem_types(proto)
     drop_noop_casts(proto, types)
     fuse_matmuls(proto)
     drop_unused_initializers(proto)
+    if fused:
+        fuse_ops(proto)
+        types = elem_types(proto)
     shapes, fixed = probe_shapes(proto, feeds, types, base_dir)
     initial = params_to_inputs(proto, params, base_dir)
     train = onnx.ModelProto()

@@ -6,6 +6,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from edgetune.formats.errors import DeviceError, ModelError
+
 from .core import MS, attr, is_external
 
 
@@ -160,7 +162,7 @@ def elem_types(proto: Any) -> dict[str, int]:
         types = {v.name: v.type.tensor_type.elem_type
                  for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)}
         types.update({i.name: i.data_type for i in proto.graph.initializer})
-        missing = [(o, types[n.input[0]]) for n in proto.graph.node if n.domain == MS and n.input
+        missing = [(o, types[n.input[0]]) for n in proto.graph.node if n.domain in (MS, "edgetune") and n.input
                    and n.input[0] in types for o in n.output if not types.get(o)]
         if not missing:
             break
@@ -191,6 +193,13 @@ def probe_shapes(proto: Any, feeds: Sequence[dict[str, np.ndarray]], types: dict
     so.log_severity_level = 3
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.add_session_config_entry("session.disable_prepacking", "1")  # weights stay memory-mapped
+    if any(n.domain == "edgetune" for n in proto.graph.node):
+        from edgetune.device import fused as kernels
+
+        try:
+            kernels.register(so)
+        except DeviceError as e:
+            raise ModelError(f"cannot build the fused training graph: {e}") from None
     if base_dir is None:
         sess = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
     else:

@@ -1,0 +1,7 @@
+// The fused training kernels built for the avx512 instruction set (target flags: CMakeLists.txt).
+#define EDGETUNE_ISA_NS fused_isa_avx512
+#include "kernels.hpp"
+
+namespace edgetune {
+FusedKernels fused_avx512() { return fused_isa_avx512::kernels("avx512"); }
+}  // namespace edgetune

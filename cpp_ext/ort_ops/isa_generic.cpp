@@ -1,0 +1,7 @@
+// The fused training kernels built for the generic instruction set (target flags: CMakeLists.txt).
+#define EDGETUNE_ISA_NS fused_isa_generic
+#include "kernels.hpp"
+
+namespace edgetune {
+FusedKernels fused_generic() { return fused_isa_generic::kernels("generic"); }
+}  // namespace edgetune

@@ -1,0 +1,260 @@
+// edgetune's fused training kernels as an ONNX Runtime custom-op library (domain "edgetune").
+// Python loads it with SessionOptions.register_custom_ops_library; any other binding (C, C++, C#,
+// Java) with its own RegisterCustomOpsLibrary call. Built on the versioned C API, so a library
+// compiled against older headers runs in every later ONNX Runtime.
+//
+// Ops (float32; shapes in edgetune/device/fused.py):
+//   SwiGLU(g, u) -> y                          y = silu(g) * u
+//   SwiGLUGrad(dy, g, u) -> dg, du
+//   RMSNorm(x, w; epsilon) -> y, inv_rms       over the last axis
+//   RMSNormGrad(dy, x, w, inv_rms) -> dx, dw
+//   Rotary(x, cos, sin) -> y                   rotate-half rotary embedding, cos/sin broadcast to x
+//   RotaryGrad(dy, cos, sin) -> dx
+#define ORT_API_MANUAL_INIT
+#include "onnxruntime_cxx_api.h"
+#undef ORT_API_MANUAL_INIT
+#include "onnxruntime_lite_custom_op.h"
+
+#include <cstdlib>
+#include <exception>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "fused.hpp"
+
+namespace {
+
+using edgetune::FusedKernels;
+using Ort::Custom::Tensor;
+
+std::vector<FusedKernels> available() {
+  std::vector<FusedKernels> v{edgetune::fused_generic()};
+#if defined(EDGETUNE_X86) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (avx2) v.push_back(edgetune::fused_avx2());
+  if (avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) v.push_back(edgetune::fused_avx512());
+#endif
+  return v;
+}
+
+// The widest build this CPU runs, or the one EDGETUNE_ISA names when this CPU has it.
+const FusedKernels& K() {
+  static const FusedKernels chosen = [] {
+    auto all = available();
+    const char* want = std::getenv("EDGETUNE_ISA");
+    if (want && *want)
+      for (const auto& k : all)
+        if (std::string(k.name) == want) return k;
+    return all.back();
+  }();
+  return chosen;
+}
+
+std::string shape_str(const std::vector<int64_t>& s) {
+  std::string out = "[";
+  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+  return out + "]";
+}
+
+Ort::Status fail(const std::string& op, const std::string& msg) {
+  return Ort::Status(("edgetune::" + op + ": " + msg).c_str(), ORT_INVALID_ARGUMENT);
+}
+
+// Runs fn(block) for block in [0, n) on the session's intra-op thread pool.
+void parallel(OrtKernelContext* ctx, size_t n, const std::function<void(size_t)>& fn) {
+  if (n <= 1) {
+    if (n == 1) fn(0);
+    return;
+  }
+  auto tramp = [](void* user, size_t i) { (*static_cast<const std::function<void(size_t)>*>(user))(i); };
+  Ort::KernelContext(ctx).ParallelFor(tramp, n, 0, const_cast<std::function<void(size_t)>*>(&fn));
+}
+
+constexpr size_t BLOCK = 16384;  // floats per parallel task: large enough to hide the task's cost
+
+size_t blocks_of(size_t n) { return (n + BLOCK - 1) / BLOCK; }
+
+template <typename F>
+Ort::Status guarded(const char* op, F&& body) {
+  try {
+    return body();
+  } catch (const std::exception& e) {
+    return fail(op, e.what());
+  }
+}
+
+Ort::Status SwiGLU(OrtKernelContext* ctx, const Tensor<float>& g, const Tensor<float>& u, Tensor<float>& y) {
+  return guarded("SwiGLU", [&]() -> Ort::Status {
+    if (g.Shape() != u.Shape()) return fail("SwiGLU", "g " + shape_str(g.Shape()) + " and u " + shape_str(u.Shape()) + " differ");
+    const size_t n = static_cast<size_t>(g.NumberOfElement());
+    float* out = y.Allocate(g.Shape());
+    const float *pg = g.Data(), *pu = u.Data();
+    parallel(ctx, blocks_of(n), [&](size_t b) {
+      const size_t lo = b * BLOCK, len = std::min(BLOCK, n - lo);
+      K().swiglu(pg + lo, pu + lo, out + lo, len);
+    });
+    return Ort::Status{nullptr};
+  });
+}
+
+Ort::Status SwiGLUGrad(OrtKernelContext* ctx, const Tensor<float>& dy, const Tensor<float>& g, const Tensor<float>& u,
+                       Tensor<float>& dg, Tensor<float>& du) {
+  return guarded("SwiGLUGrad", [&]() -> Ort::Status {
+    if (g.Shape() != u.Shape() || dy.Shape() != g.Shape())
+      return fail("SwiGLUGrad", "dy " + shape_str(dy.Shape()) + ", g " + shape_str(g.Shape()) + " and u " +
+                                    shape_str(u.Shape()) + " must agree");
+    const size_t n = static_cast<size_t>(g.NumberOfElement());
+    float* pdg = dg.Allocate(g.Shape());
+    float* pdu = du.Allocate(g.Shape());
+    const float *pdy = dy.Data(), *pg = g.Data(), *pu = u.Data();
+    parallel(ctx, blocks_of(n), [&](size_t b) {
+      const size_t lo = b * BLOCK, len = std::min(BLOCK, n - lo);
+      K().swiglu_grad(pdy + lo, pg + lo, pu + lo, pdg + lo, pdu + lo, len);
+    });
+    return Ort::Status{nullptr};
+  });
+}
+
+struct RMSNorm {
+  float eps = 1e-6f;
+  RMSNorm(const OrtApi*, const OrtKernelInfo* info) { eps = Ort::ConstKernelInfo(info).GetAttribute<float>("epsilon"); }
+
+  Ort::Status Compute(OrtKernelContext* ctx, const Tensor<float>& x, const Tensor<float>& w, Tensor<float>& y,
+                      Tensor<float>& inv) {
+    return guarded("RMSNorm", [&]() -> Ort::Status {
+      const auto& s = x.Shape();
+      if (s.empty() || w.Shape().size() != 1 || w.Shape()[0] != s.back())
+        return fail("RMSNorm", "x " + shape_str(s) + " and weight " + shape_str(w.Shape()) + " do not fit");
+      const size_t d = static_cast<size_t>(s.back()), rows = d ? static_cast<size_t>(x.NumberOfElement()) / d : 0;
+      float* py = y.Allocate(s);
+      std::vector<int64_t> is(s.begin(), s.end() - 1);
+      is.push_back(1);
+      float* pinv = inv.Allocate(is);
+      const size_t per = std::max<size_t>(1, BLOCK / std::max<size_t>(d, 1));
+      const float *px = x.Data(), *pw = w.Data();
+      const float e = eps;
+      parallel(ctx, (rows + per - 1) / per, [&](size_t b) {
+        const size_t lo = b * per, n = std::min(per, rows - lo);
+        K().rmsnorm(px + lo * d, pw, py + lo * d, pinv + lo, n, d, e);
+      });
+      return Ort::Status{nullptr};
+    });
+  }
+};
+
+Ort::Status RMSNormGrad(OrtKernelContext* ctx, const Tensor<float>& dy, const Tensor<float>& x, const Tensor<float>& w,
+                        const Tensor<float>& inv, Tensor<float>& dx, Tensor<float>& dw) {
+  return guarded("RMSNormGrad", [&]() -> Ort::Status {
+    const auto& s = x.Shape();
+    if (s.empty() || dy.Shape() != s || w.Shape().size() != 1 || w.Shape()[0] != s.back())
+      return fail("RMSNormGrad", "dy " + shape_str(dy.Shape()) + ", x " + shape_str(s) + " and weight " +
+                                     shape_str(w.Shape()) + " do not fit");
+    const size_t d = static_cast<size_t>(s.back()), rows = d ? static_cast<size_t>(x.NumberOfElement()) / d : 0;
+    if (static_cast<size_t>(inv.NumberOfElement()) != rows)
+      return fail("RMSNormGrad", "inv_rms " + shape_str(inv.Shape()) + " does not have one value per row of x " + shape_str(s));
+    float* pdx = dx.Allocate(s);
+    float* pdw = dw.Allocate(w.Shape());
+    const size_t per = std::max<size_t>(1, BLOCK / std::max<size_t>(d, 1));
+    const size_t nb = (rows + per - 1) / per;
+    std::vector<float> partial(nb * d, 0.0f);
+    const float *pdy = dy.Data(), *px = x.Data(), *pw = w.Data(), *pinv = inv.Data();
+    parallel(ctx, nb, [&](size_t b) {
+      const size_t lo = b * per, n = std::min(per, rows - lo);
+      K().rmsnorm_grad(pdy + lo * d, px + lo * d, pw, pinv + lo, pdx + lo * d, partial.data() + b * d, n, d);
+    });
+    for (size_t k = 0; k < d; ++k) pdw[k] = 0.0f;
+    for (size_t b = 0; b < nb; ++b)
+      for (size_t k = 0; k < d; ++k) pdw[k] += partial[b * d + k];
+    return Ort::Status{nullptr};
+  });
+}
+
+// cos/sin are broadcast to x from the right; each of their dimensions is 1 or x's.
+Ort::Status rotary(const char* op, OrtKernelContext* ctx, const Tensor<float>& x, const Tensor<float>& c,
+                   const Tensor<float>& s, Tensor<float>& y, bool backward) {
+  return guarded(op, [&]() -> Ort::Status {
+    const auto& xs = x.Shape();
+    const auto& cs = c.Shape();
+    if (xs.empty() || cs != s.Shape() || cs.size() > xs.size() || cs.empty() || cs.back() != xs.back() || xs.back() % 2)
+      return fail(op, "x " + shape_str(xs) + ", cos " + shape_str(cs) + " and sin " + shape_str(s.Shape()) +
+                          " do not fit (cos and sin alike, broadcast to x, an even last axis)");
+    const size_t r = xs.size(), d = static_cast<size_t>(xs.back());
+    std::vector<size_t> cstride(r, 0);  // float offset in cos per step of each x axis (0 where broadcast)
+    size_t acc = d;
+    for (size_t k = 1; k < cs.size(); ++k) {
+      const size_t ax = cs.size() - 1 - k, xa = r - 1 - k;
+      if (cs[ax] != 1 && cs[ax] != xs[xa])
+        return fail(op, "cos " + shape_str(cs) + " does not broadcast to x " + shape_str(xs));
+      cstride[xa] = cs[ax] == 1 ? 0 : acc;
+      acc *= static_cast<size_t>(cs[ax]);
+    }
+    const size_t rows = static_cast<size_t>(x.NumberOfElement()) / d;
+    float* py = y.Allocate(xs);
+    const float *px = x.Data(), *pc = c.Data(), *ps = s.Data();
+    const size_t per = std::max<size_t>(1, BLOCK / d);
+    parallel(ctx, (rows + per - 1) / per, [&](size_t b) {
+      const size_t lo = b * per, hi = std::min(rows, lo + per);
+      for (size_t row = lo; row < hi; ++row) {
+        size_t rem = row, off = 0;
+        for (size_t ax = r - 1; ax-- > 0;) {
+          const size_t n = static_cast<size_t>(xs[ax]);
+          off += (rem % n) * cstride[ax];
+          rem /= n;
+        }
+        K().rotary_row(px + row * d, pc + off, ps + off, py + row * d, d, backward);
+      }
+    });
+    return Ort::Status{nullptr};
+  });
+}
+
+Ort::Status Rotary(OrtKernelContext* ctx, const Tensor<float>& x, const Tensor<float>& c, const Tensor<float>& s,
+                   Tensor<float>& y) {
+  return rotary("Rotary", ctx, x, c, s, y, false);
+}
+
+Ort::Status RotaryGrad(OrtKernelContext* ctx, const Tensor<float>& dy, const Tensor<float>& c, const Tensor<float>& s,
+                       Tensor<float>& dx) {
+  return rotary("RotaryGrad", ctx, dy, c, s, dx, true);
+}
+
+}  // namespace
+
+#if defined(_WIN32)
+#define EDGETUNE_EXPORT __declspec(dllexport)
+#else
+#define EDGETUNE_EXPORT __attribute__((visibility("default")))
+#endif
+
+// The instruction set the kernels run with, for `edgetune doctor` and run.json.
+extern "C" EDGETUNE_EXPORT const char* EdgetuneFusedIsa() { return K().name; }
+
+// Bumped when an op's inputs, outputs or meaning change; a bundle's fused graph names the one it needs.
+extern "C" EDGETUNE_EXPORT int EdgetuneFusedAbi() { return 1; }
+
+extern "C" EDGETUNE_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
+  Ort::InitApi(api_base->GetApi(ORT_API_VERSION));
+  // The ops and their domain must outlive every session that uses them: they live for the process.
+  static std::vector<std::unique_ptr<Ort::Custom::OrtLiteCustomOp>> ops;
+  static std::unique_ptr<Ort::CustomOpDomain> domain;
+  try {
+    if (!domain) {
+      domain = std::make_unique<Ort::CustomOpDomain>("edgetune");
+      const char* cpu = "CPUExecutionProvider";
+      ops.emplace_back(Ort::Custom::CreateLiteCustomOp("SwiGLU", cpu, SwiGLU));
+      ops.emplace_back(Ort::Custom::CreateLiteCustomOp("SwiGLUGrad", cpu, SwiGLUGrad));
+      ops.emplace_back(Ort::Custom::CreateLiteCustomOp<RMSNorm>("RMSNorm", cpu));
+      ops.emplace_back(Ort::Custom::CreateLiteCustomOp("RMSNormGrad", cpu, RMSNormGrad));
+      ops.emplace_back(Ort::Custom::CreateLiteCustomOp("Rotary", cpu, Rotary));
+      ops.emplace_back(Ort::Custom::CreateLiteCustomOp("RotaryGrad", cpu, RotaryGrad));
+      for (auto& op : ops) domain->Add(op.get());
+    }
+    Ort::UnownedSessionOptions(options).Add(*domain);
+  } catch (const std::exception& e) {
+    return Ort::GetApi().CreateStatus(ORT_FAIL, e.what());
+  }
+  return nullptr;
+}

@@ -1,0 +1,196 @@
+"""The fused form of a forward graph, and the gradient rules of its ops.
+
+:func:`fuse` rewrites the patterns the exporter emits into ops of the ``edgetune`` domain, which
+the custom-op library (``cpp_ext/ort_ops``, loaded by :mod:`edgetune.device.fused`) implements:
+
+- ``RMSNorm(x, w)``: ``w * (x / sqrt(mean(x^2) + eps))`` (Pow, ReduceMean, Add, Sqrt, Div, Mul, Mul);
+- ``SwiGLU(g, u)``: ``silu(g) * u`` (QuickGelu with alpha 1, Mul);
+- ``Rotary(x, cos, sin)``: ``x * cos + rotate_half(x) * sin`` (Slice, Slice, Neg, Concat, Mul, Mul, Add).
+
+Each becomes one pass over memory forward and one backward, where the plain graph runs several
+elementwise ops each way and keeps their intermediates. A pattern that does not match exactly is
+left as it is, so the fused graph is always correct and at worst as slow as the plain one.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from edgetune.formats.errors import ModelError
+
+from .core import MS, Builder, attr, rule
+
+DOMAIN = "edgetune"
+
+
+class _Graph:
+    """Producers and consumers of a graph's tensors, for matching."""
+
+    def __init__(self, proto: Any) -> None:
+        self.g = proto.graph
+        self.producer = {o: n for n in self.g.node for o in n.output if o}
+        self.consumers: dict[str, list[Any]] = {}
+        for n in self.g.node:
+            for i in n.input:
+                self.consumers.setdefault(i, []).append(n)
+        self.outputs = {o.name for o in self.g.output}
+        self.drop: set[int] = set()
+
+    def only_use(self, t: str) -> Optional[Any]:
+        """The single node reading ``t`` (and ``t`` no graph output), else None."""
+        c = self.consumers.get(t, [])
+        return c[0] if len(c) == 1 and t not in self.outputs else None
+
+    def made_by(self, t: str, op: str, domain: str = "") -> Optional[Any]:
+        n = self.producer.get(t)
+        ok = n is not None and n.op_type == op and (n.domain or "") in ((domain,) if domain else ("", "ai.onnx"))
+        return n if ok and id(n) not in self.drop else None
+
+    def scalar(self, t: str) -> Optional[float]:
+        from onnx import numpy_helper
+
+        n = self.producer.get(t)
+        if n is not None and n.op_type == "Constant":
+            v = numpy_helper.to_array(attr(n, "value"))
+        else:
+            init = next((i for i in self.g.initializer if i.name == t and i.data_location != 1), None)
+            if init is None:
+                return None
+            v = numpy_helper.to_array(init)
+        return float(v.reshape(())) if v.size == 1 and v.dtype.kind == "f" else None
+
+
+def _other(node: Any, t: str) -> str:
+    return node.input[1] if node.input[0] == t else node.input[0]
+
+
+def _swiglu(G: _Graph, mul: Any) -> Optional[tuple[list[str], list[str], dict, list[Any]]]:
+    for t in mul.input:
+        act = G.made_by(t, "QuickGelu", MS)
+        if act is not None and float(attr(act, "alpha", 1.702)) == 1.0 and G.only_use(t) is mul:
+            return [act.input[0], _other(mul, t)], list(mul.output), {}, [act]
+    return None
+
+
+def _rmsnorm(G: _Graph, mul_w: Any) -> Optional[tuple[list[str], list[str], dict, list[Any]]]:
+    for t in mul_w.input:
+        mul_x = G.made_by(t, "Mul")
+        if mul_x is None or G.only_use(t) is not mul_w:
+            continue
+        for r in mul_x.input:
+            div = G.made_by(r, "Div")
+            if div is None or G.only_use(r) is not mul_x or G.scalar(div.input[0]) != 1.0:
+                continue
+            x = _other(mul_x, r)
+            sqrt = G.made_by(div.input[1], "Sqrt")
+            add = sqrt and G.only_use(div.input[1]) is div and G.made_by(sqrt.input[0], "Add")
+            if not add or G.only_use(sqrt.input[0]) is not sqrt:
+                continue
+            mean_t = next((i for i in add.input if G.made_by(i, "ReduceMean")), None)
+            eps = G.scalar(_other(add, mean_t)) if mean_t else None
+            mean = G.made_by(mean_t, "ReduceMean") if mean_t else None
+            if mean is None or eps is None or G.only_use(mean_t) is not add or attr(mean, "keepdims", 1) != 1:
+                continue
+            axes = list(attr(mean, "axes") or [])
+            if len(mean.input) > 1 or axes != [-1]:
+                continue
+            pow_ = G.made_by(mean.input[0], "Pow")
+            if pow_ is None or pow_.input[0] != x or G.scalar(pow_.input[1]) != 2.0 or G.only_use(mean.input[0]) is not mean:
+                continue
+            return ([x, _other(mul_w, t)], [mul_w.output[0], mul_w.output[0] + "/inv_rms"], {"epsilon": eps},
+                    [mul_x, div, sqrt, add, mean, pow_])
+    return None
+
+
+def _rotary(G: _Graph, add: Any) -> Optional[tuple[list[str], list[str], dict, list[Any]]]:
+    muls = [G.made_by(t, "Mul") for t in add.input]
+    if None in muls or any(G.only_use(t) is not add for t in add.input):
+        return None
+    for m_cos, m_sin in (muls, muls[::-1]):
+        for cat_t in m_sin.input:
+            cat = G.made_by(cat_t, "Concat")
+            if cat is None or len(cat.input) != 2 or attr(cat, "axis") != -1 or G.only_use(cat_t) is not m_sin:
+                continue
+            neg = G.made_by(cat.input[0], "Neg")
+            first = G.made_by(cat.input[1], "Slice")
+            second = neg and G.made_by(neg.input[0], "Slice")
+            if not (first and second) or first.input[0] != second.input[0] or \
+                    any(G.only_use(t) is None for t in (cat.input[0], cat.input[1], neg.input[0])):
+                continue
+            x = first.input[0]
+            if x not in m_cos.input:
+                continue
+            return ([x, _other(m_cos, x), _other(m_sin, cat_t)], list(add.output), {},
+                    [m_cos, m_sin, cat, neg, first, second])
+    return None
+
+
+_PATTERNS = (("Mul", "SwiGLU", _swiglu), ("Mul", "RMSNorm", _rmsnorm), ("Add", "Rotary", _rotary))
+
+
+def fuse(proto: Any) -> dict[str, int]:
+    """Rewrite ``proto``'s forward graph into its fused form in place; returns how many of each
+    fused op it made. Nodes that only fed a fused pattern (slice bounds, say) are removed."""
+    from onnx import helper
+
+    counts: dict[str, int] = {}
+    for anchor, op, match in _PATTERNS:
+        G = _Graph(proto)
+        replace: dict[int, Any] = {}
+        for node in G.g.node:
+            if node.op_type != anchor or node.domain not in ("", "ai.onnx") or id(node) in G.drop:
+                continue
+            found = match(G, node)
+            if found is None:
+                continue
+            ins, outs, attrs, gone = found
+            replace[id(node)] = helper.make_node(op, ins, outs, name=(node.name or outs[0]) + "/fused",
+                                                 domain=DOMAIN, **attrs)
+            G.drop.update(id(n) for n in gone)
+            counts[op] = counts.get(op, 0) + 1
+        nodes = [replace.get(id(n), n) for n in G.g.node if id(n) not in G.drop]
+        del G.g.node[:]
+        G.g.node.extend(nodes)
+    if counts:
+        _drop_dead(proto)
+        if not any(o.domain == DOMAIN for o in proto.opset_import):
+            proto.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+    return counts
+
+
+def _drop_dead(proto: Any) -> None:
+    """Remove nodes none of whose outputs is read (repeated until none is left)."""
+    g = proto.graph
+    while True:
+        used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+        keep = [n for n in g.node if any(o in used for o in n.output if o)]
+        if len(keep) == len(g.node):
+            return
+        del g.node[:]
+        g.node.extend(keep)
+
+
+def has_fused_ops(proto: Any) -> bool:
+    return any(n.domain == DOMAIN for n in proto.graph.node)
+
+
+# -- gradient rules -------------------------------------------------------------------------
+
+@rule("SwiGLU")
+def _swiglu_grad(b: Builder, n: Any, gy: list, want: list) -> list:
+    dg, du = b.op("SwiGLUGrad", [gy[0], n.input[0], n.input[1]], domain=DOMAIN, n_out=2)
+    return [dg if want[0] else None, du if want[1] else None]
+
+
+@rule("RMSNorm")
+def _rmsnorm_grad(b: Builder, n: Any, gy: list, want: list) -> list:
+    if gy[1] is not None:
+        raise ModelError(f"autodiff: {n.name}'s inv_rms output reaches the loss; only its normalized output may")
+    dx, dw = b.op("RMSNormGrad", [gy[0], n.input[0], n.input[1], n.output[1]], domain=DOMAIN, n_out=2)
+    return [dx if want[0] else None, dw if want[1] else None]
+
+
+@rule("Rotary")
+def _rotary_grad(b: Builder, n: Any, gy: list, want: list) -> list:
+    if want[1] or want[2]:
+        raise ModelError(f"autodiff: {n.name}: gradients of the rotary cos/sin tables are not supported")
+    return [b.op("RotaryGrad", [gy[0], n.input[1], n.input[2]], domain=DOMAIN), None, None]
