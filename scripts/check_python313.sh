@@ -23,6 +23,9 @@ mkdir -p "$CHROOT/opt/wheels" "$CHROOT/opt/src" "$CHROOT/opt/assets"
   -d "$CHROOT/opt/wheels" "onnxruntime>=1.20" numpy tokenizers jinja2 click safetensors tqdm psutil pytest \
   hypothesis matplotlib "scikit-build-core>=0.10" "nanobind>=2.0" pathspec packaging
 git archive HEAD | tar -x -C "$CHROOT/opt/src"
+# ONNX Runtime's headers for the fused-kernel library, found or fetched here like on the host.
+HEADERS=$(bash scripts/onnxruntime_headers.sh)
+rm -rf "$CHROOT/opt/ort" && mkdir -p "$CHROOT/opt/ort/include" && cp -r "$HEADERS"/. "$CHROOT/opt/ort/include/"
 "$HOSTPY" tests/tiny.py "$CHROOT/opt/assets" >/dev/null
 mountpoint -q "$CHROOT/proc" || mount -t proc proc "$CHROOT/proc"
 trap 'umount "$CHROOT/proc" 2>/dev/null || true' EXIT
@@ -31,7 +34,7 @@ chroot "$CHROOT" /bin/bash -euc '
   python3 -m venv /opt/venv
   /opt/venv/bin/pip install --quiet --no-index --find-links /opt/wheels numpy onnxruntime tokenizers jinja2 click \
       safetensors tqdm psutil pytest hypothesis matplotlib scikit-build-core nanobind
-  /opt/venv/bin/pip install --quiet --no-index --find-links /opt/wheels --no-build-isolation .
+  ONNXRUNTIME_ROOT=/opt/ort /opt/venv/bin/pip install --quiet --no-index --find-links /opt/wheels --no-build-isolation .
   cd /opt && /opt/venv/bin/python -c "import sys, onnxruntime, edgetune.device._ext; print(sys.version.split()[0], onnxruntime.__version__)"
   ! /opt/venv/bin/python -c "import torch" 2>/dev/null
   EDGETUNE_TEST_ASSETS=/opt/assets EDGETUNE_DEVICE_ONLY=1 /opt/venv/bin/python -m pytest -q -p no:cacheprovider \

@@ -3,6 +3,7 @@
 // them: independent partial sums instead of one running sum, and an exp built from arithmetic.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -15,11 +16,11 @@ namespace EDGETUNE_ISA_NS {
 
 // Cephes' expf: relative error under 2e-7 over the clamped range, and vectorizable.
 inline float exp_approx(float x) {
-  x = x > 88.3762626647949f ? 88.3762626647949f : x;
-  x = x < -87.3365447504f ? -87.3365447504f : x;
-  float fx = x * 1.44269504088896341f + 0.5f;
-  float n = static_cast<float>(static_cast<int32_t>(fx));
-  n = n > fx ? n - 1.0f : n;  // floor
+  x = std::min(std::max(x, -87.3365447504f), 88.3762626647949f);
+  const float fx = x * 1.44269504088896341f + 0.5f;
+  // floor(fx) as a truncation of a positive number (fx > -126 after the clamp): a compare here
+  // would keep the compiler from vectorizing the loops that call this.
+  const float n = static_cast<float>(static_cast<int32_t>(fx + 128.0f)) - 128.0f;
   x = x - n * 0.693359375f - n * -2.12194440e-4f;
   float y = 1.9875691500E-4f;
   y = y * x + 1.3981999507E-3f;
@@ -49,8 +50,8 @@ inline void swiglu_grad(const float* dy, const float* g, const float* u, float* 
   for (size_t i = 0; i < n; ++i) {
     const float s = sigmoid(g[i]);
     const float silu = g[i] * s;
-    if (du) du[i] = dy[i] * silu;
-    if (dg) dg[i] = dy[i] * u[i] * (s + silu * (1.0f - s));
+    du[i] = dy[i] * silu;
+    dg[i] = dy[i] * u[i] * (s + silu * (1.0f - s));
   }
 }
 

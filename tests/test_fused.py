@@ -1,0 +1,203 @@
+"""The fused kernels (cpp_ext/ort_ops, domain edgetune): each op forward and backward against torch
+autograd and against the plain-ONNX subgraph it replaces, and whole models trained on the fused
+graphs against the plain graphs."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgetune.device import fused as kernels
+
+onnx = pytest.importorskip("onnx")
+torch = pytest.importorskip("torch")
+ort = pytest.importorskip("onnxruntime")
+from onnx import TensorProto, helper  # noqa: E402
+
+needs_library = pytest.mark.skipif(not kernels.library().ok and not os.environ.get("CI"),
+                                   reason=f"fused-kernel library not built: {kernels.library().reason}")
+pytestmark = needs_library
+
+
+def _session(nodes, inputs, outputs, inits=(), fused=True):
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in inputs],
+                          [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outputs], list(inits))
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1),
+                                            helper.make_opsetid("edgetune", 1)])
+    so = ort.SessionOptions()
+    if fused:
+        kernels.register(so)
+    return m, ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def _run(op, ins, n_out, **attrs):
+    names = [f"x{i}" for i in range(len(ins))]
+    outs = [f"y{i}" for i in range(n_out)]
+    _, s = _session([helper.make_node(op, names, outs, domain="edgetune", **attrs)], names, outs)
+    return s.run(None, dict(zip(names, ins)))
+
+
+def _t(a):
+    return torch.tensor(a, dtype=torch.float64, requires_grad=True)
+
+
+SHAPES = [(1, 1, 2), (3, 5, 7), (2, 1, 33), (1, 300, 64), (4, 129)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_swiglu_forward_and_backward_match_torch(shape):
+    rng = np.random.default_rng(0)
+    g, u, dy = (rng.normal(0, 3, shape).astype(np.float32) for _ in range(3))
+    (y,) = _run("SwiGLU", [g, u], 1)
+    dg, du = _run("SwiGLUGrad", [dy, g, u], 2)
+    tg, tu = _t(g), _t(u)
+    ty = torch.nn.functional.silu(tg) * tu
+    ty.backward(torch.tensor(dy, dtype=torch.float64))
+    np.testing.assert_allclose(y, ty.detach().numpy(), rtol=2e-6, atol=2e-6)
+    np.testing.assert_allclose(dg, tg.grad.numpy(), rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(du, tu.grad.numpy(), rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_rmsnorm_forward_and_backward_match_torch(shape):
+    rng = np.random.default_rng(1)
+    x, dy = (rng.normal(0, 2, shape).astype(np.float32) for _ in range(2))
+    w = rng.normal(1, 0.5, shape[-1]).astype(np.float32)
+    y, inv = _run("RMSNorm", [x, w], 2, epsilon=1e-5)
+    dx, dw = _run("RMSNormGrad", [dy, x, w, inv], 2)
+    tx, tw = _t(x), _t(w)
+    ty = tw * (tx * torch.rsqrt(tx.pow(2).mean(-1, keepdim=True) + 1e-5))
+    ty.backward(torch.tensor(dy, dtype=torch.float64))
+    assert inv.shape == shape[:-1] + (1,)
+    np.testing.assert_allclose(y, ty.detach().numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dx, tx.grad.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(dw, tw.grad.numpy(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("xshape,cshape", [((2, 3, 5, 8), (2, 1, 5, 8)), ((1, 1, 1, 2), (1, 1, 1, 2)),
+                                           ((3, 4, 17, 64), (1, 1, 17, 64)), ((2, 6, 16), (6, 16))])
+def test_rotary_forward_and_backward_match_torch(xshape, cshape):
+    rng = np.random.default_rng(2)
+    x, dy = (rng.normal(0, 1, xshape).astype(np.float32) for _ in range(2))
+    ang = rng.uniform(0, 6.3, cshape).astype(np.float32)
+    c, s = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)  # halves differ: the general case
+    (y,) = _run("Rotary", [x, c, s], 1)
+    (dx,) = _run("RotaryGrad", [dy, c, s], 1)
+    tx = _t(x)
+    h = xshape[-1] // 2
+    ty = tx * torch.tensor(c, dtype=torch.float64) + torch.cat([-tx[..., h:], tx[..., :h]], -1) * torch.tensor(s, dtype=torch.float64)
+    ty.backward(torch.tensor(dy, dtype=torch.float64))
+    np.testing.assert_allclose(y, ty.detach().numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(dx, tx.grad.numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_bad_shapes_are_an_error_naming_the_op_not_a_crash():
+    with pytest.raises(Exception, match=r"edgetune::SwiGLU: g \[2, 3\] and u \[3, 2\] differ"):
+        _run("SwiGLU", [np.zeros((2, 3), np.float32), np.zeros((3, 2), np.float32)], 1)
+    with pytest.raises(Exception, match=r"edgetune::RMSNorm: x \[2, 3\] and weight \[4\] do not fit"):
+        _run("RMSNorm", [np.zeros((2, 3), np.float32), np.zeros(4, np.float32)], 2, epsilon=1e-5)
+    with pytest.raises(Exception, match=r"edgetune::Rotary: .*even last axis"):
+        _run("Rotary", [np.zeros((2, 3), np.float32)] * 3, 1)
+
+
+# -- the rewrite: plain subgraphs as the exporter writes them, fused, computing the same -------
+
+def _const(name, value):
+    return helper.make_node("Constant", [], [name], value=onnx.numpy_helper.from_array(np.array(value, np.float32), name))
+
+
+def _plain_rmsnorm():
+    return [_const("two", 2.0), _const("eps", 1e-6), _const("one", 1.0),
+            helper.make_node("Pow", ["x", "two"], ["p"]), helper.make_node("ReduceMean", ["p"], ["m"], axes=[-1]),
+            helper.make_node("Add", ["m", "eps"], ["a"]), helper.make_node("Sqrt", ["a"], ["s"]),
+            helper.make_node("Div", ["one", "s"], ["r"]), helper.make_node("Mul", ["x", "r"], ["xn"]),
+            helper.make_node("Mul", ["w", "xn"], ["y"])], ["x", "w"]
+
+
+def _plain_swiglu():
+    return [helper.make_node("QuickGelu", ["x"], ["a"], domain="com.microsoft", alpha=1.0),
+            helper.make_node("Mul", ["a", "w"], ["y"])], ["x", "w"]
+
+
+def _plain_rotary():
+    ints = lambda name, v: helper.make_node("Constant", [], [name], value=onnx.numpy_helper.from_array(np.array(v, np.int64), name))  # noqa: E731
+    return [ints("z", [0]), ints("h", [4]), ints("e", [2**62]), ints("ax", [-1]),
+            helper.make_node("Slice", ["x", "z", "h", "ax"], ["x1"]), helper.make_node("Slice", ["x", "h", "e", "ax"], ["x2"]),
+            helper.make_node("Neg", ["x2"], ["n"]), helper.make_node("Concat", ["n", "x1"], ["rh"], axis=-1),
+            helper.make_node("Mul", ["x", "c"], ["xc"]), helper.make_node("Mul", ["rh", "s"], ["rs"]),
+            helper.make_node("Add", ["xc", "rs"], ["y"])], ["x", "c", "s"]
+
+
+@pytest.mark.parametrize("build,op", [(_plain_rmsnorm, "RMSNorm"), (_plain_swiglu, "SwiGLU"), (_plain_rotary, "Rotary")])
+def test_the_rewrite_finds_the_exported_pattern_and_computes_the_same(build, op):
+    from edgetune.workstation.gradients.fused import fuse
+
+    nodes, inputs = build()
+    rng = np.random.default_rng(3)
+    feed = {"x": rng.normal(size=(2, 3, 8)).astype(np.float32),
+            "w": rng.normal(size=(2, 3, 8) if op == "SwiGLU" else (8,)).astype(np.float32),
+            "c": rng.normal(size=(1, 3, 8)).astype(np.float32), "s": rng.normal(size=(1, 3, 8)).astype(np.float32)}
+    feed = {k: v for k, v in feed.items() if k in inputs}
+    m, plain = _session(nodes, inputs, ["y"], fused=False)
+    counts = fuse(m)
+    assert counts == {op: 1}
+    assert [n.op_type for n in m.graph.node] == [op]  # the pattern and its constants are gone
+    so = ort.SessionOptions()
+    kernels.register(so)
+    fused = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(fused.run(["y"], feed)[0], plain.run(["y"], feed)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_a_near_miss_is_left_plain():
+    from edgetune.workstation.gradients.fused import fuse
+
+    nodes, inputs = _plain_rmsnorm()
+    nodes[1] = _const("eps", 1e-6)
+    nodes[3] = helper.make_node("Pow", ["x", "eps"], ["p"])  # x ** 1e-6 is no mean square
+    m, _ = _session(nodes, inputs, ["y"], fused=False)
+    assert fuse(m) == {}
+    nodes, inputs = _plain_swiglu()
+    nodes[0] = helper.make_node("QuickGelu", ["x"], ["a"], domain="com.microsoft", alpha=1.702)  # GELU, not SiLU
+    m, _ = _session(nodes, inputs, ["y"], fused=False)
+    assert fuse(m) == {}
+
+
+# -- whole models ---------------------------------------------------------------------------
+
+def _losses(bundle: Path, data: Path, out: Path, mode: str, monkeypatch) -> tuple[list[float], dict]:
+    import torch_reference
+
+    from edgetune.device import trainer
+
+    monkeypatch.setenv("EDGETUNE_KERNELS", mode)
+    run = trainer.train(bundle, data, out, steps=10, lr=1e-2, batch_size=4, seed=0, schedule="constant",
+                        progress=False, log=lambda s: None)
+    manifest = json.loads((run.out / "run.json").read_text())
+    return torch_reference.edgetune_losses(run.out), manifest
+
+
+FAMILY_CASES = [("llama", "lora", None), ("llama", "dora", None), ("llama", "lora", "int4"), ("qwen2", "lora", None),
+                ("phi3", "lora", None), ("gemma2", "lora", None)]
+
+
+@pytest.mark.parametrize("family,variant,quantize", FAMILY_CASES, ids=["-".join(filter(None, c)) for c in FAMILY_CASES])
+def test_fused_graphs_train_like_the_plain_ones(family, variant, quantize, chat_data, tmp_path, monkeypatch):
+    from test_architectures import make_family
+
+    from edgetune.formats.config import AdapterConfig
+    from edgetune.workstation.export import export
+
+    model = make_family(family, tmp_path / "model")
+    cfg = AdapterConfig(rank=4, alpha=8, targets=("all-linear",), method=variant, quantize=quantize)
+    bundle = export(str(model), tmp_path / "bundle", cfg)
+    fused = json.loads((bundle / "edgetune.json").read_text())["fused"]
+    assert fused["ops"].get("RMSNorm") and fused["ops"].get("Rotary"), fused
+    plain, pm = _losses(bundle, chat_data, tmp_path / "plain", "plain", monkeypatch)
+    ours, fm = _losses(bundle, chat_data, tmp_path / "fused", "fused", monkeypatch)
+    assert pm["graphs"]["train"] == "train.onnx" and pm["kernels"] == "plain"
+    assert fm["graphs"]["train"] == "train_fused.onnx" and fm["kernels"].startswith("fused (")
+    assert len(ours) == 10
+    np.testing.assert_allclose(ours, plain, rtol=1e-5, atol=1e-5)
