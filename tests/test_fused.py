@@ -94,6 +94,45 @@ def test_rotary_forward_and_backward_match_torch(xshape, cshape):
     np.testing.assert_allclose(dx, tx.grad.numpy(), rtol=1e-6, atol=1e-6)
 
 
+def _mask(B, S, pad, rng):
+    """Causal, with each row's padding at the end: the additive mask the exporter builds."""
+    m = np.zeros((B, 1, S, S), np.float32)
+    m[:, :, np.triu_indices(S, 1)[0], np.triu_indices(S, 1)[1]] = np.finfo(np.float32).min
+    for b in range(B):
+        m[b, :, :, S - pad[b]:] = np.finfo(np.float32).min
+    return m
+
+
+@pytest.mark.parametrize("B,H,Hkv,S,D,pad", [(2, 4, 2, 7, 8, [0, 3]), (1, 1, 1, 1, 2, [0]), (3, 9, 3, 33, 64, [0, 5, 32]),
+                                             (1, 2, 2, 300, 16, [0]), (2, 3, 1, 5, 4, [5, 0])])
+def test_attention_forward_and_backward_match_torch(B, H, Hkv, S, D, pad):
+    """Grouped keys and values, padding, rows whose every key is masked (uniform weights, as a plain
+    softmax gives), single tokens and long rows."""
+    rng = np.random.default_rng(4)
+    q, dout = (rng.normal(0, 1, (B, H, S, D)).astype(np.float32) for _ in range(2))
+    k, v = (rng.normal(0, 1, (B, Hkv, S, D)).astype(np.float32) for _ in range(2))
+    mask = _mask(B, S, pad, rng)
+    scale = 1 / np.sqrt(D)
+    o, lse = _run("Attention", [q, k, v, mask], 2, scale=float(scale))
+    dq, dk, dv = _run("AttentionGrad", [dout, q, k, v, mask, lse], 3, scale=float(scale))
+    tq, tk, tv = _t(q), _t(k), _t(v)
+    rep = H // Hkv
+    kk, vv = tk.repeat_interleave(rep, 1), tv.repeat_interleave(rep, 1)
+    masked = torch.tensor(mask < -1e30)
+    s = (tq @ kk.transpose(-1, -2)) * scale
+    # In float32, the mask's minimum plus a score is that minimum again, so a masked score's value is
+    # the minimum while its gradient passes through the Add unchanged: the plain graph's semantics.
+    value = torch.where(masked, torch.full_like(s, float(np.finfo(np.float32).min)), s.detach())
+    scores = s - s.detach() + value
+    to = torch.softmax(scores, -1) @ vv
+    to.backward(torch.tensor(dout, dtype=torch.float64))
+    assert lse.shape == (B, H, S)
+    np.testing.assert_allclose(o, to.detach().numpy(), rtol=1e-5, atol=2e-6)
+    np.testing.assert_allclose(dq, tq.grad.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(dk, tk.grad.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(dv, tv.grad.numpy(), rtol=1e-4, atol=1e-5)
+
+
 def test_bad_shapes_are_an_error_naming_the_op_not_a_crash():
     with pytest.raises(Exception, match=r"edgetune::SwiGLU: g \[2, 3\] and u \[3, 2\] differ"):
         _run("SwiGLU", [np.zeros((2, 3), np.float32), np.zeros((3, 2), np.float32)], 1)
@@ -101,6 +140,9 @@ def test_bad_shapes_are_an_error_naming_the_op_not_a_crash():
         _run("RMSNorm", [np.zeros((2, 3), np.float32), np.zeros(4, np.float32)], 2, epsilon=1e-5)
     with pytest.raises(Exception, match=r"edgetune::Rotary: .*even last axis"):
         _run("Rotary", [np.zeros((2, 3), np.float32)] * 3, 1)
+    with pytest.raises(Exception, match=r"edgetune::Attention: q \[1, 3, 4, 8\], k \[1, 2, 4, 8\].* do not fit"):
+        _run("Attention", [np.zeros((1, 3, 4, 8), np.float32), np.zeros((1, 2, 4, 8), np.float32),
+                           np.zeros((1, 2, 4, 8), np.float32), np.zeros((1, 1, 4, 4), np.float32)], 2, scale=1.0)
 
 
 # -- the rewrite: plain subgraphs as the exporter writes them, fused, computing the same -------
@@ -131,7 +173,21 @@ def _plain_rotary():
             helper.make_node("Add", ["xc", "rs"], ["y"])], ["x", "c", "s"]
 
 
-@pytest.mark.parametrize("build,op", [(_plain_rmsnorm, "RMSNorm"), (_plain_swiglu, "SwiGLU"), (_plain_rotary, "Rotary")])
+def _plain_attention():
+    """Grouped-query attention as the exporter writes it: k and v repeated from 2 heads to 4."""
+    ints = lambda name, v: helper.make_node("Constant", [], [name], value=onnx.numpy_helper.from_array(np.array(v, np.int64), name))  # noqa: E731
+    nodes = [ints("two", 2), ints("ex", [1, 2, 2, 5, 8]), ints("sh", [1, 4, 5, 8])]
+    for t in ("k", "v"):
+        nodes += [helper.make_node("Unsqueeze", [t, "two"], [f"{t}u"]), helper.make_node("Expand", [f"{t}u", "ex"], [f"{t}e"]),
+                  helper.make_node("Reshape", [f"{t}e", "sh"], [f"{t}r"])]
+    nodes += [helper.make_node("FusedMatMul", ["x", "kr"], ["sc"], domain="com.microsoft", alpha=0.35, transB=1),
+              helper.make_node("Add", ["sc", "m"], ["a"]), helper.make_node("Softmax", ["a"], ["p"], axis=-1),
+              helper.make_node("MatMul", ["p", "vr"], ["y"])]
+    return nodes, ["x", "k", "v", "m"]
+
+
+@pytest.mark.parametrize("build,op", [(_plain_rmsnorm, "RMSNorm"), (_plain_swiglu, "SwiGLU"), (_plain_rotary, "Rotary"),
+                                      (_plain_attention, "Attention")])
 def test_the_rewrite_finds_the_exported_pattern_and_computes_the_same(build, op):
     from edgetune.workstation.gradients.fused import fuse
 
@@ -140,6 +196,9 @@ def test_the_rewrite_finds_the_exported_pattern_and_computes_the_same(build, op)
     feed = {"x": rng.normal(size=(2, 3, 8)).astype(np.float32),
             "w": rng.normal(size=(2, 3, 8) if op == "SwiGLU" else (8,)).astype(np.float32),
             "c": rng.normal(size=(1, 3, 8)).astype(np.float32), "s": rng.normal(size=(1, 3, 8)).astype(np.float32)}
+    if op == "Attention":
+        feed = {"x": rng.normal(size=(1, 4, 5, 8)).astype(np.float32), "k": rng.normal(size=(1, 2, 5, 8)).astype(np.float32),
+                "v": rng.normal(size=(1, 2, 5, 8)).astype(np.float32), "m": _mask(1, 5, [1], rng)}
     feed = {k: v for k, v in feed.items() if k in inputs}
     m, plain = _session(nodes, inputs, ["y"], fused=False)
     counts = fuse(m)

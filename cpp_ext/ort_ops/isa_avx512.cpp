@@ -1,5 +1,6 @@
 // The fused training kernels built for the avx512 instruction set (target flags: CMakeLists.txt).
 #define EDGETUNE_ISA_NS fused_isa_avx512
+#define EDGETUNE_VBYTES 64
 #include "kernels.hpp"
 
 namespace edgetune {

@@ -116,6 +116,242 @@ inline void rotary_row(const float* x, const float* c, const float* s, float* y,
   }
 }
 
+// Explicit vectors (GCC and Clang vector extensions) where auto-vectorization falls short: the
+// attention kernels. EDGETUNE_VBYTES (set by each isa_*.cpp) is the register width in bytes.
+#if defined(__GNUC__)
+#define EDGETUNE_VEC 1
+typedef float vf __attribute__((vector_size(EDGETUNE_VBYTES)));
+typedef float vfu __attribute__((vector_size(EDGETUNE_VBYTES), aligned(4)));  // unaligned access
+constexpr size_t VW = EDGETUNE_VBYTES / 4;
+inline vf vload(const float* p) { return *reinterpret_cast<const vfu*>(p); }
+inline void vstore(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
+inline vf vsplat(float a) { return vf{} + a; }
+#else
+constexpr size_t VW = 4;
+#endif
+
+inline void axpy(float a, const float* __restrict x, float* __restrict y, size_t d) {
+  size_t i = 0;
+#if defined(EDGETUNE_VEC)
+  const vf av = vsplat(a);
+  for (; i + VW <= d; i += VW) vstore(y + i, vload(y + i) + av * vload(x + i));
+#endif
+  for (; i < d; ++i) y[i] += a * x[i];
+}
+
+constexpr float MASKED = -1e30f;  // an additive mask entry at or below this excludes the key
+constexpr size_t BR = 4;          // query rows per block
+constexpr size_t JT = 2 * VW;      // keys per tile of the score microkernel
+
+// out[r][j] = scale * sum_d a[r][d] * bt[d][j] for r < BR and j < jn (jn a multiple of JT; bt rows
+// have stride ld and are zero-padded to it). The BR x JT accumulators stay in registers.
+inline void block_scores(const float* a, const float* bt, size_t ld, float* out, size_t ldo, size_t jn, size_t D,
+                         float scale) {
+  for (size_t jt = 0; jt < jn; jt += JT) {
+#if defined(EDGETUNE_VEC)
+    vf acc[BR][2] = {};
+    for (size_t d = 0; d < D; ++d) {
+      const float* b = bt + d * ld + jt;
+      const vf b0 = vload(b), b1 = vload(b + VW);
+      for (size_t r = 0; r < BR; ++r) {
+        const vf av = vsplat(a[r * D + d]);
+        acc[r][0] += av * b0;
+        acc[r][1] += av * b1;
+      }
+    }
+    const vf sc = vsplat(scale);
+    for (size_t r = 0; r < BR; ++r) {
+      vstore(out + r * ldo + jt, acc[r][0] * sc);
+      vstore(out + r * ldo + jt + VW, acc[r][1] * sc);
+    }
+#else
+    float acc[BR][JT] = {};
+    for (size_t d = 0; d < D; ++d)
+      for (size_t r = 0; r < BR; ++r)
+        for (size_t c = 0; c < JT; ++c) acc[r][c] += a[r * D + d] * bt[d * ld + jt + c];
+    for (size_t r = 0; r < BR; ++r)
+      for (size_t c = 0; c < JT; ++c) out[r * ldo + jt + c] = acc[r][c] * scale;
+#endif
+  }
+}
+
+// out[r][:] = sum_{j < jn} w[r][j] * x[j][:] for r < BR (w rows of stride ld; x and out rows of D):
+// the block's BR x JT output columns stay in registers while the keys stream past.
+inline void block_pv(const float* w, size_t ld, const float* x, size_t jn, size_t D, float* out) {
+  size_t d0 = 0;
+#if defined(EDGETUNE_VEC)
+  for (; d0 + JT <= D; d0 += JT) {
+    vf acc[BR][2] = {};
+    for (size_t j = 0; j < jn; ++j) {
+      const vf x0 = vload(x + j * D + d0), x1 = vload(x + j * D + d0 + VW);
+      for (size_t r = 0; r < BR; ++r) {
+        const vf wr = vsplat(w[r * ld + j]);
+        acc[r][0] += wr * x0;
+        acc[r][1] += wr * x1;
+      }
+    }
+    for (size_t r = 0; r < BR; ++r) {
+      vstore(out + r * D + d0, acc[r][0]);
+      vstore(out + r * D + d0 + VW, acc[r][1]);
+    }
+  }
+#endif
+  for (size_t r = 0; r < BR; ++r)
+    for (size_t d = d0; d < D; ++d) {
+      float a = 0.0f;
+      for (size_t j = 0; j < jn; ++j) a += w[r * ld + j] * x[j * D + d];
+      out[r * D + d] = a;
+    }
+}
+
+// y[j][:] += sum_{r < BR} w[r][j] * a[r][:] for j < jn: each key's row is read and written once per
+// block, with the block's BR rows of a held in registers.
+inline void block_outer(const float* w, size_t ld, const float* a, size_t jn, size_t D, float* y) {
+  size_t d0 = 0;
+#if defined(EDGETUNE_VEC)
+  for (; d0 + JT <= D; d0 += JT) {
+    vf ar[BR][2];
+    for (size_t r = 0; r < BR; ++r) {
+      ar[r][0] = vload(a + r * D + d0);
+      ar[r][1] = vload(a + r * D + d0 + VW);
+    }
+    for (size_t j = 0; j < jn; ++j) {
+      vf y0 = vload(y + j * D + d0), y1 = vload(y + j * D + d0 + VW);
+      for (size_t r = 0; r < BR; ++r) {
+        const vf wr = vsplat(w[r * ld + j]);
+        y0 += wr * ar[r][0];
+        y1 += wr * ar[r][1];
+      }
+      vstore(y + j * D + d0, y0);
+      vstore(y + j * D + d0 + VW, y1);
+    }
+  }
+#endif
+  for (size_t j = 0; j < jn; ++j)
+    for (size_t d = d0; d < D; ++d) {
+      float acc = y[j * D + d];
+      for (size_t r = 0; r < BR; ++r) acc += w[r * ld + j] * a[r * D + d];
+      y[j * D + d] = acc;
+    }
+}
+
+// Softmax weights of one score row in place (masked keys -> 0). With lse (backward), from it;
+// else computed and returned. A row whose every key is masked gets uniform weights over all S keys,
+// as a plain softmax over the equal masked scores does.
+inline float softmax_row(float* p, const float* mrow, size_t jn, size_t S, const float* lse) {
+  float mx = -3.0e38f;
+  bool any = false;
+  for (size_t j = 0; j < jn; ++j) {
+    if (mrow[j] <= MASKED) continue;
+    p[j] += mrow[j];
+    mx = p[j] > mx ? p[j] : mx;
+    any = true;
+  }
+  if (!any) {
+    for (size_t j = 0; j < S; ++j) p[j] = 1.0f / static_cast<float>(S);
+    return 0.0f;
+  }
+  const float base = lse ? *lse : mx;
+  float sum = 0.0f;
+  for (size_t j = 0; j < jn; ++j) {
+    const float e = exp_approx(p[j] - base);
+    p[j] = mrow[j] <= MASKED ? 0.0f : e;
+    sum += p[j];
+  }
+  for (size_t j = jn; j < S; ++j) p[j] = 0.0f;
+  if (lse) return base;
+  const float inv = 1.0f / sum;
+  for (size_t j = 0; j < jn; ++j) p[j] *= inv;
+  return mx + std::log(sum);
+}
+
+// The keys a block of query rows can see: one past the last unmasked key of any of its rows
+// (causal attention skips the rest), rounded up to whole tiles; S + JT when a row sees none, which
+// makes that row uniform over all S.
+inline size_t block_extent(const float* mask, size_t mstride, size_t nr, size_t S, bool* all_masked) {
+  size_t jn = 0;
+  *all_masked = false;
+  for (size_t r = 0; r < nr; ++r) {
+    const float* m = mask + r * mstride;
+    size_t last = S;
+    while (last > 0 && m[last - 1] <= MASKED) --last;
+    if (last == 0) *all_masked = true;
+    jn = last > jn ? last : jn;
+  }
+  if (*all_masked) jn = S;
+  return (jn + JT - 1) / JT * JT;
+}
+
+// One (batch, head): o = softmax(q k^T * scale + mask) v by blocks of query rows, never holding
+// S x S. kt, vt: k and v transposed (D x ld, zero-padded); work: 3 * BR * ld + BR * D floats.
+inline void attn_forward(const float* q, const float* kt, const float* v, size_t ld, const float* mask,
+                         size_t mstride, float* o, float* lse, size_t S, size_t D, float scale, float* work) {
+  float* p = work;
+  float* qb = work + BR * ld;
+  for (size_t i0 = 0; i0 < S; i0 += BR) {
+    const size_t nr = S - i0 < BR ? S - i0 : BR;
+    bool none = false;
+    const size_t jn = block_extent(mask + i0 * mstride, mstride, nr, S, &none);
+    for (size_t x = 0; x < BR * D; ++x) qb[x] = x < nr * D ? q[i0 * D + x] : 0.0f;
+    block_scores(qb, kt, ld, p, ld, jn, D, scale);
+    const size_t lim = jn < S ? jn : S;
+    for (size_t r = 0; r < BR; ++r) {
+      float* pr = p + r * ld;
+      if (r < nr)
+        lse[i0 + r] = softmax_row(pr, mask + (i0 + r) * mstride, lim, S, nullptr);
+      else
+        for (size_t j = 0; j < S; ++j) pr[j] = 0.0f;
+    }
+    // o[r] = sum_j p[r][j] v[j], each v row read once for the block's rows
+    float* ob = qb;
+    block_pv(p, ld, v, none ? S : lim, D, ob);
+    for (size_t x = 0; x < nr * D; ++x) o[i0 * D + x] = ob[x];
+  }
+}
+
+// One (batch, head)'s backward, adding into dk and dv (shared by the heads of a key/value group):
+// dv += p^T do; dp = do v^T; ds = p (dp - rowsum(p dp)); dq = ds k * scale; dk += ds^T q * scale.
+// work: 3 * BR * ld + BR * D floats.
+inline void attn_backward(const float* dout, const float* q, const float* k, const float* kt, const float* vt,
+                          size_t ld, const float* mask, size_t mstride, const float* lse, float* dq, float* dk,
+                          float* dv, size_t S, size_t D, float scale, float* work) {
+  float* p = work;
+  float* dp = work + BR * ld;
+  float* ab = work + 2 * BR * ld;
+  for (size_t i0 = 0; i0 < S; i0 += BR) {
+    const size_t nr = S - i0 < BR ? S - i0 : BR;
+    bool none = false;
+    const size_t jn = block_extent(mask + i0 * mstride, mstride, nr, S, &none);
+    const size_t lim = jn < S ? jn : S;
+    for (size_t x = 0; x < BR * D; ++x) ab[x] = x < nr * D ? q[i0 * D + x] : 0.0f;
+    block_scores(ab, kt, ld, p, ld, jn, D, scale);
+    for (size_t x = 0; x < BR * D; ++x) ab[x] = x < nr * D ? dout[i0 * D + x] : 0.0f;
+    block_scores(ab, vt, ld, dp, ld, none ? (S + JT - 1) / JT * JT : jn, D, 1.0f);
+    const size_t upto = none ? S : lim;
+    // p from the saved log-sum-exp, then ds = p (dp - rowsum(p dp)) * scale in place of dp
+    for (size_t r = 0; r < BR; ++r) {
+      float* pr = p + r * ld;
+      float* dpr = dp + r * ld;
+      if (r >= nr) {
+        for (size_t j = 0; j < upto; ++j) pr[j] = dpr[j] = 0.0f;
+        continue;
+      }
+      softmax_row(pr, mask + (i0 + r) * mstride, lim, S, lse + i0 + r);
+      float di = 0.0f;
+      for (size_t j = 0; j < upto; ++j) di += pr[j] * dpr[j];
+      for (size_t j = 0; j < upto; ++j) dpr[j] = pr[j] * (dpr[j] - di) * scale;
+    }
+    // dq[r] = sum_j ds[r][j] k[j]; dk[j] += sum_r ds[r][j] q[r]; dv[j] += sum_r p[r][j] do[r]
+    // (rows past nr have p = ds = 0 and zero q and do rows, so they add nothing)
+    block_outer(p, ld, ab, upto, D, dv);  // ab still holds the block's dout rows
+    for (size_t x = 0; x < BR * D; ++x) ab[x] = x < nr * D ? q[i0 * D + x] : 0.0f;
+    block_outer(dp, ld, ab, upto, D, dk);
+    float* dqb = ab;
+    block_pv(dp, ld, k, upto, D, dqb);
+    for (size_t x = 0; x < nr * D; ++x) dq[i0 * D + x] = dqb[x];
+  }
+}
+
 inline FusedKernels kernels(const char* name) {
   FusedKernels k;
   k.name = name;
@@ -124,6 +360,11 @@ inline FusedKernels kernels(const char* name) {
   k.rmsnorm = rmsnorm;
   k.rmsnorm_grad = rmsnorm_grad;
   k.rotary_row = rotary_row;
+  k.attn_forward = attn_forward;
+  k.attn_backward = attn_backward;
+  k.attn_tile = JT;
+  k.attn_work_rows = 3 * BR;
+  k.attn_block_rows = BR;
   return k;
 }
 

@@ -10,11 +10,15 @@
 //   RMSNormGrad(dy, x, w, inv_rms) -> dx, dw
 //   Rotary(x, cos, sin) -> y                   rotate-half rotary embedding, cos/sin broadcast to x
 //   RotaryGrad(dy, cos, sin) -> dx
+//   Attention(q, k, v, mask; scale) -> out, lse    softmax(q k^T scale + mask) v, grouped k/v heads,
+//                                                  row by row: no S x S tensor is ever held
+//   AttentionGrad(dout, q, k, v, mask, lse; scale) -> dq, dk, dv
 #define ORT_API_MANUAL_INIT
 #include "onnxruntime_cxx_api.h"
 #undef ORT_API_MANUAL_INIT
 #include "onnxruntime_lite_custom_op.h"
 
+#include <algorithm>
 #include <cstdlib>
 #include <exception>
 #include <functional>
@@ -221,6 +225,108 @@ Ort::Status RotaryGrad(OrtKernelContext* ctx, const Tensor<float>& dy, const Ten
   return rotary("RotaryGrad", ctx, dy, c, s, dx, true);
 }
 
+// Shapes of an attention call: q [B, H, S, D]; k, v [B, Hkv, S, D] with H a multiple of Hkv (grouped
+// keys and values are shared by H / Hkv query heads, never repeated in memory); an additive mask
+// [Bm, Hm, S, S] with Bm in {1, B} and Hm in {1, H}.
+// x (S x D) transposed to D x ld, zero-padded past S.
+std::vector<float> transposed(const float* x, size_t S, size_t D, size_t ld) {
+  std::vector<float> t(D * ld, 0.0f);
+  for (size_t j = 0; j < S; ++j)
+    for (size_t d = 0; d < D; ++d) t[d * ld + j] = x[j * D + d];
+  return t;
+}
+
+struct AttnShape {
+  size_t B = 0, H = 0, Hkv = 0, S = 0, D = 0, Bm = 0, Hm = 0;
+  std::string error;
+  const float* mask_of(const float* m, size_t b, size_t h) const {
+    return m + ((Bm == 1 ? 0 : b) * Hm + (Hm == 1 ? 0 : h)) * S * S;
+  }
+};
+
+AttnShape attn_shape(const Tensor<float>& q, const Tensor<float>& k, const Tensor<float>& v, const Tensor<float>& m) {
+  AttnShape a;
+  const auto &qs = q.Shape(), &ks = k.Shape(), &vs = v.Shape(), &ms = m.Shape();
+  const std::string all = "q " + shape_str(qs) + ", k " + shape_str(ks) + ", v " + shape_str(vs) + ", mask " + shape_str(ms);
+  if (qs.size() != 4 || ks.size() != 4 || ks != vs || ms.size() != 4 || ks[0] != qs[0] || ks[2] != qs[2] ||
+      ks[3] != qs[3] || ks[1] == 0 || qs[1] % ks[1] != 0 || ms[2] != qs[2] || ms[3] != qs[2] ||
+      (ms[0] != 1 && ms[0] != qs[0]) || (ms[1] != 1 && ms[1] != qs[1])) {
+    a.error = all + " do not fit ([B, H, S, D], [B, Hkv, S, D] twice, [1|B, 1|H, S, S])";
+    return a;
+  }
+  a.B = qs[0], a.H = qs[1], a.Hkv = ks[1], a.S = qs[2], a.D = qs[3], a.Bm = ms[0], a.Hm = ms[1];
+  return a;
+}
+
+struct Attention {
+  float scale = 1.0f;
+  Attention(const OrtApi*, const OrtKernelInfo* info) { scale = Ort::ConstKernelInfo(info).GetAttribute<float>("scale"); }
+
+  Ort::Status Compute(OrtKernelContext* ctx, const Tensor<float>& q, const Tensor<float>& k, const Tensor<float>& v,
+                      const Tensor<float>& mask, Tensor<float>& o, Tensor<float>& lse) {
+    return guarded("Attention", [&]() -> Ort::Status {
+      const AttnShape a = attn_shape(q, k, v, mask);
+      if (!a.error.empty()) return fail("Attention", a.error);
+      float* po = o.Allocate(q.Shape());
+      float* pl = lse.Allocate({q.Shape()[0], q.Shape()[1], q.Shape()[2]});
+      const float *pq = q.Data(), *pk = k.Data(), *pv = v.Data(), *pm = mask.Data();
+      const size_t group = a.H / a.Hkv, SD = a.S * a.D;
+      const float sc = scale;
+      parallel(ctx, a.B * a.H, [&](size_t t) {
+        const size_t b = t / a.H, h = t % a.H, kvh = b * a.Hkv + h / group;
+        const size_t ld = (a.S + K().attn_tile - 1) / K().attn_tile * K().attn_tile;
+        std::vector<float> kt = transposed(pk + kvh * SD, a.S, a.D, ld);
+        std::vector<float> work(K().attn_work_rows * ld + K().attn_block_rows * a.D);
+        K().attn_forward(pq + t * SD, kt.data(), pv + kvh * SD, ld, a.mask_of(pm, b, h), a.S, po + t * SD,
+                         pl + t * a.S, a.S, a.D, sc, work.data());
+      });
+      return Ort::Status{nullptr};
+    });
+  }
+};
+
+struct AttentionGrad {
+  float scale = 1.0f;
+  AttentionGrad(const OrtApi*, const OrtKernelInfo* info) {
+    scale = Ort::ConstKernelInfo(info).GetAttribute<float>("scale");
+  }
+
+  Ort::Status Compute(OrtKernelContext* ctx, const Tensor<float>& dout, const Tensor<float>& q, const Tensor<float>& k,
+                      const Tensor<float>& v, const Tensor<float>& mask, const Tensor<float>& lse, Tensor<float>& dq,
+                      Tensor<float>& dk, Tensor<float>& dv) {
+    return guarded("AttentionGrad", [&]() -> Ort::Status {
+      const AttnShape a = attn_shape(q, k, v, mask);
+      if (!a.error.empty()) return fail("AttentionGrad", a.error);
+      if (dout.Shape() != q.Shape() || static_cast<size_t>(lse.NumberOfElement()) != a.B * a.H * a.S)
+        return fail("AttentionGrad", "dout " + shape_str(dout.Shape()) + " or lse " + shape_str(lse.Shape()) +
+                                         " does not fit q " + shape_str(q.Shape()));
+      float* pdq = dq.Allocate(q.Shape());
+      float* pdk = dk.Allocate(k.Shape());
+      float* pdv = dv.Allocate(v.Shape());
+      const float *pdo = dout.Data(), *pq = q.Data(), *pk = k.Data(), *pv = v.Data(), *pm = mask.Data(), *pl = lse.Data();
+      const size_t group = a.H / a.Hkv, SD = a.S * a.D;
+      const float sc = scale;
+      // One task per key/value head: the query heads that share it add into its dk and dv in turn.
+      parallel(ctx, a.B * a.Hkv, [&](size_t t) {
+        const size_t b = t / a.Hkv, kvh = t % a.Hkv;
+        const size_t ld = (a.S + K().attn_tile - 1) / K().attn_tile * K().attn_tile;
+        std::vector<float> kt = transposed(pk + t * SD, a.S, a.D, ld), vt = transposed(pv + t * SD, a.S, a.D, ld);
+        std::vector<float> work(K().attn_work_rows * ld + K().attn_block_rows * a.D);
+        float* dkt = pdk + t * SD;
+        float* dvt = pdv + t * SD;
+        std::fill(dkt, dkt + SD, 0.0f);
+        std::fill(dvt, dvt + SD, 0.0f);
+        for (size_t h = kvh * group; h < (kvh + 1) * group; ++h) {
+          const size_t qh = b * a.H + h;
+          K().attn_backward(pdo + qh * SD, pq + qh * SD, pk + t * SD, kt.data(), vt.data(), ld, a.mask_of(pm, b, h),
+                            a.S, pl + qh * a.S, pdq + qh * SD, dkt, dvt, a.S, a.D, sc, work.data());
+        }
+      });
+      return Ort::Status{nullptr};
+    });
+  }
+};
+
 }  // namespace
 
 #if defined(_WIN32)
@@ -250,6 +356,8 @@ extern "C" EDGETUNE_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionO
       ops.emplace_back(Ort::Custom::CreateLiteCustomOp("RMSNormGrad", cpu, RMSNormGrad));
       ops.emplace_back(Ort::Custom::CreateLiteCustomOp("Rotary", cpu, Rotary));
       ops.emplace_back(Ort::Custom::CreateLiteCustomOp("RotaryGrad", cpu, RotaryGrad));
+      ops.emplace_back(Ort::Custom::CreateLiteCustomOp<Attention>("Attention", cpu));
+      ops.emplace_back(Ort::Custom::CreateLiteCustomOp<AttentionGrad>("AttentionGrad", cpu));
       for (auto& op : ops) domain->Add(op.get());
     }
     Ort::UnownedSessionOptions(options).Add(*domain);

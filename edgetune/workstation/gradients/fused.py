@@ -5,7 +5,10 @@ the custom-op library (``cpp_ext/ort_ops``, loaded by :mod:`edgetune.device.fuse
 
 - ``RMSNorm(x, w)``: ``w * (x / sqrt(mean(x^2) + eps))`` (Pow, ReduceMean, Add, Sqrt, Div, Mul, Mul);
 - ``SwiGLU(g, u)``: ``silu(g) * u`` (QuickGelu with alpha 1, Mul);
-- ``Rotary(x, cos, sin)``: ``x * cos + rotate_half(x) * sin`` (Slice, Slice, Neg, Concat, Mul, Mul, Add).
+- ``Rotary(x, cos, sin)``: ``x * cos + rotate_half(x) * sin`` (Slice, Slice, Neg, Concat, Mul, Mul, Add);
+- ``Attention(q, k, v, mask)``: ``softmax(q k^T scale + mask) v`` (FusedMatMul, Add, Softmax, MatMul, and
+  grouped-query attention's repeat of k and v), computed row by row forward and backward, so
+  neither the S x S scores nor the repeated keys and values are ever held.
 
 Each becomes one pass over memory forward and one backward, where the plain graph runs several
 elementwise ops each way and keeps their intermediates. A pattern that does not match exactly is
@@ -57,6 +60,18 @@ class _Graph:
                 return None
             v = numpy_helper.to_array(init)
         return float(v.reshape(())) if v.size == 1 and v.dtype.kind == "f" else None
+
+
+    def scalar_int(self, t: str) -> Optional[int]:
+        from onnx import numpy_helper
+
+        n = self.producer.get(t)
+        if n is None or n.op_type != "Constant":
+            init = next((i for i in self.g.initializer if i.name == t and i.data_location != 1), None)
+            v = numpy_helper.to_array(init) if init is not None else None
+        else:
+            v = numpy_helper.to_array(attr(n, "value"))
+        return int(v.reshape(())) if v is not None and v.size == 1 and v.dtype.kind in "iu" else None
 
 
 def _other(node: Any, t: str) -> str:
@@ -124,7 +139,38 @@ def _rotary(G: _Graph, add: Any) -> Optional[tuple[list[str], list[str], dict, l
     return None
 
 
-_PATTERNS = (("Mul", "SwiGLU", _swiglu), ("Mul", "RMSNorm", _rmsnorm), ("Add", "Rotary", _rotary))
+def _unrepeated(G: _Graph, t: str) -> str:
+    """The grouped key/value tensor under grouped-query attention's repeat (Unsqueeze, Expand,
+    Reshape to H heads), or ``t`` itself; the kernel reads the groups without the copy."""
+    rs = G.made_by(t, "Reshape")
+    ex = rs and G.made_by(rs.input[0], "Expand")
+    un = ex and G.made_by(ex.input[0], "Unsqueeze")
+    if un and len(un.input) > 1 and G.scalar_int(un.input[1]) == 2:
+        return un.input[0]
+    return t
+
+
+def _attention(G: _Graph, mm: Any) -> Optional[tuple[list[str], list[str], dict, list[Any]]]:
+    probs, v = mm.input
+    sm = G.made_by(probs, "Softmax")
+    if sm is None or attr(sm, "axis", -1) != -1 or G.only_use(probs) is not mm:
+        return None
+    add = G.made_by(sm.input[0], "Add")
+    if add is None or G.only_use(sm.input[0]) is not sm:
+        return None
+    for scores in add.input:
+        qk = G.made_by(scores, "FusedMatMul", MS)
+        if qk is None or G.only_use(scores) is not add or attr(qk, "transB", 0) != 1 or attr(qk, "transA", 0) != 0 \
+                or attr(qk, "transBatchA", 0) or attr(qk, "transBatchB", 0):
+            continue
+        q, k = qk.input[0], _unrepeated(G, qk.input[1])
+        return ([q, k, _unrepeated(G, v), _other(add, scores)], [mm.output[0], mm.output[0] + "/lse"],
+                {"scale": float(attr(qk, "alpha", 1.0))}, [qk, add, sm])
+    return None
+
+
+_PATTERNS = (("Mul", "SwiGLU", _swiglu), ("Mul", "RMSNorm", _rmsnorm), ("Add", "Rotary", _rotary),
+             ("MatMul", "Attention", _attention))
 
 
 def fuse(proto: Any) -> dict[str, int]:
@@ -187,6 +233,15 @@ def _rmsnorm_grad(b: Builder, n: Any, gy: list, want: list) -> list:
         raise ModelError(f"autodiff: {n.name}'s inv_rms output reaches the loss; only its normalized output may")
     dx, dw = b.op("RMSNormGrad", [gy[0], n.input[0], n.input[1], n.output[1]], domain=DOMAIN, n_out=2)
     return [dx if want[0] else None, dw if want[1] else None]
+
+
+@rule("Attention")
+def _attention_grad(b: Builder, n: Any, gy: list, want: list) -> list:
+    if gy[1] is not None or want[3]:
+        raise ModelError(f"autodiff: {n.name}: gradients of the attention mask or log-sum-exp are not supported")
+    dq, dk, dv = b.op("AttentionGrad", [gy[0], *n.input[:4], n.output[1]], domain=DOMAIN, n_out=3,
+                      scale=float(attr(n, "scale", 1.0)))
+    return [dq if want[0] else None, dk if want[1] else None, dv if want[2] else None]
 
 
 @rule("Rotary")
