@@ -170,6 +170,7 @@ def worker_edgetune(a: argparse.Namespace) -> dict:
             "s_max": float(np.max(times)), "tokens": toks, "labelled": labs,
             "time": float(np.sum(times)), "peak_rss_mb": peak_rss_mb(), "valid_loss": vl, "valid_loss_0": vl0,
             "last_loss": loss, "onnxruntime": ort.__version__, "max_batch_tokens": cfg.max_batch_tokens,
+            "kernels": t.runner.kernel_info, "graph": t.runner.graphs["train"],
             "lengths": lengths,
             "torch_loaded": "torch" in sys.modules}
 
@@ -340,6 +341,8 @@ def worker_cmd(side: str, a: argparse.Namespace, tmp: Path) -> tuple[list[str], 
         bundle = a.ckpt_bundle
     if side == "int8":
         bundle = a.int8_bundle
+    if side == "plain":
+        env["EDGETUNE_KERNELS"] = "plain"
     worker = {"torch": "torch", "tuned": "tuned", "tuned_compile": "tuned", "tuned_compile_body": "tuned",
               "tuned_ckpt": "tuned"}.get(side, "edgetune")
     cmd = [py, script, "--worker", worker, "--bundle", str(bundle),
@@ -430,6 +433,8 @@ def worker_result(side: str, a: argparse.Namespace, out: Path) -> dict:
         res["side"] = "edgetune, checkpointed"
     if side == "int8":
         res["side"] = "edgetune, int8 products (lever)"
+    if side == "plain":
+        res["side"] = "edgetune, plain graphs"
     if side == "legacy":
         res["side"] = "edgetune on ORT 1.19.2"
         res.setdefault("s_min", res["s_per_step"])
@@ -483,6 +488,8 @@ def main() -> None:
     ap.add_argument("--no-legacy", action="store_true", help=argparse.SUPPRESS)  # the default now
     ap.add_argument("--no-torch", action="store_true", help="skip both PyTorch + PEFT sides")
     ap.add_argument("--no-chunks-side", action="store_true", help="skip the edgetune side without chunks")
+    ap.add_argument("--plain-side", action="store_true",
+                    help="also run edgetune on the plain graphs (EDGETUNE_KERNELS=plain), against the fused default")
     ap.add_argument("--compile", nargs="?", const="layers", choices=["layers", "body"],
                     help="add a side: the tuned PyTorch with torch.compile on each decoder layer (the _tuned "
                          "ratios then take the fastest and the smallest of the tuned sides)")
@@ -517,7 +524,8 @@ def main() -> None:
         tmp = Path(tmpd)
         a.bundle = ensure_bundle(a, tmp)
         a.data = Path(a.data) if a.data else make_data(tmp / "data", n_train=a.batch * (a.steps + 1), n_valid=16)
-        sides = (["edgetune"] + ([] if a.no_chunks_side else ["nochunk"]) + (["quantized"] if a.quantize else [])
+        sides = (["edgetune"] + (["plain"] if a.plain_side else []) + ([] if a.no_chunks_side else ["nochunk"])
+                 + (["quantized"] if a.quantize else [])
                  + (["int8"] if a.int8 else [])
                  + (["legacy"] if a.legacy else []) + ([] if a.no_torch else ["torch", "tuned"])
                  + (["tuned_compile"] if a.compile and not a.no_torch else [])
@@ -604,7 +612,8 @@ def summarize(results: dict[str, list[dict]], manifest: dict, gflops: float) -> 
 
     e = best["edgetune"]
     fl = train_flops(manifest, e["lengths"], e["labelled"]) / e["time"] / 1e9
-    out = {"flops_fraction": round(fl / gflops, 3)}
+    out = {"flops_fraction": round(fl / gflops, 3), "fused": str(e.get("kernels", "")).startswith("fused"),
+           "kernels": e.get("kernels")}
     names = {"tuned": tuned, "tuned_plain": ["tuned"], "tuned_compile_plain": ["tuned_compile"],
              "tuned_compile_body_plain": ["tuned_compile_body"]}
     for mine, side, suffix in (("edgetune", "torch", ""), ("edgetune", "tuned", "_tuned"),
@@ -613,7 +622,8 @@ def summarize(results: dict[str, list[dict]], manifest: dict, gflops: float) -> 
                                ("edgetune", "tuned_compile_body_plain", "_tuned_compile_body"),
                                ("edgetune", "nochunk", "_no_chunks"), ("edgetune", "legacy", "_vs_1192"),
                                ("int8", "edgetune", "_int8_vs_float"), ("int8", "tuned", "_int8_vs_tuned"),
-                               ("ckpt", "tuned_ckpt", "_ckpt"), ("ckpt", "tuned", "_ckpt_vs_tuned")):
+                               ("ckpt", "tuned_ckpt", "_ckpt"), ("ckpt", "tuned", "_ckpt_vs_tuned"),
+                               ("edgetune", "plain", "_fused_vs_plain")):
         if side in best and mine in best:
             m, o = best[mine], best[side]
             speed = tps(m) / tps(o)

@@ -74,6 +74,18 @@ def installation() -> list[Check]:
 
     out.append(_try("merge extension", ext, "reinstall with a C++ compiler and CMake present: pip install -e .",
                     level="warning"))
+    def fused() -> str:
+        from edgetune.device import fused as kernels
+
+        st = kernels.status()
+        if st["mode"] == "plain":
+            return "off (EDGETUNE_KERNELS=plain): training runs the plain graphs"
+        if st["in_use"] != "fused":
+            raise EdgetuneError(f"training on the CPU runs the plain graphs (slower): {st['problem']}")
+        return f"fused training kernels in use on the CPU ({st['isa']}; {st['library']})"
+
+    out.append(_try("fused kernels", fused, "reinstall edgetune where ONNX Runtime's headers can be found or fetched "
+                    "(see docs/training.md, 'Fused kernels')", level="warning"))
     for mod, why in (("tokenizers", "tokenization"), ("jinja2", "chat templates"), ("safetensors", "adapters"),
                      ("numpy", "everything")):
         out.append(_try(mod, lambda m=mod: _version(m), f"pip install {mod}  (needed for {why})"))
@@ -172,7 +184,27 @@ def _bundle(path: Path) -> list[Check]:
         return out
     out.append(_try(f"bundle {path}: tokenizer", lambda: (ChatTokenizer.from_dir(path), "loads")[1], fix))
     out.append(_try(f"bundle {path}: graphs", lambda: _sessions([path / "eval.onnx", path / "infer.onnx"]), fix))
+    out.append(_try(f"bundle {path}: fused graphs", lambda: _fused_graphs(path), fix, level="warning"))
     return out
+
+
+def _fused_graphs(path: Path) -> str:
+    """Whether the bundle's fused graphs load here (they are optional: the plain ones always run)."""
+    import onnxruntime as ort
+
+    from edgetune.device import fused as kernels
+    from edgetune.formats import bundle as b
+
+    entry = b.load(path, verify_hashes=False).manifest.get("fused") or {}
+    if not entry:
+        return "none (exported where the kernel library was not built): training runs the plain graphs"
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    kernels.register(so)
+    for name in (entry["train"], entry["eval"]):
+        ort.InferenceSession(str(path / name), so, providers=["CPUExecutionProvider"])
+    ops = ", ".join(f"{k} x{v}" for k, v in sorted(entry.get("ops", {}).items()))
+    return f"{entry['train']} and {entry['eval']} load with the kernel library ({ops})"
 
 
 def _bundle_summary(bundle: Any) -> str:

@@ -191,6 +191,10 @@ class StepRunner:
             return devices.session(self.bundle.path(name), self.device, so)
         except DeviceError as e:
             op = _missing_op(str(e))
+            if op and op.startswith(kernels.DOMAIN + ":"):
+                raise DeviceError(f"{self.bundle.path(name)} uses {op}, which the kernel library "
+                                  f"{kernels.library().path} does not implement; reinstall edgetune or export the "
+                                  "bundle again with this edgetune") from None
             if op:
                 import onnxruntime as ort
 
