@@ -35,17 +35,21 @@ def _run_manifest(run) -> dict:
     return json.loads((Path(run.out) / "run.json").read_text())
 
 
-def test_the_library_is_built_where_ci_runs():
-    if not os.environ.get("CI"):
-        pytest.skip("outside CI a build without ONNX Runtime's headers is allowed")
+def _need_library() -> None:
+    # A host that cannot get ONNX Runtime's headers opts out explicitly; the suite never skips silently.
+    if os.environ.get("EDGETUNE_TEST_NO_FUSED") == "1":
+        pytest.skip("EDGETUNE_TEST_NO_FUSED=1: this host builds edgetune without the kernel library")
+    assert kernels.library().ok, kernels.library().reason
+
+
+def test_the_library_is_built():
+    _need_library()
     lib = kernels.library()
-    assert lib.ok, lib.reason
     assert lib.isa in ("generic", "avx2", "avx512")
 
 
 def test_cpu_training_runs_the_fused_graphs_and_records_them(tiny_bundle, chat_data, tmp_path):
-    if not kernels.library().ok:
-        pytest.skip(kernels.library().reason)
+    _need_library()
     run = _train(tiny_bundle, chat_data, tmp_path / "run")
     m = _run_manifest(run)
     assert m["graphs"] == {"train": "train_fused.onnx", "eval": "eval_fused.onnx"}
@@ -90,8 +94,7 @@ def test_asking_for_fused_kernels_that_cannot_load_is_an_error(tiny_bundle, chat
 
 def test_a_fused_graph_with_an_op_the_library_lacks_falls_back_naming_the_file(tiny_bundle, chat_data, tmp_path,
                                                                                capsys):
-    if not kernels.library().ok:
-        pytest.skip(kernels.library().reason)
+    _need_library()
     bundle = tmp_path / "bundle"
     shutil.copytree(tiny_bundle, bundle)
     graph = bundle / "train_fused.onnx"

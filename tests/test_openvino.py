@@ -50,6 +50,9 @@ def test_train_eval_generate_through_openvino(ov_python, tiny_bundle, chat_data,
     assert out["placement"].get("OpenVINOExecutionProvider", 0) > 0, out["placement"]
     run = json.loads((tmp_path / "ov" / "run.json").read_text())
     assert run["train_providers"][0] == "OpenVINOExecutionProvider"
+    # The fused kernels are a CPU-provider library: OpenVINO trains the plain graphs, said once.
+    assert run["graphs"]["train"] == "train.onnx" and run["kernels"] == "plain"
+    assert p.stderr.count("edgetune: training on the plain graph:") == 1, p.stderr[-2000:]
     ours, ref = peft_io.load(tmp_path / "ov")[1], peft_io.load(cpu.out)[1]
     for k in ref:
         np.testing.assert_allclose(ours[k], ref[k], rtol=1e-3, atol=1e-5)

@@ -84,8 +84,9 @@ def library() -> Library:
             lib = Library(path, reason=f"{path} cannot be loaded here ({e}); rebuild it for this machine "
                                        "(pip install --force-reinstall edgetune)")
         else:
-            lib = Library(path, isa=isa) if abi == ABI else Library(
-                path, isa=isa, reason=f"{path} implements kernel ABI {abi}, this edgetune needs {ABI}; reinstall edgetune")
+            why = "" if abi == ABI else (f"{path} implements kernel ABI {abi}, this edgetune needs {ABI}; "
+                                         "reinstall edgetune")
+            lib = Library(path, isa=isa, reason=why)
     _probed[key] = lib
     return lib
 

@@ -109,7 +109,8 @@ def _rmsnorm(G: _Graph, mul_w: Any) -> Optional[tuple[list[str], list[str], dict
             if len(mean.input) > 1 or axes != [-1]:
                 continue
             pow_ = G.made_by(mean.input[0], "Pow")
-            if pow_ is None or pow_.input[0] != x or G.scalar(pow_.input[1]) != 2.0 or G.only_use(mean.input[0]) is not mean:
+            if pow_ is None or pow_.input[0] != x or G.scalar(pow_.input[1]) != 2.0 \
+                    or G.only_use(mean.input[0]) is not mean:
                 continue
             return ([x, _other(mul_w, t)], [mul_w.output[0], mul_w.output[0] + "/inv_rms"], {"epsilon": eps},
                     [mul_x, div, sqrt, add, mean, pow_])

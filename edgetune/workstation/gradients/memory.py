@@ -29,9 +29,10 @@ def hoist_shapes(proto: Any, n_forward: int) -> int:
         g.node.extend(fwd + moved + [n for n in bwd if id(n) not in ids])
     return n_forward + len(moved)
 
-# Forward ops cheap enough to run again in the backward pass instead of keeping their output.
+# Forward ops cheap enough to run again in the backward pass instead of keeping their output (the
+# last three are the fused kernels' one-pass ops, see fused.py).
 _CHEAP = {"Softmax", "QuickGelu", "Expand", "Reshape", "Unsqueeze", "Squeeze", "Add", "Sub", "Mul", "Div",
-          "Where", "Neg", "Cast", "MatMul", "FusedMatMul"}
+          "Where", "Neg", "Cast", "MatMul", "FusedMatMul", "RMSNorm", "SwiGLU", "Rotary"}
 
 
 def recompute_cheap(proto: Any, n_forward: int, types: dict[str, int], shapes: dict[str, list[tuple]]) -> int:
@@ -39,9 +40,9 @@ def recompute_cheap(proto: Any, n_forward: int, types: dict[str, int], shapes: d
     attention's repeated keys and values and the RMSNorms' outputs are computed again in the
     backward pass from tensors it keeps anyway, instead of being saved from the forward pass.
 
-    A saved tensor produced by Softmax, QuickGelu, Expand (or a reshape of an Expand), Div or
-    Mul is a candidate. Walking back from it through cheap ops (:data:`_CHEAP`), the walk stops at
-    tensors the backward pass keeps anyway, at tensors of another layer, and at tensors less than
+    A saved tensor produced by Softmax, QuickGelu, Expand (or a reshape of an Expand), Div, Mul,
+    or the fused RMSNorm and SwiGLU is a candidate. Walking back from it through cheap ops
+    (:data:`_CHEAP`), the walk stops at tensors the backward pass keeps anyway, at tensors of another layer, and at tensors less than
     half the candidate's size, which are then kept instead; a candidate is recomputed when what it
     newly keeps is under half of what it frees. The attention scores' matmul is the only one
     that runs twice (about 2 % more compute at 256 tokens). Returns the nodes added."""
@@ -58,7 +59,7 @@ def recompute_cheap(proto: Any, n_forward: int, types: dict[str, int], shapes: d
 
     def candidate(t: str) -> bool:
         n = producer[t]
-        if n.op_type in ("Softmax", "QuickGelu", "Expand", "Div", "Mul"):
+        if n.op_type in ("Softmax", "QuickGelu", "Expand", "Div", "Mul", "RMSNorm", "SwiGLU"):
             return True
         src = producer.get(n.input[0]) if n.op_type == "Reshape" else None
         return src is not None and src.op_type == "Expand"
