@@ -31,7 +31,8 @@ docs: setup
 bench: setup
 	.venv/bin/python bench/merge.py --quick
 	.venv/bin/python bench/pack.py
-	.venv/bin/python bench/train.py --rounds 2 --compile
+	.venv/bin/python bench/train.py --rounds 2 --compile --plain-side
+	.venv/bin/python bench/train.py --seq 64 --steps 24 --compile --no-chunks-side --plain-side
 	.venv/bin/python bench/matmul.py
 
 # A Phi-3-mini-shaped model (3.8B parameters, random weights) end to end on an int4 base:

@@ -9,7 +9,10 @@ machine whose speed drifts (seen here: 2x between minutes) slows every side alik
 warm-up and validation run one process at a time. ``--no-lockstep`` runs the sides one after
 another instead; rounds alternate the order either way.
 
-- ``edgetune``: the default path, batches run in chunks of at most 1,024 tokens;
+- ``edgetune``: the default path, batches run in chunks of at most 1,024 tokens, on the fused
+  kernels where the library loads (the JSON's ``fused`` and ``kernels`` say which ran);
+- ``edgetune, plain graphs`` (``--plain-side``): the same on the plain graphs
+  (``EDGETUNE_KERNELS=plain``), reported as ``*_fused_vs_plain``;
 - ``edgetune, no chunks``: the same with ``--max-batch-tokens 0`` (each batch in one pass);
 - ``pytorch+peft``: the documented loop: ``model(input_ids, attention_mask, labels)``, full-vocabulary
   logits at every position, one pass per batch;
@@ -43,7 +46,7 @@ projection of labelled rows) over the machine's multiply-add peak measured by th
 kernels' FMA loop in the same run. The last line is JSON:
 
     {"tokens_per_s_ratio", "tokens_per_s_ratio_tuned", "peak_rss_ratio", "peak_rss_ratio_tuned",
-     "loss_gap", "loss_gap_tuned", "flops_fraction", "tokens_per_s_ratio_no_chunks", ...}
+     "loss_gap", "loss_gap_tuned", "flops_fraction", "fused", "kernels", "tokens_per_s_ratio_no_chunks", ...}
 
 ratios are edgetune over the other side; loss_gap is (edgetune - other) / other. In lockstep the
 tokens/s ratios are the median, over every step of every round, of the other side's step time over
