@@ -117,7 +117,7 @@ def test_concat(axis):
 
 
 @pytest.mark.parametrize("starts,ends,axes", [([0], [2], [2]), ([2], [2**62], [-1]), ([-3], [-1], [1]),
-                                              ([1, 0], [3, 1], [0, 2])])
+                                              ([1, 0], [3, 1], [0, 2]), ([3], [1], [1]), ([-1], [-4], [2])])
 def test_slice(starts, ends, axes):
     x = rand(4, 5, 6)
 
@@ -128,6 +128,49 @@ def test_slice(starts, ends, axes):
         return x[tuple(idx)]
     check("Slice", {"x": x}, fn, consts={"s": np.array(starts, np.int64), "e": np.array(ends, np.int64),
                                          "a": np.array(axes, np.int64)})
+
+
+@pytest.mark.parametrize("which", ["axes", "steps"])
+def test_slice_with_computed_axes_or_steps_is_refused_by_name(which):
+    x = rand(4, 5)
+    consts = {"s": np.array([1], np.int64), "e": np.array([3], np.int64), "a": np.array([1], np.int64),
+              "st": np.array([1], np.int64)}
+    # axes or steps computed at run time from an input's length (1 in one probe, 2 in the other)
+    nodes = [helper.make_node("Shape", ["z"], ["len"]), helper.make_node("Sub", ["len", "one"], ["dyn"]),
+             helper.make_node("Slice", ["x", "s", "e", "dyn" if which == "axes" else "a",
+                                        "dyn" if which == "steps" else "st"], ["y"], name="the_slice"),
+             helper.make_node("ReduceSum", ["y"], ["loss"], keepdims=0)]
+    inits = [numpy_helper.from_array(v, k) for k, v in {"x": x, **consts}.items()]
+    inits.append(numpy_helper.from_array(np.array([0 if which == "steps" else 1], np.int64), "one"))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["n"])],
+                              [helper.make_tensor_value_info("loss", TensorProto.FLOAT, [])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    feeds = [{"z": np.ones(1, np.float32)}, {"z": np.ones(2, np.float32)}]  # axes 0 or 1; steps 1 or 2
+    with pytest.raises(ModelError, match=rf"Slice needs constant {which} \(node the_slice, {which} from dyn\)"):
+        autodiff.build(model, ["x"], "loss", feeds)
+
+
+def test_a_weight_whose_inner_dimension_varies_gets_its_gradient():
+    """MatMul(x [2, 3, K], w [K, 5]) with K different in the two probes (w gathered by K indices): the
+    one-GEMM path needs a static K, the batched one does not."""
+    import onnxruntime as ort
+
+    W = rand(10, 5)
+    nodes = [helper.make_node("Gather", ["W", "idx"], ["w"], axis=0), helper.make_node("MatMul", ["x", "w"], ["y"]),
+             helper.make_node("ReduceSum", ["y"], ["loss"], keepdims=0)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, "k"]),
+                                           helper.make_tensor_value_info("idx", TensorProto.INT64, ["k"])],
+                              [helper.make_tensor_value_info("loss", TensorProto.FLOAT, [])],
+                              [numpy_helper.from_array(W, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    feeds = [{"x": rand(2, 3, 4), "idx": np.array([0, 2, 2, 7])}, {"x": rand(2, 3, 6), "idx": np.arange(6)}]
+    tg = autodiff.build(model, ["W"], "loss", feeds)
+    sess = ort.InferenceSession(tg.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for feed in feeds:
+        (g,) = sess.run(tg.grads, {**feed, "W": W})
+        want = np.zeros_like(W)
+        np.add.at(want, feed["idx"], np.repeat(feed["x"].sum((0, 1))[:, None], 5, 1))
+        np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-5)
 
 
 def test_gather_rows_with_repeated_indices():
@@ -196,6 +239,21 @@ def test_softmax_cross_entropy(reduction, ignore):
         return torch.nn.functional.cross_entropy(s, lab, reduction=reduction,
                                                  ignore_index=-100 if ignore is None else ignore)
     check("SoftmaxCrossEntropyLoss", {"s": rand(5, 7)}, fn, consts={"lab": labels}, attrs=attrs)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_softmax_cross_entropy_with_every_label_ignored_has_a_zero_gradient(reduction):
+    import onnxruntime as ort
+
+    s = rand(4, 7)
+    nodes = [helper.make_node("SoftmaxCrossEntropyLoss", ["s", "lab"], ["loss"], reduction=reduction,
+                              ignore_index=-100)]
+    inits = [numpy_helper.from_array(s, "s"), numpy_helper.from_array(np.full(4, -100, np.int64), "lab")]
+    graph = helper.make_graph(nodes, "g", [], [helper.make_tensor_value_info("loss", TensorProto.FLOAT, [])], inits)
+    tg = autodiff.build(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), ["s"], "loss", [{}, {}])
+    sess = ort.InferenceSession(tg.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    (g,) = sess.run(tg.grads, {"s": s})
+    np.testing.assert_array_equal(g, np.zeros_like(s))
 
 
 def test_dropout_with_ratio_zero_is_identity():

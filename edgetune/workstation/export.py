@@ -534,7 +534,7 @@ def _probe_feeds(proto: Any, vocab: int) -> list[dict[str, Any]]:
 
 
 def build_training(forward_onnx: Path, trainable: list[str], out: Path, vocab: int,
-                   recompute: bool = False) -> dict[str, Any]:
+                   recompute: bool = False, log: Log = lambda s: None) -> dict[str, Any]:
     """``train.onnx`` (loss and adapter gradients), ``eval.onnx`` (loss) sharing one weight
     file, and ``adapter_init.safetensors``: only ``trainable`` tensors get gradients.
     ``forward_onnx`` keeps its weights in ``train.onnx.data`` beside it; the tensors the
@@ -553,7 +553,7 @@ def build_training(forward_onnx: Path, trainable: list[str], out: Path, vocab: i
     from safetensors.numpy import save
 
     _io.write_bytes(out / "adapter_init.safetensors", save({n: v.astype("float32") for n, v in tg.initial.items()}))
-    return build_fused(forward_onnx, trainable, out, vocab, recompute)
+    return build_fused(forward_onnx, trainable, out, vocab, recompute, log)
 
 
 def build_fused(forward_onnx: Path, trainable: list[str], out: Path, vocab: int, recompute: bool = False,
@@ -578,7 +578,9 @@ def build_fused(forward_onnx: Path, trainable: list[str], out: Path, vocab: int,
         if n.domain == kernels.DOMAIN:
             ops[n.op_type] = ops.get(n.op_type, 0) + 1
     if not ops:
+        log("no fused graphs: none of the fused kernels' patterns occurs in this model")
         return {}
+    log("fused graphs: " + ", ".join(f"{k} x{v}" for k, v in sorted(ops.items()) if not k.endswith("Grad")))
     # Weights stay in the plain graph's file (its bytes, and so the base id, do not change); the
     # few tensors the fused build adds are small and stay inline.
     for model, name in ((tg.model, "train_fused.onnx"), (proto, "eval_fused.onnx")):
@@ -666,7 +668,7 @@ def _export(model: str | os.PathLike | None, out: Path, cfg: AdapterConfig, log:
         del fwd
         log("building the training graph (gradients of the adapter weights)")
         fused = build_training(tmp / "_forward.onnx", trainable, tmp, int(hf.config.vocab_size),
-                               cfg.gradient_checkpointing)
+                               cfg.gradient_checkpointing, log)
         (tmp / "_forward.onnx").unlink()
         log("writing the inference graph and weights")
         qinfo = None

@@ -40,7 +40,8 @@ def _sce(b: Builder, n: Any, gy: list, want: list) -> list:
     if reduction == "mean":
         count = b.op("ReduceSum", [valid], keepdims=0) if valid else b.op(
             "Cast", [b.op("Gather", [b.op("Shape", [scores]), b.const(0, np.int64)], axis=0)], to=1)
-        g = b.op("Div", [g, count])
+        # A batch whose every label is ignored contributes nothing: a zero gradient, not 0 / 0 = NaN.
+        g = b.op("Div", [g, b.op("Max", [count, b.const(1.0)])])
     if valid is not None:
         g = b.op("Mul", [valid, g])
     if reduction == "none" or valid is not None:

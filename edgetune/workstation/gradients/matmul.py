@@ -28,8 +28,8 @@ def _matmul_grads(b: Builder, a: str, w: str, y: str, g: str, ta: bool, tb: bool
         ga = _mm(b, w, g, tb, True, alpha) if ta else _mm(b, g, w, False, not tb, alpha)
         ga = _unbroadcast_batch(b, ga, a, y)
     if want[1]:
-        if rb == 2 and ra > 2 and not ta:  # a weight applied to every row: one GEMM over the flattened rows
-            k, m = b.static_dim(a, -1), b.static_dim(y, -1)
+        k, m = (b.static_dim(a, -1), b.static_dim(y, -1)) if rb == 2 and ra > 2 and not ta else (None, None)
+        if k is not None and m is not None:  # a weight applied to every row: one GEMM over the flattened rows
             a2 = b.op("Reshape", [a, b.const([-1, k], np.int64)])
             g2 = b.op("Reshape", [g, b.const([-1, m], np.int64)])
             gb = b.op("Gemm", [g2, a2] if tb else [a2, g2], transA=1, alpha=float(alpha))

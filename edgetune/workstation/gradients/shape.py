@@ -51,17 +51,21 @@ def _slice(b: Builder, n: Any, gy: list, want: list) -> list:
             enumerate(list(n.input[1:]) + [""] * (4 - len(n.input[1:])), start=1)]
     starts, ends, axes, steps = vals
     if starts is None or ends is None:
-        raise ModelError("autodiff: Slice needs constant starts and ends")
+        raise ModelError(f"autodiff: Slice needs constant starts and ends (node {n.name})")
+    # Axes or steps that are given but not constant would silently read as the defaults.
+    for k, what in ((3, "axes"), (4, "steps")):
+        if len(n.input) > k and n.input[k] and vals[k - 1] is None:
+            raise ModelError(f"autodiff: Slice needs constant {what} (node {n.name}, {what} from {n.input[k]})")
     axes = list(range(len(starts))) if axes is None else [a % r for a in axes.tolist()]
     if steps is not None and any(s != 1 for s in steps.tolist()):
-        raise ModelError("autodiff: Slice with steps other than 1 is not supported")
+        raise ModelError(f"autodiff: Slice with steps other than 1 is not supported (node {n.name})")
     pads = [0] * (2 * r)
     for a, s, e in zip(axes, starts.tolist(), ends.tolist()):
         dim = b.static_dim(x, a)
         if dim is None:
             raise ModelError(f"autodiff: Slice along a dynamic axis of {x} is not supported")
         s = min(max(s + dim if s < 0 else s, 0), dim)
-        e = min(max(e + dim if e < 0 else e, 0), dim)
+        e = max(min(max(e + dim if e < 0 else e, 0), dim), s)  # an empty slice (end <= start) pads to dim
         pads[a], pads[r + a] = s, dim - e
     return [b.op("Pad", [gy[0], b.const(pads, np.int64)], mode="constant")] + [None] * (len(n.input) - 1)
 
