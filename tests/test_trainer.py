@@ -82,6 +82,25 @@ def test_resume_after_kill_reaches_the_same_adapter(tiny_bundle, chat_data, tmp_
         np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-7)
 
 
+def test_a_checkpoint_without_its_optimizer_state_is_passed_over(tiny_bundle, chat_data, tmp_path):
+    """AdamW's moments missing from the newest checkpoint (its checksum list rewritten to match, so only
+    the state's step gives it away): the resume says so and continues from the previous checkpoint."""
+    out = tmp_path / "run"
+    run(tiny_bundle, chat_data, out, steps=8, save_every=4)
+    ck = out / "checkpoints" / "step-000008"
+    (ck / "optimizer.safetensors").unlink()
+    sums = json.loads((ck / "checksums.json").read_text())
+    sums.pop("optimizer.safetensors", None)
+    (ck / "checksums.json").write_text(json.dumps(sums))
+    logs: list[str] = []
+    r = trainer.train(tiny_bundle, chat_data, out, steps=12, save_every=4, resume=True, lr=1e-2, batch_size=4,
+                      progress=False, log=logs.append)
+    said = "\n".join(logs)
+    assert ("passed over damaged checkpoint(s): step-000008: optimizer.safetensors is missing (the optimizer's "
+            "state after step 8); resuming from step-000004") in said, said
+    assert r.steps == 12
+
+
 def test_kill_during_checkpoint_write_keeps_previous(tiny_bundle, chat_data, tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "EDGETUNE_FAULT": "checkpoint-write:2"}

@@ -232,6 +232,9 @@ class StepRunner:
         self._check_params(params, ck / ADAPTER_FILE)
         self.params = {n: params[n] for n in self.bundle.trainable}
         opt = ck / OPTIMIZER_FILE
+        if step_count and not opt.is_file():
+            raise BundleError(f"{opt} is missing: checkpoint {ck} cannot resume AdamW after step {step_count}; "
+                              "resume from an earlier checkpoint (delete this one) or start the run again")
         self.optimizer.load_state(read_tensors(opt) if opt.is_file() else {}, step_count if opt.is_file() else 0)
 
     def save(self, ck: Path) -> None:

@@ -94,10 +94,13 @@ def _checkpoint_problem(d: Path) -> str | None:
         if not (d / f).is_file():
             return f"{f} is missing"
     try:
-        _io.read_json(d / "trainer_state.json", "checkpoint state")
+        state = _io.read_json(d / "trainer_state.json", "checkpoint state")
         sums = _io.read_json(d / CHECKSUMS, "checksums") if (d / CHECKSUMS).is_file() else {}
     except BundleError as e:
         return str(e)
+    # After the first step AdamW has moments: without them a resume would restart it from zero.
+    if isinstance(state, dict) and int(state.get("step") or 0) > 0 and not (d / OPTIMIZER_FILE).is_file():
+        return f"{OPTIMIZER_FILE} is missing (the optimizer's state after step {state.get('step')})"
     for f, digest in sums.items():
         if not (d / f).is_file():
             return f"{f} is missing"
