@@ -35,6 +35,23 @@ def test_records_round_trip_and_mismatch_is_explained(tiny_bundle, dora_bundle):
         federated.from_record(federated.to_record(other), b)
 
 
+def test_tensors_of_another_type_or_not_finite_are_refused(tiny_bundle):
+    from flwr.app import Array, ArrayRecord
+
+    b = bundle.load(tiny_bundle)
+    tensors = federated.initial_adapter(b)
+    first = b.trainable[0]
+    rec = ArrayRecord()
+    for name, value in tensors.items():
+        rec[name] = Array(value.astype(np.float64) if name == first else value)
+    with pytest.raises(ConfigError, match=rf"tensor {first} from the server is float64, adapters are float32"):
+        federated.from_record(rec, b)
+    bad = {**tensors, first: tensors[first].copy()}
+    bad[first].flat[[0, 3]] = [np.nan, np.inf]
+    with pytest.raises(ConfigError, match=rf"tensor {first} from the server holds NaN or inf \(2 values\)"):
+        federated.from_record(federated.to_record(bad), b)
+
+
 def test_local_round_trains_from_the_sent_adapter(tiny_bundle, chat_data, tmp_path):
     b = bundle.load(tiny_bundle)
     start = federated.initial_adapter(b)

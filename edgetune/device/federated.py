@@ -58,8 +58,15 @@ def from_record(rec: Any, b: _bundle.Bundle) -> dict[str, np.ndarray]:
                           "are the server and this device using bundles of the same export?")
     shapes = b.manifest.get("trainable_shapes", {})
     for n in b.trainable:
-        if shapes and list(tensors[n].shape) != shapes[n]:
-            raise ConfigError(f"tensor {n} has shape {list(tensors[n].shape)}, bundle {b.root} expects {shapes[n]}")
+        t = tensors[n]
+        if shapes and list(t.shape) != shapes[n]:
+            raise ConfigError(f"tensor {n} has shape {list(t.shape)}, bundle {b.root} expects {shapes[n]}")
+        if t.dtype != np.float32:
+            raise ConfigError(f"tensor {n} from the server is {t.dtype}, adapters are float32; "
+                              "is the server running edgetune's strategy?")
+        if not np.isfinite(t).all():
+            raise ConfigError(f"tensor {n} from the server holds NaN or inf ({int((~np.isfinite(t)).sum())} values); "
+                              "the aggregated adapter is damaged: restart the round from the last good one")
     return {n: tensors[n] for n in b.trainable}
 
 
