@@ -256,6 +256,18 @@ def test_softmax_cross_entropy_with_every_label_ignored_has_a_zero_gradient(redu
     np.testing.assert_array_equal(g, np.zeros_like(s))
 
 
+@pytest.mark.parametrize("dtype,name", [(np.float16, "float16"), (np.float64, "float64")])
+def test_a_gradient_through_another_float_type_is_refused_by_name(dtype, name):
+    x = rand(3, 4).astype(dtype)
+    nodes = [helper.make_node("Mul", ["x", "x"], ["y"]), helper.make_node("Cast", ["y"], ["y32"], to=1),
+             helper.make_node("ReduceSum", ["y32"], ["loss"], keepdims=0)]
+    graph = helper.make_graph(nodes, "g", [], [helper.make_tensor_value_info("loss", TensorProto.FLOAT, [])],
+                              [numpy_helper.from_array(x, "x")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(ModelError, match=rf"autodiff: \S+ is {name}; gradients are built in float32 only"):
+        autodiff.build(model, ["x"], "loss", [{}, {}])
+
+
 def test_dropout_with_ratio_zero_is_identity():
     check("Dropout", {"x": rand(3, 4)}, lambda x, r, t: x,
           consts={"r": np.array(0.0, np.float32), "t": np.array(True)})

@@ -13,6 +13,9 @@ from .memory import hoist_shapes, recompute_cheap, recompute_layers
 from .prepare import drop_noop_casts, elem_types, fuse_matmuls, probe_shapes
 
 
+_OTHER_FLOATS = {10: "float16", 11: "float64", 16: "bfloat16"}
+
+
 def _path(proto: Any, params: list[str], loss: str, types: dict[str, int]) -> tuple[list[Any], set[str]]:
     """Nodes on a path from ``params`` to ``loss`` and the tensors that need a gradient."""
     live = set(params)
@@ -38,6 +41,12 @@ def differentiate(proto: Any, params: list[str], loss: str, shapes: dict[str, li
     from onnx import helper
 
     path, needed = _path(proto, params, loss, types)
+    # The rules write float32 constants and casts: a gradient through another float type would be
+    # silently wrong or fail at load, so it is refused here with the tensor named.
+    for name in sorted(needed):
+        if types.get(name) in _OTHER_FLOATS:
+            raise ModelError(f"autodiff: {name} is {_OTHER_FLOATS[types[name]]}; gradients are built in float32 only "
+                             "(export the model in float32: its weights are converted on load)")
     b = Builder(proto, shapes, types, fixed or {})
     grads: dict[str, list[str]] = {loss: [b.const(1.0)]}
 
