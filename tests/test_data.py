@@ -90,10 +90,34 @@ def test_missing_and_empty_files(tok, tmp_path):
         data.resolve_split(tmp_path / "nothing")
 
 
-def test_record_truncated_to_nothing_is_an_error(tok, tmp_path):
-    p = write(tmp_path, [{"prompt": "the quick brown fox " * 10, "completion": "yes"}])
-    with pytest.raises(DataError, match=f"{p}:1: no labelled tokens left after truncation to 16 tokens"):
-        data.load_dataset(p, tok, 16, truncate="end")  # cutting the end removes the answer
+def test_a_record_whose_answer_the_end_cut_removes_is_skipped_like_the_prompt_cut_skips(tok, tmp_path):
+    short = {"prompt": "hi", "completion": "yes"}
+    n = len(data.encode_record(tok, short, "completion", "x")[0]) + 2
+    long_prompt = {"prompt": "the quick brown fox " * 10, "completion": "the lazy dog " * 3}
+    p = write(tmp_path, [long_prompt, short])
+    ds = data.load_dataset(p, tok, n, truncate="end")  # the cut takes every answer token
+    assert len(ds) == 1 and ds.stats["skipped"] == 1 and ds.stats["skipped_records"] == [f"{p}:1"]
+    assert ds.stats["end_cut"] == 0
+    ds = data.load_dataset(p, tok, n, truncate="prompt")  # the answer alone does not fit
+    assert len(ds) == 1 and ds.stats["skipped"] == 1 and ds.stats["skipped_records"] == [f"{p}:1"]
+    with pytest.raises(DataError, match=f"{p}:1: .* tokens, more than --max-seq-len {n}"):
+        data.load_dataset(p, tok, n, truncate="error")
+    with pytest.raises(DataError, match=f"no records that fit in {n} tokens"):
+        data.load_dataset(write(tmp_path, [long_prompt]), tok, n, truncate="end")
+
+
+def test_a_token_straddling_the_prompt_answer_boundary_is_labelled(monkeypatch):
+    """A tokenizer that merges the prompt's last character with the answer's first (offsets 4-6 over
+    a boundary at 5): that token carries answer text and is trained; wholly-prompt ones are not."""
+    full, spans = "abcdeXYZ", [(5, 8)]
+
+    class Merging:
+        def encode_offsets(self, text):
+            return [1, 2, 3, 4], [(0, 2), (2, 4), (4, 6), (6, 8)]
+
+    monkeypatch.setattr(data, "_chat_spans", lambda tok, msgs, where: (full, spans))
+    ids, labelled = data._encode_messages(Merging(), [], "x", mask_prompt=True)
+    assert labelled.tolist() == [False, False, True, True]
 
 
 def _answer_ids(tok, ds_example):

@@ -209,9 +209,12 @@ def _encode_messages(tok: ChatTokenizer, msgs: list[dict[str, str]], where: str,
     if not mask_prompt:
         return np.asarray(ids, np.int64), np.ones(len(ids), bool)
     starts = np.asarray([o[0] for o in offsets], np.int64)
+    ends = np.asarray([o[1] for o in offsets], np.int64)
     labelled = np.zeros(len(ids), bool)
+    # A token is trained when any part of it is answer text: one that a tokenizer merges across the
+    # prompt/answer boundary carries the answer's first characters (as PEFT and TRL recipes label it).
     for a, b in spans:
-        labelled |= (starts >= a) & (starts < b)
+        labelled |= (starts < b) & (np.maximum(ends, starts + 1) > a)
     return np.asarray(ids, np.int64), labelled
 
 
@@ -303,6 +306,9 @@ def load_dataset(path: str | Path, tok: ChatTokenizer, max_seq_len: int, mask_pr
                                 "shorten the record, or choose another --truncate")
             if how == "end":
                 ids, labelled = ids[:max_seq_len], labelled[:max_seq_len]
+                if not shift_targets(ids, labelled).__ne__(IGNORE).any():
+                    skipped.append(where)  # the cut took every answer token: skipped, as "prompt" does
+                    continue
                 counts["end_cut"] += 1
             else:
                 fitted = shorten_prompt(tok, rec, f, where, max_seq_len, mask_prompt)
@@ -318,8 +324,8 @@ def load_dataset(path: str | Path, tok: ChatTokenizer, max_seq_len: int, mask_pr
                             "tokens); raise --max-seq-len or shorten the prompt")
         examples.append(Example(ids, targets, where))
     if not examples:
-        raise DataError(f"{path} has no records" + (f" that fit in {max_seq_len} tokens (the answer alone is "
-                                                    f"longer in all {len(skipped)})" if skipped else ""))
+        raise DataError(f"{path} has no records" + (f" that fit in {max_seq_len} tokens with their answer (all "
+                                                    f"{len(skipped)} skipped)" if skipped else ""))
     stats = {"truncate": truncation_for(truncate, fmt or "text"), **counts, "skipped": len(skipped),
              "skipped_records": skipped[:20]}
     return Dataset(examples, str(path), fmt or "text", sum(counts.values()), stats)
