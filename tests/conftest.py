@@ -14,7 +14,7 @@ SAMPLE_DATA = ROOT / "examples" / "data" / "tickets"
 # workstation stack are skipped by design. Everywhere else in CI a missing piece is a failure.
 DEVICE_ONLY = os.environ.get("EDGETUNE_DEVICE_ONLY") == "1"
 ASSETS = Path(os.environ["EDGETUNE_TEST_ASSETS"]) if os.environ.get("EDGETUNE_TEST_ASSETS") else None
-WORKSTATION_MODULES = {"test_parity", "test_dora", "test_fused", "test_real_model", "test_autodiff", "test_openvino", "test_genai",
+WORKSTATION_MODULES = {"test_parity", "test_dora", "test_fused", "test_optimizer_graph", "test_real_model", "test_autodiff", "test_openvino", "test_genai",
                        "test_real_tokenizers"}
 
 if os.environ.get("CI") and not DEVICE_ONLY:

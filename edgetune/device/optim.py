@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -52,3 +52,43 @@ class AdamW:
         self.exp_avg = {k.split("/", 1)[1]: np.array(v, np.float32) for k, v in tensors.items() if k.startswith("exp_avg/")}
         self.exp_avg_sq = {k.split("/", 1)[1]: np.array(v, np.float32) for k, v in tensors.items()
                            if k.startswith("exp_avg_sq/")}
+
+
+class GraphAdamW(AdamW):
+    """The same AdamW, run as the bundle's ``optimizer.onnx`` (built by
+    ``edgetune.workstation.optimizer_graph``): the graph an app without Python runs for its
+    optimizer step, so the Python trainer and an app take identical steps."""
+
+    def __init__(self, path: str, weight_decay: float = 0.01, session_options: Any = None) -> None:
+        import onnxruntime as ort
+
+        super().__init__(weight_decay=weight_decay)
+        self.session = ort.InferenceSession(str(path), session_options, providers=["CPUExecutionProvider"])
+        self._inputs = {i.name for i in self.session.get_inputs()}
+        self._outputs = [o.name for o in self.session.get_outputs()]
+
+    def feeds(self, params: Mapping[str, np.ndarray], grads: Mapping[str, np.ndarray], lr: float) -> dict[str, Any]:
+        """The graph's inputs for step ``step_count + 1`` at learning rate ``lr`` (a constant schedule)."""
+        def f32(x: float) -> np.ndarray:
+            return np.array(x, np.float32)
+
+        feed: dict[str, Any] = {"step": f32(self.step_count + 1), "base_lr": f32(lr), "warmup_steps": f32(0),
+                                "total_steps": f32(0), "schedule": np.array(0, np.int64),
+                                "weight_decay": f32(self.weight_decay)}
+        for name, p in params.items():
+            feed[name] = p
+            feed[name + "_grad"] = grads[name]
+            feed["exp_avg/" + name] = self.exp_avg.get(name, np.zeros_like(p))
+            feed["exp_avg_sq/" + name] = self.exp_avg_sq.get(name, np.zeros_like(p))
+        missing = [k for k in self._inputs if k not in feed]
+        if missing:
+            raise ValueError(f"the optimizer graph wants tensors this adapter lacks: {missing[:3]}")
+        return {k: v for k, v in feed.items() if k in self._inputs}
+
+    def step(self, params: dict[str, np.ndarray], grads: Mapping[str, np.ndarray], lr: float) -> None:
+        out = dict(zip(self._outputs, self.session.run(self._outputs, self.feeds(params, grads, lr))))
+        self.step_count += 1
+        for name in params:
+            params[name][...] = out[name + "/updated"]
+            self.exp_avg[name] = out["exp_avg/" + name + "/updated"]
+            self.exp_avg_sq[name] = out["exp_avg_sq/" + name + "/updated"]

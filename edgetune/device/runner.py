@@ -15,7 +15,7 @@ import numpy as np
 
 from edgetune.device import fused as kernels
 from edgetune.device import providers as devices
-from edgetune.device.optim import AdamW
+from edgetune.device.optim import AdamW, GraphAdamW
 from edgetune.formats import bundle as _bundle
 from edgetune.formats import quantized
 from edgetune.formats.errors import BundleError, DeviceError
@@ -144,7 +144,9 @@ class StepRunner:
         self.params: dict[str, np.ndarray] = read_tensors(b.path("adapter_init.safetensors"))
         self._check_params(self.params, b.path("adapter_init.safetensors"))
         self.grads: dict[str, np.ndarray] = {}
-        self.optimizer = AdamW(weight_decay=weight_decay)
+        # The bundle's optimizer graph (what an app runs) where there is one; numpy for older bundles.
+        opt = b.manifest.get("optimizer") or {}
+        self.optimizer = GraphAdamW(str(b.path(opt["file"])), weight_decay) if opt else AdamW(weight_decay=weight_decay)
         self._grad_names = [p + "_grad" for p in b.trainable]
 
     # -- sessions ---------------------------------------------------------------------------

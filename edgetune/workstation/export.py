@@ -25,6 +25,7 @@ from edgetune.formats.errors import ConfigError, ModelError
 from edgetune.formats.models import ModelSpec, check_architecture, check_reference, resolve_model
 from edgetune.workstation import dora_torch, extdata, graphs, variants, weights
 from edgetune.workstation import gradients as autodiff
+from edgetune.workstation import optimizer_graph
 from edgetune.workstation import quantize as quant
 
 OPSET = 17
@@ -553,6 +554,8 @@ def build_training(forward_onnx: Path, trainable: list[str], out: Path, vocab: i
     from safetensors.numpy import save
 
     _io.write_bytes(out / "adapter_init.safetensors", save({n: v.astype("float32") for n, v in tg.initial.items()}))
+    onnx.save(optimizer_graph.build(trainable, {n: list(v.shape) for n, v in tg.initial.items()}),
+              str(out / "optimizer.onnx"))
     return build_fused(forward_onnx, trainable, out, vocab, recompute, log)
 
 
@@ -717,6 +720,8 @@ def _export(model: str | os.PathLike | None, out: Path, cfg: AdapterConfig, log:
             manifest["quantization"] = qinfo
         if fused:
             manifest["fused"] = fused
+        manifest["optimizer"] = {"file": "optimizer.onnx", "rule": "adamw", "betas": list(optimizer_graph.BETAS),
+                                 "eps": optimizer_graph.EPS, "schedules": optimizer_graph.SCHEDULES}
         _io.write_json(tmp / _bundle.MANIFEST, _io.seal(manifest))
     log(f"bundle written to {out} in {time.time() - t0:.0f}s")
     return out

@@ -1,0 +1,102 @@
+"""``optimizer.onnx``: the learning-rate schedule and the AdamW update of every adapter tensor as one
+ONNX graph, so that any ONNX Runtime binding (C, C++, C#, Java, JavaScript, Python) takes an
+optimizer step without edgetune's Python. The Python trainer runs the same graph.
+
+Inputs (float32 scalars unless said): ``step`` (the 1-based number of the step being taken),
+``base_lr``, ``warmup_steps``, ``total_steps``, ``schedule`` (int64: 0 constant, 1 linear, 2 cosine),
+``weight_decay``; per adapter tensor ``P``: ``P``, ``P_grad``, ``exp_avg/P``, ``exp_avg_sq/P``.
+Outputs: ``lr`` and, per tensor, ``P/updated``, ``exp_avg/P/updated``, ``exp_avg_sq/P/updated``.
+
+The rule is PyTorch's ``torch.optim.AdamW`` (decoupled weight decay, bias correction), as
+``edgetune.device.optim.AdamW`` computes it in numpy; the schedule is
+``edgetune.device.trainer.lr_at``'s (linear warmup, then constant, linear or cosine decay).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import numpy as np
+
+SCHEDULES = {"constant": 0, "linear": 1, "cosine": 2}
+BETAS = (0.9, 0.999)
+EPS = 1e-8
+
+
+def updated(name: str) -> str:
+    return name + "/updated"
+
+
+class _G:
+    def __init__(self) -> None:
+        self.nodes: list[Any] = []
+        self.inits: list[Any] = []
+        self._n = 0
+
+    def op(self, op: str, inputs: Sequence[str], **attrs: Any) -> str:
+        from onnx import helper
+
+        self._n += 1
+        out = f"opt/{op}_{self._n}"
+        self.nodes.append(helper.make_node(op, list(inputs), [out], name=out, **attrs))
+        return out
+
+    def const(self, value: float, dtype: Any = np.float32) -> str:
+        from onnx import numpy_helper
+
+        self._n += 1
+        name = f"opt/c_{self._n}"
+        self.inits.append(numpy_helper.from_array(np.asarray(value, dtype), name))
+        return name
+
+
+def _lr(g: _G) -> str:
+    """lr_at(step - 1): warmup lr * step / warmup while step <= warmup; then by the schedule."""
+    one, zero = g.const(1.0), g.const(0.0)
+    s0 = g.op("Sub", ["step", one])  # the 0-based step
+    warm = g.op("Div", [g.op("Mul", ["base_lr", "step"]), g.op("Max", ["warmup_steps", one])])
+    in_warmup = g.op("And", [g.op("Greater", ["warmup_steps", zero]), g.op("Less", [s0, "warmup_steps"])])
+    span = g.op("Max", [one, g.op("Sub", ["total_steps", "warmup_steps"])])
+    frac = g.op("Min", [one, g.op("Div", [g.op("Sub", [s0, "warmup_steps"]), span])])
+    linear = g.op("Mul", ["base_lr", g.op("Sub", [one, frac])])
+    cosine = g.op("Mul", ["base_lr", g.op("Mul", [g.const(0.5), g.op("Add", [
+        one, g.op("Cos", [g.op("Mul", [g.const(math.pi), frac])])])])])
+    kind = g.op("Cast", ["schedule"], to=1)
+    decayed = g.op("Where", [g.op("Equal", [kind, g.const(2.0)]), cosine, linear])
+    constant = g.op("Or", [g.op("Equal", [kind, zero]), g.op("LessOrEqual", ["total_steps", "warmup_steps"])])
+    after = g.op("Where", [constant, "base_lr", decayed])
+    return g.op("Where", [in_warmup, warm, after])
+
+
+def build(params: Sequence[str], shapes: dict[str, list[int]]) -> Any:
+    """The optimizer graph for the adapter tensors ``params`` of the given shapes."""
+    from onnx import TensorProto, helper
+
+    g = _G()
+    b1, b2 = BETAS
+    lr = _lr(g)
+    g.nodes.append(helper.make_node("Identity", [lr], ["lr"], name="opt/lr"))
+    one = g.const(1.0)
+    bc1 = g.op("Sub", [one, g.op("Pow", [g.const(b1), "step"])])
+    bc2_sqrt = g.op("Sqrt", [g.op("Sub", [one, g.op("Pow", [g.const(b2), "step"])])])
+    decay = g.op("Sub", [one, g.op("Mul", ["lr", "weight_decay"])])
+    step_size = g.op("Div", ["lr", bc1])
+    c_b1, c_1b1, c_b2, c_1b2, c_eps = (g.const(x) for x in (b1, 1.0 - b1, b2, 1.0 - b2, EPS))
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, []) for n in
+              ("step", "base_lr", "warmup_steps", "total_steps", "weight_decay")]
+    inputs.append(helper.make_tensor_value_info("schedule", TensorProto.INT64, []))
+    outputs = [helper.make_tensor_value_info("lr", TensorProto.FLOAT, [])]
+    for p in params:
+        grad, m, v = p + "_grad", "exp_avg/" + p, "exp_avg_sq/" + p
+        inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, shapes[p]) for n in (p, grad, m, v)]
+        m1 = g.op("Add", [g.op("Mul", [m, c_b1]), g.op("Mul", [grad, c_1b1])])
+        v1 = g.op("Add", [g.op("Mul", [v, c_b2]), g.op("Mul", [g.op("Mul", [grad, grad]), c_1b2])])
+        denom = g.op("Add", [g.op("Div", [g.op("Sqrt", [v1]), bc2_sqrt]), c_eps])
+        p1 = g.op("Sub", [g.op("Mul", [p, decay]), g.op("Mul", [step_size, g.op("Div", [m1, denom])])])
+        for src, out in ((p1, updated(p)), (m1, updated(m)), (v1, updated(v))):
+            g.nodes.append(helper.make_node("Identity", [src], [out], name=out))
+            outputs.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, shapes[p]))
+    graph = helper.make_graph(g.nodes, "edgetune_adamw", inputs, outputs, g.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="edgetune")
+    model.ir_version = 8
+    return model

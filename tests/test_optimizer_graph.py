@@ -1,0 +1,85 @@
+"""optimizer.onnx, the optimizer step an app runs without Python: the same AdamW update and learning
+rates as edgetune's numpy AdamW and schedule, and the trainer runs it."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from edgetune.device import trainer
+from edgetune.device.optim import AdamW, GraphAdamW
+from edgetune.formats import atomic as _io
+from edgetune.formats import bundle as _bundle
+from edgetune.formats.config import TrainConfig
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+
+def _graph(tmp_path, shapes):
+    from edgetune.workstation import optimizer_graph
+
+    path = tmp_path / "optimizer.onnx"
+    onnx.save(optimizer_graph.build(list(shapes), shapes), str(path))
+    return path
+
+
+def test_the_graph_takes_numpy_adamw_steps(tmp_path):
+    rng = np.random.default_rng(0)
+    shapes = {"a": [4, 7], "b": [7, 1], "c": [1, 1]}
+    params = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+    ref = {k: v.copy() for k, v in params.items()}
+    ours, theirs = GraphAdamW(str(_graph(tmp_path, shapes)), weight_decay=0.05), AdamW(weight_decay=0.05)
+    for step in range(12):
+        grads = {k: (rng.normal(size=s) * 10.0 ** rng.integers(-6, 2)).astype(np.float32) for k, s in shapes.items()}
+        lr = 1e-3 * (1 + step % 3)
+        ours.step(params, grads, lr)
+        theirs.step(ref, grads, lr)
+    assert ours.step_count == theirs.step_count == 12
+    for k in shapes:
+        np.testing.assert_allclose(params[k], ref[k], rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(ours.exp_avg[k], theirs.exp_avg[k], rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(ours.exp_avg_sq[k], theirs.exp_avg_sq[k], rtol=1e-5, atol=1e-12)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
+@pytest.mark.parametrize("warmup,total", [(0, 10), (3, 10), (5, 5), (4, 2)])
+def test_the_graph_learning_rate_follows_the_trainer_schedule(tmp_path, schedule, warmup, total):
+    from edgetune.workstation import optimizer_graph
+
+    sess = ort.InferenceSession(str(_graph(tmp_path, {"p": [2]})), providers=["CPUExecutionProvider"])
+    cfg = TrainConfig(lr=3e-4, warmup=warmup, schedule=schedule)
+    z = np.zeros(2, np.float32)
+    for step in range(total + 2):
+        f32 = lambda x: np.array(x, np.float32)  # noqa: E731
+        feed = {"step": f32(step + 1), "base_lr": f32(cfg.lr), "warmup_steps": f32(warmup), "total_steps": f32(total),
+                "schedule": np.array(optimizer_graph.SCHEDULES[schedule], np.int64), "weight_decay": f32(0.0),
+                "p": z, "p_grad": z, "exp_avg/p": z, "exp_avg_sq/p": z}
+        (lr,) = sess.run(["lr"], feed)
+        assert float(lr) == pytest.approx(trainer.lr_at(step, cfg, total), rel=1e-6, abs=1e-12), step
+
+
+def test_training_on_the_graph_equals_the_numpy_optimizer(tiny_bundle, chat_data, tmp_path):
+    """A bundle from before optimizer.onnx trains with numpy's AdamW: the same losses and adapter."""
+    import torch_reference
+
+    old = tmp_path / "old-bundle"
+    shutil.copytree(tiny_bundle, old)
+    m = json.loads((old / _bundle.MANIFEST).read_text())
+    assert m["optimizer"]["file"] == "optimizer.onnx"
+    del m["optimizer"]
+    _io.write_json(old / _bundle.MANIFEST, _io.seal(m))
+    kw = dict(steps=10, lr=1e-2, batch_size=4, seed=0, warmup=3, schedule="cosine", progress=False, log=lambda s: None)
+    graph = trainer.train(tiny_bundle, chat_data, tmp_path / "graph", **kw)
+    numpy_run = trainer.train(old, chat_data, tmp_path / "numpy", **kw)
+    np.testing.assert_allclose(torch_reference.edgetune_losses(graph.out), torch_reference.edgetune_losses(numpy_run.out),
+                               rtol=1e-5, atol=1e-6)
+    from edgetune.formats import peft_io
+
+    # Relative to each tensor's largest value: AdamW divides by the root of the squared gradient, so an
+    # element whose gradient is float noise moves by float noise times lr on either side.
+    a, b = peft_io.load(graph.out)[1], peft_io.load(numpy_run.out)[1]
+    worst = max(float(np.abs(a[k] - b[k]).max() / np.abs(b[k]).max()) for k in a)
+    assert worst < 1e-5, worst
