@@ -74,8 +74,8 @@ def test_training_on_the_graph_equals_the_numpy_optimizer(tiny_bundle, chat_data
     kw = dict(steps=10, lr=1e-2, batch_size=4, seed=0, warmup=3, schedule="cosine", progress=False, log=lambda s: None)
     graph = trainer.train(tiny_bundle, chat_data, tmp_path / "graph", **kw)
     numpy_run = trainer.train(old, chat_data, tmp_path / "numpy", **kw)
-    np.testing.assert_allclose(torch_reference.edgetune_losses(graph.out), torch_reference.edgetune_losses(numpy_run.out),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(torch_reference.edgetune_losses(graph.out),
+                               torch_reference.edgetune_losses(numpy_run.out), rtol=1e-5, atol=1e-6)
     from edgetune.formats import peft_io
 
     # Relative to each tensor's largest value: AdamW divides by the root of the squared gradient, so an
