@@ -53,9 +53,9 @@ def test_the_graph_learning_rate_follows_the_trainer_schedule(tmp_path, schedule
     cfg = TrainConfig(lr=3e-4, warmup=warmup, schedule=schedule)
     z = np.zeros(2, np.float32)
     for step in range(total + 2):
-        f32 = lambda x: np.array(x, np.float32)  # noqa: E731
-        feed = {"step": f32(step + 1), "base_lr": f32(cfg.lr), "warmup_steps": f32(warmup), "total_steps": f32(total),
-                "schedule": np.array(optimizer_graph.SCHEDULES[schedule], np.int64), "weight_decay": f32(0.0),
+        f64 = lambda x: np.array(x, np.float64)  # noqa: E731
+        feed = {"step": f64(step + 1), "base_lr": f64(cfg.lr), "warmup_steps": f64(warmup), "total_steps": f64(total),
+                "schedule": np.array(optimizer_graph.SCHEDULES[schedule], np.int64), "weight_decay": f64(0.0),
                 "p": z, "p_grad": z, "exp_avg/p": z, "exp_avg_sq/p": z}
         (lr,) = sess.run(["lr"], feed)
         assert float(lr) == pytest.approx(trainer.lr_at(step, cfg, total), rel=1e-6, abs=1e-12), step

@@ -17,9 +17,9 @@ struct FusedKernels {
   // Attention of one (batch, head); kt and vt are k and v transposed to D x ld (ld: S rounded up
   // to attn_tile, zero-padded), work holds attn_work_rows * ld + attn_block_rows * D floats.
   void (*attn_forward)(const float* q, const float* kt, const float* v, size_t ld, const float* mask, size_t mstride,
-                       float* o, float* lse, size_t S, size_t D, float scale, float* work);
+                       float* o, size_t S, size_t D, float scale, float* work);
   void (*attn_backward)(const float* dout, const float* q, const float* k, const float* kt, const float* vt, size_t ld,
-                        const float* mask, size_t mstride, const float* lse, float* dq, float* dk, float* dv, size_t S,
+                        const float* mask, size_t mstride, float* dq, float* dk, float* dv, size_t S,
                         size_t D, float scale, float* work);
   size_t attn_tile;       // keys per tile (ld is a multiple of it)
   size_t attn_work_rows;  // work floats per ld

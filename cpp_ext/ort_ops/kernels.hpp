@@ -235,10 +235,11 @@ inline void block_outer(const float* w, size_t ld, const float* a, size_t jn, si
     }
 }
 
-// Softmax weights of one score row in place (masked keys -> 0). With lse (backward), from it;
-// else computed and returned. A row whose every key is masked gets uniform weights over all S keys,
-// as a plain softmax over the equal masked scores does.
-inline float softmax_row(float* p, const float* mrow, size_t jn, size_t S, const float* lse) {
+// Softmax weights of one score row in place (masked keys -> 0), exactly as the forward pass computes
+// them: the backward pass recomputes them the same way rather than from a saved log-sum-exp, whose
+// difference with a large score would lose the weights' low bits. A row whose every key is masked
+// gets uniform weights over all S keys, as a plain softmax over the equal masked scores does.
+inline void softmax_row(float* p, const float* mrow, size_t jn, size_t S) {
   float mx = -3.0e38f;
   bool any = false;
   for (size_t j = 0; j < jn; ++j) {
@@ -249,20 +250,17 @@ inline float softmax_row(float* p, const float* mrow, size_t jn, size_t S, const
   }
   if (!any) {
     for (size_t j = 0; j < S; ++j) p[j] = 1.0f / static_cast<float>(S);
-    return 0.0f;
+    return;
   }
-  const float base = lse ? *lse : mx;
   float sum = 0.0f;
   for (size_t j = 0; j < jn; ++j) {
-    const float e = exp_approx(p[j] - base);
+    const float e = exp_approx(p[j] - mx);
     p[j] = mrow[j] <= MASKED ? 0.0f : e;
     sum += p[j];
   }
   for (size_t j = jn; j < S; ++j) p[j] = 0.0f;
-  if (lse) return base;
   const float inv = 1.0f / sum;
   for (size_t j = 0; j < jn; ++j) p[j] *= inv;
-  return mx + std::log(sum);
 }
 
 // The keys a block of query rows can see: one past the last unmasked key of any of its rows
@@ -285,7 +283,7 @@ inline size_t block_extent(const float* mask, size_t mstride, size_t nr, size_t 
 // One (batch, head): o = softmax(q k^T * scale + mask) v by blocks of query rows, never holding
 // S x S. kt, vt: k and v transposed (D x ld, zero-padded); work: 3 * BR * ld + BR * D floats.
 inline void attn_forward(const float* q, const float* kt, const float* v, size_t ld, const float* mask,
-                         size_t mstride, float* o, float* lse, size_t S, size_t D, float scale, float* work) {
+                         size_t mstride, float* o, size_t S, size_t D, float scale, float* work) {
   float* p = work;
   float* qb = work + BR * ld;
   for (size_t i0 = 0; i0 < S; i0 += BR) {
@@ -298,7 +296,7 @@ inline void attn_forward(const float* q, const float* kt, const float* v, size_t
     for (size_t r = 0; r < BR; ++r) {
       float* pr = p + r * ld;
       if (r < nr)
-        lse[i0 + r] = softmax_row(pr, mask + (i0 + r) * mstride, lim, S, nullptr);
+        softmax_row(pr, mask + (i0 + r) * mstride, lim, S);
       else
         for (size_t j = 0; j < S; ++j) pr[j] = 0.0f;
     }
@@ -313,7 +311,7 @@ inline void attn_forward(const float* q, const float* kt, const float* v, size_t
 // dv += p^T do; dp = do v^T; ds = p (dp - rowsum(p dp)); dq = ds k * scale; dk += ds^T q * scale.
 // work: 3 * BR * ld + BR * D floats.
 inline void attn_backward(const float* dout, const float* q, const float* k, const float* kt, const float* vt,
-                          size_t ld, const float* mask, size_t mstride, const float* lse, float* dq, float* dk,
+                          size_t ld, const float* mask, size_t mstride, float* dq, float* dk,
                           float* dv, size_t S, size_t D, float scale, float* work) {
   float* p = work;
   float* dp = work + BR * ld;
@@ -328,7 +326,7 @@ inline void attn_backward(const float* dout, const float* q, const float* k, con
     for (size_t x = 0; x < BR * D; ++x) ab[x] = x < nr * D ? dout[i0 * D + x] : 0.0f;
     block_scores(ab, vt, ld, dp, ld, none ? (S + JT - 1) / JT * JT : jn, D, 1.0f);
     const size_t upto = none ? S : lim;
-    // p from the saved log-sum-exp, then ds = p (dp - rowsum(p dp)) * scale in place of dp
+    // p as the forward pass had it, then ds = p (dp - rowsum(p dp)) * scale in place of dp
     for (size_t r = 0; r < BR; ++r) {
       float* pr = p + r * ld;
       float* dpr = dp + r * ld;
@@ -336,7 +334,7 @@ inline void attn_backward(const float* dout, const float* q, const float* k, con
         for (size_t j = 0; j < upto; ++j) pr[j] = dpr[j] = 0.0f;
         continue;
       }
-      softmax_row(pr, mask + (i0 + r) * mstride, lim, S, lse + i0 + r);
+      softmax_row(pr, mask + (i0 + r) * mstride, lim, S);
       float di = 0.0f;
       for (size_t j = 0; j < upto; ++j) di += pr[j] * dpr[j];
       for (size_t j = 0; j < upto; ++j) dpr[j] = pr[j] * (dpr[j] - di) * scale;

@@ -10,9 +10,9 @@
 //   RMSNormGrad(dy, x, w, inv_rms) -> dx, dw
 //   Rotary(x, cos, sin) -> y                   rotate-half rotary embedding, cos/sin broadcast to x
 //   RotaryGrad(dy, cos, sin) -> dx
-//   Attention(q, k, v, mask; scale) -> out, lse    softmax(q k^T scale + mask) v, grouped k/v heads,
-//                                                  row by row: no S x S tensor is ever held
-//   AttentionGrad(dout, q, k, v, mask, lse; scale) -> dq, dk, dv
+//   Attention(q, k, v, mask; scale) -> out    softmax(q k^T scale + mask) v, grouped k/v heads, by
+//                                             blocks of rows: no S x S tensor is ever held
+//   AttentionGrad(dout, q, k, v, mask; scale) -> dq, dk, dv
 #define ORT_API_MANUAL_INIT
 #include "onnxruntime_cxx_api.h"
 #undef ORT_API_MANUAL_INIT
@@ -67,6 +67,15 @@ Ort::Status fail(const std::string& op, const std::string& msg) {
   return Ort::Status(("edgetune::" + op + ": " + msg).c_str(), ORT_INVALID_ARGUMENT);
 }
 
+// A node that declares fewer outputs than the op writes (a graph from another version of the ops):
+// an error, never a write through a missing output.
+Ort::Status outputs_missing(OrtKernelContext* ctx, size_t n, const char* op) {
+  const size_t have = Ort::KernelContext(ctx).GetOutputCount();
+  if (have >= n) return Ort::Status{nullptr};
+  return fail(op, "the node has " + std::to_string(have) + " outputs, the op writes " + std::to_string(n) +
+                      " (a graph for another version of edgetune's kernels: export the bundle again)");
+}
+
 // Runs fn(block) for block in [0, n) on the session's intra-op thread pool.
 void parallel(OrtKernelContext* ctx, size_t n, const std::function<void(size_t)>& fn) {
   if (n <= 1) {
@@ -107,6 +116,7 @@ Ort::Status SwiGLU(OrtKernelContext* ctx, const Tensor<float>& g, const Tensor<f
 Ort::Status SwiGLUGrad(OrtKernelContext* ctx, const Tensor<float>& dy, const Tensor<float>& g, const Tensor<float>& u,
                        Tensor<float>& dg, Tensor<float>& du) {
   return guarded("SwiGLUGrad", [&]() -> Ort::Status {
+      if (auto st = outputs_missing(ctx, 2, "SwiGLUGrad"); !st.IsOK()) return st;
     if (g.Shape() != u.Shape() || dy.Shape() != g.Shape())
       return fail("SwiGLUGrad", "dy " + shape_str(dy.Shape()) + ", g " + shape_str(g.Shape()) + " and u " +
                                     shape_str(u.Shape()) + " must agree");
@@ -129,6 +139,7 @@ struct RMSNorm {
   Ort::Status Compute(OrtKernelContext* ctx, const Tensor<float>& x, const Tensor<float>& w, Tensor<float>& y,
                       Tensor<float>& inv) {
     return guarded("RMSNorm", [&]() -> Ort::Status {
+      if (auto st = outputs_missing(ctx, 2, "RMSNorm"); !st.IsOK()) return st;
       const auto& s = x.Shape();
       if (s.empty() || w.Shape().size() != 1 || w.Shape()[0] != s.back())
         return fail("RMSNorm", "x " + shape_str(s) + " and weight " + shape_str(w.Shape()) + " do not fit");
@@ -152,6 +163,7 @@ struct RMSNorm {
 Ort::Status RMSNormGrad(OrtKernelContext* ctx, const Tensor<float>& dy, const Tensor<float>& x, const Tensor<float>& w,
                         const Tensor<float>& inv, Tensor<float>& dx, Tensor<float>& dw) {
   return guarded("RMSNormGrad", [&]() -> Ort::Status {
+      if (auto st = outputs_missing(ctx, 2, "RMSNormGrad"); !st.IsOK()) return st;
     const auto& s = x.Shape();
     if (s.empty() || dy.Shape() != s || w.Shape().size() != 1 || w.Shape()[0] != s.back())
       return fail("RMSNormGrad", "dy " + shape_str(dy.Shape()) + ", x " + shape_str(s) + " and weight " +
@@ -263,12 +275,11 @@ struct Attention {
   Attention(const OrtApi*, const OrtKernelInfo* info) { scale = Ort::ConstKernelInfo(info).GetAttribute<float>("scale"); }
 
   Ort::Status Compute(OrtKernelContext* ctx, const Tensor<float>& q, const Tensor<float>& k, const Tensor<float>& v,
-                      const Tensor<float>& mask, Tensor<float>& o, Tensor<float>& lse) {
+                      const Tensor<float>& mask, Tensor<float>& o) {
     return guarded("Attention", [&]() -> Ort::Status {
       const AttnShape a = attn_shape(q, k, v, mask);
       if (!a.error.empty()) return fail("Attention", a.error);
       float* po = o.Allocate(q.Shape());
-      float* pl = lse.Allocate({q.Shape()[0], q.Shape()[1], q.Shape()[2]});
       const float *pq = q.Data(), *pk = k.Data(), *pv = v.Data(), *pm = mask.Data();
       const size_t group = a.H / a.Hkv, SD = a.S * a.D;
       const float sc = scale;
@@ -277,8 +288,8 @@ struct Attention {
         const size_t ld = (a.S + K().attn_tile - 1) / K().attn_tile * K().attn_tile;
         std::vector<float> kt = transposed(pk + kvh * SD, a.S, a.D, ld);
         std::vector<float> work(K().attn_work_rows * ld + K().attn_block_rows * a.D);
-        K().attn_forward(pq + t * SD, kt.data(), pv + kvh * SD, ld, a.mask_of(pm, b, h), a.S, po + t * SD,
-                         pl + t * a.S, a.S, a.D, sc, work.data());
+        K().attn_forward(pq + t * SD, kt.data(), pv + kvh * SD, ld, a.mask_of(pm, b, h), a.S, po + t * SD, a.S, a.D,
+                         sc, work.data());
       });
       return Ort::Status{nullptr};
     });
@@ -292,18 +303,18 @@ struct AttentionGrad {
   }
 
   Ort::Status Compute(OrtKernelContext* ctx, const Tensor<float>& dout, const Tensor<float>& q, const Tensor<float>& k,
-                      const Tensor<float>& v, const Tensor<float>& mask, const Tensor<float>& lse, Tensor<float>& dq,
+                      const Tensor<float>& v, const Tensor<float>& mask, Tensor<float>& dq,
                       Tensor<float>& dk, Tensor<float>& dv) {
     return guarded("AttentionGrad", [&]() -> Ort::Status {
+      if (auto st = outputs_missing(ctx, 3, "AttentionGrad"); !st.IsOK()) return st;
       const AttnShape a = attn_shape(q, k, v, mask);
       if (!a.error.empty()) return fail("AttentionGrad", a.error);
-      if (dout.Shape() != q.Shape() || static_cast<size_t>(lse.NumberOfElement()) != a.B * a.H * a.S)
-        return fail("AttentionGrad", "dout " + shape_str(dout.Shape()) + " or lse " + shape_str(lse.Shape()) +
-                                         " does not fit q " + shape_str(q.Shape()));
+      if (dout.Shape() != q.Shape())
+        return fail("AttentionGrad", "dout " + shape_str(dout.Shape()) + " does not fit q " + shape_str(q.Shape()));
       float* pdq = dq.Allocate(q.Shape());
       float* pdk = dk.Allocate(k.Shape());
       float* pdv = dv.Allocate(v.Shape());
-      const float *pdo = dout.Data(), *pq = q.Data(), *pk = k.Data(), *pv = v.Data(), *pm = mask.Data(), *pl = lse.Data();
+      const float *pdo = dout.Data(), *pq = q.Data(), *pk = k.Data(), *pv = v.Data(), *pm = mask.Data();
       const size_t group = a.H / a.Hkv, SD = a.S * a.D;
       const float sc = scale;
       // One task per key/value head: the query heads that share it add into its dk and dv in turn.
@@ -319,7 +330,7 @@ struct AttentionGrad {
         for (size_t h = kvh * group; h < (kvh + 1) * group; ++h) {
           const size_t qh = b * a.H + h;
           K().attn_backward(pdo + qh * SD, pq + qh * SD, pk + t * SD, kt.data(), vt.data(), ld, a.mask_of(pm, b, h),
-                            a.S, pl + qh * a.S, pdq + qh * SD, dkt, dvt, a.S, a.D, sc, work.data());
+                            a.S, pdq + qh * SD, dkt, dvt, a.S, a.D, sc, work.data());
         }
       });
       return Ort::Status{nullptr};

@@ -271,13 +271,22 @@ class Trainer:
             epoch, idx = epoch + 1, 0
 
     def _step(self, group: list[_data.Batch]) -> float:
-        norm = np.asarray(sum(b.n_labels for b in group), np.float32)
-        loss = 0.0
-        chunks = [c for b in group for c in _data.split_rows(b, self.cfg.max_batch_tokens)]
         extra = self._extra_inputs()  # the weights change only at the optimizer step
-        for b in chunks:
-            loss += self.runner.accumulate(_batch_feed(b, norm, extra))
-        return loss
+        return sum(self.runner.accumulate({**feed, **extra}) for feed in self._chunk_feeds(group))
+
+    def _chunk_feeds(self, group: list[_data.Batch]) -> list[dict[str, np.ndarray]]:
+        """The training graph's data inputs for one optimizer step: its micro-batches in chunks of at
+        most ``max_batch_tokens``, each chunk's summed loss divided by the step's labelled tokens."""
+        norm = np.asarray(sum(b.n_labels for b in group), np.float32)
+        chunks = [c for b in group for c in _data.split_rows(b, self.cfg.max_batch_tokens)]
+        return [_batch_feed(b, norm, {}) for b in chunks]
+
+    def planned_steps(self, train: _data.Dataset, steps: int) -> Any:
+        """The data inputs of optimizer steps 1..``steps`` from the start of a run, as ``fit`` feeds
+        them (for ``edgetune tokenize``): one list of chunk feeds per step."""
+        stream = self._micro_batches(train)
+        for _ in range(steps):
+            yield self._chunk_feeds([next(stream)[2] for _ in range(self.cfg.grad_accum)])
 
     def validate(self, valid: _data.Dataset) -> float:
         """Token-weighted mean loss over the validation set, with the eval graph."""

@@ -2,10 +2,11 @@
 ONNX graph, so that any ONNX Runtime binding (C, C++, C#, Java, JavaScript, Python) takes an
 optimizer step without edgetune's Python. The Python trainer runs the same graph.
 
-Inputs (float32 scalars unless said): ``step`` (the 1-based number of the step being taken),
-``base_lr``, ``warmup_steps``, ``total_steps``, ``schedule`` (int64: 0 constant, 1 linear, 2 cosine),
-``weight_decay``; per adapter tensor ``P``: ``P``, ``P_grad``, ``exp_avg/P``, ``exp_avg_sq/P``.
-Outputs: ``lr`` and, per tensor, ``P/updated``, ``exp_avg/P/updated``, ``exp_avg_sq/P/updated``.
+Inputs: float64 scalars ``step`` (the 1-based number of the step being taken), ``base_lr``,
+``warmup_steps``, ``total_steps``, ``weight_decay``; an int64 scalar ``schedule`` (0 constant,
+1 linear, 2 cosine); per adapter tensor ``P`` (float32): ``P``, ``P_grad``, ``exp_avg/P``,
+``exp_avg_sq/P``. Outputs: ``lr`` (float32) and, per tensor, ``P/updated``, ``exp_avg/P/updated``,
+``exp_avg_sq/P/updated``.
 
 The rule is PyTorch's ``torch.optim.AdamW`` (decoupled weight decay, bias correction), as
 ``edgetune.device.optim.AdamW`` computes it in numpy; the schedule is
@@ -50,21 +51,22 @@ class _G:
         return name
 
 
-def _lr(g: _G) -> str:
-    """lr_at(step - 1): warmup lr * step / warmup while step <= warmup; then by the schedule."""
-    one, zero = g.const(1.0), g.const(0.0)
-    s0 = g.op("Sub", ["step", one])  # the 0-based step
-    warm = g.op("Div", [g.op("Mul", ["base_lr", "step"]), g.op("Max", ["warmup_steps", one])])
-    in_warmup = g.op("And", [g.op("Greater", ["warmup_steps", zero]), g.op("Less", [s0, "warmup_steps"])])
-    span = g.op("Max", [one, g.op("Sub", ["total_steps", "warmup_steps"])])
-    frac = g.op("Min", [one, g.op("Div", [g.op("Sub", [s0, "warmup_steps"]), span])])
-    linear = g.op("Mul", ["base_lr", g.op("Sub", [one, frac])])
-    cosine = g.op("Mul", ["base_lr", g.op("Mul", [g.const(0.5), g.op("Add", [
-        one, g.op("Cos", [g.op("Mul", [g.const(math.pi), frac])])])])])
-    kind = g.op("Cast", ["schedule"], to=1)
-    decayed = g.op("Where", [g.op("Equal", [kind, g.const(2.0)]), cosine, linear])
-    constant = g.op("Or", [g.op("Equal", [kind, zero]), g.op("LessOrEqual", ["total_steps", "warmup_steps"])])
-    after = g.op("Where", [constant, "base_lr", decayed])
+def _lr(g: _G, step: str, base_lr: str, warmup: str, total: str) -> str:
+    """lr_at(step - 1), in float64 like the trainer's: linear warmup, then by the schedule."""
+    d = np.float64
+    one, zero = g.const(1.0, d), g.const(0.0, d)
+    s0 = g.op("Sub", [step, one])  # the 0-based step
+    warm = g.op("Div", [g.op("Mul", [base_lr, step]), g.op("Max", [warmup, one])])
+    in_warmup = g.op("And", [g.op("Greater", [warmup, zero]), g.op("Less", [s0, warmup])])
+    span = g.op("Max", [one, g.op("Sub", [total, warmup])])
+    frac = g.op("Min", [one, g.op("Div", [g.op("Sub", [s0, warmup]), span])])
+    linear = g.op("Mul", [base_lr, g.op("Sub", [one, frac])])
+    cosine = g.op("Mul", [base_lr, g.op("Mul", [g.const(0.5, d), g.op("Add", [
+        one, g.op("Cos", [g.op("Mul", [g.const(math.pi, d), frac])])])])])
+    kind = g.op("Cast", ["schedule"], to=11)
+    decayed = g.op("Where", [g.op("Equal", [kind, g.const(2.0, d)]), cosine, linear])
+    constant = g.op("Or", [g.op("Equal", [kind, zero]), g.op("LessOrEqual", [total, warmup])])
+    after = g.op("Where", [constant, base_lr, decayed])
     return g.op("Where", [in_warmup, warm, after])
 
 
@@ -74,15 +76,19 @@ def build(params: Sequence[str], shapes: dict[str, list[int]]) -> Any:
 
     g = _G()
     b1, b2 = BETAS
-    lr = _lr(g)
-    g.nodes.append(helper.make_node("Identity", [lr], ["lr"], name="opt/lr"))
-    one = g.const(1.0)
-    bc1 = g.op("Sub", [one, g.op("Pow", [g.const(b1), "step"])])
-    bc2_sqrt = g.op("Sqrt", [g.op("Sub", [one, g.op("Pow", [g.const(b2), "step"])])])
-    decay = g.op("Sub", [one, g.op("Mul", ["lr", "weight_decay"])])
-    step_size = g.op("Div", ["lr", bc1])
+    # The scalar arithmetic runs in float64 as numpy's AdamW and the trainer's schedule do: in float32,
+    # 1 - 0.999^t at small t loses five digits (0.999 is not exact), biasing every update alike.
+    d = np.float64
+    step, wd = "step", "weight_decay"
+    lr64 = _lr(g, step, "base_lr", "warmup_steps", "total_steps")
+    g.nodes.append(helper.make_node("Cast", [lr64], ["lr"], name="opt/lr", to=1))
+    one = g.const(1.0, d)
+    bc1 = g.op("Sub", [one, g.op("Pow", [g.const(b1, d), step])])
+    bc2_sqrt = g.op("Cast", [g.op("Sqrt", [g.op("Sub", [one, g.op("Pow", [g.const(b2, d), step])])])], to=1)
+    decay = g.op("Cast", [g.op("Sub", [one, g.op("Mul", [lr64, wd])])], to=1)
+    step_size = g.op("Cast", [g.op("Div", [lr64, bc1])], to=1)
     c_b1, c_1b1, c_b2, c_1b2, c_eps = (g.const(x) for x in (b1, 1.0 - b1, b2, 1.0 - b2, EPS))
-    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, []) for n in
+    inputs = [helper.make_tensor_value_info(n, TensorProto.DOUBLE, []) for n in
               ("step", "base_lr", "warmup_steps", "total_steps", "weight_decay")]
     inputs.append(helper.make_tensor_value_info("schedule", TensorProto.INT64, []))
     outputs = [helper.make_tensor_value_info("lr", TensorProto.FLOAT, [])]

@@ -165,7 +165,7 @@ def _attention(G: _Graph, mm: Any) -> Optional[tuple[list[str], list[str], dict,
                 or attr(qk, "transBatchA", 0) or attr(qk, "transBatchB", 0):
             continue
         q, k = qk.input[0], _unrepeated(G, qk.input[1])
-        return ([q, k, _unrepeated(G, v), _other(add, scores)], [mm.output[0], mm.output[0] + "/lse"],
+        return ([q, k, _unrepeated(G, v), _other(add, scores)], [mm.output[0]],
                 {"scale": float(attr(qk, "alpha", 1.0))}, [qk, add, sm])
     return None
 
@@ -238,9 +238,9 @@ def _rmsnorm_grad(b: Builder, n: Any, gy: list, want: list) -> list:
 
 @rule("Attention")
 def _attention_grad(b: Builder, n: Any, gy: list, want: list) -> list:
-    if gy[1] is not None or want[3]:
-        raise ModelError(f"autodiff: {n.name}: gradients of the attention mask or log-sum-exp are not supported")
-    dq, dk, dv = b.op("AttentionGrad", [gy[0], *n.input[:4], n.output[1]], domain=DOMAIN, n_out=3,
+    if want[3]:
+        raise ModelError(f"autodiff: {n.name}: gradients of the attention mask are not supported")
+    dq, dk, dv = b.op("AttentionGrad", [gy[0], *n.input[:4]], domain=DOMAIN, n_out=3,
                       scale=float(attr(n, "scale", 1.0)))
     return [dq if want[0] else None, dk if want[1] else None, dv if want[2] else None]
 
