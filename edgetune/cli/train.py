@@ -9,6 +9,35 @@ import click
 from edgetune.cli.main import CONTEXT, handle_errors, log, main, print_json
 
 
+_STEP_OPTIONS = [
+    click.option("--steps", type=int, help="Optimizer steps (default: one epoch)."),
+    click.option("--epochs", type=float, help="Epochs, if --steps is not given."),
+    click.option("--batch-size", "-b", type=int, help="Examples per micro-batch [8]."),
+    click.option("--grad-accum", type=int, help="Micro-batches per optimizer step [1]."),
+    click.option("--lr", type=float, help="Peak learning rate [3e-4]."),
+    click.option("--weight-decay", type=float, help="AdamW's decoupled weight decay [0.01]."),
+    click.option("--warmup", type=int, help="Linear warmup steps [0]."),
+    click.option("--schedule", type=click.Choice(["linear", "cosine", "constant"]), help="Decay after warmup [linear]."),
+    click.option("--max-seq-len", type=int, help="Fit examples into this many tokens [512]."),
+    click.option("--truncate", type=click.Choice(["auto", "prompt", "end", "error"]),
+                 help="How a longer example is fitted: prompt keeps the answer and the system message and drops "
+                      "the oldest turns, then the end of the prompt; end cuts the end and skips a record left "
+                      "without answer tokens; error refuses it. auto: prompt for chats, completions and labels, "
+                      "end for plain text [auto]."),
+    click.option("--seed", type=int, help="Seed for data order and dropout [0]."),
+    click.option("--max-batch-tokens", type=int, help="Run each batch in chunks of at most this many padded tokens: "
+                 "same step, less memory (0: off) [1024]."),
+    click.option("--mask-prompt/--no-mask-prompt", default=None, help="Loss only on assistant/completion tokens [mask]."),
+]
+
+
+def step_options(f: Any) -> Any:
+    """The settings that decide a run's steps (data, batches, schedule): shared by train and tokenize."""
+    for option in reversed(_STEP_OPTIONS):
+        f = option(f)
+    return f
+
+
 @main.command(context_settings=CONTEXT)
 @click.argument("bundle", type=click.Path())
 @click.option("--data", "-d", required=True, type=click.Path(), help="Folder with train.jsonl (valid.jsonl) or one .jsonl.")
@@ -18,28 +47,12 @@ from edgetune.cli.main import CONTEXT, handle_errors, log, main, print_json
 @click.option("--provider-option", "provider_options", multiple=True, help="KEY=VALUE passed to the device's provider.")
 @click.option("--placement", is_flag=True, help="Report how many training-graph nodes each provider ran.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="JSON file of training settings.")
-@click.option("--steps", type=int, help="Optimizer steps (default: one epoch).")
-@click.option("--epochs", type=float, help="Epochs, if --steps is not given.")
-@click.option("--batch-size", "-b", type=int, help="Examples per micro-batch [8].")
-@click.option("--grad-accum", type=int, help="Micro-batches per optimizer step [1].")
-@click.option("--lr", type=float, help="Peak learning rate [3e-4].")
-@click.option("--weight-decay", type=float, help="AdamW's decoupled weight decay [0.01].")
-@click.option("--warmup", type=int, help="Linear warmup steps [0].")
-@click.option("--schedule", type=click.Choice(["linear", "cosine", "constant"]), help="Decay after warmup [linear].")
-@click.option("--max-seq-len", type=int, help="Fit examples into this many tokens [512].")
-@click.option("--truncate", type=click.Choice(["auto", "prompt", "end", "error"]),
-              help="How a longer example is fitted: prompt keeps the answer and the system message and drops "
-                   "the oldest turns, then the end of the prompt; end cuts the end; error refuses it. auto: "
-                   "prompt for chats, completions and labels, end for plain text [auto].")
+@step_options
 @click.option("--eval-every", type=int, help="Validation loss every N steps (0: only at the end) [0].")
 @click.option("--task", type=click.Choice(["classification", "qa", "translation", "ner", "chat", "creative"]),
               help="Also report this task's metric on the validation set (default: the data's task.json).")
 @click.option("--save-every", type=int, help="Checkpoint every N steps (0: only at the end) [0].")
-@click.option("--seed", type=int, help="Seed for data order and dropout [0].")
 @click.option("--threads", type=int, help="CPU threads for ONNX Runtime (0: all cores) [0].")
-@click.option("--max-batch-tokens", type=int,
-              help="Run each batch in chunks of at most this many padded tokens: same step, less memory (0: off) [1024].")
-@click.option("--mask-prompt/--no-mask-prompt", default=None, help="Loss only on assistant/completion tokens [mask].")
 @click.option("--resume", is_flag=True, help="Continue from the run's last good checkpoint.")
 @click.option("--no-progress", is_flag=True, help="No progress bar (metrics still go to metrics.jsonl).")
 @click.option("--json", "as_json", is_flag=True, help="Print the final summary as JSON.")
