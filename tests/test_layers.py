@@ -121,3 +121,20 @@ def test_every_edgetune_module_named_outside_the_package_exists():
                 if not any(_is_module(".".join(parts[:k])) for k in range(len(parts), 1, -1)):
                     missing.append(f"{f.relative_to(ROOT)}: {name}")
     assert not missing, "modules named but not in the package:\n" + "\n".join(missing)
+
+
+@pytest.mark.parametrize("device_only", [False, True])
+def test_a_missing_test_dependency_fails_the_suite_unless_the_run_is_device_only(device_only):
+    """Outside an explicit device-only run, the suite refuses to start without a dependency its tests
+    need (here sacrebleu, hidden), instead of skipping those tests without a word."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", "EDGETUNE_DEVICE_ONLY")}
+    if device_only:
+        env["EDGETUNE_DEVICE_ONLY"] = "1"
+    code = "import sys; sys.modules['sacrebleu'] = None; sys.path.insert(0, 'tests'); import conftest"
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    if device_only:
+        assert p.returncode == 0, p.stderr[-2000:]
+    else:
+        assert p.returncode != 0 and "sacrebleu" in p.stderr, p.stderr[-2000:]
