@@ -162,7 +162,14 @@ def resolve(cls: type, file: str | Path | None = None, **overrides: Any) -> Any:
     unknown = sorted(set(overrides) - names)
     if unknown:
         raise ConfigError(f"unknown option(s) {', '.join(unknown)}")
+    given = {k for k, v in overrides.items() if v is not None}
     values.update({k: v for k, v in overrides.items() if v is not None})
-    return cls(**{k: _coerce(cls, k, v) for k, v in values.items()})
+    coerced = {}
+    for k, v in values.items():
+        try:
+            coerced[k] = _coerce(cls, k, v)
+        except ConfigError as e:  # a bad value from the file names the file
+            raise ConfigError(f"{file}: {e}" if file is not None and k not in given else str(e)) from None
+    return cls(**coerced)
 
 TASKS = ("classification", "qa", "translation", "ner", "chat", "creative")
