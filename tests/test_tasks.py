@@ -92,10 +92,37 @@ def test_eval_task_classification_and_qa_end_to_end(tiny_bundle, chat_data, tmp_
     (tmp_path / "qa" / "test.jsonl").write_text(json.dumps({"question": "capital of France?", "answer": "Paris"}) + "\n")
     (tmp_path / "qa" / "task.json").write_text('{"task": "qa"}')
     r = CliRunner().invoke(main, ["eval", str(tiny_bundle), "--data", str(tmp_path / "qa"), "--json",
-                                  "--max-new-tokens", "4"])
+                                  "--max-new-tokens", "4", "--generations", str(tmp_path / "qa.jsonl")])
     assert r.exit_code == 0, r.output
     tm = json.loads(r.output)["task_metrics"]
-    assert tm["task"] == "qa" and 0.0 <= tm["f1"] <= 1.0 and tm["exact_match"] in (0.0, 1.0)
+    (reply,) = [json.loads(x) for x in (tmp_path / "qa.jsonl").read_text().splitlines()]
+    em, f1 = _squad_scores(reply["prediction"], "Paris")
+    assert tm["task"] == "qa" and tm["exact_match"] == pytest.approx(em) and tm["f1"] == pytest.approx(f1)
+
+
+def _squad_scores(prediction: str, answer: str) -> tuple[float, float]:
+    """SQuAD's exact match and token F1, written out here independently of edgetune.device.tasks."""
+    import re
+    import string
+    from collections import Counter
+
+    def norm(t: str) -> list[str]:
+        t = "".join(c for c in t.lower() if c not in set(string.punctuation))
+        return re.sub(r"\b(a|an|the)\b", " ", t).split()
+
+    p, g = norm(prediction), norm(answer)
+    if not p or not g:
+        return float(p == g), float(p == g)
+    common = sum((Counter(p) & Counter(g)).values())
+    f1 = 0.0 if common == 0 else 2 * (common / len(p)) * (common / len(g)) / (common / len(p) + common / len(g))
+    return float(p == g), f1
+
+
+def test_qa_scores_match_squad_by_hand():
+    for pred, ref in (("Paris", "paris"), ("The Eiffel tower, Paris!", "Paris"), ("in Lyon", "Paris"),
+                      ("an apple a day", "the apple day"), ("...", "Paris"), ("the", "a")):
+        em, f1 = _squad_scores(pred, ref)
+        assert tasks.exact_match(pred, [ref]) == em and tasks.token_f1(pred, [ref]) == pytest.approx(f1), (pred, ref)
 
 
 def test_task_data_errors_name_file_and_line(tiny_bundle, tmp_path):
