@@ -63,6 +63,37 @@ def test_grad_accum_and_token_chunks_match_one_big_batch(tiny_bundle, chat_data,
     assert abs(whole.final_loss - chunked.final_loss) < 1e-5
 
 
+def test_grad_accum_sums_micro_batches_like_one_batch_of_their_rows(tiny_bundle, chat_data, tmp_path):
+    """--grad-accum 2: a step consumes two micro-batches, and its gradient (and loss) equals that of one
+    batch holding both micro-batches' rows (token-weighted, so padding and row split do not matter)."""
+    from edgetune.device import data as _data
+
+    t = trainer.Trainer(tiny_bundle, tmp_path / "run", TrainConfig(batch_size=3, grad_accum=2, max_batch_tokens=0),
+                        progress=False, log=lambda s: None)
+    train, _ = t.load_data(chat_data)
+    t._open()
+    stream = t._micro_batches(train)
+    group = [next(stream)[2] for _ in range(2)]
+    loss_accum = t._step(group)
+    accum = {k: v.copy() for k, v in t.runner.grads.items()}
+    t.runner.zero_grad()
+    rows = [_data.Example(b.input_ids[i][b.attention_mask[i] == 1], b.labels[i][b.attention_mask[i] == 1], "x")
+            for b in group for i in range(len(b.input_ids))]
+    loss_one = t._step([_data.collate(rows, t.tok.pad_id)])
+    assert loss_one == pytest.approx(loss_accum, rel=1e-5)
+    for k, g in t.runner.grads.items():
+        np.testing.assert_allclose(g, accum[k], rtol=1e-4, atol=1e-6 * float(np.abs(accum[k]).max()))
+    r = run(tiny_bundle, chat_data, tmp_path / "r", steps=2, batch_size=3, grad_accum=2)
+    state = json.loads((latest_checkpoint_dir(r.out) / "trainer_state.json").read_text())
+    assert state["step"] == 2 and state["batch_index"] == 4  # two micro-batches per optimizer step
+
+
+def latest_checkpoint_dir(out):
+    from edgetune.formats.run import latest_checkpoint
+
+    return latest_checkpoint(out)
+
+
 def _train_cmd(bundle, data, out, *extra):
     return [sys.executable, "-m", "edgetune.cli", "train", str(bundle), "--data", str(data), "--out", str(out),
             "--batch-size", "4", "--lr", "3e-3", "--no-progress", *extra]
