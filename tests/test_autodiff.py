@@ -268,6 +268,32 @@ def test_a_gradient_through_another_float_type_is_refused_by_name(dtype, name):
         autodiff.build(model, ["x"], "loss", [{}, {}])
 
 
+def test_dropout_gradient_uses_the_forward_mask_and_the_seed_repeats_it():
+    """Dropout in training mode: the gradient is R * mask / (1 - ratio) with the very mask the forward
+    pass drew (read back from the graph), as torch computes it for a given mask; and a seed repeats it."""
+    import onnxruntime as ort
+
+    x, r, ratio = rand(6, 50), rand(6, 50), 0.3
+    nodes = [helper.make_node("Dropout", ["x", "ratio", "train"], ["y", "m"]), helper.make_node("Mul", ["y", "R"], ["yr"]),
+             helper.make_node("ReduceSum", ["yr"], ["loss"], keepdims=0)]
+    inits = [numpy_helper.from_array(x, "x"), numpy_helper.from_array(r, "R"),
+             numpy_helper.from_array(np.array(ratio, np.float32), "ratio"), numpy_helper.from_array(np.array(True), "train")]
+    graph = helper.make_graph(nodes, "g", [], [helper.make_tensor_value_info("loss", TensorProto.FLOAT, []),
+                                               helper.make_tensor_value_info("m", TensorProto.BOOL, None)], inits)
+    tg = autodiff.build(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), ["x"], "loss", [{}, {}])
+    sess = ort.InferenceSession(tg.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    ort.set_seed(7)
+    g, mask = sess.run([tg.grads[0], "m"], {"x": x})
+    assert 0 < mask.sum() < mask.size  # some kept, some dropped
+    tx = torch.tensor(x, requires_grad=True)
+    y = tx * torch.tensor(mask, dtype=torch.float32) / (1 - ratio)
+    (y * torch.tensor(r)).sum().backward()
+    np.testing.assert_allclose(g, tx.grad.numpy(), rtol=1e-6, atol=1e-7)
+    ort.set_seed(7)
+    g2, mask2 = sess.run([tg.grads[0], "m"], {"x": x})
+    assert np.array_equal(mask, mask2) and np.array_equal(g, g2)
+
+
 def test_dropout_with_ratio_zero_is_identity():
     check("Dropout", {"x": rand(3, 4)}, lambda x, r, t: x,
           consts={"r": np.array(0.0, np.float32), "t": np.array(True)})

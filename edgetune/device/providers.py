@@ -101,8 +101,14 @@ def _register_library(dev: Device) -> None:
     register(dev.provider, dev.library)
 
 
-def session(model: str | os.PathLike, dev: Device, so: Any = None) -> Any:
-    """An inference session on ``dev`` with the CPU as fallback for unsupported nodes."""
+# ONNX Runtime's inference sessions remove Dropout nodes ("EliminateDropout"), even in training mode:
+# the training graph's dropout would silently never drop anything.
+TRAINING_DISABLED_OPTIMIZERS = ["EliminateDropout"]
+
+
+def session(model: str | os.PathLike, dev: Device, so: Any = None, training: bool = False) -> Any:
+    """An inference session on ``dev`` with the CPU as fallback for unsupported nodes; ``training``
+    keeps the graph's dropout (see :data:`TRAINING_DISABLED_OPTIMIZERS`)."""
     import onnxruntime as ort
 
     providers: list[Any] = [(dev.provider, dict(dev.options))]
@@ -111,7 +117,8 @@ def session(model: str | os.PathLike, dev: Device, so: Any = None) -> Any:
         # Providers rebuild graphs with ORT's default logger, which warns about by-design inputs.
         ort.set_default_logger_severity(3)
     try:
-        return ort.InferenceSession(str(model), sess_options=so, providers=providers)
+        return ort.InferenceSession(str(model), sess_options=so, providers=providers,
+                                    disabled_optimizers=TRAINING_DISABLED_OPTIMIZERS if training else None)
     except Exception as e:  # noqa: BLE001 - ORT raises several unrelated types here
         text = str(e)
         damage = ("Protobuf parsing", "INVALID_PROTOBUF", "NO_SUCHFILE", "external data", "External data",

@@ -190,7 +190,7 @@ class StepRunner:
         if fused or name.endswith("_fused.onnx"):
             kernels.register(so)
         try:
-            return devices.session(self.bundle.path(name), self.device, so)
+            return devices.session(self.bundle.path(name), self.device, so, training=name.startswith("train"))
         except DeviceError as e:
             op = _missing_op(str(e))
             if op and op.startswith(kernels.DOMAIN + ":"):
