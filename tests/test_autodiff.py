@@ -419,3 +419,108 @@ def test_attention_probabilities_and_silu_are_recomputed_not_saved():
     ((torch.nn.functional.silu(o) * o) * torch.tensor(r)).sum().backward()
     for g, t in zip(got, (tq, tk, tv)):
         np.testing.assert_allclose(g, t.grad.numpy(), rtol=1e-4, atol=1e-5)
+
+
+# -- rules on dynamic shapes: every rule that broadcasts or reduces, probed at two shapes ---------
+
+def check_dynamic(op, w, fn, d_shapes, d_dims, attrs=None, consts=None, order=("d", "w"), domain=""):
+    """Gradient of ``sum(op(d, w)^2) / 2`` with respect to the parameter ``w``, where ``d`` is a graph
+    input with symbolic dimensions fed at two different shapes, against torch at each shape."""
+    import onnxruntime as ort
+
+    consts = consts or {}
+    ins = [{"d": "d", "w": "w"}.get(k, k) for k in order]
+    nodes = [helper.make_node(op, ins, ["y"], domain=domain, **(attrs or {})), helper.make_node("Mul", ["y", "y"], ["y2"]),
+             helper.make_node("ReduceSum", ["y2"], ["s"], keepdims=0), helper.make_node("Mul", ["s", "half"], ["loss"])]
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array(0.5, np.float32), "half")]
+    inits += [numpy_helper.from_array(v, k) for k, v in consts.items()]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("d", TensorProto.FLOAT, d_dims)],
+                              [helper.make_tensor_value_info("loss", TensorProto.FLOAT, [])], inits)
+    opsets = [helper.make_opsetid("", 17)] + ([helper.make_opsetid(domain, 1)] if domain else [])
+    feeds = [{"d": rand(*shape)} for shape in d_shapes]
+    tg = autodiff.build(helper.make_model(graph, opset_imports=opsets), ["w"], "loss", feeds)
+    sess = ort.InferenceSession(tg.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for feed in feeds:
+        (g,) = sess.run(tg.grads, {**feed, "w": w})
+        tw = torch.tensor(w, requires_grad=True)
+        y = fn(torch.tensor(feed["d"]), tw, **{k: torch.tensor(v) for k, v in consts.items()})
+        ((y * y).sum() / 2).backward()
+        np.testing.assert_allclose(g, tw.grad.numpy(), rtol=1e-4, atol=1e-5, err_msg=f"{op} at {feed['d'].shape}")
+
+
+DYN = [(2, 3, 4), (3, 5, 4)]  # two probes: batch and length differ
+
+
+@pytest.mark.parametrize("op,fn", [("Add", torch.add), ("Sub", torch.sub), ("Mul", torch.mul), ("Div", torch.div)])
+@pytest.mark.parametrize("wshape", [(4,), (1, 1, 4), (1, 4)])
+def test_broadcasting_binary_ops_on_dynamic_shapes(op, fn, wshape):
+    w = rand(*wshape, positive=True)
+    check_dynamic(op, w, lambda d, w: fn(d, w), DYN, ["b", "t", 4])
+    check_dynamic(op, w, lambda d, w: fn(w, d), DYN, ["b", "t", 4], order=("w", "d"))
+
+
+@pytest.mark.parametrize("op,fn", [("ReduceMean", torch.mean), ("ReduceSum", torch.sum)])
+@pytest.mark.parametrize("axes", [[1], [0, 1], [-1]])
+def test_reductions_over_dynamic_axes(op, fn, axes):
+    w = rand(4)
+    # y = reduce(d * w): the count of a mean over a dynamic axis differs between the probes
+    def torch_fn(d, w):
+        return fn(d * w, dim=tuple(axes), keepdim=True)
+    check_dynamic_reduce(op, w, torch_fn, axes)
+
+
+def check_dynamic_reduce(op, w, fn, axes):
+    import onnxruntime as ort
+
+    nodes = [helper.make_node("Mul", ["d", "w"], ["dw"]), helper.make_node(op, ["dw", "ax"], ["y"], keepdims=1),
+             helper.make_node("Mul", ["y", "y"], ["y2"]), helper.make_node("ReduceSum", ["y2"], ["loss"], keepdims=0)]
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array(axes, np.int64), "ax")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("d", TensorProto.FLOAT, ["b", "t", 4])],
+                              [helper.make_tensor_value_info("loss", TensorProto.FLOAT, [])], inits)
+    opset = 18  # axes as an input for both reductions
+    feeds = [{"d": rand(*shape)} for shape in DYN]
+    tg = autodiff.build(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]), ["w"], "loss", feeds)
+    sess = ort.InferenceSession(tg.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for feed in feeds:
+        (g,) = sess.run(tg.grads, {**feed, "w": w})
+        tw = torch.tensor(w, requires_grad=True)
+        (fn(torch.tensor(feed["d"]), tw) ** 2).sum().backward()
+        np.testing.assert_allclose(g, tw.grad.numpy(), rtol=1e-4, atol=1e-5, err_msg=f"{op} {axes} at {feed['d'].shape}")
+
+
+def test_concat_with_a_dynamic_part():
+    """The split of the gradient between the parts differs between the probes (t = 3, then 5)."""
+    w = rand(1, 2, 4)
+    check_dynamic("Concat", w, lambda d, w: torch.cat([d, w], 1), [(1, 3, 4), (1, 5, 4)], [1, "t", 4],
+                  attrs={"axis": 1})
+
+
+def test_where_and_expand_on_dynamic_shapes():
+    w = rand(1, 4)
+    cond = np.array([True, False, True, True])
+    check_dynamic("Where", w, lambda d, w, c: torch.where(c, d, w), DYN, ["b", "t", 4], consts={"c": cond},
+                  order=("c", "d", "w"))
+    w2 = rand(4)
+
+    def expand(d, w):
+        return w.expand(d.shape) * d
+    import onnxruntime as ort
+
+    nodes = [helper.make_node("Shape", ["d"], ["sh"]), helper.make_node("Expand", ["w", "sh"], ["e"]),
+             helper.make_node("Mul", ["e", "d"], ["y"]), helper.make_node("Mul", ["y", "y"], ["y2"]),
+             helper.make_node("ReduceSum", ["y2"], ["loss"], keepdims=0)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("d", TensorProto.FLOAT, ["b", "t", 4])],
+                              [helper.make_tensor_value_info("loss", TensorProto.FLOAT, [])], [numpy_helper.from_array(w2, "w")])
+    feeds = [{"d": rand(*shape)} for shape in DYN]
+    tg = autodiff.build(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), ["w"], "loss", feeds)
+    sess = ort.InferenceSession(tg.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for feed in feeds:
+        (g,) = sess.run(tg.grads, {**feed, "w": w2})
+        tw = torch.tensor(w2, requires_grad=True)
+        (expand(torch.tensor(feed["d"]), tw) ** 2).sum().backward()
+        np.testing.assert_allclose(g, tw.grad.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_matmul_weight_against_dynamic_batches():
+    w = rand(4, 3)
+    check_dynamic("MatMul", w, lambda d, w: d @ w, DYN, ["b", "t", 4])

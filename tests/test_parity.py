@@ -41,7 +41,7 @@ def test_peft_loads_our_adapter_and_matches_our_logits(tiny_model, tiny_bundle, 
     base = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="eager")
     pm = PeftModel.from_pretrained(base, run.out / "adapter").eval()
     m = Model.open(tiny_bundle, adapter=run.out)
-    ids = np.asarray([tok_ids := list(range(5, 25))], np.int64)
+    ids = np.asarray([list(range(5, 25))], np.int64)
     ours = m.logits(ids, np.ones_like(ids))
     with torch.no_grad():
         theirs = pm(input_ids=torch.from_numpy(ids)).logits.numpy()
