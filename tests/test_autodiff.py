@@ -524,3 +524,22 @@ def test_where_and_expand_on_dynamic_shapes():
 def test_matmul_weight_against_dynamic_batches():
     w = rand(4, 3)
     check_dynamic("MatMul", w, lambda d, w: d @ w, DYN, ["b", "t", 4])
+
+
+def test_build_leaves_its_input_alone_and_writes_nothing(tmp_path):
+    """The graph given to build is not edited (the prepared forward graph comes back as ``forward``),
+    and probing a graph with external weights writes no file beside them."""
+    x, r = rand(3, 4), rand(3, 4)
+    nodes = [helper.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]), helper.make_node("MatMul", ["x", "wt"], ["y"]),
+             helper.make_node("Mul", ["y", "R"], ["yr"]), helper.make_node("ReduceSum", ["yr"], ["loss"], keepdims=0)]
+    inits = [numpy_helper.from_array(v, k) for k, v in {"x": x, "R": r, "w": rand(4, 4)}.items()]
+    graph = helper.make_graph(nodes, "g", [], [helper.make_tensor_value_info("loss", TensorProto.FLOAT, [])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save_model(model, str(tmp_path / "m.onnx"), save_as_external_data=True, location="m.data", size_threshold=0)
+    given = onnx.load(str(tmp_path / "m.onnx"), load_external_data=False)
+    before, files = given.SerializeToString(), sorted(p.name for p in tmp_path.iterdir())
+    tg = autodiff.build(given, ["w"], "loss", [{}, {}], base_dir=tmp_path)
+    assert given.SerializeToString() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == files
+    assert [n.op_type for n in tg.forward.graph.node] == ["FusedMatMul", "Mul", "ReduceSum"]  # prepared
+    assert "w" in [i.name for i in tg.forward.graph.input]

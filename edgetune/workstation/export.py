@@ -548,9 +548,10 @@ def build_training(forward_onnx: Path, trainable: list[str], out: Path, vocab: i
                         recompute=recompute)
     onnx.save_model(tg.model, str(out / "train.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
                     location="train.onnx.data", size_threshold=1024)
-    graphs.disable_dropout(proto)  # ``proto`` is now the forward graph with the adapters as inputs
-    graphs.share_external_data(proto, out / "train.onnx")
-    onnx.save(proto, str(out / "eval.onnx"))
+    forward = tg.forward  # the forward graph with the adapters as inputs
+    graphs.disable_dropout(forward)
+    graphs.share_external_data(forward, out / "train.onnx")
+    onnx.save(forward, str(out / "eval.onnx"))
     from safetensors.numpy import save
 
     _io.write_bytes(out / "adapter_init.safetensors", save({n: v.astype("float32") for n, v in tg.initial.items()}))
@@ -586,9 +587,9 @@ def build_fused(forward_onnx: Path, trainable: list[str], out: Path, vocab: int,
     log("fused graphs: " + ", ".join(f"{k} x{v}" for k, v in sorted(ops.items()) if not k.endswith("Grad")))
     # Weights stay in the plain graph's file (its bytes, and so the base id, do not change); the
     # few tensors the fused build adds are small and stay inline.
-    for model, name in ((tg.model, "train_fused.onnx"), (proto, "eval_fused.onnx")):
-        if model is proto:
-            graphs.disable_dropout(proto)
+    for model, name in ((tg.model, "train_fused.onnx"), (tg.forward, "eval_fused.onnx")):
+        if model is tg.forward:
+            graphs.disable_dropout(model)
         graphs.share_external_data(model, out / "train.onnx")
         onnx.save(model, str(out / name))
     return {"train": "train_fused.onnx", "eval": "eval_fused.onnx", "abi": kernels.ABI, "ops": ops}

@@ -32,6 +32,7 @@ class TrainingGraph:
     params: list[str]            # trainable tensors, graph inputs in this order
     grads: list[str]             # their gradient outputs, same order
     initial: dict[str, np.ndarray]
+    forward: Any = None          # the prepared forward graph (loss only), the params as inputs
 
 
 def grad_name(param: str) -> str:

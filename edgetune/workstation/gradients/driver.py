@@ -123,6 +123,9 @@ def build(proto: Any, params: list[str], loss: str, feeds: Sequence[dict[str, np
     library must load here."""
     import onnx
 
+    # The caller's graph is left as it was: the prepared forward graph is returned as ``forward``.
+    given, proto = proto, onnx.ModelProto()
+    proto.CopyFrom(given)
     types = elem_types(proto)
     drop_noop_casts(proto, types)
     fuse_matmuls(proto)
@@ -141,4 +144,4 @@ def build(proto: Any, params: list[str], loss: str, feeds: Sequence[dict[str, np
         recompute_layers(train, n_forward, types)
     else:
         recompute_cheap(train, n_forward, types, shapes)
-    return TrainingGraph(train, list(params), grads, initial)
+    return TrainingGraph(train, list(params), grads, initial, proto)

@@ -175,7 +175,7 @@ def probe_shapes(proto: Any, feeds: Sequence[dict[str, np.ndarray]], types: dict
     """Run the forward graph on each feed with every intermediate exposed; return the
     concrete shapes of each tensor (one per feed) and the small integer tensors whose value
     is the same for every feed (slice bounds computed from static dimensions). A graph with
-    external weights is run from a file in ``base_dir``, where its data file lies."""
+    external weights reads them from ``base_dir``, where its data file lies."""
     import onnx
     import onnxruntime as ort
     from onnx import helper
@@ -200,17 +200,9 @@ def probe_shapes(proto: Any, feeds: Sequence[dict[str, np.ndarray]], types: dict
             kernels.register(so)
         except DeviceError as e:
             raise ModelError(f"cannot build the fused training graph: {e}") from None
-    if base_dir is None:
-        sess = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    else:
-        from pathlib import Path
-
-        path = Path(base_dir) / "_probe.onnx"
-        onnx.save(probe, str(path))
-        try:
-            sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        finally:
-            path.unlink()
+    if base_dir is not None:  # external weights are read from there; nothing is written anywhere
+        so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(base_dir))
+    sess = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
     outs = [o.name for o in sess.get_outputs()]
     shapes: dict[str, list[tuple]] = {}
     seen: dict[str, list[np.ndarray]] = {}
