@@ -1,4 +1,4 @@
-"""Every gradient rule of edgetune.autodiff against PyTorch's autograd, on random inputs.
+"""Every gradient rule of edgetune.workstation.gradients against PyTorch's autograd, on random inputs.
 
 Each case builds a one-op ONNX graph whose inputs are trainable, takes the loss
 ``sum(op(...) * R)`` for a random R, builds the training graph, runs it in onnxruntime and
