@@ -50,10 +50,10 @@ def _replay(bundle, path):
             loss += float(out[0])
             for n, g in zip(names, out[1:]):
                 grads[n] = grads[n] + g
-        f64 = lambda x: np.array(x, np.float64)  # noqa: E731
-        feed = {"step": f64(i), "base_lr": f64(sched["base_lr"]), "warmup_steps": f64(sched["warmup_steps"]),
-                "total_steps": f64(sched["total_steps"]), "schedule": np.array(sched["schedule"], np.int64),
-                "weight_decay": f64(sched["weight_decay"])}
+        f32 = lambda x: np.array(x, np.float32)  # noqa: E731
+        feed = {"step": f32(i), "base_lr": f32(sched["base_lr"]), "warmup_steps": f32(sched["warmup_steps"]),
+                "total_steps": f32(sched["total_steps"]), "schedule": np.array(sched["schedule"], np.int64),
+                "weight_decay": f32(sched["weight_decay"])}
         for n in names:
             feed.update({n: params[n], n + "_grad": grads[n], "exp_avg/" + n: m[n], "exp_avg_sq/" + n: v[n]})
         outs = [o.name for o in opt.get_outputs()]

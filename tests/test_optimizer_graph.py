@@ -26,6 +26,17 @@ def _graph(tmp_path, shapes):
     return path
 
 
+def test_the_graph_is_float32_only(tmp_path):
+    """Mobile and older ONNX Runtime builds lack double kernels (1.24's CPU provider has no double Cos)."""
+    from onnx import TensorProto
+
+    m = onnx.load(str(_graph(tmp_path, {"p": [2, 3]})))
+    inferred = onnx.shape_inference.infer_shapes(m)
+    types = {v.type.tensor_type.elem_type for v in list(inferred.graph.value_info) + list(inferred.graph.input)}
+    types |= {i.data_type for i in m.graph.initializer}
+    assert TensorProto.DOUBLE not in types, types
+
+
 def test_the_graph_takes_numpy_adamw_steps(tmp_path):
     rng = np.random.default_rng(0)
     shapes = {"a": [4, 7], "b": [7, 1], "c": [1, 1]}
@@ -53,9 +64,9 @@ def test_the_graph_learning_rate_follows_the_trainer_schedule(tmp_path, schedule
     cfg = TrainConfig(lr=3e-4, warmup=warmup, schedule=schedule)
     z = np.zeros(2, np.float32)
     for step in range(total + 2):
-        f64 = lambda x: np.array(x, np.float64)  # noqa: E731
-        feed = {"step": f64(step + 1), "base_lr": f64(cfg.lr), "warmup_steps": f64(warmup), "total_steps": f64(total),
-                "schedule": np.array(optimizer_graph.SCHEDULES[schedule], np.int64), "weight_decay": f64(0.0),
+        f32 = lambda x: np.array(x, np.float32)  # noqa: E731
+        feed = {"step": f32(step + 1), "base_lr": f32(cfg.lr), "warmup_steps": f32(warmup), "total_steps": f32(total),
+                "schedule": np.array(optimizer_graph.SCHEDULES[schedule], np.int64), "weight_decay": f32(0.0),
                 "p": z, "p_grad": z, "exp_avg/p": z, "exp_avg_sq/p": z}
         (lr,) = sess.run(["lr"], feed)
         assert float(lr) == pytest.approx(trainer.lr_at(step, cfg, total), rel=1e-6, abs=1e-12), step

@@ -6,7 +6,7 @@ seed, gradient accumulation, token-budget chunks) and stores, per optimizer step
 chunk ``j``, the training graph's inputs as safetensors tensors ``step{i}/chunk{j}/input_ids``,
 ``.../attention_mask``, ``.../labels`` (int64 [rows, tokens]) and ``.../label_norm`` (float32
 scalar: the step's labelled-token count, by which each chunk's summed loss is divided). The
-header's metadata says which bundle the file is for and the optimizer graph's schedule inputs (float64), so
+header's metadata says which bundle the file is for and the optimizer graph's schedule inputs, so
 an app that runs ``optimizer.onnx`` after each step takes the same steps as ``edgetune train``.
 """
 from __future__ import annotations

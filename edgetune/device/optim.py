@@ -69,12 +69,12 @@ class GraphAdamW(AdamW):
 
     def feeds(self, params: Mapping[str, np.ndarray], grads: Mapping[str, np.ndarray], lr: float) -> dict[str, Any]:
         """The graph's inputs for step ``step_count + 1`` at learning rate ``lr`` (a constant schedule)."""
-        def f64(x: float) -> np.ndarray:
-            return np.array(x, np.float64)
+        def f32(x: float) -> np.ndarray:
+            return np.array(x, np.float32)
 
-        feed: dict[str, Any] = {"step": f64(self.step_count + 1), "base_lr": f64(lr), "warmup_steps": f64(0),
-                                "total_steps": f64(0), "schedule": np.array(0, np.int64),
-                                "weight_decay": f64(self.weight_decay)}
+        feed: dict[str, Any] = {"step": f32(self.step_count + 1), "base_lr": f32(lr), "warmup_steps": f32(0),
+                                "total_steps": f32(0), "schedule": np.array(0, np.int64),
+                                "weight_decay": f32(self.weight_decay)}
         for name, p in params.items():
             feed[name] = p
             feed[name + "_grad"] = grads[name]

@@ -2,11 +2,10 @@
 ONNX graph, so that any ONNX Runtime binding (C, C++, C#, Java, JavaScript, Python) takes an
 optimizer step without edgetune's Python. The Python trainer runs the same graph.
 
-Inputs: float64 scalars ``step`` (the 1-based number of the step being taken), ``base_lr``,
+Inputs: float32 scalars ``step`` (the 1-based number of the step being taken), ``base_lr``,
 ``warmup_steps``, ``total_steps``, ``weight_decay``; an int64 scalar ``schedule`` (0 constant,
-1 linear, 2 cosine); per adapter tensor ``P`` (float32): ``P``, ``P_grad``, ``exp_avg/P``,
-``exp_avg_sq/P``. Outputs: ``lr`` (float32) and, per tensor, ``P/updated``, ``exp_avg/P/updated``,
-``exp_avg_sq/P/updated``.
+1 linear, 2 cosine); per adapter tensor ``P``: ``P``, ``P_grad``, ``exp_avg/P``, ``exp_avg_sq/P``.
+Outputs: ``lr`` and, per tensor, ``P/updated``, ``exp_avg/P/updated``, ``exp_avg_sq/P/updated``.
 
 The rule is PyTorch's ``torch.optim.AdamW`` (decoupled weight decay, bias correction), as
 ``edgetune.device.optim.AdamW`` computes it in numpy; the schedule is
@@ -51,23 +50,36 @@ class _G:
         return name
 
 
-def _lr(g: _G, step: str, base_lr: str, warmup: str, total: str) -> str:
-    """lr_at(step - 1), in float64 like the trainer's: linear warmup, then by the schedule."""
-    d = np.float64
-    one, zero = g.const(1.0, d), g.const(0.0, d)
-    s0 = g.op("Sub", [step, one])  # the 0-based step
-    warm = g.op("Div", [g.op("Mul", [base_lr, step]), g.op("Max", [warmup, one])])
-    in_warmup = g.op("And", [g.op("Greater", [warmup, zero]), g.op("Less", [s0, warmup])])
-    span = g.op("Max", [one, g.op("Sub", [total, warmup])])
-    frac = g.op("Min", [one, g.op("Div", [g.op("Sub", [s0, warmup]), span])])
-    linear = g.op("Mul", [base_lr, g.op("Sub", [one, frac])])
-    cosine = g.op("Mul", [base_lr, g.op("Mul", [g.const(0.5, d), g.op("Add", [
-        one, g.op("Cos", [g.op("Mul", [g.const(math.pi, d), frac])])])])])
-    kind = g.op("Cast", ["schedule"], to=11)
-    decayed = g.op("Where", [g.op("Equal", [kind, g.const(2.0, d)]), cosine, linear])
-    constant = g.op("Or", [g.op("Equal", [kind, zero]), g.op("LessOrEqual", [total, warmup])])
-    after = g.op("Where", [constant, base_lr, decayed])
+def _lr(g: _G) -> str:
+    """lr_at(step - 1): linear warmup, then constant, linear or cosine decay."""
+    one, zero = g.const(1.0), g.const(0.0)
+    s0 = g.op("Sub", ["step", one])  # the 0-based step
+    warm = g.op("Div", [g.op("Mul", ["base_lr", "step"]), g.op("Max", ["warmup_steps", one])])
+    in_warmup = g.op("And", [g.op("Greater", ["warmup_steps", zero]), g.op("Less", [s0, "warmup_steps"])])
+    span = g.op("Max", [one, g.op("Sub", ["total_steps", "warmup_steps"])])
+    frac = g.op("Min", [one, g.op("Div", [g.op("Sub", [s0, "warmup_steps"]), span])])
+    linear = g.op("Mul", ["base_lr", g.op("Sub", [one, frac])])
+    cosine = g.op("Mul", ["base_lr", g.op("Mul", [g.const(0.5), g.op("Add", [
+        one, g.op("Cos", [g.op("Mul", [g.const(math.pi), frac])])])])])
+    kind = g.op("Cast", ["schedule"], to=1)
+    decayed = g.op("Where", [g.op("Equal", [kind, g.const(2.0)]), cosine, linear])
+    constant = g.op("Or", [g.op("Equal", [kind, zero]), g.op("LessOrEqual", ["total_steps", "warmup_steps"])])
+    after = g.op("Where", [constant, "base_lr", decayed])
     return g.op("Where", [in_warmup, warm, after])
+
+
+def _one_minus_pow(g: _G, beta: float, step: str) -> str:
+    """1 - beta^step in float32 to float32's precision. Computed plainly, 1 - 0.999^t at small t
+    loses five digits (0.999 is not exact in float32), biasing every update alike; with
+    x = t ln(beta) it is -expm1(x): a Taylor series where |x| < 0.5, 1 - exp(x) beyond."""
+    x = g.op("Mul", [step, g.const(math.log(beta))])
+    series = g.const(1.0 / math.factorial(9))
+    for k in range(8, 0, -1):  # x (1 + x/2 (1 + x/3 (...))) as Horner: sum of x^k / k!
+        series = g.op("Add", [g.const(1.0 / math.factorial(k)), g.op("Mul", [x, series])])
+    expm1 = g.op("Mul", [x, series])
+    plain = g.op("Sub", [g.op("Exp", [x]), g.const(1.0)])
+    small = g.op("Less", [g.op("Abs", [x]), g.const(0.5)])
+    return g.op("Neg", [g.op("Where", [small, expm1, plain])])
 
 
 def build(params: Sequence[str], shapes: dict[str, list[int]]) -> Any:
@@ -76,19 +88,16 @@ def build(params: Sequence[str], shapes: dict[str, list[int]]) -> Any:
 
     g = _G()
     b1, b2 = BETAS
-    # The scalar arithmetic runs in float64 as numpy's AdamW and the trainer's schedule do: in float32,
-    # 1 - 0.999^t at small t loses five digits (0.999 is not exact), biasing every update alike.
-    d = np.float64
-    step, wd = "step", "weight_decay"
-    lr64 = _lr(g, step, "base_lr", "warmup_steps", "total_steps")
-    g.nodes.append(helper.make_node("Cast", [lr64], ["lr"], name="opt/lr", to=1))
-    one = g.const(1.0, d)
-    bc1 = g.op("Sub", [one, g.op("Pow", [g.const(b1, d), step])])
-    bc2_sqrt = g.op("Cast", [g.op("Sqrt", [g.op("Sub", [one, g.op("Pow", [g.const(b2, d), step])])])], to=1)
-    decay = g.op("Cast", [g.op("Sub", [one, g.op("Mul", [lr64, wd])])], to=1)
-    step_size = g.op("Cast", [g.op("Div", [lr64, bc1])], to=1)
+    # Float32 throughout (every ONNX Runtime build has these kernels, down to mobile ones).
+    lr = _lr(g)
+    g.nodes.append(helper.make_node("Identity", [lr], ["lr"], name="opt/lr"))
+    one = g.const(1.0)
+    bc1 = _one_minus_pow(g, b1, "step")
+    bc2_sqrt = g.op("Sqrt", [_one_minus_pow(g, b2, "step")])
+    decay = g.op("Sub", [one, g.op("Mul", [lr, "weight_decay"])])
+    step_size = g.op("Div", [lr, bc1])
     c_b1, c_1b1, c_b2, c_1b2, c_eps = (g.const(x) for x in (b1, 1.0 - b1, b2, 1.0 - b2, EPS))
-    inputs = [helper.make_tensor_value_info(n, TensorProto.DOUBLE, []) for n in
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, []) for n in
               ("step", "base_lr", "warmup_steps", "total_steps", "weight_decay")]
     inputs.append(helper.make_tensor_value_info("schedule", TensorProto.INT64, []))
     outputs = [helper.make_tensor_value_info("lr", TensorProto.FLOAT, [])]
