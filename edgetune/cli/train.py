@@ -8,7 +8,6 @@ import click
 
 from edgetune.cli.main import CONTEXT, handle_errors, log, main, print_json
 
-
 _STEP_OPTIONS = [
     click.option("--steps", type=int, help="Optimizer steps (default: one epoch)."),
     click.option("--epochs", type=float, help="Epochs, if --steps is not given."),

@@ -23,9 +23,8 @@ from edgetune.formats.atomic import home
 from edgetune.formats.config import AdapterConfig
 from edgetune.formats.errors import ConfigError, ModelError
 from edgetune.formats.models import ModelSpec, check_architecture, check_reference, resolve_model
-from edgetune.workstation import dora_torch, extdata, graphs, variants, weights
+from edgetune.workstation import dora_torch, extdata, graphs, optimizer_graph, variants, weights
 from edgetune.workstation import gradients as autodiff
-from edgetune.workstation import optimizer_graph
 from edgetune.workstation import quantize as quant
 
 OPSET = 17

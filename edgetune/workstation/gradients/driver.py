@@ -12,7 +12,6 @@ from .fused import fuse as fuse_ops
 from .memory import hoist_shapes, recompute_cheap, recompute_layers
 from .prepare import drop_noop_casts, elem_types, fuse_matmuls, probe_shapes
 
-
 _OTHER_FLOATS = {10: "float16", 11: "float64", 16: "bfloat16"}
 
 
