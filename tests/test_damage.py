@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import DEVICE_ONLY
 
 from edgetune.app import merge, pack
 from edgetune.cli import main
@@ -245,9 +246,12 @@ def test_doctor_checks_the_installation():
     r = json.loads(text)
     names = {c["what"] for c in r["checks"]}
     assert {"onnxruntime", "merge extension", "fused kernels", "cache directory", "export tools"} <= names
-    # The environment the suite runs in is complete: the doctor must say so, and exit 0.
+    # The environment the suite runs in is complete: the doctor must say so, and exit 0. A device
+    # environment lacks the export tools by design, which the doctor reports as a warning.
     failed = [c for c in r["checks"] if not c["ok"]]
-    assert code == 0 and r["ok"] and r["errors"] == 0 and not failed, failed
+    allowed = {"export tools"} if DEVICE_ONLY else set()
+    assert code == 0 and r["ok"] and r["errors"] == 0, failed
+    assert all(c["what"] in allowed and c["level"] == "warning" for c in failed), failed
 
 
 def test_shipped_manifests_hold_no_absolute_path(world):
