@@ -39,18 +39,22 @@ def write(trainer: Any, data: str | Path, out: str | Path, steps: int | None = N
     steps = total if steps is None else steps
     if steps < 1:
         raise DataError(f"--steps must be at least 1, got {steps}")
+    cfg = trainer.cfg
     tensors: dict[str, np.ndarray] = {}
     chunks: list[int] = []
     tokens = labelled = 0
-    for i, feeds in enumerate(trainer.planned_steps(train, steps), start=1):
+    states: list[dict[str, int]] = []
+    for i, (feeds, state) in enumerate(trainer.planned_steps(train, steps), start=1):
         chunks.append(len(feeds))
+        states.append(state)
         for j, feed in enumerate(feeds):
             for key in ("input_ids", "attention_mask", "labels", "label_norm"):
                 tensors[name(i, j, key)] = np.array(feed[key], order="C")  # (ascontiguousarray makes 0-d 1-d)
             tokens += int(feed["attention_mask"].sum())
         labelled += int(feeds[0]["label_norm"])
-    cfg = trainer.cfg
     meta = {"kind": KIND, "version": VERSION, "bundle_id": trainer.bundle.base_id, "steps": steps, "chunks": chunks,
+            "states": states, "vocab_size": int((trainer.bundle.manifest.get("model_config") or {}).get("vocab_size") or 0),
+            "max_seq_len": cfg.max_seq_len, "adapter": trainer.bundle.manifest["adapter"],
             "tokens": tokens, "labelled": labelled, "data": str(data),
             "schedule": {"base_lr": cfg.lr, "warmup_steps": cfg.warmup, "total_steps": total,
                          "schedule": SCHEDULES[cfg.schedule], "weight_decay": cfg.weight_decay},

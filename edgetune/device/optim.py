@@ -67,13 +67,18 @@ class GraphAdamW(AdamW):
         self._inputs = {i.name for i in self.session.get_inputs()}
         self._outputs = [o.name for o in self.session.get_outputs()]
 
-    def feeds(self, params: Mapping[str, np.ndarray], grads: Mapping[str, np.ndarray], lr: float) -> dict[str, Any]:
-        """The graph's inputs for step ``step_count + 1`` at learning rate ``lr`` (a constant schedule)."""
+    def feeds(self, params: Mapping[str, np.ndarray], grads: Mapping[str, np.ndarray], lr: float,
+              schedule: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The graph's inputs for step ``step_count + 1``: at learning rate ``lr`` (a constant
+        schedule), or with ``schedule`` ({base_lr, warmup_steps, total_steps, schedule}) the graph's own."""
         def f32(x: float) -> np.ndarray:
             return np.array(x, np.float32)
 
-        feed: dict[str, Any] = {"step": f32(self.step_count + 1), "base_lr": f32(lr), "warmup_steps": f32(0),
-                                "total_steps": f32(0), "schedule": np.array(0, np.int64),
+        s = dict(schedule) if schedule is not None else {"base_lr": lr, "warmup_steps": 0, "total_steps": 0,
+                                                         "schedule": 0}
+        feed: dict[str, Any] = {"step": f32(self.step_count + 1), "base_lr": f32(s["base_lr"]),
+                                "warmup_steps": f32(s["warmup_steps"]), "total_steps": f32(s["total_steps"]),
+                                "schedule": np.array(int(s["schedule"]), np.int64),
                                 "weight_decay": f32(self.weight_decay)}
         for name, p in params.items():
             feed[name] = p
@@ -85,8 +90,9 @@ class GraphAdamW(AdamW):
             raise ValueError(f"the optimizer graph wants tensors this adapter lacks: {missing[:3]}")
         return {k: v for k, v in feed.items() if k in self._inputs}
 
-    def step(self, params: dict[str, np.ndarray], grads: Mapping[str, np.ndarray], lr: float) -> None:
-        out = dict(zip(self._outputs, self.session.run(self._outputs, self.feeds(params, grads, lr))))
+    def step(self, params: dict[str, np.ndarray], grads: Mapping[str, np.ndarray], lr: float,
+             schedule: Mapping[str, Any] | None = None) -> None:
+        out = dict(zip(self._outputs, self.session.run(self._outputs, self.feeds(params, grads, lr, schedule))))
         self.step_count += 1
         for name in params:
             params[name][...] = out[name + "/updated"]

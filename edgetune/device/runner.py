@@ -148,6 +148,32 @@ class StepRunner:
         opt = b.manifest.get("optimizer") or {}
         self.optimizer = GraphAdamW(str(b.path(opt["file"])), weight_decay) if opt else AdamW(weight_decay=weight_decay)
         self._grad_names = [p + "_grad" for p in b.trainable]
+        # DoRA's weight norms as a graph (what an app runs); numpy (edgetune.device.dora) for older bundles.
+        norms = (b.manifest.get("app_training") or {}).get("dora_norms")
+        self._norms_sess = self._norms_session(norms) if norms else None
+
+    def _norms_session(self, name: str) -> Any:
+        import onnxruntime as ort
+
+        path = self.bundle.path(name)
+        so = session_options(self.threads)
+        try:
+            sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001 - ORT raises several unrelated types here
+            raise BundleError(f"{path} (or its weight file) is damaged or not an ONNX model "
+                              f"({str(e).splitlines()[0][:160]}); export the bundle again") from None
+        self._norms_inputs = [i.name for i in sess.get_inputs()]
+        return sess
+
+    @property
+    def has_norms_graph(self) -> bool:
+        return self._norms_sess is not None
+
+    def dora_norms(self) -> dict[str, np.ndarray]:
+        """The ``dora_norm.*`` inputs for the adapter as it is now, from the bundle's norm graph."""
+        feed = {n: self.params[n] if n in self.params else self._runtime[n] for n in self._norms_inputs}
+        names = [o.name for o in self._norms_sess.get_outputs()]
+        return dict(zip(names, self._norms_sess.run(names, feed)))
 
     # -- sessions ---------------------------------------------------------------------------
     def _open_train(self) -> Any:
@@ -264,10 +290,15 @@ class StepRunner:
         """The loss of one micro-batch with the eval graph (no dropout, no gradients)."""
         return float(np.asarray(self.eval_sess.run(["loss"], self._feed(batch, self.eval_sess), self._run_opts)[0]).reshape(()))
 
-    def step(self, lr: float) -> None:
-        """One AdamW update from the accumulated gradients, which are then cleared."""
+    def step(self, lr: float, schedule: Mapping[str, Any] | None = None) -> None:
+        """One AdamW update from the accumulated gradients, which are then cleared. With the bundle's
+        optimizer graph, ``schedule`` (its ``base_lr``, ``warmup_steps``, ``total_steps``, ``schedule``
+        inputs) lets the graph compute the learning rate, as an app does; else ``lr`` is used."""
         if self.grads:
-            self.optimizer.step(self.params, self.grads, lr)
+            if schedule is not None and isinstance(self.optimizer, GraphAdamW):
+                self.optimizer.step(self.params, self.grads, lr, schedule)
+            else:
+                self.optimizer.step(self.params, self.grads, lr)
         self.grads = {}
 
     def grads_finite(self) -> bool:

@@ -74,6 +74,28 @@ class RunResult:
     summary: dict[str, Any]
 
 
+def _trim_metrics(out: Path, step: int) -> None:
+    """On resume: drop the metrics of steps after the checkpoint (that work is done again) and any
+    line a kill cut short, so that metrics.jsonl holds each step once."""
+    path = out / "metrics.jsonl"
+    if not path.is_file():
+        return
+    kept, dropped = [], False
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            rec = json.loads(line) if line.strip() else None
+        except ValueError:
+            rec, dropped = None, True
+        if rec is None:
+            continue
+        if isinstance(rec, dict) and int(rec.get("step") or 0) > step:
+            dropped = True
+            continue
+        kept.append(line)
+    if dropped:
+        _io.write_text(path, "".join(k + "\n" for k in kept))
+
+
 def _write_metric(out: Path, record: dict[str, Any]) -> None:
     with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
         f.write(json.dumps(record, sort_keys=True) + "\n")
@@ -172,6 +194,7 @@ class Trainer:
                                 f"{self.out}/adapter --bundle BUNDLE --out NEW_RUN, then train NEW_RUN with --resume")
         if ck is None and not skipped and self._same_run_started():
             self.log(f"--resume: {self.out} stopped before its first checkpoint; starting from step 0")
+            _trim_metrics(self.out, 0)
             return None
         if ck is None:
             raise TrainingError(f"--resume: no intact checkpoint in {self.out}/checkpoints; train again from the start "
@@ -190,6 +213,7 @@ class Trainer:
             raise BundleError(f"--resume: bundle {self.bundle.root} does not match the checkpoint {ck}:\n  - "
                               + "\n  - ".join(problems))
         self.state = TrainerState(**saved)
+        _trim_metrics(self.out, self.state.step)
         return ck
 
     def _same_run_started(self) -> bool:
@@ -212,7 +236,7 @@ class Trainer:
         """DoRA graphs take each layer's weight norm as an input (see edgetune.device.dora); the frozen
         base rows and their squared norms are read once."""
         self._dora = _dora.modules(self.bundle.trainable)
-        if self._dora:
+        if self._dora and not self.runner.has_norms_graph:
             self._dora_base = _dora.bundle_base_weights(self.bundle, self._dora)
             self._dora_wsq = {k: _dora.weight_sq(w) for k, w in self._dora_base.items()}
 
@@ -220,6 +244,8 @@ class Trainer:
         """Inputs besides the batch: the DoRA norms of the adapter as it is now."""
         if not self._dora:
             return {}
+        if self.runner.has_norms_graph:
+            return self.runner.dora_norms()
         return _dora.norms_feed(self._dora, self._dora_base, self.runner.params, self.bundle.adapter.scale,
                                 self._dora_wsq)
 
@@ -259,6 +285,13 @@ class Trainer:
         epochs = self.cfg.epochs or 1.0
         return max(1, math.ceil(epochs * per_epoch / self.cfg.grad_accum)), per_epoch
 
+    def schedule(self, total: int) -> dict[str, Any]:
+        """The optimizer graph's learning-rate inputs for a run of ``total`` steps (see lr_at)."""
+        from edgetune.device.batches import SCHEDULES
+
+        return {"base_lr": self.cfg.lr, "warmup_steps": self.cfg.warmup, "total_steps": total,
+                "schedule": SCHEDULES[self.cfg.schedule]}
+
     # -- steps -----------------------------------------------------------------
     def _micro_batches(self, train: _data.Dataset) -> Any:
         """Endless stream of (epoch, index, batch), starting at the saved position."""
@@ -283,10 +316,19 @@ class Trainer:
 
     def planned_steps(self, train: _data.Dataset, steps: int) -> Any:
         """The data inputs of optimizer steps 1..``steps`` from the start of a run, as ``fit`` feeds
-        them (for ``edgetune tokenize``): one list of chunk feeds per step."""
+        them (for ``edgetune tokenize``): per step, the list of chunk feeds and the trainer state's
+        data fields after it (``epoch``, ``batch_index``, ``tokens``, ``labelled``, cumulative)."""
         stream = self._micro_batches(train)
+        tokens = labelled = 0
         for _ in range(steps):
-            yield self._chunk_feeds([next(stream)[2] for _ in range(self.cfg.grad_accum)])
+            group, epoch, idx = [], 0, 0
+            for _ in range(self.cfg.grad_accum):
+                epoch, idx, b = next(stream)
+                group.append(b)
+            tokens += sum(b.n_tokens for b in group)
+            labelled += sum(b.n_labels for b in group)
+            yield self._chunk_feeds(group), {"epoch": epoch, "batch_index": idx + 1, "tokens": tokens,
+                                             "labelled": labelled}
 
     def validate(self, valid: _data.Dataset) -> float:
         """Token-weighted mean loss over the validation set, with the eval graph."""
@@ -387,7 +429,7 @@ class Trainer:
                 if not math.isfinite(loss) or not self.runner.grads_finite():
                     self.runner.zero_grad()
                     self._nonfinite(loss)
-                self.runner.step(lr)
+                self.runner.step(lr, self.schedule(total))
                 ntok = sum(b.n_tokens for b in group)
                 self.state.step += 1
                 self.state.epoch, self.state.batch_index = epoch, idx + 1

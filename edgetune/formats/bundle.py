@@ -31,10 +31,10 @@ HASHED = ("train.onnx", "train.onnx.data", "eval.onnx", "adapter_init.safetensor
           "infer.onnx", "infer.onnx.data", "merge_template.onnx", "app_base.onnx",
           "app_base_f16.onnx", "tokenizer.json", "generation_config.json", "tokenizer_meta.json",
           "chat_template.jinja", "hf_config.json", "hf_tokenizer_config.json", "train_fused.onnx", "eval_fused.onnx",
-          "optimizer.onnx")
+          "optimizer.onnx", "dora_norms.onnx")
 # Files that do not change what the base model computes: a bundle's id (which adapters are checked
 # against) is the same with or without them.
-NOT_IN_ID = ("adapter_init.safetensors", "train_fused.onnx", "eval_fused.onnx", "optimizer.onnx")
+NOT_IN_ID = ("adapter_init.safetensors", "train_fused.onnx", "eval_fused.onnx", "optimizer.onnx", "dora_norms.onnx")
 
 
 def _versions() -> dict[str, str]:

@@ -56,7 +56,7 @@ def save(out: str | Path, tensors: Mapping[str, np.ndarray], cfg: AdapterConfig,
     # PEFT ignores the extra metadata; edgetune checks it when it reads the file back.
     config = peft_config(cfg, base)
     meta = {"format": "pt", **(metadata or {}), CHECKSUM_KEY: tensors_sha256(named),
-            CONFIG_CHECKSUM_KEY: _config_sha(config)}
+            CONFIG_CHECKSUM_KEY: config_sha256(config)}
     with _io.atomic_dir(out) as tmp:
         (tmp / WEIGHTS).write_bytes(st_save(named, metadata=meta))
         _io.write_json(tmp / CONFIG, config)
@@ -96,13 +96,13 @@ def load(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
     if want is not None and want != tensors_sha256(tensors):
         raise BundleError(f"{wf}: the tensor data does not match the checksum written with it (damaged); {fix}")
     want = meta.get(CONFIG_CHECKSUM_KEY)
-    if want is not None and want != _config_sha(cfg):
+    if want is not None and want != config_sha256(cfg):
         raise BundleError(f"{cfgf} was changed or damaged after the adapter was written (it does not match the "
                           f"checksum in {wf.name}); {fix}")
     return cfg, tensors
 
 
-def _config_sha(cfg: Mapping) -> str:
+def config_sha256(cfg: Mapping) -> str:
     """The settings that change what the adapter computes; where the base lives may be edited."""
     return _io._canonical_sha({k: v for k, v in cfg.items() if k not in ("base_model_name_or_path", "revision",
                                                                           "inference_mode")})

@@ -23,7 +23,7 @@ from edgetune.formats.atomic import home
 from edgetune.formats.config import AdapterConfig
 from edgetune.formats.errors import ConfigError, ModelError
 from edgetune.formats.models import ModelSpec, check_architecture, check_reference, resolve_model
-from edgetune.workstation import dora_torch, extdata, graphs, optimizer_graph, variants, weights
+from edgetune.workstation import dora_graph, dora_torch, extdata, graphs, optimizer_graph, variants, weights
 from edgetune.workstation import gradients as autodiff
 from edgetune.workstation import quantize as quant
 
@@ -673,6 +673,10 @@ def _export(model: str | os.PathLike | None, out: Path, cfg: AdapterConfig, log:
         fused = build_training(tmp / "_forward.onnx", trainable, tmp, int(hf.config.vocab_size),
                                cfg.gradient_checkpointing, log)
         (tmp / "_forward.onnx").unlink()
+        norms = dora_graph.build(tmp / "train.onnx", trainable, cfg.scale,
+                                 {"bits": quantized.BITS[cfg.quantize], "block_size": cfg.block_size} if cfg.quantize else None)
+        if norms is not None:
+            onnx.save(norms, str(tmp / "dora_norms.onnx"))
         log("writing the inference graph and weights")
         qinfo = None
         if cfg.quantize:
@@ -722,9 +726,31 @@ def _export(model: str | os.PathLike | None, out: Path, cfg: AdapterConfig, log:
             manifest["fused"] = fused
         manifest["optimizer"] = {"file": "optimizer.onnx", "rule": "adamw", "betas": list(optimizer_graph.BETAS),
                                  "eps": optimizer_graph.EPS, "schedules": optimizer_graph.SCHEDULES}
+        manifest["app_training"] = app_training(manifest, norms is not None)
         _io.write_json(tmp / _bundle.MANIFEST, _io.seal(manifest))
     log(f"bundle written to {out} in {time.time() - t0:.0f}s")
     return out
+
+
+def app_training(manifest: dict[str, Any], has_norms: bool) -> dict[str, Any]:
+    """The manifest's ``app_training`` entry: what a trainer without Python (``examples/cpp``, an app
+    through any ONNX Runtime binding) needs besides the graphs' own inputs and outputs: which graphs
+    to run, the constant feeds, and the PEFT ``adapter_config.json`` to write beside the adapter with
+    the checksum edgetune checks when it reads the adapter back."""
+    from edgetune.formats import peft_io
+
+    q = manifest.get("quantization")
+    feeds = {quantized.RUNTIME_SHIFT: {"dtype": "uint8", "value": int(quantized.runtime_feeds(int(q["bits"]))[
+        quantized.RUNTIME_SHIFT])}} if q else {}
+    a = dict(manifest["adapter"])
+    a["targets"] = tuple(a["targets"])
+    peft = peft_io.peft_config(AdapterConfig(**a), str(manifest.get("source")))
+    return {"version": APP_TRAINING_VERSION, "train": "train.onnx", "eval": "eval.onnx", "optimizer": "optimizer.onnx",
+            "dora_norms": "dora_norms.onnx" if has_norms else None, "feeds": feeds,
+            "peft_config": peft, "peft_config_sha256": peft_io.config_sha256(peft)}
+
+
+APP_TRAINING_VERSION = 1
 
 
 def source_loader(source: "weights.SourceWeights") -> Callable[[str], Any]:
