@@ -37,6 +37,6 @@ chroot "$CHROOT" /bin/bash -euc '
   ONNXRUNTIME_ROOT=/opt/ort /opt/venv/bin/pip install --quiet --no-index --find-links /opt/wheels --no-build-isolation .
   cd /opt && /opt/venv/bin/python -c "import sys, onnxruntime, edgetune.device._ext; print(sys.version.split()[0], onnxruntime.__version__)"
   ! /opt/venv/bin/python -c "import torch" 2>/dev/null
-  EDGETUNE_TEST_ASSETS=/opt/assets EDGETUNE_DEVICE_ONLY=1 /opt/venv/bin/python -m pytest -q -p no:cacheprovider \
+  ONNXRUNTIME_ROOT=/opt/ort EDGETUNE_TEST_ASSETS=/opt/assets EDGETUNE_DEVICE_ONLY=1 /opt/venv/bin/python -m pytest -q -p no:cacheprovider \
       -m "not slow" /opt/src/tests
 '

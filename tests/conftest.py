@@ -104,6 +104,18 @@ def dora_bundle(request, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def real_bundle(tmp_path_factory) -> Path:
+    """The default model (SmolLM2-135M-Instruct) exported once for the slow end-to-end tests."""
+    from edgetune.formats import models
+    from edgetune.formats.config import AdapterConfig
+    from edgetune.workstation.export import export
+
+    out = tmp_path_factory.mktemp("real") / "bundle"
+    export(models.DEFAULT_MODEL, out, AdapterConfig(rank=8, alpha=16, targets=("q_proj", "k_proj", "v_proj", "o_proj")))
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_bundle):
     from edgetune.device.tokenizer import ChatTokenizer
 

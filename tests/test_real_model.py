@@ -16,15 +16,6 @@ PROMPT = "My KettlePro arrived with a broken handle and I need a replacement urg
 
 
 @pytest.fixture(scope="module")
-def real_bundle(tmp_path_factory):
-    from edgetune.workstation.export import export
-
-    out = tmp_path_factory.mktemp("real") / "bundle"
-    export(models.DEFAULT_MODEL, out, AdapterConfig(rank=8, alpha=16, targets=("q_proj", "k_proj", "v_proj", "o_proj")))
-    return out
-
-
-@pytest.fixture(scope="module")
 def real_run(real_bundle, tmp_path_factory):
     out = tmp_path_factory.mktemp("real") / "run"
     trainer.train(real_bundle, SAMPLE_DATA, out, steps=30, batch_size=4, lr=1e-3, warmup=3, eval_every=15,

@@ -40,7 +40,12 @@ const char* kUsage =
     "  --save-every K     write a checkpoint every K steps (and always at the end)\n"
     "  --keep-checkpoints K   checkpoints kept (default 2)\n"
     "  --threads T        ONNX Runtime intra-op threads (default: all cores)\n"
-    "  --kernels LIBRARY  edgetune's fused-kernel library (libedgetune_ops.so): run the bundle's fused graphs\n";
+    "  --kernels LIBRARY  edgetune's fused-kernel library (libedgetune_ops.so): run the bundle's fused graphs\n"
+    "\n"
+    "Example:\n"
+    "  edgetune tokenize examples/data/tickets --bundle bundle/ --out batches.safetensors --steps 20\n"
+    "  edgetune-train-cpp bundle/ batches.safetensors --out run/ --steps 20 --save-every 5\n"
+    "  edgetune-train-cpp bundle/ batches.safetensors --out run/ --steps 20 --resume   # after a crash\n";
 
 const int kRunFormat = 1;
 int64_t kScalar[1] = {0};  // the shape pointer of a scalar (rank 0)
