@@ -63,7 +63,7 @@ def test_sharded_bfloat16_checkpoint(tiny_model, tmp_path):
     _logits_match(folder, bundle, torch.bfloat16)
 
 
-def test_pytorch_bin_checkpoint(tiny_model, tmp_path):
+def test_a_pytorch_pickle_checkpoint_is_refused_not_unpickled(tiny_model, tmp_path):
     from safetensors.torch import load_file
 
     from edgetune.workstation.export import export
@@ -73,8 +73,9 @@ def test_pytorch_bin_checkpoint(tiny_model, tmp_path):
     sd = load_file(str(folder / "model.safetensors"))
     torch.save(sd, folder / "pytorch_model.bin")
     (folder / "model.safetensors").unlink()
-    bundle = export(str(folder), tmp_path / "b", CFG)
-    _logits_match(tiny_model, bundle)
+    with pytest.raises(ModelError, match=r"pytorch_model\.bin is a PyTorch pickle checkpoint.*convert it to safetensors"):
+        export(str(folder), tmp_path / "b", CFG)
+    assert not (tmp_path / "b").exists()
 
 
 def test_a_tensor_missing_from_the_checkpoint_is_named(tiny_model, tmp_path):

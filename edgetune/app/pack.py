@@ -29,6 +29,7 @@ from edgetune.app.genai import _write_genai_config, _write_tokenizer_config
 from edgetune.device import dora
 from edgetune.formats import atomic as _io
 from edgetune.formats import bundle as _bundle
+from edgetune.formats import lock as _lock
 from edgetune.formats import peft_io
 from edgetune.formats.appdir import (
     FORMAT,
@@ -65,6 +66,12 @@ def pack(run: str | Path, bundle: str | Path, out: str | Path, dtype: str = "flo
     if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
         raise ConfigError(f"--name {name!r}: use letters, digits, '-', '_' or '.'")
     out = Path(out)
+    with _lock.hold(out, "packed into"):
+        return _pack_locked(b, template, run, cfg, tensors, name, out, dtype, ort_format, t0)
+
+
+def _pack_locked(b: _bundle.Bundle, template: Path, run: str | Path, cfg: dict[str, Any], tensors: dict[str, np.ndarray],
+                 name: str, out: Path, dtype: str, ort_format: bool, t0: float) -> dict[str, Any]:
     manifest = _existing_manifest(out, b, dtype)
     graph = {peft_io.to_graph_name(k, b.trainable): v.astype(np.float32) for k, v in tensors.items()}
     # DoRA: the row norms of W + s B A, which the graph takes as inputs, travel with the adapter.

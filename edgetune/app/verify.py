@@ -7,10 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from edgetune.formats import atomic as _io
-from edgetune.formats.appdir import GENAI_CONFIG, MANIFEST, read_adapter, read_manifest
+from edgetune.formats.appdir import GENAI_CONFIG, MANIFEST, match_inputs, read_adapter, read_manifest
 from edgetune.formats.errors import BundleError
 
 
@@ -46,6 +44,9 @@ def _check_genai(appdir: Path, ins: dict[str, Any], outs: list[str], problems: l
         problems.append(f"{GENAI_CONFIG} is not a usable onnxruntime-genai config ({type(e).__name__}: {e}); "
                         "re-run edgetune pack")
         return
+    from edgetune.formats import safety
+
+    safety.inside(appdir, dec.get("filename", ""), "genai decoder file")
     if not (appdir / dec.get("filename", "")).is_file():
         problems.append(f"{GENAI_CONFIG}: decoder file {dec.get('filename')!r} is not in {appdir}")
     want_in = [*names, *(p % i for i in range(layers) for p in (pk, pv))]
@@ -103,7 +104,7 @@ def verify(appdir: str | Path, base: str | Path | None = None) -> dict[str, Any]
         params = read_adapter(f)["parameters"]
         checked += len(params)
         if inputs:
-            problems += _match_inputs(name, params, inputs)
+            problems += match_inputs(name, params, inputs)
     if problems:
         raise BundleError(f"{appdir} failed verification:\n  - " + "\n  - ".join(problems))
     return {"appdir": str(appdir), "base": str(base_path), "adapters": sorted(m.get("adapters", {})),
@@ -128,18 +129,3 @@ def _check_other_base(m: dict[str, Any], base_path: Path, problems: list[str]) -
     problems.append(f"these adapters were made for {mine.get('source')} (id {str(mine.get('bundle_base_id'))[:12]}, "
                     f"base.onnx sha256 {m['base_sha256'][:12]}), but {base_path} is {other} "
                     f"(sha256 {_io.sha256_file(base_path)[:12]})")
-
-
-def _match_inputs(adapter: str, params: dict[str, np.ndarray], inputs: dict[str, tuple[str, list[Any]]]) -> list[str]:
-    out = []
-    want_type = {np.dtype(np.float32): "tensor(float)", np.dtype(np.float16): "tensor(float16)"}
-    for pname, arr in params.items():
-        if pname not in inputs:
-            out.append(f"adapter {adapter}: tensor {pname} is not an input of the base model")
-            continue
-        typ, shape = inputs[pname]
-        if typ != want_type.get(arr.dtype):
-            out.append(f"adapter {adapter}: tensor {pname} is {arr.dtype}, the base input is {typ}")
-        if [d if isinstance(d, int) else None for d in shape] != list(arr.shape):
-            out.append(f"adapter {adapter}: tensor {pname} has shape {list(arr.shape)}, the base input {shape}")
-    return out

@@ -51,6 +51,7 @@ def step_options(f: Any) -> Any:
 @click.option("--task", type=click.Choice(["classification", "qa", "translation", "ner", "chat", "creative"]),
               help="Also report this task's metric on the validation set (default: the data's task.json).")
 @click.option("--save-every", type=int, help="Checkpoint every N steps (0: only at the end) [0].")
+@click.option("--keep-checkpoints", type=int, help="Newest checkpoints kept in RUN/checkpoints (at least 1) [2].")
 @click.option("--threads", type=int, help="CPU threads for ONNX Runtime (0: all cores) [0].")
 @click.option("--resume", is_flag=True, help="Continue from the run's last good checkpoint.")
 @click.option("--no-progress", is_flag=True, help="No progress bar (metrics still go to metrics.jsonl).")

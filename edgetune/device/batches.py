@@ -72,6 +72,13 @@ def read(path: str | Path, bundle_id: str | None = None) -> tuple[dict[str, Any]
     if not path.is_file():
         raise DataError(f"batch file not found: {path} (write one with: edgetune tokenize DATA --bundle BUNDLE "
                         f"--out {path})")
+    from edgetune.formats import safety
+    from edgetune.formats.errors import BundleError
+
+    try:
+        safety.check_safetensors(path, "write it again with edgetune tokenize")
+    except BundleError as e:
+        raise DataError(str(e)) from None
     try:
         from safetensors import safe_open
 

@@ -86,6 +86,9 @@ def detect_format(record: dict[str, Any], where: str) -> str:
                     + "; ".join("+".join(k) for k in FORMATS.values()))
 
 
+MAX_LINE_BYTES = 32 << 20  # one JSONL record; read in at most this much, never a whole runaway line
+
+
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield (line number, record); blank lines are skipped. A line that is not UTF-8, not JSON
     or not a JSON object is an error naming the file and the line."""
@@ -99,7 +102,15 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
         if head[:2] in (b"\xff\xfe", b"\xfe\xff"):
             raise DataError(f"{path}: {guess_encoding(head)}")
         f.seek(3 if head[:3] == b"\xef\xbb\xbf" else 0)  # a UTF-8 byte-order mark is harmless
-        for lineno, raw in enumerate(f, 1):
+        lineno = 0
+        while True:
+            raw = f.readline(MAX_LINE_BYTES + 1)
+            if not raw:
+                break
+            lineno += 1
+            if len(raw) > MAX_LINE_BYTES:
+                raise DataError(f"{path}:{lineno}: a line longer than {MAX_LINE_BYTES} bytes is refused "
+                                "(split the record, or check that this is a JSON Lines file)")
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:

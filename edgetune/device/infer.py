@@ -97,10 +97,15 @@ class Model:
             _io.check_seal(merged, root / "merged.json", "merge again or copy it again")
             if merged.get("kind") != "edgetune-merged" or not isinstance(merged.get("infer"), dict):
                 raise BundleError(f"{root / 'merged.json'} is not an edgetune merged-model manifest; merge again")
+            from edgetune.formats import safety
+
+            for name in merged.get("files") or {}:
+                safety.inside(root, name, "file")
             problems = _io.check_files(root, merged.get("files") or {}, merged.get("sizes"), None,
                                        "merge again or copy the merged model again")
             if problems:
                 raise BundleError(f"merged model {root} is not usable:\n  - " + "\n  - ".join(problems))
+            safety.check_onnx_cached(root / "model.onnx", root)
             info = merged["infer"]
             context = merged.get("context") or (merged.get("model_config") or {}).get("max_position_embeddings")
             extra, onnx_path = {}, root / "model.onnx"
@@ -114,6 +119,14 @@ class Model:
         else:
             raise BundleError(f"{root} is neither an edgetune bundle, a merged model nor an app directory")
         sess = devices.session(onnx_path, dev, so)
+        if extra and (root / "manifest.json").is_file() and not (root / _bundle.MANIFEST).is_file():
+            from edgetune.formats import appdir
+
+            inputs = {i.name: (i.type, list(i.shape)) for i in [*sess.get_inputs(), *sess.get_overridable_initializers()]}
+            problems = appdir.match_inputs(str(adapter), extra, inputs)
+            if problems:
+                raise BundleError(f"adapter {adapter} does not fit the base of {root} (run edgetune verify {root}):\n  - "
+                                  + "\n  - ".join(problems[:8]))
         return cls(sess, ChatTokenizer.from_dir(root), int(info["num_layers"]), int(info["kv_heads"]),
                    int(info["head_dim"]), extra, dev, onnx_path, int(context) if context else None)
 

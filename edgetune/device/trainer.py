@@ -32,6 +32,7 @@ from edgetune.device import runner as _runner
 from edgetune.device.tokenizer import ChatTokenizer
 from edgetune.formats import atomic as _io
 from edgetune.formats import bundle as _bundle
+from edgetune.formats import lock as _lock
 from edgetune.formats import peft_io
 from edgetune.formats.config import TrainConfig
 from edgetune.formats.errors import BundleError, ConfigError, DataError, TrainingError
@@ -183,6 +184,7 @@ class Trainer:
             return None
         if not exists:
             raise ConfigError(f"--resume: {self.out} holds no run to resume")
+        _lock.check_free(self.out, "trained into")  # a run another process is writing is not read half-way
         skipped: list[str] = []
         ck = latest_checkpoint(self.out, skipped)
         if skipped:
@@ -381,7 +383,7 @@ class Trainer:
             raise TrainingError(f"could not write checkpoint {name} ({e.strerror or e}); "
                                 f"the previous checkpoint {prev.name if prev else '(none)'} is intact; "
                                 "free some disk space and run again with --resume") from None
-        for old in sorted(ck_root.glob("step-*"))[:-KEEP_CHECKPOINTS]:
+        for old in sorted(ck_root.glob("step-*"))[:-max(1, self.cfg.keep_checkpoints)]:
             shutil.rmtree(old, ignore_errors=True)
         return ck_root / name
 
@@ -396,14 +398,20 @@ class Trainer:
         if self.state.step >= total:
             raise ConfigError(f"the run is already at step {self.state.step} of {total}; raise --steps to train further")
         self._open()  # before the run directory exists: a bundle that cannot load leaves nothing behind
-        created = not self.out.exists() or not any(self.out.iterdir())
-        try:
-            return self._fit(train, valid, total)
-        except BaseException:
-            # A run that stops before its first checkpoint has nothing to resume: leave no directory behind.
-            if created and self.out.exists() and latest_checkpoint(self.out) is None:
-                shutil.rmtree(self.out, ignore_errors=True)
-            raise
+        with _lock.hold(self.out, "trained into"):
+            if not self._resume_from and self.out.exists() and any(self.out.iterdir()):
+                raise ConfigError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
+            if self._resume_from is not None and latest_checkpoint(self.out) != self._resume_from:
+                raise ConfigError(f"{self.out} changed while this run started (another process wrote a checkpoint); "
+                                  "run the command again")
+            created = not self.out.exists() or not any(self.out.iterdir())
+            try:
+                return self._fit(train, valid, total)
+            except BaseException:
+                # A run that stops before its first checkpoint has nothing to resume: leave no directory behind.
+                if created and self.out.exists() and latest_checkpoint(self.out) is None:
+                    shutil.rmtree(self.out, ignore_errors=True)
+                raise
 
     def _fit(self, train: _data.Dataset, valid: _data.Dataset | None, total: int) -> RunResult:
         self.out.mkdir(parents=True, exist_ok=True)

@@ -65,7 +65,24 @@ def read_manifest(appdir: Path) -> dict[str, Any]:
     _io.check_seal(m, appdir / MANIFEST, "copy the app directory again")
     if m.get("kind") != "edgetune-app" or not isinstance(m.get("files"), dict) or not isinstance(m.get("adapters"), dict):
         raise BundleError(f"{appdir / MANIFEST} is not an edgetune app manifest; copy the app directory again")
+    check_names(appdir, m)
     return m
+
+
+def check_names(appdir: Path, m: dict[str, Any]) -> None:
+    """Every file an app manifest names stays inside the app directory; its graphs use only the
+    operator domains edgetune runs (see edgetune.formats.safety)."""
+    from edgetune.formats import safety
+
+    for name in m.get("files") or {}:
+        safety.inside(appdir, name, "file")
+    for name, entry in (m.get("adapters") or {}).items():
+        if not isinstance(entry, dict):
+            raise BundleError(f"{appdir / MANIFEST}: the entry of adapter {name!r} is malformed; copy the app directory again")
+        safety.inside(appdir, entry.get("file"), f"file of adapter {name!r}")
+    for name in m.get("files") or {}:
+        if name.endswith(".onnx"):
+            safety.check_onnx_cached(appdir / name, appdir)
 
 
 def check_app_files(appdir: Path, m: dict[str, Any], adapter: str | Path | None = None) -> None:
@@ -81,3 +98,20 @@ def check_app_files(appdir: Path, m: dict[str, Any], adapter: str | Path | None 
     problems = _io.check_files(appdir, files, sizes, None, "copy the app directory again or re-run edgetune pack")
     if problems:
         raise BundleError(f"app directory {appdir} is not usable:\n  - " + "\n  - ".join(problems))
+
+
+def match_inputs(adapter: str, params: dict[str, np.ndarray], inputs: dict[str, tuple[str, list[Any]]]) -> list[str]:
+    """Problems of an adapter's tensors against a base model's inputs ({name: (type, shape)}):
+    a tensor that is no input, or of another type or shape."""
+    out = []
+    want_type = {np.dtype(np.float32): "tensor(float)", np.dtype(np.float16): "tensor(float16)"}
+    for pname, arr in params.items():
+        if pname not in inputs:
+            out.append(f"adapter {adapter}: tensor {pname} is not an input of the base model")
+            continue
+        typ, shape = inputs[pname]
+        if typ != want_type.get(arr.dtype):
+            out.append(f"adapter {adapter}: tensor {pname} is {arr.dtype}, the base input is {typ}")
+        if [d if isinstance(d, int) else None for d in shape] != list(arr.shape):
+            out.append(f"adapter {adapter}: tensor {pname} has shape {list(arr.shape)}, the base input {shape}")
+    return out

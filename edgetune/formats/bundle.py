@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from edgetune.formats import atomic as _io
+from edgetune.formats import safety
 from edgetune.formats.config import AdapterConfig
 from edgetune.formats.errors import BundleError
 from edgetune.formats.version import __version__
@@ -90,7 +91,8 @@ class Bundle:
     manifest: dict[str, Any]
 
     def path(self, name: str) -> Path:
-        return self.root / name
+        """A file of the bundle; a name from the manifest that leads out of the folder is refused."""
+        return safety.inside(self.root, name, "file")
 
     @property
     def adapter(self) -> AdapterConfig:
@@ -144,8 +146,29 @@ def load(root: str | Path, verify_hashes: bool = True) -> Bundle:
         if key not in manifest:
             problems.append(f"the manifest has no {key!r}")
     if not problems:
+        for name in files:
+            safety.inside(root, name, "file")
         problems += _io.check_files(root, files, manifest.get("sizes"), None if verify_hashes else (),
                                     "export the bundle again or copy it again")
     if problems:
         raise BundleError(f"bundle {root} is not usable ({MANIFEST} says):\n  - " + "\n  - ".join(problems))
+    check_structure(root, manifest)
     return Bundle(root, manifest)
+
+
+def check_structure(root: Path, manifest: dict[str, Any]) -> None:
+    """What a checksum cannot vouch for when the bundle's maker wrote the checksums too: every
+    graph's operator domains and external data (:func:`edgetune.formats.safety.check_onnx`), the
+    weight indexes' files, offsets and lengths, and the vocabulary's size."""
+    mpath = root / MANIFEST
+    vocab = (manifest.get("model_config") or {}).get("vocab_size")
+    if vocab is not None and (not isinstance(vocab, int) or not 0 < vocab <= safety.MAX_VOCAB):
+        raise BundleError(f"{mpath}: a vocabulary of {vocab} tokens is refused (limit {safety.MAX_VOCAB}); "
+                          "export the bundle again")
+    for name in manifest.get("files") or {}:
+        if name.endswith(".onnx"):
+            safety.check_onnx_cached(root / name, root)
+    q = manifest.get("quantization") or {}
+    for key, index in (("train_weights", manifest.get("train_weights")), ("weights", manifest.get("weights")),
+                       ("quantization.infer_weights", q.get("infer_weights"))):
+        safety.check_index(root, index or {}, f"{mpath} ({key})")

@@ -74,6 +74,7 @@ class TrainConfig:
     max_seq_len: int = 512
     eval_every: int = 0
     save_every: int = 0
+    keep_checkpoints: int = 2
     seed: int = 0
     mask_prompt: bool = True
     threads: int = 0
@@ -96,6 +97,7 @@ class TrainConfig:
         _check(self.max_seq_len >= 8, f"max_seq_len must be at least 8, got {self.max_seq_len!r}")
         _check(self.eval_every >= 0, f"eval_every must be >= 0, got {self.eval_every!r}")
         _check(self.save_every >= 0, f"save_every must be >= 0, got {self.save_every!r}")
+        _check(self.keep_checkpoints >= 1, f"keep_checkpoints must be at least 1, got {self.keep_checkpoints!r}")
         _check(self.threads >= 0, f"threads must be >= 0, got {self.threads!r}")
         _check(self.max_batch_tokens >= 0, f"max_batch_tokens must be >= 0, got {self.max_batch_tokens!r}")
         _check(self.truncate in TRUNCATE, f"truncate must be one of {', '.join(TRUNCATE)}, got {self.truncate!r}")

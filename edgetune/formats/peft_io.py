@@ -84,6 +84,9 @@ def load(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
     missing = [k for k in ("r", "lora_alpha", "target_modules") if k not in cfg]
     if missing:
         raise BundleError(f"{cfgf}: not a PEFT LoRA adapter config (no {', '.join(missing)}); {fix}")
+    from edgetune.formats import safety
+
+    safety.check_safetensors(wf, fix)
     try:
         tensors = load_file(str(wf))
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for damage

@@ -28,6 +28,10 @@ def read_tensors(path: Path) -> dict[str, np.ndarray]:
     """A safetensors file as float32 arrays; damage is an error naming the file."""
     from safetensors.numpy import load_file
 
+    from edgetune.formats import safety
+
+    if Path(path).is_file():
+        safety.check_safetensors(Path(path), "restore it or export/train again")
     try:
         return {k: np.array(v, np.float32) for k, v in load_file(str(path)).items()}
     except FileNotFoundError:

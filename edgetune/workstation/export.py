@@ -54,7 +54,8 @@ def load_model(path: Path, log: Log = lambda s: None) -> tuple[Any, Any]:
         path = _converted_gguf(path, log)
         check_architecture(_io.read_json(path / "config.json", "the model config"), path)
     tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager",
+                                                 use_safetensors=True)
     model.eval()
     return model, tok
 

@@ -9,7 +9,6 @@ data, so protobuf's 2 GB limit never applies.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -17,14 +16,13 @@ from edgetune.formats.errors import ModelError
 
 
 class SourceWeights:
-    """The tensors of a Hugging Face folder (``*.safetensors``, sharded or not, or a
-    ``pytorch_model*.bin``), read one at a time as float32."""
+    """The tensors of a Hugging Face folder (``*.safetensors``, sharded or not), read one at a time
+    as float32. A ``pytorch_model*.bin`` (a pickle) is refused."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
         self.where: dict[str, Path] = {}
         files = sorted(self.folder.glob("*.safetensors"))
-        self._bins: dict[Path, Any] = {}
         if files:
             from safetensors import safe_open
 
@@ -38,14 +36,13 @@ class SourceWeights:
         else:
             bins = sorted(self.folder.glob("pytorch_model*.bin"))
             if not bins:
-                raise ModelError(f"{self.folder}: no *.safetensors or pytorch_model*.bin weight files")
-            import torch
-
-            for f in bins:
-                sd = torch.load(str(f), map_location="cpu", mmap=True, weights_only=True)
-                self._bins[f] = sd
-                for k in sd:
-                    self.where[k] = f
+                raise ModelError(f"{self.folder}: no *.safetensors weight files")
+            # A .bin checkpoint is a pickle: opening it runs the unpickler on a stranger's bytes.
+            raise ModelError(
+                f"{bins[0]} is a PyTorch pickle checkpoint, which edgetune does not open (unpickling can run code); "
+                "convert it to safetensors where you trust the file, e.g. python -c \"import torch; from "
+                "safetensors.torch import save_file; save_file(torch.load('pytorch_model.bin', weights_only=True), "
+                "'model.safetensors', metadata={'format': 'pt'})\"")
 
     def resolve(self, name: str) -> str:
         """The checkpoint key of a model parameter name (some checkpoints omit the ``model.``
@@ -59,11 +56,8 @@ class SourceWeights:
     def get(self, name: str) -> np.ndarray:
         key = self.resolve(name)
         f = self.where[key]
-        if f in self._bins:
-            t = self._bins[f][key]
-        else:
-            from safetensors import safe_open
+        from safetensors import safe_open
 
-            with safe_open(str(f), framework="pt") as h:
-                t = h.get_tensor(key)
+        with safe_open(str(f), framework="pt") as h:
+            t = h.get_tensor(key)
         return t.float().numpy() if t.dtype.is_floating_point else t.numpy()

@@ -22,6 +22,9 @@
 #include <iostream>
 #include <set>
 
+#include <sys/file.h>
+#include <sys/stat.h>
+
 #include "support.hpp"
 
 using namespace et;
@@ -340,6 +343,48 @@ std::string rel_path(const fs::path& p, const fs::path& base) {
   return fs::relative(fs::absolute(p), fs::absolute(base)).string();
 }
 
+// One writer per run folder: the lock edgetune's own trainer takes (`.RUN.lock` beside RUN, flock),
+// which the kernel releases when a process ends, however it ends.
+class FolderLock {
+ public:
+  explicit FolderLock(const fs::path& folder) {
+    fs::path abs = fs::absolute(folder);
+    if (abs.filename().empty()) abs = abs.parent_path();
+    path_ = abs.parent_path() / ("." + abs.filename().string() + ".lock");
+    fs::create_directories(path_.parent_path());
+    for (;;) {
+      fd_ = ::open(path_.c_str(), O_RDWR | O_CREAT, 0644);
+      if (fd_ < 0) throw Fail("cannot create the lock " + path_.string());
+      if (::flock(fd_, LOCK_EX | LOCK_NB) != 0) {
+        char buf[32] = {0};
+        ssize_t n = ::pread(fd_, buf, sizeof buf - 1, 0);
+        ::close(fd_);
+        fd_ = -1;
+        throw Fail(folder.string() + " is being trained into by another process" +
+                   (n > 0 ? " (pid " + std::string(buf, size_t(n)) + ")" : std::string()) +
+                   "; wait for it to finish, or use another --out (the lock is " + path_.string() + ")");
+      }
+      struct stat a {}, b {};
+      if (::fstat(fd_, &a) == 0 && ::stat(path_.c_str(), &b) == 0 && a.st_ino == b.st_ino && a.st_dev == b.st_dev) break;
+      ::close(fd_);  // the previous holder removed the file after we opened it: lock the one that is there
+    }
+    std::string pid = std::to_string(::getpid());
+    if (::ftruncate(fd_, 0) == 0 && ::pwrite(fd_, pid.data(), pid.size(), 0) < 0) {}
+  }
+  ~FolderLock() {
+    if (fd_ >= 0) {
+      ::unlink(path_.c_str());
+      ::close(fd_);
+    }
+  }
+  FolderLock(const FolderLock&) = delete;
+  FolderLock& operator=(const FolderLock&) = delete;
+
+ private:
+  fs::path path_;
+  int fd_ = -1;
+};
+
 // ---------------------------------------------------------------------------------------------
 class Trainer {
  public:
@@ -366,6 +411,7 @@ class Trainer {
   }
 
   int run() {
+    FolderLock lock(args_.out);
     bool created = !fs::exists(args_.out) || fs::is_empty(args_.out);
     fs::path resume_from = check_out_dir();
     open_sessions();
