@@ -197,7 +197,8 @@ def test_cpp_sigkill_then_resume(cpp_trainer, tiny_bundle, chat_data, tmp_path):
 def test_edgetune_takes_over_what_the_cpp_trainer_writes(cpp_trainer, dora_bundle, chat_data, tmp_path):
     batches = tokenize(dora_bundle, chat_data, tmp_path / "batches.safetensors")
     out = tmp_path / "cpp"
-    cpp_train(cpp_trainer, dora_bundle, batches, out)
+    summary = json.loads(cpp_train(cpp_trainer, dora_bundle, batches, out, STEPS, "--json").stdout)
+    assert summary["steps"] == STEPS and summary["final_loss"] == losses(out)[-1]
     # The PEFT adapter passes edgetune's checksums (tensors and config) and matches the checkpoint.
     from edgetune.formats import peft_io
 

@@ -10,7 +10,7 @@
 // `edgetune train --resume`, `eval`, `merge` and `pack` take over from here.
 //
 //   edgetune-train-cpp BUNDLE BATCHES --out RUN --steps N [--resume] [--save-every K]
-//                      [--threads T] [--kernels LIBRARY] [--keep-checkpoints K] [--quiet]
+//                      [--threads T] [--kernels LIBRARY] [--keep-checkpoints K] [--quiet] [--json]
 
 #include <onnxruntime_cxx_api.h>
 
@@ -33,7 +33,7 @@ namespace {
 
 const char* kUsage =
     "usage: edgetune-train-cpp BUNDLE BATCHES --out RUN --steps N [--resume] [--save-every K]\n"
-    "                          [--threads T] [--kernels LIBRARY] [--keep-checkpoints K] [--quiet]\n"
+    "                          [--threads T] [--kernels LIBRARY] [--keep-checkpoints K] [--quiet] [--json]\n"
     "\n"
     "Trains the adapters of an edgetune bundle on a batch file written by\n"
     "  edgetune tokenize DATA --bundle BUNDLE --out BATCHES\n"
@@ -43,6 +43,8 @@ const char* kUsage =
     "  --save-every K     write a checkpoint every K steps (and always at the end)\n"
     "  --keep-checkpoints K   checkpoints kept (default 2)\n"
     "  --threads T        ONNX Runtime intra-op threads (default: all cores)\n"
+    "  --quiet            no progress lines (metrics still go to RUN/metrics.jsonl)\n"
+    "  --json             print the run's summary as JSON on stdout at the end\n"
     "  --kernels LIBRARY  edgetune's fused-kernel library (libedgetune_ops.so): run the bundle's fused graphs\n"
     "\n"
     "Example:\n"
@@ -58,7 +60,7 @@ const int kBatchVersion = 1;
 struct Args {
   fs::path bundle, batches, out;
   long long steps = 0;
-  bool resume = false, quiet = false;
+  bool resume = false, quiet = false, json = false;
   long long save_every = 0, keep = 2;
   int threads = 0;
   std::string kernels;
@@ -84,6 +86,7 @@ Args parse_args(int argc, char** argv) {
     else if (s == "--steps") a.steps = number(s, need(i, s), 1);
     else if (s == "--resume") a.resume = true;
     else if (s == "--quiet") a.quiet = true;
+    else if (s == "--json") a.json = true;
     else if (s == "--save-every") a.save_every = number(s, need(i, s), 0);
     else if (s == "--keep-checkpoints") a.keep = number(s, need(i, s), 1);
     else if (s == "--threads") a.threads = int(number(s, need(i, s), 0));
@@ -749,6 +752,7 @@ class Trainer {
                 << " with " << train_graph_ << "; steps " << state_.step << "->" << total << "\n";
     auto window = clock::now();
     long long window_tokens = 0;
+    const long long first = state_.step + 1;
     while (state_.step < total) {
       long long step = state_.step + 1;
       auto t0 = clock::now();
@@ -781,8 +785,11 @@ class Trainer {
       rec.set("tokens_per_s", Json::num(std::round(tps * 10) / 10));
       append_metric(rec);
       if (!args_.quiet) {
-        char line[160];
-        std::snprintf(line, sizeof line, "step %lld/%lld  loss %.6f  lr %.3g  %.0f tokens/s\n", step, total, loss, lr, tps);
+        double per_step = std::chrono::duration<double>(clock::now() - window).count() / double(step - first + 1);
+        double eta = per_step * double(total - step);
+        char line[200];
+        std::snprintf(line, sizeof line, "step %lld/%lld  loss %.6f  lr %.3g  %.0f tokens/s  ETA %lldm%02llds\n", step,
+                      total, loss, lr, tps, (long long)eta / 60, (long long)eta % 60);
         std::cerr << line;
       }
       if (args_.save_every && step % args_.save_every == 0 && step < total) save_checkpoint();
@@ -790,7 +797,8 @@ class Trainer {
     }
     save_checkpoint();
     save_adapter();
-    write_run_json("complete");
+    Json run = write_run_json("complete");
+    if (args_.json) std::cout << dumps(run.at("summary", "run"), 2) << "\n";
     if (!args_.quiet) std::cerr << "adapter: " << (args_.out / "adapter").string() << "   (PEFT format)\n";
   }
 
@@ -851,7 +859,7 @@ class Trainer {
     });
   }
 
-  void write_run_json(const std::string& status) {
+  Json write_run_json(const std::string& status) {
     Json run = Json::object();
     run.set("adapter", bundle_.manifest.at("adapter", "manifest"));
     run.set("bundle", Json::str(rel_path(bundle_.root, args_.out)));
@@ -878,6 +886,7 @@ class Trainer {
       run.set("summary", s);
     }
     write_atomic(args_.out / "run.json", dumps(run, 2) + "\n");
+    return run;
   }
 };
 
