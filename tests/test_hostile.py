@@ -436,3 +436,26 @@ def test_a_long_run_keeps_memory_flat_and_disk_bounded(tiny_bundle, chat_data, t
     one = sum(f.stat().st_size for f in cks[-1].iterdir())
     total = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     assert total < 3 * one + 2 * (out / "adapter" / "adapter_model.safetensors").stat().st_size + 2_000_000, total
+
+
+def test_a_run_folder_whose_pointers_lead_out(tiny_bundle, chat_data, tmp_path):
+    run = tmp_path / "run"
+    r, _ = cli("train", tiny_bundle, "--data", chat_data, "--out", run, "--steps", "4", "--save-every", "2", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    # `latest` pointing out of the run at a checkpoint that claims step 1000: not followed.
+    evil = tmp_path / "evil"
+    shutil.copytree(run / "checkpoints" / "step-000004", evil)
+    state = json.loads((evil / "trainer_state.json").read_text())
+    (evil / "trainer_state.json").write_text(json.dumps({**state, "step": 1000}))
+    (evil / "checksums.json").unlink()
+    (run / "checkpoints" / "latest").write_text("../../evil\n")
+    r, _ = cli("train", tiny_bundle, "--data", chat_data, "--out", run, "--steps", "6", "--resume", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((run / "checkpoints" / "step-000006" / "trainer_state.json").read_text())["step"] == 6
+    # checksums.json naming a file outside the checkpoint: that checkpoint is passed over, the file never read.
+    ck = run / "checkpoints" / "step-000006"
+    sums = json.loads((ck / "checksums.json").read_text())
+    (ck / "checksums.json").write_text(json.dumps({**sums, "../../../../../../etc/hostname": "0" * 64}))
+    r, _ = cli("train", tiny_bundle, "--data", chat_data, "--out", run, "--steps", "7", "--resume", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "passed over damaged checkpoint" in r.stderr and "not a file of the checkpoint" in r.stderr

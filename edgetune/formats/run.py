@@ -80,7 +80,9 @@ def latest_checkpoint(run: Path, skipped: list[str] | None = None) -> Path | Non
     cands = []
     if ptr.is_file():
         with contextlib.suppress(OSError, UnicodeDecodeError):
-            cands.append(ck / ptr.read_text().strip())
+            name = ptr.read_text().strip()
+            if _is_step_name(name):  # a pointer elsewhere ("../..") is not followed
+                cands.append(ck / name)
     cands += [d for d in sorted(ck.glob("step-*"), reverse=True) if d not in cands]
     for d in cands:
         problem = _checkpoint_problem(d)
@@ -105,12 +107,25 @@ def _checkpoint_problem(d: Path) -> str | None:
     # After the first step AdamW has moments: without them a resume would restart it from zero.
     if isinstance(state, dict) and int(state.get("step") or 0) > 0 and not (d / OPTIMIZER_FILE).is_file():
         return f"{OPTIMIZER_FILE} is missing (the optimizer's state after step {state.get('step')})"
+    if not isinstance(sums, dict):
+        return f"{CHECKSUMS} is not an object"
     for f, digest in sums.items():
+        if not _is_file_name(f):
+            return f"{CHECKSUMS} names {f!r}, which is not a file of the checkpoint"
         if not (d / f).is_file():
             return f"{f} is missing"
         if _io.sha256_file(d / f) != digest:
             return f"{f} does not match its checksum (damaged)"
     return None
+
+
+def _is_step_name(name: str) -> bool:
+    return name.startswith("step-") and _is_file_name(name)
+
+
+def _is_file_name(name: object) -> bool:
+    """A plain name inside its folder: no separator, no ``..``, not hidden."""
+    return isinstance(name, str) and bool(name) and "/" not in name and "\\" not in name and not name.startswith(".")
 
 
 def _complete(d: Path) -> bool:

@@ -284,6 +284,9 @@ std::string checkpoint_problem(const fs::path& d) {
     if (fs::is_regular_file(d / "checksums.json")) {
       Json sums = JsonParser(read_file(d / "checksums.json", "checksums"), (d / "checksums.json").string()).parse();
       for (auto& f : sums.fields) {
+        if (f.first.empty() || f.first[0] == '.' || f.first.find('/') != std::string::npos ||
+            f.first.find('\\') != std::string::npos)
+          return "checksums.json names " + f.first + ", which is not a file of the checkpoint";
         if (!fs::is_regular_file(d / f.first)) return f.first + " is missing";
         if (sha256_file(d / f.first) != f.second.text) return f.first + " does not match its checksum (damaged)";
       }
@@ -300,7 +303,8 @@ fs::path latest_checkpoint(const fs::path& run, std::vector<std::string>* skippe
   if (fs::is_regular_file(ck / "latest")) {
     std::string name = read_file(ck / "latest", "checkpoint pointer");
     while (!name.empty() && std::isspace((unsigned char)name.back())) name.pop_back();
-    if (!name.empty() && name.find('/') == std::string::npos) cands.push_back(ck / name);
+    if (name.rfind("step-", 0) == 0 && name.find('/') == std::string::npos && name.find('\\') == std::string::npos)
+      cands.push_back(ck / name);
   }
   std::vector<fs::path> dirs;
   if (fs::is_directory(ck))
