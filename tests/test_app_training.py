@@ -333,3 +333,39 @@ def test_cpp_trainer_on_the_real_model(cpp_trainer, real_bundle, tmp_path):
         real_bundle, adapter=None if name == "base" else tmp_path / name))["loss"] for name in ("base", "py", "cpp")}
     assert held_out["cpp"] < 0.8 * held_out["base"], held_out
     assert abs(held_out["cpp"] - held_out["py"]) <= 1e-4, held_out
+
+
+def test_the_documented_batch_rules_rebuild_what_tokenize_writes(tiny_bundle, tmp_path):
+    """An app with its own tokenizer: docs/training.md's rules, applied with tokenizers and jinja2
+    only (no edgetune), give the tensors `edgetune tokenize` writes."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from safetensors.numpy import load_file
+    from tokenizers import Tokenizer
+
+    msgs = [{"role": "system", "content": "Triage."}, {"role": "user", "content": "my invoice is wrong"},
+            {"role": "assistant", "content": "category: billing"}, {"role": "user", "content": "and the parcel?"},
+            {"role": "assistant", "content": "category: shipping"}]
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text(json.dumps({"messages": msgs}) + "\n")
+    batches = tokenize(tiny_bundle, data, tmp_path / "b.safetensors", 1, ["--batch-size", "1"])
+    got = load_file(str(batches))
+
+    meta = json.loads((tiny_bundle / "tokenizer_meta.json").read_text())
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    template = env.from_string((tiny_bundle / meta["chat_template"]).read_text())
+    def render(m, gen=False):
+        return template.render(messages=m, add_generation_prompt=gen, eos_token=meta["eos_token"],
+                               bos_token=meta.get("bos_token") or "")
+    full = render(msgs)
+    spans = [(len(render(msgs[:i], True)), len(render(msgs[:i + 1]))) for i, m in enumerate(msgs)
+             if m["role"] == "assistant"]
+    enc = Tokenizer.from_file(str(tiny_bundle / "tokenizer.json")).encode(full, add_special_tokens=False)
+    labelled = [any(s < b and max(e, s + 1) > a for a, b in spans) for s, e in enc.offsets]
+    labels = [enc.ids[t + 1] if labelled[t + 1] else -100 for t in range(len(enc.ids) - 1)] + [-100]
+    n = len(enc.ids)
+    pad = -n % 8
+    np.testing.assert_array_equal(got["step1/chunk0/input_ids"], [enc.ids + [meta["pad_token_id"]] * pad])
+    np.testing.assert_array_equal(got["step1/chunk0/attention_mask"], [[1] * n + [0] * pad])
+    np.testing.assert_array_equal(got["step1/chunk0/labels"], [labels + [-100] * pad])
+    assert float(got["step1/chunk0/label_norm"]) == sum(x != -100 for x in labels) > 0
