@@ -369,3 +369,19 @@ def test_the_documented_batch_rules_rebuild_what_tokenize_writes(tiny_bundle, tm
     np.testing.assert_array_equal(got["step1/chunk0/attention_mask"], [[1] * n + [0] * pad])
     np.testing.assert_array_equal(got["step1/chunk0/labels"], [labels + [-100] * pad])
     assert float(got["step1/chunk0/label_norm"]) == sum(x != -100 for x in labels) > 0
+
+
+def test_cpp_trainer_applies_dropout(cpp_trainer, tiny_model, tiny_bundle, chat_data, tmp_path):
+    """With --dropout the training session keeps its Dropout nodes (ONNX Runtime's EliminateDropout
+    would remove them): the run differs from the same adapter without dropout after the first step."""
+    from edgetune.formats.config import AdapterConfig
+    from edgetune.workstation.export import export
+
+    bundle = export(str(tiny_model), tmp_path / "b", AdapterConfig(rank=4, alpha=8, targets=("q_proj", "v_proj"),
+                                                                   dropout=0.3))
+    cpp_train(cpp_trainer, bundle, tokenize(bundle, chat_data, tmp_path / "drop.safetensors", 4), tmp_path / "a", 4)
+    cpp_train(cpp_trainer, tiny_bundle, tokenize(tiny_bundle, chat_data, tmp_path / "plain.safetensors", 4),
+              tmp_path / "b2", 4)
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b2")
+    assert a[0] == b[0]  # the same initial adapter (lora_B = 0): the first step's loss does not see the mask
+    assert all(x != y for x, y in zip(a[1:], b[1:]))
