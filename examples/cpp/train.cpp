@@ -454,7 +454,8 @@ class Trainer {
   std::deque<uint8_t> u8_feeds_;  // deques: the tensors of one run point into them
   std::deque<int64_t> i64_feeds_;
   std::deque<float> f32_feeds_;
-  std::map<std::string, FloatTensor> params_, exp_avg_, exp_avg_sq_, grads_, dora_norms_;
+  std::map<std::string, FloatTensor> params_, exp_avg_, exp_avg_sq_, grads_, scratch_, dora_norms_;
+  std::map<std::string, FloatTensor> next_params_, next_avg_, next_avg_sq_;  // the optimizer's outputs
   State state_;
 
   fs::path check_out_dir() {
@@ -635,28 +636,33 @@ class Trainer {
     return out;
   }
 
-  std::vector<Ort::Value> run(Ort::Session& s, const std::vector<std::string>& in_names, std::vector<Ort::Value>& ins,
-                              const std::vector<std::string>& out_names) {
-    std::vector<const char*> i, o;
-    for (auto& n : in_names) i.push_back(n.c_str());
-    for (auto& n : out_names) o.push_back(n.c_str());
+  // Every run binds its inputs and outputs to the trainer's own buffers (I/O binding): the graphs
+  // read the adapter, moments, gradients and batch in place and write their outputs in place; the
+  // optimizer writes into a second set of buffers that then changes places with the first.
+  void run_bound(Ort::Session& s, Ort::IoBinding& b) {
     Ort::RunOptions ro;
     ro.AddConfigEntry("memory.enable_memory_arena_shrinkage", "cpu:0");
-    return s.Run(ro, i.data(), ins.data(), ins.size(), o.data(), o.size());
+    s.Run(ro, b);
   }
+
+  static FloatTensor zeros_like(const FloatTensor& t) { return {t.shape, std::vector<float>(t.data.size(), 0.f)}; }
 
   // DoRA: the norms of the adapter as it is before this step.
   void compute_norms() {
     if (!norms_) return;
     auto in = names(*norms_, true), out = names(*norms_, false);
-    std::vector<Ort::Value> vals;
-    for (auto& n : in) vals.push_back(params_.count(n) ? tensor(mem_, params_[n]) : feed_value(n));
-    auto res = run(*norms_, in, vals, out);
+    Ort::IoBinding b(*norms_);
+    for (auto& n : in) b.BindInput(n.c_str(), params_.count(n) ? tensor(mem_, params_[n]) : feed_value(n));
     for (size_t k = 0; k < out.size(); ++k) {
-      auto info = res[k].GetTensorTypeAndShapeInfo();
-      const float* d = res[k].GetTensorData<float>();
-      dora_norms_[out[k]] = {info.GetShape(), std::vector<float>(d, d + info.GetElementCount())};
+      if (!dora_norms_.count(out[k])) {
+        auto shape = norms_->GetOutputTypeInfo(k).GetTensorTypeAndShapeInfo().GetShape();
+        size_t count = 1;
+        for (auto d : shape) count *= size_t(std::max<int64_t>(d, 1));
+        dora_norms_[out[k]] = {shape, std::vector<float>(count, 0.f)};
+      }
+      b.BindOutput(out[k].c_str(), tensor(mem_, dora_norms_[out[k]]));
     }
+    run_bound(*norms_, b);
   }
 
   double train_step(long long step) {
@@ -665,42 +671,41 @@ class Trainer {
     f32_feeds_.clear();
     compute_norms();
     auto in = names(*train_, true);
-    std::vector<std::string> out = {"loss"};
-    for (auto& n : bundle_.trainable) out.push_back(n + "_grad");
     double loss = 0;
-    grads_.clear();
     const SafeTensors& st = batches_.st;
+    for (auto& p : bundle_.trainable)
+      if (!grads_.count(p)) { grads_[p] = zeros_like(params_[p]); scratch_[p] = zeros_like(params_[p]); }
     for (long long j = 0; j < batches_.chunks[size_t(step - 1)]; ++j) {
-      std::vector<Ort::Value> vals;
+      Ort::IoBinding b(*train_);
       for (auto& n : in) {
         if (n == "input_ids" || n == "attention_mask" || n == "labels") {
           const TensorInfo& t = st.info(Batches::key(step, j, n.c_str()));
           auto* p = const_cast<int64_t*>(st.data<int64_t>(Batches::key(step, j, n.c_str())));
-          vals.push_back(Ort::Value::CreateTensor<int64_t>(mem_, p, t.count(), t.shape.data(), t.shape.size()));
+          b.BindInput(n.c_str(), Ort::Value::CreateTensor<int64_t>(mem_, p, t.count(), t.shape.data(), t.shape.size()));
         } else if (n == "label_norm") {
           auto* p = const_cast<float*>(st.data<float>(Batches::key(step, j, "label_norm")));
-          vals.push_back(Ort::Value::CreateTensor<float>(mem_, p, 1, kScalar, 0));
+          b.BindInput(n.c_str(), Ort::Value::CreateTensor<float>(mem_, p, 1, kScalar, 0));
         } else if (params_.count(n)) {
-          vals.push_back(tensor(mem_, params_[n]));
+          b.BindInput(n.c_str(), tensor(mem_, params_[n]));
         } else if (dora_norms_.count(n)) {
-          vals.push_back(tensor(mem_, dora_norms_[n]));
+          b.BindInput(n.c_str(), tensor(mem_, dora_norms_[n]));
         } else {
-          vals.push_back(feed_value(n));
+          b.BindInput(n.c_str(), feed_value(n));
         }
       }
-      auto res = run(*train_, in, vals, out);
-      loss += double(*res[0].GetTensorData<float>());
-      for (size_t k = 0; k < bundle_.trainable.size(); ++k) {
-        const std::string& p = bundle_.trainable[k];
-        const float* g = res[k + 1].GetTensorData<float>();
-        auto it = grads_.find(p);
-        if (it == grads_.end()) {
-          grads_[p] = {params_[p].shape, std::vector<float>(g, g + params_[p].data.size())};
-        } else {
-          float* acc = it->second.data.data();
-          for (size_t e = 0; e < it->second.data.size(); ++e) acc[e] += g[e];
+      float chunk_loss = 0;
+      b.BindOutput("loss", Ort::Value::CreateTensor<float>(mem_, &chunk_loss, 1, kScalar, 0));
+      // The first chunk's gradients go straight into the step's sums; later ones into a scratch set.
+      auto& target = j == 0 ? grads_ : scratch_;
+      for (auto& p : bundle_.trainable) b.BindOutput((p + "_grad").c_str(), tensor(mem_, target[p]));
+      run_bound(*train_, b);
+      loss += double(chunk_loss);
+      if (j > 0)
+        for (auto& p : bundle_.trainable) {
+          float* acc = grads_[p].data.data();
+          const float* g = scratch_[p].data.data();
+          for (size_t e = 0; e < grads_[p].data.size(); ++e) acc[e] += g[e];
         }
-      }
     }
     return loss;
   }
@@ -714,9 +719,6 @@ class Trainer {
   // One AdamW step and the learning rate, all in optimizer.onnx.
   double optimizer_step(long long step) {
     auto in = names(*optimizer_, true);
-    std::vector<std::string> out = {"lr"};
-    for (auto& p : bundle_.trainable)
-      for (auto o : {p + "/updated", "exp_avg/" + p + "/updated", "exp_avg_sq/" + p + "/updated"}) out.push_back(o);
     const Json& s = batches_.schedule;
     std::map<std::string, float> scalars = {
         {"step", float(step)},
@@ -725,25 +727,34 @@ class Trainer {
         {"total_steps", float(s.at("total_steps", "schedule").number())},
         {"weight_decay", float(s.at("weight_decay", "schedule").number())}};
     int64_t schedule = s.at("schedule", "schedule").integer();
-    std::vector<Ort::Value> vals;
+    Ort::IoBinding b(*optimizer_);
     for (auto& n : in) {
-      if (scalars.count(n)) vals.push_back(Ort::Value::CreateTensor<float>(mem_, &scalars[n], 1, kScalar, 0));
-      else if (n == "schedule") vals.push_back(Ort::Value::CreateTensor<int64_t>(mem_, &schedule, 1, kScalar, 0));
-      else if (params_.count(n)) vals.push_back(tensor(mem_, params_[n]));
+      if (scalars.count(n)) b.BindInput(n.c_str(), Ort::Value::CreateTensor<float>(mem_, &scalars[n], 1, kScalar, 0));
+      else if (n == "schedule") b.BindInput(n.c_str(), Ort::Value::CreateTensor<int64_t>(mem_, &schedule, 1, kScalar, 0));
+      else if (params_.count(n)) b.BindInput(n.c_str(), tensor(mem_, params_[n]));
       else if (n.size() > 5 && n.compare(n.size() - 5, 5, "_grad") == 0 && grads_.count(n.substr(0, n.size() - 5)))
-        vals.push_back(tensor(mem_, grads_[n.substr(0, n.size() - 5)]));
-      else if (n.rfind("exp_avg_sq/", 0) == 0 && exp_avg_sq_.count(n.substr(11))) vals.push_back(tensor(mem_, exp_avg_sq_[n.substr(11)]));
-      else if (n.rfind("exp_avg/", 0) == 0 && exp_avg_.count(n.substr(8))) vals.push_back(tensor(mem_, exp_avg_[n.substr(8)]));
+        b.BindInput(n.c_str(), tensor(mem_, grads_[n.substr(0, n.size() - 5)]));
+      else if (n.rfind("exp_avg_sq/", 0) == 0 && exp_avg_sq_.count(n.substr(11))) b.BindInput(n.c_str(), tensor(mem_, exp_avg_sq_[n.substr(11)]));
+      else if (n.rfind("exp_avg/", 0) == 0 && exp_avg_.count(n.substr(8))) b.BindInput(n.c_str(), tensor(mem_, exp_avg_[n.substr(8)]));
       else throw Fail(bundle_.file("optimizer.onnx").string() + " wants the input " + n + ", which this trainer does not know");
     }
-    auto res = run(*optimizer_, in, vals, out);
-    double lr = *res[0].GetTensorData<float>();
-    size_t k = 1;
+    float lr = 0;
+    b.BindOutput("lr", Ort::Value::CreateTensor<float>(mem_, &lr, 1, kScalar, 0));
     for (auto& p : bundle_.trainable) {
-      for (auto* dst : {&params_[p], &exp_avg_[p], &exp_avg_sq_[p]}) {
-        const float* d = res[k++].GetTensorData<float>();
-        std::copy(d, d + dst->data.size(), dst->data.begin());
+      if (!next_params_.count(p)) {
+        next_params_[p] = zeros_like(params_[p]);
+        next_avg_[p] = zeros_like(params_[p]);
+        next_avg_sq_[p] = zeros_like(params_[p]);
       }
+      b.BindOutput((p + "/updated").c_str(), tensor(mem_, next_params_[p]));
+      b.BindOutput(("exp_avg/" + p + "/updated").c_str(), tensor(mem_, next_avg_[p]));
+      b.BindOutput(("exp_avg_sq/" + p + "/updated").c_str(), tensor(mem_, next_avg_sq_[p]));
+    }
+    run_bound(*optimizer_, b);
+    for (auto& p : bundle_.trainable) {  // the updated buffers become the current ones (no copy)
+      params_[p].data.swap(next_params_[p].data);
+      exp_avg_[p].data.swap(next_avg_[p].data);
+      exp_avg_sq_[p].data.swap(next_avg_sq_[p].data);
     }
     return lr;
   }
