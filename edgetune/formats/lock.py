@@ -21,21 +21,17 @@ def lock_path(folder: Path) -> Path:
 @contextlib.contextmanager
 def hold(folder: str | os.PathLike, what: str = "written") -> Iterator[None]:
     """Hold ``folder``'s lock for the block; if another process holds it, raise ConfigError naming it."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: no flock; a second writer is not detected there
-        yield
-        return
     path = lock_path(Path(folder))
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _lock(fd)
         except OSError:
             holder = ""
             with contextlib.suppress(OSError, ValueError):
-                holder = os.pread(fd, 64, 0).decode().strip()
+                os.lseek(fd, 0, os.SEEK_SET)
+                holder = os.read(fd, 64).decode().strip()
             os.close(fd)
             raise ConfigError(f"{folder} is being {what} by another edgetune process"
                               f"{f' (pid {holder})' if holder else ''}; wait for it to finish, or use another "
@@ -50,12 +46,26 @@ def hold(folder: str | os.PathLike, what: str = "written") -> Iterator[None]:
         os.close(fd)
     try:
         os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, str(os.getpid()).encode())
         yield
     finally:
         with contextlib.suppress(OSError):
             os.unlink(path)
         os.close(fd)
+
+
+def _lock(fd: int) -> None:
+    """An exclusive, non-blocking lock the system drops with the process: flock, or on Windows
+    msvcrt's byte-range lock."""
+    try:
+        import fcntl
+    except ImportError:
+        import msvcrt
+
+        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        return
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def check_free(folder: str | os.PathLike, what: str = "written") -> None:
