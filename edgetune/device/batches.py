@@ -78,7 +78,9 @@ def read(path: str | Path, bundle_id: str | None = None) -> tuple[dict[str, Any]
     try:
         safety.check_safetensors(path, "write it again with edgetune tokenize")
     except BundleError as e:
-        raise DataError(str(e)) from None
+        fix = "write it again with edgetune tokenize"
+        detail = str(e).removeprefix(f"{path}: ").removesuffix(f"; {fix}")
+        raise DataError(f"{path} is not a readable batch file ({detail}); {fix}") from None
     try:
         from safetensors import safe_open
 
