@@ -43,7 +43,8 @@ def pytest_collection_modifyitems(config, items):
         return
     skip = pytest.mark.skip(reason="needs the workstation stack (torch, transformers); this is a device environment")
     for item in items:
-        if item.module.__name__ in WORKSTATION_MODULES or "tiny_model" in getattr(item, "fixturenames", ()):
+        if (item.module.__name__ in WORKSTATION_MODULES or "tiny_model" in getattr(item, "fixturenames", ())
+                or item.get_closest_marker("workstation")):
             item.add_marker(skip)
 
 

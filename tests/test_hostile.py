@@ -128,6 +128,7 @@ def test_a_weight_index_entry_out_of_the_bundle(copy, chat_data, tmp_path):
     train_refused(b, chat_data, tmp_path, "/etc/passwd", "absolute path")
 
 
+@pytest.mark.workstation  # builds the hostile graph with onnx
 @pytest.mark.parametrize("location", ["../outside.bin", "/etc/hostname"])
 def test_onnx_external_data_out_of_the_bundle(copy, chat_data, tmp_path, location):
     b = copy()
@@ -208,6 +209,7 @@ def test_a_safetensors_tensor_that_does_not_fit_its_file(copy, chat_data, tmp_pa
     assert rss < RSS_LIMIT_MB, rss
 
 
+@pytest.mark.workstation  # builds the hostile graph with onnx
 @pytest.mark.parametrize("lie", ["past-the-end", "length", "huge-shape"])
 def test_onnx_external_data_sizes_that_lie(copy, chat_data, tmp_path, lie):
     b = copy()
@@ -304,6 +306,7 @@ def test_a_hostile_chat_template_is_stopped(copy, chat_data, tmp_path, kind):
     assert not Path("/tmp/edgetune-pwned").exists()
 
 
+@pytest.mark.workstation  # builds the hostile graph with onnx
 def test_an_unknown_operator_domain_is_refused_by_name(copy, chat_data, tmp_path):
     from onnx import helper
 
@@ -315,6 +318,7 @@ def test_an_unknown_operator_domain_is_refused_by_name(copy, chat_data, tmp_path
     train_refused(b, chat_data, tmp_path, "train.onnx", "'evil.ops'", "Exfiltrate")
 
 
+@pytest.mark.workstation  # builds the hostile graph with onnx
 def test_an_app_base_with_an_unknown_domain(app, chat_data, tmp_path):
     import onnx
     from onnx import helper
