@@ -103,15 +103,40 @@ def _mask(B, S, pad, rng):
     return m
 
 
+def _packed_mask(segments):
+    """The exporter's mask for packed rows: ``segments`` [B, S] numbers each row's records 1, 2, ...
+    (0: padding); a token sees the earlier tokens of its own record only."""
+    seg = np.asarray(segments)
+    S = seg.shape[1]
+    see = (seg[:, :, None] == seg[:, None, :]) & np.tril(np.ones((S, S), bool)) & (seg[:, None, :] > 0)
+    return np.where(see, 0.0, np.finfo(np.float32).min).astype(np.float32)[:, None]
+
+
+def _segments(lengths, S):
+    row = np.zeros(S, np.int64)
+    at = 0
+    for i, n in enumerate(lengths):
+        row[at:at + n] = i + 1
+        at += n
+    return row
+
+
 @pytest.mark.parametrize("B,H,Hkv,S,D,pad", [(2, 4, 2, 7, 8, [0, 3]), (1, 1, 1, 1, 2, [0]), (3, 9, 3, 33, 64, [0, 5, 32]),
-                                             (1, 2, 2, 300, 16, [0]), (2, 3, 1, 5, 4, [5, 0])])
+                                             (1, 2, 2, 300, 16, [0]), (2, 3, 1, 5, 4, [5, 0]),
+                                             # packed rows: records of these lengths, then padding
+                                             (2, 4, 2, 300, 16, [[40, 1, 97, 130], [299]]),
+                                             (3, 2, 1, 45, 8, [[1, 1, 1, 30], [16, 16, 13], [3, 33]])])
 def test_attention_forward_and_backward_match_torch(B, H, Hkv, S, D, pad):
     """Grouped keys and values, padding, rows whose every key is masked (uniform weights, as a plain
-    softmax gives), single tokens and long rows."""
+    softmax gives), single tokens, long rows, and packed rows (block-diagonal masks, where the
+    kernel also skips the keys of the records before a block's)."""
     rng = np.random.default_rng(4)
     q, dout = (rng.normal(0, 1, (B, H, S, D)).astype(np.float32) for _ in range(2))
     k, v = (rng.normal(0, 1, (B, Hkv, S, D)).astype(np.float32) for _ in range(2))
-    mask = _mask(B, S, pad, rng)
+    if isinstance(pad[0], list):
+        mask = _packed_mask([_segments(lens, S) for lens in pad])
+    else:
+        mask = _mask(B, S, pad, rng)
     scale = 1 / np.sqrt(D)
     (o,) = _run("Attention", [q, k, v, mask], 1, scale=float(scale))
     dq, dk, dv = _run("AttentionGrad", [dout, q, k, v, mask], 3, scale=float(scale))

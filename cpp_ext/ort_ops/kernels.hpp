@@ -239,10 +239,10 @@ inline void block_outer(const float* w, size_t ld, const float* a, size_t jn, si
 // them: the backward pass recomputes them the same way rather than from a saved log-sum-exp, whose
 // difference with a large score would lose the weights' low bits. A row whose every key is masked
 // gets uniform weights over all S keys, as a plain softmax over the equal masked scores does.
-inline void softmax_row(float* p, const float* mrow, size_t jn, size_t S) {
+inline void softmax_row(float* p, const float* mrow, size_t j0, size_t jn, size_t S) {
   float mx = -3.0e38f;
   bool any = false;
-  for (size_t j = 0; j < jn; ++j) {
+  for (size_t j = j0; j < jn; ++j) {
     if (mrow[j] <= MASKED) continue;
     p[j] += mrow[j];
     mx = p[j] > mx ? p[j] : mx;
@@ -253,14 +253,14 @@ inline void softmax_row(float* p, const float* mrow, size_t jn, size_t S) {
     return;
   }
   float sum = 0.0f;
-  for (size_t j = 0; j < jn; ++j) {
+  for (size_t j = j0; j < jn; ++j) {
     const float e = exp_approx(p[j] - mx);
     p[j] = mrow[j] <= MASKED ? 0.0f : e;
     sum += p[j];
   }
   for (size_t j = jn; j < S; ++j) p[j] = 0.0f;
   const float inv = 1.0f / sum;
-  for (size_t j = 0; j < jn; ++j) p[j] *= inv;
+  for (size_t j = j0; j < jn; ++j) p[j] *= inv;
 }
 
 // The keys a block of query rows can see: one past the last unmasked key of any of its rows
@@ -280,6 +280,21 @@ inline size_t block_extent(const float* mask, size_t mstride, size_t nr, size_t 
   return (jn + JT - 1) / JT * JT;
 }
 
+// The first key any row of the block sees, rounded down to a whole tile: with several records
+// packed into one row (a block-diagonal mask), the keys of the records before the block's are
+// skipped as causal attention skips those after it. 0 when a row sees none.
+inline size_t block_start(const float* mask, size_t mstride, size_t nr, size_t jn, bool all_masked) {
+  if (all_masked) return 0;
+  size_t j0 = jn;
+  for (size_t r = 0; r < nr; ++r) {
+    const float* m = mask + r * mstride;
+    size_t first = 0;
+    while (first < j0 && m[first] <= MASKED) ++first;
+    j0 = first < j0 ? first : j0;
+  }
+  return j0 / JT * JT;
+}
+
 // One (batch, head): o = softmax(q k^T * scale + mask) v by blocks of query rows, never holding
 // S x S. kt, vt: k and v transposed (D x ld, zero-padded); work: 3 * BR * ld + BR * D floats.
 inline void attn_forward(const float* q, const float* kt, const float* v, size_t ld, const float* mask,
@@ -290,19 +305,20 @@ inline void attn_forward(const float* q, const float* kt, const float* v, size_t
     const size_t nr = S - i0 < BR ? S - i0 : BR;
     bool none = false;
     const size_t jn = block_extent(mask + i0 * mstride, mstride, nr, S, &none);
+    const size_t j0 = block_start(mask + i0 * mstride, mstride, nr, jn, none);
     for (size_t x = 0; x < BR * D; ++x) qb[x] = x < nr * D ? q[i0 * D + x] : 0.0f;
-    block_scores(qb, kt, ld, p, ld, jn, D, scale);
+    block_scores(qb, kt + j0, ld, p + j0, ld, jn - j0, D, scale);
     const size_t lim = jn < S ? jn : S;
     for (size_t r = 0; r < BR; ++r) {
       float* pr = p + r * ld;
       if (r < nr)
-        softmax_row(pr, mask + (i0 + r) * mstride, lim, S);
+        softmax_row(pr, mask + (i0 + r) * mstride, j0, lim, S);
       else
-        for (size_t j = 0; j < S; ++j) pr[j] = 0.0f;
+        for (size_t j = j0; j < S; ++j) pr[j] = 0.0f;
     }
     // o[r] = sum_j p[r][j] v[j], each v row read once for the block's rows
     float* ob = qb;
-    block_pv(p, ld, v, none ? S : lim, D, ob);
+    block_pv(p + j0, ld, v + j0 * D, (none ? S : lim) - j0, D, ob);
     for (size_t x = 0; x < nr * D; ++x) o[i0 * D + x] = ob[x];
   }
 }
@@ -320,32 +336,34 @@ inline void attn_backward(const float* dout, const float* q, const float* k, con
     const size_t nr = S - i0 < BR ? S - i0 : BR;
     bool none = false;
     const size_t jn = block_extent(mask + i0 * mstride, mstride, nr, S, &none);
+    const size_t j0 = block_start(mask + i0 * mstride, mstride, nr, jn, none);
     const size_t lim = jn < S ? jn : S;
     for (size_t x = 0; x < BR * D; ++x) ab[x] = x < nr * D ? q[i0 * D + x] : 0.0f;
-    block_scores(ab, kt, ld, p, ld, jn, D, scale);
+    block_scores(ab, kt + j0, ld, p + j0, ld, jn - j0, D, scale);
     for (size_t x = 0; x < BR * D; ++x) ab[x] = x < nr * D ? dout[i0 * D + x] : 0.0f;
-    block_scores(ab, vt, ld, dp, ld, none ? (S + JT - 1) / JT * JT : jn, D, 1.0f);
+    block_scores(ab, vt + j0, ld, dp + j0, ld, (none ? (S + JT - 1) / JT * JT : jn) - j0, D, 1.0f);
     const size_t upto = none ? S : lim;
     // p as the forward pass had it, then ds = p (dp - rowsum(p dp)) * scale in place of dp
     for (size_t r = 0; r < BR; ++r) {
       float* pr = p + r * ld;
       float* dpr = dp + r * ld;
       if (r >= nr) {
-        for (size_t j = 0; j < upto; ++j) pr[j] = dpr[j] = 0.0f;
+        for (size_t j = j0; j < upto; ++j) pr[j] = dpr[j] = 0.0f;
         continue;
       }
-      softmax_row(pr, mask + (i0 + r) * mstride, lim, S);
+      softmax_row(pr, mask + (i0 + r) * mstride, j0, lim, S);
       float di = 0.0f;
-      for (size_t j = 0; j < upto; ++j) di += pr[j] * dpr[j];
-      for (size_t j = 0; j < upto; ++j) dpr[j] = pr[j] * (dpr[j] - di) * scale;
+      for (size_t j = j0; j < upto; ++j) di += pr[j] * dpr[j];
+      for (size_t j = j0; j < upto; ++j) dpr[j] = pr[j] * (dpr[j] - di) * scale;
     }
     // dq[r] = sum_j ds[r][j] k[j]; dk[j] += sum_r ds[r][j] q[r]; dv[j] += sum_r p[r][j] do[r]
     // (rows past nr have p = ds = 0 and zero q and do rows, so they add nothing)
-    block_outer(p, ld, ab, upto, D, dv);  // ab still holds the block's dout rows
+    const size_t nj = upto - j0;
+    block_outer(p + j0, ld, ab, nj, D, dv + j0 * D);  // ab still holds the block's dout rows
     for (size_t x = 0; x < BR * D; ++x) ab[x] = x < nr * D ? q[i0 * D + x] : 0.0f;
-    block_outer(dp, ld, ab, upto, D, dk);
+    block_outer(dp + j0, ld, ab, nj, D, dk + j0 * D);
     float* dqb = ab;
-    block_pv(dp, ld, k, upto, D, dqb);
+    block_pv(dp + j0, ld, k + j0 * D, nj, D, dqb);
     for (size_t x = 0; x < nr * D; ++x) dq[i0 * D + x] = dqb[x];
   }
 }

@@ -1,6 +1,7 @@
 """``edgetune tokenize``: a run's batches ahead of time, for a trainer without a tokenizer."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import click
@@ -34,6 +35,8 @@ def tokenize(data: str, bundle: str, out: str, config_file: str | None, as_json:
     from edgetune.formats.config import TrainConfig, resolve
 
     cfg = resolve(TrainConfig, config_file, **opts)
+    if cfg.packing == "auto":  # an app's session may run either graph: rows as the plain graph takes them
+        cfg = dataclasses.replace(cfg, packing="off")
     with tempfile.TemporaryDirectory(prefix="edgetune-tokenize-") as tmp:
         trainer = Trainer(bundle, tmp, cfg, log=log, progress=False)
         meta = batches.write(trainer, data, out, cfg.steps)

@@ -27,6 +27,10 @@ _STEP_OPTIONS = [
     click.option("--max-batch-tokens", type=int, help="Run each batch in chunks of at most this many padded tokens: "
                  "same step, less memory (0: off) [1024]."),
     click.option("--mask-prompt/--no-mask-prompt", default=None, help="Loss only on assistant/completion tokens [mask]."),
+    click.option("--packing", type=click.Choice(["auto", "on", "off"]),
+                 help="Pack several records into each row (each sees only itself, positions restart), so no "
+                      "padding is computed; the loss is the unpacked batch's. auto: where the fused attention "
+                      "runs (train) [auto; off for tokenize]."),
 ]
 
 

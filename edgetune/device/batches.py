@@ -50,7 +50,7 @@ def write(trainer: Any, data: str | Path, out: str | Path, steps: int | None = N
         for j, feed in enumerate(feeds):
             for key in ("input_ids", "attention_mask", "labels", "label_norm"):
                 tensors[name(i, j, key)] = np.array(feed[key], order="C")  # (ascontiguousarray makes 0-d 1-d)
-            tokens += int(feed["attention_mask"].sum())
+            tokens += int((feed["attention_mask"] > 0).sum())
         labelled += int(feeds[0]["label_norm"])
     meta = {"kind": KIND, "version": VERSION, "bundle_id": trainer.bundle.base_id, "steps": steps, "chunks": chunks,
             "states": states, "vocab_size": int((trainer.bundle.manifest.get("model_config") or {}).get("vocab_size") or 0),

@@ -354,7 +354,7 @@ class Batch:
 
     @property
     def n_tokens(self) -> int:
-        return int(self.attention_mask.sum())
+        return int((self.attention_mask > 0).sum())
 
 
 def split_rows(b: Batch, max_tokens: int) -> list[Batch]:
@@ -371,9 +371,65 @@ def split_rows(b: Batch, max_tokens: int) -> list[Batch]:
             for i in range(0, rows, per)]
 
 
+def pack(b: Batch, max_tokens: int, multiple: int = 8) -> list[Batch]:
+    """The batch's records packed several to a row, in chunks of at most ``max_tokens`` tokens.
+
+    Each row's ``attention_mask`` numbers its records 1, 2, ... (0 is padding): a bundle whose graphs
+    read it as segment ids (manifest ``packing``, see
+    ``edgetune.workstation.export.segment_attention``) lets a token see only the earlier tokens of its
+    own record and restarts positions at each record, so the loss and gradients are the unpacked
+    batch's while no padding between records is computed. Rows hold at most ``max(max_tokens,
+    longest record)`` tokens (1,024 when ``max_tokens`` is 0); records go, longest first, to the
+    emptiest row with room, over as few rows as fit, so rows come out about equally long.
+    """
+    lengths = (b.attention_mask > 0).sum(axis=1)
+    recs = [(int(n), i) for i, n in enumerate(lengths) if n > 0]
+    if not recs:
+        return [b]
+    longest = max(n for n, _ in recs)
+    cap = max(longest, max_tokens if max_tokens > 0 else 1024)
+    total = sum(n for n, _ in recs)
+    rows_n = max(1, math.ceil(total / cap))
+    while True:
+        fill, rows = [0] * rows_n, [[] for _ in range(rows_n)]
+        for n, i in sorted(recs, key=lambda r: (-r[0], r[1])):
+            k = min((k for k in range(rows_n) if fill[k] + n <= cap), key=lambda k: fill[k], default=None)
+            if k is None:
+                break
+            fill[k] += n
+            rows[k].append(i)
+        else:
+            break
+        rows_n += 1
+    width = min(int(math.ceil(max(fill) / multiple) * multiple), max(cap, max(fill)))
+    padding = np.argwhere(b.attention_mask == 0)
+    pad_id = int(b.input_ids[tuple(padding[0])]) if len(padding) else 0
+    ids = np.full((rows_n, width), pad_id, np.int64)
+    seg = np.zeros((rows_n, width), np.int64)
+    labels = np.full((rows_n, width), IGNORE, np.int64)
+    for r, members in enumerate(rows):
+        at = 0
+        for s, i in enumerate(sorted(members)):
+            n = int(lengths[i])
+            ids[r, at:at + n] = b.input_ids[i, :n]
+            labels[r, at:at + n] = b.labels[i, :n]
+            seg[r, at:at + n] = s + 1
+            at += n
+    packed = Batch(ids, seg, labels)
+    per = rows_n if max_tokens <= 0 else max(1, max_tokens // width)
+    return [Batch(ids[i:i + per], seg[i:i + per], labels[i:i + per]) for i in range(0, rows_n, per)] \
+        if per < rows_n else [packed]
+
+
+def chunks(b: Batch, max_tokens: int, packed: bool) -> list[Batch]:
+    """The forward passes of one batch: its records packed (:func:`pack`) or its padded rows in
+    chunks (:func:`split_rows`)."""
+    return pack(b, max_tokens) if packed else split_rows(b, max_tokens)
+
+
 def _trim(b: Batch, multiple: int = 8) -> Batch:
     """Drop padding columns that no row of this chunk uses (rows are length-sorted, so short chunks shrink)."""
-    longest = int(b.attention_mask.sum(axis=1).max())
+    longest = int((b.attention_mask > 0).sum(axis=1).max())
     t = min(b.input_ids.shape[1], int(math.ceil(longest / multiple) * multiple))
     return Batch(b.input_ids[:, :t], b.attention_mask[:, :t], b.labels[:, :t])
 

@@ -207,6 +207,12 @@ class StepRunner:
         return self._session("train.onnx")
 
     @property
+    def fused_attention(self) -> bool:
+        """Whether the training graph that runs has the fused attention (memory linear in length)."""
+        fused = self.bundle.manifest.get("fused") or {}
+        return self._graphs["train"] == fused.get("train") and "Attention" in (fused.get("ops") or {})
+
+    @property
     def graphs(self) -> dict[str, str]:
         """The bundle files the training and eval sessions run."""
         return dict(self._graphs)

@@ -174,6 +174,9 @@ class Trainer:
         self.task: str | None = cfg.task
         self.task_labels: list[str] | None = None
         self._task_model: Any = None
+        self._packing: bool | None = None
+        if cfg.packing == "on":
+            _ = self.packing  # a bundle that cannot pack is refused before the run starts
 
     # -- setup -----------------------------------------------------------------
     def _check_out_dir(self, resume: bool) -> Path | None:
@@ -313,8 +316,30 @@ class Trainer:
         """The training graph's data inputs for one optimizer step: its micro-batches in chunks of at
         most ``max_batch_tokens``, each chunk's summed loss divided by the step's labelled tokens."""
         norm = np.asarray(sum(b.n_labels for b in group), np.float32)
-        chunks = [c for b in group for c in _data.split_rows(b, self.cfg.max_batch_tokens)]
+        packed = self.packing
+        chunks = [c for b in group for c in _data.chunks(b, self.cfg.max_batch_tokens, packed)]
         return [_batch_feed(b, norm, {}) for b in chunks]
+
+    @property
+    def packing(self) -> bool:
+        """Whether batches run packed (several records per row, see edgetune.device.data.pack):
+        ``--packing auto`` packs where the bundle's graphs read segment ids and the fused attention
+        runs (its memory is linear in the row's length; the plain graph's attention holds rows x
+        heads x length^2 scores, which long packed rows would multiply)."""
+        if self._packing is None:
+            able = bool((self.bundle.manifest.get("packing") or {}).get("version") == 1)
+            if self.cfg.packing == "off":
+                self._packing = False
+            elif self.cfg.packing == "on":
+                if not able:
+                    raise ConfigError(f"--packing on: bundle {self.bundle.root} was exported before sequence "
+                                      "packing (its graphs read attention_mask as 0/1 only); export it again, "
+                                      "or train with --packing auto or off")
+                self._packing = True
+            else:
+                self._open()
+                self._packing = able and self.runner.fused_attention
+        return self._packing
 
     def planned_steps(self, train: _data.Dataset, steps: int) -> Any:
         """The data inputs of optimizer steps 1..``steps`` from the start of a run, as ``fit`` feeds
@@ -344,7 +369,7 @@ class Trainer:
         total, count = 0.0, 0
         extra = self._extra_inputs()
         one = np.asarray(1.0, np.float32)
-        for b in (c for b in batches for c in _data.split_rows(b, self.cfg.max_batch_tokens)):
+        for b in (c for b in batches for c in _data.chunks(b, self.cfg.max_batch_tokens, self.packing)):
             total += self.runner.loss(_batch_feed(b, one, extra))
             count += b.n_labels
         return total / max(1, count)
@@ -419,7 +444,7 @@ class Trainer:
         self.log(f"training {len(self.bundle.trainable)} adapter tensors on {len(train)} examples "
                  f"({train.labelled} labelled of {train.tokens} tokens, {train.truncated} truncated); "
                  f"steps {self.state.step}->{total}; providers {', '.join(self.runner.providers())}; "
-                 f"kernels {self.runner.kernel_info}")
+                 f"kernels {self.runner.kernel_info}; {'packed' if self.packing else 'padded'} rows")
         self._log_truncation(train)
         stream = self._micro_batches(train)
         bar = _progress(total, self.state.step, self.progress)
@@ -507,7 +532,7 @@ class Trainer:
                      "truncated": train.truncated,
                      "truncation": {k: v for k, v in train.stats.items() if k != "skipped_records"}},
             "train_providers": self.runner.providers(), "device": self.device.name,
-            "graphs": self.runner.graphs, "kernels": self.runner.kernel_info,
+            "graphs": self.runner.graphs, "kernels": self.runner.kernel_info, "packing": self.packing,
         }))
 
     def _finish(self, adapter: Path, train: _data.Dataset) -> RunResult:

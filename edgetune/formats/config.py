@@ -16,6 +16,7 @@ from edgetune.formats.errors import ConfigError
 METHODS = ("lora", "dora")
 TRUNCATE = ("auto", "prompt", "end", "error")  # see edgetune.device.data.truncation_for
 SCHEDULES = ("linear", "cosine", "constant")
+PACKING = ("auto", "on", "off")  # see edgetune.device.data.pack
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -79,6 +80,7 @@ class TrainConfig:
     mask_prompt: bool = True
     threads: int = 0
     max_batch_tokens: int = 1024
+    packing: str = "auto"  # several records per row: "auto" (where the fused attention runs), "on", "off"
     device: str = "cpu"
     provider_options: tuple[str, ...] = ()
     valid_batches: int = 0
@@ -100,6 +102,7 @@ class TrainConfig:
         _check(self.keep_checkpoints >= 1, f"keep_checkpoints must be at least 1, got {self.keep_checkpoints!r}")
         _check(self.threads >= 0, f"threads must be >= 0, got {self.threads!r}")
         _check(self.max_batch_tokens >= 0, f"max_batch_tokens must be >= 0, got {self.max_batch_tokens!r}")
+        _check(self.packing in PACKING, f"packing must be one of {', '.join(PACKING)}, got {self.packing!r}")
         _check(self.truncate in TRUNCATE, f"truncate must be one of {', '.join(TRUNCATE)}, got {self.truncate!r}")
         from edgetune.formats.config import TASKS
 

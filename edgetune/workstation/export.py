@@ -265,6 +265,49 @@ class _Names:
     train_inputs = ["input_ids", "attention_mask", "labels", "label_norm"]
 
 
+def segment_attention(body: Any, segments: Any) -> tuple[Any, Any]:
+    """The training graph's attention masks and positions from its ``attention_mask`` input read as
+    segment ids: 0 for padding, and 1, 2, ... numbering the records packed into a row (a plain 0/1
+    padding mask is the one-record case). A token sees the earlier tokens of its own record only,
+    and its position counts from its record's start, so a row of packed records computes what each
+    record computes alone (sequence packing, :func:`edgetune.device.data.pack`).
+
+    Returns the additive float masks as the model takes them ready-made (one 4D mask, or one per
+    layer type for models whose layers alternate full and sliding-window attention), with the
+    sliding window applied as transformers' own masks apply it (a key at most ``window - 1``
+    positions back), and the ``[B, S]`` positions."""
+    import inspect
+
+    import torch
+
+    n = segments.shape[1]
+    idx = torch.arange(n, device=segments.device)
+    same = segments[:, :, None] == segments[:, None, :]
+    before = idx[None, :] < idx[:, None]  # [query, key]: the key is earlier
+    positions = (same & before[None]).sum(-1)
+    see = same & (before | (idx[None, :] == idx[:, None]))[None] & (segments[:, None, :] > 0)
+    lowest = torch.finfo(torch.float32).min
+    cfg = body.config
+    window = getattr(cfg, "sliding_window", None)
+
+    def additive(allowed: Any) -> Any:
+        return torch.where(allowed, torch.zeros((), dtype=torch.float32),
+                           torch.full((), lowest, dtype=torch.float32))[:, None]
+
+    def windowed() -> Any:
+        near = (idx[:, None] - idx[None, :]) < int(window)
+        return additive(see & near[None])
+
+    forward = inspect.getsource(type(body).forward)
+    if "causal_mask_mapping := attention_mask, dict" in forward:  # per layer type (Gemma-2, Qwen2)
+        kinds = set(getattr(cfg, "layer_types", None) or ["full_attention"])
+        full = additive(see)
+        return {k: (windowed() if k == "sliding_attention" and window else full) for k in kinds}, positions
+    if window and "create_sliding_window_causal_mask" in forward:  # one windowed mask (Mistral, Phi-3)
+        return windowed(), positions
+    return additive(see), positions
+
+
 def _train_wrapper(peft_model: Any, dora_mods: list | None = None) -> Any:
     import torch
     import torch.nn.functional as F
@@ -285,7 +328,9 @@ def _train_wrapper(peft_model: Any, dora_mods: list | None = None) -> Any:
         def forward(self, input_ids, attention_mask, labels, label_norm, *norms):  # type: ignore[no-untyped-def]
             dora_torch.set_norms(dora_mods or [], norms)
             lm = self.pm.base_model.model
-            hidden = lm.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+            masks, positions = segment_attention(lm.model, attention_mask)
+            hidden = lm.model(input_ids=input_ids, attention_mask=masks, position_ids=positions,
+                              use_cache=False).last_hidden_state
             flat = hidden.reshape(-1, hidden.shape[-1])
             lab = labels.reshape(-1)
             idx = torch.nonzero(lab != -100).squeeze(-1)
@@ -725,6 +770,8 @@ def _export(model: str | os.PathLike | None, out: Path, cfg: AdapterConfig, log:
             manifest["quantization"] = qinfo
         if fused:
             manifest["fused"] = fused
+        # The graphs read attention_mask as segment ids (segment_attention): rows may be packed.
+        manifest["packing"] = {"version": 1, "attention_mask": "segments"}
         manifest["optimizer"] = {"file": "optimizer.onnx", "rule": "adamw", "betas": list(optimizer_graph.BETAS),
                                  "eps": optimizer_graph.EPS, "schedules": optimizer_graph.SCHEDULES}
         manifest["app_training"] = app_training(manifest, norms is not None)
