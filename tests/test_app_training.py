@@ -141,6 +141,31 @@ def test_cpp_runs_the_fused_graphs_with_the_kernel_library(cpp_trainer, tiny_bun
     assert_same_adapter(final_adapter(tmp_path / "cpp"), final_adapter(tmp_path / "py"))
 
 
+def test_cpp_trains_packed_batches_with_the_fused_graph(cpp_trainer, tiny_bundle, chat_data, tmp_path):
+    """Several records per row (attention_mask numbering them): the C++ trainer on the fused graph
+    takes edgetune train --packing on's steps; a bundle from before packing refuses such a file."""
+    from edgetune.device import fused
+
+    lib = fused.library()
+    if not lib.ok:
+        pytest.skip(f"no kernel library here: {lib.reason}")
+    opts = [*OPTS, "--batch-size", "4", "--max-batch-tokens", "128", "--packing", "on"]
+    batches = tokenize(tiny_bundle, chat_data, tmp_path / "batches.safetensors", opts=opts)
+    assert max(int(v.max()) for k, v in read_tensors(batches).items() if k.endswith("attention_mask")) > 1
+    py_train(tiny_bundle, chat_data, tmp_path / "py", opts=opts, env={"EDGETUNE_KERNELS": "fused"})
+    cpp_train(cpp_trainer, tiny_bundle, batches, tmp_path / "cpp", STEPS, "--kernels", lib.path)
+    np.testing.assert_allclose(losses(tmp_path / "cpp"), losses(tmp_path / "py"), atol=1e-5, rtol=0)
+    assert_same_adapter(final_adapter(tmp_path / "cpp"), final_adapter(tmp_path / "py"))
+    old = tmp_path / "old_bundle"
+    shutil.copytree(tiny_bundle, old)
+    m = json.loads((old / "edgetune.json").read_text())
+    m.pop("packing")
+    (old / "edgetune.json").write_text(json.dumps(m))
+    assert_refused(cpp_train(cpp_trainer, old, batches, tmp_path / "x", check=False), "batches.safetensors",
+                   "before sequence packing")
+    assert not (tmp_path / "x").exists()
+
+
 def test_python_cpp_python_equals_an_uninterrupted_run(cpp_trainer, dora_bundle, chat_data, tmp_path):
     batches = tokenize(dora_bundle, chat_data, tmp_path / "batches.safetensors")
     py_train(dora_bundle, chat_data, tmp_path / "whole")

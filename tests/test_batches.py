@@ -82,6 +82,27 @@ def test_an_app_replaying_the_batch_file_trains_like_edgetune_train(tiny_bundle,
     assert worst < 1e-6, worst
 
 
+def test_a_packed_batch_file_trains_like_the_padded_one(tiny_bundle, chat_data, tmp_path, monkeypatch):
+    """Rows that hold several records (attention_mask numbering them) take the padded file's steps."""
+    monkeypatch.setenv("EDGETUNE_KERNELS", "plain")
+    got = {}
+    for packing in ("off", "on"):
+        out = tmp_path / f"{packing}.safetensors"
+        p = _et("tokenize", chat_data, "--bundle", tiny_bundle, "--out", out, *OPTS, "--max-batch-tokens", "128",
+                "--packing", packing, "--json")
+        assert p.returncode == 0, p.stderr
+        meta = json.loads(p.stdout)
+        assert meta["packed"] is (packing == "on")
+        info, tensors = batches.read(out, json.loads((tiny_bundle / "edgetune.json").read_text())["base_id"])
+        masks = [tensors[batches.name(i, j, "attention_mask")] for i in range(1, info["steps"] + 1)
+                 for j in range(info["chunks"][i - 1])]
+        assert (max(int(m.max()) for m in masks) > 1) is (packing == "on")
+        got[packing] = _replay(tiny_bundle, out)
+    np.testing.assert_allclose(got["on"][0], got["off"][0], rtol=1e-5)
+    for k, want in got["off"][1].items():
+        assert float(np.abs(got["on"][1][k] - want).max() / np.abs(want).max()) < 1e-4, k
+
+
 def test_a_batch_file_for_another_bundle_or_damaged_is_refused(tiny_bundle, dora_bundle, chat_data, tmp_path):
     out = tmp_path / "b.safetensors"
     assert _et("tokenize", chat_data, "--bundle", tiny_bundle, "--out", out, "--steps", "2").returncode == 0

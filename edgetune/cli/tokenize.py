@@ -21,12 +21,15 @@ from edgetune.cli.train import step_options
 def tokenize(data: str, bundle: str, out: str, config_file: str | None, as_json: bool, **opts: Any) -> None:
     """Tokenize DATA for BUNDLE into the batches `edgetune train` would run, step by step, in one
     safetensors file: what an app that trains with ONNX Runtime alone (no tokenizer, no Python)
-    feeds the training graph. The same options give the same batches as `edgetune train`.
+    feeds the training graph. The same options give the same steps as `edgetune train`; rows are
+    padded, for either graph, unless --packing on packs several records into each (for an app that
+    runs the fused graph, or a bundle's plain graph on short records).
 
     \b
     Examples:
       edgetune tokenize examples/data/tickets --bundle bundle/ --out batches.safetensors --steps 20
       edgetune tokenize data/ --bundle bundle/ --out b.safetensors --batch-size 4 --lr 1e-3 --json
+      edgetune tokenize data/ --bundle bundle/ --out packed.safetensors --steps 20 --packing on
     """
     import tempfile
 

@@ -74,6 +74,7 @@ def train(bundle: str, data: str, out: str, config_file: str | None, resume: boo
       edgetune train bundle/ --data examples/data/tickets --out run/ --device cpu --steps 100
       edgetune train bundle/ --data data/ --out run/ --epochs 2 --eval-every 20 --save-every 50
       edgetune train bundle/ --data data/ --out run/ --steps 200 --resume
+      edgetune train bundle/ --data data/ --out run/ --steps 100 --packing off   # padded rows
     """
     from edgetune.device.trainer import Trainer
     from edgetune.formats.config import TrainConfig, resolve

@@ -5,7 +5,9 @@ tokenizer (an app that trains through any ONNX Runtime binding; ``examples/cpp``
 seed, gradient accumulation, token-budget chunks) and stores, per optimizer step ``i`` and
 chunk ``j``, the training graph's inputs as safetensors tensors ``step{i}/chunk{j}/input_ids``,
 ``.../attention_mask``, ``.../labels`` (int64 [rows, tokens]) and ``.../label_norm`` (float32
-scalar: the step's labelled-token count, by which each chunk's summed loss is divided). The
+scalar: the step's labelled-token count, by which each chunk's summed loss is divided); with
+``--packing on`` a row holds several records and ``attention_mask`` numbers them 1, 2, ... (0 is
+padding; the bundle's graphs read it as segment ids). The
 header's metadata says which bundle the file is for and the optimizer graph's schedule inputs, so
 an app that runs ``optimizer.onnx`` after each step takes the same steps as ``edgetune train``.
 """
@@ -55,7 +57,7 @@ def write(trainer: Any, data: str | Path, out: str | Path, steps: int | None = N
     meta = {"kind": KIND, "version": VERSION, "bundle_id": trainer.bundle.base_id, "steps": steps, "chunks": chunks,
             "states": states, "vocab_size": int((trainer.bundle.manifest.get("model_config") or {}).get("vocab_size") or 0),
             "max_seq_len": cfg.max_seq_len, "adapter": trainer.bundle.manifest["adapter"],
-            "tokens": tokens, "labelled": labelled, "data": str(data),
+            "tokens": tokens, "labelled": labelled, "data": str(data), "packed": trainer.packing,
             "schedule": {"base_lr": cfg.lr, "warmup_steps": cfg.warmup, "total_steps": total,
                          "schedule": SCHEDULES[cfg.schedule], "weight_decay": cfg.weight_decay},
             "config": cfg.to_dict()}

@@ -208,6 +208,11 @@ struct Batches {
     if (vocab && b.vocab && vocab->integer() != b.vocab)
       throw Fail(path.string() + " was tokenized with a vocabulary of " + vocab->text + " tokens, the bundle has " +
                  std::to_string(b.vocab) + again);
+    const Json* packed = out.meta.find("packed");
+    if (packed && packed->kind == Json::Bool && packed->b && !b.manifest.find("packing"))
+      throw Fail(path.string() + " packs several records into each row, and bundle " + b.root.string() +
+                 " was exported before sequence packing (its graphs would let the records see each other); "
+                 "export the bundle again, or tokenize with --packing off");
     out.steps = out.meta.at("steps", where).integer();
     for (auto& c : out.meta.at("chunks", where).items) out.chunks.push_back(c.integer());
     out.states = out.meta.at("states", where);
