@@ -157,6 +157,64 @@ def test_attention_forward_and_backward_match_torch(B, H, Hkv, S, D, pad):
     np.testing.assert_allclose(dv, tv.grad.numpy(), rtol=1e-4, atol=1e-5)
 
 
+def _cross_entropy_head(h, w, lab, grad=True):
+    g = helper.make_graph([helper.make_node("CrossEntropyHead", ["h", "w", "lab"], ["loss", "dh"][:1 + grad],
+                                            domain="edgetune", ignore_index=-100)], "g",
+                          [helper.make_tensor_value_info("h", TensorProto.FLOAT, None),
+                           helper.make_tensor_value_info("w", TensorProto.FLOAT, None),
+                           helper.make_tensor_value_info("lab", TensorProto.INT64, None)],
+                          [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ["loss", "dh"][:1 + grad]])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("edgetune", 1)])
+    so = ort.SessionOptions()
+    kernels.register(so)
+    return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(
+        None, {"h": h, "w": w, "lab": lab})
+
+
+CE_CASES = [(1, 8, 5, "one"), (7, 33, 1, "odd"), (13, 576, 1000, "odd"), (64, 64, 4099, "sharp"),
+            (5, 16, 97, "all-ignored"), (0, 16, 40, "empty"), (9, 20, 65, "edges")]
+
+
+@pytest.mark.parametrize("N,D,V,kind", CE_CASES, ids=[f"{n}x{d}x{v}-{k}" for n, d, v, k in CE_CASES])
+def test_cross_entropy_head_matches_torch(N, D, V, kind):
+    """The summed cross-entropy of h w^T over labelled rows and its gradient in h, the vocabulary
+    in tiles: against torch autograd in float64 (odd sizes, one row, sharp logits, rows whose
+    labels are all ignored, labels 0 and V - 1)."""
+    rng = np.random.default_rng(N * 31 + V)
+    h = rng.normal(size=(N, D)).astype(np.float32)
+    w = (rng.normal(size=(V, D)) * (2.0 if kind == "sharp" else 0.1)).astype(np.float32)
+    lab = rng.integers(0, V, N).astype(np.int64)
+    lab[::3] = -100
+    if kind == "all-ignored":
+        lab[:] = -100
+    if kind == "edges":
+        lab[:4] = [0, V - 1, 0, V - 1]
+    def torch_ce(dtype):
+        th, tw = torch.tensor(h, dtype=dtype, requires_grad=True), torch.tensor(w, dtype=dtype)
+        loss = torch.nn.functional.cross_entropy(th @ tw.T, torch.tensor(lab), ignore_index=-100, reduction="sum") \
+            if N else th.sum() * 0
+        loss.backward()
+        return loss.item(), th.grad.double().numpy()
+
+    want, grad = torch_ce(torch.float64)
+    _, grad32 = torch_ce(torch.float32)  # float32 logits' own rounding: the error no float32 kernel avoids
+    loss, dh = _cross_entropy_head(h, w, lab)
+    assert loss.shape == () and dh.shape == h.shape
+    np.testing.assert_allclose(loss, want, rtol=2e-6, atol=1e-5)
+    big = lambda a: float(np.abs(a).max(initial=0.0))  # noqa: E731
+    assert big(dh - grad) <= 1.5 * big(grad32 - grad) + 1e-6 * max(1.0, big(grad))
+    (alone,) = _cross_entropy_head(h, w, lab, grad=False)  # forward only (the eval graph): the same loss
+    assert alone == loss
+
+
+def test_cross_entropy_head_refuses_a_label_outside_the_vocabulary():
+    h, w = np.zeros((3, 4), np.float32), np.zeros((10, 4), np.float32)
+    with pytest.raises(Exception, match=r"edgetune::CrossEntropyHead: label 10 of row 1 is outside the vocabulary of 10"):
+        _cross_entropy_head(h, w, np.array([1, 10, -100], np.int64))
+    with pytest.raises(Exception, match=r"edgetune::CrossEntropyHead: h \[3, 4\], w \[10, 5\].*do not fit"):
+        _cross_entropy_head(h, np.zeros((10, 5), np.float32), np.array([1, 2, 3], np.int64))
+
+
 def test_bad_shapes_are_an_error_naming_the_op_not_a_crash():
     with pytest.raises(Exception, match=r"edgetune::SwiGLU: g \[2, 3\] and u \[3, 2\] differ"):
         _run("SwiGLU", [np.zeros((2, 3), np.float32), np.zeros((3, 2), np.float32)], 1)
@@ -236,6 +294,38 @@ def test_the_rewrite_finds_the_exported_pattern_and_computes_the_same(build, op)
     np.testing.assert_allclose(fused.run(["y"], feed)[0], plain.run(["y"], feed)[0], rtol=1e-5, atol=1e-6)
 
 
+def test_the_rewrite_fuses_the_vocabulary_projection_and_its_loss():
+    """FusedMatMul(h, W^T) into SoftmaxCrossEntropyLoss(sum): one CrossEntropyHead, the same loss
+    and d loss / d h; a trainable (non-initializer) projection or a mean loss stays plain."""
+    from edgetune.workstation.gradients.fused import fuse
+
+    rng = np.random.default_rng(5)
+    h, w = rng.normal(size=(6, 16)).astype(np.float32), (rng.normal(size=(50, 16)) * 0.3).astype(np.float32)
+    lab = np.array([3, -100, 0, 49, 7, 7], np.int64)
+
+    def model(reduction="sum", init=True):
+        nodes = [helper.make_node("FusedMatMul", ["h", "W"], ["logits"], domain="com.microsoft", transB=1, alpha=1.0),
+                 helper.make_node("SoftmaxCrossEntropyLoss", ["logits", "lab"], ["loss"], ignore_index=-100,
+                                  reduction=reduction)]
+        ins = [helper.make_tensor_value_info("h", TensorProto.FLOAT, None),
+               helper.make_tensor_value_info("lab", TensorProto.INT64, None)]
+        if not init:
+            ins.append(helper.make_tensor_value_info("W", TensorProto.FLOAT, None))
+        g = helper.make_graph(nodes, "g", ins, [helper.make_tensor_value_info("loss", TensorProto.FLOAT, None)],
+                              [onnx.numpy_helper.from_array(w, "W")] if init else [])
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+
+    m = model()
+    want = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"h": h, "lab": lab})
+    assert fuse(m) == {"CrossEntropyHead": 1}
+    assert [n.op_type for n in m.graph.node] == ["CrossEntropyHead"]
+    so = ort.SessionOptions()
+    kernels.register(so)
+    got = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {"h": h, "lab": lab})
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+    assert fuse(model("mean")) == {} and fuse(model(init=False)) == {}
+
+
 def test_a_near_miss_is_left_plain():
     from edgetune.workstation.gradients.fused import fuse
 
@@ -283,6 +373,12 @@ def test_fused_graphs_train_like_the_plain_ones(family, variant, quantize, ckpt,
     bundle = export(str(model), tmp_path / "bundle", cfg)
     fused = json.loads((bundle / "edgetune.json").read_text())["fused"]
     assert fused["ops"].get("RMSNorm") and fused["ops"].get("Rotary"), fused
+    # The loss over the vocabulary too, except Gemma-2's (its logits are soft-capped first) and an
+    # int4 lm_head's (a MatMulNBits product; a tied one stays float and fuses).
+    if quantize is None:
+        assert bool(fused["ops"].get("CrossEntropyHead")) == (family != "gemma2"), fused
+    ev = onnx.load(str(bundle / fused["eval"]), load_external_data=False)
+    assert all(len(n.output) == 1 for n in ev.graph.node if n.op_type == "CrossEntropyHead")  # no gradient in eval
     plain, pm = _losses(bundle, chat_data, tmp_path / "plain", "plain", monkeypatch)
     ours, fm = _losses(bundle, chat_data, tmp_path / "fused", "fused", monkeypatch)
     assert pm["graphs"]["train"] == "train.onnx" and pm["kernels"] == "plain"

@@ -112,6 +112,23 @@ def test_a_fused_graph_with_an_op_the_library_lacks_falls_back_naming_the_file(t
     assert "Traceback" not in err
 
 
+def test_an_older_library_without_a_kernel_the_bundle_uses_falls_back_naming_it(tiny_bundle, chat_data, tmp_path,
+                                                                                   monkeypatch, capsys):
+    _need_library()
+    lib = kernels.library()
+    assert "CrossEntropyHead" in lib.ops
+    fused_ops = json.loads((tiny_bundle / _bundle.MANIFEST).read_text())["fused"]["ops"]
+    assert "CrossEntropyHead" in fused_ops
+    # A library from before the vocabulary kernel (it lists no ops: the first eight are assumed).
+    old = kernels.Library(lib.path, isa=lib.isa, ops=frozenset(kernels.FIRST_OPS))
+    monkeypatch.setattr(kernels, "library", lambda: old)
+    run = _train(tiny_bundle, chat_data, tmp_path / "run")
+    err = capsys.readouterr().err
+    assert f"training on the plain graph: {lib.path} lacks the kernels CrossEntropyHead" in err, err
+    assert "reinstall edgetune" in err
+    assert _run_manifest(run)["kernels"] == "plain"
+
+
 def test_plain_kernels_can_be_forced(tiny_bundle, chat_data, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("EDGETUNE_KERNELS", "plain")
     run = _train(tiny_bundle, chat_data, tmp_path / "run")

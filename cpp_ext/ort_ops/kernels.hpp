@@ -368,6 +368,118 @@ inline void attn_backward(const float* dout, const float* q, const float* k, con
   }
 }
 
+// out[r][:] += sum_{j < jn} w[r][j] * x[j][:] for r < BR: block_pv adding into out.
+inline void block_pv_add(const float* w, size_t ld, const float* x, size_t jn, size_t D, float* out) {
+  size_t d0 = 0;
+#if defined(EDGETUNE_VEC)
+  for (; d0 + JT <= D; d0 += JT) {
+    vf acc[BR][2];
+    for (size_t r = 0; r < BR; ++r) {
+      acc[r][0] = vload(out + r * D + d0);
+      acc[r][1] = vload(out + r * D + d0 + VW);
+    }
+    for (size_t j = 0; j < jn; ++j) {
+      const vf x0 = vload(x + j * D + d0), x1 = vload(x + j * D + d0 + VW);
+      for (size_t r = 0; r < BR; ++r) {
+        const vf wr = vsplat(w[r * ld + j]);
+        acc[r][0] += wr * x0;
+        acc[r][1] += wr * x1;
+      }
+    }
+    for (size_t r = 0; r < BR; ++r) {
+      vstore(out + r * D + d0, acc[r][0]);
+      vstore(out + r * D + d0 + VW, acc[r][1]);
+    }
+  }
+#endif
+  for (size_t r = 0; r < BR; ++r)
+    for (size_t d = d0; d < D; ++d) {
+      float a = out[r * D + d];
+      for (size_t j = 0; j < jn; ++j) a += w[r * ld + j] * x[j * D + d];
+      out[r * D + d] = a;
+    }
+}
+
+// Cross-entropy of n rows of h [n, D] against the vocabulary projection h w^T (w [V, D]), never
+// holding the n x V logits: the vocabulary streams past in tiles of JT rows of w, each transposed
+// once for all n rows, with an online softmax per row (running maximum m and sum s). loss[r] is
+// logsumexp_v(h_r . w_v) - h_r . w_label(r); with G, also G[r] = sum_v softmax_v w_v - w_label(r),
+// the gradient of loss[r] with respect to h_r, accumulated in the same pass (rescaled when a row's
+// maximum grows, as FlashAttention's output is). A row whose label is `ignore` gives 0 and G[r] = 0.
+// work: D * JT + BR * JT + BR * D + 2 * n floats (n rounded up to BR).
+inline void ce_head(const float* h, size_t n, size_t D, const float* w, size_t V, const int64_t* labels,
+                    int64_t ignore, float* loss, float* G, float* work) {
+  const size_t nb = (n + BR - 1) / BR * BR;
+  float* wt = work;                // [D][JT]: the tile of w, transposed
+  float* sc = wt + D * JT;         // [BR][JT]: the block's scores
+  float* hb = sc + BR * JT;        // [BR][D]: a last, partial block's rows, zero-padded
+  float* m = hb + BR * D;          // [nb]
+  float* s = m + nb;               // [nb]
+  for (size_t r = 0; r < nb; ++r) m[r] = -3.0e38f, s[r] = 0.0f;
+  if (G) std::fill(G, G + n * D, 0.0f);
+  for (size_t v0 = 0; v0 < V; v0 += JT) {
+    const size_t jn = V - v0 < JT ? V - v0 : JT;
+    for (size_t d = 0; d < D; ++d)
+      for (size_t j = 0; j < JT; ++j) wt[d * JT + j] = j < jn ? w[(v0 + j) * D + d] : 0.0f;
+    for (size_t i0 = 0; i0 < n; i0 += BR) {
+      const size_t nr = n - i0 < BR ? n - i0 : BR;
+      const float* rows = h + i0 * D;
+      if (nr < BR) {
+        for (size_t x = 0; x < BR * D; ++x) hb[x] = x < nr * D ? rows[x] : 0.0f;
+        rows = hb;
+      }
+      block_scores(rows, wt, JT, sc, JT, JT, D, 1.0f);
+      for (size_t r = 0; r < BR; ++r) {
+        float* pr = sc + r * JT;
+        float tm = -3.0e38f;
+        for (size_t j = 0; j < jn; ++j) tm = pr[j] > tm ? pr[j] : tm;
+        float* ar = G && r < nr ? G + (i0 + r) * D : nullptr;
+        if (tm > m[i0 + r]) {
+          const float f = exp_approx(m[i0 + r] - tm);
+          s[i0 + r] *= f;
+          if (ar && s[i0 + r] != 0.0f)
+            for (size_t d = 0; d < D; ++d) ar[d] *= f;
+          m[i0 + r] = tm;
+        }
+        float sum = 0.0f;
+        const float mr = m[i0 + r];
+        for (size_t j = 0; j < JT; ++j) {
+          pr[j] = j < jn ? exp_approx(pr[j] - mr) : 0.0f;
+          sum += pr[j];
+        }
+        s[i0 + r] += sum;
+        if (r >= nr)
+          for (size_t j = 0; j < JT; ++j) pr[j] = 0.0f;
+      }
+      if (G) {
+        if (nr == BR) {
+          block_pv_add(sc, JT, w + v0 * D, jn, D, G + i0 * D);
+        } else {  // a partial block adds into its zero-padded copy, then back
+          float* acc = hb;
+          for (size_t x = 0; x < BR * D; ++x) acc[x] = x < nr * D ? G[i0 * D + x] : 0.0f;
+          block_pv_add(sc, JT, w + v0 * D, jn, D, acc);
+          for (size_t x = 0; x < nr * D; ++x) G[i0 * D + x] = acc[x];
+        }
+      }
+    }
+  }
+  for (size_t r = 0; r < n; ++r) {
+    const int64_t lab = labels[r];
+    if (lab == ignore) {
+      loss[r] = 0.0f;
+      if (G) std::fill(G + r * D, G + (r + 1) * D, 0.0f);
+      continue;
+    }
+    const float* wl = w + static_cast<size_t>(lab) * D;
+    loss[r] = m[r] + std::log(s[r]) - dot(h + r * D, wl, D);
+    if (G) {
+      float* gr = G + r * D;
+      const float inv = 1.0f / s[r];
+      for (size_t d = 0; d < D; ++d) gr[d] = gr[d] * inv - wl[d];
+    }
+  }
+}
+
 inline FusedKernels kernels(const char* name) {
   FusedKernels k;
   k.name = name;
@@ -378,6 +490,7 @@ inline FusedKernels kernels(const char* name) {
   k.rotary_row = rotary_row;
   k.attn_forward = attn_forward;
   k.attn_backward = attn_backward;
+  k.ce_head = ce_head;
   k.attn_tile = JT;
   k.attn_work_rows = 3 * BR;
   k.attn_block_rows = BR;

@@ -13,6 +13,10 @@
 //   Attention(q, k, v, mask; scale) -> out    softmax(q k^T scale + mask) v, grouped k/v heads, by
 //                                             blocks of rows: no S x S tensor is ever held
 //   AttentionGrad(dout, q, k, v, mask; scale) -> dq, dk, dv
+//   CrossEntropyHead(h, w, labels; ignore_index) -> loss[, dh]
+//                                             sum over rows of cross-entropy(h w^T, labels), the
+//                                             vocabulary in tiles (no rows x V logits); dh, when the
+//                                             node has it, is d loss / d h, from the same pass
 #define ORT_API_MANUAL_INIT
 #include "onnxruntime_cxx_api.h"
 #undef ORT_API_MANUAL_INIT
@@ -23,6 +27,7 @@
 #include <exception>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -338,6 +343,48 @@ struct AttentionGrad {
   }
 };
 
+struct CrossEntropyHead {
+  int64_t ignore = -100;
+  CrossEntropyHead(const OrtApi*, const OrtKernelInfo* info) {
+    ignore = Ort::ConstKernelInfo(info).GetAttribute<int64_t>("ignore_index");
+  }
+
+  Ort::Status Compute(OrtKernelContext* ctx, const Tensor<float>& h, const Tensor<float>& w,
+                      const Tensor<int64_t>& labels, Tensor<float>& loss, std::optional<Tensor<float>*> dh) {
+    return guarded("CrossEntropyHead", [&]() -> Ort::Status {
+      const auto &hs = h.Shape(), &ws = w.Shape(), &ls = labels.Shape();
+      if (hs.size() != 2 || ws.size() != 2 || ls.size() != 1 || hs[1] != ws[1] || ls[0] != hs[0] || ws[0] < 1)
+        return fail("CrossEntropyHead", "h " + shape_str(hs) + ", w " + shape_str(ws) + ", labels " + shape_str(ls) +
+                                            " do not fit ([N, D], [V, D], [N])");
+      const size_t N = static_cast<size_t>(hs[0]), D = static_cast<size_t>(hs[1]), V = static_cast<size_t>(ws[0]);
+      const int64_t* pl = labels.Data();
+      for (size_t r = 0; r < N; ++r)
+        if (pl[r] != ignore && (pl[r] < 0 || pl[r] >= static_cast<int64_t>(V)))
+          return fail("CrossEntropyHead", "label " + std::to_string(pl[r]) + " of row " + std::to_string(r) +
+                                              " is outside the vocabulary of " + std::to_string(V));
+      float* out = loss.Allocate({});
+      float* g = dh.has_value() && *dh ? (*dh)->Allocate(hs) : nullptr;
+      std::vector<float> rows(N);
+      const size_t BR = K().attn_block_rows, JT = K().attn_tile;
+      // Row groups: each streams the whole vocabulary once, so few and large, but enough to share.
+      const size_t per = std::min<size_t>(64, std::max(BR, ((N + 3) / 4 + BR - 1) / BR * BR));
+      const size_t groups = (N + per - 1) / per;
+      const float *ph = h.Data(), *pw = w.Data();
+      parallel(ctx, groups, [&](size_t t) {
+        const size_t lo = t * per, n = std::min(per, N - lo);
+        const size_t nb = (n + BR - 1) / BR * BR;
+        std::vector<float> work(D * JT + BR * (JT + D) + 2 * nb);
+        K().ce_head(ph + lo * D, n, D, pw, V, pl + lo, ignore, rows.data() + lo, g ? g + lo * D : nullptr,
+                    work.data());
+      });
+      double sum = 0.0;
+      for (float x : rows) sum += x;
+      out[0] = static_cast<float>(sum);
+      return Ort::Status{nullptr};
+    });
+  }
+};
+
 }  // namespace
 
 #if defined(_WIN32)
@@ -348,6 +395,12 @@ struct AttentionGrad {
 
 // The instruction set the kernels run with, for `edgetune doctor` and run.json.
 extern "C" EDGETUNE_EXPORT const char* EdgetuneFusedIsa() { return K().name; }
+
+// The ops this library implements, comma-separated: a bundle whose fused graphs use one it lacks
+// runs its plain graphs.
+extern "C" EDGETUNE_EXPORT const char* EdgetuneFusedOps() {
+  return "SwiGLU,SwiGLUGrad,RMSNorm,RMSNormGrad,Rotary,RotaryGrad,Attention,AttentionGrad,CrossEntropyHead";
+}
 
 // Bumped when an op's inputs, outputs or meaning change; a bundle's fused graph names the one it needs.
 extern "C" EDGETUNE_EXPORT int EdgetuneFusedAbi() { return 1; }
@@ -369,6 +422,7 @@ extern "C" EDGETUNE_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionO
       ops.emplace_back(Ort::Custom::CreateLiteCustomOp("RotaryGrad", cpu, RotaryGrad));
       ops.emplace_back(Ort::Custom::CreateLiteCustomOp<Attention>("Attention", cpu));
       ops.emplace_back(Ort::Custom::CreateLiteCustomOp<AttentionGrad>("AttentionGrad", cpu));
+      ops.emplace_back(Ort::Custom::CreateLiteCustomOp<CrossEntropyHead>("CrossEntropyHead", cpu));
       for (auto& op : ops) domain->Add(op.get());
     }
     Ort::UnownedSessionOptions(options).Add(*domain);

@@ -22,6 +22,7 @@ from edgetune.formats.errors import DeviceError
 
 DOMAIN = "edgetune"  # the ops' domain in the fused graphs
 ABI = 1  # the library's EdgetuneFusedAbi() this edgetune's graphs need
+FIRST_OPS = ("SwiGLU", "SwiGLUGrad", "RMSNorm", "RMSNormGrad", "Rotary", "RotaryGrad", "Attention", "AttentionGrad")
 NAMES = {"linux": "libedgetune_ops.so", "darwin": "libedgetune_ops.dylib", "win32": "edgetune_ops.dll"}
 
 
@@ -32,6 +33,11 @@ class Library:
     path: Optional[Path]
     isa: str = ""
     reason: str = ""
+    ops: frozenset = frozenset()  # the op names it implements
+
+    def lacks(self, ops: Any) -> list[str]:
+        """The ops of ``ops`` (names) this library does not implement, sorted."""
+        return sorted(set(ops) - self.ops)
 
     @property
     def ok(self) -> bool:
@@ -80,13 +86,18 @@ def library() -> Library:
             handle.EdgetuneFusedIsa.restype = ctypes.c_char_p
             abi = int(handle.EdgetuneFusedAbi())
             isa = handle.EdgetuneFusedIsa().decode()
+            try:  # libraries from before the list implement the first eight ops
+                handle.EdgetuneFusedOps.restype = ctypes.c_char_p
+                ops = frozenset(handle.EdgetuneFusedOps().decode().split(","))
+            except AttributeError:
+                ops = frozenset(FIRST_OPS)
         except (OSError, AttributeError) as e:
             lib = Library(path, reason=f"{path} cannot be loaded here ({e}); rebuild it for this machine "
                                        "(pip install --force-reinstall edgetune)")
         else:
             why = "" if abi == ABI else (f"{path} implements kernel ABI {abi}, this edgetune needs {ABI}; "
                                          "reinstall edgetune")
-            lib = Library(path, isa=isa, reason=why)
+            lib = Library(path, isa=isa, reason=why, ops=ops)
     _probed[key] = lib
     return lib
 

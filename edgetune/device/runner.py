@@ -192,6 +192,9 @@ class StepRunner:
             why = f"the bundle's fused graphs need kernel ABI {fused.get('abi')}, this edgetune has {kernels.ABI}"
         elif not kernels.library().ok:
             why = kernels.library().reason
+        elif kernels.library().lacks(fused.get("ops") or {}):
+            why = (f"{kernels.library().path} lacks the kernels {', '.join(kernels.library().lacks(fused['ops']))} "
+                   f"that bundle {self.bundle.root}'s fused graphs use (reinstall edgetune)")
         if why is None:
             try:
                 sess = self._session(fused["train"], fused=True)

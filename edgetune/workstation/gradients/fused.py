@@ -8,7 +8,10 @@ the custom-op library (``cpp_ext/ort_ops``, loaded by :mod:`edgetune.device.fuse
 - ``Rotary(x, cos, sin)``: ``x * cos + rotate_half(x) * sin`` (Slice, Slice, Neg, Concat, Mul, Mul, Add);
 - ``Attention(q, k, v, mask)``: ``softmax(q k^T scale + mask) v`` (FusedMatMul, Add, Softmax, MatMul, and
   grouped-query attention's repeat of k and v), computed row by row forward and backward, so
-  neither the S x S scores nor the repeated keys and values are ever held.
+  neither the S x S scores nor the repeated keys and values are ever held;
+- ``CrossEntropyHead(h, w, labels)``: the summed cross-entropy of the vocabulary projection ``h w^T``
+  (FusedMatMul with transB, SoftmaxCrossEntropyLoss with reduction sum), the vocabulary in tiles, so
+  the rows x V logits are never held; its gradient with respect to ``h`` comes from the same pass.
 
 Each becomes one pass over memory forward and one backward, where the plain graph runs several
 elementwise ops each way and keeps their intermediates. A pattern that does not match exactly is
@@ -170,8 +173,22 @@ def _attention(G: _Graph, mm: Any) -> Optional[tuple[list[str], list[str], dict,
     return None
 
 
+def _cross_entropy(G: _Graph, sce: Any) -> Optional[tuple[list[str], list[str], dict, list[Any]]]:
+    if len(sce.input) != 2 or len([o for o in sce.output if o]) != 1 or attr(sce, "reduction") not in (b"sum", "sum"):
+        return None
+    mm = G.made_by(sce.input[0], "FusedMatMul", MS)
+    if mm is None or G.only_use(sce.input[0]) is not sce or attr(mm, "transB", 0) != 1 or attr(mm, "transA", 0) \
+            or attr(mm, "transBatchA", 0) or attr(mm, "transBatchB", 0) or float(attr(mm, "alpha", 1.0)) != 1.0:
+        return None
+    if not any(i.name == mm.input[1] for i in G.g.initializer):  # a frozen projection only
+        return None
+    ignore = attr(sce, "ignore_index")
+    return ([mm.input[0], mm.input[1], sce.input[1]], [sce.output[0]],
+            {"ignore_index": int(ignore) if ignore is not None else -(2 ** 63)}, [mm])
+
+
 _PATTERNS = (("Mul", "SwiGLU", _swiglu), ("Mul", "RMSNorm", _rmsnorm), ("Add", "Rotary", _rotary),
-             ("MatMul", "Attention", _attention))
+             ("MatMul", "Attention", _attention), ("SoftmaxCrossEntropyLoss", "CrossEntropyHead", _cross_entropy))
 
 
 def fuse(proto: Any) -> dict[str, int]:
@@ -250,3 +267,12 @@ def _rotary_grad(b: Builder, n: Any, gy: list, want: list) -> list:
     if want[1] or want[2]:
         raise ModelError(f"autodiff: {n.name}: gradients of the rotary cos/sin tables are not supported")
     return [b.op("RotaryGrad", [gy[0], n.input[1], n.input[2]], domain=DOMAIN), None, None]
+
+
+@rule("CrossEntropyHead")
+def _cross_entropy_grad(b: Builder, n: Any, gy: list, want: list) -> list:
+    if want[1]:
+        raise ModelError(f"autodiff: {n.name}: the vocabulary projection's weight must be frozen")
+    if len(n.output) < 2:  # the kernel computes d loss / d h in its forward pass when asked for it
+        n.output.append(n.output[0] + "/dh")
+    return [b.op("Mul", [n.output[1], gy[0]]) if want[0] else None, None, None]
