@@ -294,7 +294,7 @@ def test_the_rewrite_finds_the_exported_pattern_and_computes_the_same(build, op)
     np.testing.assert_allclose(fused.run(["y"], feed)[0], plain.run(["y"], feed)[0], rtol=1e-5, atol=1e-6)
 
 
-def test_the_rewrite_fuses_the_vocabulary_projection_and_its_loss():
+def test_the_rewrite_fuses_the_vocabulary_projection_and_its_loss(monkeypatch):
     """FusedMatMul(h, W^T) into SoftmaxCrossEntropyLoss(sum): one CrossEntropyHead, the same loss
     and d loss / d h; a trainable (non-initializer) projection or a mean loss stays plain."""
     from edgetune.workstation.gradients.fused import fuse
@@ -316,6 +316,8 @@ def test_the_rewrite_fuses_the_vocabulary_projection_and_its_loss():
         return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
 
     m = model()
+    assert fuse(model()) == {}  # opt-in at export
+    monkeypatch.setenv("EDGETUNE_FUSED_LOSS", "1")
     want = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"h": h, "lab": lab})
     assert fuse(m) == {"CrossEntropyHead": 1}
     assert [n.op_type for n in m.graph.node] == ["CrossEntropyHead"]
@@ -368,6 +370,7 @@ def test_fused_graphs_train_like_the_plain_ones(family, variant, quantize, ckpt,
     from edgetune.workstation.export import export
 
     model = make_family(family, tmp_path / "model")
+    monkeypatch.setenv("EDGETUNE_FUSED_LOSS", "1")  # the vocabulary loss's kernel too
     cfg = AdapterConfig(rank=4, alpha=8, targets=("all-linear",), method=variant, quantize=quantize,
                         gradient_checkpointing=ckpt == "ckpt")
     bundle = export(str(model), tmp_path / "bundle", cfg)

@@ -188,7 +188,17 @@ def _cross_entropy(G: _Graph, sce: Any) -> Optional[tuple[list[str], list[str], 
 
 
 _PATTERNS = (("Mul", "SwiGLU", _swiglu), ("Mul", "RMSNorm", _rmsnorm), ("Add", "Rotary", _rotary),
-             ("MatMul", "Attention", _attention), ("SoftmaxCrossEntropyLoss", "CrossEntropyHead", _cross_entropy))
+             ("MatMul", "Attention", _attention))
+# The vocabulary loss, opt-in at export (EDGETUNE_FUSED_LOSS=1): it never holds the rows x V logits,
+# but its tiled products run slower than MLAS's sgemm (docs/benchmarks.md), so by default the
+# projection and its loss stay ONNX Runtime's.
+_LOSS_PATTERN = ("SoftmaxCrossEntropyLoss", "CrossEntropyHead", _cross_entropy)
+
+
+def _patterns() -> tuple:
+    import os
+
+    return _PATTERNS + ((_LOSS_PATTERN,) if os.environ.get("EDGETUNE_FUSED_LOSS", "0") == "1" else ())
 
 
 def fuse(proto: Any) -> dict[str, int]:
@@ -197,7 +207,7 @@ def fuse(proto: Any) -> dict[str, int]:
     from onnx import helper
 
     counts: dict[str, int] = {}
-    for anchor, op, match in _PATTERNS:
+    for anchor, op, match in _patterns():
         G = _Graph(proto)
         replace: dict[int, Any] = {}
         for node in G.g.node:
