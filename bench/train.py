@@ -149,7 +149,7 @@ def worker_edgetune(a: argparse.Namespace) -> dict:
         raise SystemExit("torch was imported into the edgetune worker: its RSS would count against edgetune")
 
     cfg = TrainConfig(steps=a.steps + 1, batch_size=a.batch, lr=a.lr, schedule="constant", max_seq_len=a.seq,
-                      threads=a.threads, **({} if a.max_batch_tokens is None else {"max_batch_tokens": a.max_batch_tokens}))
+                      threads=a.threads, packing=a.packing, **({} if a.max_batch_tokens is None else {"max_batch_tokens": a.max_batch_tokens}))
     t = trainer.Trainer(a.bundle, Path(a.tmp) / "run", cfg, progress=False, log=lambda s: None)
     t._open()
     train, valid = batches(a.bundle, a.data, a.batch, a.seq), batches(a.bundle, a.data, a.batch, a.seq, "valid")
@@ -173,6 +173,7 @@ def worker_edgetune(a: argparse.Namespace) -> dict:
             "s_max": float(np.max(times)), "tokens": toks, "labelled": labs,
             "time": float(np.sum(times)), "peak_rss_mb": peak_rss_mb(), "valid_loss": vl, "valid_loss_0": vl0,
             "last_loss": loss, "onnxruntime": ort.__version__, "max_batch_tokens": cfg.max_batch_tokens,
+            "packing": t.packing,
             "kernels": t.runner.kernel_info, "graph": t.runner.graphs["train"],
             "lengths": lengths,
             "torch_loaded": "torch" in sys.modules}
@@ -351,7 +352,7 @@ def worker_cmd(side: str, a: argparse.Namespace, tmp: Path) -> tuple[list[str], 
     cmd = [py, script, "--worker", worker, "--bundle", str(bundle),
            "--data", str(a.data), "--steps", str(a.steps), "--batch", str(a.batch), "--seq", str(a.seq),
            "--rank", str(a.rank), "--lr", str(a.lr), "--threads", str(a.threads), "--tmp", str(tmp / side),
-           "--result", str(out)]
+           "--result", str(out), "--packing", a.packing]
     if side == "nochunk":
         cmd += ["--max-batch-tokens", "0"]
     elif a.max_batch_tokens is not None:
@@ -486,6 +487,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1, help="alternating rounds per side")
     ap.add_argument("--max-batch-tokens", type=int, default=None,
                     help="edgetune's chunking of each batch (default: edgetune's own default; 0 turns it off)")
+    ap.add_argument("--packing", choices=["off", "on", "auto"], default="off",
+                    help="edgetune's sequence packing (default off: the PyTorch sides run the same padded rows, "
+                         "so the sides compute the same tokens)")
     ap.add_argument("--bundle", help="an exported bundle of the default model (else one is exported)")
     ap.add_argument("--legacy", action="store_true", help="also run the ONNX Runtime 1.19.2 training backend")
     ap.add_argument("--no-legacy", action="store_true", help=argparse.SUPPRESS)  # the default now
