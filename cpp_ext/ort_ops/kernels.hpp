@@ -175,13 +175,19 @@ inline void block_scores(const float* a, const float* bt, size_t ld, float* out,
   }
 }
 
-// out[r][:] = sum_{j < jn} w[r][j] * x[j][:] for r < BR (w rows of stride ld; x and out rows of D):
-// the block's BR x JT output columns stay in registers while the keys stream past.
-inline void block_pv(const float* w, size_t ld, const float* x, size_t jn, size_t D, float* out) {
+// out[r][:] = sum_{j < jn} w[r][j] * x[j][:] for r < BR (w rows of stride ld; x and out rows of D),
+// or out[r][:] += that with add: the block's BR x JT output columns stay in registers while the
+// keys stream past.
+inline void block_pv(const float* w, size_t ld, const float* x, size_t jn, size_t D, float* out, bool add = false) {
   size_t d0 = 0;
 #if defined(EDGETUNE_VEC)
   for (; d0 + JT <= D; d0 += JT) {
     vf acc[BR][2] = {};
+    if (add)
+      for (size_t r = 0; r < BR; ++r) {
+        acc[r][0] = vload(out + r * D + d0);
+        acc[r][1] = vload(out + r * D + d0 + VW);
+      }
     for (size_t j = 0; j < jn; ++j) {
       const vf x0 = vload(x + j * D + d0), x1 = vload(x + j * D + d0 + VW);
       for (size_t r = 0; r < BR; ++r) {
@@ -198,7 +204,7 @@ inline void block_pv(const float* w, size_t ld, const float* x, size_t jn, size_
 #endif
   for (size_t r = 0; r < BR; ++r)
     for (size_t d = d0; d < D; ++d) {
-      float a = 0.0f;
+      float a = add ? out[r * D + d] : 0.0f;
       for (size_t j = 0; j < jn; ++j) a += w[r * ld + j] * x[j * D + d];
       out[r * D + d] = a;
     }
@@ -368,38 +374,6 @@ inline void attn_backward(const float* dout, const float* q, const float* k, con
   }
 }
 
-// out[r][:] += sum_{j < jn} w[r][j] * x[j][:] for r < BR: block_pv adding into out.
-inline void block_pv_add(const float* w, size_t ld, const float* x, size_t jn, size_t D, float* out) {
-  size_t d0 = 0;
-#if defined(EDGETUNE_VEC)
-  for (; d0 + JT <= D; d0 += JT) {
-    vf acc[BR][2];
-    for (size_t r = 0; r < BR; ++r) {
-      acc[r][0] = vload(out + r * D + d0);
-      acc[r][1] = vload(out + r * D + d0 + VW);
-    }
-    for (size_t j = 0; j < jn; ++j) {
-      const vf x0 = vload(x + j * D + d0), x1 = vload(x + j * D + d0 + VW);
-      for (size_t r = 0; r < BR; ++r) {
-        const vf wr = vsplat(w[r * ld + j]);
-        acc[r][0] += wr * x0;
-        acc[r][1] += wr * x1;
-      }
-    }
-    for (size_t r = 0; r < BR; ++r) {
-      vstore(out + r * D + d0, acc[r][0]);
-      vstore(out + r * D + d0 + VW, acc[r][1]);
-    }
-  }
-#endif
-  for (size_t r = 0; r < BR; ++r)
-    for (size_t d = d0; d < D; ++d) {
-      float a = out[r * D + d];
-      for (size_t j = 0; j < jn; ++j) a += w[r * ld + j] * x[j * D + d];
-      out[r * D + d] = a;
-    }
-}
-
 // Cross-entropy of n rows of h [n, D] against the vocabulary projection h w^T (w [V, D]), never
 // holding the n x V logits: the vocabulary streams past in tiles of JT rows of w, each transposed
 // once for all n rows, with an online softmax per row (running maximum m and sum s). loss[r] is
@@ -453,11 +427,11 @@ inline void ce_head(const float* h, size_t n, size_t D, const float* w, size_t V
       }
       if (G) {
         if (nr == BR) {
-          block_pv_add(sc, JT, w + v0 * D, jn, D, G + i0 * D);
+          block_pv(sc, JT, w + v0 * D, jn, D, G + i0 * D, true);
         } else {  // a partial block adds into its zero-padded copy, then back
           float* acc = hb;
           for (size_t x = 0; x < BR * D; ++x) acc[x] = x < nr * D ? G[i0 * D + x] : 0.0f;
-          block_pv_add(sc, JT, w + v0 * D, jn, D, acc);
+          block_pv(sc, JT, w + v0 * D, jn, D, acc, true);
           for (size_t x = 0; x < nr * D; ++x) G[i0 * D + x] = acc[x];
         }
       }
