@@ -136,7 +136,8 @@ def test_cpp_runs_the_fused_graphs_with_the_kernel_library(cpp_trainer, tiny_bun
     batches = tokenize(tiny_bundle, chat_data, tmp_path / "batches.safetensors")
     py_train(tiny_bundle, chat_data, tmp_path / "py", env={"EDGETUNE_KERNELS": "fused"})
     cpp_train(cpp_trainer, tiny_bundle, batches, tmp_path / "cpp", STEPS, "--kernels", lib.path)
-    assert json.loads((tmp_path / "cpp" / "run.json").read_text())["graphs"]["train"] == "train_fused.onnx"
+    assert json.loads((tmp_path / "cpp" / "run.json").read_text())["graphs"] == {
+        "train": "train_fused.onnx", "optimizer": "optimizer_fused.onnx"}  # the one-call AdamW too
     np.testing.assert_allclose(losses(tmp_path / "cpp"), losses(tmp_path / "py"), atol=1e-5, rtol=0)
     assert_same_adapter(final_adapter(tmp_path / "cpp"), final_adapter(tmp_path / "py"))
 

@@ -68,6 +68,10 @@ def test_rmsnorm_forward_and_backward_match_torch(shape):
     w = rng.normal(1, 0.5, shape[-1]).astype(np.float32)
     y, inv = _run("RMSNorm", [x, w], 2, epsilon=1e-5)
     dx, dw = _run("RMSNormGrad", [dy, x, w, inv], 2)
+    # a recomputed norm's extra input, only waited for: the same bits
+    y2, inv2 = _run("RMSNorm", [x, w, np.zeros((), np.float32)], 2, epsilon=1e-5)
+    np.testing.assert_array_equal(y2, y)
+    np.testing.assert_array_equal(inv2, inv)
     tx, tw = _t(x), _t(w)
     ty = tw * (tx * torch.rsqrt(tx.pow(2).mean(-1, keepdim=True) + 1e-5))
     ty.backward(torch.tensor(dy, dtype=torch.float64))
@@ -75,6 +79,38 @@ def test_rmsnorm_forward_and_backward_match_torch(shape):
     np.testing.assert_allclose(y, ty.detach().numpy(), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(dx, tx.grad.numpy(), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(dw, tw.grad.numpy(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_add_rmsnorm_forward_and_backward_match_torch(shape):
+    """AddRMSNorm (the residual add and the norm) and AddRMSNormGrad (the norm's input gradient plus
+    the residual's, with and without the weight gradient)."""
+    rng = np.random.default_rng(11)
+    a, b, dy, dres = (rng.normal(0, 2, shape).astype(np.float32) for _ in range(4))
+    w = rng.normal(1, 0.5, shape[-1]).astype(np.float32)
+    y, inv, s = _run("AddRMSNorm", [a, b, w], 3, epsilon=1e-5)
+    ds, dw = _run("AddRMSNormGrad", [dy, s, w, inv, dres], 2)
+    (ds_only,) = _run("AddRMSNormGrad", [dy, s, w, inv, dres], 1)
+    ta, tb, tw = _t(a), _t(b), _t(w)
+    ts = ta + tb
+    ty = tw * (ts * torch.rsqrt(ts.pow(2).mean(-1, keepdim=True) + 1e-5))
+    # s also feeds the next residual add, whose gradient arrives as dres
+    (ty * torch.tensor(dy, dtype=torch.float64)).sum().add((ts * torch.tensor(dres, dtype=torch.float64)).sum()).backward()
+    assert inv.shape == shape[:-1] + (1,)
+    np.testing.assert_allclose(s, a + b, rtol=0, atol=0)
+    np.testing.assert_allclose(y, ty.detach().numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ds, ta.grad.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(ds, tb.grad.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(dw, tw.grad.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(ds_only, ds)
+
+
+def test_add_rmsnorm_refuses_operands_that_differ():
+    z = np.zeros((2, 3), np.float32)
+    with pytest.raises(Exception, match=r"edgetune::AddRMSNorm: a \[2, 3\], b \[1, 3\] and weight \[3\] do not fit"):
+        _run("AddRMSNorm", [z, np.zeros((1, 3), np.float32), np.ones(3, np.float32)], 3, epsilon=1e-5)
+    with pytest.raises(Exception, match=r"edgetune::AddRMSNormGrad: dres \[2, 2\] is not shaped like x \[2, 3\]"):
+        _run("AddRMSNormGrad", [z, z, np.ones(3, np.float32), np.ones((2, 1), np.float32), np.zeros((2, 2), np.float32)], 1)
 
 
 @pytest.mark.parametrize("xshape,cshape", [((2, 3, 5, 8), (2, 1, 5, 8)), ((1, 1, 1, 2), (1, 1, 1, 2)),
@@ -292,6 +328,56 @@ def test_the_rewrite_finds_the_exported_pattern_and_computes_the_same(build, op)
     kernels.register(so)
     fused = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(fused.run(["y"], feed)[0], plain.run(["y"], feed)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_the_residual_add_and_its_gradient_sum_fuse_into_the_norm():
+    """A two-layer residual stream, h1 = h0 + o1, h2 = h1 + o2, each sum normalized: the training
+    graph's adds become AddRMSNorm, the sums of each norm's input gradient with the residual's become
+    AddRMSNormGrad, and the gradients equal the plain graph's; an add of a broadcast operand stays."""
+    from edgetune.workstation.gradients import driver
+
+    def model(broadcast):
+        f = TensorProto.FLOAT
+        rng = np.random.default_rng(5)
+        inits = [onnx.numpy_helper.from_array(rng.normal(size=(8, 8)).astype(np.float32), n) for n in ("p1", "p2", "p3")]
+        inits += [onnx.numpy_helper.from_array(rng.normal(1, 0.2, 8).astype(np.float32), n) for n in ("w1", "w2")]
+        nodes = [helper.make_node("MatMul", ["h0", "p1"], ["o1"]),
+                 helper.make_node("Add", ["o1", "bias"] if broadcast else ["h0", "o1"], ["h1"])]
+        for k, (x, w, y) in enumerate((("h1", "w1", "n1"), ("h2", "w2", "n2"))):
+            nodes += [helper.make_node("Pow", [x, "two"], [f"sq{k}"]),
+                      helper.make_node("ReduceMean", [f"sq{k}"], [f"ms{k}"], axes=[-1]),
+                      helper.make_node("Add", [f"ms{k}", "eps"], [f"ae{k}"]), helper.make_node("Sqrt", [f"ae{k}"], [f"rt{k}"]),
+                      helper.make_node("Div", ["one", f"rt{k}"], [f"iv{k}"]), helper.make_node("Mul", [x, f"iv{k}"], [f"xn{k}"]),
+                      helper.make_node("Mul", [w, f"xn{k}"], [y])]
+            if k == 0:
+                nodes += [helper.make_node("MatMul", ["n1", "p2"], ["o2"]), helper.make_node("Add", ["h1", "o2"], ["h2"])]
+        nodes += [helper.make_node("MatMul", ["n2", "p3"], ["z"]), helper.make_node("ReduceSum", ["z"], ["loss"], keepdims=0)]
+        nodes = [_const("eps", 1e-6), _const("one", 1.0), _const("two", 2.0)] + nodes
+        ins = [helper.make_tensor_value_info("h0", f, [2, 3, 8])]
+        if broadcast:
+            ins.append(helper.make_tensor_value_info("bias", f, [8]))
+        g = helper.make_graph(nodes, "g", ins, [helper.make_tensor_value_info("loss", f, [])], inits)
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+    rng = np.random.default_rng(6)
+    feed = {"h0": rng.normal(size=(2, 3, 8)).astype(np.float32)}
+    results = {}
+    for fused in (False, True):
+        tg = driver.build(model(False), ["p1", "p2", "p3"], "loss", [feed], fused=fused)
+        ops = [n.op_type for n in tg.model.graph.node]
+        so = ort.SessionOptions()
+        if fused:
+            kernels.register(so)
+            assert ops.count("AddRMSNorm") == 2 and ops.count("AddRMSNormGrad") == 1 and "Sum" not in ops, ops
+        f = dict(feed, **tg.initial)
+        sess = ort.InferenceSession(tg.model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        names = [o.name for o in sess.get_outputs()]
+        results[fused] = dict(zip(names, sess.run(names, {k: v for k, v in f.items()
+                                                           if k in {i.name for i in sess.get_inputs()}})))
+    for k, v in results[False].items():
+        np.testing.assert_allclose(results[True][k], v, rtol=1e-5, atol=1e-5, err_msg=k)
+    tg = driver.build(model(True), ["p1", "p2", "p3"], "loss", [dict(feed, bias=np.ones(8, np.float32))], fused=True)
+    assert [n.op_type for n in tg.model.graph.node].count("AddRMSNorm") == 1  # h2's add only: h1's broadcasts
 
 
 def test_the_rewrite_fuses_the_vocabulary_projection_and_its_loss(monkeypatch):

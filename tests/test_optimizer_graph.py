@@ -94,3 +94,73 @@ def test_training_on_the_graph_equals_the_numpy_optimizer(tiny_bundle, chat_data
     a, b = peft_io.load(graph.out)[1], peft_io.load(numpy_run.out)[1]
     worst = max(float(np.abs(a[k] - b[k]).max() / np.abs(b[k]).max()) for k in a)
     assert worst < 1e-5, worst
+
+
+def _need_library():
+    import os
+
+    from edgetune.device import fused as kernels
+
+    if os.environ.get("EDGETUNE_TEST_NO_FUSED") == "1":
+        pytest.skip("EDGETUNE_TEST_NO_FUSED=1: this host builds edgetune without the kernel library")
+    assert kernels.library().ok, kernels.library().reason
+    return kernels
+
+
+def test_the_one_call_adamw_gives_the_plain_graphs_bits(tmp_path):
+    """optimizer_fused.onnx (one edgetune.AdamW node) against optimizer.onnx: identical parameters and
+    moments, step after step, on tensors of odd sizes, size 1, empty, several thread blocks, with
+    gradients spanning twelve orders of magnitude and a schedule with warmup and decay."""
+    from edgetune.workstation import optimizer_graph
+
+    kernels = _need_library()
+    shapes = {"a": [4, 7], "b": [7, 1], "c": [1, 1], "d": [3, 16384 + 5], "e": [0, 8]}
+    plain = _graph(tmp_path, shapes)
+    fused = tmp_path / "optimizer_fused.onnx"
+    onnx.save(optimizer_graph.build(list(shapes), shapes, fused=True), str(fused))
+    m = onnx.load(str(fused))
+    assert [n.op_type for n in m.graph.node if n.domain == "edgetune"] == ["AdamW"]
+    so = ort.SessionOptions()
+    kernels.register(so)
+    ours, theirs = GraphAdamW(str(fused), 0.05, so), GraphAdamW(str(plain), 0.05)
+    rng = np.random.default_rng(1)
+    params = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+    ref = {k: v.copy() for k, v in params.items()}
+    start = {k: v.copy() for k, v in params.items()}
+    sched = {"base_lr": 3e-3, "warmup_steps": 3, "total_steps": 9, "schedule": 2}
+    for step in range(9):
+        grads = {k: (rng.normal(size=s) * 10.0 ** rng.integers(-9, 3)).astype(np.float32) for k, s in shapes.items()}
+        ours.step(params, grads, 0.0, sched)
+        theirs.step(ref, grads, 0.0, sched)
+        for k in shapes:
+            for x, y in ((params[k], ref[k]), (ours.exp_avg[k], theirs.exp_avg[k]),
+                         (ours.exp_avg_sq[k], theirs.exp_avg_sq[k])):
+                assert x.shape == y.shape and np.array_equal(x.view(np.uint32), y.view(np.uint32)), (step, k)
+    assert all(not np.array_equal(params[k], start[k]) for k in "abcd")  # the steps moved them
+
+
+def test_the_one_call_adamw_refuses_bad_inputs_by_name(tmp_path):
+    from onnx import TensorProto, helper
+
+    kernels = _need_library()
+    f = TensorProto.FLOAT
+    node = helper.make_node("AdamW", ["s", "d", "b", "p", "g", "m", "v"], ["p1", "m1", "v1"], domain="edgetune",
+                            beta1=0.9, one_minus_beta1=0.1, beta2=0.999, one_minus_beta2=0.001, epsilon=1e-8)
+    ins = [helper.make_tensor_value_info(n, f, None) for n in ("s", "d", "b", "p", "g", "m", "v")]
+    outs = [helper.make_tensor_value_info(n, f, None) for n in ("p1", "m1", "v1")]
+    model = helper.make_model(helper.make_graph([node], "t", ins, outs),
+                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("edgetune", 1)])
+    model.ir_version = 8
+    path = tmp_path / "adamw.onnx"
+    onnx.save(model, str(path))
+    so = ort.SessionOptions()
+    kernels.register(so)
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    one = np.array(1.0, np.float32)
+    ok = np.ones(3, np.float32)
+    out = sess.run(None, {"s": one, "d": one, "b": one, "p": ok, "g": ok, "m": ok, "v": ok})
+    assert [o.shape for o in out] == [(3,)] * 3
+    with pytest.raises(Exception, match=r"edgetune::AdamW: tensor 0: p \[3\] and input 1 \[4\] differ"):
+        sess.run(None, {"s": one, "d": one, "b": one, "p": ok, "g": np.ones(4, np.float32), "m": ok, "v": ok})
+    with pytest.raises(Exception, match="edgetune::AdamW: step_size, decay and bc2_sqrt must be scalars"):
+        sess.run(None, {"s": ok, "d": one, "b": one, "p": ok, "g": ok, "m": ok, "v": ok})

@@ -12,8 +12,12 @@ struct FusedKernels {
   void (*swiglu)(const float* g, const float* u, float* y, size_t n);
   void (*swiglu_grad)(const float* dy, const float* g, const float* u, float* dg, float* du, size_t n);
   void (*rmsnorm)(const float* x, const float* w, float* y, float* inv, size_t rows, size_t d, float eps);
-  void (*rmsnorm_grad)(const float* dy, const float* x, const float* w, const float* inv, float* dx, float* dw,
-                       size_t rows, size_t d);
+  // dres (optional) is added to dx; dw (optional) accumulates.
+  void (*rmsnorm_grad)(const float* dy, const float* x, const float* w, const float* inv, const float* dres, float* dx,
+                       float* dw, size_t rows, size_t d);
+  // s = a + b, then rmsnorm of s.
+  void (*add_rmsnorm)(const float* a, const float* b, const float* w, float* y, float* inv, float* s, size_t rows,
+                      size_t d, float eps);
   void (*rotary_row)(const float* x, const float* c, const float* s, float* y, size_t d, bool backward);
   // Attention of one (batch, head); kt and vt are k and v transposed to D x ld (ld: S rounded up
   // to attn_tile, zero-padded), work holds attn_work_rows * ld + attn_block_rows * D floats.

@@ -79,9 +79,22 @@ inline void rmsnorm(const float* x, const float* w, float* y, float* inv, size_t
   }
 }
 
-// With xh = x * inv and g = dy * w: dx = inv * (g - xh * mean(g * xh)); dw += dy * xh (summed over rows).
-inline void rmsnorm_grad(const float* dy, const float* x, const float* w, const float* inv, float* dx, float* dw,
-                         size_t rows, size_t d) {
+// The residual add and the norm: s = a + b, then rmsnorm of s (each row added, then normalized
+// while it is still in cache).
+inline void add_rmsnorm(const float* a, const float* b, const float* w, float* y, float* inv, float* s, size_t rows,
+                        size_t d, float eps) {
+  for (size_t r = 0; r < rows; ++r) {
+    const float *ar = a + r * d, *br = b + r * d;
+    float* sr = s + r * d;
+    for (size_t i = 0; i < d; ++i) sr[i] = ar[i] + br[i];
+    rmsnorm(sr, w, y + r * d, inv + r, 1, d, eps);
+  }
+}
+
+// With xh = x * inv and g = dy * w: dx = inv * (g - xh * mean(g * xh)) (+ dres, the gradient the
+// normalized tensor's input gets from elsewhere, when given); dw += dy * xh (summed over rows, when given).
+inline void rmsnorm_grad(const float* dy, const float* x, const float* w, const float* inv, const float* dres,
+                         float* dx, float* dw, size_t rows, size_t d) {
   for (size_t r = 0; r < rows; ++r) {
     const float* xr = x + r * d;
     const float* gr = dy + r * d;
@@ -96,7 +109,12 @@ inline void rmsnorm_grad(const float* dy, const float* x, const float* w, const 
     const float m = s * v / static_cast<float>(d);  // mean(g * xh)
     if (dx) {
       float* dxr = dx + r * d;
-      for (size_t k = 0; k < d; ++k) dxr[k] = v * (gr[k] * w[k] - xr[k] * v * m);
+      if (dres) {
+        const float* rr = dres + r * d;
+        for (size_t k = 0; k < d; ++k) dxr[k] = v * (gr[k] * w[k] - xr[k] * v * m) + rr[k];
+      } else {
+        for (size_t k = 0; k < d; ++k) dxr[k] = v * (gr[k] * w[k] - xr[k] * v * m);
+      }
     }
     if (dw)
       for (size_t k = 0; k < d; ++k) dw[k] += gr[k] * xr[k] * v;
@@ -461,6 +479,7 @@ inline FusedKernels kernels(const char* name) {
   k.swiglu_grad = swiglu_grad;
   k.rmsnorm = rmsnorm;
   k.rmsnorm_grad = rmsnorm_grad;
+  k.add_rmsnorm = add_rmsnorm;
   k.rotary_row = rotary_row;
   k.attn_forward = attn_forward;
   k.attn_backward = attn_backward;

@@ -4,10 +4,16 @@
 // compiled against older headers runs in every later ONNX Runtime.
 //
 // Ops (float32; shapes in edgetune/device/fused.py):
-//   SwiGLU(g, u) -> y                          y = silu(g) * u
+//   SwiGLU(g, u[, after]) -> y                 y = silu(g) * u
 //   SwiGLUGrad(dy, g, u) -> dg, du
-//   RMSNorm(x, w; epsilon) -> y, inv_rms       over the last axis
+//   RMSNorm(x, w[, after]; epsilon) -> y, inv_rms
+//                                             over the last axis
 //   RMSNormGrad(dy, x, w, inv_rms) -> dx, dw
+//   AddRMSNorm(a, b, w; epsilon) -> y, inv_rms, s
+//                                             the residual add and the norm: s = a + b, y = RMSNorm(s)
+//   AddRMSNormGrad(dy, s, w, inv_rms, dres) -> ds[, dw]
+//                                             RMSNormGrad's dx plus dres (s's gradient from its other
+//                                             readers), so no separate sum of the two
 //   Rotary(x, cos, sin) -> y                   rotate-half rotary embedding, cos/sin broadcast to x
 //   RotaryGrad(dy, cos, sin) -> dx
 //   Attention(q, k, v, mask; scale) -> out    softmax(q k^T scale + mask) v, grouped k/v heads, by
@@ -17,12 +23,19 @@
 //                                             sum over rows of cross-entropy(h w^T, labels), the
 //                                             vocabulary in tiles (no rows x V logits); dh, when the
 //                                             node has it, is d loss / d h, from the same pass
+//   AdamW(step_size, decay, bc2_sqrt, p_1, g_1, m_1, v_1, ..., p_n, g_n, m_n, v_n;
+//         beta1, one_minus_beta1, beta2, one_minus_beta2, epsilon)
+//       -> p_1', m_1', v_1', ..., p_n', m_n', v_n'
+//                                             PyTorch's AdamW update of n tensors in one call, each
+//                                             value computed as edgetune's plain optimizer graph does
+//                                             (the same float32 operations in the same order)
 #define ORT_API_MANUAL_INIT
 #include "onnxruntime_cxx_api.h"
 #undef ORT_API_MANUAL_INIT
 #include "onnxruntime_lite_custom_op.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <exception>
 #include <functional>
@@ -104,7 +117,10 @@ Ort::Status guarded(const char* op, F&& body) {
   }
 }
 
-Ort::Status SwiGLU(OrtKernelContext* ctx, const Tensor<float>& g, const Tensor<float>& u, Tensor<float>& y) {
+// `after` (RMSNorm, SwiGLU): an optional last input the op only waits for, never reads; a forward
+// op recomputed in the backward pass takes it to run when the backward pass gets there.
+Ort::Status SwiGLU(OrtKernelContext* ctx, const Tensor<float>& g, const Tensor<float>& u,
+                   std::optional<const Tensor<float>*> /*after*/, Tensor<float>& y) {
   return guarded("SwiGLU", [&]() -> Ort::Status {
     if (g.Shape() != u.Shape()) return fail("SwiGLU", "g " + shape_str(g.Shape()) + " and u " + shape_str(u.Shape()) + " differ");
     const size_t n = static_cast<size_t>(g.NumberOfElement());
@@ -141,8 +157,8 @@ struct RMSNorm {
   float eps = 1e-6f;
   RMSNorm(const OrtApi*, const OrtKernelInfo* info) { eps = Ort::ConstKernelInfo(info).GetAttribute<float>("epsilon"); }
 
-  Ort::Status Compute(OrtKernelContext* ctx, const Tensor<float>& x, const Tensor<float>& w, Tensor<float>& y,
-                      Tensor<float>& inv) {
+  Ort::Status Compute(OrtKernelContext* ctx, const Tensor<float>& x, const Tensor<float>& w,
+                      std::optional<const Tensor<float>*> /*after*/, Tensor<float>& y, Tensor<float>& inv) {
     return guarded("RMSNorm", [&]() -> Ort::Status {
       if (auto st = outputs_missing(ctx, 2, "RMSNorm"); !st.IsOK()) return st;
       const auto& s = x.Shape();
@@ -165,32 +181,84 @@ struct RMSNorm {
   }
 };
 
-Ort::Status RMSNormGrad(OrtKernelContext* ctx, const Tensor<float>& dy, const Tensor<float>& x, const Tensor<float>& w,
-                        const Tensor<float>& inv, Tensor<float>& dx, Tensor<float>& dw) {
-  return guarded("RMSNormGrad", [&]() -> Ort::Status {
-      if (auto st = outputs_missing(ctx, 2, "RMSNormGrad"); !st.IsOK()) return st;
+// RMSNormGrad and AddRMSNormGrad: dres (optional) is added to dx, dw (optional) is computed.
+Ort::Status rmsnorm_grad(const char* op, OrtKernelContext* ctx, const Tensor<float>& dy, const Tensor<float>& x,
+                         const Tensor<float>& w, const Tensor<float>& inv, const Tensor<float>* dres, Tensor<float>& dx,
+                         Tensor<float>* dw) {
+  return guarded(op, [&]() -> Ort::Status {
     const auto& s = x.Shape();
     if (s.empty() || dy.Shape() != s || w.Shape().size() != 1 || w.Shape()[0] != s.back())
-      return fail("RMSNormGrad", "dy " + shape_str(dy.Shape()) + ", x " + shape_str(s) + " and weight " +
-                                     shape_str(w.Shape()) + " do not fit");
+      return fail(op, "dy " + shape_str(dy.Shape()) + ", x " + shape_str(s) + " and weight " +
+                          shape_str(w.Shape()) + " do not fit");
+    if (dres && dres->Shape() != s)
+      return fail(op, "dres " + shape_str(dres->Shape()) + " is not shaped like x " + shape_str(s));
     const size_t d = static_cast<size_t>(s.back()), rows = d ? static_cast<size_t>(x.NumberOfElement()) / d : 0;
     if (static_cast<size_t>(inv.NumberOfElement()) != rows)
-      return fail("RMSNormGrad", "inv_rms " + shape_str(inv.Shape()) + " does not have one value per row of x " + shape_str(s));
+      return fail(op, "inv_rms " + shape_str(inv.Shape()) + " does not have one value per row of x " + shape_str(s));
     float* pdx = dx.Allocate(s);
-    float* pdw = dw.Allocate(w.Shape());
+    float* pdw = dw ? dw->Allocate(w.Shape()) : nullptr;
     const size_t per = std::max<size_t>(1, BLOCK / std::max<size_t>(d, 1));
     const size_t nb = (rows + per - 1) / per;
-    std::vector<float> partial(nb * d, 0.0f);
+    std::vector<float> partial(pdw ? nb * d : 0, 0.0f);
     const float *pdy = dy.Data(), *px = x.Data(), *pw = w.Data(), *pinv = inv.Data();
+    const float* pres = dres ? dres->Data() : nullptr;
     parallel(ctx, nb, [&](size_t b) {
       const size_t lo = b * per, n = std::min(per, rows - lo);
-      K().rmsnorm_grad(pdy + lo * d, px + lo * d, pw, pinv + lo, pdx + lo * d, partial.data() + b * d, n, d);
+      K().rmsnorm_grad(pdy + lo * d, px + lo * d, pw, pinv + lo, pres ? pres + lo * d : nullptr, pdx + lo * d,
+                       pdw ? partial.data() + b * d : nullptr, n, d);
     });
-    for (size_t k = 0; k < d; ++k) pdw[k] = 0.0f;
-    for (size_t b = 0; b < nb; ++b)
-      for (size_t k = 0; k < d; ++k) pdw[k] += partial[b * d + k];
+    if (pdw) {
+      for (size_t k = 0; k < d; ++k) pdw[k] = 0.0f;
+      for (size_t b = 0; b < nb; ++b)
+        for (size_t k = 0; k < d; ++k) pdw[k] += partial[b * d + k];
+    }
     return Ort::Status{nullptr};
   });
+}
+
+Ort::Status RMSNormGrad(OrtKernelContext* ctx, const Tensor<float>& dy, const Tensor<float>& x, const Tensor<float>& w,
+                        const Tensor<float>& inv, Tensor<float>& dx, Tensor<float>& dw) {
+  if (auto st = outputs_missing(ctx, 2, "RMSNormGrad"); !st.IsOK()) return st;
+  return rmsnorm_grad("RMSNormGrad", ctx, dy, x, w, inv, nullptr, dx, &dw);
+}
+
+// The residual add and the norm in one pass: s = a + b (a and b alike), y = RMSNorm(s, w).
+struct AddRMSNorm {
+  float eps = 1e-6f;
+  AddRMSNorm(const OrtApi*, const OrtKernelInfo* info) { eps = Ort::ConstKernelInfo(info).GetAttribute<float>("epsilon"); }
+
+  Ort::Status Compute(OrtKernelContext* ctx, const Tensor<float>& a, const Tensor<float>& b, const Tensor<float>& w,
+                      Tensor<float>& y, Tensor<float>& inv, Tensor<float>& sum) {
+    return guarded("AddRMSNorm", [&]() -> Ort::Status {
+      if (auto st = outputs_missing(ctx, 3, "AddRMSNorm"); !st.IsOK()) return st;
+      const auto& s = a.Shape();
+      if (s.empty() || b.Shape() != s || w.Shape().size() != 1 || w.Shape()[0] != s.back())
+        return fail("AddRMSNorm", "a " + shape_str(s) + ", b " + shape_str(b.Shape()) + " and weight " +
+                                      shape_str(w.Shape()) + " do not fit (a and b alike, the weight their last axis)");
+      const size_t d = static_cast<size_t>(s.back()), rows = d ? static_cast<size_t>(a.NumberOfElement()) / d : 0;
+      float* py = y.Allocate(s);
+      float* ps = sum.Allocate(s);
+      std::vector<int64_t> is(s.begin(), s.end() - 1);
+      is.push_back(1);
+      float* pinv = inv.Allocate(is);
+      const size_t per = std::max<size_t>(1, BLOCK / std::max<size_t>(d, 1));
+      const float *pa = a.Data(), *pb = b.Data(), *pw = w.Data();
+      const float e = eps;
+      parallel(ctx, (rows + per - 1) / per, [&](size_t blk) {
+        const size_t lo = blk * per, n = std::min(per, rows - lo);
+        K().add_rmsnorm(pa + lo * d, pb + lo * d, pw, py + lo * d, pinv + lo, ps + lo * d, n, d, e);
+      });
+      return Ort::Status{nullptr};
+    });
+  }
+};
+
+// The gradient of AddRMSNorm's sum s: RMSNormGrad's dx plus dres, the gradient s gets from its
+// other readers (the next residual add), in the same pass; dw only when the node asks for it.
+Ort::Status AddRMSNormGrad(OrtKernelContext* ctx, const Tensor<float>& dy, const Tensor<float>& x,
+                           const Tensor<float>& w, const Tensor<float>& inv, const Tensor<float>& dres,
+                           Tensor<float>& dx, std::optional<Tensor<float>*> dw) {
+  return rmsnorm_grad("AddRMSNormGrad", ctx, dy, x, w, inv, &dres, dx, dw.has_value() ? *dw : nullptr);
 }
 
 // cos/sin are broadcast to x from the right; each of their dimensions is 1 or x's.
@@ -385,6 +453,70 @@ struct CrossEntropyHead {
   }
 };
 
+
+// The AdamW update of every adapter tensor in one call. The scalars come from the optimizer graph's
+// schedule: step_size = lr / (1 - beta1^t), decay = 1 - lr * weight_decay, bc2_sqrt = sqrt(1 - beta2^t).
+// Each element takes exactly the plain graph's float32 operations in its order (this file is built
+// without contracting a * b + c into one rounding), so both forms give the same bits.
+struct AdamW {
+  // 1 - beta as its own attribute: the graph rounds the exact difference to float32 once, which
+  // 1.0f - beta1 (a difference of two roundings) does not reproduce.
+  float b1, c1b, b2, c2b, eps;
+  AdamW(const OrtApi*, const OrtKernelInfo* info) {
+    Ort::ConstKernelInfo k(info);
+    b1 = k.GetAttribute<float>("beta1");
+    c1b = k.GetAttribute<float>("one_minus_beta1");
+    b2 = k.GetAttribute<float>("beta2");
+    c2b = k.GetAttribute<float>("one_minus_beta2");
+    eps = k.GetAttribute<float>("epsilon");
+  }
+
+  Ort::Status Compute(OrtKernelContext* ctx, const Tensor<float>& step_size, const Tensor<float>& decay,
+                      const Tensor<float>& bc2_sqrt, const Ort::Custom::Variadic& in, Ort::Custom::Variadic& out) {
+    return guarded("AdamW", [&]() -> Ort::Status {
+      for (const auto* s : {&step_size, &decay, &bc2_sqrt})
+        if (s->NumberOfElement() != 1) return fail("AdamW", "step_size, decay and bc2_sqrt must be scalars");
+      const size_t n = in.Size();
+      if (n == 0 || n % 4) return fail("AdamW", std::to_string(n) + " tensor inputs after the scalars: want 4 per tensor (p, g, m, v)");
+      const size_t count = n / 4;
+      if (auto st = outputs_missing(ctx, 3 * count, "AdamW"); !st.IsOK()) return st;
+      struct Job { const float *p, *g, *m, *v; float *p1, *m1, *v1; size_t len; };
+      std::vector<Job> jobs;
+      for (size_t t = 0; t < count; ++t) {
+        const auto& shape = in[4 * t]->Shape();
+        for (size_t j = 1; j < 4; ++j)
+          if (in[4 * t + j]->Shape() != shape)
+            return fail("AdamW", "tensor " + std::to_string(t) + ": p " + shape_str(shape) + " and input " +
+                                     std::to_string(j) + " " + shape_str(in[4 * t + j]->Shape()) + " differ");
+        const float* src[4];
+        for (size_t j = 0; j < 4; ++j) src[j] = static_cast<const float*>(in[4 * t + j]->DataRaw());
+        float* p1 = out.AllocateOutput<float>(3 * t, shape);
+        float* m1 = out.AllocateOutput<float>(3 * t + 1, shape);
+        float* v1 = out.AllocateOutput<float>(3 * t + 2, shape);
+        const size_t len = static_cast<size_t>(in[4 * t]->NumberOfElement());
+        for (size_t lo = 0; lo < len; lo += BLOCK)
+          jobs.push_back({src[0] + lo, src[1] + lo, src[2] + lo, src[3] + lo, p1 + lo, m1 + lo, v1 + lo,
+                          std::min(BLOCK, len - lo)});
+      }
+      const float ss = step_size.Data()[0], dec = decay.Data()[0], bc2 = bc2_sqrt.Data()[0];
+      const float c1 = b1, c2 = b2, e = eps;
+      parallel(ctx, jobs.size(), [&](size_t i) {
+        const Job& J = jobs[i];
+        for (size_t k = 0; k < J.len; ++k) {
+          const float g = J.g[k];
+          const float m1 = J.m[k] * c1 + g * c1b;
+          const float v1 = J.v[k] * c2 + (g * g) * c2b;
+          const float denom = std::sqrt(v1) / bc2 + e;
+          J.p1[k] = J.p[k] * dec - ss * (m1 / denom);
+          J.m1[k] = m1;
+          J.v1[k] = v1;
+        }
+      });
+      return Ort::Status{nullptr};
+    });
+  }
+};
+
 }  // namespace
 
 #if defined(_WIN32)
@@ -399,7 +531,7 @@ extern "C" EDGETUNE_EXPORT const char* EdgetuneFusedIsa() { return K().name; }
 // The ops this library implements, comma-separated: a bundle whose fused graphs use one it lacks
 // runs its plain graphs.
 extern "C" EDGETUNE_EXPORT const char* EdgetuneFusedOps() {
-  return "SwiGLU,SwiGLUGrad,RMSNorm,RMSNormGrad,Rotary,RotaryGrad,Attention,AttentionGrad,CrossEntropyHead";
+  return "SwiGLU,SwiGLUGrad,RMSNorm,RMSNormGrad,Rotary,RotaryGrad,Attention,AttentionGrad,CrossEntropyHead,AdamW,AddRMSNorm,AddRMSNormGrad";
 }
 
 // Bumped when an op's inputs, outputs or meaning change; a bundle's fused graph names the one it needs.
@@ -418,11 +550,14 @@ extern "C" EDGETUNE_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionO
       ops.emplace_back(Ort::Custom::CreateLiteCustomOp("SwiGLUGrad", cpu, SwiGLUGrad));
       ops.emplace_back(Ort::Custom::CreateLiteCustomOp<RMSNorm>("RMSNorm", cpu));
       ops.emplace_back(Ort::Custom::CreateLiteCustomOp("RMSNormGrad", cpu, RMSNormGrad));
+      ops.emplace_back(Ort::Custom::CreateLiteCustomOp<AddRMSNorm>("AddRMSNorm", cpu));
+      ops.emplace_back(Ort::Custom::CreateLiteCustomOp("AddRMSNormGrad", cpu, AddRMSNormGrad));
       ops.emplace_back(Ort::Custom::CreateLiteCustomOp("Rotary", cpu, Rotary));
       ops.emplace_back(Ort::Custom::CreateLiteCustomOp("RotaryGrad", cpu, RotaryGrad));
       ops.emplace_back(Ort::Custom::CreateLiteCustomOp<Attention>("Attention", cpu));
       ops.emplace_back(Ort::Custom::CreateLiteCustomOp<AttentionGrad>("AttentionGrad", cpu));
       ops.emplace_back(Ort::Custom::CreateLiteCustomOp<CrossEntropyHead>("CrossEntropyHead", cpu));
+      ops.emplace_back(Ort::Custom::CreateLiteCustomOp<AdamW>("AdamW", cpu));
       for (auto& op : ops) domain->Add(op.get());
     }
     Ort::UnownedSessionOptions(options).Add(*domain);

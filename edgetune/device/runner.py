@@ -146,11 +146,31 @@ class StepRunner:
         self.grads: dict[str, np.ndarray] = {}
         # The bundle's optimizer graph (what an app runs) where there is one; numpy for older bundles.
         opt = b.manifest.get("optimizer") or {}
-        self.optimizer = GraphAdamW(str(b.path(opt["file"])), weight_decay) if opt else AdamW(weight_decay=weight_decay)
+        self.optimizer = self._optimizer(opt, weight_decay) if opt else AdamW(weight_decay=weight_decay)
         self._grad_names = [p + "_grad" for p in b.trainable]
         # DoRA's weight norms as a graph (what an app runs); numpy (edgetune.device.dora) for older bundles.
         norms = (b.manifest.get("app_training") or {}).get("dora_norms")
         self._norms_sess = self._norms_session(norms) if norms else None
+
+    def _optimizer(self, opt: dict[str, Any], weight_decay: float) -> GraphAdamW:
+        """The optimizer graph: its one-call form (``edgetune.AdamW``, the same bits) beside the
+        fused training graph when the library has the op, else ``optimizer.onnx``."""
+        name = (self.bundle.manifest.get("fused") or {}).get("optimizer")
+        if name and self.kernel_info != "plain" and not kernels.library().lacks({"AdamW"}):
+            import onnxruntime as ort
+
+            so = ort.SessionOptions()  # as optimizer.onnx's session has (no denormal flush: the same bits)
+            so.log_severity_level = 3
+            try:
+                kernels.register(so)
+                graph = GraphAdamW(str(self.bundle.path(name)), weight_decay, so)
+                self._graphs["optimizer"] = name
+                return graph
+            except Exception as e:  # noqa: BLE001 - ORT raises several unrelated types here
+                kernels.say_once(f"{self.bundle.path(name)} did not load ({str(e).splitlines()[0][:160]}); "
+                                 f"the optimizer runs {opt['file']}")
+        self._graphs["optimizer"] = opt["file"]
+        return GraphAdamW(str(self.bundle.path(opt["file"])), weight_decay)
 
     def _norms_session(self, name: str) -> Any:
         import onnxruntime as ort

@@ -637,7 +637,14 @@ def build_fused(forward_onnx: Path, trainable: list[str], out: Path, vocab: int,
             graphs.disable_dropout(model)
         graphs.share_external_data(model, out / "train.onnx")
         onnx.save(model, str(out / name))
-    return {"train": "train_fused.onnx", "eval": "eval_fused.onnx", "abi": kernels.ABI, "ops": ops}
+    entry = {"train": "train_fused.onnx", "eval": "eval_fused.onnx", "abi": kernels.ABI, "ops": ops}
+    if not lib.lacks({"AdamW": 1}):
+        # The optimizer step as one AdamW call; the same bits as optimizer.onnx (its own entry: a
+        # library without the op still runs the fused training graphs with the plain optimizer).
+        onnx.save(optimizer_graph.build(trainable, {n: list(v.shape) for n, v in tg.initial.items()}, fused=True),
+                  str(out / "optimizer_fused.onnx"))
+        entry["optimizer"] = "optimizer_fused.onnx"
+    return entry
 
 
 def stop_token_ids(gen: dict[str, Any], eos_id: int | None) -> list[int]:

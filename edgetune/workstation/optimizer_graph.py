@@ -7,6 +7,10 @@ Inputs: float32 scalars ``step`` (the 1-based number of the step being taken), `
 1 linear, 2 cosine); per adapter tensor ``P``: ``P``, ``P_grad``, ``exp_avg/P``, ``exp_avg_sq/P``.
 Outputs: ``lr`` and, per tensor, ``P/updated``, ``exp_avg/P/updated``, ``exp_avg_sq/P/updated``.
 
+With ``fused=True`` the per-tensor updates are one ``AdamW`` node of the ``edgetune`` domain
+(the fused-kernel library's op, ``cpp_ext/ort_ops``), which computes every element with the same
+float32 operations in the same order, so both forms give the same bits; the schedule stays plain.
+
 The rule is PyTorch's ``torch.optim.AdamW`` (decoupled weight decay, bias correction), as
 ``edgetune.device.optim.AdamW`` computes it in numpy; the schedule is
 ``edgetune.device.trainer.lr_at``'s (linear warmup, then constant, linear or cosine decay).
@@ -18,6 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+FUSED_DOMAIN = "edgetune"
 SCHEDULES = {"constant": 0, "linear": 1, "cosine": 2}
 BETAS = (0.9, 0.999)
 EPS = 1e-8
@@ -82,8 +87,9 @@ def _one_minus_pow(g: _G, beta: float, step: str) -> str:
     return g.op("Neg", [g.op("Where", [small, expm1, plain])])
 
 
-def build(params: Sequence[str], shapes: dict[str, list[int]]) -> Any:
-    """The optimizer graph for the adapter tensors ``params`` of the given shapes."""
+def build(params: Sequence[str], shapes: dict[str, list[int]], fused: bool = False) -> Any:
+    """The optimizer graph for the adapter tensors ``params`` of the given shapes; ``fused``: the
+    updates as one ``edgetune.AdamW`` node (needs the kernel library)."""
     from onnx import TensorProto, helper
 
     g = _G()
@@ -96,14 +102,22 @@ def build(params: Sequence[str], shapes: dict[str, list[int]]) -> Any:
     bc2_sqrt = g.op("Sqrt", [_one_minus_pow(g, b2, "step")])
     decay = g.op("Sub", [one, g.op("Mul", [lr, "weight_decay"])])
     step_size = g.op("Div", [lr, bc1])
-    c_b1, c_1b1, c_b2, c_1b2, c_eps = (g.const(x) for x in (b1, 1.0 - b1, b2, 1.0 - b2, EPS))
+    if not fused:
+        c_b1, c_1b1, c_b2, c_1b2, c_eps = (g.const(x) for x in (b1, 1.0 - b1, b2, 1.0 - b2, EPS))
     inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, []) for n in
               ("step", "base_lr", "warmup_steps", "total_steps", "weight_decay")]
     inputs.append(helper.make_tensor_value_info("schedule", TensorProto.INT64, []))
     outputs = [helper.make_tensor_value_info("lr", TensorProto.FLOAT, [])]
+    fused_in: list[str] = []
+    fused_out: list[str] = []
     for p in params:
         grad, m, v = p + "_grad", "exp_avg/" + p, "exp_avg_sq/" + p
         inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, shapes[p]) for n in (p, grad, m, v)]
+        if fused:
+            fused_in += [p, grad, m, v]
+            fused_out += [updated(p), updated(m), updated(v)]
+            outputs += [helper.make_tensor_value_info(o, TensorProto.FLOAT, shapes[p]) for o in fused_out[-3:]]
+            continue
         m1 = g.op("Add", [g.op("Mul", [m, c_b1]), g.op("Mul", [grad, c_1b1])])
         v1 = g.op("Add", [g.op("Mul", [v, c_b2]), g.op("Mul", [g.op("Mul", [grad, grad]), c_1b2])])
         denom = g.op("Add", [g.op("Div", [g.op("Sqrt", [v1]), bc2_sqrt]), c_eps])
@@ -111,7 +125,14 @@ def build(params: Sequence[str], shapes: dict[str, list[int]]) -> Any:
         for src, out in ((p1, updated(p)), (m1, updated(m)), (v1, updated(v))):
             g.nodes.append(helper.make_node("Identity", [src], [out], name=out))
             outputs.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, shapes[p]))
+    opsets = [helper.make_opsetid("", 17)]
+    if fused:
+        # The constants as the plain graph rounds them (1 - beta from float64, then float32).
+        g.nodes.append(helper.make_node("AdamW", [step_size, decay, bc2_sqrt] + fused_in, fused_out, name="opt/AdamW",
+                                        domain=FUSED_DOMAIN, beta1=b1, one_minus_beta1=1.0 - b1, beta2=b2,
+                                        one_minus_beta2=1.0 - b2, epsilon=EPS))
+        opsets.append(helper.make_opsetid(FUSED_DOMAIN, 1))
     graph = helper.make_graph(g.nodes, "edgetune_adamw", inputs, outputs, g.inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="edgetune")
+    model = helper.make_model(graph, opset_imports=opsets, producer_name="edgetune")
     model.ir_version = 8
     return model

@@ -407,14 +407,18 @@ class Trainer {
                  " steps in " + a.batches.string() + "; tokenize with --steps " + std::to_string(a.steps));
     const Json& app = bundle_.app;
     train_graph_ = app.at("train", "app_training").text;
+    optimizer_graph_ = app.at("optimizer", "app_training").text;
     if (!a.kernels.empty()) {
       const Json* fused = bundle_.manifest.find("fused");
       if (!fused || fused->kind != Json::Object)
         throw Fail(bundle_.file("edgetune.json").string() + ": the bundle has no fused graphs for --kernels; "
                    "export it where edgetune's kernel library builds, or leave --kernels out");
       train_graph_ = fused->at("train", "fused").text;
+      // The optimizer step as one edgetune.AdamW call, where the bundle has it (the same bits).
+      const Json* opt = fused->find("optimizer");
+      if (opt && opt->kind == Json::String) optimizer_graph_ = opt->text;
     }
-    std::vector<std::string> files = {train_graph_, "train.onnx.data", app.at("optimizer", "app_training").text,
+    std::vector<std::string> files = {train_graph_, "train.onnx.data", optimizer_graph_,
                                       "adapter_init.safetensors"};
     const Json& norms = app.at("dora_norms", "app_training");
     if (!norms.is_null()) files.push_back(norms.text);
@@ -454,7 +458,7 @@ class Trainer {
   Ort::Env env_;
   Ort::MemoryInfo mem_ = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
   std::unique_ptr<Ort::Session> train_, optimizer_, norms_;
-  std::string train_graph_;
+  std::string train_graph_, optimizer_graph_;
   std::map<std::string, Json> feeds_;
   std::deque<uint8_t> u8_feeds_;  // deques: the tensors of one run point into them
   std::deque<int64_t> i64_feeds_;
@@ -571,7 +575,7 @@ class Trainer {
 
   void open_sessions() {
     train_ = open(train_graph_, true, !args_.kernels.empty());
-    optimizer_ = open(bundle_.app.at("optimizer", "app_training").text, false);
+    optimizer_ = open(optimizer_graph_, false, optimizer_graph_ != bundle_.app.at("optimizer", "app_training").text);
     const Json& norms = bundle_.app.at("dora_norms", "app_training");
     if (!norms.is_null()) norms_ = open(norms.text, false);
   }
@@ -741,7 +745,7 @@ class Trainer {
         b.BindInput(n.c_str(), tensor(mem_, grads_[n.substr(0, n.size() - 5)]));
       else if (n.rfind("exp_avg_sq/", 0) == 0 && exp_avg_sq_.count(n.substr(11))) b.BindInput(n.c_str(), tensor(mem_, exp_avg_sq_[n.substr(11)]));
       else if (n.rfind("exp_avg/", 0) == 0 && exp_avg_.count(n.substr(8))) b.BindInput(n.c_str(), tensor(mem_, exp_avg_[n.substr(8)]));
-      else throw Fail(bundle_.file("optimizer.onnx").string() + " wants the input " + n + ", which this trainer does not know");
+      else throw Fail(bundle_.file(optimizer_graph_).string() + " wants the input " + n + ", which this trainer does not know");
     }
     float lr = 0;
     b.BindOutput("lr", Ort::Value::CreateTensor<float>(mem_, &lr, 1, kScalar, 0));
@@ -889,7 +893,8 @@ class Trainer {
     data.set("steps", Json::integer(batches_.steps));
     run.set("data", data);
     run.set("format", Json::integer(kRunFormat));
-    run.set("graphs", [&] { Json g = Json::object(); g.set("train", Json::str(train_graph_)); return g; }());
+    run.set("graphs", [&] { Json g = Json::object(); g.set("train", Json::str(train_graph_));
+      g.set("optimizer", Json::str(optimizer_graph_)); return g; }());
     run.set("kernels", Json::str(args_.kernels.empty() ? "plain" : "fused"));
     run.set("kind", Json::str("edgetune-run"));
     run.set("status", Json::str(status));

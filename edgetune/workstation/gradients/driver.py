@@ -8,6 +8,7 @@ import numpy as np
 from edgetune.formats.errors import ModelError
 
 from .core import FLOATS, RULES, Builder, TrainingGraph, grad_name
+from .fused import fold_residual_grads, fuse_residual
 from .fused import fuse as fuse_ops
 from .memory import hoist_shapes, recompute_cheap, recompute_layers
 from .prepare import drop_noop_casts, elem_types, fuse_matmuls, probe_shapes
@@ -143,4 +144,8 @@ def build(proto: Any, params: list[str], loss: str, feeds: Sequence[dict[str, np
         recompute_layers(train, n_forward, types)
     else:
         recompute_cheap(train, n_forward, types, shapes)
+    if fused:  # the residual adds into the norms, forward and backward (after recomputation chose)
+        fuse_residual(train, shapes, n_forward)
+        fold_residual_grads(train)
+        fuse_residual(proto, shapes)
     return TrainingGraph(train, list(params), grads, initial, proto)

@@ -4,6 +4,8 @@
 the custom-op library (``cpp_ext/ort_ops``, loaded by :mod:`edgetune.device.fused`) implements:
 
 - ``RMSNorm(x, w)``: ``w * (x / sqrt(mean(x^2) + eps))`` (Pow, ReduceMean, Add, Sqrt, Div, Mul, Mul);
+  after differentiation, a residual ``Add`` into it becomes ``AddRMSNorm(a, b, w)`` (:func:`fuse_residual`)
+  and the sum of its input gradient with the residual's one ``AddRMSNormGrad`` (:func:`fold_residual_grads`);
 - ``SwiGLU(g, u)``: ``silu(g) * u`` (QuickGelu with alpha 1, Mul);
 - ``Rotary(x, cos, sin)``: ``x * cos + rotate_half(x) * sin`` (Slice, Slice, Neg, Concat, Mul, Mul, Add);
 - ``Attention(q, k, v, mask)``: ``softmax(q k^T scale + mask) v`` (FusedMatMul, Add, Softmax, MatMul, and
@@ -241,6 +243,83 @@ def _drop_dead(proto: Any) -> None:
             return
         del g.node[:]
         g.node.extend(keep)
+
+
+def fuse_residual(proto: Any, shapes: dict[str, list[tuple]], n_forward: Optional[int] = None) -> int:
+    """The residual add before each norm, ``s = a + b; y = RMSNorm(s)``, as one ``AddRMSNorm(a, b, w)
+    -> (y, inv_rms, s)`` where ``a`` and ``b`` had the same probed shapes (no broadcast). Only the
+    first ``n_forward`` nodes are looked at (the forward pass of a training graph, whose backward
+    pass may hold recomputed norms). Run after differentiation: ``s`` keeps its name and every
+    reader. Returns the number of adds fused."""
+    from onnx import helper
+
+    g = proto.graph
+    nodes = list(g.node)
+    fwd = nodes[:n_forward] if n_forward is not None else nodes
+    producer = {o: (i, n) for i, n in enumerate(fwd) for o in n.output if o}
+    put: dict[int, Any] = {}
+    gone: set[int] = set()
+    for i, n in enumerate(fwd):
+        if n.op_type != "RMSNorm" or n.domain != DOMAIN or len(n.output) != 2:
+            continue
+        j, add = producer.get(n.input[0], (None, None))
+        if add is None or add.op_type != "Add" or add.domain not in ("", "ai.onnx") or j in gone:
+            continue
+        sa, sb = shapes.get(add.input[0]), shapes.get(add.input[1])
+        if not sa or sa != sb or any(len(x) == 0 for x in sa):
+            continue
+        put[j] = helper.make_node("AddRMSNorm", [add.input[0], add.input[1], n.input[1]],
+                                  [n.output[0], n.output[1], add.output[0]], name=n.name + "/add",
+                                  domain=DOMAIN, epsilon=float(attr(n, "epsilon", 1e-6)))
+        gone.update((i, j))
+    if not put:
+        return 0
+    out = []
+    for k, n in enumerate(nodes):
+        if k in put:
+            out.append(put[k])
+        elif k not in gone:
+            out.append(n)
+    del g.node[:]
+    g.node.extend(out)
+    return len(put)
+
+
+def fold_residual_grads(proto: Any) -> int:
+    """``Sum(r, RMSNormGrad(dy, s, w, inv).dx)``, the gradient of a norm's input that also feeds
+    the next residual add, as one ``AddRMSNormGrad(dy, s, w, inv, r)`` (when the norm's weight
+    gradient is not wanted, as for frozen norms). Returns the number of sums folded."""
+    from onnx import helper
+
+    g = proto.graph
+    nodes = list(g.node)
+    readers: dict[str, int] = {}
+    for n in nodes:
+        for i in n.input:
+            readers[i] = readers.get(i, 0) + 1
+    for o in g.output:
+        readers[o.name] = readers.get(o.name, 0) + 1
+    producer = {o: (i, n) for i, n in enumerate(nodes) for o in n.output if o}
+    put: dict[int, Any] = {}
+    gone: set[int] = set()
+    for k, n in enumerate(nodes):
+        if n.op_type != "Sum" or n.domain not in ("", "ai.onnx") or len(n.input) != 2:
+            continue
+        for t, r in ((n.input[0], n.input[1]), (n.input[1], n.input[0])):
+            j, gr = producer.get(t, (None, None))
+            if gr is None or gr.op_type != "RMSNormGrad" or gr.domain != DOMAIN or j in gone or t != gr.output[0] \
+                    or readers.get(t) != 1 or (len(gr.output) > 1 and readers.get(gr.output[1], 0)) or t == r:
+                continue
+            put[k] = helper.make_node("AddRMSNormGrad", [*gr.input[:4], r], [n.output[0]], name=gr.name + "/add",
+                                      domain=DOMAIN)
+            gone.update((k, j))
+            break
+    if not put:
+        return 0
+    out = [put[k] if k in put else n for k, n in enumerate(nodes) if k in put or k not in gone]
+    del g.node[:]
+    g.node.extend(out)
+    return len(put)
 
 
 def has_fused_ops(proto: Any) -> bool:

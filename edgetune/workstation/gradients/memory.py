@@ -130,6 +130,10 @@ def recompute_layers(proto: Any, n_forward: int, types: dict[str, int]) -> int:
     return _recompute(proto, n_forward, types, targets, keep)
 
 
+# Fused ops whose last, optional input is only waited for (cpp_ext/ort_ops: "after").
+_WAITS = {("edgetune", "RMSNorm"), ("edgetune", "SwiGLU")}
+
+
 def _recompute(proto: Any, n_forward: int, types: dict[str, int], targets: dict[int, set[str]],
                stop: set[str]) -> int:
     """Replace the backward pass's reads of ``targets`` (grouped by layer) with copies of the
@@ -171,6 +175,13 @@ def _recompute(proto: Any, n_forward: int, types: dict[str, int], targets: dict[
         for n in chosen:
             ins = []
             root = not any(i in local for i in n.input)  # a node that waits for nothing recomputed
+            if root and (n.domain, n.op_type) in _WAITS:
+                # A fused op that takes the zero as an input it only waits for: no gating pass.
+                c = helper.make_node(n.op_type, [*n.input, dep], [o + suffix if o else o for o in n.output],
+                                     name=n.name + suffix, domain=n.domain)
+                c.attribute.extend(n.attribute)
+                new.append(c)
+                continue
             for i in n.input:
                 if i in local:
                     ins.append(i + suffix)
