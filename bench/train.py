@@ -451,7 +451,9 @@ def ensure_bundle(a: argparse.Namespace, tmp: Path, quantize: str | None = None,
         return Path(a.bundle)
     out = ROOT / "out" / (f"bench-bundle-r{a.rank}" + (f"-{quantize}" if quantize else "") + ("-ckpt" if ckpt else ""))
     m = json.loads((out / "edgetune.json").read_text()) if (out / "edgetune.json").is_file() else {}
-    if m.get("format") != 2 or "sizes" not in m:
+    stamp = out / "bench-source.sha256"  # the code the bundle was exported with: a change re-exports it
+    fresh = stamp.is_file() and stamp.read_text() == export_source_hash()
+    if m.get("format") != 2 or "sizes" not in m or not fresh:
         # In a child process: the driver stays small, so no worker inherits an export-sized peak.
         print(f"exporting the default model (rank {a.rank} on {','.join(TARGETS)}"
               f"{', ' + quantize + ' base' if quantize else ''}) to {out}", flush=True)
@@ -459,7 +461,21 @@ def ensure_bundle(a: argparse.Namespace, tmp: Path, quantize: str | None = None,
                 f"export(None, {str(out)!r}, AdapterConfig(rank={a.rank}, alpha={2 * a.rank}, "
                 f"targets={tuple(TARGETS)!r}, quantize={quantize!r}, gradient_checkpointing={ckpt!r}), overwrite=True)")
         subprocess.run([sys.executable, "-c", code], check=True, cwd=str(ROOT))
+        stamp.write_text(export_source_hash())
     return out
+
+
+def export_source_hash() -> str:
+    """A hash of the sources that decide what an export writes (the graph builders, the manifest,
+    the kernel library's ops), so a bundle from older code is not benchmarked as the current one."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for d in ("edgetune/workstation", "edgetune/formats", "cpp_ext/ort_ops"):
+        for f in sorted((ROOT / d).rglob("*")):
+            if f.is_file() and f.suffix in (".py", ".cpp", ".hpp"):
+                h.update(str(f.relative_to(ROOT)).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
 
 
 def ensure_legacy_bundle(a: argparse.Namespace) -> Path:
