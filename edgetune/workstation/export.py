@@ -638,7 +638,7 @@ def build_fused(forward_onnx: Path, trainable: list[str], out: Path, vocab: int,
         graphs.share_external_data(model, out / "train.onnx")
         onnx.save(model, str(out / name))
     entry = {"train": "train_fused.onnx", "eval": "eval_fused.onnx", "abi": kernels.ABI, "ops": ops}
-    if not lib.lacks({"AdamW": 1}):
+    if not lib.lacks({"AdamW"}):
         # The optimizer step as one AdamW call; the same bits as optimizer.onnx (its own entry: a
         # library without the op still runs the fused training graphs with the plain optimizer).
         onnx.save(optimizer_graph.build(trainable, {n: list(v.shape) for n, v in tg.initial.items()}, fused=True),

@@ -22,7 +22,6 @@ from typing import Any, Sequence
 
 import numpy as np
 
-FUSED_DOMAIN = "edgetune"
 SCHEDULES = {"constant": 0, "linear": 1, "cosine": 2}
 BETAS = (0.9, 0.999)
 EPS = 1e-8
@@ -92,6 +91,8 @@ def build(params: Sequence[str], shapes: dict[str, list[int]], fused: bool = Fal
     updates as one ``edgetune.AdamW`` node (needs the kernel library)."""
     from onnx import TensorProto, helper
 
+    from edgetune.workstation.gradients.fused import DOMAIN
+
     g = _G()
     b1, b2 = BETAS
     # Float32 throughout (every ONNX Runtime build has these kernels, down to mobile ones).
@@ -129,9 +130,9 @@ def build(params: Sequence[str], shapes: dict[str, list[int]], fused: bool = Fal
     if fused:
         # The constants as the plain graph rounds them (1 - beta from float64, then float32).
         g.nodes.append(helper.make_node("AdamW", [step_size, decay, bc2_sqrt] + fused_in, fused_out, name="opt/AdamW",
-                                        domain=FUSED_DOMAIN, beta1=b1, one_minus_beta1=1.0 - b1, beta2=b2,
+                                        domain=DOMAIN, beta1=b1, one_minus_beta1=1.0 - b1, beta2=b2,
                                         one_minus_beta2=1.0 - b2, epsilon=EPS))
-        opsets.append(helper.make_opsetid(FUSED_DOMAIN, 1))
+        opsets.append(helper.make_opsetid(DOMAIN, 1))
     graph = helper.make_graph(g.nodes, "edgetune_adamw", inputs, outputs, g.inits)
     model = helper.make_model(graph, opset_imports=opsets, producer_name="edgetune")
     model.ir_version = 8

@@ -272,17 +272,7 @@ def fuse_residual(proto: Any, shapes: dict[str, list[tuple]], n_forward: Optiona
                                   [n.output[0], n.output[1], add.output[0]], name=n.name + "/add",
                                   domain=DOMAIN, epsilon=float(attr(n, "epsilon", 1e-6)))
         gone.update((i, j))
-    if not put:
-        return 0
-    out = []
-    for k, n in enumerate(nodes):
-        if k in put:
-            out.append(put[k])
-        elif k not in gone:
-            out.append(n)
-    del g.node[:]
-    g.node.extend(out)
-    return len(put)
+    return _replace(g, nodes, put, gone)
 
 
 def fold_residual_grads(proto: Any) -> int:
@@ -314,11 +304,16 @@ def fold_residual_grads(proto: Any) -> int:
                                       domain=DOMAIN)
             gone.update((k, j))
             break
-    if not put:
-        return 0
-    out = [put[k] if k in put else n for k, n in enumerate(nodes) if k in put or k not in gone]
-    del g.node[:]
-    g.node.extend(out)
+    return _replace(g, nodes, put, gone)
+
+
+def _replace(g: Any, nodes: list, put: dict[int, Any], gone: set[int]) -> int:
+    """``g``'s nodes with ``put[k]`` at position ``k`` and the other positions in ``gone`` removed;
+    returns how many were put."""
+    if put:
+        out = [put[k] if k in put else n for k, n in enumerate(nodes) if k in put or k not in gone]
+        del g.node[:]
+        g.node.extend(out)
     return len(put)
 
 
