@@ -144,6 +144,26 @@ constexpr size_t VW = EDGETUNE_VBYTES / 4;
 inline vf vload(const float* p) { return *reinterpret_cast<const vfu*>(p); }
 inline void vstore(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
 inline vf vsplat(float a) { return vf{} + a; }
+typedef int32_t vi __attribute__((vector_size(EDGETUNE_VBYTES)));
+// exp_approx on a whole register, the same steps in the same order.
+inline vf vexp(vf x) {
+  const vf lo = vsplat(-87.3365447504f), hi = vsplat(88.3762626647949f);
+  x = x < lo ? lo : x;
+  x = x > hi ? hi : x;
+  const vf fx = x * 1.44269504088896341f + 0.5f;
+  const vi ni = __builtin_convertvector(fx + 128.0f, vi) - 128;
+  const vf n = __builtin_convertvector(ni, vf);
+  x = x - n * 0.693359375f - n * -2.12194440e-4f;
+  vf y = vsplat(1.9875691500E-4f);
+  y = y * x + 1.3981999507E-3f;
+  y = y * x + 8.3334519073E-3f;
+  y = y * x + 4.1665795894E-2f;
+  y = y * x + 1.6666665459E-1f;
+  y = y * x + 5.0000001201E-1f;
+  y = y * x * x + x + 1.0f;
+  const vi bits = (ni + 127) << 23;
+  return y * reinterpret_cast<const vf&>(bits);
+}
 #else
 constexpr size_t VW = 4;
 #endif
@@ -158,18 +178,23 @@ inline void axpy(float a, const float* __restrict x, float* __restrict y, size_t
 }
 
 constexpr float MASKED = -1e30f;  // an additive mask entry at or below this excludes the key
-constexpr size_t BR = 4;          // query rows per block
+#ifndef EDGETUNE_BR
+#define EDGETUNE_BR 4
+#endif
+constexpr size_t BR = EDGETUNE_BR;  // query rows per block
 constexpr size_t JT = 2 * VW;      // keys per tile of the score microkernel
 
-// out[r][j] = scale * sum_d a[r][d] * bt[d][j] for r < BR and j < jn (jn a multiple of JT; bt rows
-// have stride ld and are zero-padded to it). The BR x JT accumulators stay in registers.
-inline void block_scores(const float* a, const float* bt, size_t ld, float* out, size_t ldo, size_t jn, size_t D,
-                         float scale) {
+// out[r][j] = scale * sum_d a[r][d] * b[j][d] for r < BR and j < jn (jn a multiple of JT). bt holds b
+// in panels of JT keys, each transposed to D x JT and stored whole (panel t at bt + t * D * JT, its
+// row d at + d * JT), zero-padded past the last key, so the microkernel reads it in order. The
+// BR x JT accumulators stay in registers.
+inline void block_scores(const float* a, const float* bt, float* out, size_t ldo, size_t jn, size_t D, float scale) {
   for (size_t jt = 0; jt < jn; jt += JT) {
+    const float* panel = bt + jt * D;
 #if defined(EDGETUNE_VEC)
     vf acc[BR][2] = {};
     for (size_t d = 0; d < D; ++d) {
-      const float* b = bt + d * ld + jt;
+      const float* b = panel + d * JT;
       const vf b0 = vload(b), b1 = vload(b + VW);
       for (size_t r = 0; r < BR; ++r) {
         const vf av = vsplat(a[r * D + d]);
@@ -186,7 +211,7 @@ inline void block_scores(const float* a, const float* bt, size_t ld, float* out,
     float acc[BR][JT] = {};
     for (size_t d = 0; d < D; ++d)
       for (size_t r = 0; r < BR; ++r)
-        for (size_t c = 0; c < JT; ++c) acc[r][c] += a[r * D + d] * bt[d * ld + jt + c];
+        for (size_t c = 0; c < JT; ++c) acc[r][c] += a[r * D + d] * panel[d * JT + c];
     for (size_t r = 0; r < BR; ++r)
       for (size_t c = 0; c < JT; ++c) out[r * ldo + jt + c] = acc[r][c] * scale;
 #endif
@@ -264,27 +289,52 @@ inline void block_outer(const float* w, size_t ld, const float* a, size_t jn, si
 // difference with a large score would lose the weights' low bits. A row whose every key is masked
 // gets uniform weights over all S keys, as a plain softmax over the equal masked scores does.
 inline void softmax_row(float* p, const float* mrow, size_t j0, size_t jn, size_t S) {
-  float mx = -3.0e38f;
+  // A masked key holds -3e38 until it is zeroed. The maximum and the sum run in lanes, in
+  // registers where the build has vectors.
+  float m = -3.0e38f, total = 0.0f;
   bool any = false;
-  for (size_t j = j0; j < jn; ++j) {
-    if (mrow[j] <= MASKED) continue;
-    p[j] += mrow[j];
-    mx = p[j] > mx ? p[j] : mx;
-    any = true;
+  size_t j = j0;
+#if defined(EDGETUNE_VEC)
+  const vf masked = vsplat(MASKED), floor = vsplat(-3.0e38f);
+  vf mx = floor;
+  for (; j + VW <= jn; j += VW) {
+    const vf mr = vload(mrow + j);
+    const vf x = mr > masked ? vload(p + j) + mr : floor;
+    vstore(p + j, x);
+    mx = x > mx ? x : mx;
   }
+  for (size_t c = 0; c < VW; ++c) m = mx[c] > m ? mx[c] : m;
+#endif
+  for (; j < jn; ++j) {
+    const float x = mrow[j] > MASKED ? p[j] + mrow[j] : -3.0e38f;
+    p[j] = x;
+    m = x > m ? x : m;
+  }
+  for (size_t i = j0; i < jn && !any; ++i) any = mrow[i] > MASKED;
   if (!any) {
-    for (size_t j = 0; j < S; ++j) p[j] = 1.0f / static_cast<float>(S);
+    for (size_t i = 0; i < S; ++i) p[i] = 1.0f / static_cast<float>(S);
     return;
   }
-  float sum = 0.0f;
-  for (size_t j = j0; j < jn; ++j) {
-    const float e = exp_approx(p[j] - mx);
-    p[j] = mrow[j] <= MASKED ? 0.0f : e;
-    sum += p[j];
+  j = j0;
+#if defined(EDGETUNE_VEC)
+  const vf mv = vsplat(m);
+  vf sum = {};
+  for (; j + VW <= jn; j += VW) {
+    const vf e = vexp(vload(p + j) - mv);
+    const vf x = vload(mrow + j) > masked ? e : vf{};
+    vstore(p + j, x);
+    sum += x;
   }
-  for (size_t j = jn; j < S; ++j) p[j] = 0.0f;
-  const float inv = 1.0f / sum;
-  for (size_t j = j0; j < jn; ++j) p[j] *= inv;
+  for (size_t c = 0; c < VW; ++c) total += sum[c];
+#endif
+  for (; j < jn; ++j) {
+    const float e = mrow[j] > MASKED ? exp_approx(p[j] - m) : 0.0f;
+    p[j] = e;
+    total += e;
+  }
+  for (size_t i = jn; i < S; ++i) p[i] = 0.0f;
+  const float inv = 1.0f / total;
+  for (size_t i = j0; i < jn; ++i) p[i] *= inv;
 }
 
 // The keys a block of query rows can see: one past the last unmasked key of any of its rows
@@ -320,7 +370,7 @@ inline size_t block_start(const float* mask, size_t mstride, size_t nr, size_t j
 }
 
 // One (batch, head): o = softmax(q k^T * scale + mask) v by blocks of query rows, never holding
-// S x S. kt, vt: k and v transposed (D x ld, zero-padded); work: 3 * BR * ld + BR * D floats.
+// S x S. kt: k in transposed panels (block_scores), ld: S rounded up to JT; work: 3 * BR * ld + BR * D floats.
 inline void attn_forward(const float* q, const float* kt, const float* v, size_t ld, const float* mask,
                          size_t mstride, float* o, size_t S, size_t D, float scale, float* work) {
   float* p = work;
@@ -331,7 +381,7 @@ inline void attn_forward(const float* q, const float* kt, const float* v, size_t
     const size_t jn = block_extent(mask + i0 * mstride, mstride, nr, S, &none);
     const size_t j0 = block_start(mask + i0 * mstride, mstride, nr, jn, none);
     for (size_t x = 0; x < BR * D; ++x) qb[x] = x < nr * D ? q[i0 * D + x] : 0.0f;
-    block_scores(qb, kt + j0, ld, p + j0, ld, jn - j0, D, scale);
+    block_scores(qb, kt + j0 * D, p + j0, ld, jn - j0, D, scale);
     const size_t lim = jn < S ? jn : S;
     for (size_t r = 0; r < BR; ++r) {
       float* pr = p + r * ld;
@@ -363,9 +413,9 @@ inline void attn_backward(const float* dout, const float* q, const float* k, con
     const size_t j0 = block_start(mask + i0 * mstride, mstride, nr, jn, none);
     const size_t lim = jn < S ? jn : S;
     for (size_t x = 0; x < BR * D; ++x) ab[x] = x < nr * D ? q[i0 * D + x] : 0.0f;
-    block_scores(ab, kt + j0, ld, p + j0, ld, jn - j0, D, scale);
+    block_scores(ab, kt + j0 * D, p + j0, ld, jn - j0, D, scale);
     for (size_t x = 0; x < BR * D; ++x) ab[x] = x < nr * D ? dout[i0 * D + x] : 0.0f;
-    block_scores(ab, vt + j0, ld, dp + j0, ld, (none ? (S + JT - 1) / JT * JT : jn) - j0, D, 1.0f);
+    block_scores(ab, vt + j0 * D, dp + j0, ld, (none ? (S + JT - 1) / JT * JT : jn) - j0, D, 1.0f);
     const size_t upto = none ? S : lim;
     // p as the forward pass had it, then ds = p (dp - rowsum(p dp)) * scale in place of dp
     for (size_t r = 0; r < BR; ++r) {
@@ -376,8 +426,7 @@ inline void attn_backward(const float* dout, const float* q, const float* k, con
         continue;
       }
       softmax_row(pr, mask + (i0 + r) * mstride, j0, lim, S);
-      float di = 0.0f;
-      for (size_t j = j0; j < upto; ++j) di += pr[j] * dpr[j];
+      const float di = dot(pr + j0, dpr + j0, upto - j0);
       for (size_t j = j0; j < upto; ++j) dpr[j] = pr[j] * (dpr[j] - di) * scale;
     }
     // dq[r] = sum_j ds[r][j] k[j]; dk[j] += sum_r ds[r][j] q[r]; dv[j] += sum_r p[r][j] do[r]
@@ -420,7 +469,7 @@ inline void ce_head(const float* h, size_t n, size_t D, const float* w, size_t V
         for (size_t x = 0; x < BR * D; ++x) hb[x] = x < nr * D ? rows[x] : 0.0f;
         rows = hb;
       }
-      block_scores(rows, wt, JT, sc, JT, JT, D, 1.0f);
+      block_scores(rows, wt, sc, JT, JT, D, 1.0f);
       for (size_t r = 0; r < BR; ++r) {
         float* pr = sc + r * JT;
         float tm = -3.0e38f;

@@ -313,11 +313,12 @@ Ort::Status RotaryGrad(OrtKernelContext* ctx, const Tensor<float>& dy, const Ten
 // Shapes of an attention call: q [B, H, S, D]; k, v [B, Hkv, S, D] with H a multiple of Hkv (grouped
 // keys and values are shared by H / Hkv query heads, never repeated in memory); an additive mask
 // [Bm, Hm, S, S] with Bm in {1, B} and Hm in {1, H}.
-// x (S x D) transposed to D x ld, zero-padded past S.
-std::vector<float> transposed(const float* x, size_t S, size_t D, size_t ld) {
+// x (S x D) as the attention kernels read keys: panels of `tile` rows, each transposed to D x tile
+// and stored whole, zero-padded past S (ld: S rounded up to the tile).
+std::vector<float> transposed(const float* x, size_t S, size_t D, size_t ld, size_t tile) {
   std::vector<float> t(D * ld, 0.0f);
   for (size_t j = 0; j < S; ++j)
-    for (size_t d = 0; d < D; ++d) t[d * ld + j] = x[j * D + d];
+    for (size_t d = 0; d < D; ++d) t[(j / tile * D + d) * tile + j % tile] = x[j * D + d];
   return t;
 }
 
@@ -359,7 +360,7 @@ struct Attention {
       parallel(ctx, a.B * a.H, [&](size_t t) {
         const size_t b = t / a.H, h = t % a.H, kvh = b * a.Hkv + h / group;
         const size_t ld = (a.S + K().attn_tile - 1) / K().attn_tile * K().attn_tile;
-        std::vector<float> kt = transposed(pk + kvh * SD, a.S, a.D, ld);
+        std::vector<float> kt = transposed(pk + kvh * SD, a.S, a.D, ld, K().attn_tile);
         std::vector<float> work(K().attn_work_rows * ld + K().attn_block_rows * a.D);
         K().attn_forward(pq + t * SD, kt.data(), pv + kvh * SD, ld, a.mask_of(pm, b, h), a.S, po + t * SD, a.S, a.D,
                          sc, work.data());
@@ -394,7 +395,8 @@ struct AttentionGrad {
       parallel(ctx, a.B * a.Hkv, [&](size_t t) {
         const size_t b = t / a.Hkv, kvh = t % a.Hkv;
         const size_t ld = (a.S + K().attn_tile - 1) / K().attn_tile * K().attn_tile;
-        std::vector<float> kt = transposed(pk + t * SD, a.S, a.D, ld), vt = transposed(pv + t * SD, a.S, a.D, ld);
+        std::vector<float> kt = transposed(pk + t * SD, a.S, a.D, ld, K().attn_tile),
+                           vt = transposed(pv + t * SD, a.S, a.D, ld, K().attn_tile);
         std::vector<float> work(K().attn_work_rows * ld + K().attn_block_rows * a.D);
         float* dkt = pdk + t * SD;
         float* dvt = pdv + t * SD;
