@@ -143,7 +143,8 @@ typedef float vfu __attribute__((vector_size(EDGETUNE_VBYTES), aligned(4)));  //
 constexpr size_t VW = EDGETUNE_VBYTES / 4;
 inline vf vload(const float* p) { return *reinterpret_cast<const vfu*>(p); }
 inline void vstore(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
-inline vf vsplat(float a) { return vf{} + a; }
+// a - 0 is a for every a (a + 0 is not, for a = -0), so the compiler emits a plain broadcast.
+inline vf vsplat(float a) { return a - vf{}; }
 typedef int32_t vi __attribute__((vector_size(EDGETUNE_VBYTES)));
 // exp_approx on a whole register, the same steps in the same order.
 inline vf vexp(vf x) {
