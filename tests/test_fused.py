@@ -402,8 +402,9 @@ def test_the_rewrite_fuses_the_vocabulary_projection_and_its_loss(monkeypatch):
         return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
 
     m = model()
-    assert fuse(model()) == {}  # opt-in at export
-    monkeypatch.setenv("EDGETUNE_FUSED_LOSS", "1")
+    monkeypatch.setenv("EDGETUNE_FUSED_LOSS", "0")
+    assert fuse(model()) == {}  # left to ONNX Runtime when asked at export
+    monkeypatch.delenv("EDGETUNE_FUSED_LOSS")  # fused by default
     want = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"h": h, "lab": lab})
     assert fuse(m) == {"CrossEntropyHead": 1}
     assert [n.op_type for n in m.graph.node] == ["CrossEntropyHead"]
@@ -456,7 +457,6 @@ def test_fused_graphs_train_like_the_plain_ones(family, variant, quantize, ckpt,
     from edgetune.workstation.export import export
 
     model = make_family(family, tmp_path / "model")
-    monkeypatch.setenv("EDGETUNE_FUSED_LOSS", "1")  # the vocabulary loss's kernel too
     cfg = AdapterConfig(rank=4, alpha=8, targets=("all-linear",), method=variant, quantize=quantize,
                         gradient_checkpointing=ckpt == "ckpt")
     bundle = export(str(model), tmp_path / "bundle", cfg)

@@ -485,10 +485,19 @@ inline void ce_head(const float* h, size_t n, size_t D, const float* w, size_t V
         }
         float sum = 0.0f;
         const float mr = m[i0 + r];
-        for (size_t j = 0; j < JT; ++j) {
-          pr[j] = j < jn ? exp_approx(pr[j] - mr) : 0.0f;
-          sum += pr[j];
-        }
+#if defined(EDGETUNE_VEC)
+        if (jn == JT) {  // whole tiles (all but the vocabulary's last) in registers
+          const vf e0 = vexp(vload(pr) - vsplat(mr)), e1 = vexp(vload(pr + VW) - vsplat(mr));
+          vstore(pr, e0);
+          vstore(pr + VW, e1);
+          const vf t = e0 + e1;
+          for (size_t c = 0; c < VW; ++c) sum += t[c];
+        } else
+#endif
+          for (size_t j = 0; j < JT; ++j) {
+            pr[j] = j < jn ? exp_approx(pr[j] - mr) : 0.0f;
+            sum += pr[j];
+          }
         s[i0 + r] += sum;
         if (r >= nr)
           for (size_t j = 0; j < JT; ++j) pr[j] = 0.0f;

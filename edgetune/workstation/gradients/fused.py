@@ -191,16 +191,16 @@ def _cross_entropy(G: _Graph, sce: Any) -> Optional[tuple[list[str], list[str], 
 
 _PATTERNS = (("Mul", "SwiGLU", _swiglu), ("Mul", "RMSNorm", _rmsnorm), ("Add", "Rotary", _rotary),
              ("MatMul", "Attention", _attention))
-# The vocabulary loss, opt-in at export (EDGETUNE_FUSED_LOSS=1): it never holds the rows x V logits,
-# but its tiled products run slower than MLAS's sgemm (docs/benchmarks.md), so by default the
-# projection and its loss stay ONNX Runtime's.
+# The vocabulary loss: it never holds the rows x V logits, at the speed of MLAS's sgemm and ONNX
+# Runtime's loss on the same products (docs/benchmarks.md). EDGETUNE_FUSED_LOSS=0 at export leaves
+# the projection and its loss to ONNX Runtime.
 _LOSS_PATTERN = ("SoftmaxCrossEntropyLoss", "CrossEntropyHead", _cross_entropy)
 
 
 def _patterns() -> tuple:
     import os
 
-    return _PATTERNS + ((_LOSS_PATTERN,) if os.environ.get("EDGETUNE_FUSED_LOSS", "0") == "1" else ())
+    return _PATTERNS + ((_LOSS_PATTERN,) if os.environ.get("EDGETUNE_FUSED_LOSS", "1") != "0" else ())
 
 
 def fuse(proto: Any) -> dict[str, int]:
