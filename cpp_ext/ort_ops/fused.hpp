@@ -20,7 +20,8 @@ struct FusedKernels {
                       size_t d, float eps);
   void (*rotary_row)(const float* x, const float* c, const float* s, float* y, size_t d, bool backward);
   // Attention of one (batch, head); kt and vt are k and v in panels of attn_tile keys, each
-  // transposed to D x attn_tile (ld: S rounded up to attn_tile, zero-padded), work holds attn_work_rows * ld + attn_block_rows * D floats.
+  // transposed to D x attn_tile (ld: S rounded up to attn_tile, zero-padded); work holds
+  // attn_work_rows * ld + attn_block_rows * D floats.
   void (*attn_forward)(const float* q, const float* kt, const float* v, size_t ld, const float* mask, size_t mstride,
                        float* o, size_t S, size_t D, float scale, float* work);
   void (*attn_backward)(const float* dout, const float* q, const float* k, const float* kt, const float* vt, size_t ld,

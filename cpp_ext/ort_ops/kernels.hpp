@@ -182,7 +182,7 @@ constexpr float MASKED = -1e30f;  // an additive mask entry at or below this exc
 #ifndef EDGETUNE_BR
 #define EDGETUNE_BR 4
 #endif
-constexpr size_t BR = EDGETUNE_BR;  // query rows per block
+constexpr size_t BR = EDGETUNE_BR;  // query rows per block (a define, so a build can measure others)
 constexpr size_t JT = 2 * VW;      // keys per tile of the score microkernel
 
 // out[r][j] = scale * sum_d a[r][d] * b[j][d] for r < BR and j < jn (jn a multiple of JT). bt holds b
@@ -371,7 +371,8 @@ inline size_t block_start(const float* mask, size_t mstride, size_t nr, size_t j
 }
 
 // One (batch, head): o = softmax(q k^T * scale + mask) v by blocks of query rows, never holding
-// S x S. kt: k in transposed panels (block_scores), ld: S rounded up to JT; work: 3 * BR * ld + BR * D floats.
+// S x S. kt: k in transposed panels (block_scores); ld: S rounded up to JT; work: 3 * BR * ld + BR * D
+// floats.
 inline void attn_forward(const float* q, const float* kt, const float* v, size_t ld, const float* mask,
                          size_t mstride, float* o, size_t S, size_t D, float scale, float* work) {
   float* p = work;
