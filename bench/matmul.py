@@ -83,18 +83,18 @@ def worker_profile(a: argparse.Namespace) -> dict:
     so = runner.session_options(r.threads, r._shared, arena=r.arena)
     so.enable_profiling = True
     so.profile_file_prefix = str(Path(a.tmp) / "profile")
-    r.train_sess = devices.session(r.bundle.path("train.onnx"), r.device, so)
+    r.train_sess = r._session(r.graphs["train"], so=so)
     train = T.batches(a.bundle, a.data, 8, 256)
     t._step([train[0]])  # warm-up, not counted
     r.train_sess.end_profiling()
-    r.train_sess = devices.session(r.bundle.path("train.onnx"), r.device, so)
+    r.train_sess = r._session(r.graphs["train"], so=so)
     t0 = time.perf_counter()
     for b in train[1: a.steps + 1]:
         t._step([b])
         r.step(1e-3)
     wall = time.perf_counter() - t0
     events = json.loads(Path(r.train_sess.end_profiling()).read_text())
-    graph = onnx.load(str(r.bundle.path("train.onnx")), load_external_data=False).graph
+    graph = onnx.load(str(r.bundle.path(r.graphs["train"])), load_external_data=False).graph
     nodes = {n.name: n for n in graph.node}
     frozen = {i.name for i in graph.initializer}  # the frozen weights; the adapters are inputs
     prods: dict[str, dict] = {}

@@ -240,8 +240,10 @@ class StepRunner:
         """The bundle files the training and eval sessions run."""
         return dict(self._graphs)
 
-    def _session(self, name: str, fused: bool = False) -> Any:
-        so = session_options(self.threads, self._shared, arena=self.arena)
+    def _session(self, name: str, fused: bool = False, so: Any = None) -> Any:
+        """A session of bundle file ``name`` (the kernel library registered for a fused graph), with
+        this runner's session options unless ``so`` is given."""
+        so = so or session_options(self.threads, self._shared, arena=self.arena)
         if fused or name.endswith("_fused.onnx"):
             kernels.register(so)
         try:
