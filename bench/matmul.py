@@ -69,7 +69,6 @@ def worker_profile(a: argparse.Namespace) -> dict:
     """Train with the profiler on; every matrix-product node's shapes, attributes and time."""
     import onnx
 
-    from edgetune.device import providers as devices
     from edgetune.device import runner, trainer
     from edgetune.formats.config import TrainConfig
 
@@ -80,14 +79,17 @@ def worker_profile(a: argparse.Namespace) -> dict:
     t = trainer.Trainer(a.bundle, Path(a.tmp) / "run", cfg, progress=False, log=lambda s: None)
     t._open()
     r = t.runner
-    so = runner.session_options(r.threads, r._shared, arena=r.arena)
-    so.enable_profiling = True
-    so.profile_file_prefix = str(Path(a.tmp) / "profile")
-    r.train_sess = r._session(r.graphs["train"], so=so)
+    def profiled():  # new options per session: a fused graph's session registers the kernel library in them
+        so = runner.session_options(r.threads, r._shared, arena=r.arena)
+        so.enable_profiling = True
+        so.profile_file_prefix = str(Path(a.tmp) / "profile")
+        return r._session(r.graphs["train"], so=so)
+
+    r.train_sess = profiled()
     train = T.batches(a.bundle, a.data, 8, 256)
     t._step([train[0]])  # warm-up, not counted
     r.train_sess.end_profiling()
-    r.train_sess = r._session(r.graphs["train"], so=so)
+    r.train_sess = profiled()
     t0 = time.perf_counter()
     for b in train[1: a.steps + 1]:
         t._step([b])
