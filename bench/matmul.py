@@ -79,6 +79,7 @@ def worker_profile(a: argparse.Namespace) -> dict:
     t = trainer.Trainer(a.bundle, Path(a.tmp) / "run", cfg, progress=False, log=lambda s: None)
     t._open()
     r = t.runner
+
     def profiled():  # new options per session: a fused graph's session registers the kernel library in them
         so = runner.session_options(r.threads, r._shared, arena=r.arena)
         so.enable_profiling = True
