@@ -43,7 +43,10 @@ untimed warm-up step, then ``--steps`` timed steps (median and min-max reported)
 loss is taken before the first step and after the last. flops_fraction is edgetune's useful
 work (frozen body forward and activation backward, attention matmuls included, vocabulary
 projection of labelled rows) over the machine's multiply-add peak measured by the merge
-kernels' FMA loop in the same run. The last line is JSON:
+kernels' FMA loop: in lockstep, read again just before every step (after the pause) and weighted
+by the steps' times, because a shared machine's speed drifts between minutes
+(``flops_fraction_start_peak`` divides by the reading at the start of the run instead, and
+``fma_peak_gflops_steps`` gives the lowest and highest reading). The last line is JSON:
 
     {"tokens_per_s_ratio", "tokens_per_s_ratio_tuned", "peak_rss_ratio", "peak_rss_ratio_tuned",
      "loss_gap", "loss_gap_tuned", "flops_fraction", "fused", "kernels", "tokens_per_s_ratio_no_chunks", ...}
@@ -316,6 +319,13 @@ def fma_peak_gflops(threads: int) -> float:
     return max(_ext.peak_gflops(threads) for _ in range(5))
 
 
+def step_peak_gflops(threads: int) -> float:
+    """A short reading of the FMA loop (best of two 0.05 s passes), taken before each lockstep step."""
+    from edgetune.device import _ext
+
+    return max(_ext.peak_gflops(threads, 10_000_000) for _ in range(2))
+
+
 def train_flops(manifest: dict, lengths: list[int], labelled: int) -> float:
     """Useful work of one pass over sequences of ``lengths`` tokens: per token, forward 2N and
     activation backward 2N for the frozen body's matmuls; per sequence of L tokens and layer,
@@ -401,11 +411,15 @@ def run_lockstep(sides: list[str], a: argparse.Namespace, tmp: Path, cmd_for=Non
             procs[side] = (p, out)
             _expect(p, side, "@ready")
         steps: dict[str, list[float]] = {side: [] for side in sides}
+        peaks: dict[str, list[float]] = {side: [] for side in sides}
         for i in range(1, a.steps + 1):
             k = i % len(sides)
             for side in sides[k:] + sides[:k]:
                 p = procs[side][0]
                 time.sleep(PAUSE)
+                # The multiply-add peak the machine offers this minute, measured between the pause
+                # and the step (0.1-0.2 s): flops_fraction divides by the peak beside each step.
+                peaks[side].append(step_peak_gflops(a.threads))
                 p.stdin.write("go\n")
                 p.stdin.flush()
                 steps[side].append(float(_expect(p, side, "@step").split()[2]))
@@ -419,7 +433,7 @@ def run_lockstep(sides: list[str], a: argparse.Namespace, tmp: Path, cmd_for=Non
                 print(line, end="", flush=True)
             if p.wait() != 0:
                 raise SystemExit(f"the {side} worker failed (exit code {p.returncode})")
-            results[side] = {**result_for(side, a, out), "step_times": steps[side]}
+            results[side] = {**result_for(side, a, out), "step_times": steps[side], "step_peaks": peaks[side]}
         return results
     finally:
         for p, _ in procs.values():
@@ -637,6 +651,15 @@ def summarize(results: dict[str, list[dict]], manifest: dict, gflops: float) -> 
     fl = train_flops(manifest, e["lengths"], e["labelled"]) / e["time"] / 1e9
     out = {"flops_fraction": round(fl / gflops, 3), "fused": str(e.get("kernels", "")).startswith("fused"),
            "kernels": e.get("kernels")}
+    start = gflops
+    if e.get("step_peaks"):
+        # The machine's speed drifts (2x between minutes has been seen): in lockstep the peak is
+        # read before every step, and the fraction divides by the peak the steps had, weighted
+        # by each step's time. The peak read once at the start gives flops_fraction_start_peak.
+        t, pk = np.asarray(e["step_times"]), np.asarray(e["step_peaks"])
+        gflops = float(np.sum(t * pk) / np.sum(t))
+        out.update({"flops_fraction": round(fl / gflops, 3), "flops_fraction_start_peak": round(fl / start, 3),
+                    "fma_peak_gflops_steps": [round(float(pk.min()), 1), round(float(pk.max()), 1)]})
     names = {"tuned": tuned, "tuned_plain": ["tuned"], "tuned_compile_plain": ["tuned_compile"],
              "tuned_compile_body_plain": ["tuned_compile_body"]}
     for mine, side, suffix in (("edgetune", "torch", ""), ("edgetune", "tuned", "_tuned"),
@@ -661,8 +684,11 @@ def summarize(results: dict[str, list[dict]], manifest: dict, gflops: float) -> 
             out.update({f"tokens_per_s_ratio{suffix}": round(speed, 3),
                         f"peak_rss_ratio{suffix}": round(rss[mine] / rss[side], 3),
                         f"loss_gap{suffix}": round((m["valid_loss"] - o["valid_loss"]) / o["valid_loss"], 4)})
+    beside = (f" beside its steps, {gflops:.1f} GFLOP/s time-weighted, readings {out['fma_peak_gflops_steps'][0]}-"
+              f"{out['fma_peak_gflops_steps'][1]}; {out['flops_fraction_start_peak']:.0%} of the {start:.1f} "
+              f"GFLOP/s read at the start") if "fma_peak_gflops_steps" in out else " measured in this run"
     print(f"\nedgetune {tps(e):.0f} tokens/s; useful work {fl:.1f} GFLOP/s ({out['flops_fraction']:.0%} of the "
-          f"multiply-add peak measured in this run)")
+          f"multiply-add peak{beside})")
     return out
 
 

@@ -391,23 +391,39 @@ struct AttentionGrad {
       const float *pdo = dout.Data(), *pq = q.Data(), *pk = k.Data(), *pv = v.Data(), *pm = mask.Data();
       const size_t group = a.H / a.Hkv, SD = a.S * a.D;
       const float sc = scale;
-      // One task per key/value head: the query heads that share it add into its dk and dv in turn.
-      parallel(ctx, a.B * a.Hkv, [&](size_t t) {
-        const size_t b = t / a.Hkv, kvh = t % a.Hkv;
-        const size_t ld = (a.S + K().attn_tile - 1) / K().attn_tile * K().attn_tile;
-        std::vector<float> kt = transposed(pk + t * SD, a.S, a.D, ld, K().attn_tile),
-                           vt = transposed(pv + t * SD, a.S, a.D, ld, K().attn_tile);
+      // One task per query head (B x H of them, enough to keep every thread busy to the end).
+      // With grouped heads, each writes its own dk and dv, which are summed per key/value head after.
+      const size_t ld = (a.S + K().attn_tile - 1) / K().attn_tile * K().attn_tile;
+      std::unique_ptr<float[]> own(group > 1 ? new float[2 * a.B * a.H * SD] : nullptr);  // each task zeroes its part
+      parallel(ctx, a.B * a.H, [&](size_t t) {
+        const size_t b = t / a.H, h = t % a.H, kv = b * a.Hkv + h / group;
+        std::vector<float> kt = transposed(pk + kv * SD, a.S, a.D, ld, K().attn_tile),
+                           vt = transposed(pv + kv * SD, a.S, a.D, ld, K().attn_tile);
         std::vector<float> work(K().attn_work_rows * ld + K().attn_block_rows * a.D);
-        float* dkt = pdk + t * SD;
-        float* dvt = pdv + t * SD;
+        float* dkt = group > 1 ? own.get() + t * SD : pdk + kv * SD;
+        float* dvt = group > 1 ? own.get() + (a.B * a.H + t) * SD : pdv + kv * SD;
         std::fill(dkt, dkt + SD, 0.0f);
         std::fill(dvt, dvt + SD, 0.0f);
-        for (size_t h = kvh * group; h < (kvh + 1) * group; ++h) {
-          const size_t qh = b * a.H + h;
-          K().attn_backward(pdo + qh * SD, pq + qh * SD, pk + t * SD, kt.data(), vt.data(), ld, a.mask_of(pm, b, h),
-                            a.S, pdq + qh * SD, dkt, dvt, a.S, a.D, sc, work.data());
-        }
+        K().attn_backward(pdo + t * SD, pq + t * SD, pk + kv * SD, kt.data(), vt.data(), ld, a.mask_of(pm, b, h),
+                          a.S, pdq + t * SD, dkt, dvt, a.S, a.D, sc, work.data());
       });
+      if (group > 1) {
+        // dk, dv of each key/value head: the sum over its query heads, in head order.
+        const size_t total = a.B * a.Hkv * SD;
+        parallel(ctx, blocks_of(total), [&](size_t blk) {
+          const size_t i0 = blk * BLOCK, i1 = std::min(total, i0 + BLOCK);
+          for (size_t i = i0; i < i1; ++i) {
+            const size_t kv = i / SD, x = i % SD, b = kv / a.Hkv, h0 = b * a.H + (kv % a.Hkv) * group;
+            float sk = 0.0f, sv = 0.0f;
+            for (size_t g = 0; g < group; ++g) {
+              sk += own[(h0 + g) * SD + x];
+              sv += own[(a.B * a.H + h0 + g) * SD + x];
+            }
+            pdk[i] = sk;
+            pdv[i] = sv;
+          }
+        });
+      }
       return Ort::Status{nullptr};
     });
   }
