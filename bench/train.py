@@ -444,7 +444,7 @@ def run_lockstep(sides: list[str], a: argparse.Namespace, tmp: Path, cmd_for=Non
 def worker_result(side: str, a: argparse.Namespace, out: Path) -> dict:
     res = json.loads(out.read_text())
     if side == "quantized":
-        res["side"] = f"edgetune, {a.quantize} base"
+        res["side"] = f"edgetune, {a.quantize} base" + (f", {a.compute} compute" if a.compute != "float32" else "")
     if side == "nochunk":
         res["side"] = "edgetune, no chunks"
     if side == "ckpt":
@@ -460,20 +460,24 @@ def worker_result(side: str, a: argparse.Namespace, out: Path) -> dict:
     return res
 
 
-def ensure_bundle(a: argparse.Namespace, tmp: Path, quantize: str | None = None, ckpt: bool = False) -> Path:
+def ensure_bundle(a: argparse.Namespace, tmp: Path, quantize: str | None = None, ckpt: bool = False,
+                  compute: str = "float32") -> Path:
     if a.bundle and not quantize and not ckpt:
         return Path(a.bundle)
-    out = ROOT / "out" / (f"bench-bundle-r{a.rank}" + (f"-{quantize}" if quantize else "") + ("-ckpt" if ckpt else ""))
+    out = ROOT / "out" / (f"bench-bundle-r{a.rank}" + (f"-{quantize}" if quantize else "")
+                          + (f"-{compute}-compute" if compute != "float32" else "") + ("-ckpt" if ckpt else ""))
     m = json.loads((out / "edgetune.json").read_text()) if (out / "edgetune.json").is_file() else {}
     stamp = out / "bench-source.sha256"  # the code the bundle was exported with: a change re-exports it
     fresh = stamp.is_file() and stamp.read_text() == export_source_hash()
     if m.get("format") != 2 or "sizes" not in m or not fresh:
         # In a child process: the driver stays small, so no worker inherits an export-sized peak.
         print(f"exporting the default model (rank {a.rank} on {','.join(TARGETS)}"
-              f"{', ' + quantize + ' base' if quantize else ''}) to {out}", flush=True)
+              f"{', ' + quantize + ' base' if quantize else ''}{', ' + compute + ' compute' if quantize else ''}) "
+              f"to {out}", flush=True)
         code = ("from edgetune.formats.config import AdapterConfig; from edgetune.workstation.export import export; "
                 f"export(None, {str(out)!r}, AdapterConfig(rank={a.rank}, alpha={2 * a.rank}, "
-                f"targets={tuple(TARGETS)!r}, quantize={quantize!r}, gradient_checkpointing={ckpt!r}), overwrite=True)")
+                f"targets={tuple(TARGETS)!r}, quantize={quantize!r}, compute={compute!r}, gradient_checkpointing={ckpt!r}), "
+                "overwrite=True)")
         subprocess.run([sys.executable, "-c", code], check=True, cwd=str(ROOT))
         stamp.write_text(export_source_hash())
     return out
@@ -535,6 +539,9 @@ def main() -> None:
                          "(about 13 minutes to compile on 2 cores)")
     ap.add_argument("--quantize", choices=["int4", "int8"],
                     help="also train on a block-quantized base (QLoRA) and compare it with the float32 base")
+    ap.add_argument("--compute", choices=["float32", "int8"], default="float32",
+                    help="the quantized base's products: weights dequantized to float32, or int8 activations "
+                         "too (MatMulNBits accuracy_level 4, forward and input gradients; with --quantize int8)")
     ap.add_argument("--gradient-checkpointing", action="store_true",
                     help="also run edgetune exported with --gradient-checkpointing against the tuned PyTorch side "
                          "with gradient checkpointing (the same trick on both sides)")
@@ -571,7 +578,7 @@ def main() -> None:
         if a.gradient_checkpointing:
             a.ckpt_bundle = ensure_bundle(a, tmp, ckpt=True)
         if a.quantize:
-            a.quantized_bundle = ensure_bundle(a, tmp, a.quantize)
+            a.quantized_bundle = ensure_bundle(a, tmp, a.quantize, compute=a.compute)
         if a.int8:
             import int8
 

@@ -82,6 +82,63 @@ def test_config_checks():
         AdapterConfig(quantize="nf4")
     with pytest.raises(ConfigError, match="block_size"):
         AdapterConfig(quantize="int4", block_size=48)
+    with pytest.raises(ConfigError, match="compute must be"):
+        AdapterConfig(quantize="int8", compute="int4")
+    for q in (None, "int4"):
+        with pytest.raises(ConfigError, match="--quantize int8"):
+            AdapterConfig(quantize=q, compute="int8")
+
+
+def _nbits_graph(w, bits, compute):
+    from onnx import TensorProto as T
+    from onnx import helper
+    from onnx import numpy_helper as nh
+
+    n, k = w.shape
+    nodes = [helper.make_node("FusedMatMul", ["X", "W"], ["Y"], domain="com.microsoft", transB=1)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("X", T.FLOAT, [None, k])],
+                          [helper.make_tensor_value_info("Y", T.FLOAT, [None, n])], [nh.from_array(w, "W")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    quant.rewrite(model, ["W"], {"W": quantized.quantize(w, bits, 32)}, bits, 32, compute=compute)
+    return model
+
+
+def test_int8_compute_runs_int8_kernels_only_on_packed_weights():
+    """compute int8 sets accuracy_level 4, which ONNX Runtime honours only for weights it packed at
+    load: the runner's sessions pre-pack for such bundles (and only for them)."""
+    import onnxruntime as ort
+
+    from edgetune.device import runner
+
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((64, 96)).astype(np.float32)
+    x = rng.standard_normal((7, 96)).astype(np.float32)
+    model = _nbits_graph(w, 8, "int8")
+    nb = [nd for nd in model.graph.node if nd.op_type == "MatMulNBits"]
+    assert len(nb) == 1 and any(a.name == "accuracy_level" and a.i == 4 for a in nb[0].attribute)
+    exact = x @ quantized.dequantize(*quantized.quantize(w, 8, 32), 8, 96).T
+    got = {}
+    for prepack in (False, True):
+        sess = ort.InferenceSession(model.SerializeToString(), runner.session_options(1, prepack=prepack),
+                                    providers=["CPUExecutionProvider"])
+        got[prepack] = sess.run(None, {"X": x})[0]
+    np.testing.assert_allclose(got[False], exact, atol=2e-4)  # unpacked: dequantized, float32 products
+    err = np.abs(got[True] - exact).max()
+    assert 1e-5 < err < 0.02 * np.abs(exact).max(), err  # packed: int8 activations, close but not float32
+
+
+def test_int8_compute_transposed_copy_is_the_weight_the_forward_pass_uses():
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((64, 96)).astype(np.float32)
+    q = quantized.quantize(w, 8, 32)
+    deq = quantized.dequantize(*q, 8, 96)
+    qt = quant.transposed(*q, 8, 32, 96)
+    assert qt[0].shape == (96, 2, 32)
+    back = quantized.dequantize(*qt, 8, 64)
+    step = np.repeat(qt[1].reshape(96, 2), 32, axis=1)
+    assert (np.abs(back - deq.T) <= step + 1e-6).all()  # within a step of the int8 grid along N
+    model = _nbits_graph(w, 8, "int8")
+    assert {i.name for i in model.graph.initializer} >= {"W.qT", "W.scaleT", "W.zeroT"}
 
 
 @pytest.fixture(scope="module")
@@ -311,3 +368,40 @@ def test_untied_lm_head_is_quantized(tmp_path):
     names = m["quantization"]["weights"]
     assert len(names) == 2 * 7 + 1 and "base_model.model.lm_head.weight" in names
     assert m["train_weights"]["base_model.model.model.embed_tokens.weight"]["dtype"] == "float32"
+
+
+def test_int8_compute_trains_with_int8_products_forward_and_backward(tiny_model, chat_data, tmp_path):
+    """A compute-int8 bundle runs no dequantization: every frozen product, the input gradients
+    included, is an int8 MatMulNBits; its losses stay close to the same int8 base with float32
+    products, and differ from them (the int8 kernels ran)."""
+    import onnx
+
+    from edgetune.workstation.export import export
+
+    losses = {}
+    for compute in ("float32", "int8"):
+        b = export(str(tiny_model), tmp_path / compute, AdapterConfig(rank=4, alpha=8, targets=("q_proj", "v_proj"),
+                                                                       quantize="int8", block_size=16, compute=compute))
+        m = json.loads((b / "edgetune.json").read_text())
+        assert m["quantization"]["compute"] == compute
+        for f in ("train.onnx", "train_fused.onnx"):
+            if not (b / f).is_file():
+                continue
+            g = onnx.load(str(b / f), load_external_data=False).graph
+            nbits = [nd for nd in g.node if nd.op_type == "MatMulNBits"]
+            on_copy = [nd for nd in nbits if nd.input[1].endswith(".qT")]
+            dequant = [nd for nd in g.node if nd.op_type == "BitShift"]
+            if compute == "int8":
+                # 14 weights forward; input gradients of all but the first layer's q, k, v.
+                assert len(nbits) == 25 and len(on_copy) == 11 and not dequant
+                assert all(a.i == 4 for nd in nbits for a in nd.attribute if a.name == "accuracy_level")
+                assert {i.name for i in g.initializer} >= {nd.input[1] for nd in on_copy}
+            else:
+                assert len(nbits) == 14 and not on_copy and len(dequant) == 11
+        run = trainer.train(b, chat_data, tmp_path / f"run-{compute}", steps=10, lr=1e-2, batch_size=4, seed=0,
+                            schedule="constant", progress=False, log=lambda s: None)
+        losses[compute] = np.array([r["loss"] for r in map(json.loads, (run.out / "metrics.jsonl").read_text().splitlines())
+                                    if "loss" in r])
+    assert len(losses["int8"]) == 10
+    gap = np.abs(losses["int8"] - losses["float32"]).max()
+    assert 1e-6 < gap < 0.01 * losses["float32"].max(), gap

@@ -210,7 +210,7 @@ def _fused_graphs(path: Path) -> str:
 def _bundle_summary(bundle: Any) -> str:
     a = bundle.adapter
     return (f"{len(bundle.manifest['files'])} files intact; {bundle.manifest.get('source')}, {a.method} rank {a.rank} "
-            f"on {', '.join(a.targets)}")
+            f"on {', '.join(a.targets)}" + (f"; {a.quantize} base, {a.compute} products" if a.quantize else ""))
 
 
 def _adapter(path: Path) -> list[Check]:

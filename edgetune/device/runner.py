@@ -22,8 +22,11 @@ from edgetune.formats.errors import BundleError, DeviceError
 from edgetune.formats.run import ADAPTER_FILE, OPTIMIZER_FILE, read_tensors, write_checkpoint
 
 
-def session_options(threads: int = 0, shared: Mapping[str, Any] | None = None, arena: bool = False) -> Any:
-    """Options of the training and eval sessions; ``shared`` initializers are used in place."""
+def session_options(threads: int = 0, shared: Mapping[str, Any] | None = None, arena: bool = False,
+                    prepack: bool = False) -> Any:
+    """Options of the training and eval sessions; ``shared`` initializers are used in place.
+    ``prepack`` lets ONNX Runtime pack weights when the session loads: a ``compute int8`` bundle's
+    ``MatMulNBits`` run their int8 kernels only on packed weights (unpacked, they dequantize)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -32,7 +35,8 @@ def session_options(threads: int = 0, shared: Mapping[str, Any] | None = None, a
     so.add_session_config_entry("session.set_denormal_as_zero", "1")
     # Each frozen weight feeds a forward and a backward MatMul: pre-packing would keep two packed
     # copies beside the mapped file (+1.3 GB for SmolLM2); packing per call measured no slower.
-    so.add_session_config_entry("session.disable_prepacking", "1")
+    if not prepack:
+        so.add_session_config_entry("session.disable_prepacking", "1")
     # ORT's arena or the system's malloc: see use_arena.
     so.enable_cpu_mem_arena = arena
     # ONNX Runtime's memory patterns lay out one block per input shape from the first run's
@@ -84,6 +88,12 @@ def tune_allocator(mmap_threshold: int = 32 << 20) -> None:
         pass  # not glibc (musl, Android's bionic): keep the defaults
 
 
+class _Shared(dict):
+    """Initializer name -> OrtValue, and the memory maps they view (``maps``)."""
+
+    maps: dict[str, np.memmap]
+
+
 def shared_weights(b: _bundle.Bundle) -> dict[str, Any]:
     """The frozen weights as OrtValues over one read-only memory map of ``train.onnx.data``:
     the training and eval sessions read the same pages instead of a copy each."""
@@ -91,7 +101,8 @@ def shared_weights(b: _bundle.Bundle) -> dict[str, Any]:
 
     index = b.manifest.get("train_weights") or {}
     maps: dict[str, np.memmap] = {}
-    out = {}
+    out = _Shared()
+    out.maps = maps
     for name, e in index.items():
         if e["file"] not in maps:
             maps[e["file"]] = np.memmap(b.path(e["file"]), dtype=np.uint8, mode="r")
@@ -100,6 +111,18 @@ def shared_weights(b: _bundle.Bundle) -> dict[str, Any]:
             continue  # numpy has no bfloat16: ORT maps these itself
         out[name] = ort.OrtValue.ortvalue_from_numpy(np.frombuffer(raw, e["dtype"]).reshape(e["shape"]))
     return out
+
+
+def release_pages(shared: Mapping[str, Any]) -> None:
+    """Drop this process's resident pages of the mapped weight file (``MADV_DONTNEED``; the file
+    is read-only, so a page read again comes back from it). After a pre-packing session loads,
+    its packed copies are what the products read: the quantized codes' pages stay out of the RSS."""
+    import mmap
+
+    for m in {id(v): v for v in getattr(shared, "maps", {}).values()}.values():
+        mm = getattr(m, "_mmap", None)
+        if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+            mm.madvise(mmap.MADV_DONTNEED)
 
 
 def _missing_op(message: str) -> str | None:
@@ -135,6 +158,7 @@ class StepRunner:
         # A quantized base's graphs take the dequant's run-time input (see edgetune.formats.quantized).
         q = b.manifest.get("quantization") or {}
         self._runtime = quantized.runtime_feeds(int(q["bits"])) if q else {}
+        self._prepack = q.get("compute") == "int8"
         self.arena = use_arena()
         self._run_opts = run_options(self.arena)
         self.kernel_info = "plain"  # or "fused (ISA)": which graphs run, for run.json and the log
@@ -243,11 +267,14 @@ class StepRunner:
     def _session(self, name: str, fused: bool = False, so: Any = None) -> Any:
         """A session of bundle file ``name`` (the kernel library registered for a fused graph), with
         this runner's session options unless ``so`` is given."""
-        so = so or session_options(self.threads, self._shared, arena=self.arena)
+        so = so or session_options(self.threads, self._shared, arena=self.arena, prepack=self._prepack)
         if fused or name.endswith("_fused.onnx"):
             kernels.register(so)
         try:
-            return devices.session(self.bundle.path(name), self.device, so, training=name.startswith("train"))
+            sess = devices.session(self.bundle.path(name), self.device, so, training=name.startswith("train"))
+            if self._prepack:
+                release_pages(self._shared)
+            return sess
         except DeviceError as e:
             op = _missing_op(str(e))
             if op and op.startswith(kernels.DOMAIN + ":"):

@@ -716,9 +716,10 @@ def _export(model: str | os.PathLike | None, out: Path, cfg: AdapterConfig, log:
             in_infer = quant.linear_weights(infer.graph, set(trainable + norm_inputs))
             in_train = set(quant.linear_weights(fwd.graph, set(trainable)))
             qnames = [n for n in in_infer if n in in_train]
-            quant.rewrite(fwd, qnames, None, bits, cfg.block_size)
+            quant.rewrite(fwd, qnames, None, bits, cfg.block_size, compute=cfg.compute)
             for n in qnames:
-                fwd_lazy.update(extdata.Quantized(source_loader(source), bits, cfg.block_size).loaders(n))
+                fwd_lazy.update(extdata.Quantized(source_loader(source), bits, cfg.block_size).loaders(
+                    n, transposed=cfg.compute == "int8"))
         log("writing the training weights")
         extdata.write_external(fwd, tmp / "_forward.onnx", "train.onnx.data", fwd_lazy, threshold=1024)
         del fwd
@@ -752,7 +753,8 @@ def _export(model: str | os.PathLike | None, out: Path, cfg: AdapterConfig, log:
             extdata.write_external(infer, tmp / "infer.onnx", "infer.onnx.data", infer_lazy, threshold=0)
             log(f"quantized {len(qnames)} linear weights to {cfg.quantize} (blocks of {cfg.block_size}): "
                 f"{qz.float_bytes / 2**20:.0f} MB -> {qz.quantized_bytes / 2**20:.0f} MB")
-            qinfo = {"method": cfg.quantize, "bits": bits, "block_size": cfg.block_size, "weights": sorted(qnames),
+            qinfo = {"method": cfg.quantize, "bits": bits, "block_size": cfg.block_size, "compute": cfg.compute,
+                     "weights": sorted(qnames),
                      "float_bytes": qz.float_bytes, "quantized_bytes": qz.quantized_bytes,
                      "max_relative_error": qz.max_relative_error, "merge_layout": merge_layout,
                      "infer_weights": graphs.external_index(tmp / "infer.onnx")}

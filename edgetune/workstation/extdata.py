@@ -98,6 +98,7 @@ class Quantized:
     def __init__(self, load: Callable[[str], np.ndarray], bits: int, block: int) -> None:
         self.load, self.bits, self.block = load, bits, block
         self._last: tuple[str, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
+        self._last_t: tuple[str, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
         self.float_bytes = 0
         self.quantized_bytes = 0
         self.max_relative_error = 0.0
@@ -112,6 +113,23 @@ class Quantized:
             self._last = (name, tuple(q))  # type: ignore[assignment]
         return self._last[1]
 
-    def loaders(self, name: str) -> dict[str, Loader]:
-        return {f"{name}.q": lambda: self.parts(name)[0], f"{name}.scale": lambda: self.parts(name)[1],
-                f"{name}.zero": lambda: self.parts(name)[2]}
+    def loaders(self, name: str, transposed: bool = False) -> dict[str, Loader]:
+        """Loaders of ``W.q``, ``W.scale``, ``W.zero``; with ``transposed``, also of the int8 copy of
+        ``W^T`` that ``compute int8`` graphs take (``W.qT``, ...; see :func:`quantize.rewrite`)."""
+        out: dict[str, Loader] = {f"{name}.q": lambda: self.parts(name)[0],
+                                  f"{name}.scale": lambda: self.parts(name)[1],
+                                  f"{name}.zero": lambda: self.parts(name)[2]}
+        if transposed:
+            out.update({f"{name}.qT": lambda: self.transposed(name)[0],
+                        f"{name}.scaleT": lambda: self.transposed(name)[1],
+                        f"{name}.zeroT": lambda: self.transposed(name)[2]})
+        return out
+
+    def transposed(self, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        from edgetune.workstation.quantize import transposed
+
+        if self._last_t is None or self._last_t[0] != name:
+            codes = self.parts(name)[0]
+            k = codes.shape[1] * codes.shape[2] * 8 // self.bits
+            self._last_t = (name, transposed(*self.parts(name), self.bits, self.block, k))
+        return self._last_t[1]

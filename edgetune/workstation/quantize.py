@@ -58,13 +58,28 @@ def placeholders(name: str, n: int, k: int, bits: int, block: int) -> list[Any]:
     return out
 
 
+TRANSPOSED = "T"  # suffix of the transposed copy's tensors: W.qT, W.scaleT, W.zeroT
+
+
 def rewrite(model: Any, names: list[str], quantized: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] | None,
-            bits: int, block: int, inference: bool = False) -> None:
+            bits: int, block: int, inference: bool = False, compute: str = "float32") -> None:
     """Replace each weight in ``names`` by its quantized tensors: ``x @ W^T`` becomes
     ``MatMulNBits``, any other use (the backward ``dY @ W``) a run-time dequantization.
     With ``quantized`` None, the new tensors are placeholders to be written lazily. With
-    ``inference``, int4 layers take ONNX Runtime's packed kernels (see :func:`_nbits`)."""
+    ``inference``, int4 layers take ONNX Runtime's packed kernels (see :func:`_nbits`).
+
+    ``compute="int8"`` (int8 weights only) sets ``accuracy_level`` 4 on every ``MatMulNBits``
+    (ONNX Runtime quantizes the activations to int8 per block of ``block`` and multiplies in
+    integers where the CPU has the kernels) and adds a transposed int8 copy of each weight,
+    ``W.qT`` ``[K, N/bs, bs]`` with its scales and zero points, quantized from the dequantized
+    weight in blocks along ``N``: the gradient rule of ``MatMulNBits`` then computes the input
+    gradient ``dY @ W`` as a ``MatMulNBits`` on that copy (an int8 product) instead of
+    dequantizing ``W`` (see :func:`edgetune.workstation.gradients.matmul`)."""
     from onnx import TensorProto, helper, numpy_helper
+
+    int8 = compute == "int8"
+    if int8 and bits != 8:
+        raise ConfigError("compute int8 needs an int8 base (--quantize int8)")
 
     g = model.graph
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
@@ -87,6 +102,18 @@ def rewrite(model: Any, names: list[str], quantized: dict[str, tuple[np.ndarray,
             g.initializer.extend([numpy_helper.from_array(codes, qn), numpy_helper.from_array(scale, sn),
                                   numpy_helper.from_array(zero, zn)])
         nbits = dict(K=k, N=n, bits=bits, block_size=block)
+        if int8:
+            if n % block:
+                raise ConfigError(f"{name} has {n} outputs, which cannot be split into blocks of {block} for "
+                                  "its transposed int8 copy; use --block-size 16 or 32, or --compute float32")
+            nbits["accuracy_level"] = 4
+            if quantized is None:
+                for t in placeholders(name, k, n, bits, block):
+                    t.name += TRANSPOSED
+                    g.initializer.append(t)
+            else:
+                g.initializer.extend(numpy_helper.from_array(a, f"{name}{sfx}{TRANSPOSED}") for a, sfx in
+                                     zip(transposed(*quantized[name], bits, block, k), (".q", ".scale", ".zero")))
         dq_count = 0
         for node, i in cons.get(name, []):
             at = index[id(node)]
@@ -164,6 +191,16 @@ def _nbits(g: Any, x: str, out: str, qn: str, sn: str, zn: str, name: str, attrs
         helper.make_node("Reshape", [f"{p}.fix2", f"{p}.shape"], [f"{p}.fix"], name=f"{p}.fix"),
         helper.make_node("Add", [f"{p}.sym", f"{p}.fix"], [out], name=f"{p}.add"),
     ]
+
+
+def transposed(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: int, block: int,
+               k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The int8 copy of ``W^T [K, N]`` in blocks along ``N``, quantized from the weight the
+    forward pass computes (the dequantized ``W``), for the input-gradient product."""
+    from edgetune.formats.quantized import dequantize, quantize
+
+    w = dequantize(codes, scale, zero, bits, k)
+    return quantize(np.ascontiguousarray(w.T), 8, block)
 
 
 def _attr(node: Any, name: str, default: Any) -> Any:

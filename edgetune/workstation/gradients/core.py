@@ -54,6 +54,12 @@ class Builder:
         self.inits: list[Any] = []
         self._n = 0
         self._consts: dict[tuple, str] = {}
+        self._init_names: set[str] | None = None
+
+    def initializer_names(self) -> set[str]:
+        if self._init_names is None:
+            self._init_names = {i.name for i in self.proto.graph.initializer}
+        return self._init_names
 
     def fresh(self, hint: str) -> str:
         self._n += 1

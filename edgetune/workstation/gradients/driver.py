@@ -84,9 +84,13 @@ def differentiate(proto: Any, params: list[str], loss: str, shapes: dict[str, li
     return outs
 
 
-def drop_unused_initializers(proto: Any) -> None:
-    """Constants that fusion left without a reader (ORT warns about each at load)."""
+def drop_unused_initializers(proto: Any, keep_transposed: bool = True) -> None:
+    """Constants that fusion left without a reader (ORT warns about each at load). With
+    ``keep_transposed``, a quantized weight's transposed copy (``W.qT``, ...) stays while ``W.q``
+    is read: the backward pass, not built yet, reads it."""
     used = {i for n in proto.graph.node for i in n.input} | {o.name for o in proto.graph.output}
+    if keep_transposed:
+        used |= {f"{i}T" for i in used if i.endswith((".q", ".scale", ".zero"))}
     nodes = [n for n in proto.graph.node if n.op_type != "Constant" or n.output[0] in used]
     del proto.graph.node[:]
     proto.graph.node.extend(nodes)
@@ -148,4 +152,7 @@ def build(proto: Any, params: list[str], loss: str, feeds: Sequence[dict[str, np
         fuse_residual(train, shapes, n_forward)
         fold_residual_grads(train)
         fuse_residual(proto, shapes)
+    # The forward graph reads no transposed copy, and the first layer's input gradient is not built.
+    drop_unused_initializers(proto, keep_transposed=False)
+    drop_unused_initializers(train, keep_transposed=False)
     return TrainingGraph(train, list(params), grads, initial, proto)

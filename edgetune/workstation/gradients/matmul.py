@@ -70,7 +70,9 @@ def _fused_matmul(b: Builder, n: Any, gy: list, want: list) -> list:
 def _matmul_nbits(b: Builder, n: Any, gy: list, want: list) -> list:
     """``y = x @ dequant(W)^T`` on a block-quantized frozen ``W [N, K]``: the input gradient
     ``dy @ W`` dequantizes ``W`` again right before its MatMul (and only once ``dy`` exists), so
-    no float32 copy of the weight lives from the forward pass to the backward."""
+    no float32 copy of the weight lives from the forward pass to the backward. A ``compute
+    int8`` graph (``accuracy_level`` 4, with the transposed copy ``W.qT``) runs it as an int8
+    ``MatMulNBits`` on that copy instead."""
     from onnx import helper, numpy_helper
 
     from edgetune.workstation import quantize as quant
@@ -83,6 +85,13 @@ def _matmul_nbits(b: Builder, n: Any, gy: list, want: list) -> list:
         raise ModelError("autodiff: MatMulNBits with g_idx or bias is not supported")
     k, nn = int(attr(n, "K")), int(attr(n, "N"))
     bits, block = int(attr(n, "bits", 4)), int(attr(n, "block_size"))
+    level = int(attr(n, "accuracy_level", 0))
+    copy = [n.input[1] + quant.TRANSPOSED, n.input[2] + quant.TRANSPOSED,
+            (n.input[3] if len(n.input) > 3 else "") + quant.TRANSPOSED]
+    if level == 4 and copy[0] in b.initializer_names():
+        # compute int8: the input gradient as an int8 product on the transposed copy of W.
+        return [b.op("MatMulNBits", [gy[0], *copy], domain="com.microsoft", K=nn, N=k, bits=8, block_size=block,
+                     accuracy_level=4), None, None, None]
     w = b.fresh("dequant")
     zero = n.input[3] if len(n.input) > 3 and n.input[3] else None  # none: the default, 2^(bits-1)
     nodes, consts = quant.dequant_ops(n.input[1], n.input[2], zero, w, nn, k, bits, block, after=gy[0])
