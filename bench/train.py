@@ -312,18 +312,13 @@ def worker_torch_tuned(a: argparse.Namespace) -> dict:
 
 
 # -- driver ----------------------------------------------------------------------------
-def fma_peak_gflops(threads: int) -> float:
-    """The machine's multiply-add peak: the merge kernels' FMA loop at their widest vector width."""
+def fma_peak_gflops(threads: int, passes: int = 5, iters: int | None = None) -> float:
+    """The machine's multiply-add peak: the merge kernels' FMA loop at their widest vector width,
+    the best of ``passes`` passes (``iters`` FMA iterations each; the loop's default if None)."""
     from edgetune.device import _ext
 
-    return max(_ext.peak_gflops(threads) for _ in range(5))
-
-
-def step_peak_gflops(threads: int) -> float:
-    """A short reading of the FMA loop (best of two 0.05 s passes), taken before each lockstep step."""
-    from edgetune.device import _ext
-
-    return max(_ext.peak_gflops(threads, 10_000_000) for _ in range(2))
+    args = (threads,) if iters is None else (threads, iters)
+    return max(_ext.peak_gflops(*args) for _ in range(passes))
 
 
 def train_flops(manifest: dict, lengths: list[int], labelled: int) -> float:
@@ -419,7 +414,7 @@ def run_lockstep(sides: list[str], a: argparse.Namespace, tmp: Path, cmd_for=Non
                 time.sleep(PAUSE)
                 # The multiply-add peak the machine offers this minute, measured between the pause
                 # and the step (0.1-0.2 s): flops_fraction divides by the peak beside each step.
-                peaks[side].append(step_peak_gflops(a.threads))
+                peaks[side].append(fma_peak_gflops(a.threads, passes=2, iters=10_000_000))  # about 0.1 s
                 p.stdin.write("go\n")
                 p.stdin.flush()
                 steps[side].append(float(_expect(p, side, "@step").split()[2]))
