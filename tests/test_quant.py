@@ -132,7 +132,7 @@ def test_int8_compute_transposed_copy_is_the_weight_the_forward_pass_uses():
     w = rng.standard_normal((64, 96)).astype(np.float32)
     q = quantized.quantize(w, 8, 32)
     deq = quantized.dequantize(*q, 8, 96)
-    qt = quant.transposed(*q, 8, 32, 96)
+    qt = quantized.transposed(*q, 8, 32, 96)
     assert qt[0].shape == (96, 2, 32)
     back = quantized.dequantize(*qt, 8, 64)
     step = np.repeat(qt[1].reshape(96, 2), 32, axis=1)

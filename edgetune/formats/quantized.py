@@ -107,6 +107,15 @@ def dequantize(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: int
     w = (q.astype(np.float32) - zero.astype(np.float32).reshape(n, nb, 1)) * scale.reshape(n, nb, 1)
     return w.reshape(n, k)[:, :k]
 
+def transposed(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: int, block: int,
+               k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The int8 copy of ``W^T [K, N]`` in blocks along ``N``, quantized from the weight the
+    forward pass computes (the dequantized ``W``): what a ``compute int8`` graph's input-gradient
+    product reads (``W.qT``, ``W.scaleT``, ``W.zeroT``)."""
+    w = dequantize(codes, scale, zero, bits, k)
+    return quantize(np.ascontiguousarray(w.T), 8, block)
+
+
 def read_at(f: Any, offset: int, length: int, dtype: Any) -> np.ndarray:
     f.seek(offset)
     buf = f.read(length)

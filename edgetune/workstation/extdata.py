@@ -126,10 +126,8 @@ class Quantized:
         return out
 
     def transposed(self, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        from edgetune.workstation.quantize import transposed
-
         if self._last_t is None or self._last_t[0] != name:
             codes = self.parts(name)[0]
             k = codes.shape[1] * codes.shape[2] * 8 // self.bits
-            self._last_t = (name, transposed(*self.parts(name), self.bits, self.block, k))
+            self._last_t = (name, quantized.transposed(*self.parts(name), self.bits, self.block, k))
         return self._last_t[1]

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from edgetune.formats.errors import ConfigError
-from edgetune.formats.quantized import BITS, RUNTIME_SHIFT, check, read_at
+from edgetune.formats.quantized import BITS, RUNTIME_SHIFT, check, read_at, transposed
 
 
 def _consumers(g: Any) -> dict[str, list[tuple[Any, int]]]:
@@ -191,16 +191,6 @@ def _nbits(g: Any, x: str, out: str, qn: str, sn: str, zn: str, name: str, attrs
         helper.make_node("Reshape", [f"{p}.fix2", f"{p}.shape"], [f"{p}.fix"], name=f"{p}.fix"),
         helper.make_node("Add", [f"{p}.sym", f"{p}.fix"], [out], name=f"{p}.add"),
     ]
-
-
-def transposed(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: int, block: int,
-               k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The int8 copy of ``W^T [K, N]`` in blocks along ``N``, quantized from the weight the
-    forward pass computes (the dequantized ``W``), for the input-gradient product."""
-    from edgetune.formats.quantized import dequantize, quantize
-
-    w = dequantize(codes, scale, zero, bits, k)
-    return quantize(np.ascontiguousarray(w.T), 8, block)
 
 
 def _attr(node: Any, name: str, default: Any) -> Any:
