@@ -90,6 +90,7 @@ def test_config_checks():
 
 
 def _nbits_graph(w, bits, compute):
+    pytest.importorskip("onnx")
     from onnx import TensorProto as T
     from onnx import helper
     from onnx import numpy_helper as nh
