@@ -119,7 +119,7 @@ def release_pages(shared: Mapping[str, Any]) -> None:
     its packed copies are what the products read: the quantized codes' pages stay out of the RSS."""
     import mmap
 
-    for m in {id(v): v for v in getattr(shared, "maps", {}).values()}.values():
+    for m in getattr(shared, "maps", {}).values():  # one map per weight file
         mm = getattr(m, "_mmap", None)
         if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
             mm.madvise(mmap.MADV_DONTNEED)
