@@ -84,9 +84,10 @@ def test_config_checks():
         AdapterConfig(quantize="int4", block_size=48)
     with pytest.raises(ConfigError, match="compute must be"):
         AdapterConfig(quantize="int8", compute="int4")
-    for q in (None, "int4"):
-        with pytest.raises(ConfigError, match="--quantize int8"):
-            AdapterConfig(quantize=q, compute="int8")
+    with pytest.raises(ConfigError, match="--quantize int8 or --quantize int4"):
+        AdapterConfig(compute="int8")
+    for q in ("int8", "int4"):
+        assert AdapterConfig(quantize=q, compute="int8").compute == "int8"
 
 
 def _nbits_graph(w, bits, compute):
@@ -104,9 +105,12 @@ def _nbits_graph(w, bits, compute):
     return model
 
 
-def test_int8_compute_runs_int8_kernels_only_on_packed_weights():
+@pytest.mark.parametrize("bits", [8, 4])
+def test_int8_compute_runs_int8_kernels_only_on_packed_weights(bits):
     """compute int8 sets accuracy_level 4, which ONNX Runtime honours only for weights it packed at
-    load: the runner's sessions pre-pack for such bundles (and only for them)."""
+    load: the runner's sessions pre-pack for such bundles (and only for them). An int4 weight's
+    product is split: a MatMulNBits without its float zero points (which ONNX Runtime packs) plus
+    the zero points' correction."""
     import onnxruntime as ort
 
     from edgetune.device import runner
@@ -114,10 +118,11 @@ def test_int8_compute_runs_int8_kernels_only_on_packed_weights():
     rng = np.random.default_rng(3)
     w = rng.standard_normal((64, 96)).astype(np.float32)
     x = rng.standard_normal((7, 96)).astype(np.float32)
-    model = _nbits_graph(w, 8, "int8")
+    model = _nbits_graph(w, bits, "int8")
     nb = [nd for nd in model.graph.node if nd.op_type == "MatMulNBits"]
     assert len(nb) == 1 and any(a.name == "accuracy_level" and a.i == 4 for a in nb[0].attribute)
-    exact = x @ quantized.dequantize(*quantized.quantize(w, 8, 32), 8, 96).T
+    assert len(nb[0].input) == (4 if bits == 8 else 3)
+    exact = x @ quantized.dequantize(*quantized.quantize(w, bits, 32), bits, 96).T
     got = {}
     for prepack in (False, True):
         sess = ort.InferenceSession(model.SerializeToString(), runner.session_options(1, prepack=prepack),
@@ -138,6 +143,15 @@ def test_int8_compute_transposed_copy_is_the_weight_the_forward_pass_uses():
     back = quantized.dequantize(*qt, 8, 64)
     step = np.repeat(qt[1].reshape(96, 2), 32, axis=1)
     assert (np.abs(back - deq.T) <= step + 1e-6).all()  # within a step of the int8 grid along N
+    # int4: the copy is of the symmetric part (code - 8) * scale, which the split product's
+    # MatMulNBits computes; the zero points' correction has a gradient of its own.
+    q4 = quantized.quantize(w, 4, 32)
+    sym = quantized.dequantize(q4[0], q4[1], np.full_like(q4[2], 8.0), 4, 96)
+    qt = quantized.transposed(*q4, 4, 32, 96)
+    back = quantized.dequantize(*qt, 8, 64)
+    step = np.repeat(qt[1].reshape(96, 2), 32, axis=1)
+    assert (np.abs(back - sym.T) <= step + 1e-6).all()
+    assert np.abs(back - quantized.dequantize(*q4, 4, 96).T).max() > 10 * step.max()
     model = _nbits_graph(w, 8, "int8")
     assert {i.name for i in model.graph.initializer} >= {"W.qT", "W.scaleT", "W.zeroT"}
 
@@ -371,10 +385,12 @@ def test_untied_lm_head_is_quantized(tmp_path):
     assert m["train_weights"]["base_model.model.model.embed_tokens.weight"]["dtype"] == "float32"
 
 
-def test_int8_compute_trains_with_int8_products_forward_and_backward(tiny_model, chat_data, tmp_path):
+@pytest.mark.parametrize("base", ["int8", "int4"])
+def test_int8_compute_trains_with_int8_products_forward_and_backward(base, tiny_model, chat_data, tmp_path):
     """A compute-int8 bundle runs no dequantization: every frozen product, the input gradients
-    included, is an int8 MatMulNBits; its losses stay close to the same int8 base with float32
-    products, and differ from them (the int8 kernels ran)."""
+    included, is an int8 MatMulNBits; its losses stay close to the same base with float32
+    products, and differ from them (the int8 kernels ran). An int4 base's products are split
+    (a MatMulNBits without zero points plus their correction, a MatMul on block sums)."""
     import onnx
 
     from edgetune.workstation.export import export
@@ -382,7 +398,7 @@ def test_int8_compute_trains_with_int8_products_forward_and_backward(tiny_model,
     losses = {}
     for compute in ("float32", "int8"):
         b = export(str(tiny_model), tmp_path / compute, AdapterConfig(rank=4, alpha=8, targets=("q_proj", "v_proj"),
-                                                                       quantize="int8", block_size=16, compute=compute))
+                                                                       quantize=base, block_size=16, compute=compute))
         m = json.loads((b / "edgetune.json").read_text())
         assert m["quantization"]["compute"] == compute
         for f in ("train.onnx", "train_fused.onnx"):
@@ -396,9 +412,10 @@ def test_int8_compute_trains_with_int8_products_forward_and_backward(tiny_model,
                 # 14 weights forward; input gradients of all but the first layer's q, k, v.
                 assert len(nbits) == 25 and len(on_copy) == 11 and not dequant
                 assert all(a.i == 4 for nd in nbits for a in nd.attribute if a.name == "accuracy_level")
-                assert {i.name for i in g.initializer} >= {nd.input[1] for nd in on_copy}
+                assert {i.name for i in g.initializer} >= {nd.input[k] for nd in on_copy for k in (1, 2, 3)}
+                assert all(len(nd.input) == (4 if base == "int8" else 3) for nd in nbits if nd not in on_copy)
             else:
-                assert len(nbits) == 14 and not on_copy and len(dequant) == 11
+                assert len(nbits) == 14 and not on_copy and len(dequant) == 11 * (1 if base == "int8" else 3)
         run = trainer.train(b, chat_data, tmp_path / f"run-{compute}", steps=10, lr=1e-2, batch_size=4, seed=0,
                             schedule="constant", progress=False, log=lambda s: None)
         losses[compute] = np.array([r["loss"] for r in map(json.loads, (run.out / "metrics.jsonl").read_text().splitlines())

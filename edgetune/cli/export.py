@@ -25,7 +25,7 @@ from edgetune.cli.main import CONTEXT, handle_errors, log, main
 @click.option("--block-size", type=int, help="Quantization block along each weight's inputs [32].")
 @click.option("--compute", type=click.Choice(["float32", "int8"]),
               help="Arithmetic of the frozen products on a quantized base: float32 (weights dequantized) or int8 "
-                   "(activations quantized per block too, forward and input gradients; needs --quantize int8) "
+                   "(activations quantized per block too, forward and input gradients; needs --quantize int8 or int4) "
                    "[float32].")
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None,
               help="Recompute each layer's activations in the backward pass: live activations of one layer "

@@ -37,7 +37,7 @@ class AdapterConfig:
     seed: int = 0
     quantize: str | None = None  # "int4" | "int8": a block-quantized frozen base (QLoRA)
     block_size: int = 32         # quantization block along the input dimension
-    compute: str = "float32"     # "int8": the frozen products quantize their activations too (int8 base)
+    compute: str = "float32"     # "int8": the frozen products quantize their activations too (quantized base)
     gradient_checkpointing: bool = False  # the training graph recomputes each layer in the backward pass
 
     def __post_init__(self) -> None:
@@ -45,9 +45,9 @@ class AdapterConfig:
 
         check(self.quantize, self.block_size)
         _check(self.compute in ("float32", "int8"), f"compute must be float32 or int8, got {self.compute!r}")
-        _check(self.compute == "float32" or self.quantize == "int8",
-               "compute int8 runs the frozen products on int8 weights with int8 activations: export with "
-               "--quantize int8 (int4 blocks keep float zero points, which ONNX Runtime's int8 kernels do not take)")
+        _check(self.compute == "float32" or self.quantize in ("int8", "int4"),
+               "compute int8 multiplies quantized frozen weights by int8 activations: export with "
+               "--quantize int8 or --quantize int4 as well")
         _check(self.method in METHODS, f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         _check(isinstance(self.rank, int) and self.rank >= 1, f"rank must be a positive integer, got {self.rank!r}")
         _check(self.alpha > 0, f"alpha must be positive, got {self.alpha!r}")

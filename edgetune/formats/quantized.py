@@ -110,8 +110,13 @@ def dequantize(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: int
 def transposed(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: int, block: int,
                k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The int8 copy of ``W^T [K, N]`` in blocks along ``N``, quantized from the weight the
-    forward pass computes (the dequantized ``W``): what a ``compute int8`` graph's input-gradient
-    product reads (``W.qT``, ``W.scaleT``, ``W.zeroT``)."""
+    forward pass's ``MatMulNBits`` computes: what a ``compute int8`` graph's input-gradient
+    product reads (``W.qT``, ``W.scaleT``, ``W.zeroT``). For int8 that is the dequantized ``W``;
+    for int4 the symmetric part ``(code - 8) * scale``, since a ``compute int8`` graph splits an
+    int4 product into that part and a small zero-point correction of its own (see
+    :func:`edgetune.workstation.quantize.rewrite`), whose gradient the graph computes apart."""
+    if bits == 4:
+        zero = np.full(zero.shape, 8.0, np.float32)
     w = dequantize(codes, scale, zero, bits, k)
     return quantize(np.ascontiguousarray(w.T), 8, block)
 

@@ -68,18 +68,20 @@ def rewrite(model: Any, names: list[str], quantized: dict[str, tuple[np.ndarray,
     With ``quantized`` None, the new tensors are placeholders to be written lazily. With
     ``inference``, int4 layers take ONNX Runtime's packed kernels (see :func:`_nbits`).
 
-    ``compute="int8"`` (int8 weights only) sets ``accuracy_level`` 4 on every ``MatMulNBits``
-    (ONNX Runtime quantizes the activations to int8 per block of ``block`` and multiplies in
-    integers where the CPU has the kernels) and adds a transposed int8 copy of each weight,
-    ``W.qT`` ``[K, N/bs, bs]`` with its scales and zero points, quantized from the dequantized
-    weight in blocks along ``N``: the gradient rule of ``MatMulNBits`` then computes the input
+    ``compute="int8"`` sets ``accuracy_level`` 4 on every ``MatMulNBits`` (ONNX Runtime
+    quantizes the activations to int8 per block of ``block`` and multiplies in integers where the
+    CPU has the kernels) and adds a transposed int8 copy of each weight, ``W.qT`` ``[K, N/bs, bs]``
+    with its scales and zero points, quantized in blocks along ``N`` from the weight the forward
+    ``MatMulNBits`` computes: the gradient rule of ``MatMulNBits`` then computes the input
     gradient ``dY @ W`` as a ``MatMulNBits`` on that copy (an int8 product) instead of
-    dequantizing ``W`` (see :func:`edgetune.workstation.gradients.matmul`)."""
+    dequantizing ``W`` (see :func:`edgetune.workstation.gradients.matmul`). An int4 weight's
+    float zero points keep ONNX Runtime off its int8 kernels, so its product takes the split
+    form of :func:`_nbits` (a ``MatMulNBits`` without zero points plus a correction 1/``block``
+    the size, whose gradient the graph computes in standard ops); its copy is of the
+    symmetric part."""
     from onnx import TensorProto, helper, numpy_helper
 
     int8 = compute == "int8"
-    if int8 and bits != 8:
-        raise ConfigError("compute int8 needs an int8 base (--quantize int8)")
 
     g = model.graph
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
@@ -102,13 +104,14 @@ def rewrite(model: Any, names: list[str], quantized: dict[str, tuple[np.ndarray,
             g.initializer.extend([numpy_helper.from_array(codes, qn), numpy_helper.from_array(scale, sn),
                                   numpy_helper.from_array(zero, zn)])
         nbits = dict(K=k, N=n, bits=bits, block_size=block)
+        split = inference or int8
         if int8:
             if n % block:
                 raise ConfigError(f"{name} has {n} outputs, which cannot be split into blocks of {block} for "
                                   "its transposed int8 copy; use --block-size 16 or 32, or --compute float32")
             nbits["accuracy_level"] = 4
             if quantized is None:
-                for t in placeholders(name, k, n, bits, block):
+                for t in placeholders(name, k, n, 8, block):
                     t.name += TRANSPOSED
                     g.initializer.append(t)
             else:
@@ -121,7 +124,7 @@ def rewrite(model: Any, names: list[str], quantized: dict[str, tuple[np.ndarray,
                 out = node.output[0]
                 alpha = float(_attr(node, "alpha", 1.0))
                 mm_out = out if alpha == 1.0 else f"{out}.unscaled"
-                nodes = _nbits(g, node.input[0], mm_out, qn, sn, zn, f"{node.name or out}.nbits", nbits, inference)
+                nodes = _nbits(g, node.input[0], mm_out, qn, sn, zn, f"{node.name or out}.nbits", nbits, split)
                 if alpha != 1.0:
                     c = f"{out}.alpha"
                     g.initializer.append(numpy_helper.from_array(np.array(alpha, np.float32), c))
@@ -132,7 +135,7 @@ def rewrite(model: Any, names: list[str], quantized: dict[str, tuple[np.ndarray,
                 for mm, j in cons.get(node.output[0], []):
                     new_nodes.setdefault(index[id(mm)], []).extend(
                         _nbits(g, mm.input[0], mm.output[0], qn, sn, zn, f"{mm.name or mm.output[0]}.nbits", nbits,
-                               inference))
+                               split))
                     drop.add(index[id(mm)])
                 drop.add(at)
             else:
@@ -157,21 +160,23 @@ def rewrite(model: Any, names: list[str], quantized: dict[str, tuple[np.ndarray,
 
 
 def _nbits(g: Any, x: str, out: str, qn: str, sn: str, zn: str, name: str, attrs: dict[str, int],
-           inference: bool) -> list[Any]:
+           split: bool) -> list[Any]:
     """``out = x @ W^T`` on the quantized tensors.
 
     ONNX Runtime packs a ``MatMulNBits`` weight for its fast kernels only when the zero points
     are integers; with float zero points (ours for int4, so that a GGUF's Q4_1 blocks stay
     exact) every call dequantizes the whole weight first, about 35 times slower for one token.
-    For inference graphs an int4 layer is therefore split exactly, with ``w = (c - z) s =
+    With ``split`` (inference graphs, and training graphs whose products run in int8), an int4
+    layer is therefore split exactly, with ``w = (c - z) s =
     (c - 8) s + (8 - z) s``: a ``MatMulNBits`` without zero points (8 by default, packed, fast)
     plus the block sums of ``x`` times ``C = ((8 - z) s)^T`` ``[K/bs, N]``, a GEMM 1/``bs`` the
-    size, whose constant ONNX Runtime folds when it loads the graph. Training graphs keep the
-    plain form: their sessions do not pre-pack (each weight would be held twice), and the split
-    form measured slower there (63 against 52 s per step on the Phi-3-mini-shaped model)."""
+    size, whose constant ONNX Runtime folds when it loads the graph. Training graphs with float32
+    products keep the plain form: their sessions do not pre-pack (each weight would be held
+    twice), and the split form measured slower there (63 against 52 s per step on the
+    Phi-3-mini-shaped model)."""
     from onnx import helper, numpy_helper
 
-    if not inference or attrs["bits"] != 4:
+    if not split or attrs["bits"] != 4:
         return [helper.make_node("MatMulNBits", [x, qn, sn, zn], [out], domain="com.microsoft", name=name, **attrs)]
     n, k, bs = attrs["N"], attrs["K"], attrs["block_size"]
     p = f"{out}.nbits"

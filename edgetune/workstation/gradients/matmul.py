@@ -86,12 +86,14 @@ def _matmul_nbits(b: Builder, n: Any, gy: list, want: list) -> list:
     k, nn = int(attr(n, "K")), int(attr(n, "N"))
     bits, block = int(attr(n, "bits", 4)), int(attr(n, "block_size"))
     level = int(attr(n, "accuracy_level", 0))
-    copy = [n.input[1] + quant.TRANSPOSED, n.input[2] + quant.TRANSPOSED,
-            (n.input[3] if len(n.input) > 3 else "") + quant.TRANSPOSED]
+    # The copy is named after the weight's own tensors (W.q -> W.qT, ...): the symmetric half of a
+    # split int4 product has no zero-point input of its own, its copy still has one.
+    weight = n.input[1][:-len(".q")] if n.input[1].endswith(".q") else n.input[1]
+    copy = [f"{weight}.q{quant.TRANSPOSED}", f"{weight}.scale{quant.TRANSPOSED}", f"{weight}.zero{quant.TRANSPOSED}"]
     if level == 4 and copy[0] in b.initializer_names():
         # compute int8: the input gradient as an int8 product on the transposed copy of W.
         return [b.op("MatMulNBits", [gy[0], *copy], domain="com.microsoft", K=nn, N=k, bits=8, block_size=block,
-                     accuracy_level=4), None, None, None]
+                     accuracy_level=4)] + [None] * (len(n.input) - 1)
     w = b.fresh("dequant")
     zero = n.input[3] if len(n.input) > 3 and n.input[3] else None  # none: the default, 2^(bits-1)
     nodes, consts = quant.dequant_ops(n.input[1], n.input[2], zero, w, nn, k, bits, block, after=gy[0])
@@ -99,4 +101,4 @@ def _matmul_nbits(b: Builder, n: Any, gy: list, want: list) -> list:
     b.inits.extend(numpy_helper.from_array(v, name) for name, v in consts.items())
     if not any(i.name == quant.RUNTIME_SHIFT for i in b.proto.graph.input):
         b.proto.graph.input.append(helper.make_tensor_value_info(quant.RUNTIME_SHIFT, 2, []))  # uint8 scalar
-    return [b.op("MatMul", [gy[0], w]), None, None, None]
+    return [b.op("MatMul", [gy[0], w])] + [None] * (len(n.input) - 1)
