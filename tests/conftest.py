@@ -38,18 +38,23 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                                     "were skipped by design")
 
 
-# Files whose tests share the real default model's session fixtures or the onnxruntime-genai
-# environment: under pytest-xdist they all run on one worker, so each is built once.
-REAL_MODEL_FILES = {"test_real_model.py", "test_app_training.py", "test_genai.py"}
+def _worker_group(item) -> str:
+    """Under pytest-xdist (`make test` runs ``-n 2 --dist loadgroup``) each group runs on one
+    worker, in order, so the fixtures its tests share are built once: the tests that read the real
+    default model's exported bundle or run (and the C++ trainer's file, and test_genai.py, which
+    compares against them) form one group, the real DoRA ones another, every other file its own."""
+    fixtures = set(getattr(item, "fixturenames", ()))
+    if fixtures & {"real_bundle", "real_run"} or item.path.name in ("test_app_training.py", "test_genai.py"):
+        return "real-model"
+    if "dora_real" in fixtures:
+        return "real-model-dora"
+    return item.path.name
 
 
 def pytest_collection_modifyitems(config, items):
     if config.pluginmanager.hasplugin("xdist"):
-        # `make test` runs two workers (pytest -n 2 --dist loadgroup): each file stays on one worker,
-        # in order, so its module fixtures are built once; the real-model files share one worker.
         for item in items:
-            group = "real-model" if item.path.name in REAL_MODEL_FILES else item.path.name
-            item.add_marker(pytest.mark.xdist_group(group))
+            item.add_marker(pytest.mark.xdist_group(_worker_group(item)))
     if not DEVICE_ONLY:
         return
     skip = pytest.mark.skip(reason="needs the workstation stack (torch, transformers); this is a device environment")

@@ -434,7 +434,10 @@ def test_a_long_run_keeps_memory_flat_and_disk_bounded(tiny_bundle, chat_data, t
            if "rss_mb" in json.loads(line)]
     assert len(rss) == 2000
     first, last = max(rss[:500]), max(rss[-500:])
-    assert last <= 1.02 * first, (first, last)
+    # The allocator settles by a megabyte or two during a run (seen: 87 -> 88 MB near step 800, then
+    # flat; 99 -> 101 MB beside another process), and rss_mb is rounded to MB. A leak of 3 KB a step
+    # or more still shows: 1,500 steps between the windows make it over 4 MB.
+    assert last <= first + max(0.02 * first, 4), (first, last)
     cks = sorted((out / "checkpoints").glob("step-*"))
     assert [c.name for c in cks] == ["step-001980", "step-001990", "step-002000"]
     one = sum(f.stat().st_size for f in cks[-1].iterdir())
