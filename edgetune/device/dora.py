@@ -113,7 +113,7 @@ class _Dequantized(Mapping[str, np.ndarray]):
         if name not in set(self.q["weights"]):
             return self._raw(name)
         k = int(self.q["merge_layout"][name]["shape"][1])
-        return quantized.dequantize(self._raw(f"{name}.q"), self._raw(f"{name}.scale"), self._raw(f"{name}.zero"),
+        return quantized.dequantize(*(self._raw(t) for t in quantized.tensor_names(name)),
                                 int(self.q["bits"]), k)
 
     def __iter__(self) -> Any:

@@ -45,6 +45,25 @@ BITS = {"int4": 4, "int8": 8}
 # constant when it loads the graph.
 RUNTIME_SHIFT = "edgetune.dequant_shift"
 
+PARTS = (".q", ".scale", ".zero")  # a quantized weight W's tensors: W.q, W.scale, W.zero
+COPY = "T"  # and its transposed int8 copy's (compute int8 graphs): W.qT, W.scaleT, W.zeroT
+
+
+def tensor_names(weight: str, copy: bool = False) -> tuple[str, str, str]:
+    """The names of the tensors that hold the quantized ``weight`` (codes, scales, zero points),
+    or with ``copy`` those of its transposed int8 copy (see :func:`transposed`)."""
+    q, s, z = (weight + part + (COPY if copy else "") for part in PARTS)
+    return q, s, z
+
+
+def weight_name(tensor: str) -> str | None:
+    """The weight that ``tensor`` (one of :func:`tensor_names`) belongs to, else None."""
+    for part in PARTS:
+        for sfx in (part, part + COPY):
+            if tensor.endswith(sfx):
+                return tensor[:-len(sfx)]
+    return None
+
 
 def runtime_feeds(bits: int) -> dict[str, np.ndarray]:
     return {RUNTIME_SHIFT: np.array(4 if bits == 4 else 0, np.uint8)}
@@ -121,6 +140,13 @@ def transposed(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: int
     return quantize(np.ascontiguousarray(w.T), 8, block)
 
 
+def copy_bytes(shape: Any, block: int) -> int:
+    """Bytes of the transposed int8 copy of a weight of ``shape`` ``[N, K]`` (:func:`transposed`):
+    codes ``[K, N/bs, bs]``, then a float32 scale and a uint8 zero point per block."""
+    n, k = (int(d) for d in shape)
+    return k * n + (k * n // block) * 5
+
+
 def read_at(f: Any, offset: int, length: int, dtype: Any) -> np.ndarray:
     f.seek(offset)
     buf = f.read(length)
@@ -148,7 +174,7 @@ def write_float_data(b: Any, dest: Any) -> None:
         f.truncate(size)
         for name, e in sorted(layout.items(), key=lambda kv: kv[1]["offset"]):
             if name in quantized:
-                arr = dequantize(raw(f"{name}.q"), raw(f"{name}.scale"), raw(f"{name}.zero"), int(q["bits"]),
+                arr = dequantize(*(raw(t) for t in tensor_names(name)), int(q["bits"]),
                                  int(e["shape"][1]))
             else:
                 arr = raw(name)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from edgetune.device import dora
-from edgetune.formats.quantized import RUNTIME_SHIFT
+from edgetune.formats.quantized import RUNTIME_SHIFT, tensor_names
 
 
 def build(train_onnx: Path, trainable: list[str], scale: float, quant: dict[str, Any] | None) -> Any | None:
@@ -50,7 +50,7 @@ def build(train_onnx: Path, trainable: list[str], scale: float, quant: dict[str,
         if w in inits:
             used.append(inits[w])
         else:  # a quantized base: the same dequantization as the training graph's
-            qn, sn, zn = f"{w}.q", f"{w}.scale", f"{w}.zero"
+            qn, sn, zn = tensor_names(w)
             if quant is None or qn not in inits:
                 raise ValueError(f"the training graph has no weight {w} for the DoRA layer {m.path}")
             used += [inits[qn], inits[sn]] + ([inits[zn]] if zn in inits else [])

@@ -776,6 +776,9 @@ def _export(model: str | os.PathLike | None, out: Path, cfg: AdapterConfig, log:
             shapes={n: list(p.shape) for n, p in pm.named_parameters() if p.requires_grad}, weights=index, train_weights=train_weights,
         )
         if qinfo:
+            if cfg.compute == "int8":  # the int8 copies of W^T the training graphs read, besides the codes
+                qinfo["transposed_bytes"] = sum(train_weights[t]["length"] for n in qnames
+                                                for t in quantized.tensor_names(n, copy=True) if t in train_weights)
             manifest["quantization"] = qinfo
         if fused:
             manifest["fused"] = fused

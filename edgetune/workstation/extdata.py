@@ -116,13 +116,11 @@ class Quantized:
     def loaders(self, name: str, transposed: bool = False) -> dict[str, Loader]:
         """Loaders of ``W.q``, ``W.scale``, ``W.zero``; with ``transposed``, also of the int8 copy of
         ``W^T`` that ``compute int8`` graphs take (``W.qT``, ...; see :func:`quantize.rewrite`)."""
-        out: dict[str, Loader] = {f"{name}.q": lambda: self.parts(name)[0],
-                                  f"{name}.scale": lambda: self.parts(name)[1],
-                                  f"{name}.zero": lambda: self.parts(name)[2]}
+        out: dict[str, Loader] = {t: (lambda i=i: self.parts(name)[i])
+                                  for i, t in enumerate(quantized.tensor_names(name))}
         if transposed:
-            out.update({f"{name}.qT": lambda: self.transposed(name)[0],
-                        f"{name}.scaleT": lambda: self.transposed(name)[1],
-                        f"{name}.zeroT": lambda: self.transposed(name)[2]})
+            out.update({t: (lambda i=i: self.transposed(name)[i])
+                        for i, t in enumerate(quantized.tensor_names(name, copy=True))})
         return out
 
     def transposed(self, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

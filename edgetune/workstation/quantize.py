@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from edgetune.formats.errors import ConfigError
-from edgetune.formats.quantized import BITS, RUNTIME_SHIFT, check, read_at, transposed
+from edgetune.formats.quantized import BITS, PARTS, RUNTIME_SHIFT, check, read_at, tensor_names, transposed
 
 
 def _consumers(g: Any) -> dict[str, list[tuple[Any, int]]]:
@@ -49,16 +49,13 @@ def placeholders(name: str, n: int, k: int, bits: int, block: int) -> list[Any]:
 
     nb = k // block
     out = []
-    for suffix, dims, dtype in ((".q", [n, nb, block * bits // 8], TensorProto.UINT8),
-                                (".scale", [n * nb], TensorProto.FLOAT),
-                                (".zero", [n * nb], TensorProto.FLOAT if bits == 4 else TensorProto.UINT8)):
+    for suffix, dims, dtype in zip(PARTS, ([n, nb, block * bits // 8], [n * nb], [n * nb]),
+                                   (TensorProto.UINT8, TensorProto.FLOAT,
+                                    TensorProto.FLOAT if bits == 4 else TensorProto.UINT8)):
         t = TensorProto(name=name + suffix, data_type=dtype)
         t.dims.extend(dims)
         out.append(t)
     return out
-
-
-TRANSPOSED = "T"  # suffix of the transposed copy's tensors: W.qT, W.scaleT, W.zeroT
 
 
 def rewrite(model: Any, names: list[str], quantized: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] | None,
@@ -96,7 +93,7 @@ def rewrite(model: Any, names: list[str], quantized: dict[str, tuple[np.ndarray,
         n, k = list(inits[name].dims)
         if k % block:
             raise ConfigError(f"a weight with {k} inputs cannot be split into blocks of {block}; use --block-size 16 or 32")
-        qn, sn, zn = f"{name}.q", f"{name}.scale", f"{name}.zero"
+        qn, sn, zn = tensor_names(name)
         if quantized is None:
             g.initializer.extend(placeholders(name, n, k, bits, block))
         else:
@@ -111,12 +108,12 @@ def rewrite(model: Any, names: list[str], quantized: dict[str, tuple[np.ndarray,
                                   "its transposed int8 copy; use --block-size 16 or 32, or --compute float32")
             nbits["accuracy_level"] = 4
             if quantized is None:
-                for t in placeholders(name, k, n, 8, block):
-                    t.name += TRANSPOSED
+                for t, copy in zip(placeholders(name, k, n, 8, block), tensor_names(name, copy=True)):
+                    t.name = copy
                     g.initializer.append(t)
             else:
-                g.initializer.extend(numpy_helper.from_array(a, f"{name}{sfx}{TRANSPOSED}") for a, sfx in
-                                     zip(transposed(*quantized[name], bits, block, k), (".q", ".scale", ".zero")))
+                g.initializer.extend(numpy_helper.from_array(a, copy) for a, copy in
+                                     zip(transposed(*quantized[name], bits, block, k), tensor_names(name, copy=True)))
         dq_count = 0
         for node, i in cons.get(name, []):
             at = index[id(node)]

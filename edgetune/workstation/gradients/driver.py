@@ -5,6 +5,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from edgetune.formats import quantized
 from edgetune.formats.errors import ModelError
 
 from .core import FLOATS, RULES, Builder, TrainingGraph, grad_name
@@ -90,7 +91,8 @@ def drop_unused_initializers(proto: Any, keep_transposed: bool = True) -> None:
     is read: the backward pass, not built yet, reads it."""
     used = {i for n in proto.graph.node for i in n.input} | {o.name for o in proto.graph.output}
     if keep_transposed:
-        used |= {f"{i}T" for i in used if i.endswith((".q", ".scale", ".zero"))}
+        copies = {w for w in map(quantized.weight_name, used) if w}
+        used |= {t for w in copies for t in quantized.tensor_names(w, copy=True)}
     nodes = [n for n in proto.graph.node if n.op_type != "Constant" or n.output[0] in used]
     del proto.graph.node[:]
     proto.graph.node.extend(nodes)

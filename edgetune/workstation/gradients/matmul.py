@@ -6,6 +6,7 @@ from typing import Any
 import numpy as np
 
 from edgetune.formats.errors import ModelError
+from edgetune.formats.quantized import tensor_names, weight_name
 
 from .core import MS, Builder, attr, rule
 
@@ -88,8 +89,7 @@ def _matmul_nbits(b: Builder, n: Any, gy: list, want: list) -> list:
     level = int(attr(n, "accuracy_level", 0))
     # The copy is named after the weight's own tensors (W.q -> W.qT, ...): the symmetric half of a
     # split int4 product has no zero-point input of its own, its copy still has one.
-    weight = n.input[1][:-len(".q")] if n.input[1].endswith(".q") else n.input[1]
-    copy = [f"{weight}.q{quant.TRANSPOSED}", f"{weight}.scale{quant.TRANSPOSED}", f"{weight}.zero{quant.TRANSPOSED}"]
+    copy = list(tensor_names(weight_name(n.input[1]) or n.input[1], copy=True))
     if level == 4 and copy[0] in b.initializer_names():
         # compute int8: the input gradient as an int8 product on the transposed copy of W.
         return [b.op("MatMulNBits", [gy[0], *copy], domain="com.microsoft", K=nn, N=k, bits=8, block_size=block,
