@@ -4,7 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from edgetune.device import trainer
+from edgetune.app import doctor
+from edgetune.device import cpu, trainer
 from edgetune.formats import quantized
 from edgetune.formats.config import AdapterConfig
 from edgetune.formats.errors import ConfigError
@@ -424,10 +425,29 @@ def test_int8_compute_trains_with_int8_products_forward_and_backward(base, tiny_
                 assert all(len(nd.input) == (4 if base == "int8" else 3) for nd in nbits if nd not in on_copy)
             else:
                 assert len(nbits) == 14 and not on_copy and len(dequant) == 11 * (1 if base == "int8" else 3)
+        logged = []
         run = trainer.train(b, chat_data, tmp_path / f"run-{compute}", steps=10, lr=1e-2, batch_size=4, seed=0,
-                            schedule="constant", progress=False, log=lambda s: None)
+                            schedule="constant", progress=False, log=logged.append)
+        # On a CPU without int8 dot products (this AVX2 one), training and doctor say the products are slow here.
+        slow_here = compute == "int8" and cpu.int8_dot() is False
+        assert any(line.startswith("int8 products: this CPU has no int8") for line in logged) == slow_here
+        checks = [c for c in doctor.run([b], install=False)["checks"] if c["what"].endswith("int8 products")]
+        assert [c["ok"] for c in checks] == ([] if compute == "float32" else [not slow_here])
         losses[compute] = np.array([r["loss"] for r in map(json.loads, (run.out / "metrics.jsonl").read_text().splitlines())
                                     if "loss" in r])
     assert len(losses["int8"]) == 10
     gap = np.abs(losses["int8"] - losses["float32"]).max()
     assert 1e-6 < gap < 0.01 * losses["float32"].max(), gap
+
+
+@pytest.mark.parametrize("line,has", [("flags\t\t: fpu sse2 avx avx2 fma f16c", False),
+                                      ("flags\t\t: fpu avx2 avx512f avx512_vnni", True),
+                                      ("flags\t\t: fpu avx2 avx_vnni", True),
+                                      ("flags\t\t: avx512f amx_bf16 amx_tile amx_int8", True),
+                                      ("Features\t: fp asimd evtstrm aes crc32", False),
+                                      ("Features\t: fp asimd asimddp", True)])
+def test_int8_dot_products_are_read_from_the_cpu_flags(line, has, tmp_path):
+    (tmp_path / "cpuinfo").write_text(f"processor\t: 0\n{line}\n\nprocessor\t: 1\n{line}\n")
+    assert cpu.int8_dot(str(tmp_path / "cpuinfo")) is has
+    assert bool(cpu.int8_products_warning(str(tmp_path / "cpuinfo"))) is not has
+    assert cpu.int8_dot(str(tmp_path / "none")) is not False  # unknown is never called slow

@@ -185,7 +185,21 @@ def _bundle(path: Path) -> list[Check]:
     out.append(_try(f"bundle {path}: tokenizer", lambda: (ChatTokenizer.from_dir(path), "loads")[1], fix))
     out.append(_try(f"bundle {path}: graphs", lambda: _sessions([path / "eval.onnx", path / "infer.onnx"]), fix))
     out.append(_try(f"bundle {path}: fused graphs", lambda: _fused_graphs(path), fix, level="warning"))
+    if ((b.load(path, verify_hashes=False).manifest.get("quantization") or {}).get("compute")) == "int8":
+        out.append(_try(f"bundle {path}: int8 products", _int8_products,
+                        "export again with --compute float32 (the default) to train faster on this CPU",
+                        level="warning"))
     return out
+
+
+def _int8_products() -> str:
+    from edgetune.device import cpu
+
+    warning = cpu.int8_products_warning()
+    if warning:
+        raise EdgetuneError(warning)
+    return ("this CPU has int8 dot-product instructions" if cpu.int8_dot()
+            else "this CPU's int8 instructions are unknown here")
 
 
 def _fused_graphs(path: Path) -> str:

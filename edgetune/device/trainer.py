@@ -438,6 +438,17 @@ class Trainer:
                     shutil.rmtree(self.out, ignore_errors=True)
                 raise
 
+    def _log_int8_products(self) -> None:
+        """A bundle with int8 products on a CPU whose int8 kernels are slower than float32: say so."""
+        from edgetune.device import cpu
+
+        q = self.bundle.manifest.get("quantization") or {}
+        if q.get("compute") == "int8" and self.runner.providers()[:1] == ["CPUExecutionProvider"]:
+            warning = cpu.int8_products_warning()
+            if warning:
+                self.log(f"int8 products: {warning}; a bundle exported with --compute float32 (the default) "
+                         "trains faster on it")
+
     def _fit(self, train: _data.Dataset, valid: _data.Dataset | None, total: int) -> RunResult:
         self.out.mkdir(parents=True, exist_ok=True)
         self._write_run_files(train, valid, total)
@@ -445,6 +456,7 @@ class Trainer:
                  f"({train.labelled} labelled of {train.tokens} tokens, {train.truncated} truncated); "
                  f"steps {self.state.step}->{total}; providers {', '.join(self.runner.providers())}; "
                  f"kernels {self.runner.kernel_info}; {'packed' if self.packing else 'padded'} rows")
+        self._log_int8_products()
         self._log_truncation(train)
         stream = self._micro_batches(train)
         bar = _progress(total, self.state.step, self.progress)
