@@ -401,13 +401,15 @@ def test_int8_compute_trains_with_int8_products_forward_and_backward(base, tiny_
         b = export(str(tiny_model), tmp_path / compute, AdapterConfig(rank=4, alpha=8, targets=("q_proj", "v_proj"),
                                                                        quantize=base, block_size=16, compute=compute))
         m = json.loads((b / "edgetune.json").read_text())
-        assert m["quantization"]["compute"] == compute
         q = m["quantization"]
+        assert q["compute"] == compute
         copies = [t for w in q["weights"] for t in quantized.tensor_names(w, copy=True)]
         if compute == "int8":  # the manifest counts the copies the graphs read: all but layer 0's q, k, v
             read = [w for w in q["weights"] if quantized.tensor_names(w, copy=True)[0] in m["train_weights"]]
             assert len(read) == 11
-            assert q["transposed_bytes"] == sum(quantized.copy_bytes(q["merge_layout"][w]["shape"], 16) for w in read)
+            # each copy of W [N, K]: int8 codes [K, N/16, 16], a float32 scale and a uint8 zero point per block
+            sizes = [np.prod(q["merge_layout"][w]["shape"]) for w in read]
+            assert q["transposed_bytes"] == sum(nk + nk // 16 * 5 for nk in sizes)
         else:
             assert "transposed_bytes" not in q and not set(copies) & set(m["train_weights"])
         for f in ("train.onnx", "train_fused.onnx"):

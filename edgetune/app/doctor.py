@@ -179,13 +179,19 @@ def _bundle(path: Path) -> list[Check]:
     from edgetune.formats import bundle as b
 
     fix = "export the bundle again, or copy it again from where it was exported"
-    out = [_try(f"bundle {path}: files", lambda: _bundle_summary(b.load(path)), fix)]
+    loaded: list[Any] = []  # the bundle, once its files check out
+
+    def files() -> str:
+        loaded.append(b.load(path))
+        return _bundle_summary(loaded[0])
+
+    out = [_try(f"bundle {path}: files", files, fix)]
     if not out[0].ok:
         return out
     out.append(_try(f"bundle {path}: tokenizer", lambda: (ChatTokenizer.from_dir(path), "loads")[1], fix))
     out.append(_try(f"bundle {path}: graphs", lambda: _sessions([path / "eval.onnx", path / "infer.onnx"]), fix))
     out.append(_try(f"bundle {path}: fused graphs", lambda: _fused_graphs(path), fix, level="warning"))
-    if ((b.load(path, verify_hashes=False).manifest.get("quantization") or {}).get("compute")) == "int8":
+    if (loaded[0].manifest.get("quantization") or {}).get("compute") == "int8":
         out.append(_try(f"bundle {path}: int8 products", _int8_products,
                         "export again with --compute float32 (the default) to train faster on this CPU",
                         level="warning"))

@@ -140,13 +140,6 @@ def transposed(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: int
     return quantize(np.ascontiguousarray(w.T), 8, block)
 
 
-def copy_bytes(shape: Any, block: int) -> int:
-    """Bytes of the transposed int8 copy of a weight of ``shape`` ``[N, K]`` (:func:`transposed`):
-    codes ``[K, N/bs, bs]``, then a float32 scale and a uint8 zero point per block."""
-    n, k = (int(d) for d in shape)
-    return k * n + (k * n // block) * 5
-
-
 def read_at(f: Any, offset: int, length: int, dtype: Any) -> np.ndarray:
     f.seek(offset)
     buf = f.read(length)
