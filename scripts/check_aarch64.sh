@@ -7,6 +7,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CHROOT=${CHROOT:-/var/tmp/edgetune-arm64}
+# One run at a time per chroot: a second run would rewrite /opt in it and unmount its /proc.
+exec 9>"$CHROOT.lock"
+flock -n 9 || { echo "waiting for another run that uses $CHROOT to finish"; flock 9; }
 HOSTPY=${HOSTPY:-.venv/bin/python}
 need=()
 command -v debootstrap >/dev/null || need+=(debootstrap)

@@ -6,6 +6,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CHROOT=${CHROOT:-/var/tmp/edgetune-py313}
+# One run at a time per chroot: a second run would rewrite /opt in it and unmount its /proc.
+exec 9>"$CHROOT.lock"
+flock -n 9 || { echo "waiting for another run that uses $CHROOT to finish"; flock 9; }
 HOSTPY=${HOSTPY:-.venv/bin/python}
 command -v debootstrap >/dev/null || { apt-get update -qq && apt-get install -y -qq debootstrap; }
 if ! ls "$CHROOT"/usr/include/python3.*/Python.h >/dev/null 2>&1; then
