@@ -10,7 +10,7 @@ demo: setup
 	bash scripts/demo.sh
 
 test: setup
-	.venv/bin/python -m pytest -q -p no:cacheprovider -n 2 --dist loadgroup --durations=25 tests
+	.venv/bin/python -m pytest -q -p no:cacheprovider -n 2 --dist load --maxschedchunk 1 --durations=25 tests
 	.venv/bin/lint-imports --no-cache
 	.venv/bin/mkdocs build --strict --quiet
 

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -38,23 +40,27 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                                     "were skipped by design")
 
 
-def _worker_group(item) -> str:
-    """Under pytest-xdist (`make test` runs ``-n 2 --dist loadgroup``) each group runs on one
-    worker, in order, so the fixtures its tests share are built once: the tests that read the real
-    default model's exported bundle or run (and the C++ trainer's file, and test_genai.py, which
-    compares against them) form one group, the real DoRA ones another, every other file its own."""
-    fixtures = set(getattr(item, "fixturenames", ()))
-    if fixtures & {"real_bundle", "real_run"} or item.path.name in ("test_app_training.py", "test_genai.py"):
-        return "real-model"
-    if "dora_real" in fixtures:
-        return "real-model-dora"
-    return item.path.name
+# `make test` runs ``-n 2 --dist load --maxschedchunk 1``: each pytest-xdist worker takes the next
+# test when it is free, in this order. The longest tests go first, so both workers stay busy to the
+# end instead of one starting a ten-minute test when the other has nothing left; the first of each
+# worker's two builds a real-model fixture, one each (see `built_once`). Not ``--dist loadgroup``:
+# with pytest 9.2 it silently ignores the groups (pytest-xdist issue 1386).
+LONGEST_FIRST = (
+    "test_fine_tune_lowers_held_out_loss_and_changes_generation",  # worker 1 builds real_bundle, real_run
+    "test_qlora_int4_base_on_the_real_model",
+    "test_dora_on_the_real_model",  # worker 2 builds dora_real
+    "test_onnxruntime_genai_runs_a_dora_adapter",
+    "test_int8_products_on_the_real_model",
+    "test_onnxruntime_genai_runs_the_app_dir_token_for_token",
+    "test_cpp_trainer_on_the_real_model",
+    "test_streamed_gguf_conversion_equals_transformers_loader",
+    "test_peft_logits_match_on_the_real_model",
+)
 
 
 def pytest_collection_modifyitems(config, items):
-    if config.pluginmanager.hasplugin("xdist"):
-        for item in items:
-            item.add_marker(pytest.mark.xdist_group(_worker_group(item)))
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(getattr(item, "originalname", item.name), len(rank)))
     if not DEVICE_ONLY:
         return
     skip = pytest.mark.skip(reason="needs the workstation stack (torch, transformers); this is a device environment")
@@ -62,6 +68,23 @@ def pytest_collection_modifyitems(config, items):
         if (item.module.__name__ in WORKSTATION_MODULES or "tiny_model" in getattr(item, "fixturenames", ())
                 or item.get_closest_marker("workstation")):
             item.add_marker(skip)
+
+
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """The directory ``build(path)`` makes, made once per test run: pytest-xdist workers each have
+    their own session fixtures, so the first to ask builds it under a lock and the other waits
+    for it and reads the same files. For what is expensive to build and only read after."""
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "built-once"
+    root.mkdir(exist_ok=True)
+    out, done = root / name, root / f"{name}.done"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(out, ignore_errors=True)
+            build(out)
+            done.touch()
+    return out
 
 
 @pytest.fixture(scope="session")
@@ -127,9 +150,37 @@ def real_bundle(tmp_path_factory) -> Path:
     from edgetune.formats.config import AdapterConfig
     from edgetune.workstation.export import export
 
-    out = tmp_path_factory.mktemp("real") / "bundle"
-    export(models.DEFAULT_MODEL, out, AdapterConfig(rank=8, alpha=16, targets=("q_proj", "k_proj", "v_proj", "o_proj")))
-    return out
+    return built_once(tmp_path_factory, "real-bundle", lambda out: export(
+        models.DEFAULT_MODEL, out, AdapterConfig(rank=8, alpha=16, targets=("q_proj", "k_proj", "v_proj", "o_proj"))))
+
+
+@pytest.fixture(scope="session")
+def real_run(real_bundle, tmp_path_factory) -> Path:
+    """The standard short run on the real bundle: 30 steps on the sample tickets, two validations."""
+    from edgetune.device import trainer
+
+    return built_once(tmp_path_factory, "real-run", lambda out: trainer.train(
+        real_bundle, SAMPLE_DATA, out, steps=30, batch_size=4, lr=1e-3, warmup=3, eval_every=15, valid_batches=4,
+        progress=False, log=lambda s: None))
+
+
+@pytest.fixture(scope="session")
+def dora_real(tmp_path_factory) -> tuple[Path, Path]:
+    """The default model exported with DoRA and trained for 15 steps: (bundle, run)."""
+    from edgetune.device import trainer
+    from edgetune.formats import models
+    from edgetune.formats.config import AdapterConfig
+    from edgetune.workstation.export import export
+
+    def build(root: Path) -> None:
+        root.mkdir()
+        export(models.DEFAULT_MODEL, root / "bundle",
+               AdapterConfig(method="dora", rank=8, alpha=16, targets=("q_proj", "k_proj", "v_proj", "o_proj")))
+        trainer.train(root / "bundle", SAMPLE_DATA, root / "run", steps=15, batch_size=4, lr=1e-3, warmup=3,
+                      progress=False, log=lambda s: None)
+
+    root = built_once(tmp_path_factory, "real-dora", build)
+    return root / "bundle", root / "run"
 
 
 @pytest.fixture(scope="session")

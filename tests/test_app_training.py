@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import DEVICE_ONLY, ROOT, SAMPLE_DATA
+from conftest import DEVICE_ONLY, ROOT, SAMPLE_DATA, built_once
 
 from edgetune.formats.run import read_tensors
 
@@ -32,12 +32,14 @@ def cpp_trainer(tmp_path_factory) -> Path:
         if DEVICE_ONLY:
             pytest.skip("no cmake or C++ compiler in this device environment")
         pytest.fail("cmake and a C++ compiler are needed to build examples/cpp (pip install cmake)")
-    build = tmp_path_factory.mktemp("cpp") / "build"
-    for cmd in ([cmake, "-S", str(ROOT / "examples" / "cpp"), "-B", str(build), f"-DPython_EXECUTABLE={sys.executable}"],
-                [cmake, "--build", str(build), "-j2"]):
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    exe = build / "edgetune-train-cpp"
+
+    def build(out: Path) -> None:
+        for cmd in ([cmake, "-S", str(ROOT / "examples" / "cpp"), "-B", str(out), f"-DPython_EXECUTABLE={sys.executable}"],
+                    [cmake, "--build", str(out), "-j2"]):
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+    exe = built_once(tmp_path_factory, "cpp-trainer", build) / "edgetune-train-cpp"
     assert exe.is_file()
     return exe
 

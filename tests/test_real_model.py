@@ -15,14 +15,6 @@ SYSTEM = "You triage customer support tickets. Reply with the category and the p
 PROMPT = "My KettlePro arrived with a broken handle and I need a replacement urgently!"
 
 
-@pytest.fixture(scope="module")
-def real_run(real_bundle, tmp_path_factory):
-    out = tmp_path_factory.mktemp("real") / "run"
-    trainer.train(real_bundle, SAMPLE_DATA, out, steps=30, batch_size=4, lr=1e-3, warmup=3, eval_every=15,
-                  valid_batches=4, progress=False, log=lambda s: None)
-    return out
-
-
 def test_bundle_manifest(real_bundle):
     m = json.loads((real_bundle / "edgetune.json").read_text())
     assert m["source_sha256"] == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
@@ -102,18 +94,6 @@ def test_pack_is_small_and_loads_in_the_app_runtime(real_bundle, real_run, tmp_p
     base = infer.Model.open(real_bundle).logits(ids, np.ones_like(ids))
     assert np.abs(got["base"] - base).max() < 1e-3 * np.abs(base).max()
     assert np.abs(got["tickets"] - want).max() < 2e-2 * np.abs(want).max()  # float16 adapter
-
-
-@pytest.fixture(scope="module")
-def dora_real(tmp_path_factory):
-    from edgetune.workstation.export import export
-
-    root = tmp_path_factory.mktemp("real-dora")
-    export(models.DEFAULT_MODEL, root / "bundle",
-           AdapterConfig(method="dora", rank=8, alpha=16, targets=("q_proj", "k_proj", "v_proj", "o_proj")))
-    trainer.train(root / "bundle", SAMPLE_DATA, root / "run", steps=15, batch_size=4, lr=1e-3, warmup=3,
-                  progress=False, log=lambda s: None)
-    return root / "bundle", root / "run"
 
 
 def test_dora_on_the_real_model(dora_real, tmp_path):
