@@ -35,6 +35,7 @@ bench: setup
 	.venv/bin/python bench/train.py --seq 64 --steps 24 --compile --no-chunks-side --plain-side
 	.venv/bin/python bench/matmul.py
 	.venv/bin/python bench/attention.py
+	.venv/bin/python bench/bf16.py
 
 # A Phi-3-mini-shaped model (3.8B parameters, random weights) end to end on an int4 base:
 # export, train, eval, merge, pack, generate; about 30 GB of disk in /var/tmp/edgetune-scale.
