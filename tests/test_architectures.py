@@ -66,9 +66,12 @@ def test_family_matches_pytorch_peft(family, targets, chat_data, tmp_path):
     np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5)
     # The adapter after 10 steps, relative to each tensor's norm (AdamW divides by the root of the
     # squared gradient, so an element whose gradient is float noise moves by float noise times lr).
+    # Measured: 5e-7 to 9e-6 for most families; 1.0e-4 for qwen2 (its biases, drawn large here, make
+    # larger activations) on an AVX-512 CPU, whose sums run in another order. A wrong gradient is
+    # off by orders of magnitude more.
     worst = torch_reference.worst_adapter_error(run.out, params)
     print(f"{family}: worst adapter relative error {worst:.2e}")
-    assert worst < 1e-4
+    assert worst < 3e-4
 
     # The inference graph (KV cache) with the trained adapter equals transformers' logits.
     torch_reference.assert_same_logits(pm, bundle, run.out, n=35)
