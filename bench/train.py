@@ -193,7 +193,10 @@ def _torch_model(a: argparse.Namespace, **kw):
     torch.set_num_threads(a.threads or os.cpu_count())
     torch.manual_seed(0)
     gguf, _ = resolve_model(DEFAULT_MODEL)
-    model = AutoModelForCausalLM.from_pretrained(_converted_gguf(gguf, print), dtype=torch.float32, **kw)
+    # --bf16: the frozen base in bfloat16 (its products on oneDNN's AMX kernels), the adapters in
+    # float32 (PEFT's default for a bfloat16 base), the loss on float32 logits.
+    dtype = torch.bfloat16 if getattr(a, "bf16", False) else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(_converted_gguf(gguf, print), dtype=dtype, **kw)
     return get_peft_model(model, LoraConfig(r=a.rank, lora_alpha=2 * a.rank, target_modules=TARGETS, lora_dropout=0.0))
 
 
@@ -210,7 +213,7 @@ def _torch_valid_loss(model, valid) -> float:
                            attention_mask=torch.from_numpy(b.attention_mask), use_cache=False).last_hidden_state
             tgt = torch.from_numpy(b.labels)
             sel = tgt != -100
-            vl += torch.nn.functional.cross_entropy(base.lm_head(h[sel]), tgt[sel], reduction="sum").item()
+            vl += torch.nn.functional.cross_entropy(base.lm_head(h[sel]).float(), tgt[sel], reduction="sum").item()
             vn += int(sel.sum())
     model.train()
     return vl / vn
@@ -290,7 +293,7 @@ def worker_torch_tuned(a: argparse.Namespace) -> dict:
             tgt = torch.from_numpy(c.labels[:, :n])
             sel = tgt != -100
             h = body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-            part = F.cross_entropy(head(h[sel]), tgt[sel], reduction="sum") / b.n_labels
+            part = F.cross_entropy(head(h[sel]).float(), tgt[sel], reduction="sum") / b.n_labels
             part.backward()
             loss += part.item()
             del h, part  # nothing of this chunk outlives it
@@ -368,6 +371,8 @@ def worker_cmd(side: str, a: argparse.Namespace, tmp: Path) -> tuple[list[str], 
         cmd += ["--compile", "body"]
     if side == "tuned_ckpt":
         cmd += ["--ckpt"]
+    if a.bf16 and worker != "edgetune":
+        cmd += ["--bf16"]
     return cmd, env, str(LEGACY_SRC if side == "legacy" else ROOT), out
 
 
@@ -457,7 +462,7 @@ def worker_result(side: str, a: argparse.Namespace, out: Path) -> dict:
 
 def ensure_bundle(a: argparse.Namespace, tmp: Path, quantize: str | None = None, ckpt: bool = False,
                   compute: str = "float32") -> Path:
-    if a.bundle and not quantize and not ckpt:
+    if a.bundle and not quantize and not ckpt and compute == "float32":
         return Path(a.bundle)
     out = ROOT / "out" / (f"bench-bundle-r{a.rank}" + (f"-{quantize}" if quantize else "")
                           + (f"-{compute}-compute" if compute != "float32" else "") + ("-ckpt" if ckpt else ""))
@@ -467,7 +472,7 @@ def ensure_bundle(a: argparse.Namespace, tmp: Path, quantize: str | None = None,
     if m.get("format") != 2 or "sizes" not in m or not fresh:
         # In a child process: the driver stays small, so no worker inherits an export-sized peak.
         print(f"exporting the default model (rank {a.rank} on {','.join(TARGETS)}"
-              f"{', ' + quantize + ' base' if quantize else ''}{', ' + compute + ' compute' if quantize else ''}) "
+              f"{', ' + quantize + ' base' if quantize else ''}{', ' + compute + ' compute' if compute != 'float32' else ''}) "
               f"to {out}", flush=True)
         code = ("from edgetune.formats.config import AdapterConfig; from edgetune.workstation.export import export; "
                 f"export(None, {str(out)!r}, AdapterConfig(rank={a.rank}, alpha={2 * a.rank}, "
@@ -537,6 +542,9 @@ def main() -> None:
     ap.add_argument("--compute", choices=["float32", "int8"], default="float32",
                     help="the quantized base's products: weights dequantized to float32, or int8 activations "
                          "too (MatMulNBits accuracy_level 4, forward and input gradients; with --quantize int8)")
+    ap.add_argument("--bf16", action="store_true",
+                    help="bfloat16 frozen weights on every side: edgetune's bundle exported with --compute bf16 "
+                         "(AMX products), PyTorch's base loaded in bfloat16 with float32 adapters")
     ap.add_argument("--gradient-checkpointing", action="store_true",
                     help="also run edgetune exported with --gradient-checkpointing against the tuned PyTorch side "
                          "with gradient checkpointing (the same trick on both sides)")
@@ -561,7 +569,7 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory(prefix="edgetune-bench-") as tmpd:
         tmp = Path(tmpd)
-        a.bundle = ensure_bundle(a, tmp)
+        a.bundle = ensure_bundle(a, tmp, compute="bf16" if a.bf16 else "float32")
         a.data = Path(a.data) if a.data else make_data(tmp / "data", n_train=a.batch * (a.steps + 1), n_valid=16)
         sides = (["edgetune"] + (["plain"] if a.plain_side else []) + ([] if a.no_chunks_side else ["nochunk"])
                  + (["quantized"] if a.quantize else [])
@@ -604,6 +612,7 @@ def main() -> None:
                       f"peak RSS {res['peak_rss_mb']:.0f} MB, valid loss {v0}{res['valid_loss']:.4f}", flush=True)
     manifest = json.loads((Path(a.bundle) / "edgetune.json").read_text())
     out = summarize(results, manifest, gflops)
+    out["bf16"] = bool(a.bf16)  # bfloat16 frozen weights on every side (--bf16)
     if a.quantize:
         out.update(summarize_quantized(results, json.loads((Path(a.quantized_bundle) / "edgetune.json").read_text())))
     print(json.dumps(out))

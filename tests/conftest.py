@@ -51,6 +51,7 @@ LONGEST_FIRST = (
     "test_dora_on_the_real_model",  # worker 2 builds dora_real
     "test_onnxruntime_genai_runs_a_dora_adapter",
     "test_int8_products_on_the_real_model",
+    "test_bf16_products_on_the_real_model",
     "test_onnxruntime_genai_runs_the_app_dir_token_for_token",
     "test_cpp_trainer_on_the_real_model",
     "test_streamed_gguf_conversion_equals_transformers_loader",

@@ -229,6 +229,34 @@ def test_int8_products_on_the_real_model(base, real_run, tmp_path):
     assert len(ours) == len(ref) == 2 and abs(ours[-1] - ref[-1]) < 0.03, (ours, ref)
 
 
+def test_bf16_products_on_the_real_model(real_run, tmp_path):
+    """The default model with bfloat16 frozen weights (--compute bf16): 210 of them, read only by
+    MatMulBF16 in the fused graphs (AMX where this CPU has it, else the plain graph's float32
+    products of the same weights), and the standard short run ends at the float32 base's
+    validation loss within 1 % of its start (about 3.2)."""
+    import onnx
+
+    from edgetune.workstation.export import export
+
+    bundle = tmp_path / "b"
+    export(models.DEFAULT_MODEL, bundle, AdapterConfig(rank=8, alpha=16, targets=("q_proj", "k_proj", "v_proj", "o_proj"),
+                                                       compute="bf16"))
+    g = onnx.load(str(bundle / "train.onnx"), load_external_data=False).graph
+    assert len([i for i in g.initializer if i.data_type == onnx.TensorProto.BFLOAT16]) == 30 * 7
+    fused = json.loads((bundle / "edgetune.json").read_text()).get("fused") or {}
+    if fused:
+        assert fused["ops"]["MatMulBF16"] == 30 * 7 * 2 - 3
+    run = trainer.train(bundle, SAMPLE_DATA, tmp_path / "run", steps=30, batch_size=4, lr=1e-3, warmup=3,
+                        eval_every=15, valid_batches=4, progress=False, log=lambda s: None).out
+
+    def valid(r):
+        return [m["valid_loss"] for m in map(json.loads, (r / "metrics.jsonl").read_text().splitlines())
+                if "valid_loss" in m]
+
+    ours, ref = valid(run), valid(real_run)
+    assert len(ours) == len(ref) == 2 and abs(ours[-1] - ref[-1]) < 0.03, (ours, ref)
+
+
 def test_streamed_gguf_conversion_equals_transformers_loader(tmp_path):
     """The HF folder a GGUF is converted to holds exactly the tensors transformers' own GGUF
     loader builds (Llama's q/k rows reordered, tied embeddings), written one tensor at a time

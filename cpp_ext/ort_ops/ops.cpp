@@ -29,6 +29,8 @@
 //                                             PyTorch's AdamW update of n tensors in one call, each
 //                                             value computed as edgetune's plain optimizer graph does
 //                                             (the same float32 operations in the same order)
+//   MatMulBF16(a, w; trans_b) -> y            a (float32, rounded to bfloat16) times a frozen bfloat16
+//                                             weight: a w^T (trans_b 1) or a w, summed in float32; AMX
 #define ORT_API_MANUAL_INIT
 #include "onnxruntime_cxx_api.h"
 #undef ORT_API_MANUAL_INIT
@@ -37,13 +39,18 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <exception>
 #include <functional>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <vector>
 
+#include "amx_bf16.hpp"
 #include "fused.hpp"
 
 namespace {
@@ -472,6 +479,123 @@ struct CrossEntropyHead {
 };
 
 
+// The product of an activation with a frozen bfloat16 weight. A [..., K] float32 is rounded to
+// bfloat16 (to nearest even), the products are summed in float32: y = a w^T (trans_b = 1, w [N, K],
+// a linear layer's forward pass) or y = a w (trans_b = 0, w [K, N], its input gradient). On AMX
+// the weight is packed into tiles on the first call and kept (it is a frozen initializer); where
+// the CPU has no AMX (or EDGETUNE_ISA names a narrower build) the same sums run in plain C++, slowly:
+// EdgetuneFusedOps lists the op only where AMX runs it, so such a CPU trains on the plain graph.
+bool use_amx() {
+  static const bool ok = [] {
+    const char* want = std::getenv("EDGETUNE_ISA");
+    return edgetune::amx_bf16_usable() && (!want || !*want || std::string(want) == "avx512");
+  }();
+  return ok;
+}
+
+// Packed weights are shared by every node and session that multiplies by the same values the same
+// way (the training and eval sessions' forward products): keyed by a hash of the bytes, held while
+// a node uses them.
+uint64_t hash_bytes(const uint16_t* p, size_t n) {
+  uint64_t h = 0x9E3779B97F4A7C15ull ^ n;
+  size_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    uint64_t v;
+    std::memcpy(&v, p + i, 8);
+    h = (h ^ v) * 0xFF51AFD7ED558CCDull;
+    h ^= h >> 32;
+  }
+  for (; i < n; ++i) h = (h ^ p[i]) * 0xC4CEB9FE1A85EC53ull;
+  return h;
+}
+
+std::shared_ptr<const std::vector<uint16_t>> packed_weight(const uint16_t* w, size_t rows, size_t cols, bool trans_b,
+                                                           size_t K, size_t N) {
+  static std::mutex mu;
+  static std::map<std::tuple<uint64_t, size_t, size_t, bool>, std::weak_ptr<const std::vector<uint16_t>>> cache;
+  const auto key = std::make_tuple(hash_bytes(w, rows * cols), rows, cols, trans_b);
+  std::lock_guard<std::mutex> lock(mu);
+  if (auto hit = cache[key].lock()) return hit;
+  const size_t KB = (K + 31) / 32, NT = (N + 31) / 32 * 2;
+  auto p = std::make_shared<std::vector<uint16_t>>(NT * KB * 512, 0);
+  edgetune::pack_b(w, rows, cols, trans_b, K, N, p->data());
+  cache[key] = p;
+  return p;
+}
+
+struct MatMulBF16 {
+  bool trans_b = true;
+  std::mutex mu;
+  const void* packed_for = nullptr;
+  std::shared_ptr<const std::vector<uint16_t>> packed;  // AMX tiles of B
+  std::vector<float> bf;                                // B [K, N] as float32, for the plain C++ product
+
+  MatMulBF16(const OrtApi*, const OrtKernelInfo* info) {
+    trans_b = Ort::ConstKernelInfo(info).GetAttribute<int64_t>("trans_b") != 0;
+  }
+
+  Ort::Status Compute(OrtKernelContext* ctx, const Tensor<float>& a, const Tensor<Ort::BFloat16_t>& w,
+                      Tensor<float>& y) {
+    return guarded("MatMulBF16", [&]() -> Ort::Status {
+      const auto &as = a.Shape(), &ws = w.Shape();
+      if (as.empty() || ws.size() != 2 || as.back() != (trans_b ? ws[1] : ws[0]))
+        return fail("MatMulBF16", "a " + shape_str(as) + " and w " + shape_str(ws) + " do not fit (trans_b " +
+                                      std::to_string(trans_b) + ")");
+      const size_t K = static_cast<size_t>(as.back()), N = static_cast<size_t>(trans_b ? ws[0] : ws[1]);
+      size_t M = 1;
+      for (size_t i = 0; i + 1 < as.size(); ++i) M *= static_cast<size_t>(as[i]);
+      std::vector<int64_t> ys(as.begin(), as.end());
+      ys.back() = static_cast<int64_t>(N);
+      float* out = y.Allocate(ys);
+      if (M == 0 || N == 0) return Ort::Status{nullptr};
+      const uint16_t* pw = reinterpret_cast<const uint16_t*>(w.Data());
+      const float* pa = a.Data();
+      const bool amx = use_amx();
+      {
+        std::lock_guard<std::mutex> lock(mu);
+        if (packed_for != pw) {  // a frozen initializer: once per session
+          if (amx) {
+            packed = packed_weight(pw, static_cast<size_t>(ws[0]), static_cast<size_t>(ws[1]), trans_b, K, N);
+          } else {
+            bf.resize(K * N);
+            for (size_t k = 0; k < K; ++k)
+              for (size_t n = 0; n < N; ++n)
+                bf[k * N + n] = edgetune::from_bf16(trans_b ? pw[n * K + k] : pw[k * N + n]);
+          }
+          packed_for = pw;
+        }
+      }
+      const size_t stripes = (M + 31) / 32;
+      if (amx) {
+        const size_t KB = (K + 31) / 32, lda = KB * 32;
+        const uint16_t* pb = packed->data();
+        parallel(ctx, stripes, [&](size_t s) {
+          const size_t m0 = s * 32, rows = std::min<size_t>(32, M - m0);
+          std::vector<uint16_t> abf(32 * lda, 0);
+          edgetune::rows_to_bf16(pa + m0 * K, rows, K, abf.data(), lda);
+          edgetune::amx_bf16_rows(abf.data(), lda, pb, KB, rows, N, out + m0 * N, N);
+        });
+      } else {
+        const float* pb = bf.data();
+        parallel(ctx, stripes, [&](size_t s) {
+          const size_t m0 = s * 32, rows = std::min<size_t>(32, M - m0);
+          std::vector<float> acc(N);
+          for (size_t r = 0; r < rows; ++r) {
+            std::fill(acc.begin(), acc.end(), 0.0f);
+            for (size_t k = 0; k < K; ++k) {
+              const float av = edgetune::from_bf16(edgetune::to_bf16(pa[(m0 + r) * K + k]));
+              const float* brow = pb + k * N;
+              for (size_t n = 0; n < N; ++n) acc[n] += av * brow[n];
+            }
+            std::copy(acc.begin(), acc.end(), out + (m0 + r) * N);
+          }
+        });
+      }
+      return Ort::Status{nullptr};
+    });
+  }
+};
+
 // The AdamW update of every adapter tensor in one call. The scalars come from the optimizer graph's
 // schedule: step_size = lr / (1 - beta1^t), decay = 1 - lr * weight_decay, bc2_sqrt = sqrt(1 - beta2^t).
 // Each element takes exactly the plain graph's float32 operations in its order (this file is built
@@ -548,8 +672,12 @@ extern "C" EDGETUNE_EXPORT const char* EdgetuneFusedIsa() { return K().name; }
 
 // The ops this library implements, comma-separated: a bundle whose fused graphs use one it lacks
 // runs its plain graphs.
+// MatMulBF16 only where AMX runs it (its plain C++ product is there for tests and correctness, not speed).
 extern "C" EDGETUNE_EXPORT const char* EdgetuneFusedOps() {
-  return "SwiGLU,SwiGLUGrad,RMSNorm,RMSNormGrad,Rotary,RotaryGrad,Attention,AttentionGrad,CrossEntropyHead,AdamW,AddRMSNorm,AddRMSNormGrad";
+  static const std::string ops =
+      std::string("SwiGLU,SwiGLUGrad,RMSNorm,RMSNormGrad,Rotary,RotaryGrad,Attention,AttentionGrad,CrossEntropyHead,AdamW,"
+                  "AddRMSNorm,AddRMSNormGrad") + (use_amx() ? ",MatMulBF16" : "");
+  return ops.c_str();
 }
 
 // Bumped when an op's inputs, outputs or meaning change; a bundle's fused graph names the one it needs.
@@ -576,6 +704,7 @@ extern "C" EDGETUNE_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionO
       ops.emplace_back(Ort::Custom::CreateLiteCustomOp<AttentionGrad>("AttentionGrad", cpu));
       ops.emplace_back(Ort::Custom::CreateLiteCustomOp<CrossEntropyHead>("CrossEntropyHead", cpu));
       ops.emplace_back(Ort::Custom::CreateLiteCustomOp<AdamW>("AdamW", cpu));
+      ops.emplace_back(Ort::Custom::CreateLiteCustomOp<MatMulBF16>("MatMulBF16", cpu));
       for (auto& op : ops) domain->Add(op.get());
     }
     Ort::UnownedSessionOptions(options).Add(*domain);

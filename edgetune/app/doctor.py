@@ -82,7 +82,8 @@ def installation() -> list[Check]:
             return "off (EDGETUNE_KERNELS=plain): training runs the plain graphs"
         if st["in_use"] != "fused":
             raise EdgetuneError(f"training on the CPU runs the plain graphs (slower): {st['problem']}")
-        return f"fused training kernels in use on the CPU ({st['isa']}; {st['library']})"
+        bf16 = "bfloat16 products on AMX" if st.get("bf16_products") else "no AMX: --compute bf16 bundles train on the plain graphs"
+        return f"fused training kernels in use on the CPU ({st['isa']}; {bf16}; {st['library']})"
 
     out.append(_try("fused kernels", fused, "reinstall edgetune where ONNX Runtime's headers can be found or fetched "
                     "(see docs/training.md, 'Fused kernels')", level="warning"))

@@ -150,4 +150,5 @@ def status() -> dict[str, Any]:
     elif not lib.ok:
         out["problem"] = lib.reason
     out["in_use"] = "fused" if out["mode"] != "plain" and "problem" not in out else "plain"
+    out["bf16_products"] = "MatMulBF16" in lib.ops  # listed only where AMX runs it
     return out

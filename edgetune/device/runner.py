@@ -107,8 +107,11 @@ def shared_weights(b: _bundle.Bundle) -> dict[str, Any]:
         if e["file"] not in maps:
             maps[e["file"]] = np.memmap(b.path(e["file"]), dtype=np.uint8, mode="r")
         raw = maps[e["file"]][e["offset"]: e["offset"] + e["length"]]
-        if e["dtype"] == "bfloat16":
-            continue  # numpy has no bfloat16: ORT maps these itself
+        if e["dtype"] == "bfloat16":  # numpy has no bfloat16: its bits, typed by ONNX Runtime
+            make = getattr(ort.OrtValue, "ortvalue_from_numpy_with_onnx_type", None)
+            if make is not None:
+                out[name] = make(np.frombuffer(raw, np.uint16).reshape(e["shape"]), 16)  # TensorProto.BFLOAT16
+            continue  # an older ONNX Runtime loads these itself
         out[name] = ort.OrtValue.ortvalue_from_numpy(np.frombuffer(raw, e["dtype"]).reshape(e["shape"]))
     return out
 
@@ -236,6 +239,9 @@ class StepRunner:
             why = f"the bundle's fused graphs need kernel ABI {fused.get('abi')}, this edgetune has {kernels.ABI}"
         elif not kernels.library().ok:
             why = kernels.library().reason
+        elif kernels.library().lacks(fused.get("ops") or {}) == ["MatMulBF16"]:
+            why = (f"bundle {self.bundle.root}'s fused graphs multiply its bfloat16 weights on AMX, which this CPU "
+                   "does not have (or EDGETUNE_ISA turned off); the plain graph multiplies the same weights in float32")
         elif kernels.library().lacks(fused.get("ops") or {}):
             why = (f"{kernels.library().path} lacks the kernels {', '.join(kernels.library().lacks(fused['ops']))} "
                    f"that bundle {self.bundle.root}'s fused graphs use (reinstall edgetune)")

@@ -37,17 +37,24 @@ class AdapterConfig:
     seed: int = 0
     quantize: str | None = None  # "int4" | "int8": a block-quantized frozen base (QLoRA)
     block_size: int = 32         # quantization block along the input dimension
-    compute: str = "float32"     # "int8": the frozen products quantize their activations too (quantized base)
+    compute: str = "float32"     # "int8": the frozen products quantize their activations too (quantized base);
+    #                              "bf16": the frozen weights of the training graphs in bfloat16 (AMX products)
     gradient_checkpointing: bool = False  # the training graph recomputes each layer in the backward pass
 
     def __post_init__(self) -> None:
         from edgetune.formats.quantized import check
 
         check(self.quantize, self.block_size)
-        _check(self.compute in ("float32", "int8"), f"compute must be float32 or int8, got {self.compute!r}")
-        _check(self.compute == "float32" or self.quantize in ("int8", "int4"),
+        _check(self.compute in ("float32", "int8", "bf16"), f"compute must be float32, int8 or bf16, got {self.compute!r}")
+        _check(self.compute != "int8" or self.quantize in ("int8", "int4"),
                "compute int8 multiplies quantized frozen weights by int8 activations: export with "
                "--quantize int8 or --quantize int4 as well")
+        _check(self.compute != "bf16" or self.quantize is None,
+               "compute bf16 keeps the frozen weights in bfloat16; a quantized base (--quantize) has its own "
+               "products: drop one of the two")
+        _check(self.compute != "bf16" or self.method == "lora",
+               "compute bf16 is for LoRA adapters; DoRA's weight norms read the frozen weights in float32: "
+               "export DoRA with --compute float32")
         _check(self.method in METHODS, f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         _check(isinstance(self.rank, int) and self.rank >= 1, f"rank must be a positive integer, got {self.rank!r}")
         _check(self.alpha > 0, f"alpha must be positive, got {self.alpha!r}")

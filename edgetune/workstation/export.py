@@ -23,7 +23,7 @@ from edgetune.formats.atomic import home
 from edgetune.formats.config import AdapterConfig
 from edgetune.formats.errors import ConfigError, ModelError
 from edgetune.formats.models import ModelSpec, check_architecture, check_reference, resolve_model
-from edgetune.workstation import dora_graph, dora_torch, extdata, graphs, optimizer_graph, variants, weights
+from edgetune.workstation import bf16, dora_graph, dora_torch, extdata, graphs, optimizer_graph, variants, weights
 from edgetune.workstation import gradients as autodiff
 from edgetune.workstation import quantize as quant
 
@@ -622,6 +622,8 @@ def build_fused(forward_onnx: Path, trainable: list[str], out: Path, vocab: int,
     proto = onnx.load(str(forward_onnx), load_external_data=False)
     tg = autodiff.build(proto, trainable, "loss", _probe_feeds(proto, vocab), base_dir=forward_onnx.parent,
                         recompute=recompute, fused=True)
+    for model in (tg.model, tg.forward):  # bfloat16 frozen weights (--compute bf16): their products on AMX
+        bf16.fuse(model, kernels.DOMAIN)
     ops: dict[str, int] = {}
     for n in tg.model.graph.node:
         if n.domain == kernels.DOMAIN:
@@ -720,6 +722,10 @@ def _export(model: str | os.PathLike | None, out: Path, cfg: AdapterConfig, log:
             for n in qnames:
                 fwd_lazy.update(extdata.Quantized(source_loader(source), bits, cfg.block_size).loaders(
                     n, transposed=cfg.compute == "int8"))
+        if cfg.compute == "bf16":
+            bnames = quant.linear_weights(fwd.graph, set(trainable))
+            bf16.rewrite(fwd, bnames, fwd_lazy)
+            log(f"{len(bnames)} frozen linear weights in bfloat16 in the training graphs")
         log("writing the training weights")
         extdata.write_external(fwd, tmp / "_forward.onnx", "train.onnx.data", fwd_lazy, threshold=1024)
         del fwd

@@ -1,0 +1,150 @@
+// bfloat16 products on Intel AMX for MatMulBF16 (ops.cpp): C = A x B with A float32 rounded to
+// bfloat16 on each call, B a frozen bfloat16 weight packed once into AMX's tile layout, and float32
+// accumulation. Built with -mamx-tile -mamx-bf16 -mavx512bf16 (CMakeLists.txt) on x86 only; elsewhere, and where
+// the CPU or the kernel refuses AMX, amx_bf16_usable() is false and ops.cpp computes the same
+// product in plain C++.
+#include "amx_bf16.hpp"
+
+#include <cstring>
+
+#if defined(EDGETUNE_X86) && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)
+#define EDGETUNE_AMX 1
+#include <cpuid.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+namespace edgetune {
+
+uint16_t to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // NaN stays NaN
+  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest, ties to even
+  return static_cast<uint16_t>(u >> 16);
+}
+
+float from_bf16(uint16_t h) {
+  const uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+void pack_b(const uint16_t* w, size_t n_rows, size_t n_cols, bool trans_b, size_t K, size_t N, uint16_t* out) {
+  const size_t KB = (K + BF16_TILE_K - 1) / BF16_TILE_K, NT = (N + 31) / 32 * 2;
+  for (size_t nt = 0; nt < NT; ++nt)
+    for (size_t kb = 0; kb < KB; ++kb) {
+      uint16_t* t = out + (nt * KB + kb) * 512;
+      for (size_t kp = 0; kp < 16; ++kp)
+        for (size_t c = 0; c < 16; ++c)
+          for (size_t e = 0; e < 2; ++e) {
+            const size_t k = kb * BF16_TILE_K + kp * 2 + e, n = nt * 16 + c;
+            uint16_t v = 0;
+            if (k < K && n < N) v = trans_b ? w[n * n_cols + k] : w[k * n_cols + n];
+            t[(kp * 16 + c) * 2 + e] = v;
+          }
+    }
+  (void)n_rows;
+}
+
+#if defined(EDGETUNE_AMX)
+
+namespace {
+struct TileConfig {
+  uint8_t palette, start;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+bool probe() {
+  unsigned a, b, c, d;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+  const bool tile = d & (1u << 24), bf16 = d & (1u << 22);
+  if (!tile || !bf16) return false;
+  // Linux hands out the tile registers' state only on request (ARCH_REQ_XCOMP_PERM, XTILEDATA).
+  return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+}
+}  // namespace
+
+bool amx_bf16_usable() {
+  static const bool ok = probe();
+  return ok;
+}
+
+void amx_bf16_rows(const uint16_t* a, size_t lda, const uint16_t* packed, size_t KB, size_t M, size_t N, float* c,
+                   size_t ldc) {
+  TileConfig cfg{};
+  cfg.palette = 1;
+  for (int i = 0; i < 8; ++i) {
+    cfg.rows[i] = 16;
+    cfg.colsb[i] = 64;
+  }
+  _tile_loadconfig(&cfg);
+  alignas(64) float scratch[32 * 32];
+  const uint16_t* a1 = a + 16 * lda;
+  for (size_t n0 = 0; n0 < N; n0 += 32) {
+    const uint16_t* b0 = packed + (n0 / 16) * KB * 512;
+    const uint16_t* b1 = b0 + KB * 512;
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (size_t kb = 0; kb < KB; ++kb) {
+      _tile_loadd(4, a + kb * BF16_TILE_K, lda * 2);
+      _tile_loadd(5, a1 + kb * BF16_TILE_K, lda * 2);
+      _tile_loadd(6, b0 + kb * 512, 64);
+      _tile_loadd(7, b1 + kb * 512, 64);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+    const bool full = M >= 32 && n0 + 32 <= N;
+    float* out = full ? c + n0 : scratch;
+    const size_t ld = full ? ldc : 32;
+    _tile_stored(0, out, ld * 4);
+    _tile_stored(1, out + 16, ld * 4);
+    _tile_stored(2, out + 16 * ld, ld * 4);
+    _tile_stored(3, out + 16 * ld + 16, ld * 4);
+    if (!full) {
+      const size_t rows = M < 32 ? M : 32, cols = N - n0 < 32 ? N - n0 : 32;
+      for (size_t r = 0; r < rows; ++r) std::memcpy(c + r * ldc + n0, scratch + r * 32, cols * 4);
+    }
+  }
+  _tile_release();
+}
+
+void rows_to_bf16(const float* a, size_t rows, size_t K, uint16_t* out, size_t lda) {
+  for (size_t r = 0; r < rows; ++r) {
+    const float* src = a + r * K;
+    uint16_t* dst = out + r * lda;
+    size_t k = 0;
+    for (; k + 16 <= K; k += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + k)));
+    if (k < K) {
+      const __mmask16 m = static_cast<__mmask16>((1u << (K - k)) - 1);
+      _mm256_mask_storeu_epi16(dst + k, m, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, src + k)));
+    }
+    std::memset(dst + K, 0, (lda - K) * 2);
+  }
+}
+
+#else
+
+bool amx_bf16_usable() { return false; }
+
+void rows_to_bf16(const float* a, size_t rows, size_t K, uint16_t* out, size_t lda) {
+  for (size_t r = 0; r < rows; ++r) {
+    for (size_t k = 0; k < K; ++k) out[r * lda + k] = to_bf16(a[r * K + k]);
+    std::memset(out + r * lda + K, 0, (lda - K) * 2);
+  }
+}
+
+void amx_bf16_rows(const uint16_t*, size_t, const uint16_t*, size_t, size_t, size_t, float*, size_t) {}
+
+#endif
+
+}  // namespace edgetune

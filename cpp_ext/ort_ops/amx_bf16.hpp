@@ -1,0 +1,32 @@
+// bfloat16 products for MatMulBF16 (amx_bf16.cpp; ops.cpp uses them).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace edgetune {
+
+constexpr size_t BF16_TILE_K = 32;  // bfloat16 values of the inner dimension per tile
+
+uint16_t to_bf16(float f);  // round to nearest even, as PyTorch and Intel's conversions do
+float from_bf16(uint16_t h);
+
+// Whether this CPU has AMX with bfloat16 and the kernel grants the tile state to this process.
+bool amx_bf16_usable();
+
+// B [K, N] (trans_b: B = w^T with w [N, K]; else B = w with w [K, N]; w has n_cols columns) into
+// tiles of 32 x 16, zero-padded to K and N rounded up to 32: for each 16 columns of N, each
+// 32 rows of K as 16 pairs of rows, interleaved by column (AMX's bfloat16 layout for B).
+void pack_b(const uint16_t* w, size_t n_rows, size_t n_cols, bool trans_b, size_t K, size_t N, uint16_t* out);
+
+// Up to 32 rows of C = A B (M <= 32 of them valid, N columns, row stride ldc floats), from 32
+// rows of A in bfloat16 (row stride lda values, lda a multiple of 32, zero-padded past K) and B
+// packed by pack_b, KB tiles deep. C is overwritten.
+void amx_bf16_rows(const uint16_t* a, size_t lda, const uint16_t* packed, size_t KB, size_t M, size_t N, float* c,
+                   size_t ldc);
+
+// rows x K floats (row stride K) to bfloat16 rows of lda values (lda >= K), zero-padded past K;
+// rounded to nearest even (AVX512-BF16's conversion where AMX runs).
+void rows_to_bf16(const float* a, size_t rows, size_t K, uint16_t* out, size_t lda);
+
+}  // namespace edgetune

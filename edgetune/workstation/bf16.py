@@ -1,0 +1,109 @@
+"""bfloat16 frozen weights in the training graphs (``--compute bf16``).
+
+The plain graphs keep each frozen linear weight ``W`` as a bfloat16 initializer ``W.bf16`` and a
+standard ``Cast`` to float32 in front of its readers: any ONNX Runtime build and provider runs
+them (ONNX Runtime folds the cast at load, so the products are float32 ones of the rounded
+weights). The fused graphs replace every product of an activation with such a weight, forward
+``x @ W^T`` and input gradient ``dY @ W``, by the kernel library's ``MatMulBF16``, which rounds the
+activation to bfloat16 and multiplies on AMX's tiles with float32 sums."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+
+SUFFIX = ".bf16"
+
+
+def bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns (uint16), rounded to nearest even; NaN stays NaN."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    nan = (u & 0x7FFFFFFF) > 0x7F800000
+    r = ((u.astype(np.uint64) + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    if nan.any():
+        r[nan] = ((u[nan] >> 16) | 0x40).astype(np.uint16)
+    return r
+
+
+def to_float(b: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns (uint16) -> float32."""
+    return (np.asarray(b, np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def rewrite(model: Any, names: list[str], lazy: dict[str, Callable[[], Any]]) -> None:
+    """Store each weight in ``names`` as ``<name>.bf16`` (bfloat16) with a ``Cast`` back to float32
+    named as the weight was, so every reader is unchanged. ``lazy`` maps weight names to loaders;
+    each moved weight's loader now yields its bfloat16 bits. A weight held inline is converted here."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    g = model.graph
+    want = set(names)
+    keep, casts = [], []
+    for init in g.initializer:
+        if init.name not in want:
+            keep.append(init)
+            continue
+        new = TensorProto(name=init.name + SUFFIX, data_type=TensorProto.BFLOAT16)
+        new.dims.extend(init.dims)
+        loader = lazy.pop(init.name, None)
+        if loader is None:
+            value = numpy_helper.to_array(init)
+            new.raw_data = bits(value).tobytes()
+        else:
+            lazy[new.name] = (lambda f=loader: bits(np.asarray(f(), np.float32)))
+        keep.append(new)
+        casts.append(helper.make_node("Cast", [new.name], [init.name], name=f"{init.name}/to_float",
+                                      to=TensorProto.FLOAT))
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    nodes = list(g.node)
+    del g.node[:]
+    g.node.extend(casts + nodes)
+
+
+def _attrs(node: Any) -> dict[str, Any]:
+    from onnx import helper
+
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def fuse(model: Any, domain: str) -> int:
+    """Replace each product of an activation with a ``Cast`` bfloat16 weight (directly, or through
+    a ``Transpose``) by ``MatMulBF16``; drop the casts and transposes no one reads any more.
+    Returns how many products were replaced."""
+    from onnx import TensorProto, helper
+
+    g = model.graph
+    bf = {i.name for i in g.initializer if i.data_type == TensorProto.BFLOAT16 and i.name.endswith(SUFFIX)
+          and len(i.dims) == 2}
+    cast = {n.output[0]: n.input[0] for n in g.node if n.op_type == "Cast" and n.input[0] in bf}
+    flip = {n.output[0]: cast[n.input[0]] for n in g.node
+            if n.op_type == "Transpose" and n.input[0] in cast and list(_attrs(n).get("perm", [1, 0])) == [1, 0]}
+    nodes, count = [], 0
+    for n in g.node:
+        if n.op_type in ("MatMul", "FusedMatMul") and len(n.input) == 2 and n.domain in ("", "com.microsoft"):
+            at = _attrs(n)
+            plain = (n.op_type == "MatMul" or (at.get("transA", 0) == 0 and at.get("transBatchA", 0) == 0
+                                               and at.get("transBatchB", 0) == 0 and at.get("alpha", 1.0) == 1.0))
+            b = n.input[1]
+            if plain and (b in cast or b in flip):
+                trans_b = (b in flip) != bool(at.get("transB", 0))
+                w = cast[b] if b in cast else flip[b]
+                nodes.append(helper.make_node("MatMulBF16", [n.input[0], w], list(n.output), name=n.name,
+                                              domain=domain, trans_b=int(trans_b)))
+                count += 1
+                continue
+        nodes.append(n)
+    # Drop what no one reads now (the graph's outputs count as readers).
+    while True:
+        read = {i for n in nodes for i in n.input} | {o.name for o in g.output}
+        kept = [n for n in nodes if not (n.op_type in ("Cast", "Transpose") and n.output[0] not in read
+                                         and (n.input[0] in bf or n.input[0] in cast))]
+        if len(kept) == len(nodes):
+            break
+        nodes = kept
+    del g.node[:]
+    g.node.extend(nodes)
+    if count and not any(o.domain == domain for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(domain, 1))
+    return count
