@@ -6,6 +6,7 @@
 #include "amx_bf16.hpp"
 
 #include <cstring>
+#include <vector>
 
 #if defined(EDGETUNE_X86) && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)
 #define EDGETUNE_AMX 1
@@ -117,6 +118,101 @@ void amx_bf16_rows(const uint16_t* a, size_t lda, const uint16_t* packed, size_t
   _tile_release();
 }
 
+// The 16 x 16 transpose of 32-bit elements, r[i] a row in, r[i] a column out.
+inline void transpose16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i + 0] = _mm512_unpacklo_epi64(t[4 * i + 0], t[4 * i + 2]);
+    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i + 0], t[4 * i + 2]);
+    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xdd);
+    t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xdd);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+    r[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
+    r[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xdd);
+  }
+}
+
+// y[M<=32 rows, N] = x w^T with w [N, K] read as it is stored: computed as y^T = w x^T, w's rows
+// the A tiles (16 rows of 32 values each, straight from memory), x's rows converted and interleaved
+// into B tiles (pairs of k for each of 16 rows), and each 16 x 16 block of y^T transposed on the way
+// out. Needs K % 32 == 0 and N % 32 == 0.
+void amx_bf16_rows_wt(const float* x, size_t M, size_t K, const uint16_t* w, size_t N, float* y, size_t ldy) {
+  TileConfig cfg{};
+  cfg.palette = 1;
+  for (int i = 0; i < 8; ++i) {
+    cfg.rows[i] = 16;
+    cfg.colsb[i] = 64;
+  }
+  const size_t KB = K / 32;
+  // B tiles of x: [2 halves of 16 rows][KB][16 pairs of k][16 rows][2]: each tile is the 16 x 16
+  // transpose of 16 rows' (k, k + 1) pairs.
+  std::vector<uint16_t> xb(2 * KB * 512);
+  for (size_t half = 0; half < 2; ++half)
+    for (size_t kb = 0; kb < KB; ++kb) {
+      __m512i r[16];
+      for (size_t c = 0; c < 16; ++c) {
+        const size_t m = half * 16 + c;
+        if (m < M) {
+          const float* src = x + m * K + kb * 32;
+          r[c] = (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + 16), _mm512_loadu_ps(src));
+        } else {
+          r[c] = _mm512_setzero_si512();
+        }
+      }
+      transpose16(r);
+      uint16_t* t = xb.data() + (half * KB + kb) * 512;
+      for (size_t kp = 0; kp < 16; ++kp) _mm512_storeu_si512(t + kp * 32, r[kp]);
+    }
+  _tile_loadconfig(&cfg);
+  alignas(64) float tile[4][16 * 16];
+  const uint16_t* b0 = xb.data();
+  const uint16_t* b1 = xb.data() + KB * 512;
+  for (size_t n0 = 0; n0 < N; n0 += 32) {
+    const uint16_t* a0 = w + n0 * K;
+    const uint16_t* a1 = a0 + 16 * K;
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (size_t kb = 0; kb < KB; ++kb) {
+      _tile_loadd(4, a0 + kb * 32, K * 2);
+      _tile_loadd(5, a1 + kb * 32, K * 2);
+      _tile_loadd(6, b0 + kb * 512, 64);
+      _tile_loadd(7, b1 + kb * 512, 64);
+      _tile_dpbf16ps(0, 4, 6);  // y^T[n0 .. +16][m 0 .. 16]
+      _tile_dpbf16ps(1, 4, 7);  // y^T[n0 .. +16][m 16 .. 32]
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+    _tile_stored(0, tile[0], 64);
+    _tile_stored(1, tile[1], 64);
+    _tile_stored(2, tile[2], 64);
+    _tile_stored(3, tile[3], 64);
+    for (size_t q = 0; q < 4; ++q) {
+      const size_t nb = n0 + (q / 2) * 16, mb = (q % 2) * 16;
+      if (mb >= M) continue;
+      __m512i r[16];
+      for (size_t nn = 0; nn < 16; ++nn) r[nn] = _mm512_load_si512(tile[q] + nn * 16);
+      transpose16(r);
+      for (size_t mm = 0; mm < 16 && mb + mm < M; ++mm) _mm512_storeu_si512(y + (mb + mm) * ldy + nb, r[mm]);
+    }
+  }
+  _tile_release();
+}
+
 void rows_to_bf16(const float* a, size_t rows, size_t K, uint16_t* out, size_t lda) {
   for (size_t r = 0; r < rows; ++r) {
     const float* src = a + r * K;
@@ -135,6 +231,8 @@ void rows_to_bf16(const float* a, size_t rows, size_t K, uint16_t* out, size_t l
 #else
 
 bool amx_bf16_usable() { return false; }
+
+void amx_bf16_rows_wt(const float*, size_t, size_t, const uint16_t*, size_t, float*, size_t) {}
 
 void rows_to_bf16(const float* a, size_t rows, size_t K, uint16_t* out, size_t lda) {
   for (size_t r = 0; r < rows; ++r) {

@@ -25,6 +25,10 @@ void pack_b(const uint16_t* w, size_t n_rows, size_t n_cols, bool trans_b, size_
 void amx_bf16_rows(const uint16_t* a, size_t lda, const uint16_t* packed, size_t KB, size_t M, size_t N, float* c,
                    size_t ldc);
 
+// Up to 32 rows of y = x w^T (M of them valid; x [M, K] float32 rounded to bfloat16, w [N, K]
+// bfloat16 as stored, no packing; y's row stride ldy). Needs K % 32 == 0 and N % 32 == 0.
+void amx_bf16_rows_wt(const float* x, size_t M, size_t K, const uint16_t* w, size_t N, float* y, size_t ldy);
+
 // rows x K floats (row stride K) to bfloat16 rows of lda values (lda >= K), zero-padded past K;
 // rounded to nearest even (AVX512-BF16's conversion where AMX runs).
 void rows_to_bf16(const float* a, size_t rows, size_t K, uint16_t* out, size_t lda);

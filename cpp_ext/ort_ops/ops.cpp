@@ -482,7 +482,8 @@ struct CrossEntropyHead {
 // The product of an activation with a frozen bfloat16 weight. A [..., K] float32 is rounded to
 // bfloat16 (to nearest even), the products are summed in float32: y = a w^T (trans_b = 1, w [N, K],
 // a linear layer's forward pass) or y = a w (trans_b = 0, w [K, N], its input gradient). On AMX
-// the weight is packed into tiles on the first call and kept (it is a frozen initializer); where
+// the forward product reads w as stored; other products pack it into tiles on the first call and
+// keep that copy (it is a frozen initializer; packed_weight shares it between sessions); where
 // the CPU has no AMX (or EDGETUNE_ISA names a narrower build) the same sums run in plain C++, slowly:
 // EdgetuneFusedOps lists the op only where AMX runs it, so such a CPU trains on the plain graph.
 bool use_amx() {
@@ -551,10 +552,15 @@ struct MatMulBF16 {
       const uint16_t* pw = reinterpret_cast<const uint16_t*>(w.Data());
       const float* pa = a.Data();
       const bool amx = use_amx();
+      // x w^T reads w's rows as AMX's A tiles straight from the initializer (no packed copy)
+      // where the sizes are whole tiles; other products pack w once.
+      const bool direct = trans_b && K % 32 == 0 && N % 32 == 0;
       {
         std::lock_guard<std::mutex> lock(mu);
         if (packed_for != pw) {  // a frozen initializer: once per session
-          if (amx) {
+          if (amx && direct) {
+            // multiplies by w as stored: no copy
+          } else if (amx) {
             packed = packed_weight(pw, static_cast<size_t>(ws[0]), static_cast<size_t>(ws[1]), trans_b, K, N);
           } else {
             bf.resize(K * N);
@@ -566,7 +572,12 @@ struct MatMulBF16 {
         }
       }
       const size_t stripes = (M + 31) / 32;
-      if (amx) {
+      if (amx && direct) {
+        parallel(ctx, stripes, [&](size_t s) {
+          const size_t m0 = s * 32, rows = std::min<size_t>(32, M - m0);
+          edgetune::amx_bf16_rows_wt(pa + m0 * K, rows, K, pw, N, out + m0 * N, N);
+        });
+      } else if (amx) {
         const size_t KB = (K + 31) / 32, lda = KB * 32;
         const uint16_t* pb = packed->data();
         parallel(ctx, stripes, [&](size_t s) {
