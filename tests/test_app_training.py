@@ -98,14 +98,26 @@ def int4_bundles(request, tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-@pytest.fixture(params=["lora", "dora", "lora-int4", "dora-int4"])
+@pytest.fixture(scope="session")
+def bf16_bundle(request, tmp_path_factory) -> Path:
+    from edgetune.formats.config import AdapterConfig
+    from edgetune.workstation.export import export
+
+    out = tmp_path_factory.mktemp("lora_bf16") / "b"
+    export(str(request.getfixturevalue("tiny_model")), out, AdapterConfig(rank=4, alpha=8, compute="bf16"))
+    return out
+
+
+@pytest.fixture(params=["lora", "dora", "lora-int4", "dora-int4", "lora-bf16"])
 def any_bundle(request, tiny_bundle, dora_bundle) -> Path:
     if request.param == "lora":
         return tiny_bundle
     if request.param == "dora":
         return dora_bundle
     if DEVICE_ONLY:
-        pytest.skip("exporting the int4 bundles needs the workstation stack")
+        pytest.skip("exporting the int4 and bfloat16 bundles needs the workstation stack")
+    if request.param == "lora-bf16":  # bfloat16 weights behind standard Casts in the plain graph
+        return request.getfixturevalue("bf16_bundle")
     return request.getfixturevalue("int4_bundles")[request.param.split("-")[0]]
 
 

@@ -66,3 +66,23 @@ def test_train_eval_generate_through_openvino(ov_python, tiny_bundle, chat_data,
            "-n", 8, "--device", "openvino", "--json")
     assert g.returncode == 0, g.stderr[-3000:]
     assert json.loads(g.stdout)["providers"][0] == "OpenVINOExecutionProvider"
+
+
+def test_bf16_bundle_trains_through_openvino(ov_python, tiny_model, chat_data, tmp_path, monkeypatch):
+    """A --compute bf16 bundle's plain graph (bfloat16 weights behind standard Casts) on OpenVINO:
+    the adapter equals the CPU provider's run of the same plain graph within float tolerance."""
+    from edgetune.formats.config import AdapterConfig
+    from edgetune.workstation.export import export
+
+    bundle = export(tiny_model, tmp_path / "bundle", AdapterConfig(compute="bf16"))
+    monkeypatch.setenv("EDGETUNE_KERNELS", "plain")
+    cpu = trainer.train(bundle, chat_data, tmp_path / "cpu", steps=4, lr=1e-2, batch_size=4, seed=3, progress=False,
+                        log=lambda s: None)
+    p = et(ov_python, "train", bundle, "--data", chat_data, "--out", tmp_path / "ov", "--device", "openvino",
+           "--steps", 4, "--lr", 1e-2, "--batch-size", 4, "--seed", 3, "--placement", "--no-progress", "--json")
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(p.stdout[p.stdout.index("{"):])
+    assert out["placement"].get("OpenVINOExecutionProvider", 0) > 0, out["placement"]
+    ours, ref = peft_io.load(tmp_path / "ov")[1], peft_io.load(cpu.out)[1]
+    for k in ref:
+        np.testing.assert_allclose(ours[k], ref[k], rtol=1e-3, atol=1e-5)
