@@ -155,14 +155,17 @@ def real_bundle(tmp_path_factory) -> Path:
         models.DEFAULT_MODEL, out, AdapterConfig(rank=8, alpha=16, targets=("q_proj", "k_proj", "v_proj", "o_proj"))))
 
 
+# The standard short run on the sample tickets: 30 steps, validation after 15 and 30.
+SHORT_RUN = dict(steps=30, batch_size=4, lr=1e-3, warmup=3, eval_every=15, valid_batches=4)
+
+
 @pytest.fixture(scope="session")
 def real_run(real_bundle, tmp_path_factory) -> Path:
     """The standard short run on the real bundle: 30 steps on the sample tickets, two validations."""
     from edgetune.device import trainer
 
     return built_once(tmp_path_factory, "real-run", lambda out: trainer.train(
-        real_bundle, SAMPLE_DATA, out, steps=30, batch_size=4, lr=1e-3, warmup=3, eval_every=15, valid_batches=4,
-        progress=False, log=lambda s: None))
+        real_bundle, SAMPLE_DATA, out, **SHORT_RUN, progress=False, log=lambda s: None))
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import SAMPLE_DATA
+from conftest import SAMPLE_DATA, SHORT_RUN
 
 from edgetune.app.verify import verify
 from edgetune.device import infer, trainer
@@ -178,8 +178,7 @@ def test_qlora_int4_base_on_the_real_model(real_bundle, real_run, tmp_path):
     assert len(q["weights"]) == 30 * 7
     assert q["max_relative_error"] < 1e-5, q["max_relative_error"]  # Q4_1's codes, not a second rounding
     assert q["quantized_bytes"] < 0.2 * q["float_bytes"]
-    run = trainer.train(bundle, SAMPLE_DATA, tmp_path / "run", steps=30, batch_size=4, lr=1e-3, warmup=3,
-                        eval_every=15, valid_batches=4, progress=False, log=lambda s: None).out
+    run = trainer.train(bundle, SAMPLE_DATA, tmp_path / "run", **SHORT_RUN, progress=False, log=lambda s: None).out
     test = SAMPLE_DATA / "test.jsonl"
     ours = infer.evaluate(bundle, test, adapter=run)["loss"]
     ref = infer.evaluate(real_bundle, test, adapter=real_run)["loss"]
@@ -196,6 +195,19 @@ def test_qlora_int4_base_on_the_real_model(real_bundle, real_run, tmp_path):
     assert s4["adapter_change_kept"] < 0.5, s4
     pack.pack(run, bundle, tmp_path / "app", name="tickets")
     assert verify(tmp_path / "app")["ok"]
+
+
+def assert_short_run_ends_near(bundle, real_run, out) -> None:
+    """The standard short run on ``bundle`` ends at the float32 base's validation loss within 0.03
+    (1 % of where it starts, about 3.2)."""
+    run = trainer.train(bundle, SAMPLE_DATA, out, **SHORT_RUN, progress=False, log=lambda s: None).out
+
+    def valid(r):
+        return [m["valid_loss"] for m in map(json.loads, (r / "metrics.jsonl").read_text().splitlines())
+                if "valid_loss" in m]
+
+    ours, ref = valid(run), valid(real_run)
+    assert len(ours) == len(ref) == 2 and abs(ours[-1] - ref[-1]) < 0.03, (ours, ref)
 
 
 @pytest.mark.parametrize("base", ["int8", "int4"])
@@ -218,15 +230,7 @@ def test_int8_products_on_the_real_model(base, real_run, tmp_path):
     assert len([n for n in nbits if n.input[1].endswith(".qT")]) == 30 * 7 - 3  # all but layer 0's q, k, v
     # forward: int8 codes with their zero points; int4 codes without (their correction is a separate product)
     assert {len(n.input) for n in nbits if not n.input[1].endswith(".qT")} == {4 if base == "int8" else 3}
-    run = trainer.train(bundle, SAMPLE_DATA, tmp_path / "run", steps=30, batch_size=4, lr=1e-3, warmup=3,
-                        eval_every=15, valid_batches=4, progress=False, log=lambda s: None).out
-
-    def valid(r):
-        return [m["valid_loss"] for m in map(json.loads, (r / "metrics.jsonl").read_text().splitlines())
-                if "valid_loss" in m]
-
-    ours, ref = valid(run), valid(real_run)
-    assert len(ours) == len(ref) == 2 and abs(ours[-1] - ref[-1]) < 0.03, (ours, ref)
+    assert_short_run_ends_near(bundle, real_run, tmp_path / "run")
 
 
 def test_bf16_products_on_the_real_model(real_run, tmp_path):
@@ -246,15 +250,7 @@ def test_bf16_products_on_the_real_model(real_run, tmp_path):
     fused = json.loads((bundle / "edgetune.json").read_text()).get("fused") or {}
     if fused:
         assert fused["ops"]["MatMulBF16"] == 30 * 7 * 2 - 3
-    run = trainer.train(bundle, SAMPLE_DATA, tmp_path / "run", steps=30, batch_size=4, lr=1e-3, warmup=3,
-                        eval_every=15, valid_batches=4, progress=False, log=lambda s: None).out
-
-    def valid(r):
-        return [m["valid_loss"] for m in map(json.loads, (r / "metrics.jsonl").read_text().splitlines())
-                if "valid_loss" in m]
-
-    ours, ref = valid(run), valid(real_run)
-    assert len(ours) == len(ref) == 2 and abs(ours[-1] - ref[-1]) < 0.03, (ours, ref)
+    assert_short_run_ends_near(bundle, real_run, tmp_path / "run")
 
 
 def test_streamed_gguf_conversion_equals_transformers_loader(tmp_path):

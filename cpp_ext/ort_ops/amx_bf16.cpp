@@ -33,7 +33,7 @@ float from_bf16(uint16_t h) {
   return f;
 }
 
-void pack_b(const uint16_t* w, size_t n_rows, size_t n_cols, bool trans_b, size_t K, size_t N, uint16_t* out) {
+void pack_b(const uint16_t* w, size_t n_cols, bool trans_b, size_t K, size_t N, uint16_t* out) {
   const size_t KB = (K + BF16_TILE_K - 1) / BF16_TILE_K, NT = (N + 31) / 32 * 2;
   for (size_t nt = 0; nt < NT; ++nt)
     for (size_t kb = 0; kb < KB; ++kb) {
@@ -47,7 +47,6 @@ void pack_b(const uint16_t* w, size_t n_rows, size_t n_cols, bool trans_b, size_
             t[(kp * 16 + c) * 2 + e] = v;
           }
     }
-  (void)n_rows;
 }
 
 #if defined(EDGETUNE_AMX)

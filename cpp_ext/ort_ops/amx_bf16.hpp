@@ -17,7 +17,7 @@ bool amx_bf16_usable();
 // B [K, N] (trans_b: B = w^T with w [N, K]; else B = w with w [K, N]; w has n_cols columns) into
 // tiles of 32 x 16, zero-padded to K and N rounded up to 32: for each 16 columns of N, each
 // 32 rows of K as 16 pairs of rows, interleaved by column (AMX's bfloat16 layout for B).
-void pack_b(const uint16_t* w, size_t n_rows, size_t n_cols, bool trans_b, size_t K, size_t N, uint16_t* out);
+void pack_b(const uint16_t* w, size_t n_cols, bool trans_b, size_t K, size_t N, uint16_t* out);
 
 // Up to 32 rows of C = A B (M <= 32 of them valid, N columns, row stride ldc floats), from 32
 // rows of A in bfloat16 (row stride lda values, lda a multiple of 32, zero-padded past K) and B

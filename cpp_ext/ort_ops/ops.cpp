@@ -519,7 +519,7 @@ std::shared_ptr<const std::vector<uint16_t>> packed_weight(const uint16_t* w, si
   if (auto hit = cache[key].lock()) return hit;
   const size_t KB = (K + 31) / 32, NT = (N + 31) / 32 * 2;
   auto p = std::make_shared<std::vector<uint16_t>>(NT * KB * 512, 0);
-  edgetune::pack_b(w, rows, cols, trans_b, K, N, p->data());
+  edgetune::pack_b(w, cols, trans_b, K, N, p->data());
   cache[key] = p;
   return p;
 }
@@ -582,7 +582,7 @@ struct MatMulBF16 {
         const uint16_t* pb = packed->data();
         parallel(ctx, stripes, [&](size_t s) {
           const size_t m0 = s * 32, rows = std::min<size_t>(32, M - m0);
-          std::vector<uint16_t> abf(32 * lda, 0);
+          std::vector<uint16_t> abf(32 * lda, 0);  // rows past M stay zero
           edgetune::rows_to_bf16(pa + m0 * K, rows, K, abf.data(), lda);
           edgetune::amx_bf16_rows(abf.data(), lda, pb, KB, rows, N, out + m0 * N, N);
         });
