@@ -1,19 +1,20 @@
-"""bfloat16 frozen products on AMX: the products of one 1,024-token chunk through one
+"""bfloat16 frozen products (AMX, or AVX512-BF16 without it): the products of one 1,024-token chunk through one
 SmolLM2-135M layer's frozen weights (q, k, v, o, gate, up, down; forward ``x @ W^T`` and the input
 gradient ``dY @ W``), timed three ways in the same run:
 
 - ``ort``: ONNX Runtime's float32 ``MatMul`` (MLAS sgemm), a one-node session per product with the
   weight as an initializer, 2 threads: what the float32 graphs run;
 - ``edgetune``: the kernel library's ``MatMulBF16`` (what ``--compute bf16`` bundles run: the
-  activation rounded to bfloat16 on each call, float32 sums on AMX's tiles), the same kind of
-  session;
-- ``torch``: ``torch.matmul`` in bfloat16 (oneDNN's AMX kernels), the cast of the activation
+  activation rounded to bfloat16 on each call, float32 sums on AMX's tiles or with AVX512-BF16's
+  ``vdpbf16ps``), the same kind of session;
+- ``torch``: ``torch.matmul`` in bfloat16 (oneDNN's AMX or AVX512-BF16 kernels), the cast of the activation
   counted, in its own process: what a PyTorch user with a bfloat16 base runs.
 
 Each product is timed by all three in turn (best of ``--iters`` calls). Ratios are against
 ``ort``. ``error`` is the largest error of a product relative to its largest output against a
-float64 product of the float32 operands. Needs a CPU with ``amx_bf16`` and the kernel library
-(else it says so and stops).
+float64 product of the float32 operands. Needs a CPU with ``amx_bf16`` or ``avx512_bf16`` and the
+kernel library (else it says so and stops); ``EDGETUNE_ISA=avx512bf16`` times the AVX512-BF16 kernel
+on an AMX CPU.
 
 The last line is JSON: ``{"ort_ms", "edgetune_ms", "torch_ms", "edgetune_speedup", "torch_speedup",
 "edgetune_gflops", "edgetune_error", "torch_error", "fma_peak_gflops"}``.
@@ -114,14 +115,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     a = ap.parse_args()
     print(f"machine: {machine.describe()}")
-    if "amx_bf16" not in machine.describe():
-        print("this CPU has no amx_bf16: nothing to measure here")
-        return
     from edgetune.device import fused
 
     if "MatMulBF16" not in fused.library().ops:
-        print(f"the kernel library does not run MatMulBF16 here: {fused.library().reason or 'no AMX'}")
+        print(f"the kernel library does not run MatMulBF16 here: {fused.library().reason or 'no AMX or AVX512-BF16'}")
         return
+    print(f"MatMulBF16 runs on: {fused.library().bf16}")
     sys.path.insert(0, str(HERE))
     import train as T  # noqa: E402  - the FMA loop of the merge kernels
 
@@ -150,7 +149,8 @@ def main() -> None:
                       "torch_ms": round(tot["torch"], 2),
                       "edgetune_speedup": round(tot["ort"] / tot["edgetune"], 3),
                       "torch_speedup": round(tot["ort"] / tot["torch"], 3), "edgetune_gflops": round(gf, 1),
-                      "edgetune_error": our_err, "torch_error": torch_err, "fma_peak_gflops": round(peak, 1)}))
+                      "edgetune_error": our_err, "torch_error": torch_err, "fma_peak_gflops": round(peak, 1),
+                      "bf16_kernel": fused.library().bf16}))
 
 if __name__ == "__main__":
     main()

@@ -1,5 +1,6 @@
 """bfloat16 frozen products (``--compute bf16``): the MatMulBF16 kernel against a float64 product
-of the same bfloat16-rounded operands, on AMX where this CPU has it and in its plain C++ form; the
+of the same bfloat16-rounded operands, on AMX and with AVX512-BF16 where this CPU has them and in
+its plain C++ form; the
 exported graphs (bfloat16 weights, casts in the plain graphs, MatMulBF16 in the fused ones); and
 training on both forms against the float32 base."""
 from __future__ import annotations
@@ -71,12 +72,34 @@ def check_products() -> None:
 
 
 def test_matmul_bf16_matches_a_float64_product_of_the_rounded_operands():
-    """On AMX where this CPU has it (the op list says so), else the plain C++ product."""
+    """On AMX or AVX512-BF16 where this CPU has one (the op list says so), else the plain C++ product."""
     check_products()
 
 
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
+
+
+@pytest.mark.skipif("avx512_bf16" not in _cpu_flags(), reason="this CPU has no AVX512-BF16")
+def test_matmul_bf16_with_avx512_bf16_matches_too():
+    """EDGETUNE_ISA=avx512bf16: vdpbf16ps, also where the CPU has AMX; the op stays listed, and the
+    library says what it runs on."""
+    code = ("import sys; sys.path.insert(0, %r); import test_bf16 as t; t.check_products(); "
+            "from edgetune.device import fused; print(fused.library().bf16, 'MatMulBF16' in fused.library().ops)"
+            ) % str(Path(__file__).parent)
+    out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, EDGETUNE_ISA="avx512bf16"),
+                         capture_output=True, text=True, cwd=str(Path(__file__).parent))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["avx512bf16", "True"]
+
+
 def test_matmul_bf16_plain_product_matches_too():
-    """EDGETUNE_ISA=generic turns AMX off: the plain C++ product, and the op is no longer listed."""
+    """EDGETUNE_ISA=generic turns AMX and AVX512-BF16 off: the plain C++ product, and the op is no
+    longer listed."""
     code = ("import sys; sys.path.insert(0, %r); import test_bf16 as t; t.check_products(); "
             "from edgetune.device import fused; print(sorted(fused.library().ops))") % str(Path(__file__).parent)
     out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, EDGETUNE_ISA="generic"),
@@ -140,7 +163,7 @@ def test_bf16_bundle_graphs(bf16_bundles):
 @pytest.mark.workstation
 def test_bf16_bundle_trains_fused_and_plain_like_float32(bf16_bundles, tmp_path, monkeypatch):
     """Ten steps on each form of the bfloat16 bundle, and on the float32 bundle: the fused form
-    (AMX, or the plain graph where this CPU has none, said once) and the plain one agree, and
+    (AMX or AVX512-BF16, or the plain graph where this CPU has neither, said once) and the plain one agree, and
     both stay within 1e-3 of the float32 losses."""
     from edgetune.device import trainer
 
@@ -164,8 +187,8 @@ def test_bf16_bundle_trains_fused_and_plain_like_float32(bf16_bundles, tmp_path,
 
 @pytest.mark.workstation
 def test_bf16_bundle_without_amx_trains_on_the_plain_graph_and_says_why(bf16_bundles, tmp_path, monkeypatch, capsys):
-    """A library whose op list lacks MatMulBF16 (a CPU without AMX): the plain graph runs, and the
-    reason names AMX, once."""
+    """A library whose op list lacks MatMulBF16 (a CPU with neither AMX nor AVX512-BF16): the plain
+    graph runs, and the reason names both, once."""
     import dataclasses
 
     from edgetune.device import trainer
@@ -177,4 +200,4 @@ def test_bf16_bundle_without_amx_trains_on_the_plain_graph_and_says_why(bf16_bun
                         progress=False, log=print).out
     assert json.loads((run / "run.json").read_text())["graphs"]["train"] == "train.onnx"
     said = capsys.readouterr()
-    assert (said.out + said.err).count("bfloat16 weights on AMX") == 1
+    assert (said.out + said.err).count("bfloat16 weights with AMX or AVX512-BF16") == 1

@@ -14,6 +14,8 @@
 #include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
+
+#include "simd512.hpp"
 #endif
 
 namespace edgetune {
@@ -117,33 +119,6 @@ void amx_bf16_rows(const uint16_t* a, size_t lda, const uint16_t* packed, size_t
   _tile_release();
 }
 
-// The 16 x 16 transpose of 32-bit elements, r[i] a row in, r[i] a column out.
-inline void transpose16(__m512i r[16]) {
-  __m512i t[16];
-  for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-  }
-  for (int i = 0; i < 4; ++i) {
-    r[4 * i + 0] = _mm512_unpacklo_epi64(t[4 * i + 0], t[4 * i + 2]);
-    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i + 0], t[4 * i + 2]);
-    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
-    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
-  }
-  for (int i = 0; i < 4; ++i) {
-    t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
-    t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xdd);
-    t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
-    t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xdd);
-  }
-  for (int i = 0; i < 4; ++i) {
-    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
-    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
-    r[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
-    r[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xdd);
-  }
-}
-
 // y[M<=32 rows, N] = x w^T with w [N, K] read as it is stored: computed as y^T = w x^T, w's rows
 // the A tiles (16 rows of 32 values each, straight from memory), x's rows converted and interleaved
 // into B tiles (pairs of k for each of 16 rows), and each 16 x 16 block of y^T transposed on the way
@@ -160,21 +135,7 @@ void amx_bf16_rows_wt(const float* x, size_t M, size_t K, const uint16_t* w, siz
   // transpose of 16 rows' (k, k + 1) pairs.
   std::vector<uint16_t> xb(2 * KB * 512);
   for (size_t half = 0; half < 2; ++half)
-    for (size_t kb = 0; kb < KB; ++kb) {
-      __m512i r[16];
-      for (size_t c = 0; c < 16; ++c) {
-        const size_t m = half * 16 + c;
-        if (m < M) {
-          const float* src = x + m * K + kb * 32;
-          r[c] = (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + 16), _mm512_loadu_ps(src));
-        } else {
-          r[c] = _mm512_setzero_si512();
-        }
-      }
-      transpose16(r);
-      uint16_t* t = xb.data() + (half * KB + kb) * 512;
-      for (size_t kp = 0; kp < 16; ++kp) _mm512_storeu_si512(t + kp * 32, r[kp]);
-    }
+    interleave_rows16(x + half * 16 * K, M > half * 16 ? M - half * 16 : 0, K, xb.data() + half * KB * 512);
   _tile_loadconfig(&cfg);
   alignas(64) float tile[4][16 * 16];
   const uint16_t* b0 = xb.data();
@@ -212,33 +173,11 @@ void amx_bf16_rows_wt(const float* x, size_t M, size_t K, const uint16_t* w, siz
   _tile_release();
 }
 
-void rows_to_bf16(const float* a, size_t rows, size_t K, uint16_t* out, size_t lda) {
-  for (size_t r = 0; r < rows; ++r) {
-    const float* src = a + r * K;
-    uint16_t* dst = out + r * lda;
-    size_t k = 0;
-    for (; k + 16 <= K; k += 16)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + k)));
-    if (k < K) {
-      const __mmask16 m = static_cast<__mmask16>((1u << (K - k)) - 1);
-      _mm256_mask_storeu_epi16(dst + k, m, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, src + k)));
-    }
-    std::memset(dst + K, 0, (lda - K) * 2);
-  }
-}
-
 #else
 
 bool amx_bf16_usable() { return false; }
 
 void amx_bf16_rows_wt(const float*, size_t, size_t, const uint16_t*, size_t, float*, size_t) {}
-
-void rows_to_bf16(const float* a, size_t rows, size_t K, uint16_t* out, size_t lda) {
-  for (size_t r = 0; r < rows; ++r) {
-    for (size_t k = 0; k < K; ++k) out[r * lda + k] = to_bf16(a[r * K + k]);
-    std::memset(out + r * lda + K, 0, (lda - K) * 2);
-  }
-}
 
 void amx_bf16_rows(const uint16_t*, size_t, const uint16_t*, size_t, size_t, size_t, float*, size_t) {}
 

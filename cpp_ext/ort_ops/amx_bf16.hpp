@@ -1,4 +1,5 @@
-// bfloat16 products for MatMulBF16 (amx_bf16.cpp; ops.cpp uses them).
+// bfloat16 products for MatMulBF16 (amx_bf16.cpp on AMX, avx512_bf16.cpp on AVX512-BF16; ops.cpp
+// uses them).
 #pragma once
 
 #include <cstddef>
@@ -29,8 +30,19 @@ void amx_bf16_rows(const uint16_t* a, size_t lda, const uint16_t* packed, size_t
 // bfloat16 as stored, no packing; y's row stride ldy). Needs K % 32 == 0 and N % 32 == 0.
 void amx_bf16_rows_wt(const float* x, size_t M, size_t K, const uint16_t* w, size_t N, float* y, size_t ldy);
 
+// Whether this CPU has AVX512-BF16 (with AVX512 F, BW and VL) and the OS saves the AVX-512 state.
+bool avx512_bf16_usable();
+
+// amx_bf16_rows with vdpbf16ps: the same operands and packed B, the same result but for the order
+// of the float32 sums.
+void avx512_bf16_rows(const uint16_t* a, size_t lda, const uint16_t* packed, size_t KB, size_t M, size_t N, float* c,
+                      size_t ldc);
+
+// amx_bf16_rows_wt with vdpbf16ps; needs only K even.
+void avx512_bf16_rows_wt(const float* x, size_t M, size_t K, const uint16_t* w, size_t N, float* y, size_t ldy);
+
 // rows x K floats (row stride K) to bfloat16 rows of lda values (lda >= K), zero-padded past K;
-// rounded to nearest even (AVX512-BF16's conversion where AMX runs).
+// rounded to nearest even (with AVX512-BF16's conversion where the CPU has it).
 void rows_to_bf16(const float* a, size_t rows, size_t K, uint16_t* out, size_t lda);
 
 }  // namespace edgetune

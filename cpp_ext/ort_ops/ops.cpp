@@ -30,7 +30,7 @@
 //                                             value computed as edgetune's plain optimizer graph does
 //                                             (the same float32 operations in the same order)
 //   MatMulBF16(a, w; trans_b) -> y            a (float32, rounded to bfloat16) times a frozen bfloat16
-//                                             weight: a w^T (trans_b 1) or a w, summed in float32; AMX
+//                                             weight: a w^T (trans_b 1) or a w, summed in float32 (AMX or AVX512-BF16)
 #define ORT_API_MANUAL_INIT
 #include "onnxruntime_cxx_api.h"
 #undef ORT_API_MANUAL_INIT
@@ -481,17 +481,33 @@ struct CrossEntropyHead {
 
 // The product of an activation with a frozen bfloat16 weight. A [..., K] float32 is rounded to
 // bfloat16 (to nearest even), the products are summed in float32: y = a w^T (trans_b = 1, w [N, K],
-// a linear layer's forward pass) or y = a w (trans_b = 0, w [K, N], its input gradient). On AMX
-// the forward product reads w as stored; other products pack it into tiles on the first call and
-// keep that copy (it is a frozen initializer; packed_weight shares it between sessions); where
-// the CPU has no AMX (or EDGETUNE_ISA names a narrower build) the same sums run in plain C++, slowly:
-// EdgetuneFusedOps lists the op only where AMX runs it, so such a CPU trains on the plain graph.
-bool use_amx() {
-  static const bool ok = [] {
-    const char* want = std::getenv("EDGETUNE_ISA");
-    return edgetune::amx_bf16_usable() && (!want || !*want || std::string(want) == "avx512");
+// a linear layer's forward pass) or y = a w (trans_b = 0, w [K, N], its input gradient). The forward
+// product reads w as stored; the input gradient packs it on the first call into pairs of rows
+// interleaved by column and keeps that copy (it is a frozen initializer; packed_weight shares it
+// between sessions). It runs on AMX's tiles where the CPU has AMX, else with AVX512-BF16's
+// vdpbf16ps; EDGETUNE_ISA=avx512bf16 skips AMX, and a narrower EDGETUNE_ISA, or a CPU with neither,
+// leaves the same sums in plain C++, slowly: EdgetuneFusedOps lists the op only where one of the
+// two runs it, so such a CPU trains on the plain graph.
+enum class Bf16Kernel { none, avx512bf16, amx };
+
+Bf16Kernel bf16_kernel() {
+  static const Bf16Kernel k = [] {
+    const char* env = std::getenv("EDGETUNE_ISA");
+    const std::string want = env ? env : "";
+    if (edgetune::amx_bf16_usable() && (want.empty() || want == "avx512")) return Bf16Kernel::amx;
+    if (edgetune::avx512_bf16_usable() && (want.empty() || want == "avx512" || want == "avx512bf16"))
+      return Bf16Kernel::avx512bf16;
+    return Bf16Kernel::none;
   }();
-  return ok;
+  return k;
+}
+
+const char* bf16_kernel_name() {
+  switch (bf16_kernel()) {
+    case Bf16Kernel::amx: return "amx";
+    case Bf16Kernel::avx512bf16: return "avx512bf16";
+    default: return "";
+  }
 }
 
 // Packed weights are shared by every node and session that multiplies by the same values the same
@@ -528,7 +544,7 @@ struct MatMulBF16 {
   bool trans_b = true;
   std::mutex mu;
   const void* packed_for = nullptr;
-  std::shared_ptr<const std::vector<uint16_t>> packed;  // AMX tiles of B
+  std::shared_ptr<const std::vector<uint16_t>> packed;  // B as pack_b lays it out
   std::vector<float> bf;                                // B [K, N] as float32, for the plain C++ product
 
   MatMulBF16(const OrtApi*, const OrtKernelInfo* info) {
@@ -551,16 +567,17 @@ struct MatMulBF16 {
       if (M == 0 || N == 0) return Ort::Status{nullptr};
       const uint16_t* pw = reinterpret_cast<const uint16_t*>(w.Data());
       const float* pa = a.Data();
-      const bool amx = use_amx();
-      // x w^T reads w's rows as AMX's A tiles straight from the initializer (no packed copy)
-      // where the sizes are whole tiles; other products pack w once.
-      const bool direct = trans_b && K % 32 == 0 && N % 32 == 0;
+      const Bf16Kernel kernel = bf16_kernel();
+      const bool amx = kernel == Bf16Kernel::amx, avx = kernel == Bf16Kernel::avx512bf16;
+      // x w^T reads w's rows straight from the initializer (no packed copy): as AMX's A tiles
+      // where the sizes are whole tiles, with vdpbf16ps where K is even; other products pack w once.
+      const bool direct = trans_b && (amx ? K % 32 == 0 && N % 32 == 0 : K % 2 == 0);
       {
         std::lock_guard<std::mutex> lock(mu);
         if (packed_for != pw) {  // a frozen initializer: once per session
-          if (amx && direct) {
+          if ((amx || avx) && direct) {
             // multiplies by w as stored: no copy
-          } else if (amx) {
+          } else if (amx || avx) {
             packed = packed_weight(pw, static_cast<size_t>(ws[0]), static_cast<size_t>(ws[1]), trans_b, K, N);
           } else {
             bf.resize(K * N);
@@ -572,19 +589,20 @@ struct MatMulBF16 {
         }
       }
       const size_t stripes = (M + 31) / 32;
-      if (amx && direct) {
+      if ((amx || avx) && direct) {
         parallel(ctx, stripes, [&](size_t s) {
           const size_t m0 = s * 32, rows = std::min<size_t>(32, M - m0);
-          edgetune::amx_bf16_rows_wt(pa + m0 * K, rows, K, pw, N, out + m0 * N, N);
+          (amx ? edgetune::amx_bf16_rows_wt : edgetune::avx512_bf16_rows_wt)(pa + m0 * K, rows, K, pw, N,
+                                                                              out + m0 * N, N);
         });
-      } else if (amx) {
+      } else if (amx || avx) {
         const size_t KB = (K + 31) / 32, lda = KB * 32;
         const uint16_t* pb = packed->data();
         parallel(ctx, stripes, [&](size_t s) {
           const size_t m0 = s * 32, rows = std::min<size_t>(32, M - m0);
           std::vector<uint16_t> abf(32 * lda, 0);  // rows past M stay zero
           edgetune::rows_to_bf16(pa + m0 * K, rows, K, abf.data(), lda);
-          edgetune::amx_bf16_rows(abf.data(), lda, pb, KB, rows, N, out + m0 * N, N);
+          (amx ? edgetune::amx_bf16_rows : edgetune::avx512_bf16_rows)(abf.data(), lda, pb, KB, rows, N, out + m0 * N, N);
         });
       } else {
         const float* pb = bf.data();
@@ -683,13 +701,17 @@ extern "C" EDGETUNE_EXPORT const char* EdgetuneFusedIsa() { return K().name; }
 
 // The ops this library implements, comma-separated: a bundle whose fused graphs use one it lacks
 // runs its plain graphs.
-// MatMulBF16 only where AMX runs it (its plain C++ product is there for tests and correctness, not speed).
+// MatMulBF16 only where AMX or AVX512-BF16 runs it (its plain C++ product is there for tests and
+// correctness, not speed).
 extern "C" EDGETUNE_EXPORT const char* EdgetuneFusedOps() {
   static const std::string ops =
       std::string("SwiGLU,SwiGLUGrad,RMSNorm,RMSNormGrad,Rotary,RotaryGrad,Attention,AttentionGrad,CrossEntropyHead,AdamW,"
-                  "AddRMSNorm,AddRMSNormGrad") + (use_amx() ? ",MatMulBF16" : "");
+                  "AddRMSNorm,AddRMSNormGrad") + (bf16_kernel() != Bf16Kernel::none ? ",MatMulBF16" : "");
   return ops.c_str();
 }
+
+// Which instructions MatMulBF16 runs on: "amx", "avx512bf16", or "" (not listed in EdgetuneFusedOps).
+extern "C" EDGETUNE_EXPORT const char* EdgetuneBF16() { return bf16_kernel_name(); }
 
 // Bumped when an op's inputs, outputs or meaning change; a bundle's fused graph names the one it needs.
 extern "C" EDGETUNE_EXPORT int EdgetuneFusedAbi() { return 1; }

@@ -82,7 +82,9 @@ def installation() -> list[Check]:
             return "off (EDGETUNE_KERNELS=plain): training runs the plain graphs"
         if st["in_use"] != "fused":
             raise EdgetuneError(f"training on the CPU runs the plain graphs (slower): {st['problem']}")
-        bf16 = "bfloat16 products on AMX" if st.get("bf16_products") else "no AMX: --compute bf16 bundles train on the plain graphs"
+        on = {"amx": "AMX", "avx512bf16": "AVX512-BF16"}.get(st.get("bf16_products") or "")
+        bf16 = (f"bfloat16 products on {on}" if on else
+                "no AMX or AVX512-BF16: --compute bf16 bundles train on the plain graphs")
         return f"fused training kernels in use on the CPU ({st['isa']}; {bf16}; {st['library']})"
 
     out.append(_try("fused kernels", fused, "reinstall edgetune where ONNX Runtime's headers can be found or fetched "

@@ -34,6 +34,7 @@ class Library:
     isa: str = ""
     reason: str = ""
     ops: frozenset = frozenset()  # the op names it implements
+    bf16: str = ""  # what MatMulBF16 runs on: "amx", "avx512bf16", or "" where it is not listed
 
     def lacks(self, ops: Any) -> list[str]:
         """The ops of ``ops`` (names) this library does not implement, sorted."""
@@ -91,13 +92,18 @@ def library() -> Library:
                 ops = frozenset(handle.EdgetuneFusedOps().decode().split(","))
             except AttributeError:
                 ops = frozenset(FIRST_OPS)
+            try:  # libraries from before AVX512-BF16 ran MatMulBF16 on AMX only
+                handle.EdgetuneBF16.restype = ctypes.c_char_p
+                bf16 = handle.EdgetuneBF16().decode()
+            except AttributeError:
+                bf16 = "amx" if "MatMulBF16" in ops else ""
         except (OSError, AttributeError) as e:
             lib = Library(path, reason=f"{path} cannot be loaded here ({e}); rebuild it for this machine "
                                        "(pip install --force-reinstall edgetune)")
         else:
             why = "" if abi == ABI else (f"{path} implements kernel ABI {abi}, this edgetune needs {ABI}; "
                                          "reinstall edgetune")
-            lib = Library(path, isa=isa, reason=why, ops=ops)
+            lib = Library(path, isa=isa, reason=why, ops=ops, bf16=bf16)
     _probed[key] = lib
     return lib
 
@@ -150,5 +156,5 @@ def status() -> dict[str, Any]:
     elif not lib.ok:
         out["problem"] = lib.reason
     out["in_use"] = "fused" if out["mode"] != "plain" and "problem" not in out else "plain"
-    out["bf16_products"] = "MatMulBF16" in lib.ops  # listed only where AMX runs it
+    out["bf16_products"] = lib.bf16 or None  # "amx" or "avx512bf16": MatMulBF16 is listed only where one runs it
     return out

@@ -240,8 +240,9 @@ class StepRunner:
         elif not kernels.library().ok:
             why = kernels.library().reason
         elif kernels.library().lacks(fused.get("ops") or {}) == ["MatMulBF16"]:
-            why = (f"bundle {self.bundle.root}'s fused graphs multiply its bfloat16 weights on AMX, which this CPU "
-                   "does not have (or EDGETUNE_ISA turned off); the plain graph multiplies the same weights in float32")
+            why = (f"bundle {self.bundle.root}'s fused graphs multiply its bfloat16 weights with AMX or AVX512-BF16, "
+                   "which this CPU does not have (or EDGETUNE_ISA turned off); the plain graph multiplies the same "
+                   "weights in float32")
         elif kernels.library().lacks(fused.get("ops") or {}):
             why = (f"{kernels.library().path} lacks the kernels {', '.join(kernels.library().lacks(fused['ops']))} "
                    f"that bundle {self.bundle.root}'s fused graphs use (reinstall edgetune)")

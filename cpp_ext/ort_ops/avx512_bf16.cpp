@@ -1,0 +1,154 @@
+// bfloat16 products with AVX512-BF16's vdpbf16ps for MatMulBF16 (ops.cpp), on CPUs that have it
+// without AMX (AMD Zen 4 and later, Intel Cooper Lake): each instruction multiplies 16 pairs of
+// bfloat16 values and adds both products to 16 float32 sums, twice the multiply-adds of a float32
+// FMA of the same width. Built with -mavx512bf16 (CMakeLists.txt) on x86 only; elsewhere
+// avx512_bf16_usable() is false and ops.cpp computes the same product in plain C++.
+//
+// One block is 16 rows of A times 16 columns of B: each step loads the 16 columns' next (k, k + 1)
+// pairs of B as one vector (pack_b's layout, or interleave_rows16's) and multiplies it by each row's
+// pair, broadcast from memory, into 16 accumulators.
+#include <cstring>
+
+#include "amx_bf16.hpp"
+
+#if defined(EDGETUNE_X86) && defined(__AVX512BF16__) && defined(__AVX512BW__)
+#define EDGETUNE_AVX512BF16 1
+#include <cpuid.h>
+#include <immintrin.h>
+
+#include <vector>
+
+#include "simd512.hpp"
+#endif
+
+namespace edgetune {
+
+#if defined(EDGETUNE_AVX512BF16)
+
+namespace {
+
+bool probe() {
+  unsigned a, b, c, d;
+  if (!__get_cpuid_count(1, 0, &a, &b, &c, &d) || !(c & (1u << 27))) return false;  // OSXSAVE
+  // The OS saves the AVX-512 state (opmask, upper zmm halves, zmm16-31) as well as SSE and AVX.
+  unsigned lo, hi;
+  __asm__("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  if ((lo & 0xe6u) != 0xe6u) return false;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+  const bool f = b & (1u << 16), bw = b & (1u << 30), vl = b & (1u << 31);
+  if (!__get_cpuid_count(7, 1, &a, &b, &c, &d)) return false;
+  return f && bw && vl && (a & (1u << 5));  // AVX512_BF16
+}
+
+// acc[r] (r < 16) = sum over pairs p < KP of row r's pair p of A (a 32-bit pair at a + r * lda + 2 p)
+// times B's 16 columns' pair p (32 values at b + 32 p).
+inline void block16(const uint16_t* a, size_t lda, const uint16_t* b, size_t KP, __m512 acc[16]) {
+  for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_ps();
+  // Four row pointers and the row stride, so every row's pair is one addressing mode away.
+  const char* a0 = reinterpret_cast<const char*>(a);
+  const size_t L = lda * 2, L3 = 3 * L;
+  const char* a4 = a0 + 4 * L;
+  const char* a8 = a0 + 8 * L;
+  const char* a12 = a0 + 12 * L;
+  for (size_t p = 0; p < KP; ++p) {
+    const __m512bh bv = (__m512bh)_mm512_loadu_si512(b + p * 32);
+    const size_t o = p * 4;
+#define EDGETUNE_ROW(i, base, off)                                                    \
+  {                                                                                   \
+    int32_t v;                                                                        \
+    std::memcpy(&v, base + off + o, 4);                                               \
+    acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_set1_epi32(v), bv);            \
+  }
+    EDGETUNE_ROW(0, a0, 0) EDGETUNE_ROW(1, a0, L) EDGETUNE_ROW(2, a0, 2 * L) EDGETUNE_ROW(3, a0, L3)
+    EDGETUNE_ROW(4, a4, 0) EDGETUNE_ROW(5, a4, L) EDGETUNE_ROW(6, a4, 2 * L) EDGETUNE_ROW(7, a4, L3)
+    EDGETUNE_ROW(8, a8, 0) EDGETUNE_ROW(9, a8, L) EDGETUNE_ROW(10, a8, 2 * L) EDGETUNE_ROW(11, a8, L3)
+    EDGETUNE_ROW(12, a12, 0) EDGETUNE_ROW(13, a12, L) EDGETUNE_ROW(14, a12, 2 * L) EDGETUNE_ROW(15, a12, L3)
+#undef EDGETUNE_ROW
+  }
+}
+
+}  // namespace
+
+bool avx512_bf16_usable() {
+  static const bool ok = probe();
+  return ok;
+}
+
+void avx512_bf16_rows(const uint16_t* a, size_t lda, const uint16_t* packed, size_t KB, size_t M, size_t N, float* c,
+                      size_t ldc) {
+  const size_t KP = KB * 16;
+  for (size_t n0 = 0; n0 < N; n0 += 16) {
+    const uint16_t* b = packed + (n0 / 16) * KB * 512;
+    const size_t cols = N - n0 < 16 ? N - n0 : 16;
+    const __mmask16 mask = cols == 16 ? 0xffff : static_cast<__mmask16>((1u << cols) - 1);
+    for (size_t m0 = 0; m0 < M; m0 += 16) {
+      __m512 acc[16];
+      block16(a + m0 * lda, lda, b, KP, acc);
+      for (size_t r = 0; r < 16 && m0 + r < M; ++r) _mm512_mask_storeu_ps(c + (m0 + r) * ldc + n0, mask, acc[r]);
+    }
+  }
+}
+
+void avx512_bf16_rows_wt(const float* x, size_t M, size_t K, const uint16_t* w, size_t N, float* y, size_t ldy) {
+  // y^T = w x^T: w's rows are A (read as stored), x's rows the B columns, 16 per half.
+  const size_t KB = (K + 31) / 32, KP = K / 2;
+  std::vector<uint16_t> xb(2 * KB * 512);
+  const size_t halves = M > 16 ? 2 : 1;
+  for (size_t h = 0; h < halves; ++h) interleave_rows16(x + h * 16 * K, M - h * 16 < 16 ? M - h * 16 : 16, K, xb.data() + h * KB * 512);
+  std::vector<uint16_t> tail;  // the last rows of w, zero-padded to 16, where N % 16 != 0
+  for (size_t n0 = 0; n0 < N; n0 += 16) {
+    const size_t rows = N - n0 < 16 ? N - n0 : 16;
+    const uint16_t* a = w + n0 * K;
+    if (rows < 16) {
+      tail.assign(16 * K, 0);
+      std::memcpy(tail.data(), a, rows * K * 2);
+      a = tail.data();
+    }
+    const __mmask16 mask = rows == 16 ? 0xffff : static_cast<__mmask16>((1u << rows) - 1);
+    for (size_t h = 0; h < halves; ++h) {
+      __m512 acc[16];
+      block16(a, K, xb.data() + h * KB * 512, KP, acc);  // acc[n][m]: y^T's 16 x 16 block
+      __m512i t[16];
+      for (int i = 0; i < 16; ++i) t[i] = _mm512_castps_si512(acc[i]);
+      transpose16(t);  // t[m][n]
+      for (size_t m = 0; m < 16 && h * 16 + m < M; ++m)
+        _mm512_mask_storeu_epi32(y + (h * 16 + m) * ldy + n0, mask, t[m]);
+    }
+  }
+}
+
+#else
+
+bool avx512_bf16_usable() { return false; }
+
+void avx512_bf16_rows(const uint16_t*, size_t, const uint16_t*, size_t, size_t, size_t, float*, size_t) {}
+
+void avx512_bf16_rows_wt(const float*, size_t, size_t, const uint16_t*, size_t, float*, size_t) {}
+
+#endif
+
+void rows_to_bf16(const float* a, size_t rows, size_t K, uint16_t* out, size_t lda) {
+#if defined(EDGETUNE_AVX512BF16)
+  if (avx512_bf16_usable()) {
+    for (size_t r = 0; r < rows; ++r) {
+      const float* src = a + r * K;
+      uint16_t* dst = out + r * lda;
+      size_t k = 0;
+      for (; k + 16 <= K; k += 16)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + k)));
+      if (k < K) {
+        const __mmask16 m = static_cast<__mmask16>((1u << (K - k)) - 1);
+        _mm256_mask_storeu_epi16(dst + k, m, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, src + k)));
+      }
+      std::memset(dst + K, 0, (lda - K) * 2);
+    }
+    return;
+  }
+#endif
+  for (size_t r = 0; r < rows; ++r) {
+    for (size_t k = 0; k < K; ++k) out[r * lda + k] = to_bf16(a[r * K + k]);
+    std::memset(out + r * lda + K, 0, (lda - K) * 2);
+  }
+}
+
+}  // namespace edgetune
