@@ -20,6 +20,11 @@ bool amx_bf16_usable();
 // 32 rows of K as 16 pairs of rows, interleaved by column (AMX's bfloat16 layout for B).
 void pack_b(const uint16_t* w, size_t n_cols, bool trans_b, size_t K, size_t N, uint16_t* out);
 
+// pack_b of B's columns [n0, n0 + cols) only (B [K, N]: w^T with w [N, K] when trans_b, else w
+// [K, N]), laid out as pack_b lays out a B of cols columns; with AVX512-BF16, a w
+// [K, N] interleaves 16 columns of two rows per instruction.
+void pack_b_cols(const uint16_t* w, bool trans_b, size_t K, size_t N, size_t n0, size_t cols, uint16_t* out);
+
 // Up to 32 rows of C = A B (M <= 32 of them valid, N columns, row stride ldc floats), from 32
 // rows of A in bfloat16 (row stride lda values, lda a multiple of 32, zero-padded past K) and B
 // packed by pack_b, KB tiles deep. C is overwritten.

@@ -127,6 +127,34 @@ void avx512_bf16_rows_wt(const float*, size_t, size_t, const uint16_t*, size_t, 
 
 #endif
 
+void pack_b_cols(const uint16_t* w, bool trans_b, size_t K, size_t N, size_t n0, size_t cols, uint16_t* out) {
+  const size_t KB = (K + BF16_TILE_K - 1) / BF16_TILE_K;
+#if defined(EDGETUNE_AVX512BF16)
+  if (!trans_b && avx512_bf16_usable()) {
+    // Two rows' 16 values interleaved by one vpermt2w: lane 2c from row k, 2c + 1 from row k + 1.
+    alignas(64) static const uint16_t order[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                                   8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+    const __m512i idx = _mm512_load_si512(order);
+    const size_t blocks = (cols + 31) / 32 * 2;  // as pack_b: whole 32-column pairs, zero past cols
+    for (size_t b = 0; b < blocks; ++b) {
+      const size_t c0 = n0 + b * 16, left = cols > b * 16 ? cols - b * 16 : 0;
+      const __mmask16 mask = left >= 16 ? 0xffff : static_cast<__mmask16>((1u << left) - 1);
+      uint16_t* t = out + b * KB * 512;
+      for (size_t p = 0; p < KB * 16; ++p) {
+        const size_t k = 2 * p;
+        const __m256i r0 = k < K && mask ? _mm256_maskz_loadu_epi16(mask, w + k * N + c0) : _mm256_setzero_si256();
+        const __m256i r1 = k + 1 < K && mask ? _mm256_maskz_loadu_epi16(mask, w + (k + 1) * N + c0) : _mm256_setzero_si256();
+        _mm512_storeu_si512(t + p * 32, _mm512_permutex2var_epi16(_mm512_castsi256_si512(r0), idx,
+                                                                  _mm512_castsi256_si512(r1)));
+      }
+    }
+    return;
+  }
+#endif
+  // B's columns [n0, n0 + cols) are w's rows from n0 (trans_b), or its columns from n0.
+  pack_b(trans_b ? w + n0 * K : w + n0, trans_b ? K : N, trans_b, K, cols, out);
+}
+
 void rows_to_bf16(const float* a, size_t rows, size_t K, uint16_t* out, size_t lda) {
 #if defined(EDGETUNE_AVX512BF16)
   if (avx512_bf16_usable()) {

@@ -42,12 +42,10 @@
 #include <cstring>
 #include <exception>
 #include <functional>
-#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
 #include <string>
-#include <tuple>
 #include <vector>
 
 #include "amx_bf16.hpp"
@@ -482,9 +480,8 @@ struct CrossEntropyHead {
 // The product of an activation with a frozen bfloat16 weight. A [..., K] float32 is rounded to
 // bfloat16 (to nearest even), the products are summed in float32: y = a w^T (trans_b = 1, w [N, K],
 // a linear layer's forward pass) or y = a w (trans_b = 0, w [K, N], its input gradient). The forward
-// product reads w as stored; the input gradient packs it on the first call into pairs of rows
-// interleaved by column and keeps that copy (it is a frozen initializer; packed_weight shares it
-// between sessions). It runs on AMX's tiles where the CPU has AMX, else with AVX512-BF16's
+// product reads w as stored; the input gradient interleaves pairs of w's rows by column for the
+// call (a copy of w that lives as long as the call: none is kept between calls). It runs on AMX's tiles where the CPU has AMX, else with AVX512-BF16's
 // vdpbf16ps; EDGETUNE_ISA=avx512bf16 skips AMX, and a narrower EDGETUNE_ISA, or a CPU with neither,
 // leaves the same sums in plain C++, slowly: EdgetuneFusedOps lists the op only where one of the
 // two runs it, so such a CPU trains on the plain graph.
@@ -510,42 +507,11 @@ const char* bf16_kernel_name() {
   }
 }
 
-// Packed weights are shared by every node and session that multiplies by the same values the same
-// way (the training and eval sessions' forward products): keyed by a hash of the bytes, held while
-// a node uses them.
-uint64_t hash_bytes(const uint16_t* p, size_t n) {
-  uint64_t h = 0x9E3779B97F4A7C15ull ^ n;
-  size_t i = 0;
-  for (; i + 4 <= n; i += 4) {
-    uint64_t v;
-    std::memcpy(&v, p + i, 8);
-    h = (h ^ v) * 0xFF51AFD7ED558CCDull;
-    h ^= h >> 32;
-  }
-  for (; i < n; ++i) h = (h ^ p[i]) * 0xC4CEB9FE1A85EC53ull;
-  return h;
-}
-
-std::shared_ptr<const std::vector<uint16_t>> packed_weight(const uint16_t* w, size_t rows, size_t cols, bool trans_b,
-                                                           size_t K, size_t N) {
-  static std::mutex mu;
-  static std::map<std::tuple<uint64_t, size_t, size_t, bool>, std::weak_ptr<const std::vector<uint16_t>>> cache;
-  const auto key = std::make_tuple(hash_bytes(w, rows * cols), rows, cols, trans_b);
-  std::lock_guard<std::mutex> lock(mu);
-  if (auto hit = cache[key].lock()) return hit;
-  const size_t KB = (K + 31) / 32, NT = (N + 31) / 32 * 2;
-  auto p = std::make_shared<std::vector<uint16_t>>(NT * KB * 512, 0);
-  edgetune::pack_b(w, cols, trans_b, K, N, p->data());
-  cache[key] = p;
-  return p;
-}
-
 struct MatMulBF16 {
   bool trans_b = true;
   std::mutex mu;
-  const void* packed_for = nullptr;
-  std::shared_ptr<const std::vector<uint16_t>> packed;  // B as pack_b lays it out
-  std::vector<float> bf;                                // B [K, N] as float32, for the plain C++ product
+  const void* converted_for = nullptr;
+  std::vector<float> bf;  // B [K, N] as float32, for the plain C++ product
 
   MatMulBF16(const OrtApi*, const OrtKernelInfo* info) {
     trans_b = Ort::ConstKernelInfo(info).GetAttribute<int64_t>("trans_b") != 0;
@@ -569,23 +535,17 @@ struct MatMulBF16 {
       const float* pa = a.Data();
       const Bf16Kernel kernel = bf16_kernel();
       const bool amx = kernel == Bf16Kernel::amx, avx = kernel == Bf16Kernel::avx512bf16;
-      // x w^T reads w's rows straight from the initializer (no packed copy): as AMX's A tiles
-      // where the sizes are whole tiles, with vdpbf16ps where K is even; other products pack w once.
+      // x w^T reads w's rows straight from the initializer: as AMX's A tiles where the sizes are
+      // whole tiles, with vdpbf16ps where K is even; other products interleave panels of w.
       const bool direct = trans_b && (amx ? K % 32 == 0 && N % 32 == 0 : K % 2 == 0);
-      {
+      if (!amx && !avx) {
         std::lock_guard<std::mutex> lock(mu);
-        if (packed_for != pw) {  // a frozen initializer: once per session
-          if ((amx || avx) && direct) {
-            // multiplies by w as stored: no copy
-          } else if (amx || avx) {
-            packed = packed_weight(pw, static_cast<size_t>(ws[0]), static_cast<size_t>(ws[1]), trans_b, K, N);
-          } else {
-            bf.resize(K * N);
-            for (size_t k = 0; k < K; ++k)
-              for (size_t n = 0; n < N; ++n)
-                bf[k * N + n] = edgetune::from_bf16(trans_b ? pw[n * K + k] : pw[k * N + n]);
-          }
-          packed_for = pw;
+        if (converted_for != pw) {  // a frozen initializer: once per session
+          bf.resize(K * N);
+          for (size_t k = 0; k < K; ++k)
+            for (size_t n = 0; n < N; ++n)
+              bf[k * N + n] = edgetune::from_bf16(trans_b ? pw[n * K + k] : pw[k * N + n]);
+          converted_for = pw;
         }
       }
       const size_t stripes = (M + 31) / 32;
@@ -596,13 +556,23 @@ struct MatMulBF16 {
                                                                               out + m0 * N, N);
         });
       } else if (amx || avx) {
-        const size_t KB = (K + 31) / 32, lda = KB * 32;
-        const uint16_t* pb = packed->data();
+        // w interleaved for this call only (pack_b's layout, 32 columns per task; no copy is kept),
+        // then each 32-row stripe of a, rounded to bfloat16, times all of it.
+        const size_t KB = (K + 31) / 32, lda = KB * 32, NB = (N + 31) / 32;
+        // The calling thread's buffer, kept at its largest size: fresh pages on every call would cost
+        // as much as a tenth of the product in page faults.
+        thread_local std::vector<uint16_t> packed;
+        packed.resize(std::max(packed.size(), NB * 2 * KB * 512 + 32));
+        uint16_t* pb = packed.data() + (64 - reinterpret_cast<uintptr_t>(packed.data()) % 64) % 64 / 2;  // whole cache lines
+        parallel(ctx, NB, [&](size_t b) {
+          edgetune::pack_b_cols(pw, trans_b, K, N, b * 32, std::min<size_t>(32, N - b * 32), pb + b * 2 * KB * 512);
+        });
+        const auto rows_fn = amx ? edgetune::amx_bf16_rows : edgetune::avx512_bf16_rows;
         parallel(ctx, stripes, [&](size_t s) {
           const size_t m0 = s * 32, rows = std::min<size_t>(32, M - m0);
           std::vector<uint16_t> abf(32 * lda, 0);  // rows past M stay zero
           edgetune::rows_to_bf16(pa + m0 * K, rows, K, abf.data(), lda);
-          (amx ? edgetune::amx_bf16_rows : edgetune::avx512_bf16_rows)(abf.data(), lda, pb, KB, rows, N, out + m0 * N, N);
+          rows_fn(abf.data(), lda, pb, KB, rows, N, out + m0 * N, N);
         });
       } else {
         const float* pb = bf.data();
