@@ -84,6 +84,20 @@ def _cpu_flags() -> set[str]:
     return set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
 
 
+@pytest.mark.skipif(bool(os.environ.get("EDGETUNE_ISA")), reason="EDGETUNE_ISA chooses the instruction set")
+def test_the_library_multiplies_in_bfloat16_with_what_this_cpu_has():
+    """AMX where /proc/cpuinfo lists it, else AVX512-BF16, else none; the op is listed exactly when
+    one of them runs it."""
+    import platform
+
+    flags, lib = _cpu_flags(), kernels.library()
+    assert (lib.bf16 != "") == ("MatMulBF16" in lib.ops)
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        flags = set()  # the kernels are x86's
+    want = "amx" if "amx_bf16" in flags else "avx512bf16" if "avx512_bf16" in flags else ""
+    assert lib.bf16 == want, (lib.bf16, want)
+
+
 @pytest.mark.skipif("avx512_bf16" not in _cpu_flags(), reason="this CPU has no AVX512-BF16")
 def test_matmul_bf16_with_avx512_bf16_matches_too():
     """EDGETUNE_ISA=avx512bf16: vdpbf16ps, also where the CPU has AMX; the op stays listed, and the
