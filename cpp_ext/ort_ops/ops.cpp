@@ -481,10 +481,10 @@ struct CrossEntropyHead {
 // bfloat16 (to nearest even), the products are summed in float32: y = a w^T (trans_b = 1, w [N, K],
 // a linear layer's forward pass) or y = a w (trans_b = 0, w [K, N], its input gradient). The forward
 // product reads w as stored; the input gradient interleaves pairs of w's rows by column for the
-// call (a copy of w that lives as long as the call: none is kept between calls). It runs on AMX's tiles where the CPU has AMX, else with AVX512-BF16's
-// vdpbf16ps; EDGETUNE_ISA=avx512bf16 skips AMX, and a narrower EDGETUNE_ISA, or a CPU with neither,
-// leaves the same sums in plain C++, slowly: EdgetuneFusedOps lists the op only where one of the
-// two runs it, so such a CPU trains on the plain graph.
+// call (no copy is kept between calls). It runs on AMX's tiles where the CPU has AMX, else with
+// AVX512-BF16's vdpbf16ps; EDGETUNE_ISA=avx512bf16 skips AMX, and a narrower EDGETUNE_ISA, or a CPU
+// with neither, leaves the same sums in plain C++, slowly: EdgetuneFusedOps lists the op only where
+// one of the two runs it, so such a CPU trains on the plain graph.
 enum class Bf16Kernel { none, avx512bf16, amx };
 
 Bf16Kernel bf16_kernel() {
