@@ -193,7 +193,7 @@ def _torch_model(a: argparse.Namespace, **kw):
     torch.set_num_threads(a.threads or os.cpu_count())
     torch.manual_seed(0)
     gguf, _ = resolve_model(DEFAULT_MODEL)
-    # --bf16: the frozen base in bfloat16 (its products on oneDNN's AMX kernels), the adapters in
+    # --bf16: the frozen base in bfloat16 (its products on oneDNN's AMX or AVX512-BF16 kernels), the adapters in
     # float32 (PEFT's default for a bfloat16 base), the loss on float32 logits.
     dtype = torch.bfloat16 if getattr(a, "bf16", False) else torch.float32
     model = AutoModelForCausalLM.from_pretrained(_converted_gguf(gguf, print), dtype=dtype, **kw)
@@ -544,7 +544,7 @@ def main() -> None:
                          "too (MatMulNBits accuracy_level 4, forward and input gradients; with --quantize int8)")
     ap.add_argument("--bf16", action="store_true",
                     help="bfloat16 frozen weights on every side: edgetune's bundle exported with --compute bf16 "
-                         "(AMX products), PyTorch's base loaded in bfloat16 with float32 adapters")
+                         "(AMX or AVX512-BF16 products), PyTorch's base loaded in bfloat16 with float32 adapters")
     ap.add_argument("--gradient-checkpointing", action="store_true",
                     help="also run edgetune exported with --gradient-checkpointing against the tuned PyTorch side "
                          "with gradient checkpointing (the same trick on both sides)")

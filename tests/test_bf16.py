@@ -33,7 +33,9 @@ def _bits(x: np.ndarray) -> np.ndarray:
 
 
 def _float(b: np.ndarray) -> np.ndarray:
-    return (b.astype(np.uint32) << 16).view(np.float32)
+    from edgetune.workstation.bf16 import to_float
+
+    return to_float(b)
 
 
 def _product(a: np.ndarray, wb: np.ndarray, trans_b: bool) -> np.ndarray:

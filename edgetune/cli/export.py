@@ -26,7 +26,8 @@ from edgetune.cli.main import CONTEXT, handle_errors, log, main
 @click.option("--compute", type=click.Choice(["float32", "int8", "bf16"]),
               help="Arithmetic of the frozen products: float32; int8 on a quantized base (activations quantized "
                    "per block too, forward and input gradients; needs --quantize int8 or int4); or bf16 (the "
-                   "training graphs keep the frozen weights in bfloat16 and multiply on AMX; LoRA, float base) "
+                   "training graphs keep the frozen weights in bfloat16 and multiply with AMX or AVX512-BF16; LoRA, "
+                   "float base) "
                    "[float32].")
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None,
               help="Recompute each layer's activations in the backward pass: live activations of one layer "
@@ -45,7 +46,7 @@ def export(model: str, out: str, config_file: str | None, overwrite: bool, **opt
       edgetune export ./my-hf-model --out bundle/ --rank 16 --alpha 32 --targets all-linear
       edgetune export --out qbundle/ --quantize int4          (QLoRA: int4 base, float32 adapters)
       edgetune export --out fast/ --quantize int8 --compute int8   (int8 products, for CPUs with VNNI or AMX)
-      edgetune export --out amx/ --compute bf16   (bfloat16 products, for CPUs with AMX)
+      edgetune export --out bf16/ --compute bf16   (bfloat16 products, for CPUs with AMX or AVX512-BF16)
       edgetune export ./phi-3-mini --out big/ --quantize int4 --block-size 64 --gradient-checkpointing
     """
     from edgetune.formats.config import AdapterConfig, resolve

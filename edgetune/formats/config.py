@@ -38,7 +38,7 @@ class AdapterConfig:
     quantize: str | None = None  # "int4" | "int8": a block-quantized frozen base (QLoRA)
     block_size: int = 32         # quantization block along the input dimension
     compute: str = "float32"     # "int8": the frozen products quantize their activations too (quantized base);
-    #                              "bf16": the frozen weights of the training graphs in bfloat16 (AMX products)
+    #                              "bf16": the frozen weights of the training graphs in bfloat16 (AMX or AVX512-BF16)
     gradient_checkpointing: bool = False  # the training graph recomputes each layer in the backward pass
 
     def __post_init__(self) -> None:

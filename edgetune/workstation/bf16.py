@@ -5,29 +5,26 @@ standard ``Cast`` to float32 in front of its readers: any ONNX Runtime build and
 them (ONNX Runtime folds the cast at load, so the products are float32 ones of the rounded
 weights). The fused graphs replace every product of an activation with such a weight, forward
 ``x @ W^T`` and input gradient ``dY @ W``, by the kernel library's ``MatMulBF16``, which rounds the
-activation to bfloat16 and multiplies on AMX's tiles with float32 sums."""
+activation to bfloat16 and multiplies on AMX's tiles or with AVX512-BF16, with float32 sums."""
 from __future__ import annotations
 
 from typing import Any, Callable
 
 import numpy as np
 
+from edgetune.device.kernels import bf16_to_f32, f32_to_bf16
+
 SUFFIX = ".bf16"
 
 
 def bits(x: np.ndarray) -> np.ndarray:
     """float32 -> bfloat16 bit patterns (uint16), rounded to nearest even; NaN stays NaN."""
-    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    nan = (u & 0x7FFFFFFF) > 0x7F800000
-    r = ((u.astype(np.uint64) + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
-    if nan.any():
-        r[nan] = ((u[nan] >> 16) | 0x40).astype(np.uint16)
-    return r
+    return f32_to_bf16(np.asarray(x, np.float32))
 
 
 def to_float(b: np.ndarray) -> np.ndarray:
     """bfloat16 bit patterns (uint16) -> float32."""
-    return (np.asarray(b, np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return bf16_to_f32(np.asarray(b, np.uint16))
 
 
 def rewrite(model: Any, names: list[str], lazy: dict[str, Callable[[], Any]]) -> None:

@@ -622,7 +622,7 @@ def build_fused(forward_onnx: Path, trainable: list[str], out: Path, vocab: int,
     proto = onnx.load(str(forward_onnx), load_external_data=False)
     tg = autodiff.build(proto, trainable, "loss", _probe_feeds(proto, vocab), base_dir=forward_onnx.parent,
                         recompute=recompute, fused=True)
-    for model in (tg.model, tg.forward):  # bfloat16 frozen weights (--compute bf16): their products on AMX
+    for model in (tg.model, tg.forward):  # bfloat16 frozen weights (--compute bf16): their products in MatMulBF16
         bf16.fuse(model, kernels.DOMAIN)
     ops: dict[str, int] = {}
     for n in tg.model.graph.node:
