@@ -59,6 +59,11 @@ def ort_side(a: argparse.Namespace):
         m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("edgetune", 1)])
         so = ort.SessionOptions()
         so.intra_op_num_threads = a.threads
+        # Each session has its own thread pool, whose threads spin for a while after a run: the two
+        # sessions' pools, taking turns, would fight over the cores (measured: 2x the forward time).
+        # A training step runs both ops in one session and pool; calls of milliseconds lose nothing
+        # to a pool that sleeps between them.
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         fused.register(so)  # DeviceError naming the file when the library cannot load
         return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
 

@@ -165,6 +165,24 @@ inline vf vexp(vf x) {
   const vi bits = (ni + 127) << 23;
   return y * reinterpret_cast<const vf&>(bits);
 }
+// Horizontal reductions as a tree of halvings (the compiler keeps them in registers), not a chain
+// of VW dependent scalar steps.
+inline float hmax(vf v) {
+  float t[VW];
+  std::memcpy(t, &v, sizeof t);
+  for (size_t w = VW / 2; w >= 1; w /= 2)
+    for (size_t c = 0; c < w; ++c) t[c] = t[c + w] > t[c] ? t[c + w] : t[c];
+  return t[0];
+}
+inline float hsum(vf v) {
+  float t[VW];
+  std::memcpy(t, &v, sizeof t);
+  for (size_t w = VW / 2; w >= 1; w /= 2)
+    for (size_t c = 0; c < w; ++c) t[c] += t[c + w];
+  return t[0];
+}
+// Whether any lane of v is above t.
+inline bool hany_above(vf v, float t) { return hmax(v) > t; }
 #else
 constexpr size_t VW = 4;
 #endif
@@ -255,7 +273,10 @@ inline void block_pv(const float* w, size_t ld, const float* x, size_t jn, size_
 }
 
 // y[j][:] += sum_{r < BR} w[r][j] * a[r][:] for j < jn: each key's row is read and written once per
-// block, with the block's BR rows of a held in registers.
+// block, with the block's BR rows of a held in registers. KU keys at a time, so that 2 * KU sums are
+// in flight rather than two chains of BR dependent multiply-adds (each key's terms still add in
+// row order, so the result does not depend on KU).
+constexpr size_t KU = VW >= 16 ? 4 : 2;
 inline void block_outer(const float* w, size_t ld, const float* a, size_t jn, size_t D, float* y) {
   size_t d0 = 0;
 #if defined(EDGETUNE_VEC)
@@ -265,7 +286,25 @@ inline void block_outer(const float* w, size_t ld, const float* a, size_t jn, si
       ar[r][0] = vload(a + r * D + d0);
       ar[r][1] = vload(a + r * D + d0 + VW);
     }
-    for (size_t j = 0; j < jn; ++j) {
+    size_t j = 0;
+    for (; j + KU <= jn; j += KU) {
+      vf acc[KU][2];
+      for (size_t u = 0; u < KU; ++u) {
+        acc[u][0] = vload(y + (j + u) * D + d0);
+        acc[u][1] = vload(y + (j + u) * D + d0 + VW);
+      }
+      for (size_t r = 0; r < BR; ++r)
+        for (size_t u = 0; u < KU; ++u) {
+          const vf wr = vsplat(w[r * ld + j + u]);
+          acc[u][0] += wr * ar[r][0];
+          acc[u][1] += wr * ar[r][1];
+        }
+      for (size_t u = 0; u < KU; ++u) {
+        vstore(y + (j + u) * D + d0, acc[u][0]);
+        vstore(y + (j + u) * D + d0 + VW, acc[u][1]);
+      }
+    }
+    for (; j < jn; ++j) {
       vf y0 = vload(y + j * D + d0), y1 = vload(y + j * D + d0 + VW);
       for (size_t r = 0; r < BR; ++r) {
         const vf wr = vsplat(w[r * ld + j]);
@@ -304,7 +343,7 @@ inline void softmax_row(float* p, const float* mrow, size_t j0, size_t jn, size_
     vstore(p + j, x);
     mx = x > mx ? x : mx;
   }
-  for (size_t c = 0; c < VW; ++c) m = mx[c] > m ? mx[c] : m;
+  m = hmax(mx);
 #endif
   for (; j < jn; ++j) {
     const float x = mrow[j] > MASKED ? p[j] + mrow[j] : -3.0e38f;
@@ -326,7 +365,7 @@ inline void softmax_row(float* p, const float* mrow, size_t j0, size_t jn, size_
     vstore(p + j, x);
     sum += x;
   }
-  for (size_t c = 0; c < VW; ++c) total += sum[c];
+  total = hsum(sum);
 #endif
   for (; j < jn; ++j) {
     const float e = mrow[j] > MASKED ? exp_approx(p[j] - m) : 0.0f;
@@ -338,6 +377,32 @@ inline void softmax_row(float* p, const float* mrow, size_t j0, size_t jn, size_
   for (size_t i = j0; i < jn; ++i) p[i] *= inv;
 }
 
+// One past the last key a mask row lets through (0 when none), and the first one below `end` (`end`
+// when none): a causal row masks half its keys, so the scans step a register at a time.
+inline size_t last_seen(const float* m, size_t S) {
+  size_t last = S;
+#if defined(EDGETUNE_VEC)
+  while (last >= VW) {
+    if (hany_above(vload(m + last - VW), MASKED)) break;
+    last -= VW;
+  }
+#endif
+  while (last > 0 && m[last - 1] <= MASKED) --last;
+  return last;
+}
+
+inline size_t first_seen(const float* m, size_t end) {
+  size_t first = 0;
+#if defined(EDGETUNE_VEC)
+  while (first + VW <= end) {
+    if (hany_above(vload(m + first), MASKED)) break;
+    first += VW;
+  }
+#endif
+  while (first < end && m[first] <= MASKED) ++first;
+  return first;
+}
+
 // The keys a block of query rows can see: one past the last unmasked key of any of its rows
 // (causal attention skips the rest), rounded up to whole tiles; S + JT when a row sees none, which
 // makes that row uniform over all S.
@@ -346,8 +411,7 @@ inline size_t block_extent(const float* mask, size_t mstride, size_t nr, size_t 
   *all_masked = false;
   for (size_t r = 0; r < nr; ++r) {
     const float* m = mask + r * mstride;
-    size_t last = S;
-    while (last > 0 && m[last - 1] <= MASKED) --last;
+    const size_t last = last_seen(m, S);
     if (last == 0) *all_masked = true;
     jn = last > jn ? last : jn;
   }
@@ -363,8 +427,7 @@ inline size_t block_start(const float* mask, size_t mstride, size_t nr, size_t j
   size_t j0 = jn;
   for (size_t r = 0; r < nr; ++r) {
     const float* m = mask + r * mstride;
-    size_t first = 0;
-    while (first < j0 && m[first] <= MASKED) ++first;
+    const size_t first = first_seen(m, j0);
     j0 = first < j0 ? first : j0;
   }
   return j0 / JT * JT;
@@ -492,7 +555,7 @@ inline void ce_head(const float* h, size_t n, size_t D, const float* w, size_t V
           vstore(pr, e0);
           vstore(pr + VW, e1);
           const vf t = e0 + e1;
-          for (size_t c = 0; c < VW; ++c) sum += t[c];
+          sum = hsum(t);
         } else
 #endif
           for (size_t j = 0; j < JT; ++j) {

@@ -320,11 +320,18 @@ Ort::Status RotaryGrad(OrtKernelContext* ctx, const Tensor<float>& dy, const Ten
 // [Bm, Hm, S, S] with Bm in {1, B} and Hm in {1, H}.
 // x (S x D) as the attention kernels read keys: panels of `tile` rows, each transposed to D x tile
 // and stored whole, zero-padded past S (ld: S rounded up to the tile).
-std::vector<float> transposed(const float* x, size_t S, size_t D, size_t ld, size_t tile) {
-  std::vector<float> t(D * ld, 0.0f);
-  for (size_t j = 0; j < S; ++j)
-    for (size_t d = 0; d < D; ++d) t[(j / tile * D + d) * tile + j % tile] = x[j * D + d];
-  return t;
+// x [S, D] in panels of `tile` rows, each transposed to D x tile (block_scores' layout), zero-padded to ld
+// rows, written to t (D * ld floats).
+void transpose_panels(const float* x, size_t S, size_t D, size_t ld, size_t tile, float* t) {
+  for (size_t j0 = 0; j0 < ld; j0 += tile) {
+    float* panel = t + j0 * D;
+    const size_t n = S > j0 ? std::min(tile, S - j0) : 0;
+    for (size_t d = 0; d < D; ++d) {
+      float* row = panel + d * tile;
+      for (size_t j = 0; j < n; ++j) row[j] = x[(j0 + j) * D + d];
+      for (size_t j = n; j < tile; ++j) row[j] = 0.0f;
+    }
+  }
 }
 
 struct AttnShape {
@@ -362,13 +369,15 @@ struct Attention {
       const float *pq = q.Data(), *pk = k.Data(), *pv = v.Data(), *pm = mask.Data();
       const size_t group = a.H / a.Hkv, SD = a.S * a.D;
       const float sc = scale;
+      const size_t ld = (a.S + K().attn_tile - 1) / K().attn_tile * K().attn_tile, LD = ld * a.D;
+      // k of each key/value head in transposed panels, once for the heads of its group
+      std::unique_ptr<float[]> kt(new float[a.B * a.Hkv * LD]);
+      parallel(ctx, a.B * a.Hkv, [&](size_t kv) { transpose_panels(pk + kv * SD, a.S, a.D, ld, K().attn_tile, kt.get() + kv * LD); });
       parallel(ctx, a.B * a.H, [&](size_t t) {
         const size_t b = t / a.H, h = t % a.H, kvh = b * a.Hkv + h / group;
-        const size_t ld = (a.S + K().attn_tile - 1) / K().attn_tile * K().attn_tile;
-        std::vector<float> kt = transposed(pk + kvh * SD, a.S, a.D, ld, K().attn_tile);
         std::vector<float> work(K().attn_work_rows * ld + K().attn_block_rows * a.D);
-        K().attn_forward(pq + t * SD, kt.data(), pv + kvh * SD, ld, a.mask_of(pm, b, h), a.S, po + t * SD, a.S, a.D,
-                         sc, work.data());
+        K().attn_forward(pq + t * SD, kt.get() + kvh * LD, pv + kvh * SD, ld, a.mask_of(pm, b, h), a.S, po + t * SD,
+                         a.S, a.D, sc, work.data());
       });
       return Ort::Status{nullptr};
     });
@@ -396,39 +405,54 @@ struct AttentionGrad {
       const float *pdo = dout.Data(), *pq = q.Data(), *pk = k.Data(), *pv = v.Data(), *pm = mask.Data();
       const size_t group = a.H / a.Hkv, SD = a.S * a.D;
       const float sc = scale;
-      // One task per query head (B x H of them, enough to keep every thread busy to the end).
-      // With grouped heads, each writes its own dk and dv, which are summed per key/value head after.
-      const size_t ld = (a.S + K().attn_tile - 1) / K().attn_tile * K().attn_tile;
-      std::unique_ptr<float[]> own(group > 1 ? new float[2 * a.B * a.H * SD] : nullptr);  // each task zeroes its part
-      parallel(ctx, a.B * a.H, [&](size_t t) {
+      const size_t ld = (a.S + K().attn_tile - 1) / K().attn_tile * K().attn_tile, LD = ld * a.D;
+      // k and v of each key/value head in transposed panels, once for the heads of its group
+      std::unique_ptr<float[]> kvt(new float[2 * a.B * a.Hkv * LD]);
+      parallel(ctx, 2 * a.B * a.Hkv, [&](size_t i) {
+        const size_t kv = i / 2;
+        transpose_panels((i % 2 ? pv : pk) + kv * SD, a.S, a.D, ld, K().attn_tile, kvt.get() + i * LD);
+      });
+      auto head = [&](size_t t, float* dkt, float* dvt) {
         const size_t b = t / a.H, h = t % a.H, kv = b * a.Hkv + h / group;
-        std::vector<float> kt = transposed(pk + kv * SD, a.S, a.D, ld, K().attn_tile),
-                           vt = transposed(pv + kv * SD, a.S, a.D, ld, K().attn_tile);
         std::vector<float> work(K().attn_work_rows * ld + K().attn_block_rows * a.D);
-        float* dkt = group > 1 ? own.get() + t * SD : pdk + kv * SD;
-        float* dvt = group > 1 ? own.get() + (a.B * a.H + t) * SD : pdv + kv * SD;
+        K().attn_backward(pdo + t * SD, pq + t * SD, pk + kv * SD, kvt.get() + 2 * kv * LD, kvt.get() + (2 * kv + 1) * LD,
+                          ld, a.mask_of(pm, b, h), a.S, pdq + t * SD, dkt, dvt, a.S, a.D, sc, work.data());
+      };
+      if (group == 1 || a.B * a.Hkv >= 8) {
+        // One task per key/value head, its query heads in order adding into its dk and dv.
+        parallel(ctx, a.B * a.Hkv, [&](size_t kv) {
+          std::fill(pdk + kv * SD, pdk + (kv + 1) * SD, 0.0f);
+          std::fill(pdv + kv * SD, pdv + (kv + 1) * SD, 0.0f);
+          const size_t b = kv / a.Hkv, h0 = b * a.H + (kv % a.Hkv) * group;
+          for (size_t g = 0; g < group; ++g) head(h0 + g, pdk + kv * SD, pdv + kv * SD);
+        });
+        return Ort::Status{nullptr};
+      }
+      // Few key/value heads (one long row): one task per query head, so every thread has work to
+      // the end; each writes its own dk and dv, summed per key/value head after.
+      std::unique_ptr<float[]> own(new float[2 * a.B * a.H * SD]);
+      parallel(ctx, a.B * a.H, [&](size_t t) {
+        float* dkt = own.get() + t * SD;
+        float* dvt = own.get() + (a.B * a.H + t) * SD;
         std::fill(dkt, dkt + SD, 0.0f);
         std::fill(dvt, dvt + SD, 0.0f);
-        K().attn_backward(pdo + t * SD, pq + t * SD, pk + kv * SD, kt.data(), vt.data(), ld, a.mask_of(pm, b, h),
-                          a.S, pdq + t * SD, dkt, dvt, a.S, a.D, sc, work.data());
+        head(t, dkt, dvt);
       });
-      if (group > 1) {
-        // dk, dv of each key/value head: the sum over its query heads, in head order.
-        const size_t total = a.B * a.Hkv * SD;
-        parallel(ctx, blocks_of(total), [&](size_t blk) {
-          const size_t i0 = blk * BLOCK, i1 = std::min(total, i0 + BLOCK);
-          for (size_t i = i0; i < i1; ++i) {
-            const size_t kv = i / SD, x = i % SD, b = kv / a.Hkv, h0 = b * a.H + (kv % a.Hkv) * group;
-            float sk = 0.0f, sv = 0.0f;
-            for (size_t g = 0; g < group; ++g) {
-              sk += own[(h0 + g) * SD + x];
-              sv += own[(a.B * a.H + h0 + g) * SD + x];
-            }
-            pdk[i] = sk;
-            pdv[i] = sv;
+      // dk, dv of each key/value head: the sum over its query heads, in head order.
+      const size_t total = a.B * a.Hkv * SD;
+      parallel(ctx, blocks_of(total), [&](size_t blk) {
+        const size_t i0 = blk * BLOCK, i1 = std::min(total, i0 + BLOCK);
+        for (size_t i = i0; i < i1; ++i) {
+          const size_t kv = i / SD, x = i % SD, b = kv / a.Hkv, h0 = b * a.H + (kv % a.Hkv) * group;
+          float sk = 0.0f, sv = 0.0f;
+          for (size_t g = 0; g < group; ++g) {
+            sk += own[(h0 + g) * SD + x];
+            sv += own[(a.B * a.H + h0 + g) * SD + x];
           }
-        });
-      }
+          pdk[i] = sk;
+          pdv[i] = sv;
+        }
+      });
       return Ort::Status{nullptr};
     });
   }
