@@ -161,11 +161,15 @@ def _segments(lengths, S):
                                              (1, 2, 2, 300, 16, [0]), (2, 3, 1, 5, 4, [5, 0]),
                                              # packed rows: records of these lengths, then padding
                                              (2, 4, 2, 300, 16, [[40, 1, 97, 130], [299]]),
-                                             (3, 2, 1, 45, 8, [[1, 1, 1, 30], [16, 16, 13], [3, 33]])])
+                                             (3, 2, 1, 45, 8, [[1, 1, 1, 30], [16, 16, 13], [3, 33]]),
+                                             # enough packed records for the backward pass to split the
+                                             # row at their edges, and padding rows after them
+                                             (1, 4, 2, 600, 16, [[70, 90, 1, 80, 130, 100, 64]])])
 def test_attention_forward_and_backward_match_torch(B, H, Hkv, S, D, pad):
     """Grouped keys and values, padding, rows whose every key is masked (uniform weights, as a plain
     softmax gives), single tokens, long rows, and packed rows (block-diagonal masks, where the
-    kernel also skips the keys of the records before a block's)."""
+    kernel also skips the keys of the records before a block's, and the backward pass runs ranges of
+    records at once)."""
     rng = np.random.default_rng(4)
     q, dout = (rng.normal(0, 1, (B, H, S, D)).astype(np.float32) for _ in range(2))
     k, v = (rng.normal(0, 1, (B, Hkv, S, D)).astype(np.float32) for _ in range(2))

@@ -324,7 +324,8 @@ inline void block_outer(const float* w, size_t ld, const float* a, size_t jn, si
     }
 }
 
-// Softmax weights of one score row in place (masked keys -> 0), exactly as the forward pass computes
+// Softmax weights of keys [j0, jn) of one score row in place (masked keys -> 0; the callers read no
+// key past jn), exactly as the forward pass computes
 // them: the backward pass recomputes them the same way rather than from a saved log-sum-exp, whose
 // difference with a large score would lose the weights' low bits. A row whose every key is masked
 // gets uniform weights over all S keys, as a plain softmax over the equal masked scores does.
@@ -372,7 +373,6 @@ inline void softmax_row(float* p, const float* mrow, size_t j0, size_t jn, size_
     p[j] = e;
     total += e;
   }
-  for (size_t i = jn; i < S; ++i) p[i] = 0.0f;
   const float inv = 1.0f / total;
   for (size_t i = j0; i < jn; ++i) p[i] *= inv;
 }
@@ -403,15 +403,25 @@ inline size_t first_seen(const float* m, size_t end) {
   return first;
 }
 
+// The keys each query row sees, from its mask row: ext[2i] the first open key (S when none),
+// ext[2i + 1] one past the last (0 when none). The ops compute them once per mask, for every head.
+inline void attn_extents(const float* mask, size_t mstride, size_t rows, size_t S, uint32_t* ext) {
+  for (size_t i = 0; i < rows; ++i) {
+    const float* m = mask + i * mstride;
+    const size_t last = last_seen(m, S);
+    ext[2 * i] = static_cast<uint32_t>(last ? first_seen(m, last) : S);
+    ext[2 * i + 1] = static_cast<uint32_t>(last);
+  }
+}
+
 // The keys a block of query rows can see: one past the last unmasked key of any of its rows
 // (causal attention skips the rest), rounded up to whole tiles; S + JT when a row sees none, which
 // makes that row uniform over all S.
-inline size_t block_extent(const float* mask, size_t mstride, size_t nr, size_t S, bool* all_masked) {
+inline size_t block_extent(const uint32_t* ext, size_t nr, size_t S, bool* all_masked) {
   size_t jn = 0;
   *all_masked = false;
   for (size_t r = 0; r < nr; ++r) {
-    const float* m = mask + r * mstride;
-    const size_t last = last_seen(m, S);
+    const size_t last = ext[2 * r + 1];
     if (last == 0) *all_masked = true;
     jn = last > jn ? last : jn;
   }
@@ -422,60 +432,60 @@ inline size_t block_extent(const float* mask, size_t mstride, size_t nr, size_t 
 // The first key any row of the block sees, rounded down to a whole tile: with several records
 // packed into one row (a block-diagonal mask), the keys of the records before the block's are
 // skipped as causal attention skips those after it. 0 when a row sees none.
-inline size_t block_start(const float* mask, size_t mstride, size_t nr, size_t jn, bool all_masked) {
+inline size_t block_start(const uint32_t* ext, size_t nr, size_t jn, bool all_masked) {
   if (all_masked) return 0;
   size_t j0 = jn;
-  for (size_t r = 0; r < nr; ++r) {
-    const float* m = mask + r * mstride;
-    const size_t first = first_seen(m, j0);
-    j0 = first < j0 ? first : j0;
-  }
+  for (size_t r = 0; r < nr; ++r) j0 = ext[2 * r] < j0 ? ext[2 * r] : j0;
   return j0 / JT * JT;
 }
 
 // One (batch, head): o = softmax(q k^T * scale + mask) v by blocks of query rows, never holding
-// S x S. kt: k in transposed panels (block_scores); ld: S rounded up to JT; work: 3 * BR * ld + BR * D
-// floats.
+// S x S, for the query rows [r0, r1). kt: k in transposed panels
+// (block_scores); ld: S rounded up to JT; ext: the mask rows' extents (attn_extents); work:
+// 3 * BR * ld + BR * D floats.
 inline void attn_forward(const float* q, const float* kt, const float* v, size_t ld, const float* mask,
-                         size_t mstride, float* o, size_t S, size_t D, float scale, float* work) {
+                         size_t mstride, const uint32_t* ext, size_t r0, size_t r1, float* o, size_t S, size_t D,
+                         float scale, float* work) {
   float* p = work;
   float* qb = work + BR * ld;
-  for (size_t i0 = 0; i0 < S; i0 += BR) {
-    const size_t nr = S - i0 < BR ? S - i0 : BR;
+  for (size_t i0 = r0; i0 < r1; i0 += BR) {
+    const size_t nr = r1 - i0 < BR ? r1 - i0 : BR;
     bool none = false;
-    const size_t jn = block_extent(mask + i0 * mstride, mstride, nr, S, &none);
-    const size_t j0 = block_start(mask + i0 * mstride, mstride, nr, jn, none);
+    const size_t jn = block_extent(ext + 2 * i0, nr, S, &none);
+    const size_t j0 = block_start(ext + 2 * i0, nr, jn, none);
     for (size_t x = 0; x < BR * D; ++x) qb[x] = x < nr * D ? q[i0 * D + x] : 0.0f;
     block_scores(qb, kt + j0 * D, p + j0, ld, jn - j0, D, scale);
-    const size_t lim = jn < S ? jn : S;
+    const size_t lim = jn < S ? jn : S;  // S where a row sees no key
     for (size_t r = 0; r < BR; ++r) {
       float* pr = p + r * ld;
       if (r < nr)
         softmax_row(pr, mask + (i0 + r) * mstride, j0, lim, S);
       else
-        for (size_t j = j0; j < S; ++j) pr[j] = 0.0f;
+        for (size_t j = j0; j < lim; ++j) pr[j] = 0.0f;
     }
     // o[r] = sum_j p[r][j] v[j], each v row read once for the block's rows
     float* ob = qb;
-    block_pv(p + j0, ld, v + j0 * D, (none ? S : lim) - j0, D, ob);
+    block_pv(p + j0, ld, v + j0 * D, lim - j0, D, ob);
     for (size_t x = 0; x < nr * D; ++x) o[i0 * D + x] = ob[x];
   }
 }
 
-// One (batch, head)'s backward, adding into dk and dv (shared by the heads of a key/value group):
-// dv += p^T do; dp = do v^T; ds = p (dp - rowsum(p dp)); dq = ds k * scale; dk += ds^T q * scale.
+// One (batch, head)'s backward for the query rows [r0, r1), adding into dk and dv (shared by the
+// heads of a key/value group): dv += p^T do; dp = do v^T; ds = p (dp - rowsum(p dp));
+// dq = ds k * scale; dk += ds^T q * scale. A block writes the dk and dv rows of the keys its rows
+// see and no others, so row ranges whose rows see disjoint keys (packed records) can run at once.
 // work: 3 * BR * ld + BR * D floats.
 inline void attn_backward(const float* dout, const float* q, const float* k, const float* kt, const float* vt,
-                          size_t ld, const float* mask, size_t mstride, float* dq, float* dk,
-                          float* dv, size_t S, size_t D, float scale, float* work) {
+                          size_t ld, const float* mask, size_t mstride, const uint32_t* ext, size_t r0, size_t r1,
+                          float* dq, float* dk, float* dv, size_t S, size_t D, float scale, float* work) {
   float* p = work;
   float* dp = work + BR * ld;
   float* ab = work + 2 * BR * ld;
-  for (size_t i0 = 0; i0 < S; i0 += BR) {
-    const size_t nr = S - i0 < BR ? S - i0 : BR;
+  for (size_t i0 = r0; i0 < r1; i0 += BR) {
+    const size_t nr = r1 - i0 < BR ? r1 - i0 : BR;
     bool none = false;
-    const size_t jn = block_extent(mask + i0 * mstride, mstride, nr, S, &none);
-    const size_t j0 = block_start(mask + i0 * mstride, mstride, nr, jn, none);
+    const size_t jn = block_extent(ext + 2 * i0, nr, S, &none);
+    const size_t j0 = block_start(ext + 2 * i0, nr, jn, none);
     const size_t lim = jn < S ? jn : S;
     for (size_t x = 0; x < BR * D; ++x) ab[x] = x < nr * D ? q[i0 * D + x] : 0.0f;
     block_scores(ab, kt + j0 * D, p + j0, ld, jn - j0, D, scale);
@@ -495,13 +505,22 @@ inline void attn_backward(const float* dout, const float* q, const float* k, con
       for (size_t j = j0; j < upto; ++j) dpr[j] = pr[j] * (dpr[j] - di) * scale;
     }
     // dq[r] = sum_j ds[r][j] k[j]; dk[j] += sum_r ds[r][j] q[r]; dv[j] += sum_r p[r][j] do[r]
-    // (rows past nr have p = ds = 0 and zero q and do rows, so they add nothing)
-    const size_t nj = upto - j0;
-    block_outer(p + j0, ld, ab, nj, D, dv + j0 * D);  // ab still holds the block's dout rows
+    // (rows past nr have p = ds = 0 and zero q and do rows, so they add nothing), over the keys the
+    // rows see: p = ds = 0 at the others, which the tiles of the scores include
+    size_t a0 = 0, a1 = S;
+    if (!none) {
+      a0 = S, a1 = 0;
+      for (size_t r = 0; r < nr; ++r) {
+        a0 = ext[2 * (i0 + r)] < a0 ? ext[2 * (i0 + r)] : a0;
+        a1 = ext[2 * (i0 + r) + 1] > a1 ? ext[2 * (i0 + r) + 1] : a1;
+      }
+    }
+    const size_t nj = a1 - a0;
+    block_outer(p + a0, ld, ab, nj, D, dv + a0 * D);  // ab still holds the block's dout rows
     for (size_t x = 0; x < BR * D; ++x) ab[x] = x < nr * D ? q[i0 * D + x] : 0.0f;
-    block_outer(dp + j0, ld, ab, nj, D, dk + j0 * D);
+    block_outer(dp + a0, ld, ab, nj, D, dk + a0 * D);
     float* dqb = ab;
-    block_pv(dp + j0, ld, k + j0 * D, nj, D, dqb);
+    block_pv(dp + a0, ld, k + a0 * D, nj, D, dqb);
     for (size_t x = 0; x < nr * D; ++x) dq[i0 * D + x] = dqb[x];
   }
 }
@@ -604,6 +623,7 @@ inline FusedKernels kernels(const char* name) {
   k.rmsnorm_grad = rmsnorm_grad;
   k.add_rmsnorm = add_rmsnorm;
   k.rotary_row = rotary_row;
+  k.attn_extents = attn_extents;
   k.attn_forward = attn_forward;
   k.attn_backward = attn_backward;
   k.ce_head = ce_head;

@@ -337,10 +337,57 @@ void transpose_panels(const float* x, size_t S, size_t D, size_t ld, size_t tile
 struct AttnShape {
   size_t B = 0, H = 0, Hkv = 0, S = 0, D = 0, Bm = 0, Hm = 0;
   std::string error;
-  const float* mask_of(const float* m, size_t b, size_t h) const {
-    return m + ((Bm == 1 ? 0 : b) * Hm + (Hm == 1 ? 0 : h)) * S * S;
-  }
+  size_t slice(size_t b, size_t h) const { return (Bm == 1 ? 0 : b) * Hm + (Hm == 1 ? 0 : h); }
+  const float* mask_of(const float* m, size_t b, size_t h) const { return m + slice(b, h) * S * S; }
 };
+
+constexpr size_t EXT_ROWS = 64;  // mask rows per task of the extents
+
+// The keys each query row sees (attn_extents), for every slice of the mask ([Bm * Hm][S][2]): once
+// per op, shared by the heads (one mask serves them all).
+std::unique_ptr<uint32_t[]> mask_extents(OrtKernelContext* ctx, const AttnShape& a, const float* pm) {
+  std::unique_ptr<uint32_t[]> ext(new uint32_t[a.Bm * a.Hm * 2 * a.S]);
+  const size_t per = (a.S + EXT_ROWS - 1) / EXT_ROWS;
+  parallel(ctx, a.Bm * a.Hm * per, [&](size_t t) {
+    const size_t sl = t / per, r0 = t % per * EXT_ROWS, n = std::min(EXT_ROWS, a.S - r0);
+    K().attn_extents(pm + sl * a.S * a.S + r0 * a.S, a.S, n, a.S, ext.get() + sl * 2 * a.S + 2 * r0);
+  });
+  return ext;
+}
+
+// A batch row's query rows cut into ranges whose rows see disjoint keys: cuts[0] = 0 < ... <
+// cuts.back(), the rows from cuts.back() on seeing no key. Cut where every earlier row's keys end
+// before every later row's begin (between packed records), ranges merged to at least 64 rows.
+struct RowRanges {
+  std::vector<size_t> cuts;
+};
+
+// For each batch row, where one mask serves all its heads and the rows that see no key come last;
+// empty otherwise (the backward pass then sums per-head dk and dv).
+std::vector<RowRanges> independent_rows(const AttnShape& a, const uint32_t* ext) {
+  std::vector<RowRanges> out;
+  if (a.Hm != 1) return out;
+  out.resize(a.B);
+  std::vector<uint32_t> low(a.S + 1);
+  for (size_t b = 0; b < a.B; ++b) {
+    const uint32_t* e = ext + a.slice(b, 0) * 2 * a.S;
+    size_t live = a.S;
+    while (live > 0 && e[2 * (live - 1) + 1] == 0) --live;
+    for (size_t i = 0; i < live; ++i)
+      if (e[2 * i + 1] == 0) return {};
+    low[live] = static_cast<uint32_t>(a.S);
+    for (size_t i = live; i-- > 0;) low[i] = std::min(low[i + 1], e[2 * i]);
+    std::vector<size_t>& cuts = out[b].cuts;
+    cuts.push_back(0);
+    uint32_t high = 0;
+    for (size_t t = 1; t < live; ++t) {
+      high = std::max(high, e[2 * (t - 1) + 1]);
+      if (high <= low[t] && t - cuts.back() >= 64 && live - t >= 64) cuts.push_back(t);
+    }
+    if (live > 0) cuts.push_back(live);
+  }
+  return out;
+}
 
 AttnShape attn_shape(const Tensor<float>& q, const Tensor<float>& k, const Tensor<float>& v, const Tensor<float>& m) {
   AttnShape a;
@@ -373,11 +420,16 @@ struct Attention {
       // k of each key/value head in transposed panels, once for the heads of its group
       std::unique_ptr<float[]> kt(new float[a.B * a.Hkv * LD]);
       parallel(ctx, a.B * a.Hkv, [&](size_t kv) { transpose_panels(pk + kv * SD, a.S, a.D, ld, K().attn_tile, kt.get() + kv * LD); });
-      parallel(ctx, a.B * a.H, [&](size_t t) {
+      const std::unique_ptr<uint32_t[]> ext = mask_extents(ctx, a, pm);
+      // Tasks of at most 128 query rows, so that a few long rows (packed records) still share out.
+      const size_t RB = std::max<size_t>(K().attn_block_rows, 128 / K().attn_block_rows * K().attn_block_rows);
+      const size_t per = (a.S + RB - 1) / RB;
+      parallel(ctx, a.B * a.H * per, [&](size_t task) {
+        const size_t t = task / per, r0 = task % per * RB, r1 = std::min(a.S, r0 + RB);
         const size_t b = t / a.H, h = t % a.H, kvh = b * a.Hkv + h / group;
         std::vector<float> work(K().attn_work_rows * ld + K().attn_block_rows * a.D);
-        K().attn_forward(pq + t * SD, kt.get() + kvh * LD, pv + kvh * SD, ld, a.mask_of(pm, b, h), a.S, po + t * SD,
-                         a.S, a.D, sc, work.data());
+        K().attn_forward(pq + t * SD, kt.get() + kvh * LD, pv + kvh * SD, ld, a.mask_of(pm, b, h), a.S,
+                         ext.get() + a.slice(b, h) * 2 * a.S, r0, r1, po + t * SD, a.S, a.D, sc, work.data());
       });
       return Ort::Status{nullptr};
     });
@@ -412,31 +464,49 @@ struct AttentionGrad {
         const size_t kv = i / 2;
         transpose_panels((i % 2 ? pv : pk) + kv * SD, a.S, a.D, ld, K().attn_tile, kvt.get() + i * LD);
       });
-      auto head = [&](size_t t, float* dkt, float* dvt) {
+      const std::unique_ptr<uint32_t[]> ext = mask_extents(ctx, a, pm);
+      auto head = [&](size_t t, size_t r0, size_t r1, float* dkt, float* dvt) {
         const size_t b = t / a.H, h = t % a.H, kv = b * a.Hkv + h / group;
         std::vector<float> work(K().attn_work_rows * ld + K().attn_block_rows * a.D);
         K().attn_backward(pdo + t * SD, pq + t * SD, pk + kv * SD, kvt.get() + 2 * kv * LD, kvt.get() + (2 * kv + 1) * LD,
-                          ld, a.mask_of(pm, b, h), a.S, pdq + t * SD, dkt, dvt, a.S, a.D, sc, work.data());
+                          ld, a.mask_of(pm, b, h), a.S, ext.get() + a.slice(b, h) * 2 * a.S, r0, r1, pdq + t * SD, dkt,
+                          dvt, a.S, a.D, sc, work.data());
       };
-      if (group == 1 || a.B * a.Hkv >= 8) {
-        // One task per key/value head, its query heads in order adding into its dk and dv.
+      const std::vector<RowRanges> parts = independent_rows(a, ext.get());
+      size_t tasks = 0;
+      for (const RowRanges& p : parts) tasks += p.cuts.size() - 1;
+      if (!parts.empty() && (group == 1 || tasks * a.Hkv >= 8)) {
+        // One task per key/value head and range of rows whose rows see keys no other range's rows
+        // see (a batch row, or the records packed into one): its query heads in order add into the
+        // dk and dv rows of those keys. The rows that see no key (padding at a row's end, which
+        // weighs every key alike) add into all of them after.
+        std::fill(pdk, pdk + a.B * a.Hkv * SD, 0.0f);
+        std::fill(pdv, pdv + a.B * a.Hkv * SD, 0.0f);
+        std::vector<std::pair<size_t, size_t>> jobs;  // (batch row, range)
+        for (size_t b = 0; b < a.B; ++b)
+          for (size_t r = 0; r + 1 < parts[b].cuts.size(); ++r) jobs.emplace_back(b, r);
+        parallel(ctx, jobs.size() * a.Hkv, [&](size_t i) {
+          const auto [b, r] = jobs[i / a.Hkv];
+          const size_t kv = b * a.Hkv + i % a.Hkv, h0 = b * a.H + (i % a.Hkv) * group;
+          for (size_t g = 0; g < group; ++g)
+            head(h0 + g, parts[b].cuts[r], parts[b].cuts[r + 1], pdk + kv * SD, pdv + kv * SD);
+        });
         parallel(ctx, a.B * a.Hkv, [&](size_t kv) {
-          std::fill(pdk + kv * SD, pdk + (kv + 1) * SD, 0.0f);
-          std::fill(pdv + kv * SD, pdv + (kv + 1) * SD, 0.0f);
           const size_t b = kv / a.Hkv, h0 = b * a.H + (kv % a.Hkv) * group;
-          for (size_t g = 0; g < group; ++g) head(h0 + g, pdk + kv * SD, pdv + kv * SD);
+          if (parts[b].cuts.back() < a.S)
+            for (size_t g = 0; g < group; ++g) head(h0 + g, parts[b].cuts.back(), a.S, pdk + kv * SD, pdv + kv * SD);
         });
         return Ort::Status{nullptr};
       }
-      // Few key/value heads (one long row): one task per query head, so every thread has work to
-      // the end; each writes its own dk and dv, summed per key/value head after.
+      // Few key/value heads and rows that share keys: one task per query head, so every thread has
+      // work to the end; each writes its own dk and dv, summed per key/value head after.
       std::unique_ptr<float[]> own(new float[2 * a.B * a.H * SD]);
       parallel(ctx, a.B * a.H, [&](size_t t) {
         float* dkt = own.get() + t * SD;
         float* dvt = own.get() + (a.B * a.H + t) * SD;
         std::fill(dkt, dkt + SD, 0.0f);
         std::fill(dvt, dvt + SD, 0.0f);
-        head(t, dkt, dvt);
+        head(t, 0, a.S, dkt, dvt);
       });
       // dk, dv of each key/value head: the sum over its query heads, in head order.
       const size_t total = a.B * a.Hkv * SD;
