@@ -315,13 +315,8 @@ Ort::Status RotaryGrad(OrtKernelContext* ctx, const Tensor<float>& dy, const Ten
   return rotary("RotaryGrad", ctx, dy, c, s, dx, true);
 }
 
-// Shapes of an attention call: q [B, H, S, D]; k, v [B, Hkv, S, D] with H a multiple of Hkv (grouped
-// keys and values are shared by H / Hkv query heads, never repeated in memory); an additive mask
-// [Bm, Hm, S, S] with Bm in {1, B} and Hm in {1, H}.
-// x (S x D) as the attention kernels read keys: panels of `tile` rows, each transposed to D x tile
-// and stored whole, zero-padded past S (ld: S rounded up to the tile).
-// x [S, D] in panels of `tile` rows, each transposed to D x tile (block_scores' layout), zero-padded to ld
-// rows, written to t (D * ld floats).
+// x [S, D] as the attention kernels read keys: panels of `tile` rows, each transposed to D x tile
+// and stored whole, zero-padded past S (ld: S rounded up to the tile), written to t (D * ld floats).
 void transpose_panels(const float* x, size_t S, size_t D, size_t ld, size_t tile, float* t) {
   for (size_t j0 = 0; j0 < ld; j0 += tile) {
     float* panel = t + j0 * D;
@@ -334,6 +329,9 @@ void transpose_panels(const float* x, size_t S, size_t D, size_t ld, size_t tile
   }
 }
 
+// Shapes of an attention call: q [B, H, S, D]; k, v [B, Hkv, S, D] with H a multiple of Hkv (grouped
+// keys and values are shared by H / Hkv query heads, never repeated in memory); an additive mask
+// [Bm, Hm, S, S] with Bm in {1, B} and Hm in {1, H}.
 struct AttnShape {
   size_t B = 0, H = 0, Hkv = 0, S = 0, D = 0, Bm = 0, Hm = 0;
   std::string error;
