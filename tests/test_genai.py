@@ -1,16 +1,15 @@
 """App directories opened by onnxruntime-genai itself, in an environment that holds only
 onnxruntime-genai and what it pulls in (.venv-genai, from tests/requirements-app.txt, built on
 first use). Its greedy tokens must equal ``edgetune generate``'s, token for token."""
-import fcntl
 import json
 import os
 import platform
 import subprocess
-import venv
 from pathlib import Path
 
 import numpy as np
 import pytest
+from venvs import side_env
 
 from edgetune.app import pack
 from edgetune.app.verify import verify
@@ -26,16 +25,7 @@ pytestmark = pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64", "a
 
 
 def genai_python() -> Path:
-    env = ROOT / ".venv-genai"
-    py = env / "bin" / "python"
-    # Two test workers may ask at once: one builds the environment, the other waits for it.
-    with open(ROOT / ".venv-genai.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not py.exists():
-            venv.create(env, with_pip=True)
-        if subprocess.run([str(py), "-c", "import onnxruntime_genai"], capture_output=True).returncode != 0:
-            subprocess.run([str(py), "-m", "pip", "install", "--quiet", "-r",
-                            str(ROOT / "tests" / "requirements-app.txt")], check=True)
+    py = side_env(".venv-genai", "import onnxruntime_genai", ["-r", str(ROOT / "tests" / "requirements-app.txt")])
     # The app environment must not be able to import edgetune.
     assert subprocess.run([str(py), "-c", "import edgetune"], capture_output=True, cwd="/").returncode != 0
     return py

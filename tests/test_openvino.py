@@ -7,11 +7,11 @@ import os
 import platform
 import subprocess
 import sys
-import venv
 from pathlib import Path
 
 import numpy as np
 import pytest
+from venvs import side_env
 
 from edgetune.device import trainer
 from edgetune.formats import peft_io
@@ -25,21 +25,8 @@ DEPS = ["onnxruntime-openvino>=1.24", "numpy", "tokenizers", "jinja2", "click", 
 
 @pytest.fixture(scope="module")
 def ov_python() -> Path:
-    """The environment, built by one test process at a time: under pytest-xdist each worker that
-    runs this module sets it up, and a second worker must not find the interpreter of a venv whose
-    pip is still being installed (seen: "No module named pip")."""
-    import fcntl
-
-    env = ROOT / ".venv-openvino"
-    py = env / "bin" / "python"
     probe = "import onnxruntime as o; assert 'OpenVINOExecutionProvider' in o.get_available_providers()"
-    with open(ROOT / ".venv-openvino.lock", "w") as held:
-        fcntl.flock(held, fcntl.LOCK_EX)  # released when the file closes
-        if not py.exists() or subprocess.run([str(py), "-m", "pip", "--version"], capture_output=True).returncode:
-            venv.create(env, with_pip=True, clear=True)
-        if subprocess.run([str(py), "-c", probe], capture_output=True).returncode != 0:
-            subprocess.run([str(py), "-m", "pip", "install", "--quiet", *DEPS], check=True)
-    return py
+    return side_env(".venv-openvino", probe, DEPS)
 
 
 def et(py: Path, *args) -> subprocess.CompletedProcess:

@@ -20,10 +20,10 @@ struct FusedKernels {
                       size_t d, float eps);
   void (*rotary_row)(const float* x, const float* c, const float* s, float* y, size_t d, bool backward);
   // Attention of one (batch, head); kt and vt are k and v in panels of attn_tile keys, each
-  // transposed to D x attn_tile (ld: S rounded up to attn_tile, zero-padded); ext holds the keys each
-  // query row sees (attn_extents, once per mask for all heads); both passes compute the query rows
-  // [r0, r1) (the backward pass writes the dk and dv rows of the keys those rows see); work holds attn_work_rows * ld +
-  // attn_block_rows * D floats.
+  // transposed to D x attn_tile (ld: S rounded up to attn_tile, zero-padded); ext holds the keys
+  // each query row sees (attn_extents, once per mask for all heads); both passes compute the query
+  // rows [r0, r1) (the backward pass writes the dk and dv rows of the keys those rows see); work
+  // holds attn_work_rows * ld + attn_block_rows * D floats.
   void (*attn_extents)(const float* mask, size_t mstride, size_t rows, size_t S, uint32_t* ext);
   void (*attn_forward)(const float* q, const float* kt, const float* v, size_t ld, const float* mask, size_t mstride,
                        const uint32_t* ext, size_t r0, size_t r1, float* o, size_t S, size_t D, float scale,

@@ -181,8 +181,6 @@ inline float hsum(vf v) {
     for (size_t c = 0; c < w; ++c) t[c] += t[c + w];
   return t[0];
 }
-// Whether any lane of v is above t.
-inline bool hany_above(vf v, float t) { return hmax(v) > t; }
 #else
 constexpr size_t VW = 4;
 #endif
@@ -383,7 +381,7 @@ inline size_t last_seen(const float* m, size_t S) {
   size_t last = S;
 #if defined(EDGETUNE_VEC)
   while (last >= VW) {
-    if (hany_above(vload(m + last - VW), MASKED)) break;
+    if (hmax(vload(m + last - VW)) > MASKED) break;
     last -= VW;
   }
 #endif
@@ -395,7 +393,7 @@ inline size_t first_seen(const float* m, size_t end) {
   size_t first = 0;
 #if defined(EDGETUNE_VEC)
   while (first + VW <= end) {
-    if (hany_above(vload(m + first), MASKED)) break;
+    if (hmax(vload(m + first)) > MASKED) break;
     first += VW;
   }
 #endif
@@ -439,10 +437,9 @@ inline size_t block_start(const uint32_t* ext, size_t nr, size_t jn, bool all_ma
   return j0 / JT * JT;
 }
 
-// One (batch, head): o = softmax(q k^T * scale + mask) v by blocks of query rows, never holding
-// S x S, for the query rows [r0, r1). kt: k in transposed panels
-// (block_scores); ld: S rounded up to JT; ext: the mask rows' extents (attn_extents); work:
-// 3 * BR * ld + BR * D floats.
+// One (batch, head): o = softmax(q k^T * scale + mask) v for the query rows [r0, r1), by blocks of
+// query rows, never holding S x S. kt: k in transposed panels (block_scores); ld: S rounded up to
+// JT; ext: the mask rows' extents (attn_extents); work: 3 * BR * ld + BR * D floats.
 inline void attn_forward(const float* q, const float* kt, const float* v, size_t ld, const float* mask,
                          size_t mstride, const uint32_t* ext, size_t r0, size_t r1, float* o, size_t S, size_t D,
                          float scale, float* work) {

@@ -353,17 +353,13 @@ std::unique_ptr<uint32_t[]> mask_extents(OrtKernelContext* ctx, const AttnShape&
   return ext;
 }
 
-// A batch row's query rows cut into ranges whose rows see disjoint keys: cuts[0] = 0 < ... <
-// cuts.back(), the rows from cuts.back() on seeing no key. Cut where every earlier row's keys end
-// before every later row's begin (between packed records), ranges merged to at least 64 rows.
-struct RowRanges {
-  std::vector<size_t> cuts;
-};
-
-// For each batch row, where one mask serves all its heads and the rows that see no key come last;
-// empty otherwise (the backward pass then sums per-head dk and dv).
-std::vector<RowRanges> independent_rows(const AttnShape& a, const uint32_t* ext) {
-  std::vector<RowRanges> out;
+// For each batch row, its query rows cut into ranges whose rows see disjoint keys: cuts[0] = 0 <
+// ... < cuts.back(), the rows from cuts.back() on seeing no key. Cut where every earlier row's keys
+// end before every later row's begin (between packed records), ranges merged to at least 64 rows.
+// Empty unless one mask serves all of a row's heads and the rows that see no key come last (the
+// backward pass then sums per-head dk and dv).
+std::vector<std::vector<size_t>> independent_rows(const AttnShape& a, const uint32_t* ext) {
+  std::vector<std::vector<size_t>> out;
   if (a.Hm != 1) return out;
   out.resize(a.B);
   std::vector<uint32_t> low(a.S + 1);
@@ -375,7 +371,7 @@ std::vector<RowRanges> independent_rows(const AttnShape& a, const uint32_t* ext)
       if (e[2 * i + 1] == 0) return {};
     low[live] = static_cast<uint32_t>(a.S);
     for (size_t i = live; i-- > 0;) low[i] = std::min(low[i + 1], e[2 * i]);
-    std::vector<size_t>& cuts = out[b].cuts;
+    std::vector<size_t>& cuts = out[b];
     cuts.push_back(0);
     uint32_t high = 0;
     for (size_t t = 1; t < live; ++t) {
@@ -470,9 +466,9 @@ struct AttentionGrad {
                           ld, a.mask_of(pm, b, h), a.S, ext.get() + a.slice(b, h) * 2 * a.S, r0, r1, pdq + t * SD, dkt,
                           dvt, a.S, a.D, sc, work.data());
       };
-      const std::vector<RowRanges> parts = independent_rows(a, ext.get());
+      const std::vector<std::vector<size_t>> parts = independent_rows(a, ext.get());
       size_t tasks = 0;
-      for (const RowRanges& p : parts) tasks += p.cuts.size() - 1;
+      for (const auto& cuts : parts) tasks += cuts.size() - 1;
       if (!parts.empty() && (group == 1 || tasks * a.Hkv >= 8)) {
         // One task per key/value head and range of rows whose rows see keys no other range's rows
         // see (a batch row, or the records packed into one): its query heads in order add into the
@@ -482,17 +478,17 @@ struct AttentionGrad {
         std::fill(pdv, pdv + a.B * a.Hkv * SD, 0.0f);
         std::vector<std::pair<size_t, size_t>> jobs;  // (batch row, range)
         for (size_t b = 0; b < a.B; ++b)
-          for (size_t r = 0; r + 1 < parts[b].cuts.size(); ++r) jobs.emplace_back(b, r);
+          for (size_t r = 0; r + 1 < parts[b].size(); ++r) jobs.emplace_back(b, r);
         parallel(ctx, jobs.size() * a.Hkv, [&](size_t i) {
           const auto [b, r] = jobs[i / a.Hkv];
           const size_t kv = b * a.Hkv + i % a.Hkv, h0 = b * a.H + (i % a.Hkv) * group;
           for (size_t g = 0; g < group; ++g)
-            head(h0 + g, parts[b].cuts[r], parts[b].cuts[r + 1], pdk + kv * SD, pdv + kv * SD);
+            head(h0 + g, parts[b][r], parts[b][r + 1], pdk + kv * SD, pdv + kv * SD);
         });
         parallel(ctx, a.B * a.Hkv, [&](size_t kv) {
           const size_t b = kv / a.Hkv, h0 = b * a.H + (kv % a.Hkv) * group;
-          if (parts[b].cuts.back() < a.S)
-            for (size_t g = 0; g < group; ++g) head(h0 + g, parts[b].cuts.back(), a.S, pdk + kv * SD, pdv + kv * SD);
+          if (parts[b].back() < a.S)
+            for (size_t g = 0; g < group; ++g) head(h0 + g, parts[b].back(), a.S, pdk + kv * SD, pdv + kv * SD);
         });
         return Ort::Status{nullptr};
       }
