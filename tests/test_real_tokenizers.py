@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import re
 import tarfile
 import urllib.request
@@ -71,9 +72,15 @@ def llama_cpp_vocab(name: str) -> Path:
         assert hashlib.sha256(blob).hexdigest() == SDIST[1], f"{url}: not the pinned file"
         CACHE.mkdir(parents=True, exist_ok=True)
         with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
-            for m in tar.getmembers():
-                if m.isfile() and Path(m.name).name.startswith(name):
-                    (CACHE / Path(m.name).name).write_bytes(tar.extractfile(m).read())
+            files = {Path(m.name).name: tar.extractfile(m).read() for m in tar.getmembers()
+                     if m.isfile() and Path(m.name).name.startswith(name)}
+        # Each file whole or not at all, the vocabulary itself last: another test worker may be
+        # reading (memory-mapping) the files while this one writes them, and a mapped file cut
+        # short under a reader kills it with SIGBUS.
+        for file in sorted(files, key=lambda f: f == name):
+            part = CACHE / f"{file}.{os.getpid()}.part"
+            part.write_bytes(files[file])
+            os.replace(part, CACHE / file)
     return CACHE / name
 
 
