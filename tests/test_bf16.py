@@ -56,7 +56,7 @@ def _product(a: np.ndarray, wb: np.ndarray, trans_b: bool) -> np.ndarray:
 
 # (leading dims, M, K, N): odd sizes, a single row and column, the default model's shapes
 CASES = [((), 64, 64, 64), ((), 37, 50, 45), ((), 1, 1, 1), ((), 5, 32, 33), ((3,), 7, 40, 24),
-         ((), 33, 576, 192), ((2,), 100, 576, 1536)]
+         ((), 33, 576, 192), ((2,), 100, 576, 1536), ((), 130, 50, 45), ((2,), 40, 33, 70)]
 
 
 def check_products() -> None:

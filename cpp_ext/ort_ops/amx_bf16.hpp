@@ -22,7 +22,8 @@ void pack_b(const uint16_t* w, size_t n_cols, bool trans_b, size_t K, size_t N, 
 
 // pack_b of B's columns [n0, n0 + cols) only (B [K, N]: w^T with w [N, K] when trans_b, else w
 // [K, N]), laid out as pack_b lays out a B of cols columns; with AVX512-BF16, a w
-// [K, N] interleaves 16 columns of two rows per instruction.
+// [K, N] interleaves 16 columns of two rows per instruction, and a w [N, K] is transposed 16 rows
+// by 16 pairs at a time.
 void pack_b_cols(const uint16_t* w, bool trans_b, size_t K, size_t N, size_t n0, size_t cols, uint16_t* out);
 
 // Up to 32 rows of C = A B (M <= 32 of them valid, N columns, row stride ldc floats), from 32
@@ -38,12 +39,12 @@ void amx_bf16_rows_wt(const float* x, size_t M, size_t K, const uint16_t* w, siz
 // Whether this CPU has AVX512-BF16 (with AVX512 F, BW and VL) and the OS saves the AVX-512 state.
 bool avx512_bf16_usable();
 
-// amx_bf16_rows with vdpbf16ps: the same operands and packed B, the same result but for the order
-// of the float32 sums.
-void avx512_bf16_rows(const uint16_t* a, size_t lda, const uint16_t* packed, size_t KB, size_t M, size_t N, float* c,
-                      size_t ldc);
+// y[M, N] (row stride ldy) = x w with AVX512-BF16: x [M, K] float32, rounded to bfloat16 here
+// (M <= 128 is best: its panels stay in the core's L2), and w packed by pack_b_cols as all of B's
+// columns (for each 16 columns, zero past N rounded up to 32, ceil(K / 32) tiles of 512 values).
+void avx512_bf16_block(const float* x, size_t M, size_t K, const uint16_t* packed, size_t N, float* y, size_t ldy);
 
-// amx_bf16_rows_wt with vdpbf16ps; needs only K even.
+// amx_bf16_rows_wt with vdpbf16ps, for a few rows (no packing of w); needs only K even.
 void avx512_bf16_rows_wt(const float* x, size_t M, size_t K, const uint16_t* w, size_t N, float* y, size_t ldy);
 
 // rows x K floats (row stride K) to bfloat16 rows of lda values (lda >= K), zero-padded past K;
