@@ -33,10 +33,10 @@ struct FusedKernels {
                         float* dk, float* dv, size_t S, size_t D, float scale, float* work);
   // Cross-entropy of n rows of h against the vocabulary projection h w^T, by tiles of the
   // vocabulary (kernels.hpp); G (optional) gets the gradient of each row's loss with respect to it.
-  // work: D * attn_tile + attn_block_rows * (attn_tile + D) + 2 * n' floats (n' = n rounded up to
-  // attn_block_rows).
+  // work: ce_head_work(n, D) floats.
   void (*ce_head)(const float* h, size_t n, size_t D, const float* w, size_t V, const int64_t* labels, int64_t ignore,
                   float* loss, float* G, float* work);
+  size_t (*ce_head_work)(size_t n, size_t D);
   size_t attn_tile;       // keys per tile (ld is a multiple of it)
   size_t attn_work_rows;  // work floats per ld
   size_t attn_block_rows;  // query rows per block

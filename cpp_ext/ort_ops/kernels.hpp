@@ -522,74 +522,123 @@ inline void attn_backward(const float* dout, const float* q, const float* k, con
   }
 }
 
+// G[r][:] += sum_{j < jn} pt[j][r] * x[j][:] for r < BR: block_pv with the weights stored by column
+// (pt's column r, rows of stride ld), as the cross-entropy head keeps its probabilities.
+inline void block_pv_cols(const float* pt, size_t ld, const float* x, size_t jn, size_t D, float* out) {
+  size_t d0 = 0;
+#if defined(EDGETUNE_VEC)
+  for (; d0 + JT <= D; d0 += JT) {
+    vf acc[BR][2];
+    for (size_t r = 0; r < BR; ++r) {
+      acc[r][0] = vload(out + r * D + d0);
+      acc[r][1] = vload(out + r * D + d0 + VW);
+    }
+    for (size_t j = 0; j < jn; ++j) {
+      const vf x0 = vload(x + j * D + d0), x1 = vload(x + j * D + d0 + VW);
+      for (size_t r = 0; r < BR; ++r) {
+        const vf wr = vsplat(pt[j * ld + r]);
+        acc[r][0] += wr * x0;
+        acc[r][1] += wr * x1;
+      }
+    }
+    for (size_t r = 0; r < BR; ++r) {
+      vstore(out + r * D + d0, acc[r][0]);
+      vstore(out + r * D + d0 + VW, acc[r][1]);
+    }
+  }
+#endif
+  for (size_t r = 0; r < BR; ++r)
+    for (size_t d = d0; d < D; ++d) {
+      float a = out[r * D + d];
+      for (size_t j = 0; j < jn; ++j) a += pt[j * ld + r] * x[j * D + d];
+      out[r * D + d] = a;
+    }
+}
+
+// Floats of ce_head's work for n rows of D: h transposed (D x n'), a tile's scores (JT x n'), the
+// running maxima, sums and rescale factors (3 n'), and BR rows of w or G zero-padded (BR x D), with
+// n' = n rounded up to JT.
+inline size_t ce_head_work(size_t n, size_t D) {
+  const size_t np = (n + JT - 1) / JT * JT;
+  return (D + JT + 3) * np + BR * D;
+}
+
 // Cross-entropy of n rows of h [n, D] against the vocabulary projection h w^T (w [V, D]), never
-// holding the n x V logits: the vocabulary streams past in tiles of JT rows of w, each transposed
-// once for all n rows, with an online softmax per row (running maximum m and sum s). loss[r] is
-// logsumexp_v(h_r . w_v) - h_r . w_label(r); with G, also G[r] = sum_v softmax_v w_v - w_label(r),
-// the gradient of loss[r] with respect to h_r, accumulated in the same pass (rescaled when a row's
-// maximum grows, as FlashAttention's output is). A row whose label is `ignore` gives 0 and G[r] = 0.
-// work: D * JT + BR * JT + BR * D + 2 * n floats (n rounded up to BR).
+// holding the n x V logits: the vocabulary streams past in tiles of JT rows of w, read as stored,
+// against the n rows transposed once (panels of JT rows, D x JT each), so each tile's scores come out
+// by vocabulary entry (JT x n') and the online softmax (running maximum m and sum s per row) runs
+// across rows, a register of rows at a time. loss[r] is logsumexp_v(h_r . w_v) - h_r . w_label(r);
+// with G, also G[r] = sum_v softmax_v w_v - w_label(r), the gradient of loss[r] with respect to h_r,
+// accumulated in the same pass (rescaled when a row's maximum grows, as FlashAttention's output is).
+// A row whose label is `ignore` gives 0 and G[r] = 0. work: ce_head_work(n, D) floats.
 inline void ce_head(const float* h, size_t n, size_t D, const float* w, size_t V, const int64_t* labels,
                     int64_t ignore, float* loss, float* G, float* work) {
-  const size_t nb = (n + BR - 1) / BR * BR;
-  float* wt = work;                // [D][JT]: the tile of w, transposed
-  float* sc = wt + D * JT;         // [BR][JT]: the block's scores
-  float* hb = sc + BR * JT;        // [BR][D]: a last, partial block's rows, zero-padded
-  float* m = hb + BR * D;          // [nb]
-  float* s = m + nb;               // [nb]
-  for (size_t r = 0; r < nb; ++r) m[r] = -3.0e38f, s[r] = 0.0f;
+  const size_t np = (n + JT - 1) / JT * JT;
+  float* ht = work;              // [np / JT panels][D][JT]: h's rows transposed, zero past n
+  float* sc = ht + D * np;       // [JT][np]: a tile's scores, then its softmax weights
+  float* m = sc + JT * np;       // [np]
+  float* s = m + np;             // [np]
+  float* f = s + np;             // [np]: this tile's rescale factors
+  float* pad = f + np;           // [BR][D]: a last tile's rows of w, or a last block's rows of G
+  for (size_t t = 0; t < np; t += JT)
+    for (size_t d = 0; d < D; ++d)
+      for (size_t c = 0; c < JT; ++c) ht[t * D + d * JT + c] = t + c < n ? h[(t + c) * D + d] : 0.0f;
+  for (size_t r = 0; r < np; ++r) m[r] = -3.0e38f, s[r] = 0.0f;
   if (G) std::fill(G, G + n * D, 0.0f);
   for (size_t v0 = 0; v0 < V; v0 += JT) {
     const size_t jn = V - v0 < JT ? V - v0 : JT;
-    for (size_t d = 0; d < D; ++d)
-      for (size_t j = 0; j < JT; ++j) wt[d * JT + j] = j < jn ? w[(v0 + j) * D + d] : 0.0f;
-    for (size_t i0 = 0; i0 < n; i0 += BR) {
-      const size_t nr = n - i0 < BR ? n - i0 : BR;
-      const float* rows = h + i0 * D;
-      if (nr < BR) {
-        for (size_t x = 0; x < BR * D; ++x) hb[x] = x < nr * D ? rows[x] : 0.0f;
-        rows = hb;
+    for (size_t j0 = 0; j0 < jn; j0 += BR) {  // BR vocabulary rows against every row of h
+      const float* wr = w + (v0 + j0) * D;
+      if (jn - j0 < BR) {
+        for (size_t x = 0; x < BR * D; ++x) pad[x] = x < (jn - j0) * D ? wr[x] : 0.0f;
+        wr = pad;
       }
-      block_scores(rows, wt, sc, JT, JT, D, 1.0f);
-      for (size_t r = 0; r < BR; ++r) {
-        float* pr = sc + r * JT;
-        float tm = -3.0e38f;
-        for (size_t j = 0; j < jn; ++j) tm = pr[j] > tm ? pr[j] : tm;
-        float* ar = G && r < nr ? G + (i0 + r) * D : nullptr;
-        if (tm > m[i0 + r]) {
-          const float f = exp_approx(m[i0 + r] - tm);
-          s[i0 + r] *= f;
-          if (ar && s[i0 + r] != 0.0f)
-            for (size_t d = 0; d < D; ++d) ar[d] *= f;
-          m[i0 + r] = tm;
-        }
-        float sum = 0.0f;
-        const float mr = m[i0 + r];
+      block_scores(wr, ht, sc + j0 * np, np, np, D, 1.0f);
+    }
+    // Online softmax down the tile's entries, a register of rows at a time.
+    size_t r0 = 0;
 #if defined(EDGETUNE_VEC)
-        if (jn == JT) {  // whole tiles (all but the vocabulary's last) in registers
-          const vf e0 = vexp(vload(pr) - vsplat(mr)), e1 = vexp(vload(pr + VW) - vsplat(mr));
-          vstore(pr, e0);
-          vstore(pr + VW, e1);
-          const vf t = e0 + e1;
-          sum = hsum(t);
-        } else
-#endif
-          for (size_t j = 0; j < JT; ++j) {
-            pr[j] = j < jn ? exp_approx(pr[j] - mr) : 0.0f;
-            sum += pr[j];
-          }
-        s[i0 + r] += sum;
-        if (r >= nr)
-          for (size_t j = 0; j < JT; ++j) pr[j] = 0.0f;
+    for (; r0 < np; r0 += VW) {
+      vf mx = vload(m + r0);
+      for (size_t j = 0; j < jn; ++j) {
+        const vf x = vload(sc + j * np + r0);
+        mx = x > mx ? x : mx;
       }
-      if (G) {
+      const vf fr = vexp(vload(m + r0) - mx);
+      vf sum = vload(s + r0) * fr;
+      for (size_t j = 0; j < jn; ++j) {
+        const vf e = vexp(vload(sc + j * np + r0) - mx);
+        vstore(sc + j * np + r0, e);
+        sum += e;
+      }
+      vstore(f + r0, fr);
+      vstore(s + r0, sum);
+      vstore(m + r0, mx);
+    }
+#endif
+    for (size_t r = r0; r < np; ++r) {
+      float mx = m[r];
+      for (size_t j = 0; j < jn; ++j) mx = sc[j * np + r] > mx ? sc[j * np + r] : mx;
+      f[r] = exp_approx(m[r] - mx);
+      s[r] *= f[r];
+      m[r] = mx;
+      for (size_t j = 0; j < jn; ++j) {
+        sc[j * np + r] = exp_approx(sc[j * np + r] - mx);
+        s[r] += sc[j * np + r];
+      }
+    }
+    if (G) {
+      for (size_t r = 0; r < n; ++r)
+        if (f[r] != 1.0f)
+          for (size_t d = 0; d < D; ++d) G[r * D + d] *= f[r];
+      for (size_t i0 = 0; i0 < n; i0 += BR) {
+        const size_t nr = n - i0 < BR ? n - i0 : BR;
         if (nr == BR) {
-          block_pv(sc, JT, w + v0 * D, jn, D, G + i0 * D, true);
+          block_pv_cols(sc + i0, np, w + v0 * D, jn, D, G + i0 * D);
         } else {  // a partial block adds into its zero-padded copy, then back
-          float* acc = hb;
-          for (size_t x = 0; x < BR * D; ++x) acc[x] = x < nr * D ? G[i0 * D + x] : 0.0f;
-          block_pv(sc, JT, w + v0 * D, jn, D, acc, true);
-          for (size_t x = 0; x < nr * D; ++x) G[i0 * D + x] = acc[x];
+          for (size_t x = 0; x < BR * D; ++x) pad[x] = x < nr * D ? G[i0 * D + x] : 0.0f;
+          block_pv_cols(sc + i0, np, w + v0 * D, jn, D, pad);
+          for (size_t x = 0; x < nr * D; ++x) G[i0 * D + x] = pad[x];
         }
       }
     }
@@ -624,6 +673,7 @@ inline FusedKernels kernels(const char* name) {
   k.attn_forward = attn_forward;
   k.attn_backward = attn_backward;
   k.ce_head = ce_head;
+  k.ce_head_work = ce_head_work;
   k.attn_tile = JT;
   k.attn_work_rows = 3 * BR;
   k.attn_block_rows = BR;

@@ -544,15 +544,14 @@ struct CrossEntropyHead {
       float* out = loss.Allocate({});
       float* g = dh.has_value() && *dh ? (*dh)->Allocate(hs) : nullptr;
       std::vector<float> rows(N);
-      const size_t BR = K().attn_block_rows, JT = K().attn_tile;
+      const size_t BR = K().attn_block_rows;
       // Row groups: each streams the whole vocabulary once, so few and large, but enough to share.
       const size_t per = std::min<size_t>(64, std::max(BR, ((N + 3) / 4 + BR - 1) / BR * BR));
       const size_t groups = (N + per - 1) / per;
       const float *ph = h.Data(), *pw = w.Data();
       parallel(ctx, groups, [&](size_t t) {
         const size_t lo = t * per, n = std::min(per, N - lo);
-        const size_t nb = (n + BR - 1) / BR * BR;
-        std::vector<float> work(D * JT + BR * (JT + D) + 2 * nb);
+        std::vector<float> work(K().ce_head_work(n, D));
         K().ce_head(ph + lo * D, n, D, pw, V, pl + lo, ignore, rows.data() + lo, g ? g + lo * D : nullptr,
                     work.data());
       });
