@@ -40,13 +40,12 @@ void amx_bf16_rows_wt(const float* x, size_t M, size_t K, const uint16_t* w, siz
 bool avx512_bf16_usable();
 
 // y[M, N] (row stride ldy) = x w with AVX512-BF16: x [M, K] float32, rounded to bfloat16 here
-// (M <= 64 is best: its panels stay in the core's L2), and w packed by pack_b_cols as all of B's
+// (M <= 128 is best: its panels stay in the core's L2), and w packed by pack_b_cols as all of B's
 // columns (for each 16 columns, zero past N rounded up to 32, ceil(K / 32) tiles of 512 values).
 void avx512_bf16_block(const float* x, size_t M, size_t K, const uint16_t* packed, size_t N, float* y, size_t ldy);
 
-// y[M, N] = x w^T with AVX512-BF16, w [N, K] read as stored (no packing: its rows are broadcast
-// from where they are); x as in avx512_bf16_block (M <= 64 is best). Needs K even.
-void avx512_bf16_block_wt(const float* x, size_t M, size_t K, const uint16_t* w, size_t N, float* y, size_t ldy);
+// amx_bf16_rows_wt with vdpbf16ps, for a few rows (no packing of w); needs only K even.
+void avx512_bf16_rows_wt(const float* x, size_t M, size_t K, const uint16_t* w, size_t N, float* y, size_t ldy);
 
 // rows x K floats (row stride K) to bfloat16 rows of lda values (lda >= K), zero-padded past K;
 // rounded to nearest even (with AVX512-BF16's conversion where the CPU has it).

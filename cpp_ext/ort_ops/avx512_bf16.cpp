@@ -69,48 +69,31 @@ inline void block8x32(const uint16_t* a, const uint16_t* b, size_t bs, size_t P,
   }
 }
 
-// t[8][32] (t[r][c]: w's row r times column c) = 8 rows of w read as stored (row stride K values,
-// pair p of row r at w + r K + 2 p) times two B panels (b and b + bs), P pairs deep: block8x32 with
-// w's rows broadcast from where they are.
-inline void block8x32_wt(const uint16_t* w, size_t K, const uint16_t* b, size_t bs, size_t P, float* t) {
-  __m512 acc[8][2];
-  for (int r = 0; r < 8; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-  // Two row pointers and the row stride, so every row's pair is one addressing mode away.
-  const char* a0 = reinterpret_cast<const char*>(w);
-  const size_t L = K * 2, L3 = 3 * L;
+// acc[r] (r < 16) = sum over pairs p < KP of row r's pair p of A (a 32-bit pair at a + r * lda + 2 p)
+// times B's 16 columns' pair p (32 values at b + 32 p).
+inline void block16(const uint16_t* a, size_t lda, const uint16_t* b, size_t KP, __m512 acc[16]) {
+  for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_ps();
+  // Four row pointers and the row stride, so every row's pair is one addressing mode away.
+  const char* a0 = reinterpret_cast<const char*>(a);
+  const size_t L = lda * 2, L3 = 3 * L;
   const char* a4 = a0 + 4 * L;
-  for (size_t p = 0; p < P; ++p) {
-    const __m512bh b0 = (__m512bh)_mm512_load_si512(b + p * 32), b1 = (__m512bh)_mm512_load_si512(b + bs + p * 32);
+  const char* a8 = a0 + 8 * L;
+  const char* a12 = a0 + 12 * L;
+  for (size_t p = 0; p < KP; ++p) {
+    const __m512bh bv = (__m512bh)_mm512_loadu_si512(b + p * 32);
     const size_t o = p * 4;
-#define EDGETUNE_ROW(i, base, off)                                     \
-  {                                                                    \
-    int32_t v;                                                         \
-    std::memcpy(&v, base + off + o, 4);                                \
-    const __m512bh x = (__m512bh)_mm512_set1_epi32(v);                 \
-    acc[i][0] = _mm512_dpbf16_ps(acc[i][0], x, b0);                    \
-    acc[i][1] = _mm512_dpbf16_ps(acc[i][1], x, b1);                    \
+#define EDGETUNE_ROW(i, base, off)                                                    \
+  {                                                                                   \
+    int32_t v;                                                                        \
+    std::memcpy(&v, base + off + o, 4);                                               \
+    acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_set1_epi32(v), bv);            \
   }
     EDGETUNE_ROW(0, a0, 0) EDGETUNE_ROW(1, a0, L) EDGETUNE_ROW(2, a0, 2 * L) EDGETUNE_ROW(3, a0, L3)
     EDGETUNE_ROW(4, a4, 0) EDGETUNE_ROW(5, a4, L) EDGETUNE_ROW(6, a4, 2 * L) EDGETUNE_ROW(7, a4, L3)
+    EDGETUNE_ROW(8, a8, 0) EDGETUNE_ROW(9, a8, L) EDGETUNE_ROW(10, a8, 2 * L) EDGETUNE_ROW(11, a8, L3)
+    EDGETUNE_ROW(12, a12, 0) EDGETUNE_ROW(13, a12, L) EDGETUNE_ROW(14, a12, 2 * L) EDGETUNE_ROW(15, a12, L3)
 #undef EDGETUNE_ROW
   }
-  for (int r = 0; r < 8; ++r) {
-    _mm512_store_ps(t + r * 32, acc[r][0]);
-    _mm512_store_ps(t + r * 32 + 16, acc[r][1]);
-  }
-}
-
-// The calling thread's panels of up to 64 rows of x (16 rows each), rounded to bfloat16 and
-// interleaved by pairs of k, zero past M rounded up to `whole` rows; kept at their largest size
-// (fresh pages on every call cost page faults), on whole cache lines.
-uint16_t* x_panels(const float* x, size_t M, size_t K, size_t whole) {
-  const size_t KP = (K + 31) / 32 * 16, G = (M + whole - 1) / whole * whole / 16;
-  thread_local std::vector<uint16_t> buf;
-  buf.resize(std::max(buf.size(), G * KP * 32 + 32));
-  uint16_t* xp = buf.data() + (64 - reinterpret_cast<uintptr_t>(buf.data()) % 64) % 64 / 2;
-  for (size_t g = 0; g < G; ++g) interleave_rows16(x + g * 16 * K, M > g * 16 ? std::min<size_t>(16, M - g * 16) : 0, K,
-                                                   xp + g * KP * 32);
-  return xp;
 }
 
 }  // namespace
@@ -121,8 +104,13 @@ bool avx512_bf16_usable() {
 }
 
 void avx512_bf16_block(const float* x, size_t M, size_t K, const uint16_t* packed, size_t N, float* y, size_t ldy) {
-  const size_t KP = (K + 31) / 32 * 16;
-  const uint16_t* ap = x_panels(x, M, K, 16);
+  const size_t KB = (K + 31) / 32, KP = KB * 16, G = (M + 15) / 16;
+  // The calling thread's panels of x, kept at their largest size (fresh pages on every call cost
+  // page faults), on whole cache lines.
+  thread_local std::vector<uint16_t> buf;
+  buf.resize(std::max(buf.size(), G * KP * 32 + 32));
+  uint16_t* ap = buf.data() + (64 - reinterpret_cast<uintptr_t>(buf.data()) % 64) % 64 / 2;
+  for (size_t g = 0; g < G; ++g) interleave_rows16(x + g * 16 * K, std::min<size_t>(16, M - g * 16), K, ap + g * KP * 32);
   for (size_t n0 = 0; n0 < N; n0 += 32) {
     const size_t cols = std::min<size_t>(32, N - n0);
     const __mmask16 m0 = cols >= 16 ? 0xffff : static_cast<__mmask16>((1u << cols) - 1);
@@ -134,15 +122,15 @@ void avx512_bf16_block(const float* x, size_t M, size_t K, const uint16_t* packe
   }
 }
 
-void avx512_bf16_block_wt(const float* x, size_t M, size_t K, const uint16_t* w, size_t N, float* y, size_t ldy) {
-  // y^T = w x^T, 16 of w's rows against 32 of x's at a time: two blocks of 8 rows of w into t
-  // ([16 of w's rows][32 of x's]), each half of t transposed into y's rows.
-  const size_t KP = (K + 31) / 32 * 16;
-  const uint16_t* xp = x_panels(x, M, K, 32);
+void avx512_bf16_rows_wt(const float* x, size_t M, size_t K, const uint16_t* w, size_t N, float* y, size_t ldy) {
+  // y^T = w x^T: w's rows are A (read as stored), x's rows the B columns, 16 per half.
+  const size_t KB = (K + 31) / 32, KP = K / 2;
+  std::vector<uint16_t> xb(2 * KB * 512);
+  const size_t halves = M > 16 ? 2 : 1;
+  for (size_t h = 0; h < halves; ++h) interleave_rows16(x + h * 16 * K, M - h * 16 < 16 ? M - h * 16 : 16, K, xb.data() + h * KB * 512);
   std::vector<uint16_t> tail;  // the last rows of w, zero-padded to 16, where N % 16 != 0
-  alignas(64) float t[16 * 32];
   for (size_t n0 = 0; n0 < N; n0 += 16) {
-    const size_t rows = std::min<size_t>(16, N - n0);
+    const size_t rows = N - n0 < 16 ? N - n0 : 16;
     const uint16_t* a = w + n0 * K;
     if (rows < 16) {
       tail.assign(16 * K, 0);
@@ -150,17 +138,14 @@ void avx512_bf16_block_wt(const float* x, size_t M, size_t K, const uint16_t* w,
       a = tail.data();
     }
     const __mmask16 mask = rows == 16 ? 0xffff : static_cast<__mmask16>((1u << rows) - 1);
-    for (size_t m0 = 0; m0 < M; m0 += 32) {
-      const uint16_t* b = xp + (m0 / 16) * KP * 32;
-      block8x32_wt(a, K, b, KP * 32, K / 2, t);
-      block8x32_wt(a + 8 * K, K, b, KP * 32, K / 2, t + 8 * 32);
-      for (size_t h = 0; h < 2 && m0 + h * 16 < M; ++h) {
-        __m512i r[16];
-        for (int n = 0; n < 16; ++n) r[n] = _mm512_load_si512(t + n * 32 + h * 16);
-        transpose16(r);  // r[m]: x's row m0 + 16 h + m against the 16 rows of w
-        for (size_t m = 0; m < 16 && m0 + h * 16 + m < M; ++m)
-          _mm512_mask_storeu_epi32(y + (m0 + h * 16 + m) * ldy + n0, mask, r[m]);
-      }
+    for (size_t h = 0; h < halves; ++h) {
+      __m512 acc[16];
+      block16(a, K, xb.data() + h * KB * 512, KP, acc);  // acc[n][m]: y^T's 16 x 16 block
+      __m512i t[16];
+      for (int i = 0; i < 16; ++i) t[i] = _mm512_castps_si512(acc[i]);
+      transpose16(t);  // t[m][n]
+      for (size_t m = 0; m < 16 && h * 16 + m < M; ++m)
+        _mm512_mask_storeu_epi32(y + (h * 16 + m) * ldy + n0, mask, t[m]);
     }
   }
 }
@@ -171,7 +156,7 @@ bool avx512_bf16_usable() { return false; }
 
 void avx512_bf16_block(const float*, size_t, size_t, const uint16_t*, size_t, float*, size_t) {}
 
-void avx512_bf16_block_wt(const float*, size_t, size_t, const uint16_t*, size_t, float*, size_t) {}
+void avx512_bf16_rows_wt(const float*, size_t, size_t, const uint16_t*, size_t, float*, size_t) {}
 
 #endif
 

@@ -567,9 +567,9 @@ struct CrossEntropyHead {
 // The product of an activation with a frozen bfloat16 weight. A [..., K] float32 is rounded to
 // bfloat16 (to nearest even), the products are summed in float32: y = a w^T (trans_b = 1, w [N, K],
 // a linear layer's forward pass) or y = a w (trans_b = 0, w [K, N], its input gradient). w's
-// rows are read as stored in the forward product (where K is even, and with AMX where the sizes are
-// whole tiles); otherwise w's columns are interleaved by pairs of k for the call (no copy is kept
-// between calls). It runs on AMX's tiles where the CPU has AMX, else with
+// columns of the product are interleaved by pairs of k for the call (no copy is kept between
+// calls), except where AMX reads w's rows as stored (the forward product in whole tiles) and for a
+// forward product of fewer than 64 rows. It runs on AMX's tiles where the CPU has AMX, else with
 // AVX512-BF16's vdpbf16ps; EDGETUNE_ISA=avx512bf16 skips AMX, and a narrower EDGETUNE_ISA, or a CPU
 // with neither, leaves the same sums in plain C++, slowly: EdgetuneFusedOps lists the op only where
 // one of the two runs it, so such a CPU trains on the plain graph.
@@ -623,8 +623,9 @@ struct MatMulBF16 {
       const float* pa = a.Data();
       const Bf16Kernel kernel = bf16_kernel();
       const bool amx = kernel == Bf16Kernel::amx, avx = kernel == Bf16Kernel::avx512bf16;
-      // x w^T reads w's rows straight from the initializer: as AMX's A tiles where the sizes are
-      // whole tiles, with vdpbf16ps where K is even; other products interleave panels of w.
+      // x w^T can read w's rows straight from the initializer: as AMX's A tiles where the sizes are
+      // whole tiles, with vdpbf16ps where K is even (used for fewer than 64 rows only); other
+      // products interleave panels of w.
       const bool direct = trans_b && (amx ? K % 32 == 0 && N % 32 == 0 : K % 2 == 0);
       if (!amx && !avx) {
         std::lock_guard<std::mutex> lock(mu);
@@ -650,20 +651,19 @@ struct MatMulBF16 {
         });
         return pb;
       };
-      if (avx) {
-        // Blocks of 64 rows of a times all of w: read as stored for x w^T, packed first for a w.
-        const uint16_t* pb = direct ? nullptr : pack();
+      if (avx && !(direct && M < 64)) {
+        // Blocks of 64 rows of a times all of the packed w: a few rows of x w^T (below) skip the
+        // packing instead.
+        const uint16_t* pb = pack();
         parallel(ctx, (M + 63) / 64, [&](size_t s) {
-          const size_t m0 = s * 64, rows = std::min<size_t>(64, M - m0);
-          if (direct)
-            edgetune::avx512_bf16_block_wt(pa + m0 * K, rows, K, pw, N, out + m0 * N, N);
-          else
-            edgetune::avx512_bf16_block(pa + m0 * K, rows, K, pb, N, out + m0 * N, N);
+          const size_t m0 = s * 64;
+          edgetune::avx512_bf16_block(pa + m0 * K, std::min<size_t>(64, M - m0), K, pb, N, out + m0 * N, N);
         });
-      } else if (amx && direct) {
+      } else if (direct) {
         parallel(ctx, stripes, [&](size_t s) {
           const size_t m0 = s * 32, rows = std::min<size_t>(32, M - m0);
-          edgetune::amx_bf16_rows_wt(pa + m0 * K, rows, K, pw, N, out + m0 * N, N);
+          (amx ? edgetune::amx_bf16_rows_wt : edgetune::avx512_bf16_rows_wt)(pa + m0 * K, rows, K, pw, N,
+                                                                              out + m0 * N, N);
         });
       } else if (amx) {
         // Each 32-row stripe of a, rounded to bfloat16, times all of the packed w.
