@@ -659,7 +659,7 @@ struct MatMulBF16 {
           const size_t m0 = s * 64;
           edgetune::avx512_bf16_block(pa + m0 * K, std::min<size_t>(64, M - m0), K, pb, N, out + m0 * N, N);
         });
-      } else if (direct) {
+      } else if ((amx || avx) && direct) {
         parallel(ctx, stripes, [&](size_t s) {
           const size_t m0 = s * 32, rows = std::min<size_t>(32, M - m0);
           (amx ? edgetune::amx_bf16_rows_wt : edgetune::avx512_bf16_rows_wt)(pa + m0 * K, rows, K, pw, N,
