@@ -40,7 +40,7 @@ void amx_bf16_rows_wt(const float* x, size_t M, size_t K, const uint16_t* w, siz
 bool avx512_bf16_usable();
 
 // y[M, N] (row stride ldy) = x w with AVX512-BF16: x [M, K] float32, rounded to bfloat16 here
-// (M <= 128 is best: its panels stay in the core's L2), and w packed by pack_b_cols as all of B's
+// (M <= 64 is best: its panels stay in the core's L2), and w packed by pack_b_cols as all of B's
 // columns (for each 16 columns, zero past N rounded up to 32, ceil(K / 32) tiles of 512 values).
 void avx512_bf16_block(const float* x, size_t M, size_t K, const uint16_t* packed, size_t N, float* y, size_t ldy);
 

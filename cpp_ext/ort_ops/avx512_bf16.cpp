@@ -5,7 +5,7 @@
 // avx512_bf16_usable() is false and ops.cpp computes the same product in plain C++.
 //
 // Both operands are laid out for the inner loop first: B's columns interleaved by pairs of k
-// (pack_b's layout, 16 columns per panel) and up to 128 rows of A rounded to bfloat16 and
+// (pack_b's layout, 16 columns per panel) and up to 64 rows of A rounded to bfloat16 and
 // interleaved the same way (16 rows per panel), so that each step of the loop reads one cache line
 // of each. The block is 8 rows of A times 32 columns of B: per pair of k, two vectors of B and 8
 // broadcast pairs of A feed 16 vdpbf16ps. Sixteen rows times 16 columns (one vector of B per 16

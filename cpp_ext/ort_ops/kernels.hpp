@@ -235,10 +235,11 @@ inline void block_scores(const float* a, const float* bt, float* out, size_t ldo
   }
 }
 
-// out[r][:] = sum_{j < jn} w[r][j] * x[j][:] for r < BR (w rows of stride ld; x and out rows of D),
-// or out[r][:] += that with add: the block's BR x JT output columns stay in registers while the
+// out[r][:] = sum_{j < jn} w[r][j] * x[j][:] for r < BR (w[r][j] at w[r ld + j js]; x and out rows of
+// D), or out[r][:] += that with add: the block's BR x JT output columns stay in registers while the
 // keys stream past.
-inline void block_pv(const float* w, size_t ld, const float* x, size_t jn, size_t D, float* out, bool add = false) {
+inline void block_pv(const float* w, size_t ld, const float* x, size_t jn, size_t D, float* out, bool add = false,
+                     size_t js = 1) {
   size_t d0 = 0;
 #if defined(EDGETUNE_VEC)
   for (; d0 + JT <= D; d0 += JT) {
@@ -251,7 +252,7 @@ inline void block_pv(const float* w, size_t ld, const float* x, size_t jn, size_
     for (size_t j = 0; j < jn; ++j) {
       const vf x0 = vload(x + j * D + d0), x1 = vload(x + j * D + d0 + VW);
       for (size_t r = 0; r < BR; ++r) {
-        const vf wr = vsplat(w[r * ld + j]);
+        const vf wr = vsplat(w[r * ld + j * js]);
         acc[r][0] += wr * x0;
         acc[r][1] += wr * x1;
       }
@@ -265,7 +266,7 @@ inline void block_pv(const float* w, size_t ld, const float* x, size_t jn, size_
   for (size_t r = 0; r < BR; ++r)
     for (size_t d = d0; d < D; ++d) {
       float a = add ? out[r * D + d] : 0.0f;
-      for (size_t j = 0; j < jn; ++j) a += w[r * ld + j] * x[j * D + d];
+      for (size_t j = 0; j < jn; ++j) a += w[r * ld + j * js] * x[j * D + d];
       out[r * D + d] = a;
     }
 }
@@ -522,39 +523,6 @@ inline void attn_backward(const float* dout, const float* q, const float* k, con
   }
 }
 
-// G[r][:] += sum_{j < jn} pt[j][r] * x[j][:] for r < BR: block_pv with the weights stored by column
-// (pt's column r, rows of stride ld), as the cross-entropy head keeps its probabilities.
-inline void block_pv_cols(const float* pt, size_t ld, const float* x, size_t jn, size_t D, float* out) {
-  size_t d0 = 0;
-#if defined(EDGETUNE_VEC)
-  for (; d0 + JT <= D; d0 += JT) {
-    vf acc[BR][2];
-    for (size_t r = 0; r < BR; ++r) {
-      acc[r][0] = vload(out + r * D + d0);
-      acc[r][1] = vload(out + r * D + d0 + VW);
-    }
-    for (size_t j = 0; j < jn; ++j) {
-      const vf x0 = vload(x + j * D + d0), x1 = vload(x + j * D + d0 + VW);
-      for (size_t r = 0; r < BR; ++r) {
-        const vf wr = vsplat(pt[j * ld + r]);
-        acc[r][0] += wr * x0;
-        acc[r][1] += wr * x1;
-      }
-    }
-    for (size_t r = 0; r < BR; ++r) {
-      vstore(out + r * D + d0, acc[r][0]);
-      vstore(out + r * D + d0 + VW, acc[r][1]);
-    }
-  }
-#endif
-  for (size_t r = 0; r < BR; ++r)
-    for (size_t d = d0; d < D; ++d) {
-      float a = out[r * D + d];
-      for (size_t j = 0; j < jn; ++j) a += pt[j * ld + r] * x[j * D + d];
-      out[r * D + d] = a;
-    }
-}
-
 // Floats of ce_head's work for n rows of D: h transposed (D x n'), a tile's scores (JT x n'), the
 // running maxima, sums and rescale factors (3 n'), and BR rows of w or G zero-padded (BR x D), with
 // n' = n rounded up to JT.
@@ -634,10 +602,10 @@ inline void ce_head(const float* h, size_t n, size_t D, const float* w, size_t V
       for (size_t i0 = 0; i0 < n; i0 += BR) {
         const size_t nr = n - i0 < BR ? n - i0 : BR;
         if (nr == BR) {
-          block_pv_cols(sc + i0, np, w + v0 * D, jn, D, G + i0 * D);
+          block_pv(sc + i0, 1, w + v0 * D, jn, D, G + i0 * D, true, np);
         } else {  // a partial block adds into its zero-padded copy, then back
           for (size_t x = 0; x < BR * D; ++x) pad[x] = x < nr * D ? G[i0 * D + x] : 0.0f;
-          block_pv_cols(sc + i0, np, w + v0 * D, jn, D, pad);
+          block_pv(sc + i0, 1, w + v0 * D, jn, D, pad, true, np);
           for (size_t x = 0; x < nr * D; ++x) G[i0 * D + x] = pad[x];
         }
       }
