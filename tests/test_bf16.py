@@ -78,6 +78,63 @@ def test_matmul_bf16_matches_a_float64_product_of_the_rounded_operands():
     check_products()
 
 
+def _ce_head_bf16(h: np.ndarray, wb: np.ndarray, lab: np.ndarray, grad: bool = True) -> list:
+    outs = ["loss", "dh"][:1 + grad]
+    node = helper.make_node("CrossEntropyHeadBF16", ["h", "w", "lab"], outs, domain="edgetune", ignore_index=-100)
+    init = helper.make_tensor("w", TensorProto.BFLOAT16, list(wb.shape), wb.tobytes(), raw=True)
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("h", TensorProto.FLOAT, None),
+                                        helper.make_tensor_value_info("lab", TensorProto.INT64, None)],
+                          [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outs], [init])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("edgetune", 1)])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 2
+    kernels.register(so)
+    return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(
+        None, {"h": h, "lab": lab})
+
+
+# (N, D, V): odd sizes, one row, a vocabulary of one entry, one tile and a bit, rows of odd length,
+# more than 64 rows (several groups), the default model's width
+CE_CASES = [(1, 8, 5), (7, 33, 1), (13, 576, 1000), (70, 64, 129), (9, 20, 257), (40, 31, 300), (64, 576, 4099),
+            (0, 16, 40)]
+
+
+def check_ce_heads() -> None:
+    """CrossEntropyHeadBF16 against float64 cross-entropy of the same bfloat16-rounded h and w: the
+    loss to float32 sums' accuracy, d loss / d h within the rounding of the softmax weights to
+    bfloat16 (what the fast path multiplies the weight by)."""
+    import torch
+
+    for n, d, v in CE_CASES:
+        rng = np.random.default_rng(n * 7 + d + v)
+        h = rng.normal(size=(n, d)).astype(np.float32)
+        wb = _bits(rng.normal(0, 0.3, (v, d)).astype(np.float32))
+        lab = rng.integers(0, v, n).astype(np.int64)
+        lab[1::4] = -100
+        if n > 3:
+            lab[:3] = [0, v - 1, -100]
+        th = torch.tensor(_float(_bits(h)), dtype=torch.float64, requires_grad=True)
+        tw = torch.tensor(_float(wb), dtype=torch.float64)
+        want = torch.nn.functional.cross_entropy(th @ tw.T, torch.tensor(lab), ignore_index=-100, reduction="sum") \
+            if n else th.sum() * 0
+        want.backward()
+        loss, dh = _ce_head_bf16(h, wb, lab)
+        assert loss.shape == () and dh.shape == h.shape
+        np.testing.assert_allclose(loss, want.item(), rtol=1e-5, atol=1e-4, err_msg=str((n, d, v)))
+        grad = th.grad.numpy()
+        err = float(np.abs(dh - grad).max(initial=0.0))
+        assert err <= 4e-3 * max(1.0, float(np.abs(grad).max(initial=0.0))), ((n, d, v), err)
+        assert not np.any(dh[lab == -100]), (n, d, v)
+        (alone,) = _ce_head_bf16(h, wb, lab, grad=False)  # forward only (the eval graph): the same loss
+        assert alone == loss, (n, d, v)
+
+
+def test_cross_entropy_head_bf16_matches_a_float64_loss_of_the_rounded_operands():
+    """With AVX512-BF16 where this CPU has it (the op list says so), else in float32 from a float32
+    copy of the weight."""
+    check_ce_heads()
+
+
 def _cpu_flags() -> set[str]:
     try:
         text = Path("/proc/cpuinfo").read_text()
@@ -93,7 +150,7 @@ def test_the_library_multiplies_in_bfloat16_with_what_this_cpu_has():
     import platform
 
     flags, lib = _cpu_flags(), kernels.library()
-    assert (lib.bf16 != "") == ("MatMulBF16" in lib.ops)
+    assert (lib.bf16 != "") == ("MatMulBF16" in lib.ops) == ("CrossEntropyHeadBF16" in lib.ops)
     if platform.machine().lower() not in ("x86_64", "amd64"):
         flags = set()  # the kernels are x86's
     want = "amx" if "amx_bf16" in flags else "avx512bf16" if "avx512_bf16" in flags else ""
@@ -105,7 +162,8 @@ def test_matmul_bf16_with_avx512_bf16_matches_too():
     """EDGETUNE_ISA=avx512bf16: vdpbf16ps, also where the CPU has AMX; the op stays listed, and the
     library says what it runs on."""
     code = ("import sys; sys.path.insert(0, %r); import test_bf16 as t; t.check_products(); "
-            "from edgetune.device import fused; print(fused.library().bf16, 'MatMulBF16' in fused.library().ops)"
+            "t.check_ce_heads(); from edgetune.device import fused; "
+            "print(fused.library().bf16, {'MatMulBF16', 'CrossEntropyHeadBF16'} <= fused.library().ops)"
             ) % str(Path(__file__).parent)
     out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, EDGETUNE_ISA="avx512bf16"),
                          capture_output=True, text=True, cwd=str(Path(__file__).parent))
@@ -117,11 +175,11 @@ def test_matmul_bf16_plain_product_matches_too():
     """EDGETUNE_ISA=generic turns AMX and AVX512-BF16 off: the plain C++ product, and the op is no
     longer listed."""
     code = ("import sys; sys.path.insert(0, %r); import test_bf16 as t; t.check_products(); "
-            "from edgetune.device import fused; print(sorted(fused.library().ops))") % str(Path(__file__).parent)
+            "t.check_ce_heads(); from edgetune.device import fused; print(sorted(fused.library().ops))") % str(Path(__file__).parent)
     out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, EDGETUNE_ISA="generic"),
                          capture_output=True, text=True, cwd=str(Path(__file__).parent))
     assert out.returncode == 0, out.stderr
-    assert "MatMulBF16" not in out.stdout
+    assert "MatMulBF16" not in out.stdout and "CrossEntropyHeadBF16" not in out.stdout
 
 
 def test_bf16_rounding_is_to_nearest_even():
@@ -152,13 +210,16 @@ def bf16_bundles(tiny_model, tmp_path_factory):
 
 @pytest.mark.workstation
 def test_bf16_bundle_graphs(bf16_bundles):
-    """The plain graphs hold each frozen linear weight once, in bfloat16, cast to float32 where it
-    is read; the fused graphs multiply by it with MatMulBF16 only; the weights are the float32
+    """The plain graphs hold each frozen linear weight and the tied embedding once, in bfloat16,
+    cast to float32 where it is read; the fused graphs multiply by the linear weights with
+    MatMulBF16 only, compute the vocabulary loss with CrossEntropyHeadBF16 on the bfloat16
+    embedding and look up its rows in bfloat16 (no float32 copy of it); the weights are the float32
     export's, rounded to nearest even."""
     b = bf16_bundles["bf16"]
     train = onnx.load(str(b / "train.onnx"))
     bf = {i.name: i for i in train.graph.initializer if i.data_type == TensorProto.BFLOAT16}
-    assert len(bf) == 2 * 7 and all(n.endswith(".bf16") for n in bf)
+    embed = "base_model.model.model.embed_tokens.weight.bf16"
+    assert len(bf) == 2 * 7 + 1 and embed in bf and all(n.endswith(".bf16") for n in bf)
     floats = {i.name for i in train.graph.initializer}
     assert not {n[: -len(".bf16")] for n in bf} & floats
     casts = [n for n in train.graph.node if n.op_type == "Cast" and n.input[0] in bf]
@@ -170,10 +231,13 @@ def test_bf16_bundle_graphs(bf16_bundles):
     man = json.loads((b / "edgetune.json").read_text())
     ops = man["fused"]["ops"]
     assert ops["MatMulBF16"] == 2 * 7 + 2 * 7 - 3  # forward, and every input gradient but layer 0's q, k, v
+    assert ops["CrossEntropyHeadBF16"] == 1 and "CrossEntropyHead" not in ops
     for graph in ("train_fused.onnx", "eval_fused.onnx"):
         g = onnx.load(str(b / graph), load_external_data=False).graph
-        readers = [n.op_type for n in g.node for i in n.input if i in bf]
-        assert set(readers) == {"MatMulBF16"}, (graph, set(readers))
+        readers = {(n.op_type, i) for n in g.node for i in n.input if i in bf}
+        assert {op for op, i in readers if i != embed} == {"MatMulBF16"}, (graph, readers)
+        assert {op for op, i in readers if i == embed} == {"Gather", "CrossEntropyHeadBF16"}, (graph, readers)
+        assert not any(n.op_type == "Cast" and n.input[0] in bf for n in g.node), graph
 
 
 @pytest.mark.workstation
@@ -217,3 +281,37 @@ def test_bf16_bundle_without_amx_trains_on_the_plain_graph_and_says_why(bf16_bun
     assert json.loads((run / "run.json").read_text())["graphs"]["train"] == "train.onnx"
     said = capsys.readouterr()
     assert (said.out + said.err).count("bfloat16 weights with AMX or AVX512-BF16") == 1
+
+
+@pytest.mark.workstation
+def test_bf16_bundle_with_its_own_head_trains_fused_like_plain(chat_data, tmp_path, monkeypatch):
+    """A head not tied to the embedding (Qwen2's tiny config): its weight is one of the bfloat16
+    linear weights, the fused loss reads it with CrossEntropyHeadBF16, the embedding stays float32,
+    and the fused and plain graphs' losses agree."""
+    from test_architectures import make_family
+
+    from edgetune.device import trainer
+    from edgetune.workstation.export import export
+
+    bundle = export(str(make_family("qwen2", tmp_path / "model")), tmp_path / "bundle",
+                    AdapterConfig(rank=4, alpha=8, compute="bf16"))
+    train = onnx.load(str(bundle / "train.onnx"), load_external_data=False)
+    inits = {i.name: i.data_type for i in train.graph.initializer}
+    assert inits["base_model.model.lm_head.weight.bf16"] == TensorProto.BFLOAT16
+    assert inits["base_model.model.model.embed_tokens.weight"] == TensorProto.FLOAT
+    fused = json.loads((bundle / "edgetune.json").read_text())["fused"]
+    assert fused["ops"].get("CrossEntropyHeadBF16") == 1, fused["ops"]
+
+    def losses(mode):
+        monkeypatch.setenv("EDGETUNE_KERNELS", mode)
+        run = trainer.train(bundle, chat_data, tmp_path / mode, steps=6, batch_size=4, lr=1e-2, progress=False,
+                            log=lambda s: None).out
+        info = json.loads((run / "run.json").read_text())
+        return [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x], info
+
+    plain, _ = losses("plain")
+    ours, info = losses("auto")
+    assert len(ours) == len(plain) == 6
+    np.testing.assert_allclose(ours, plain, rtol=1e-3)
+    if kernels.BF16_OPS <= kernels.library().ops:
+        assert info["graphs"]["train"] == "train_fused.onnx", info["graphs"]

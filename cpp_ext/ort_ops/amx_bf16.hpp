@@ -47,6 +47,13 @@ void avx512_bf16_block(const float* x, size_t M, size_t K, const uint16_t* packe
 // amx_bf16_rows_wt with vdpbf16ps, for a few rows (no packing of w); needs only K even.
 void avx512_bf16_rows_wt(const float* x, size_t M, size_t K, const uint16_t* w, size_t N, float* y, size_t ldy);
 
+// Cross-entropy of n rows (n <= 64 is best) of h [n, D] (float32, rounded to bfloat16) against the
+// vocabulary projection h w^T, w [V, D] bfloat16 as stored, with AVX512-BF16 (ce_bf16.cpp): loss[r]
+// per row (0 where labels[r] == ignore), and G (optional) [n, D] d loss[r] / d h[r]. Labels must
+// be in [0, V) or ignore.
+void avx512_bf16_ce_head(const float* h, size_t n, size_t D, const uint16_t* w, size_t V, const int64_t* labels,
+                         int64_t ignore, float* loss, float* G);
+
 // rows x K floats (row stride K) to bfloat16 rows of lda values (lda >= K), zero-padded past K;
 // rounded to nearest even (with AVX512-BF16's conversion where the CPU has it).
 void rows_to_bf16(const float* a, size_t rows, size_t K, uint16_t* out, size_t lda);

@@ -29,6 +29,9 @@
 //                                             PyTorch's AdamW update of n tensors in one call, each
 //                                             value computed as edgetune's plain optimizer graph does
 //                                             (the same float32 operations in the same order)
+//   CrossEntropyHeadBF16(h, w, labels; ignore_index) -> loss[, dh]
+//                                             CrossEntropyHead with a frozen bfloat16 w, h rounded to
+//                                             bfloat16, float32 sums (AVX512-BF16)
 //   MatMulBF16(a, w; trans_b) -> y            a (float32, rounded to bfloat16) times a frozen bfloat16
 //                                             weight: a w^T (trans_b 1) or a w, summed in float32 (AMX or AVX512-BF16)
 #define ORT_API_MANUAL_INIT
@@ -522,6 +525,39 @@ struct AttentionGrad {
   }
 };
 
+// The vocabulary loss's checks and its row groups, shared by CrossEntropyHead and
+// CrossEntropyHeadBF16: group(lo, n, loss rows, dh rows or null) computes rows [lo, lo + n).
+template <typename F>
+Ort::Status ce_head_groups(const char* op, OrtKernelContext* ctx, const std::vector<int64_t>& hs,
+                           const std::vector<int64_t>& ws, const Tensor<int64_t>& labels, int64_t ignore,
+                           Tensor<float>& loss, std::optional<Tensor<float>*> dh, size_t unit, F&& group) {
+  const auto& ls = labels.Shape();
+  if (hs.size() != 2 || ws.size() != 2 || ls.size() != 1 || hs[1] != ws[1] || ls[0] != hs[0] || ws[0] < 1)
+    return fail(op, "h " + shape_str(hs) + ", w " + shape_str(ws) + ", labels " + shape_str(ls) +
+                        " do not fit ([N, D], [V, D], [N])");
+  const size_t N = static_cast<size_t>(hs[0]), D = static_cast<size_t>(hs[1]), V = static_cast<size_t>(ws[0]);
+  const int64_t* pl = labels.Data();
+  for (size_t r = 0; r < N; ++r)
+    if (pl[r] != ignore && (pl[r] < 0 || pl[r] >= static_cast<int64_t>(V)))
+      return fail(op, "label " + std::to_string(pl[r]) + " of row " + std::to_string(r) +
+                          " is outside the vocabulary of " + std::to_string(V));
+  float* out = loss.Allocate({});
+  float* g = dh.has_value() && *dh ? (*dh)->Allocate(hs) : nullptr;
+  std::vector<float> rows(N);
+  // Row groups: each streams the whole vocabulary once, so few and large, but enough to share;
+  // whole blocks of the kernel's unit of rows.
+  const size_t per = std::max(unit, std::min<size_t>(64, ((N + 3) / 4 + unit - 1) / unit * unit));
+  const size_t groups = (N + per - 1) / per;
+  parallel(ctx, groups, [&](size_t t) {
+    const size_t lo = t * per;
+    group(lo, std::min(per, N - lo), rows.data() + lo, g ? g + lo * D : nullptr);
+  });
+  double sum = 0.0;
+  for (float x : rows) sum += x;
+  out[0] = static_cast<float>(sum);
+  return Ort::Status{nullptr};
+}
+
 struct CrossEntropyHead {
   int64_t ignore = -100;
   CrossEntropyHead(const OrtApi*, const OrtKernelInfo* info) {
@@ -531,34 +567,66 @@ struct CrossEntropyHead {
   Ort::Status Compute(OrtKernelContext* ctx, const Tensor<float>& h, const Tensor<float>& w,
                       const Tensor<int64_t>& labels, Tensor<float>& loss, std::optional<Tensor<float>*> dh) {
     return guarded("CrossEntropyHead", [&]() -> Ort::Status {
-      const auto &hs = h.Shape(), &ws = w.Shape(), &ls = labels.Shape();
-      if (hs.size() != 2 || ws.size() != 2 || ls.size() != 1 || hs[1] != ws[1] || ls[0] != hs[0] || ws[0] < 1)
-        return fail("CrossEntropyHead", "h " + shape_str(hs) + ", w " + shape_str(ws) + ", labels " + shape_str(ls) +
-                                            " do not fit ([N, D], [V, D], [N])");
-      const size_t N = static_cast<size_t>(hs[0]), D = static_cast<size_t>(hs[1]), V = static_cast<size_t>(ws[0]);
-      const int64_t* pl = labels.Data();
-      for (size_t r = 0; r < N; ++r)
-        if (pl[r] != ignore && (pl[r] < 0 || pl[r] >= static_cast<int64_t>(V)))
-          return fail("CrossEntropyHead", "label " + std::to_string(pl[r]) + " of row " + std::to_string(r) +
-                                              " is outside the vocabulary of " + std::to_string(V));
-      float* out = loss.Allocate({});
-      float* g = dh.has_value() && *dh ? (*dh)->Allocate(hs) : nullptr;
-      std::vector<float> rows(N);
-      const size_t BR = K().attn_block_rows;
-      // Row groups: each streams the whole vocabulary once, so few and large, but enough to share.
-      const size_t per = std::min<size_t>(64, std::max(BR, ((N + 3) / 4 + BR - 1) / BR * BR));
-      const size_t groups = (N + per - 1) / per;
       const float *ph = h.Data(), *pw = w.Data();
-      parallel(ctx, groups, [&](size_t t) {
-        const size_t lo = t * per, n = std::min(per, N - lo);
-        std::vector<float> work(K().ce_head_work(n, D));
-        K().ce_head(ph + lo * D, n, D, pw, V, pl + lo, ignore, rows.data() + lo, g ? g + lo * D : nullptr,
-                    work.data());
-      });
-      double sum = 0.0;
-      for (float x : rows) sum += x;
-      out[0] = static_cast<float>(sum);
-      return Ort::Status{nullptr};
+      const int64_t* pl = labels.Data();
+      const size_t D = static_cast<size_t>(w.Shape().back()), V = static_cast<size_t>(w.Shape().front());
+      return ce_head_groups("CrossEntropyHead", ctx, h.Shape(), w.Shape(), labels, ignore, loss, dh,
+                            K().attn_block_rows,
+                            [&](size_t lo, size_t n, float* rows, float* g) {
+                              std::vector<float> work(K().ce_head_work(n, D));
+                              K().ce_head(ph + lo * D, n, D, pw, V, pl + lo, ignore, rows, g, work.data());
+                            });
+    });
+  }
+};
+
+enum class Bf16Kernel { none, avx512bf16, amx };
+Bf16Kernel bf16_kernel();
+
+// CrossEntropyHead against a frozen bfloat16 weight: the rows of h rounded to bfloat16 and the
+// products summed in float32, with AVX512-BF16 (ce_bf16.cpp; AMX CPUs have it too). Where
+// MatMulBF16 has neither, the same loss in float32 from a float32 copy of the weight (tests; the
+// op is listed only where the fast path runs it).
+struct CrossEntropyHeadBF16 {
+  int64_t ignore = -100;
+  std::mutex mu;
+  const void* converted_for = nullptr;
+  std::vector<float> wf;  // the plain path's float32 weight
+
+  CrossEntropyHeadBF16(const OrtApi*, const OrtKernelInfo* info) {
+    ignore = Ort::ConstKernelInfo(info).GetAttribute<int64_t>("ignore_index");
+  }
+
+  Ort::Status Compute(OrtKernelContext* ctx, const Tensor<float>& h, const Tensor<Ort::BFloat16_t>& w,
+                      const Tensor<int64_t>& labels, Tensor<float>& loss, std::optional<Tensor<float>*> dh) {
+    return guarded("CrossEntropyHeadBF16", [&]() -> Ort::Status {
+      const float* ph = h.Data();
+      const uint16_t* pw = reinterpret_cast<const uint16_t*>(w.Data());
+      const int64_t* pl = labels.Data();
+      const auto& ws = w.Shape();
+      const size_t D = ws.size() == 2 ? static_cast<size_t>(ws[1]) : 0, V = ws.size() == 2 ? static_cast<size_t>(ws[0]) : 0;
+      const bool fast = bf16_kernel() != Bf16Kernel::none && edgetune::avx512_bf16_usable();
+      if (!fast && ws.size() == 2) {
+        std::lock_guard<std::mutex> lock(mu);
+        if (converted_for != pw) {  // a frozen initializer: once per session
+          wf.resize(V * D);
+          for (size_t i = 0; i < V * D; ++i) wf[i] = edgetune::from_bf16(pw[i]);
+          converted_for = pw;
+        }
+      }
+      // The fast path computes 32 rows at a time.
+      return ce_head_groups("CrossEntropyHeadBF16", ctx, h.Shape(), ws, labels, ignore, loss, dh, fast ? 32 : K().attn_block_rows,
+                            [&](size_t lo, size_t n, float* rows, float* g) {
+                              if (fast) {
+                                edgetune::avx512_bf16_ce_head(ph + lo * D, n, D, pw, V, pl + lo, ignore, rows, g);
+                                return;
+                              }
+                              std::vector<float> hr(n * D);  // h rounded as the fast path rounds it
+                              for (size_t i = 0; i < n * D; ++i)
+                                hr[i] = edgetune::from_bf16(edgetune::to_bf16(ph[lo * D + i]));
+                              std::vector<float> work(K().ce_head_work(n, D));
+                              K().ce_head(hr.data(), n, D, wf.data(), V, pl + lo, ignore, rows, g, work.data());
+                            });
     });
   }
 };
@@ -573,8 +641,6 @@ struct CrossEntropyHead {
 // AVX512-BF16's vdpbf16ps; EDGETUNE_ISA=avx512bf16 skips AMX, and a narrower EDGETUNE_ISA, or a CPU
 // with neither, leaves the same sums in plain C++, slowly: EdgetuneFusedOps lists the op only where
 // one of the two runs it, so such a CPU trains on the plain graph.
-enum class Bf16Kernel { none, avx512bf16, amx };
-
 Bf16Kernel bf16_kernel() {
   static const Bf16Kernel k = [] {
     const char* env = std::getenv("EDGETUNE_ISA");
@@ -772,12 +838,12 @@ extern "C" EDGETUNE_EXPORT const char* EdgetuneFusedIsa() { return K().name; }
 
 // The ops this library implements, comma-separated: a bundle whose fused graphs use one it lacks
 // runs its plain graphs.
-// MatMulBF16 only where AMX or AVX512-BF16 runs it (its plain C++ product is there for tests and
-// correctness, not speed).
+// MatMulBF16 and CrossEntropyHeadBF16 only where AMX or AVX512-BF16 runs them (their plain C++
+// paths are there for tests and correctness, not speed).
 extern "C" EDGETUNE_EXPORT const char* EdgetuneFusedOps() {
   static const std::string ops =
       std::string("SwiGLU,SwiGLUGrad,RMSNorm,RMSNormGrad,Rotary,RotaryGrad,Attention,AttentionGrad,CrossEntropyHead,AdamW,"
-                  "AddRMSNorm,AddRMSNormGrad") + (bf16_kernel() != Bf16Kernel::none ? ",MatMulBF16" : "");
+                  "AddRMSNorm,AddRMSNormGrad") + (bf16_kernel() != Bf16Kernel::none ? ",MatMulBF16,CrossEntropyHeadBF16" : "");
   return ops.c_str();
 }
 
@@ -809,6 +875,7 @@ extern "C" EDGETUNE_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionO
       ops.emplace_back(Ort::Custom::CreateLiteCustomOp<CrossEntropyHead>("CrossEntropyHead", cpu));
       ops.emplace_back(Ort::Custom::CreateLiteCustomOp<AdamW>("AdamW", cpu));
       ops.emplace_back(Ort::Custom::CreateLiteCustomOp<MatMulBF16>("MatMulBF16", cpu));
+      ops.emplace_back(Ort::Custom::CreateLiteCustomOp<CrossEntropyHeadBF16>("CrossEntropyHeadBF16", cpu));
       for (auto& op : ops) domain->Add(op.get());
     }
     Ort::UnownedSessionOptions(options).Add(*domain);

@@ -239,7 +239,7 @@ class StepRunner:
             why = f"the bundle's fused graphs need kernel ABI {fused.get('abi')}, this edgetune has {kernels.ABI}"
         elif not kernels.library().ok:
             why = kernels.library().reason
-        elif kernels.library().lacks(fused.get("ops") or {}) == ["MatMulBF16"]:
+        elif set(missing := kernels.library().lacks(fused.get("ops") or {})) <= kernels.BF16_OPS and missing:
             why = (f"bundle {self.bundle.root}'s fused graphs multiply its bfloat16 weights with AMX or AVX512-BF16, "
                    "which this CPU does not have (or EDGETUNE_ISA turned off); the plain graph multiplies the same "
                    "weights in float32")

@@ -1,11 +1,14 @@
 """bfloat16 frozen weights in the training graphs (``--compute bf16``).
 
-The plain graphs keep each frozen linear weight ``W`` as a bfloat16 initializer ``W.bf16`` and a
-standard ``Cast`` to float32 in front of its readers: any ONNX Runtime build and provider runs
-them (ONNX Runtime folds the cast at load, so the products are float32 ones of the rounded
-weights). The fused graphs replace every product of an activation with such a weight, forward
-``x @ W^T`` and input gradient ``dY @ W``, by the kernel library's ``MatMulBF16``, which rounds the
-activation to bfloat16 and multiplies on AMX's tiles or with AVX512-BF16, with float32 sums."""
+The plain graphs keep each frozen linear weight ``W``, and the vocabulary projection's weight (the
+embedding, where the head is tied to it), as a bfloat16 initializer ``W.bf16`` and a standard
+``Cast`` to float32 in front of its readers: any ONNX Runtime build and provider runs them (ONNX
+Runtime folds the cast at load, so the products are float32 ones of the rounded weights). The
+fused graphs replace every product of an activation with such a weight, forward ``x @ W^T`` and
+input gradient ``dY @ W``, by the kernel library's ``MatMulBF16``, which rounds the activation to
+bfloat16 and multiplies on AMX's tiles or with AVX512-BF16, with float32 sums; the vocabulary
+loss by ``CrossEntropyHeadBF16`` on the bfloat16 weight, and the embedding lookup by a ``Gather``
+of its bfloat16 rows and a ``Cast`` of those rows only."""
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -25,6 +28,35 @@ def bits(x: np.ndarray) -> np.ndarray:
 def to_float(b: np.ndarray) -> np.ndarray:
     """bfloat16 bit patterns (uint16) -> float32."""
     return bf16_to_f32(np.asarray(b, np.uint16))
+
+
+def vocab_weights(g: Any, skip: set[str]) -> list[str]:
+    """The frozen float32 weights ``W [V, D]`` of vocabulary projections ``h @ W^T`` (``MatMul`` of
+    a ``Transpose``, or ``FusedMatMul`` with ``transB``) whose scores a ``SoftmaxCrossEntropyLoss`` reads (a head tied to the embedding, or its own), but for those in
+    ``skip``."""
+    from onnx import TensorProto
+
+    inits = {i.name: i for i in g.initializer}
+    made = {o: n for n in g.node for o in n.output}
+    out: list[str] = []
+    for n in g.node:
+        if n.op_type != "SoftmaxCrossEntropyLoss":
+            continue
+        mm = made.get(n.input[0])
+        if mm is None or len(mm.input) != 2:
+            continue
+        w = None
+        if mm.op_type == "FusedMatMul" and _attrs(mm).get("transB", 0):
+            w = mm.input[1]
+        t = made.get(mm.input[1])
+        if mm.op_type == "MatMul" and t is not None and t.op_type == "Transpose" \
+                and list(_attrs(t).get("perm", [1, 0])) == [1, 0]:
+            w = t.input[0]
+        init = inits.get(w) if w else None
+        if init is not None and init.data_type == TensorProto.FLOAT and len(init.dims) == 2 \
+                and init.name not in skip and init.name not in out:
+            out.append(init.name)
+    return out
 
 
 def rewrite(model: Any, names: list[str], lazy: dict[str, Callable[[], Any]]) -> None:
@@ -66,8 +98,10 @@ def _attrs(node: Any) -> dict[str, Any]:
 
 def fuse(model: Any, domain: str) -> int:
     """Replace each product of an activation with a ``Cast`` bfloat16 weight (directly, or through
-    a ``Transpose``) by ``MatMulBF16``; drop the casts and transposes no one reads any more.
-    Returns how many products were replaced."""
+    a ``Transpose``) by ``MatMulBF16``, each ``CrossEntropyHead`` of such a weight by
+    ``CrossEntropyHeadBF16``, and each ``Gather`` of its rows by a ``Gather`` of the bfloat16 rows
+    and a ``Cast`` of them; drop the casts and transposes no one reads any more. Returns how many
+    products were replaced."""
     from onnx import TensorProto, helper
 
     g = model.graph
@@ -90,6 +124,17 @@ def fuse(model: Any, domain: str) -> int:
                                               domain=domain, trans_b=int(trans_b)))
                 count += 1
                 continue
+        if n.op_type == "CrossEntropyHead" and n.domain == domain and n.input[1] in cast:
+            nodes.append(helper.make_node("CrossEntropyHeadBF16", [n.input[0], cast[n.input[1]], n.input[2]],
+                                          list(n.output), name=n.name, domain=domain, **_attrs(n)))
+            count += 1
+            continue
+        if n.op_type == "Gather" and n.domain == "" and n.input[0] in cast:
+            rows = n.output[0] + SUFFIX
+            nodes.append(helper.make_node("Gather", [cast[n.input[0]], n.input[1]], [rows], name=n.name, **_attrs(n)))
+            nodes.append(helper.make_node("Cast", [rows], [n.output[0]], name=n.name + "/to_float",
+                                          to=TensorProto.FLOAT))
+            continue
         nodes.append(n)
     # Drop what no one reads now (the graph's outputs count as readers).
     while True:

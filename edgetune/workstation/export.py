@@ -724,8 +724,10 @@ def _export(model: str | os.PathLike | None, out: Path, cfg: AdapterConfig, log:
                     n, transposed=cfg.compute == "int8"))
         if cfg.compute == "bf16":
             bnames = quant.linear_weights(fwd.graph, set(trainable))
-            bf16.rewrite(fwd, bnames, fwd_lazy)
-            log(f"{len(bnames)} frozen linear weights in bfloat16 in the training graphs")
+            vocab = bf16.vocab_weights(fwd.graph, set(trainable) | set(bnames))
+            bf16.rewrite(fwd, bnames + vocab, fwd_lazy)
+            log(f"{len(bnames)} frozen linear weights" + (" and the vocabulary projection's" if vocab else "")
+                + " in bfloat16 in the training graphs")
         log("writing the training weights")
         extdata.write_external(fwd, tmp / "_forward.onnx", "train.onnx.data", fwd_lazy, threshold=1024)
         del fwd

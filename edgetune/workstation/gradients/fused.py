@@ -182,7 +182,13 @@ def _cross_entropy(G: _Graph, sce: Any) -> Optional[tuple[list[str], list[str], 
     if mm is None or G.only_use(sce.input[0]) is not sce or attr(mm, "transB", 0) != 1 or attr(mm, "transA", 0) \
             or attr(mm, "transBatchA", 0) or attr(mm, "transBatchB", 0) or float(attr(mm, "alpha", 1.0)) != 1.0:
         return None
-    if not any(i.name == mm.input[1] for i in G.g.initializer):  # a frozen projection only
+    from onnx import TensorProto
+
+    w = mm.input[1]
+    cast = G.made_by(w, "Cast")  # a bfloat16 weight's cast (--compute bf16), fused into the loss later
+    stored = cast.input[0] if cast is not None and attr(cast, "to") == TensorProto.FLOAT else w
+    if not any(i.name == stored and (stored == w or i.data_type == TensorProto.BFLOAT16)
+               for i in G.g.initializer):  # a frozen projection only
         return None
     ignore = attr(sce, "ignore_index")
     return ([mm.input[0], mm.input[1], sce.input[1]], [sce.output[0]],
