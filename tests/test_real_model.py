@@ -234,10 +234,11 @@ def test_int8_products_on_the_real_model(base, real_run, tmp_path):
 
 
 def test_bf16_products_on_the_real_model(real_run, tmp_path):
-    """The default model with bfloat16 frozen weights (--compute bf16): 210 of them, read only by
-    MatMulBF16 in the fused graphs (AMX where this CPU has it, else the plain graph's float32
-    products of the same weights), and the standard short run ends at the float32 base's
-    validation loss within 1 % of its start (about 3.2)."""
+    """The default model with bfloat16 frozen weights (--compute bf16): 210 linear ones, read only by
+    MatMulBF16 in the fused graphs, and the tied embedding, whose vocabulary loss is
+    CrossEntropyHeadBF16 (AMX or AVX512-BF16 where this CPU has one, else the plain graph's float32
+    products of the same weights); the standard short run ends at the float32 base's validation
+    loss within 1 % of its start (about 3.2)."""
     import onnx
 
     from edgetune.workstation.export import export
@@ -246,10 +247,12 @@ def test_bf16_products_on_the_real_model(real_run, tmp_path):
     export(models.DEFAULT_MODEL, bundle, AdapterConfig(rank=8, alpha=16, targets=("q_proj", "k_proj", "v_proj", "o_proj"),
                                                        compute="bf16"))
     g = onnx.load(str(bundle / "train.onnx"), load_external_data=False).graph
-    assert len([i for i in g.initializer if i.data_type == onnx.TensorProto.BFLOAT16]) == 30 * 7
+    bf = {i.name for i in g.initializer if i.data_type == onnx.TensorProto.BFLOAT16}
+    assert len(bf) == 30 * 7 + 1 and "base_model.model.model.embed_tokens.weight.bf16" in bf
     fused = json.loads((bundle / "edgetune.json").read_text()).get("fused") or {}
     if fused:
         assert fused["ops"]["MatMulBF16"] == 30 * 7 * 2 - 3
+        assert fused["ops"]["CrossEntropyHeadBF16"] == 1 and "CrossEntropyHead" not in fused["ops"]
     assert_short_run_ends_near(bundle, real_run, tmp_path / "run")
 
 
