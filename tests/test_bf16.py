@@ -38,10 +38,15 @@ def _float(b: np.ndarray) -> np.ndarray:
     return to_float(b)
 
 
-def _product(a: np.ndarray, wb: np.ndarray, trans_b: bool) -> np.ndarray:
-    node = helper.make_node("MatMulBF16", ["a", "w"], ["y"], domain="edgetune", trans_b=int(trans_b))
+def _product(a: np.ndarray, wb: np.ndarray, trans_b: bool, op: str = "MatMulBF16") -> np.ndarray:
+    """MatMulBF16 (float32 out) or MatMulBF16Round (bfloat16 out, returned as its bits: numpy has no
+    bfloat16, so the graph widens it with a Cast, which is exact)."""
+    rounded = op == "MatMulBF16Round"
+    nodes = [helper.make_node(op, ["a", "w"], ["y16" if rounded else "y"], domain="edgetune", trans_b=int(trans_b))]
+    if rounded:
+        nodes.append(helper.make_node("Cast", ["y16"], ["y"], to=TensorProto.FLOAT))
     init = helper.make_tensor("w", TensorProto.BFLOAT16, list(wb.shape), wb.tobytes(), raw=True)
-    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("a", TensorProto.FLOAT, list(a.shape))],
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("a", TensorProto.FLOAT, list(a.shape))],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [init])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("edgetune", 1)])
     so = ort.SessionOptions()
@@ -51,7 +56,7 @@ def _product(a: np.ndarray, wb: np.ndarray, trans_b: bool) -> np.ndarray:
     first = s.run(None, {"a": a})[0]
     again = s.run(None, {"a": a})[0]  # the packed weight is reused
     np.testing.assert_array_equal(first, again)
-    return first
+    return _bits(first) if rounded else first
 
 
 # (leading dims, M, K, N): odd sizes, a single row and column, the default model's shapes
@@ -60,6 +65,8 @@ CASES = [((), 64, 64, 64), ((), 37, 50, 45), ((), 1, 1, 1), ((), 5, 32, 33), ((3
 
 
 def check_products() -> None:
+    """MatMulBF16 against float64; MatMulBF16Round is MatMulBF16's output rounded to nearest even, bit
+    for bit."""
     for lead, m, k, n in CASES:
         for trans_b in (True, False):
             rng = np.random.default_rng(m * 31 + k)
@@ -71,6 +78,42 @@ def check_products() -> None:
             assert y.shape == ref.shape
             err = float(np.abs(y - ref).max() / np.abs(ref).max())
             assert err < 2e-6, (lead, m, k, n, trans_b, err)  # float32 sums of exact bfloat16 products
+            r = _product(a, wb, trans_b, "MatMulBF16Round")
+            assert r.dtype == np.uint16 and r.shape == y.shape
+            np.testing.assert_array_equal(r, _bits(y), err_msg=str((lead, m, k, n, trans_b)))
+    check_swiglu_bf16()
+
+
+def _swiglu_nodes(op: str, inputs: dict[str, np.ndarray], outs: list[str]) -> list[np.ndarray]:
+    typed = lambda name, v: helper.make_tensor_value_info(  # noqa: E731
+        name, TensorProto.BFLOAT16 if v.dtype == np.uint16 else TensorProto.FLOAT, None)
+    node = helper.make_node(op, list(inputs), outs, domain="edgetune")
+    g = helper.make_graph([node], "g", [typed(k, v) for k, v in inputs.items()],
+                          [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outs])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("edgetune", 1)])
+    so = ort.SessionOptions()
+    kernels.register(so)
+    s = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    feeds = {k: (ort.OrtValue.ortvalue_from_numpy_with_onnx_type(v, TensorProto.BFLOAT16) if v.dtype == np.uint16
+                 else ort.OrtValue.ortvalue_from_numpy(v)) for k, v in inputs.items()}
+    return s.run_with_ort_values(outs, feeds)
+
+
+def check_swiglu_bf16() -> None:
+    """SwiGLUBF16 and SwiGLUBF16Grad are SwiGLU and SwiGLUGrad of the widened values, bit for bit
+    (sizes around the ops' 16,384-value blocks)."""
+    for shape in [(3, 5), (2, 16385), (40000,)]:
+        rng = np.random.default_rng(shape[-1])
+        gb, ub = _bits(rng.normal(0, 3, shape).astype(np.float32)), _bits(rng.normal(size=shape).astype(np.float32))
+        dy = rng.normal(size=shape).astype(np.float32)
+        gf, uf = _float(gb), _float(ub)
+        (y16,) = _swiglu_nodes("SwiGLUBF16", {"g": gb, "u": ub}, ["y"])
+        (y,) = _swiglu_nodes("SwiGLU", {"g": gf, "u": uf}, ["y"])
+        np.testing.assert_array_equal(y16.numpy(), y.numpy())
+        dg16, du16 = _swiglu_nodes("SwiGLUBF16Grad", {"dy": dy, "g": gb, "u": ub}, ["dg", "du"])
+        dg, du = _swiglu_nodes("SwiGLUGrad", {"dy": dy, "g": gf, "u": uf}, ["dg", "du"])
+        np.testing.assert_array_equal(dg16.numpy(), dg.numpy())
+        np.testing.assert_array_equal(du16.numpy(), du.numpy())
 
 
 def test_matmul_bf16_matches_a_float64_product_of_the_rounded_operands():
@@ -212,7 +255,8 @@ def bf16_bundles(tiny_model, tmp_path_factory):
 def test_bf16_bundle_graphs(bf16_bundles):
     """The plain graphs hold each frozen linear weight and the tied embedding once, in bfloat16,
     cast to float32 where it is read; the fused graphs multiply by the linear weights with
-    MatMulBF16 only, compute the vocabulary loss with CrossEntropyHeadBF16 on the bfloat16
+    MatMulBF16 only (MatMulBF16Round, bfloat16 out, for the gate and up projections that only
+    SwiGLUBF16 and its gradient read), compute the vocabulary loss with CrossEntropyHeadBF16 on the bfloat16
     embedding and look up its rows in bfloat16 (no float32 copy of it); the weights are the float32
     export's, rounded to nearest even."""
     b = bf16_bundles["bf16"]
@@ -230,12 +274,14 @@ def test_bf16_bundle_graphs(bf16_bundles):
         np.testing.assert_array_equal(raw, _bits(ref[name[: -len(".bf16")]]), err_msg=name)
     man = json.loads((b / "edgetune.json").read_text())
     ops = man["fused"]["ops"]
-    assert ops["MatMulBF16"] == 2 * 7 + 2 * 7 - 3  # forward, and every input gradient but layer 0's q, k, v
+    # forward, and every input gradient but layer 0's q, k, v; each layer's gate and up rounded
+    assert ops["MatMulBF16"] + ops["MatMulBF16Round"] == 2 * 7 + 2 * 7 - 3 and ops["MatMulBF16Round"] == 2 * 2
+    assert ops["SwiGLUBF16"] == ops["SwiGLUBF16Grad"] == 2 and "SwiGLU" not in ops and "SwiGLUGrad" not in ops
     assert ops["CrossEntropyHeadBF16"] == 1 and "CrossEntropyHead" not in ops
     for graph in ("train_fused.onnx", "eval_fused.onnx"):
         g = onnx.load(str(b / graph), load_external_data=False).graph
         readers = {(n.op_type, i) for n in g.node for i in n.input if i in bf}
-        assert {op for op, i in readers if i != embed} == {"MatMulBF16"}, (graph, readers)
+        assert {op for op, i in readers if i != embed} == {"MatMulBF16", "MatMulBF16Round"}, (graph, readers)
         assert {op for op, i in readers if i == embed} == {"Gather", "CrossEntropyHeadBF16"}, (graph, readers)
         assert not any(n.op_type == "Cast" and n.input[0] in bf for n in g.node), graph
 

@@ -32,6 +32,9 @@
 //   CrossEntropyHeadBF16(h, w, labels; ignore_index) -> loss[, dh]
 //                                             CrossEntropyHead with a frozen bfloat16 w, h rounded to
 //                                             bfloat16, float32 sums (AVX512-BF16)
+//   MatMulBF16Round(a, w; trans_b) -> y       MatMulBF16 with y rounded to bfloat16
+//   SwiGLUBF16(g, u[, after]) -> y, SwiGLUBF16Grad(dy, g, u) -> dg, du
+//                                             SwiGLU and SwiGLUGrad with g and u in bfloat16
 //   MatMulBF16(a, w; trans_b) -> y            a (float32, rounded to bfloat16) times a frozen bfloat16
 //                                             weight: a w^T (trans_b 1) or a w, summed in float32 (AMX or AVX512-BF16)
 #define ORT_API_MANUAL_INIT
@@ -49,6 +52,7 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "amx_bf16.hpp"
@@ -156,6 +160,58 @@ Ort::Status SwiGLUGrad(OrtKernelContext* ctx, const Tensor<float>& dy, const Ten
     parallel(ctx, blocks_of(n), [&](size_t b) {
       const size_t lo = b * BLOCK, len = std::min(BLOCK, n - lo);
       K().swiglu_grad(pdy + lo, pg + lo, pu + lo, pdg + lo, pdu + lo, len);
+    });
+    return Ort::Status{nullptr};
+  });
+}
+
+// SwiGLU and SwiGLUGrad on g and u in bfloat16 (MatMulBF16Round's outputs): each block widened
+// to float32 (exactly), then the same kernels.
+inline void widen(const Ort::BFloat16_t* s, float* d, size_t n) {
+  const uint16_t* b = reinterpret_cast<const uint16_t*>(s);
+  for (size_t i = 0; i < n; ++i) {
+    const uint32_t u = static_cast<uint32_t>(b[i]) << 16;
+    std::memcpy(d + i, &u, 4);
+  }
+}
+
+Ort::Status SwiGLUBF16(OrtKernelContext* ctx, const Tensor<Ort::BFloat16_t>& g, const Tensor<Ort::BFloat16_t>& u,
+                       std::optional<const Tensor<float>*> /*after*/, Tensor<float>& y) {
+  return guarded("SwiGLUBF16", [&]() -> Ort::Status {
+    if (g.Shape() != u.Shape())
+      return fail("SwiGLUBF16", "g " + shape_str(g.Shape()) + " and u " + shape_str(u.Shape()) + " differ");
+    const size_t n = static_cast<size_t>(g.NumberOfElement());
+    float* out = y.Allocate(g.Shape());
+    const Ort::BFloat16_t *pg = g.Data(), *pu = u.Data();
+    parallel(ctx, blocks_of(n), [&](size_t b) {
+      const size_t lo = b * BLOCK, len = std::min(BLOCK, n - lo);
+      thread_local std::vector<float> buf(2 * BLOCK);
+      widen(pg + lo, buf.data(), len);
+      widen(pu + lo, buf.data() + BLOCK, len);
+      K().swiglu(buf.data(), buf.data() + BLOCK, out + lo, len);
+    });
+    return Ort::Status{nullptr};
+  });
+}
+
+Ort::Status SwiGLUBF16Grad(OrtKernelContext* ctx, const Tensor<float>& dy, const Tensor<Ort::BFloat16_t>& g,
+                           const Tensor<Ort::BFloat16_t>& u, Tensor<float>& dg, Tensor<float>& du) {
+  return guarded("SwiGLUBF16Grad", [&]() -> Ort::Status {
+    if (auto st = outputs_missing(ctx, 2, "SwiGLUBF16Grad"); !st.IsOK()) return st;
+    if (g.Shape() != u.Shape() || dy.Shape() != g.Shape())
+      return fail("SwiGLUBF16Grad", "dy " + shape_str(dy.Shape()) + ", g " + shape_str(g.Shape()) + " and u " +
+                                        shape_str(u.Shape()) + " must agree");
+    const size_t n = static_cast<size_t>(g.NumberOfElement());
+    float* pdg = dg.Allocate(g.Shape());
+    float* pdu = du.Allocate(g.Shape());
+    const float* pdy = dy.Data();
+    const Ort::BFloat16_t *pg = g.Data(), *pu = u.Data();
+    parallel(ctx, blocks_of(n), [&](size_t b) {
+      const size_t lo = b * BLOCK, len = std::min(BLOCK, n - lo);
+      thread_local std::vector<float> buf(2 * BLOCK);
+      widen(pg + lo, buf.data(), len);
+      widen(pu + lo, buf.data() + BLOCK, len);
+      K().swiglu_grad(pdy + lo, buf.data(), buf.data() + BLOCK, pdg + lo, pdu + lo, len);
     });
     return Ort::Status{nullptr};
   });
@@ -661,30 +717,42 @@ const char* bf16_kernel_name() {
   }
 }
 
-struct MatMulBF16 {
+// MatMulBF16 and MatMulBF16Round: the product into float32 (out) or, for MatMulBF16Round, rounded
+// to bfloat16 (out16): with AVX512-BF16 each 64-row block is rounded from a thread-local float32
+// block while it is in cache; the other paths round a float32 copy of the whole product.
+struct Bf16Product {
   bool trans_b = true;
   std::mutex mu;
   const void* converted_for = nullptr;
   std::vector<float> bf;  // B [K, N] as float32, for the plain C++ product
 
-  MatMulBF16(const OrtApi*, const OrtKernelInfo* info) {
+  Bf16Product(const OrtApi*, const OrtKernelInfo* info) {
     trans_b = Ort::ConstKernelInfo(info).GetAttribute<int64_t>("trans_b") != 0;
   }
 
-  Ort::Status Compute(OrtKernelContext* ctx, const Tensor<float>& a, const Tensor<Ort::BFloat16_t>& w,
-                      Tensor<float>& y) {
-    return guarded("MatMulBF16", [&]() -> Ort::Status {
+  template <typename Y>
+  Ort::Status product(OrtKernelContext* ctx, const char* op, const Tensor<float>& a, const Tensor<Ort::BFloat16_t>& w,
+                      Y& y) {
+    return guarded(op, [&]() -> Ort::Status {
       const auto &as = a.Shape(), &ws = w.Shape();
       if (as.empty() || ws.size() != 2 || as.back() != (trans_b ? ws[1] : ws[0]))
-        return fail("MatMulBF16", "a " + shape_str(as) + " and w " + shape_str(ws) + " do not fit (trans_b " +
-                                      std::to_string(trans_b) + ")");
+        return fail(op, "a " + shape_str(as) + " and w " + shape_str(ws) + " do not fit (trans_b " +
+                            std::to_string(trans_b) + ")");
       const size_t K = static_cast<size_t>(as.back()), N = static_cast<size_t>(trans_b ? ws[0] : ws[1]);
       size_t M = 1;
       for (size_t i = 0; i + 1 < as.size(); ++i) M *= static_cast<size_t>(as[i]);
       std::vector<int64_t> ys(as.begin(), as.end());
       ys.back() = static_cast<int64_t>(N);
-      float* out = y.Allocate(ys);
+      constexpr bool round = std::is_same<Y, Tensor<Ort::BFloat16_t>>::value;
+      auto* allocated = y.Allocate(ys);
       if (M == 0 || N == 0) return Ort::Status{nullptr};
+      uint16_t* out16 = round ? reinterpret_cast<uint16_t*>(allocated) : nullptr;
+      std::vector<float> whole;  // the rounded product's float32 copy, on the paths that need one
+      float* out = reinterpret_cast<float*>(allocated);
+      if (round && !avx_path(M, K, N)) {
+        whole.resize(M * N);
+        out = whole.data();
+      }
       const uint16_t* pw = reinterpret_cast<const uint16_t*>(w.Data());
       const float* pa = a.Data();
       const Bf16Kernel kernel = bf16_kernel();
@@ -722,8 +790,15 @@ struct MatMulBF16 {
         // packing instead.
         const uint16_t* pb = pack();
         parallel(ctx, (M + 63) / 64, [&](size_t s) {
-          const size_t m0 = s * 64;
-          edgetune::avx512_bf16_block(pa + m0 * K, std::min<size_t>(64, M - m0), K, pb, N, out + m0 * N, N);
+          const size_t m0 = s * 64, rows = std::min<size_t>(64, M - m0);
+          if (!round) {
+            edgetune::avx512_bf16_block(pa + m0 * K, rows, K, pb, N, out + m0 * N, N);
+            return;
+          }
+          thread_local std::vector<float> block;
+          block.resize(std::max(block.size(), 64 * N));
+          edgetune::avx512_bf16_block(pa + m0 * K, rows, K, pb, N, block.data(), N);
+          edgetune::rows_to_bf16(block.data(), rows, N, out16 + m0 * N, N);
         });
       } else if ((amx || avx) && direct) {
         parallel(ctx, stripes, [&](size_t s) {
@@ -757,8 +832,37 @@ struct MatMulBF16 {
           }
         });
       }
+      if (round && !whole.empty())
+        parallel(ctx, (M + 63) / 64, [&](size_t s) {
+          const size_t m0 = s * 64;
+          edgetune::rows_to_bf16(out + m0 * N, std::min<size_t>(64, M - m0), N, out16 + m0 * N, N);
+        });
       return Ort::Status{nullptr};
     });
+  }
+
+  // Whether product() takes the AVX512-BF16 blocks (which round block by block).
+  bool avx_path(size_t M, size_t K, size_t /*N*/) const {
+    const bool direct = trans_b && K % 2 == 0;
+    return bf16_kernel() == Bf16Kernel::avx512bf16 && !(direct && M < 64);
+  }
+};
+
+struct MatMulBF16 : Bf16Product {
+  using Bf16Product::Bf16Product;
+  Ort::Status Compute(OrtKernelContext* ctx, const Tensor<float>& a, const Tensor<Ort::BFloat16_t>& w,
+                      Tensor<float>& y) {
+    return product(ctx, "MatMulBF16", a, w, y);
+  }
+};
+
+// MatMulBF16 with its output rounded to bfloat16 (nearest even): the products that feed only
+// SwiGLUBF16 and SwiGLUBF16Grad, so the backward pass keeps half the bytes of them.
+struct MatMulBF16Round : Bf16Product {
+  using Bf16Product::Bf16Product;
+  Ort::Status Compute(OrtKernelContext* ctx, const Tensor<float>& a, const Tensor<Ort::BFloat16_t>& w,
+                      Tensor<Ort::BFloat16_t>& y) {
+    return product(ctx, "MatMulBF16Round", a, w, y);
   }
 };
 
@@ -838,12 +942,13 @@ extern "C" EDGETUNE_EXPORT const char* EdgetuneFusedIsa() { return K().name; }
 
 // The ops this library implements, comma-separated: a bundle whose fused graphs use one it lacks
 // runs its plain graphs.
-// MatMulBF16 and CrossEntropyHeadBF16 only where AMX or AVX512-BF16 runs them (their plain C++
-// paths are there for tests and correctness, not speed).
+// The bfloat16 ops (MatMulBF16, MatMulBF16Round, SwiGLUBF16, SwiGLUBF16Grad, CrossEntropyHeadBF16)
+// only where AMX or AVX512-BF16 runs the products (their plain C++ paths are there for tests and
+// correctness, not speed).
 extern "C" EDGETUNE_EXPORT const char* EdgetuneFusedOps() {
   static const std::string ops =
       std::string("SwiGLU,SwiGLUGrad,RMSNorm,RMSNormGrad,Rotary,RotaryGrad,Attention,AttentionGrad,CrossEntropyHead,AdamW,"
-                  "AddRMSNorm,AddRMSNormGrad") + (bf16_kernel() != Bf16Kernel::none ? ",MatMulBF16,CrossEntropyHeadBF16" : "");
+                  "AddRMSNorm,AddRMSNormGrad") + (bf16_kernel() != Bf16Kernel::none ? ",MatMulBF16,MatMulBF16Round,SwiGLUBF16,SwiGLUBF16Grad,CrossEntropyHeadBF16" : "");
   return ops.c_str();
 }
 
@@ -875,6 +980,9 @@ extern "C" EDGETUNE_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionO
       ops.emplace_back(Ort::Custom::CreateLiteCustomOp<CrossEntropyHead>("CrossEntropyHead", cpu));
       ops.emplace_back(Ort::Custom::CreateLiteCustomOp<AdamW>("AdamW", cpu));
       ops.emplace_back(Ort::Custom::CreateLiteCustomOp<MatMulBF16>("MatMulBF16", cpu));
+      ops.emplace_back(Ort::Custom::CreateLiteCustomOp<MatMulBF16Round>("MatMulBF16Round", cpu));
+      ops.emplace_back(Ort::Custom::CreateLiteCustomOp("SwiGLUBF16", cpu, SwiGLUBF16));
+      ops.emplace_back(Ort::Custom::CreateLiteCustomOp("SwiGLUBF16Grad", cpu, SwiGLUBF16Grad));
       ops.emplace_back(Ort::Custom::CreateLiteCustomOp<CrossEntropyHeadBF16>("CrossEntropyHeadBF16", cpu));
       for (auto& op : ops) domain->Add(op.get());
     }

@@ -8,7 +8,9 @@ fused graphs replace every product of an activation with such a weight, forward 
 input gradient ``dY @ W``, by the kernel library's ``MatMulBF16``, which rounds the activation to
 bfloat16 and multiplies on AMX's tiles or with AVX512-BF16, with float32 sums; the vocabulary
 loss by ``CrossEntropyHeadBF16`` on the bfloat16 weight, and the embedding lookup by a ``Gather``
-of its bfloat16 rows and a ``Cast`` of those rows only."""
+of its bfloat16 rows and a ``Cast`` of those rows only. The gate and up projections that feed only a
+``SwiGLU`` come out of ``MatMulBF16Round`` in bfloat16, which ``SwiGLUBF16`` and its gradient read:
+the backward pass keeps them in half the bytes."""
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -100,8 +102,9 @@ def fuse(model: Any, domain: str) -> int:
     """Replace each product of an activation with a ``Cast`` bfloat16 weight (directly, or through
     a ``Transpose``) by ``MatMulBF16``, each ``CrossEntropyHead`` of such a weight by
     ``CrossEntropyHeadBF16``, and each ``Gather`` of its rows by a ``Gather`` of the bfloat16 rows
-    and a ``Cast`` of them; drop the casts and transposes no one reads any more. Returns how many
-    products were replaced."""
+    and a ``Cast`` of them; round a ``SwiGLU``'s two products to bfloat16 where nothing else reads
+    them (``_round_swiglu_inputs``); drop the casts and transposes no one reads any more. Returns how
+    many products were replaced."""
     from onnx import TensorProto, helper
 
     g = model.graph
@@ -136,6 +139,7 @@ def fuse(model: Any, domain: str) -> int:
                                           to=TensorProto.FLOAT))
             continue
         nodes.append(n)
+    nodes = _round_swiglu_inputs(nodes, g, domain)
     # Drop what no one reads now (the graph's outputs count as readers).
     while True:
         read = {i for n in nodes for i in n.input} | {o.name for o in g.output}
@@ -149,3 +153,45 @@ def fuse(model: Any, domain: str) -> int:
     if count and not any(o.domain == domain for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(domain, 1))
     return count
+
+
+def _round_swiglu_inputs(nodes: list[Any], g: Any, domain: str) -> list[Any]:
+    """Where both inputs of a ``SwiGLU`` are ``MatMulBF16`` products read by nothing but that
+    ``SwiGLU`` and its ``SwiGLUGrad``: the products become ``MatMulBF16Round`` (bfloat16 outputs)
+    and the readers ``SwiGLUBF16`` and ``SwiGLUBF16Grad``, so the backward pass keeps the gate and
+    up projections in half the bytes (as a bfloat16 model's own activations are)."""
+    made = {n.output[0]: n for n in nodes if n.op_type == "MatMulBF16" and n.domain == domain}
+    readers: dict[str, list[tuple[Any, int]]] = {}
+    for n in nodes:
+        for i, t in enumerate(n.input):
+            readers.setdefault(t, []).append((n, i))
+    outputs = {o.name for o in g.output}
+
+    def only_swiglu(gate: str, up: str) -> bool:
+        for t in (gate, up):
+            for n, i in readers.get(t, []):
+                pair = list(n.input[:2]) if n.op_type == "SwiGLU" else list(n.input[1:3]) \
+                    if n.op_type == "SwiGLUGrad" else None
+                if n.domain != domain or pair != [gate, up]:
+                    return False
+        return True
+
+    chosen: set[str] = set()
+    for n in nodes:
+        if n.op_type == "SwiGLU" and n.domain == domain and len(n.input) >= 2:
+            gate, up = n.input[0], n.input[1]
+            if gate in made and up in made and gate != up and not {gate, up} & outputs and only_swiglu(gate, up):
+                chosen |= {gate, up}
+    if not chosen:
+        return nodes
+    for n in nodes:
+        if n.op_type == "MatMulBF16" and n.output[0] in chosen:
+            n.op_type = "MatMulBF16Round"
+        elif n.op_type == "SwiGLU" and n.input[0] in chosen:
+            n.op_type = "SwiGLUBF16"
+        elif n.op_type == "SwiGLUGrad" and n.input[1] in chosen:
+            n.op_type = "SwiGLUBF16Grad"
+    keep = [v for v in g.value_info if v.name not in chosen]  # their type is bfloat16 now
+    del g.value_info[:]
+    g.value_info.extend(keep)
+    return nodes
