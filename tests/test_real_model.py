@@ -235,7 +235,8 @@ def test_int8_products_on_the_real_model(base, real_run, tmp_path):
 
 def test_bf16_products_on_the_real_model(real_run, tmp_path):
     """The default model with bfloat16 frozen weights (--compute bf16): 210 linear ones, read only by
-    MatMulBF16 in the fused graphs, and the tied embedding, whose vocabulary loss is
+    MatMulBF16 in the fused graphs (MatMulBF16Round for the gate and up projections, kept in
+    bfloat16 for SwiGLUBF16 and its gradient), and the tied embedding, whose vocabulary loss is
     CrossEntropyHeadBF16 (AMX or AVX512-BF16 where this CPU has one, else the plain graph's float32
     products of the same weights); the standard short run ends at the float32 base's validation
     loss within 1 % of its start (about 3.2)."""
@@ -251,8 +252,10 @@ def test_bf16_products_on_the_real_model(real_run, tmp_path):
     assert len(bf) == 30 * 7 + 1 and "base_model.model.model.embed_tokens.weight.bf16" in bf
     fused = json.loads((bundle / "edgetune.json").read_text()).get("fused") or {}
     if fused:
-        assert fused["ops"]["MatMulBF16"] == 30 * 7 * 2 - 3
-        assert fused["ops"]["CrossEntropyHeadBF16"] == 1 and "CrossEntropyHead" not in fused["ops"]
+        ops = fused["ops"]
+        assert ops["MatMulBF16"] + ops["MatMulBF16Round"] == 30 * 7 * 2 - 3
+        assert ops["MatMulBF16Round"] == 30 * 2 and ops["SwiGLUBF16"] == ops["SwiGLUBF16Grad"] == 30  # gate, up
+        assert ops["CrossEntropyHeadBF16"] == 1 and "CrossEntropyHead" not in ops
     assert_short_run_ends_near(bundle, real_run, tmp_path / "run")
 
 
