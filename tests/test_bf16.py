@@ -218,7 +218,8 @@ def test_matmul_bf16_plain_product_matches_too():
     """EDGETUNE_ISA=generic turns AMX and AVX512-BF16 off: the plain C++ product, and the op is no
     longer listed."""
     code = ("import sys; sys.path.insert(0, %r); import test_bf16 as t; t.check_products(); "
-            "t.check_ce_heads(); from edgetune.device import fused; print(sorted(fused.library().ops))") % str(Path(__file__).parent)
+            "t.check_ce_heads(); from edgetune.device import fused; print(sorted(fused.library().ops))"
+            ) % str(Path(__file__).parent)
     out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, EDGETUNE_ISA="generic"),
                          capture_output=True, text=True, cwd=str(Path(__file__).parent))
     assert out.returncode == 0, out.stderr

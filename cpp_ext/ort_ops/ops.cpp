@@ -660,9 +660,10 @@ struct CrossEntropyHeadBF16 {
       const uint16_t* pw = reinterpret_cast<const uint16_t*>(w.Data());
       const int64_t* pl = labels.Data();
       const auto& ws = w.Shape();
-      const size_t D = ws.size() == 2 ? static_cast<size_t>(ws[1]) : 0, V = ws.size() == 2 ? static_cast<size_t>(ws[0]) : 0;
+      const bool two = ws.size() == 2;
+      const size_t D = two ? static_cast<size_t>(ws[1]) : 0, V = two ? static_cast<size_t>(ws[0]) : 0;
       const bool fast = bf16_kernel() != Bf16Kernel::none && edgetune::avx512_bf16_usable();
-      if (!fast && ws.size() == 2) {
+      if (!fast && two) {
         std::lock_guard<std::mutex> lock(mu);
         if (converted_for != pw) {  // a frozen initializer: once per session
           wf.resize(V * D);
@@ -671,7 +672,8 @@ struct CrossEntropyHeadBF16 {
         }
       }
       // The fast path computes 32 rows at a time.
-      return ce_head_groups("CrossEntropyHeadBF16", ctx, h.Shape(), ws, labels, ignore, loss, dh, fast ? 32 : K().attn_block_rows,
+      return ce_head_groups("CrossEntropyHeadBF16", ctx, h.Shape(), ws, labels, ignore, loss, dh,
+                            fast ? 32 : K().attn_block_rows,
                             [&](size_t lo, size_t n, float* rows, float* g) {
                               if (fast) {
                                 edgetune::avx512_bf16_ce_head(ph + lo * D, n, D, pw, V, pl + lo, ignore, rows, g);
@@ -948,7 +950,9 @@ extern "C" EDGETUNE_EXPORT const char* EdgetuneFusedIsa() { return K().name; }
 extern "C" EDGETUNE_EXPORT const char* EdgetuneFusedOps() {
   static const std::string ops =
       std::string("SwiGLU,SwiGLUGrad,RMSNorm,RMSNormGrad,Rotary,RotaryGrad,Attention,AttentionGrad,CrossEntropyHead,AdamW,"
-                  "AddRMSNorm,AddRMSNormGrad") + (bf16_kernel() != Bf16Kernel::none ? ",MatMulBF16,MatMulBF16Round,SwiGLUBF16,SwiGLUBF16Grad,CrossEntropyHeadBF16" : "");
+                  "AddRMSNorm,AddRMSNormGrad") +
+      (bf16_kernel() != Bf16Kernel::none ? ",MatMulBF16,MatMulBF16Round,SwiGLUBF16,SwiGLUBF16Grad,CrossEntropyHeadBF16"
+                                         : "");
   return ops.c_str();
 }
 

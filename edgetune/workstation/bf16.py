@@ -34,8 +34,8 @@ def to_float(b: np.ndarray) -> np.ndarray:
 
 def vocab_weights(g: Any, skip: set[str]) -> list[str]:
     """The frozen float32 weights ``W [V, D]`` of vocabulary projections ``h @ W^T`` (``MatMul`` of
-    a ``Transpose``, or ``FusedMatMul`` with ``transB``) whose scores a ``SoftmaxCrossEntropyLoss`` reads (a head tied to the embedding, or its own), but for those in
-    ``skip``."""
+    a ``Transpose``, or ``FusedMatMul`` with ``transB``) whose scores a ``SoftmaxCrossEntropyLoss``
+    reads (a head tied to the embedding, or its own), but for those in ``skip``."""
     from onnx import TensorProto
 
     inits = {i.name: i for i in g.initializer}
