@@ -720,8 +720,8 @@ const char* bf16_kernel_name() {
 }
 
 // MatMulBF16 and MatMulBF16Round: the product into float32 (out) or, for MatMulBF16Round, rounded
-// to bfloat16 (out16): with AVX512-BF16 each 64-row block is rounded from a thread-local float32
-// block while it is in cache; the other paths round a float32 copy of the whole product.
+// to bfloat16 (out16): with AVX512-BF16's blocks the sums are rounded in registers as they are
+// stored; the other paths round a float32 copy of the whole product.
 struct Bf16Product {
   bool trans_b = true;
   std::mutex mu;
@@ -793,14 +793,10 @@ struct Bf16Product {
         const uint16_t* pb = pack();
         parallel(ctx, (M + 63) / 64, [&](size_t s) {
           const size_t m0 = s * 64, rows = std::min<size_t>(64, M - m0);
-          if (!round) {
+          if (round)
+            edgetune::avx512_bf16_block(pa + m0 * K, rows, K, pb, N, nullptr, N, out16 + m0 * N);
+          else
             edgetune::avx512_bf16_block(pa + m0 * K, rows, K, pb, N, out + m0 * N, N);
-            return;
-          }
-          thread_local std::vector<float> block;
-          block.resize(std::max(block.size(), 64 * N));
-          edgetune::avx512_bf16_block(pa + m0 * K, rows, K, pb, N, block.data(), N);
-          edgetune::rows_to_bf16(block.data(), rows, N, out16 + m0 * N, N);
         });
       } else if ((amx || avx) && direct) {
         parallel(ctx, stripes, [&](size_t s) {
