@@ -38,23 +38,28 @@ def _float(b: np.ndarray) -> np.ndarray:
     return to_float(b)
 
 
-def _product(a: np.ndarray, wb: np.ndarray, trans_b: bool, op: str = "MatMulBF16") -> np.ndarray:
-    """MatMulBF16 (float32 out) or MatMulBF16Round (bfloat16 out, returned as its bits: numpy has no
-    bfloat16, so the graph widens it with a Cast, which is exact)."""
+def _product(a: np.ndarray, wb: np.ndarray, trans_b: bool, op: str = "MatMulBF16",
+             c: np.ndarray | None = None) -> np.ndarray:
+    """MatMulBF16 (float32 out), MatMulBF16Add (plus c) or MatMulBF16Round (bfloat16 out, returned as
+    its bits: numpy has no bfloat16, so the graph widens it with a Cast, which is exact)."""
     rounded = op == "MatMulBF16Round"
-    nodes = [helper.make_node(op, ["a", "w"], ["y16" if rounded else "y"], domain="edgetune", trans_b=int(trans_b))]
+    nodes = [helper.make_node(op, ["a", "w"] + (["c"] if c is not None else []), ["y16" if rounded else "y"],
+                              domain="edgetune", trans_b=int(trans_b))]
     if rounded:
         nodes.append(helper.make_node("Cast", ["y16"], ["y"], to=TensorProto.FLOAT))
     init = helper.make_tensor("w", TensorProto.BFLOAT16, list(wb.shape), wb.tobytes(), raw=True)
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("a", TensorProto.FLOAT, list(a.shape))],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [init])
+    ins = [helper.make_tensor_value_info("a", TensorProto.FLOAT, list(a.shape))]
+    if c is not None:
+        ins.append(helper.make_tensor_value_info("c", TensorProto.FLOAT, list(c.shape)))
+    g = helper.make_graph(nodes, "g", ins, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [init])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("edgetune", 1)])
     so = ort.SessionOptions()
     so.intra_op_num_threads = 2
     kernels.register(so)
     s = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    first = s.run(None, {"a": a})[0]
-    again = s.run(None, {"a": a})[0]  # the packed weight is reused
+    feeds = {"a": a} if c is None else {"a": a, "c": c}
+    first = s.run(None, feeds)[0]
+    again = s.run(None, feeds)[0]  # the packed weight is reused
     np.testing.assert_array_equal(first, again)
     return _bits(first) if rounded else first
 
@@ -65,8 +70,8 @@ CASES = [((), 64, 64, 64), ((), 37, 50, 45), ((), 1, 1, 1), ((), 5, 32, 33), ((3
 
 
 def check_products() -> None:
-    """MatMulBF16 against float64; MatMulBF16Round is MatMulBF16's output rounded to nearest even, bit
-    for bit."""
+    """MatMulBF16 against float64; MatMulBF16Round is MatMulBF16's output rounded to nearest even, and
+    MatMulBF16Add its output plus the addend, bit for bit."""
     for lead, m, k, n in CASES:
         for trans_b in (True, False):
             rng = np.random.default_rng(m * 31 + k)
@@ -81,7 +86,16 @@ def check_products() -> None:
             r = _product(a, wb, trans_b, "MatMulBF16Round")
             assert r.dtype == np.uint16 and r.shape == y.shape
             np.testing.assert_array_equal(r, _bits(y), err_msg=str((lead, m, k, n, trans_b)))
+            c = rng.normal(size=y.shape).astype(np.float32)
+            np.testing.assert_array_equal(_product(a, wb, trans_b, "MatMulBF16Add", c), y + c,
+                                          err_msg=str((lead, m, k, n, trans_b)))
     check_swiglu_bf16()
+
+
+def test_matmul_bf16_add_refuses_an_addend_of_another_shape():
+    a, wb = np.ones((4, 8), np.float32), _bits(np.ones((6, 8), np.float32))
+    with pytest.raises(Exception, match=r"edgetune::MatMulBF16Add: c \[4, 5\] is not the product's shape \[4, 6\]"):
+        _product(a, wb, True, "MatMulBF16Add", np.zeros((4, 5), np.float32))
 
 
 def _swiglu_nodes(op: str, inputs: dict[str, np.ndarray], outs: list[str]) -> list[np.ndarray]:
@@ -276,13 +290,18 @@ def test_bf16_bundle_graphs(bf16_bundles):
     man = json.loads((b / "edgetune.json").read_text())
     ops = man["fused"]["ops"]
     # forward, and every input gradient but layer 0's q, k, v; each layer's gate and up rounded
-    assert ops["MatMulBF16"] + ops["MatMulBF16Round"] == 2 * 7 + 2 * 7 - 3 and ops["MatMulBF16Round"] == 2 * 2
+    # and each LoRA layer's base product with the adapter's branch added in it (q, k, v, o forward)
+    assert ops["MatMulBF16"] + ops["MatMulBF16Round"] + ops["MatMulBF16Add"] == 2 * 7 + 2 * 7 - 3
+    assert ops["MatMulBF16Round"] == 2 * 2 and ops["MatMulBF16Add"] == 2 * 4
     assert ops["SwiGLUBF16"] == ops["SwiGLUBF16Grad"] == 2 and "SwiGLU" not in ops and "SwiGLUGrad" not in ops
     assert ops["CrossEntropyHeadBF16"] == 1 and "CrossEntropyHead" not in ops
     for graph in ("train_fused.onnx", "eval_fused.onnx"):
         g = onnx.load(str(b / graph), load_external_data=False).graph
         readers = {(n.op_type, i) for n in g.node for i in n.input if i in bf}
-        assert {op for op, i in readers if i != embed} == {"MatMulBF16", "MatMulBF16Round"}, (graph, readers)
+        assert {op for op, i in readers if i != embed} == {"MatMulBF16", "MatMulBF16Round", "MatMulBF16Add"}, \
+            (graph, readers)
+        products = {n.output[0] for n in g.node if n.op_type.startswith("MatMulBF16")}
+        assert not any(n.op_type == "Add" and set(n.input) & products for n in g.node), graph
         assert {op for op, i in readers if i == embed} == {"Gather", "CrossEntropyHeadBF16"}, (graph, readers)
         assert not any(n.op_type == "Cast" and n.input[0] in bf for n in g.node), graph
 

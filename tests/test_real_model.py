@@ -253,7 +253,8 @@ def test_bf16_products_on_the_real_model(real_run, tmp_path):
     fused = json.loads((bundle / "edgetune.json").read_text()).get("fused") or {}
     if fused:
         ops = fused["ops"]
-        assert ops["MatMulBF16"] + ops["MatMulBF16Round"] == 30 * 7 * 2 - 3
+        assert ops["MatMulBF16"] + ops["MatMulBF16Round"] + ops["MatMulBF16Add"] == 30 * 7 * 2 - 3
+        assert ops["MatMulBF16Add"] == 30 * 4  # q, k, v, o: the base product plus the LoRA branch
         assert ops["MatMulBF16Round"] == 30 * 2 and ops["SwiGLUBF16"] == ops["SwiGLUBF16Grad"] == 30  # gate, up
         assert ops["CrossEntropyHeadBF16"] == 1 and "CrossEntropyHead" not in ops
     assert_short_run_ends_near(bundle, real_run, tmp_path / "run")

@@ -42,9 +42,10 @@ bool avx512_bf16_usable();
 // y[M, N] (row stride ldy) = x w with AVX512-BF16: x [M, K] float32, rounded to bfloat16 here
 // (M <= 64 is best: its panels stay in the core's L2), and w packed by pack_b_cols as all of B's
 // columns (for each 16 columns, zero past N rounded up to 32, ceil(K / 32) tiles of 512 values).
-// With y16, y is rounded to bfloat16 (nearest even) into y16 (row stride ldy) instead.
+// With y16, y is rounded to bfloat16 (nearest even) into y16 (row stride ldy) instead; with add
+// (row stride ldy), y = x w + add, each sum added once as it is stored.
 void avx512_bf16_block(const float* x, size_t M, size_t K, const uint16_t* packed, size_t N, float* y, size_t ldy,
-                       uint16_t* y16 = nullptr);
+                       uint16_t* y16 = nullptr, const float* add = nullptr);
 
 // amx_bf16_rows_wt with vdpbf16ps, for a few rows (no packing of w); needs only K even.
 void avx512_bf16_rows_wt(const float* x, size_t M, size_t K, const uint16_t* w, size_t N, float* y, size_t ldy);

@@ -48,9 +48,11 @@ bool probe() {
 
 // C[rows <= 8][32 columns] (row stride ldc; the two 16-column halves stored under m0 and m1) = 8 rows of an A panel (a: pair p of row r at a[32 p + 2 r]) times two
 // B panels (b and b + bs: pair p of column c at b[32 p + 2 c]), P pairs deep.
-// With c16, the sums are stored rounded to bfloat16 there (nearest even) instead of into c.
+// With c16, the sums are stored rounded to bfloat16 there (nearest even) instead of into c. With
+// add, each sum is added to add's value (row stride ldc) as it is stored: one float32 add, as an
+// Add node after the product would make.
 inline void block8x32(const uint16_t* a, const uint16_t* b, size_t bs, size_t P, float* c, size_t ldc, size_t rows,
-                      __mmask16 m0, __mmask16 m1, uint16_t* c16 = nullptr) {
+                      __mmask16 m0, __mmask16 m1, uint16_t* c16 = nullptr, const float* add = nullptr) {
   __m512 acc[8][2];
   for (int r = 0; r < 8; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
   const int32_t* a32 = reinterpret_cast<const int32_t*>(a);
@@ -64,6 +66,11 @@ inline void block8x32(const uint16_t* a, const uint16_t* b, size_t bs, size_t P,
       acc[r][1] = _mm512_dpbf16_ps(acc[r][1], x, b1);
     }
   }
+  if (add)
+    for (size_t r = 0; r < rows; ++r) {
+      acc[r][0] = _mm512_add_ps(acc[r][0], _mm512_maskz_loadu_ps(m0, add + r * ldc));
+      acc[r][1] = _mm512_add_ps(acc[r][1], _mm512_maskz_loadu_ps(m1, add + r * ldc + 16));
+    }
   if (c16) {
     for (size_t r = 0; r < rows; ++r) {
       _mm256_mask_storeu_epi16(c16 + r * ldc, m0, (__m256i)_mm512_cvtneps_pbh(acc[r][0]));
@@ -112,7 +119,7 @@ bool avx512_bf16_usable() {
 }
 
 void avx512_bf16_block(const float* x, size_t M, size_t K, const uint16_t* packed, size_t N, float* y, size_t ldy,
-                       uint16_t* y16) {
+                       uint16_t* y16, const float* add) {
   const size_t KB = (K + 31) / 32, KP = KB * 16, G = (M + 15) / 16;
   // The calling thread's panels of x, kept at their largest size (fresh pages on every call cost
   // page faults), on whole cache lines.
@@ -127,7 +134,8 @@ void avx512_bf16_block(const float* x, size_t M, size_t K, const uint16_t* packe
     const uint16_t* b = packed + (n0 / 16) * KP * 32;
     for (size_t r0 = 0; r0 < M; r0 += 8)
       block8x32(ap + (r0 / 16) * KP * 32 + (r0 % 16) * 2, b, KP * 32, KP, y ? y + r0 * ldy + n0 : nullptr, ldy,
-                std::min<size_t>(8, M - r0), m0, m1, y16 ? y16 + r0 * ldy + n0 : nullptr);
+                std::min<size_t>(8, M - r0), m0, m1, y16 ? y16 + r0 * ldy + n0 : nullptr,
+                add ? add + r0 * ldy + n0 : nullptr);
   }
 }
 
@@ -163,7 +171,8 @@ void avx512_bf16_rows_wt(const float* x, size_t M, size_t K, const uint16_t* w, 
 
 bool avx512_bf16_usable() { return false; }
 
-void avx512_bf16_block(const float*, size_t, size_t, const uint16_t*, size_t, float*, size_t, uint16_t*) {}
+void avx512_bf16_block(const float*, size_t, size_t, const uint16_t*, size_t, float*, size_t, uint16_t*,
+                       const float*) {}
 
 void avx512_bf16_rows_wt(const float*, size_t, size_t, const uint16_t*, size_t, float*, size_t) {}
 

@@ -32,6 +32,7 @@
 //   CrossEntropyHeadBF16(h, w, labels; ignore_index) -> loss[, dh]
 //                                             CrossEntropyHead with a frozen bfloat16 w, h rounded to
 //                                             bfloat16, float32 sums (AVX512-BF16)
+//   MatMulBF16Add(a, w, c; trans_b) -> y      MatMulBF16 plus c (an Add after it)
 //   MatMulBF16Round(a, w; trans_b) -> y       MatMulBF16 with y rounded to bfloat16
 //   SwiGLUBF16(g, u[, after]) -> y, SwiGLUBF16Grad(dy, g, u) -> dg, du
 //                                             SwiGLU and SwiGLUGrad with g and u in bfloat16
@@ -734,12 +735,19 @@ struct Bf16Product {
 
   template <typename Y>
   Ort::Status product(OrtKernelContext* ctx, const char* op, const Tensor<float>& a, const Tensor<Ort::BFloat16_t>& w,
-                      Y& y) {
+                      Y& y, const Tensor<float>* c = nullptr) {
     return guarded(op, [&]() -> Ort::Status {
       const auto &as = a.Shape(), &ws = w.Shape();
       if (as.empty() || ws.size() != 2 || as.back() != (trans_b ? ws[1] : ws[0]))
         return fail(op, "a " + shape_str(as) + " and w " + shape_str(ws) + " do not fit (trans_b " +
                             std::to_string(trans_b) + ")");
+      if (c) {
+        std::vector<int64_t> want(as.begin(), as.end());
+        want.back() = trans_b ? ws[0] : ws[1];
+        if (c->Shape() != want)
+          return fail(op, "c " + shape_str(c->Shape()) + " is not the product's shape " + shape_str(want));
+      }
+      const float* add = c ? c->Data() : nullptr;
       const size_t K = static_cast<size_t>(as.back()), N = static_cast<size_t>(trans_b ? ws[0] : ws[1]);
       size_t M = 1;
       for (size_t i = 0; i + 1 < as.size(); ++i) M *= static_cast<size_t>(as[i]);
@@ -796,7 +804,8 @@ struct Bf16Product {
           if (round)
             edgetune::avx512_bf16_block(pa + m0 * K, rows, K, pb, N, nullptr, N, out16 + m0 * N);
           else
-            edgetune::avx512_bf16_block(pa + m0 * K, rows, K, pb, N, out + m0 * N, N);
+            edgetune::avx512_bf16_block(pa + m0 * K, rows, K, pb, N, out + m0 * N, N, nullptr,
+                                        add ? add + m0 * N : nullptr);
         });
       } else if ((amx || avx) && direct) {
         parallel(ctx, stripes, [&](size_t s) {
@@ -830,6 +839,11 @@ struct Bf16Product {
           }
         });
       }
+      if (add && !avx_path(M, K, N))  // the paths that store plain sums: c added after, as an Add would
+        parallel(ctx, blocks_of(M * N), [&](size_t b) {
+          const size_t lo = b * BLOCK, hi = std::min(M * N, lo + BLOCK);
+          for (size_t i = lo; i < hi; ++i) out[i] += add[i];
+        });
       if (round && !whole.empty())
         parallel(ctx, (M + 63) / 64, [&](size_t s) {
           const size_t m0 = s * 64;
@@ -851,6 +865,16 @@ struct MatMulBF16 : Bf16Product {
   Ort::Status Compute(OrtKernelContext* ctx, const Tensor<float>& a, const Tensor<Ort::BFloat16_t>& w,
                       Tensor<float>& y) {
     return product(ctx, "MatMulBF16", a, w, y);
+  }
+};
+
+// MatMulBF16 and the Add after it: y = a w + c (c of y's shape), each sum added to c as it is stored,
+// the same float32 add as an Add node's; the LoRA layers' base product plus the adapter's branch.
+struct MatMulBF16Add : Bf16Product {
+  using Bf16Product::Bf16Product;
+  Ort::Status Compute(OrtKernelContext* ctx, const Tensor<float>& a, const Tensor<Ort::BFloat16_t>& w,
+                      const Tensor<float>& c, Tensor<float>& y) {
+    return product(ctx, "MatMulBF16Add", a, w, y, &c);
   }
 };
 
@@ -940,14 +964,15 @@ extern "C" EDGETUNE_EXPORT const char* EdgetuneFusedIsa() { return K().name; }
 
 // The ops this library implements, comma-separated: a bundle whose fused graphs use one it lacks
 // runs its plain graphs.
-// The bfloat16 ops (MatMulBF16, MatMulBF16Round, SwiGLUBF16, SwiGLUBF16Grad, CrossEntropyHeadBF16)
+// The bfloat16 ops (MatMulBF16, MatMulBF16Add, MatMulBF16Round, SwiGLUBF16, SwiGLUBF16Grad, CrossEntropyHeadBF16)
 // only where AMX or AVX512-BF16 runs the products (their plain C++ paths are there for tests and
 // correctness, not speed).
 extern "C" EDGETUNE_EXPORT const char* EdgetuneFusedOps() {
   static const std::string ops =
       std::string("SwiGLU,SwiGLUGrad,RMSNorm,RMSNormGrad,Rotary,RotaryGrad,Attention,AttentionGrad,CrossEntropyHead,AdamW,"
                   "AddRMSNorm,AddRMSNormGrad") +
-      (bf16_kernel() != Bf16Kernel::none ? ",MatMulBF16,MatMulBF16Round,SwiGLUBF16,SwiGLUBF16Grad,CrossEntropyHeadBF16"
+      (bf16_kernel() != Bf16Kernel::none ? ",MatMulBF16,MatMulBF16Add,MatMulBF16Round,SwiGLUBF16,SwiGLUBF16Grad,"
+                                           "CrossEntropyHeadBF16"
                                          : "");
   return ops.c_str();
 }
@@ -980,6 +1005,7 @@ extern "C" EDGETUNE_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionO
       ops.emplace_back(Ort::Custom::CreateLiteCustomOp<CrossEntropyHead>("CrossEntropyHead", cpu));
       ops.emplace_back(Ort::Custom::CreateLiteCustomOp<AdamW>("AdamW", cpu));
       ops.emplace_back(Ort::Custom::CreateLiteCustomOp<MatMulBF16>("MatMulBF16", cpu));
+      ops.emplace_back(Ort::Custom::CreateLiteCustomOp<MatMulBF16Add>("MatMulBF16Add", cpu));
       ops.emplace_back(Ort::Custom::CreateLiteCustomOp<MatMulBF16Round>("MatMulBF16Round", cpu));
       ops.emplace_back(Ort::Custom::CreateLiteCustomOp("SwiGLUBF16", cpu, SwiGLUBF16));
       ops.emplace_back(Ort::Custom::CreateLiteCustomOp("SwiGLUBF16Grad", cpu, SwiGLUBF16Grad));

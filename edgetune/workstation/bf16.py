@@ -102,8 +102,9 @@ def fuse(model: Any, domain: str) -> int:
     """Replace each product of an activation with a ``Cast`` bfloat16 weight (directly, or through
     a ``Transpose``) by ``MatMulBF16``, each ``CrossEntropyHead`` of such a weight by
     ``CrossEntropyHeadBF16``, and each ``Gather`` of its rows by a ``Gather`` of the bfloat16 rows
-    and a ``Cast`` of them; round a ``SwiGLU``'s two products to bfloat16 where nothing else reads
-    them (``_round_swiglu_inputs``); drop the casts and transposes no one reads any more. Returns how
+    and a ``Cast`` of them; fold the ``Add`` after a product into it where a LoRA branch is added
+    (``_fold_adds``); round a ``SwiGLU``'s two products to bfloat16 where nothing else reads them
+    (``_round_swiglu_inputs``); drop the casts and transposes no one reads any more. Returns how
     many products were replaced."""
     from onnx import TensorProto, helper
 
@@ -139,6 +140,7 @@ def fuse(model: Any, domain: str) -> int:
                                           to=TensorProto.FLOAT))
             continue
         nodes.append(n)
+    nodes = _fold_adds(nodes, g, domain)
     nodes = _round_swiglu_inputs(nodes, g, domain)
     # Drop what no one reads now (the graph's outputs count as readers).
     while True:
@@ -153,6 +155,38 @@ def fuse(model: Any, domain: str) -> int:
     if count and not any(o.domain == domain for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(domain, 1))
     return count
+
+
+def _fold_adds(nodes: list[Any], g: Any, domain: str) -> list[Any]:
+    """``Add(MatMulBF16(a, w), b)`` where ``b`` is another product's output (a LoRA layer: the base
+    product plus the adapter's branch) and nothing else reads the ``MatMulBF16``: one
+    ``MatMulBF16Add(a, w, b)``, which adds ``b`` as it stores each sum (the same float32 add, no
+    pass of its own)."""
+    from onnx import helper
+
+    made = {o: n for n in nodes for o in n.output}
+    reads: dict[str, int] = {}
+    for n in nodes:
+        for t in n.input:
+            reads[t] = reads.get(t, 0) + 1
+    outputs = {o.name for o in g.output}
+    fold: dict[int, Any] = {}  # id(Add) -> the MatMulBF16Add that takes its place
+    gone: set[int] = set()
+    for n in nodes:
+        if n.op_type != "Add" or n.domain not in ("", "ai.onnx") or len(n.input) != 2:
+            continue
+        for k in (0, 1):
+            mm, other = made.get(n.input[k]), made.get(n.input[1 - k])
+            if mm is None or mm.op_type != "MatMulBF16" or mm.domain != domain or id(mm) in gone \
+                    or reads.get(mm.output[0]) != 1 or mm.output[0] in outputs:
+                continue
+            if other is None or other.op_type not in ("MatMul", "FusedMatMul", "MatMulBF16"):
+                continue
+            fold[id(n)] = helper.make_node("MatMulBF16Add", [mm.input[0], mm.input[1], n.input[1 - k]],
+                                           list(n.output), name=mm.name, domain=domain, **_attrs(mm))
+            gone.add(id(mm))
+            break
+    return [fold.get(id(n), n) for n in nodes if id(n) not in gone]
 
 
 def _round_swiglu_inputs(nodes: list[Any], g: Any, domain: str) -> list[Any]:
