@@ -626,10 +626,10 @@ struct CrossEntropyHead {
     return guarded("CrossEntropyHead", [&]() -> Ort::Status {
       const float *ph = h.Data(), *pw = w.Data();
       const int64_t* pl = labels.Data();
-      const size_t D = static_cast<size_t>(w.Shape().back()), V = static_cast<size_t>(w.Shape().front());
       return ce_head_groups("CrossEntropyHead", ctx, h.Shape(), w.Shape(), labels, ignore, loss, dh,
                             K().attn_block_rows,
-                            [&](size_t lo, size_t n, float* rows, float* g) {
+                            [&](size_t lo, size_t n, float* rows, float* g) {  // w's shape is checked by now
+                              const size_t D = static_cast<size_t>(w.Shape()[1]), V = static_cast<size_t>(w.Shape()[0]);
                               std::vector<float> work(K().ce_head_work(n, D));
                               K().ce_head(ph + lo * D, n, D, pw, V, pl + lo, ignore, rows, g, work.data());
                             });
