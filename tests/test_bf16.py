@@ -292,7 +292,8 @@ def test_bf16_bundle_graphs(bf16_bundles):
     # forward, and every input gradient but layer 0's q, k, v; each layer's gate and up rounded
     # and each LoRA layer's base product with the adapter's branch added in it (q, k, v, o forward)
     assert ops["MatMulBF16"] + ops["MatMulBF16Round"] + ops["MatMulBF16Add"] == 2 * 7 + 2 * 7 - 3
-    assert ops["MatMulBF16Round"] == 2 * 2 and ops["MatMulBF16Add"] == 2 * 4
+    # and the input gradients' Sums as chains of them (layer 1's q/k/v and both layers' o and gate/up)
+    assert ops["MatMulBF16Round"] == 2 * 2 and ops["MatMulBF16Add"] == 2 * 4 + (3 + 1 + 1) + (1 + 1)
     assert ops["SwiGLUBF16"] == ops["SwiGLUBF16Grad"] == 2 and "SwiGLU" not in ops and "SwiGLUGrad" not in ops
     assert ops["CrossEntropyHeadBF16"] == 1 and "CrossEntropyHead" not in ops
     for graph in ("train_fused.onnx", "eval_fused.onnx"):
@@ -301,7 +302,7 @@ def test_bf16_bundle_graphs(bf16_bundles):
         assert {op for op, i in readers if i != embed} == {"MatMulBF16", "MatMulBF16Round", "MatMulBF16Add"}, \
             (graph, readers)
         products = {n.output[0] for n in g.node if n.op_type.startswith("MatMulBF16")}
-        assert not any(n.op_type == "Add" and set(n.input) & products for n in g.node), graph
+        assert not any(n.op_type in ("Add", "Sum") and set(n.input) & products for n in g.node), graph
         assert {op for op, i in readers if i == embed} == {"Gather", "CrossEntropyHeadBF16"}, (graph, readers)
         assert not any(n.op_type == "Cast" and n.input[0] in bf for n in g.node), graph
 

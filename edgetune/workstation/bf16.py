@@ -103,7 +103,8 @@ def fuse(model: Any, domain: str) -> int:
     a ``Transpose``) by ``MatMulBF16``, each ``CrossEntropyHead`` of such a weight by
     ``CrossEntropyHeadBF16``, and each ``Gather`` of its rows by a ``Gather`` of the bfloat16 rows
     and a ``Cast`` of them; fold the ``Add`` after a product into it where a LoRA branch is added
-    (``_fold_adds``); round a ``SwiGLU``'s two products to bfloat16 where nothing else reads them
+    (``_fold_adds``), and a gradient ``Sum`` of products into a chain of them (``_fold_sums``);
+    round a ``SwiGLU``'s two products to bfloat16 where nothing else reads them
     (``_round_swiglu_inputs``); drop the casts and transposes no one reads any more. Returns how
     many products were replaced."""
     from onnx import TensorProto, helper
@@ -141,6 +142,7 @@ def fuse(model: Any, domain: str) -> int:
             continue
         nodes.append(n)
     nodes = _fold_adds(nodes, g, domain)
+    nodes = _fold_sums(nodes, g, domain)
     nodes = _round_swiglu_inputs(nodes, g, domain)
     # Drop what no one reads now (the graph's outputs count as readers).
     while True:
@@ -187,6 +189,56 @@ def _fold_adds(nodes: list[Any], g: Any, domain: str) -> list[Any]:
             gone.add(id(mm))
             break
     return [fold.get(id(n), n) for n in nodes if id(n) not in gone]
+
+
+def _fold_sums(nodes: list[Any], g: Any, domain: str) -> list[Any]:
+    """A ``Sum`` of input gradients, some of them ``MatMulBF16`` products that nothing else reads
+    (q, k and v's, gate and up's, a LoRA layer's base and branch): the products become a chain of
+    ``MatMulBF16Add``, each adding the sum so far as it stores its own; the other inputs (a LoRA
+    branch's gradient) start the chain. No pass of the ``Sum``'s own over the layer's input."""
+    from onnx import helper
+
+    made = {o: n for n in nodes for o in n.output}
+    reads: dict[str, int] = {}
+    for n in nodes:
+        for t in n.input:
+            reads[t] = reads.get(t, 0) + 1
+    outputs = {o.name for o in g.output}
+    out: list[Any] = []
+    gone: set[int] = set()
+    chains: dict[int, list[Any]] = {}
+    for n in nodes:
+        if n.op_type != "Sum" or n.domain not in ("", "ai.onnx") or len(n.input) < 2:
+            continue
+        prods = [made[t] for t in n.input if t in made and made[t].op_type == "MatMulBF16" and made[t].domain == domain
+                 and reads.get(t) == 1 and t not in outputs and id(made[t]) not in gone]
+        if not prods or len({id(m) for m in prods}) != len(prods):
+            continue
+        rest = [t for t in n.input if not (t in made and made[t] in prods)]
+        chain: list[Any] = []
+        acc = None
+        if len(rest) == 1:
+            acc = rest[0]
+        elif len(rest) > 1:
+            acc = n.output[0] + "/rest"
+            chain.append(helper.make_node("Sum", rest, [acc], name=n.name + "/rest"))
+        for k, m in enumerate(prods):
+            last = k == len(prods) - 1
+            y = n.output[0] if last else f"{n.output[0]}/part{k}"
+            if acc is None:
+                chain.append(helper.make_node("MatMulBF16", list(m.input), [y], name=m.name, domain=domain,
+                                              **_attrs(m)))
+            else:
+                chain.append(helper.make_node("MatMulBF16Add", [m.input[0], m.input[1], acc], [y], name=m.name,
+                                              domain=domain, **_attrs(m)))
+            acc = y
+        chains[id(n)] = chain
+        gone |= {id(m) for m in prods}
+    for n in nodes:
+        if id(n) in gone:
+            continue
+        out.extend(chains.get(id(n), [n]))
+    return out
 
 
 def _round_swiglu_inputs(nodes: list[Any], g: Any, domain: str) -> list[Any]:
