@@ -132,90 +132,77 @@ Ort::Status guarded(const char* op, F&& body) {
 
 // `after` (RMSNorm, SwiGLU): an optional last input the op only waits for, never reads; a forward
 // op recomputed in the backward pass takes it to run when the backward pass gets there.
-Ort::Status SwiGLU(OrtKernelContext* ctx, const Tensor<float>& g, const Tensor<float>& u,
-                   std::optional<const Tensor<float>*> /*after*/, Tensor<float>& y) {
-  return guarded("SwiGLU", [&]() -> Ort::Status {
-    if (g.Shape() != u.Shape()) return fail("SwiGLU", "g " + shape_str(g.Shape()) + " and u " + shape_str(u.Shape()) + " differ");
-    const size_t n = static_cast<size_t>(g.NumberOfElement());
-    float* out = y.Allocate(g.Shape());
-    const float *pg = g.Data(), *pu = u.Data();
-    parallel(ctx, blocks_of(n), [&](size_t b) {
-      const size_t lo = b * BLOCK, len = std::min(BLOCK, n - lo);
-      K().swiglu(pg + lo, pu + lo, out + lo, len);
-    });
-    return Ort::Status{nullptr};
-  });
-}
+// A block [lo, lo + len) of g or u as float32: in place for float32, widened (exactly) from
+// bfloat16 into the calling thread's buffer `slot` for MatMulBF16Round's outputs.
+inline const float* block_of(const float* p, size_t lo, size_t, int) { return p + lo; }
 
-Ort::Status SwiGLUGrad(OrtKernelContext* ctx, const Tensor<float>& dy, const Tensor<float>& g, const Tensor<float>& u,
-                       Tensor<float>& dg, Tensor<float>& du) {
-  return guarded("SwiGLUGrad", [&]() -> Ort::Status {
-      if (auto st = outputs_missing(ctx, 2, "SwiGLUGrad"); !st.IsOK()) return st;
-    if (g.Shape() != u.Shape() || dy.Shape() != g.Shape())
-      return fail("SwiGLUGrad", "dy " + shape_str(dy.Shape()) + ", g " + shape_str(g.Shape()) + " and u " +
-                                    shape_str(u.Shape()) + " must agree");
-    const size_t n = static_cast<size_t>(g.NumberOfElement());
-    float* pdg = dg.Allocate(g.Shape());
-    float* pdu = du.Allocate(g.Shape());
-    const float *pdy = dy.Data(), *pg = g.Data(), *pu = u.Data();
-    parallel(ctx, blocks_of(n), [&](size_t b) {
-      const size_t lo = b * BLOCK, len = std::min(BLOCK, n - lo);
-      K().swiglu_grad(pdy + lo, pg + lo, pu + lo, pdg + lo, pdu + lo, len);
-    });
-    return Ort::Status{nullptr};
-  });
-}
-
-// SwiGLU and SwiGLUGrad on g and u in bfloat16 (MatMulBF16Round's outputs): each block widened
-// to float32 (exactly), then the same kernels.
-inline void widen(const Ort::BFloat16_t* s, float* d, size_t n) {
-  const uint16_t* b = reinterpret_cast<const uint16_t*>(s);
-  for (size_t i = 0; i < n; ++i) {
-    const uint32_t u = static_cast<uint32_t>(b[i]) << 16;
-    std::memcpy(d + i, &u, 4);
+inline const float* block_of(const Ort::BFloat16_t* p, size_t lo, size_t len, int slot) {
+  thread_local std::vector<float> buf(2 * BLOCK);
+  float* d = buf.data() + slot * BLOCK;
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(p + lo);
+  for (size_t i = 0; i < len; ++i) {
+    const uint32_t w = static_cast<uint32_t>(s[i]) << 16;
+    std::memcpy(d + i, &w, 4);
   }
+  return d;
 }
 
-Ort::Status SwiGLUBF16(OrtKernelContext* ctx, const Tensor<Ort::BFloat16_t>& g, const Tensor<Ort::BFloat16_t>& u,
-                       std::optional<const Tensor<float>*> /*after*/, Tensor<float>& y) {
-  return guarded("SwiGLUBF16", [&]() -> Ort::Status {
+// SwiGLU and SwiGLUBF16 (g and u in float32 or bfloat16), SwiGLUGrad and SwiGLUBF16Grad.
+template <typename T>
+Ort::Status swiglu(const char* op, OrtKernelContext* ctx, const Tensor<T>& g, const Tensor<T>& u, Tensor<float>& y) {
+  return guarded(op, [&]() -> Ort::Status {
     if (g.Shape() != u.Shape())
-      return fail("SwiGLUBF16", "g " + shape_str(g.Shape()) + " and u " + shape_str(u.Shape()) + " differ");
+      return fail(op, "g " + shape_str(g.Shape()) + " and u " + shape_str(u.Shape()) + " differ");
     const size_t n = static_cast<size_t>(g.NumberOfElement());
     float* out = y.Allocate(g.Shape());
-    const Ort::BFloat16_t *pg = g.Data(), *pu = u.Data();
+    const T *pg = g.Data(), *pu = u.Data();
     parallel(ctx, blocks_of(n), [&](size_t b) {
       const size_t lo = b * BLOCK, len = std::min(BLOCK, n - lo);
-      thread_local std::vector<float> buf(2 * BLOCK);
-      widen(pg + lo, buf.data(), len);
-      widen(pu + lo, buf.data() + BLOCK, len);
-      K().swiglu(buf.data(), buf.data() + BLOCK, out + lo, len);
+      K().swiglu(block_of(pg, lo, len, 0), block_of(pu, lo, len, 1), out + lo, len);
     });
     return Ort::Status{nullptr};
   });
 }
 
-Ort::Status SwiGLUBF16Grad(OrtKernelContext* ctx, const Tensor<float>& dy, const Tensor<Ort::BFloat16_t>& g,
-                           const Tensor<Ort::BFloat16_t>& u, Tensor<float>& dg, Tensor<float>& du) {
-  return guarded("SwiGLUBF16Grad", [&]() -> Ort::Status {
-    if (auto st = outputs_missing(ctx, 2, "SwiGLUBF16Grad"); !st.IsOK()) return st;
+template <typename T>
+Ort::Status swiglu_grad(const char* op, OrtKernelContext* ctx, const Tensor<float>& dy, const Tensor<T>& g,
+                        const Tensor<T>& u, Tensor<float>& dg, Tensor<float>& du) {
+  return guarded(op, [&]() -> Ort::Status {
+    if (auto st = outputs_missing(ctx, 2, op); !st.IsOK()) return st;
     if (g.Shape() != u.Shape() || dy.Shape() != g.Shape())
-      return fail("SwiGLUBF16Grad", "dy " + shape_str(dy.Shape()) + ", g " + shape_str(g.Shape()) + " and u " +
-                                        shape_str(u.Shape()) + " must agree");
+      return fail(op, "dy " + shape_str(dy.Shape()) + ", g " + shape_str(g.Shape()) + " and u " +
+                          shape_str(u.Shape()) + " must agree");
     const size_t n = static_cast<size_t>(g.NumberOfElement());
     float* pdg = dg.Allocate(g.Shape());
     float* pdu = du.Allocate(g.Shape());
     const float* pdy = dy.Data();
-    const Ort::BFloat16_t *pg = g.Data(), *pu = u.Data();
+    const T *pg = g.Data(), *pu = u.Data();
     parallel(ctx, blocks_of(n), [&](size_t b) {
       const size_t lo = b * BLOCK, len = std::min(BLOCK, n - lo);
-      thread_local std::vector<float> buf(2 * BLOCK);
-      widen(pg + lo, buf.data(), len);
-      widen(pu + lo, buf.data() + BLOCK, len);
-      K().swiglu_grad(pdy + lo, buf.data(), buf.data() + BLOCK, pdg + lo, pdu + lo, len);
+      K().swiglu_grad(pdy + lo, block_of(pg, lo, len, 0), block_of(pu, lo, len, 1), pdg + lo, pdu + lo, len);
     });
     return Ort::Status{nullptr};
   });
+}
+
+Ort::Status SwiGLU(OrtKernelContext* ctx, const Tensor<float>& g, const Tensor<float>& u,
+                   std::optional<const Tensor<float>*> /*after*/, Tensor<float>& y) {
+  return swiglu("SwiGLU", ctx, g, u, y);
+}
+
+Ort::Status SwiGLUGrad(OrtKernelContext* ctx, const Tensor<float>& dy, const Tensor<float>& g, const Tensor<float>& u,
+                       Tensor<float>& dg, Tensor<float>& du) {
+  return swiglu_grad("SwiGLUGrad", ctx, dy, g, u, dg, du);
+}
+
+Ort::Status SwiGLUBF16(OrtKernelContext* ctx, const Tensor<Ort::BFloat16_t>& g, const Tensor<Ort::BFloat16_t>& u,
+                       std::optional<const Tensor<float>*> /*after*/, Tensor<float>& y) {
+  return swiglu("SwiGLUBF16", ctx, g, u, y);
+}
+
+Ort::Status SwiGLUBF16Grad(OrtKernelContext* ctx, const Tensor<float>& dy, const Tensor<Ort::BFloat16_t>& g,
+                           const Tensor<Ort::BFloat16_t>& u, Tensor<float>& dg, Tensor<float>& du) {
+  return swiglu_grad("SwiGLUBF16Grad", ctx, dy, g, u, dg, du);
 }
 
 struct RMSNorm {

@@ -159,6 +159,24 @@ def fuse(model: Any, domain: str) -> int:
     return count
 
 
+def _lone_products(nodes: list[Any], g: Any, domain: str) -> tuple[dict[str, Any], Callable[[str], Any]]:
+    """The node making each tensor, and ``lone(t)``: the ``MatMulBF16`` whose output ``t`` is, where
+    exactly one node reads ``t`` and it is not a graph output; else None."""
+    made = {o: n for n in nodes for o in n.output}
+    reads: dict[str, int] = {}
+    for n in nodes:
+        for t in n.input:
+            reads[t] = reads.get(t, 0) + 1
+    outputs = {o.name for o in g.output}
+
+    def lone(t: str) -> Any:
+        m = made.get(t)
+        ok = m is not None and m.op_type == "MatMulBF16" and m.domain == domain and reads.get(t) == 1
+        return m if ok and t not in outputs else None
+
+    return made, lone
+
+
 def _fold_adds(nodes: list[Any], g: Any, domain: str) -> list[Any]:
     """``Add(MatMulBF16(a, w), b)`` where ``b`` is another product's output (a LoRA layer: the base
     product plus the adapter's branch) and nothing else reads the ``MatMulBF16``: one
@@ -166,21 +184,15 @@ def _fold_adds(nodes: list[Any], g: Any, domain: str) -> list[Any]:
     pass of its own)."""
     from onnx import helper
 
-    made = {o: n for n in nodes for o in n.output}
-    reads: dict[str, int] = {}
-    for n in nodes:
-        for t in n.input:
-            reads[t] = reads.get(t, 0) + 1
-    outputs = {o.name for o in g.output}
+    made, lone = _lone_products(nodes, g, domain)
     fold: dict[int, Any] = {}  # id(Add) -> the MatMulBF16Add that takes its place
     gone: set[int] = set()
     for n in nodes:
         if n.op_type != "Add" or n.domain not in ("", "ai.onnx") or len(n.input) != 2:
             continue
         for k in (0, 1):
-            mm, other = made.get(n.input[k]), made.get(n.input[1 - k])
-            if mm is None or mm.op_type != "MatMulBF16" or mm.domain != domain or id(mm) in gone \
-                    or reads.get(mm.output[0]) != 1 or mm.output[0] in outputs:
+            mm, other = lone(n.input[k]), made.get(n.input[1 - k])
+            if mm is None or id(mm) in gone:
                 continue
             if other is None or other.op_type not in ("MatMul", "FusedMatMul", "MatMulBF16"):
                 continue
@@ -198,23 +210,17 @@ def _fold_sums(nodes: list[Any], g: Any, domain: str) -> list[Any]:
     branch's gradient) start the chain. No pass of the ``Sum``'s own over the layer's input."""
     from onnx import helper
 
-    made = {o: n for n in nodes for o in n.output}
-    reads: dict[str, int] = {}
-    for n in nodes:
-        for t in n.input:
-            reads[t] = reads.get(t, 0) + 1
-    outputs = {o.name for o in g.output}
+    made, lone = _lone_products(nodes, g, domain)
     out: list[Any] = []
     gone: set[int] = set()
     chains: dict[int, list[Any]] = {}
     for n in nodes:
         if n.op_type != "Sum" or n.domain not in ("", "ai.onnx") or len(n.input) < 2:
             continue
-        prods = [made[t] for t in n.input if t in made and made[t].op_type == "MatMulBF16" and made[t].domain == domain
-                 and reads.get(t) == 1 and t not in outputs and id(made[t]) not in gone]
+        prods = [m for m in map(lone, n.input) if m is not None and id(m) not in gone]
         if not prods or len({id(m) for m in prods}) != len(prods):
             continue
-        rest = [t for t in n.input if not (t in made and made[t] in prods)]
+        rest = [t for t in n.input if id(made.get(t)) not in {id(m) for m in prods}]
         chain: list[Any] = []
         acc = None
         if len(rest) == 1:
