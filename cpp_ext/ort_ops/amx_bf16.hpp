@@ -39,13 +39,20 @@ void amx_bf16_rows_wt(const float* x, size_t M, size_t K, const uint16_t* w, siz
 // Whether this CPU has AVX512-BF16 (with AVX512 F, BW and VL) and the OS saves the AVX-512 state.
 bool avx512_bf16_usable();
 
-// y[M, N] (row stride ldy) = x w with AVX512-BF16: x [M, K] float32, rounded to bfloat16 here
-// (M <= 64 is best: its panels stay in the core's L2), and w packed by pack_b_cols as all of B's
-// columns (for each 16 columns, zero past N rounded up to 32, ceil(K / 32) tiles of 512 values).
-// With y16, y is rounded to bfloat16 (nearest even) into y16 (row stride ldy) instead; with add
-// (row stride ldy), y = x w + add, each sum added once as it is stored.
-void avx512_bf16_block(const float* x, size_t M, size_t K, const uint16_t* packed, size_t N, float* y, size_t ldy,
-                       uint16_t* y16 = nullptr, const float* add = nullptr);
+// Rows [16 g, 16 g + 16) of x [M, K] (float32) rounded to bfloat16 into panel g of `out`, the
+// layout avx512_bf16_cols reads: per 16 rows, ceil(K / 32) tiles of 512 values (pairs of k
+// interleaved by row), zero past M and K.
+void avx512_bf16_pack_rows(const float* x, size_t M, size_t K, size_t g, uint16_t* out);
+
+// y[M, cols] (row stride ldy) = x w with AVX512-BF16 for one block of up to 32 of w's columns: x's
+// rows packed by avx512_bf16_pack_rows, the columns by pack_b_cols (64-byte aligned). With y16, y
+// is rounded to bfloat16 (nearest even) into y16 (row stride ldy) instead; with add (row stride
+// ldy), y = x w + add, each sum added once as it is stored. With next, the cache lines next + i
+// next_stride (i < next_lines) are prefetched into L2 while the rows are multiplied: the source of
+// the columns that come next.
+void avx512_bf16_cols(const uint16_t* rows, size_t M, size_t K, const uint16_t* panel, size_t cols, float* y,
+                      size_t ldy, uint16_t* y16 = nullptr, const float* add = nullptr, const char* next = nullptr,
+                      size_t next_lines = 0, size_t next_stride = 0);
 
 // amx_bf16_rows_wt with vdpbf16ps, for a few rows (no packing of w); needs only K even.
 void avx512_bf16_rows_wt(const float* x, size_t M, size_t K, const uint16_t* w, size_t N, float* y, size_t ldy);

@@ -4,10 +4,10 @@
 // FMA of the same width. Built with -mavx512bf16 (CMakeLists.txt) on x86 only; elsewhere
 // avx512_bf16_usable() is false and ops.cpp computes the same product in plain C++.
 //
-// Both operands are laid out for the inner loop first: B's columns interleaved by pairs of k
-// (pack_b's layout, 16 columns per panel) and up to 64 rows of A rounded to bfloat16 and
-// interleaved the same way (16 rows per panel), so that each step of the loop reads one cache line
-// of each. The block is 8 rows of A times 32 columns of B: per pair of k, two vectors of B and 8
+// Both operands are laid out for the inner loop first: all rows of A rounded to bfloat16 and
+// interleaved by pairs of k (16 rows per panel), and 32 of B's columns interleaved the same way
+// (pack_b's layout, 16 columns per panel) by the task that multiplies every row by them, so that
+// each step of the loop reads one cache line of each. The block is 8 rows of A times 32 columns of B: per pair of k, two vectors of B and 8
 // broadcast pairs of A feed 16 vdpbf16ps. Sixteen rows times 16 columns (one vector of B per 16
 // broadcasts) measured 84-87 % of the instruction's peak with every operand in L1, the load ports
 // being the limit; 8 x 32 measured 97-100 %. A forward product of fewer than 64 rows skips the
@@ -118,24 +118,24 @@ bool avx512_bf16_usable() {
   return ok;
 }
 
-void avx512_bf16_block(const float* x, size_t M, size_t K, const uint16_t* packed, size_t N, float* y, size_t ldy,
-                       uint16_t* y16, const float* add) {
-  const size_t KB = (K + 31) / 32, KP = KB * 16, G = (M + 15) / 16;
-  // The calling thread's panels of x, kept at their largest size (fresh pages on every call cost
-  // page faults), on whole cache lines.
-  thread_local std::vector<uint16_t> buf;
-  buf.resize(std::max(buf.size(), G * KP * 32 + 32));
-  uint16_t* ap = buf.data() + (64 - reinterpret_cast<uintptr_t>(buf.data()) % 64) % 64 / 2;
-  for (size_t g = 0; g < G; ++g) interleave_rows16(x + g * 16 * K, std::min<size_t>(16, M - g * 16), K, ap + g * KP * 32);
-  for (size_t n0 = 0; n0 < N; n0 += 32) {
-    const size_t cols = std::min<size_t>(32, N - n0);
-    const __mmask16 m0 = cols >= 16 ? 0xffff : static_cast<__mmask16>((1u << cols) - 1);
-    const __mmask16 m1 = cols >= 32 ? 0xffff : cols <= 16 ? 0 : static_cast<__mmask16>((1u << (cols - 16)) - 1);
-    const uint16_t* b = packed + (n0 / 16) * KP * 32;
-    for (size_t r0 = 0; r0 < M; r0 += 8)
-      block8x32(ap + (r0 / 16) * KP * 32 + (r0 % 16) * 2, b, KP * 32, KP, y ? y + r0 * ldy + n0 : nullptr, ldy,
-                std::min<size_t>(8, M - r0), m0, m1, y16 ? y16 + r0 * ldy + n0 : nullptr,
-                add ? add + r0 * ldy + n0 : nullptr);
+void avx512_bf16_pack_rows(const float* x, size_t M, size_t K, size_t g, uint16_t* out) {
+  const size_t KP = (K + 31) / 32 * 16;
+  interleave_rows16(x + g * 16 * K, std::min<size_t>(16, M - g * 16), K, out + g * KP * 32);
+}
+
+void avx512_bf16_cols(const uint16_t* rows, size_t M, size_t K, const uint16_t* panel, size_t cols, float* y,
+                      size_t ldy, uint16_t* y16, const float* add, const char* next, size_t next_lines,
+                      size_t next_stride) {
+  const size_t KP = (K + 31) / 32 * 16;
+  const __mmask16 m0 = cols >= 16 ? 0xffff : static_cast<__mmask16>((1u << cols) - 1);
+  const __mmask16 m1 = cols >= 32 ? 0xffff : cols <= 16 ? 0 : static_cast<__mmask16>((1u << (cols - 16)) - 1);
+  const size_t blocks = (M + 7) / 8, per = next ? (next_lines + blocks - 1) / blocks : 0;
+  size_t line = 0;
+  for (size_t r0 = 0; r0 < M; r0 += 8) {
+    for (size_t i = 0; i < per && line < next_lines; ++i, ++line)
+      _mm_prefetch(next + line * next_stride, _MM_HINT_T1);
+    block8x32(rows + (r0 / 16) * KP * 32 + (r0 % 16) * 2, panel, KP * 32, KP, y ? y + r0 * ldy : nullptr, ldy,
+              std::min<size_t>(8, M - r0), m0, m1, y16 ? y16 + r0 * ldy : nullptr, add ? add + r0 * ldy : nullptr);
   }
 }
 
@@ -171,8 +171,10 @@ void avx512_bf16_rows_wt(const float* x, size_t M, size_t K, const uint16_t* w, 
 
 bool avx512_bf16_usable() { return false; }
 
-void avx512_bf16_block(const float*, size_t, size_t, const uint16_t*, size_t, float*, size_t, uint16_t*,
-                       const float*) {}
+void avx512_bf16_pack_rows(const float*, size_t, size_t, size_t, uint16_t*) {}
+
+void avx512_bf16_cols(const uint16_t*, size_t, size_t, const uint16_t*, size_t, float*, size_t, uint16_t*,
+                      const float*, const char*, size_t, size_t) {}
 
 void avx512_bf16_rows_wt(const float*, size_t, size_t, const uint16_t*, size_t, float*, size_t) {}
 

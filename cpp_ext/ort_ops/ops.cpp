@@ -783,16 +783,27 @@ struct Bf16Product {
         return pb;
       };
       if (avx && !(direct && M < 64)) {
-        // Blocks of 64 rows of a times all of the packed w: a few rows of x w^T (below) skip the
-        // packing instead.
-        const uint16_t* pb = pack();
-        parallel(ctx, (M + 63) / 64, [&](size_t s) {
-          const size_t m0 = s * 64, rows = std::min<size_t>(64, M - m0);
-          if (round)
-            edgetune::avx512_bf16_block(pa + m0 * K, rows, K, pb, N, nullptr, N, out16 + m0 * N);
-          else
-            edgetune::avx512_bf16_block(pa + m0 * K, rows, K, pb, N, out + m0 * N, N, nullptr,
-                                        add ? add + m0 * N : nullptr);
+        // All of a's rows rounded and interleaved once, then one task per 32 columns of w: it
+        // interleaves its columns (a panel that stays in the core's L1 or L2) and multiplies every
+        // row by them, so w is read once, next to the arithmetic that hides its memory latency,
+        // and the tasks split evenly between the threads for any number of rows.
+        const size_t G = (M + 15) / 16, KP = KB * 16;
+        thread_local std::vector<uint16_t> rows_buf;  // kept at its largest size, as the panels
+        rows_buf.resize(std::max(rows_buf.size(), G * KP * 32 + 32));
+        uint16_t* ap = rows_buf.data() + (64 - reinterpret_cast<uintptr_t>(rows_buf.data()) % 64) % 64 / 2;
+        parallel(ctx, G, [&](size_t g) { edgetune::avx512_bf16_pack_rows(pa, M, K, g, ap); });
+        parallel(ctx, NB, [&](size_t b) {
+          thread_local std::vector<uint16_t> panel;
+          panel.resize(std::max(panel.size(), 2 * KB * 512 + 32));
+          uint16_t* pb = panel.data() + (64 - reinterpret_cast<uintptr_t>(panel.data()) % 64) % 64 / 2;
+          const size_t n0 = b * 32, cols = std::min<size_t>(32, N - n0);
+          edgetune::pack_b_cols(pw, trans_b, K, N, n0, cols, pb);
+          // The next block's part of w: 32 of its rows (trans_b), or 32 columns of each row.
+          const size_t n1 = n0 + 32;
+          const char* next = n1 < N ? reinterpret_cast<const char*>(trans_b ? pw + n1 * K : pw + n1) : nullptr;
+          const size_t lines = !next ? 0 : trans_b ? (std::min<size_t>(32, N - n1) * K * 2 + 63) / 64 : K;
+          edgetune::avx512_bf16_cols(ap, M, K, pb, cols, round ? nullptr : out + n0, N, round ? out16 + n0 : nullptr,
+                                     add ? add + n0 : nullptr, next, lines, trans_b ? 64 : N * 2);
         });
       } else if ((amx || avx) && direct) {
         parallel(ctx, stripes, [&](size_t s) {
