@@ -134,6 +134,20 @@ void avx512_bf16_cols(const uint16_t* rows, size_t M, size_t K, const uint16_t* 
   for (size_t r0 = 0; r0 < M; r0 += 8) {
     for (size_t i = 0; i < per && line < next_lines; ++i, ++line)
       _mm_prefetch(next + line * next_stride, _MM_HINT_T1);
+    // The next block's rows of the addend and of the output (for writing), so that neither waits
+    // on memory when this block's sums are stored.
+    for (size_t r = r0 + 8; r < std::min(M, r0 + 16); ++r) {
+      if (add) {
+        _mm_prefetch(reinterpret_cast<const char*>(add + r * ldy), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(add + r * ldy + 16), _MM_HINT_T0);
+      }
+      if (y16) {
+        __builtin_prefetch(y16 + r * ldy, 1, 3);
+      } else if (y) {
+        __builtin_prefetch(y + r * ldy, 1, 3);
+        __builtin_prefetch(y + r * ldy + 16, 1, 3);
+      }
+    }
     block8x32(rows + (r0 / 16) * KP * 32 + (r0 % 16) * 2, panel, KP * 32, KP, y ? y + r0 * ldy : nullptr, ldy,
               std::min<size_t>(8, M - r0), m0, m1, y16 ? y16 + r0 * ldy : nullptr, add ? add + r0 * ldy : nullptr);
   }
