@@ -42,11 +42,14 @@ lengths), optimizer (AdamW, PyTorch's rule and defaults) and thread count. Each 
 untimed warm-up step, then ``--steps`` timed steps (median and min-max reported); the validation
 loss is taken before the first step and after the last. flops_fraction is edgetune's useful
 work (frozen body forward and activation backward, attention matmuls included, vocabulary
-projection of labelled rows) over the machine's multiply-add peak measured by the merge
+projection of labelled rows) over the machine's float32 multiply-add peak measured by the merge
 kernels' FMA loop: in lockstep, read again just before every step (after the pause) and weighted
 by the steps' times, because a shared machine's speed drifts between minutes
 (``flops_fraction_start_peak`` divides by the reading at the start of the run instead, and
-``fma_peak_gflops_steps`` gives the lowest and highest reading). The last line is JSON:
+``fma_peak_gflops_steps`` gives the lowest and highest reading). With ``--bf16`` on a CPU with
+AVX512-BF16, ``flops_fraction_bf16_peak`` divides the same work by the bfloat16 dot-product peak
+(vdpbf16ps, twice the float32 rate), read the same way (on a CPU with AMX, whose tiles the
+products use there, the products' own peak is higher still). The last line is JSON:
 
     {"tokens_per_s_ratio", "tokens_per_s_ratio_tuned", "peak_rss_ratio", "peak_rss_ratio_tuned",
      "loss_gap", "loss_gap_tuned", "flops_fraction", "fused", "kernels", "tokens_per_s_ratio_no_chunks", ...}
@@ -315,13 +318,15 @@ def worker_torch_tuned(a: argparse.Namespace) -> dict:
 
 
 # -- driver ----------------------------------------------------------------------------
-def fma_peak_gflops(threads: int, passes: int = 5, iters: int | None = None) -> float:
+def fma_peak_gflops(threads: int, passes: int = 5, iters: int | None = None, bf16: bool = False) -> float:
     """The machine's multiply-add peak: the merge kernels' FMA loop at their widest vector width,
-    the best of ``passes`` passes (``iters`` FMA iterations each; the loop's default if None)."""
+    the best of ``passes`` passes (``iters`` FMA iterations each; the loop's default if None).
+    ``bf16``: the bfloat16 dot-product loop (vdpbf16ps) instead, 0 where the CPU lacks AVX512-BF16."""
     from edgetune.device import _ext
 
     args = (threads,) if iters is None else (threads, iters)
-    return max(_ext.peak_gflops(*args) for _ in range(passes))
+    loop = _ext.peak_bf16_gflops if bf16 else _ext.peak_gflops
+    return max(loop(*args) for _ in range(passes))
 
 
 def train_flops(manifest: dict, lengths: list[int], labelled: int) -> float:
@@ -412,6 +417,7 @@ def run_lockstep(sides: list[str], a: argparse.Namespace, tmp: Path, cmd_for=Non
             _expect(p, side, "@ready")
         steps: dict[str, list[float]] = {side: [] for side in sides}
         peaks: dict[str, list[float]] = {side: [] for side in sides}
+        bf16_peaks: dict[str, list[float]] = {side: [] for side in sides}
         for i in range(1, a.steps + 1):
             k = i % len(sides)
             for side in sides[k:] + sides[:k]:
@@ -420,6 +426,8 @@ def run_lockstep(sides: list[str], a: argparse.Namespace, tmp: Path, cmd_for=Non
                 # The multiply-add peak the machine offers this minute, measured between the pause
                 # and the step (0.1-0.2 s): flops_fraction divides by the peak beside each step.
                 peaks[side].append(fma_peak_gflops(a.threads, passes=2, iters=10_000_000))  # about 0.1 s
+                if getattr(a, "bf16_peak", 0.0):
+                    bf16_peaks[side].append(fma_peak_gflops(a.threads, passes=2, iters=5_000_000, bf16=True))
                 p.stdin.write("go\n")
                 p.stdin.flush()
                 steps[side].append(float(_expect(p, side, "@step").split()[2]))
@@ -433,7 +441,8 @@ def run_lockstep(sides: list[str], a: argparse.Namespace, tmp: Path, cmd_for=Non
                 print(line, end="", flush=True)
             if p.wait() != 0:
                 raise SystemExit(f"the {side} worker failed (exit code {p.returncode})")
-            results[side] = {**result_for(side, a, out), "step_times": steps[side], "step_peaks": peaks[side]}
+            results[side] = {**result_for(side, a, out), "step_times": steps[side], "step_peaks": peaks[side],
+                             "step_bf16_peaks": bf16_peaks[side]}
         return results
     finally:
         for p, _ in procs.values():
@@ -596,7 +605,12 @@ def main() -> None:
         from edgetune.device import kernels
 
         gflops = fma_peak_gflops(a.threads)
-        print(f"multiply-add peak ({kernels.isa()} FMA loop, {a.threads} threads): {gflops:.1f} GFLOP/s")
+        print(f"multiply-add peak ({kernels.isa()} float32 FMA loop, {a.threads} threads): {gflops:.1f} GFLOP/s")
+        # --bf16 runs their frozen products on bfloat16 dot products, at twice the float32 FMA rate
+        # where the CPU has AVX512-BF16: their useful work is measured against that peak as well.
+        a.bf16_peak = fma_peak_gflops(a.threads, bf16=True) if a.bf16 else 0.0
+        if a.bf16_peak:
+            print(f"bfloat16 dot-product peak (vdpbf16ps loop, {a.threads} threads): {a.bf16_peak:.1f} GFLOP/s")
         results: dict[str, list[dict]] = {s: [] for s in sides}
         for r in range(a.rounds):
             order = sides if r % 2 == 0 else sides[::-1]
@@ -611,7 +625,7 @@ def main() -> None:
                       f"{res['tokens'] / res['time']:.0f} tokens/s ({res['labelled'] / res['time']:.0f} labelled), "
                       f"peak RSS {res['peak_rss_mb']:.0f} MB, valid loss {v0}{res['valid_loss']:.4f}", flush=True)
     manifest = json.loads((Path(a.bundle) / "edgetune.json").read_text())
-    out = summarize(results, manifest, gflops)
+    out = summarize(results, manifest, gflops, a.bf16_peak)
     out["bf16"] = bool(a.bf16)  # bfloat16 frozen weights on every side (--bf16)
     if a.quantize:
         out.update(summarize_quantized(results, json.loads((Path(a.quantized_bundle) / "edgetune.json").read_text())))
@@ -638,8 +652,9 @@ def summarize_quantized(results: dict[str, list[dict]], manifest: dict) -> dict:
     return out
 
 
-def summarize(results: dict[str, list[dict]], manifest: dict, gflops: float) -> dict:
-    """Each side's best round (highest tokens/s) and lowest peak RSS; ratios are edgetune over the other."""
+def summarize(results: dict[str, list[dict]], manifest: dict, gflops: float, bf16_peak: float = 0.0) -> dict:
+    """Each side's best round (highest tokens/s) and lowest peak RSS; ratios are edgetune over the other.
+    ``bf16_peak``: the bfloat16 dot-product peak read at the start (0 when not measured)."""
     def tps(r: dict) -> float:
         return r["tokens"] / r["time"]
 
@@ -671,6 +686,13 @@ def summarize(results: dict[str, list[dict]], manifest: dict, gflops: float) -> 
         gflops = float(np.sum(t * pk) / np.sum(t))
         out.update({"flops_fraction": round(fl / gflops, 3), "flops_fraction_start_peak": round(fl / start, 3),
                     "fma_peak_gflops_steps": [round(float(pk.min()), 1), round(float(pk.max()), 1)]})
+    if bf16_peak:
+        # The same useful work over the bfloat16 dot-product peak (time-weighted beside the steps
+        # in lockstep, as above): the fraction of what bfloat16 products could reach.
+        bpk = np.asarray(e.get("step_bf16_peaks") or [])
+        if len(bpk) and len(bpk) == len(e.get("step_times", [])):
+            bf16_peak = float(np.sum(np.asarray(e["step_times"]) * bpk) / np.sum(e["step_times"]))
+        out.update({"flops_fraction_bf16_peak": round(fl / bf16_peak, 3), "bf16_peak_gflops": round(bf16_peak, 1)})
     names = {"tuned": tuned, "tuned_plain": ["tuned"], "tuned_compile_plain": ["tuned_compile"],
              "tuned_compile_body_plain": ["tuned_compile_body"]}
     for mine, side, suffix in (("edgetune", "torch", ""), ("edgetune", "tuned", "_tuned"),
@@ -699,7 +721,10 @@ def summarize(results: dict[str, list[dict]], manifest: dict, gflops: float) -> 
               f"{out['fma_peak_gflops_steps'][1]}; {out['flops_fraction_start_peak']:.0%} of the {start:.1f} "
               f"GFLOP/s read at the start") if "fma_peak_gflops_steps" in out else " measured in this run"
     print(f"\nedgetune {tps(e):.0f} tokens/s; useful work {fl:.1f} GFLOP/s ({out['flops_fraction']:.0%} of the "
-          f"multiply-add peak{beside})")
+          f"float32 multiply-add peak{beside})")
+    if "flops_fraction_bf16_peak" in out:
+        print(f"  {out['flops_fraction_bf16_peak']:.0%} of the bfloat16 dot-product peak "
+              f"({out['bf16_peak_gflops']:.1f} GFLOP/s)")
     return out
 
 

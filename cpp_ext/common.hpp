@@ -27,6 +27,7 @@ struct Ops {
   void (*dora_merge)(void* w, size_t rows, size_t cols, const std::vector<Factor>& fs, DType dt, const float* mag,
                      int threads);
   double (*peak_gflops)(int threads, size_t iters);
+  double (*peak_bf16_gflops)(int threads, size_t iters);  // 0 without AVX512-BF16
 };
 
 // Runs fn(0) .. fn(n - 1) on a process-wide thread pool and the calling thread (pool.cpp).

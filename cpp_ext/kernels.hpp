@@ -573,6 +573,40 @@ inline double peak_gflops(int threads, size_t iters) {
   return static_cast<double>(nt) * static_cast<double>(iters) * 12 * VW * 2 / secs / 1e9;
 }
 
+// The bfloat16 dot-product throughput in GFLOP/s where this build has AVX512-BF16: 12 independent
+// chains of vdpbf16ps (each 16 lanes x 2 multiply-adds), as peak_gflops runs FMAs. 0 elsewhere.
+// Benchmarks of bfloat16 products compare against it: the float32 FMA peak is half of it.
+inline double peak_bf16_gflops(int threads, size_t iters) {
+#if defined(EDGETUNE_AVX512BF16)
+  size_t nt = threads > 0 ? static_cast<size_t>(threads) : std::max(1u, std::thread::hardware_concurrency());
+  std::vector<float> sink(nt);
+  auto work = [&](size_t id) {
+    __m512 c[12];
+    for (int i = 0; i < 12; ++i) c[i] = _mm512_set1_ps(static_cast<float>(i) * 1e-3f);
+    const __m512bh x = _mm512_cvtne2ps_pbh(_mm512_set1_ps(1e-3f), _mm512_set1_ps(1e-3f));
+    for (size_t n = 0; n < iters; ++n) {
+#pragma GCC unroll 12
+      for (int i = 0; i < 12; ++i) c[i] = _mm512_dpbf16_ps(c[i], x, x);
+    }
+    __m512 s = c[0];
+    for (int i = 1; i < 12; ++i) s = _mm512_add_ps(s, c[i]);
+    sink[id] = _mm512_reduce_add_ps(s);
+  };
+  auto start = std::chrono::steady_clock::now();
+  std::vector<std::thread> pool;
+  for (size_t t = 0; t < nt; ++t) pool.emplace_back(work, t);
+  for (auto& th : pool) th.join();
+  double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  volatile float keep = sink[0];
+  (void)keep;
+  return static_cast<double>(nt) * static_cast<double>(iters) * 12 * 16 * 2 * 2 / secs / 1e9;
+#else
+  (void)threads;
+  (void)iters;
+  return 0.0;
+#endif
+}
+
 // -- the entry points dispatch.cpp calls, one set per instruction set -------------------------
 inline bool lora_merge_entry(void* w, size_t rows, size_t cols, const std::vector<Factor>& fs, DType dt, int threads) {
   return lora_merge(w, pack_for(dt, rows, cols, fs), dt, threads);
@@ -584,7 +618,7 @@ inline void dora_merge_entry(void* w, size_t rows, size_t cols, const std::vecto
 }
 
 inline Ops ops(const char* name) {
-  return Ops{name, VW, &lora_merge_entry, &dora_merge_entry, &peak_gflops};
+  return Ops{name, VW, &lora_merge_entry, &dora_merge_entry, &peak_gflops, &peak_bf16_gflops};
 }
 
 }  // namespace EDGETUNE_ISA_NS

@@ -1,0 +1,56 @@
+"""bench/train.py's summary: the useful-work fractions against the float32 and bfloat16 peaks."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+MANIFEST = {"model_config": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                             "vocab_size": 100, "num_attention_heads": 4, "num_key_value_heads": 2}}
+
+
+def _bench_train():
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_train", ROOT / "bench" / "train.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+
+
+def _result(times, peaks, bf16_peaks):
+    return {"tokens": 1000, "time": float(sum(times)), "peak_rss_mb": 100.0, "valid_loss": 1.0,
+            "lengths": [16] * 8, "labelled": 40, "kernels": "fused (avx512)", "step_times": times,
+            "step_peaks": peaks, "step_bf16_peaks": bf16_peaks}
+
+
+def test_fractions_divide_the_same_work_by_each_peak_weighted_by_step_time():
+    bt = _bench_train()
+    times, peaks, bpeaks = [1.0, 3.0], [100.0, 200.0], [200.0, 400.0]
+    out = bt.summarize({"edgetune": [_result(times, peaks, bpeaks)]}, MANIFEST, 150.0, 300.0)
+    work = bt.train_flops(MANIFEST, [16] * 8, 40) / 4.0 / 1e9
+    assert out["flops_fraction"] == pytest.approx(work / 175.0, abs=1e-3)  # (1*100 + 3*200) / 4
+    assert out["flops_fraction_start_peak"] == pytest.approx(work / 150.0, abs=1e-3)
+    assert out["flops_fraction_bf16_peak"] == pytest.approx(work / 350.0, abs=1e-3)
+    assert out["bf16_peak_gflops"] == pytest.approx(350.0)
+
+
+def test_no_bfloat16_fraction_without_its_peak():
+    bt = _bench_train()
+    out = bt.summarize({"edgetune": [_result([1.0], [100.0], [])]}, MANIFEST, 100.0)
+    assert "flops_fraction_bf16_peak" not in out and "flops_fraction" in out
+
+
+def test_the_bfloat16_loop_runs_only_where_the_kernels_have_it():
+    from edgetune.device import _ext
+
+    peak = _ext.peak_bf16_gflops(1, 100_000)
+    if _ext.isa() == "avx512bf16":
+        assert peak > 0
+    else:
+        assert peak == 0.0
