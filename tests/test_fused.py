@@ -130,6 +130,29 @@ def test_rotary_forward_and_backward_match_torch(xshape, cshape):
     np.testing.assert_allclose(dx, tx.grad.numpy(), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("bshd,cshape", [((2, 5, 3, 8), (2, 1, 5, 8)), ((1, 1, 1, 2), (1, 1, 1, 2)),
+                                          ((3, 17, 4, 64), (1, 1, 17, 64)), ((2, 7, 1, 16), (7, 16))])
+def test_rotary_with_the_heads_transpose_folded_in_is_rotary_after_it_bit_for_bit(bshd, cshape):
+    """RotaryT(x) is Rotary(Transpose(x, [0, 2, 1, 3])); RotaryTGrad(dy) is Transpose(RotaryGrad(dy))."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(0, 1, bshd).astype(np.float32)
+    dy = rng.normal(0, 1, (bshd[0], bshd[2], bshd[1], bshd[3])).astype(np.float32)
+    ang = rng.uniform(0, 6.3, cshape).astype(np.float32)
+    c, s = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+    (y,) = _run("RotaryT", [x, c, s], 1)
+    (dx,) = _run("RotaryTGrad", [dy, c, s], 1)
+    (want_y,) = _run("Rotary", [np.ascontiguousarray(x.transpose(0, 2, 1, 3)), c, s], 1)
+    (want_dx,) = _run("RotaryGrad", [dy, c, s], 1)
+    np.testing.assert_array_equal(y, want_y)
+    np.testing.assert_array_equal(dx, want_dx.transpose(0, 2, 1, 3))
+
+
+def test_rotary_with_the_transpose_refuses_other_ranks():
+    z = np.zeros((2, 3, 4), np.float32)
+    with pytest.raises(Exception, match=r"edgetune::RotaryT: x \[2, 3, 4\] is not 4-d"):
+        _run("RotaryT", [z, np.ones((3, 4), np.float32), np.ones((3, 4), np.float32)], 1)
+
+
 def _mask(B, S, pad, rng):
     """Causal, with each row's padding at the end: the additive mask the exporter builds."""
     m = np.zeros((B, 1, S, S), np.float32)
@@ -465,11 +488,18 @@ def test_fused_graphs_train_like_the_plain_ones(family, variant, quantize, ckpt,
                         gradient_checkpointing=ckpt == "ckpt")
     bundle = export(str(model), tmp_path / "bundle", cfg)
     fused = json.loads((bundle / "edgetune.json").read_text())["fused"]
-    assert fused["ops"].get("RMSNorm") and fused["ops"].get("Rotary"), fused
+    assert fused["ops"].get("RMSNorm") and (fused["ops"].get("RotaryT") or fused["ops"].get("Rotary")), fused
     # The loss over the vocabulary too, except Gemma-2's (its logits are soft-capped first) and an
     # int4 lm_head's (a MatMulNBits product; a tied one stays float and fuses).
     if quantize is None:
         assert bool(fused["ops"].get("CrossEntropyHead")) == (family != "gemma2"), fused
+    # No Transpose beside a rotary op: the heads' transposes of q and k fold into RotaryT and
+    # RotaryTGrad, forward and backward. Phi-3 rotates a slice of each head (no transpose beside).
+    if family != "phi3":
+        tr = onnx.load(str(bundle / fused["train"]), load_external_data=False)
+        ops = [n.op_type for n in tr.graph.node]
+        assert ops.count("RotaryT") >= ops.count("RotaryTGrad") == fused["ops"]["RotaryTGrad"] > 0, ops
+        assert "Rotary" not in ops and "RotaryGrad" not in ops
     ev = onnx.load(str(bundle / fused["eval"]), load_external_data=False)
     assert all(len(n.output) == 1 for n in ev.graph.node if n.op_type == "CrossEntropyHead")  # no gradient in eval
     plain, pm = _losses(bundle, chat_data, tmp_path / "plain", "plain", monkeypatch)

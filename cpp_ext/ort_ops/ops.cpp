@@ -16,6 +16,9 @@
 //                                             readers), so no separate sum of the two
 //   Rotary(x, cos, sin) -> y                   rotate-half rotary embedding, cos/sin broadcast to x
 //   RotaryGrad(dy, cos, sin) -> dx
+//   RotaryT(x, cos, sin) -> y, RotaryTGrad(dy, cos, sin) -> dx
+//                                             Rotary with x [B, S, H, D] and y [B, H, S, D] (the
+//                                             Transpose before it folded in); the gradient the other way
 //   Attention(q, k, v, mask; scale) -> out    softmax(q k^T scale + mask) v, grouped k/v heads, by
 //                                             blocks of rows: no S x S tensor is ever held
 //   AttentionGrad(dout, q, k, v, mask; scale) -> dq, dk, dv
@@ -313,15 +316,27 @@ Ort::Status AddRMSNormGrad(OrtKernelContext* ctx, const Tensor<float>& dy, const
   return rmsnorm_grad("AddRMSNormGrad", ctx, dy, x, w, inv, &dres, dx, dw.has_value() ? *dw : nullptr);
 }
 
-// cos/sin are broadcast to x from the right; each of their dimensions is 1 or x's.
+// cos/sin are broadcast to x from the right; each of their dimensions is 1 or x's. transposed
+// (4-d only): the attention heads' layout [B, H, S, D] on one side and the projections' [B, S, H, D]
+// on the other, so that no Transpose runs beside the op. Forward, x is [B, S, H, D] and y
+// [B, H, S, D]; backward, dy is [B, H, S, D] and dx [B, S, H, D]. cos/sin broadcast to [B, H, S, D].
 Ort::Status rotary(const char* op, OrtKernelContext* ctx, const Tensor<float>& x, const Tensor<float>& c,
-                   const Tensor<float>& s, Tensor<float>& y, bool backward) {
+                   const Tensor<float>& s, Tensor<float>& y, bool backward, bool transposed = false) {
   return guarded(op, [&]() -> Ort::Status {
-    const auto& xs = x.Shape();
+    const auto& in = x.Shape();
     const auto& cs = c.Shape();
+    if (transposed && in.size() != 4)
+      return fail(op, "x " + shape_str(in) + " is not 4-d ([B, S, H, D] one side, [B, H, S, D] the other)");
+    // xs: the [B, H, S, D] side's shape (x's own where not transposed), which cos/sin broadcast to
+    std::vector<int64_t> xs(in.begin(), in.end()), ys = xs;
+    if (transposed) {
+      std::swap(ys[1], ys[2]);
+      if (!backward) xs = ys;
+    }
     if (xs.empty() || cs != s.Shape() || cs.size() > xs.size() || cs.empty() || cs.back() != xs.back() || xs.back() % 2)
-      return fail(op, "x " + shape_str(xs) + ", cos " + shape_str(cs) + " and sin " + shape_str(s.Shape()) +
-                          " do not fit (cos and sin alike, broadcast to x, an even last axis)");
+      return fail(op, "x " + shape_str(in) + ", cos " + shape_str(cs) + " and sin " + shape_str(s.Shape()) +
+                          " do not fit (cos and sin alike, broadcast to " + (transposed ? "[B, H, S, D]" : "x") +
+                          ", an even last axis)");
     const size_t r = xs.size(), d = static_cast<size_t>(xs.back());
     std::vector<size_t> cstride(r, 0);  // float offset in cos per step of each x axis (0 where broadcast)
     size_t acc = d;
@@ -333,19 +348,26 @@ Ort::Status rotary(const char* op, OrtKernelContext* ctx, const Tensor<float>& x
       acc *= static_cast<size_t>(cs[ax]);
     }
     const size_t rows = static_cast<size_t>(x.NumberOfElement()) / d;
-    float* py = y.Allocate(xs);
+    float* py = y.Allocate(ys);
     const float *px = x.Data(), *pc = c.Data(), *ps = s.Data();
+    const size_t H = transposed ? static_cast<size_t>(xs[1]) : 1, S = transposed ? static_cast<size_t>(xs[2]) : 1;
     const size_t per = std::max<size_t>(1, BLOCK / d);
     parallel(ctx, (rows + per - 1) / per, [&](size_t b) {
       const size_t lo = b * per, hi = std::min(rows, lo + per);
-      for (size_t row = lo; row < hi; ++row) {
+      for (size_t row = lo; row < hi; ++row) {  // row: in [B, H, S] order
         size_t rem = row, off = 0;
         for (size_t ax = r - 1; ax-- > 0;) {
           const size_t n = static_cast<size_t>(xs[ax]);
           off += (rem % n) * cstride[ax];
           rem /= n;
         }
-        K().rotary_row(px + row * d, pc + off, ps + off, py + row * d, d, backward);
+        size_t other = row;  // the same row in [B, S, H] order
+        if (transposed) {
+          const size_t bh = row / S, si = row % S;
+          other = ((bh / H) * S + si) * H + bh % H;
+        }
+        const size_t from = backward ? row : other, to = backward ? other : row;
+        K().rotary_row(px + from * d, pc + off, ps + off, py + to * d, d, backward);
       }
     });
     return Ort::Status{nullptr};
@@ -360,6 +382,16 @@ Ort::Status Rotary(OrtKernelContext* ctx, const Tensor<float>& x, const Tensor<f
 Ort::Status RotaryGrad(OrtKernelContext* ctx, const Tensor<float>& dy, const Tensor<float>& c, const Tensor<float>& s,
                        Tensor<float>& dx) {
   return rotary("RotaryGrad", ctx, dy, c, s, dx, true);
+}
+
+Ort::Status RotaryT(OrtKernelContext* ctx, const Tensor<float>& x, const Tensor<float>& c, const Tensor<float>& s,
+                    Tensor<float>& y) {
+  return rotary("RotaryT", ctx, x, c, s, y, false, true);
+}
+
+Ort::Status RotaryTGrad(OrtKernelContext* ctx, const Tensor<float>& dy, const Tensor<float>& c, const Tensor<float>& s,
+                        Tensor<float>& dx) {
+  return rotary("RotaryTGrad", ctx, dy, c, s, dx, true, true);
 }
 
 // x [S, D] as the attention kernels read keys: panels of `tile` rows, each transposed to D x tile
@@ -967,7 +999,7 @@ extern "C" EDGETUNE_EXPORT const char* EdgetuneFusedIsa() { return K().name; }
 // correctness, not speed).
 extern "C" EDGETUNE_EXPORT const char* EdgetuneFusedOps() {
   static const std::string ops =
-      std::string("SwiGLU,SwiGLUGrad,RMSNorm,RMSNormGrad,Rotary,RotaryGrad,Attention,AttentionGrad,CrossEntropyHead,AdamW,"
+      std::string("SwiGLU,SwiGLUGrad,RMSNorm,RMSNormGrad,Rotary,RotaryGrad,RotaryT,RotaryTGrad,Attention,AttentionGrad,CrossEntropyHead,AdamW,"
                   "AddRMSNorm,AddRMSNormGrad") +
       (bf16_kernel() != Bf16Kernel::none ? ",MatMulBF16,MatMulBF16Add,MatMulBF16Round,SwiGLUBF16,SwiGLUBF16Grad,"
                                            "CrossEntropyHeadBF16"
@@ -998,6 +1030,8 @@ extern "C" EDGETUNE_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionO
       ops.emplace_back(Ort::Custom::CreateLiteCustomOp("AddRMSNormGrad", cpu, AddRMSNormGrad));
       ops.emplace_back(Ort::Custom::CreateLiteCustomOp("Rotary", cpu, Rotary));
       ops.emplace_back(Ort::Custom::CreateLiteCustomOp("RotaryGrad", cpu, RotaryGrad));
+      ops.emplace_back(Ort::Custom::CreateLiteCustomOp("RotaryT", cpu, RotaryT));
+      ops.emplace_back(Ort::Custom::CreateLiteCustomOp("RotaryTGrad", cpu, RotaryTGrad));
       ops.emplace_back(Ort::Custom::CreateLiteCustomOp<Attention>("Attention", cpu));
       ops.emplace_back(Ort::Custom::CreateLiteCustomOp<AttentionGrad>("AttentionGrad", cpu));
       ops.emplace_back(Ort::Custom::CreateLiteCustomOp<CrossEntropyHead>("CrossEntropyHead", cpu));

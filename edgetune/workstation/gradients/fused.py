@@ -313,6 +313,48 @@ def fold_residual_grads(proto: Any) -> int:
     return _replace(g, nodes, put, gone)
 
 
+def fold_rotary_transposes(proto: Any) -> int:
+    """The head transposes beside the rotary ops: ``Rotary(Transpose(x, perm=[0, 2, 1, 3]))`` as
+    ``RotaryT(x)``, which reads the projection's [B, S, H, D] rows and writes the heads' [B, H, S, D]
+    ones; and ``Transpose(RotaryGrad(dy), perm=[0, 2, 1, 3])`` as ``RotaryTGrad(dy)``. Only where the
+    transposed tensor has no other reader. Returns the number of transposes folded."""
+    from onnx import helper
+
+    g = proto.graph
+    nodes = list(g.node)
+    readers: dict[str, list[int]] = {}
+    for k, n in enumerate(nodes):
+        for i in n.input:
+            readers.setdefault(i, []).append(k)
+    outputs = {o.name for o in g.output}
+    producer = {o: k for k, n in enumerate(nodes) for o in n.output if o}
+
+    def heads_transpose(n: Any) -> bool:
+        return n.op_type == "Transpose" and n.domain in ("", "ai.onnx") and list(attr(n, "perm", [])) == [0, 2, 1, 3]
+
+    put: dict[int, Any] = {}
+    gone: set[int] = set()
+    for k, n in enumerate(nodes):
+        if n.domain != DOMAIN or n.op_type not in ("Rotary", "RotaryGrad") or k in gone:
+            continue
+        if n.op_type == "Rotary":
+            j = producer.get(n.input[0])
+            t = nodes[j] if j is not None else None
+            if t is None or j in gone or not heads_transpose(t) or readers.get(t.output[0]) != [k] \
+                    or t.output[0] in outputs:
+                continue
+            put[k] = helper.make_node("RotaryT", [t.input[0], *n.input[1:]], list(n.output), name=n.name + "/t",
+                                      domain=DOMAIN)
+        else:
+            r = readers.get(n.output[0], [])
+            if len(r) != 1 or n.output[0] in outputs or r[0] in gone or not heads_transpose(nodes[r[0]]):
+                continue
+            j, t = r[0], nodes[r[0]]
+            put[j] = helper.make_node("RotaryTGrad", list(n.input), list(t.output), name=n.name + "/t", domain=DOMAIN)
+        gone.update((k, j))
+    return _replace(g, nodes, put, gone)
+
+
 def _replace(g: Any, nodes: list, put: dict[int, Any], gone: set[int]) -> int:
     """``g``'s nodes with ``put[k]`` at position ``k`` and the other positions in ``gone`` removed;
     returns how many were put."""
