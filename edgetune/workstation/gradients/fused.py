@@ -8,6 +8,8 @@ the custom-op library (``cpp_ext/ort_ops``, loaded by :mod:`edgetune.device.fuse
   and the sum of its input gradient with the residual's one ``AddRMSNormGrad`` (:func:`fold_residual_grads`);
 - ``SwiGLU(g, u)``: ``silu(g) * u`` (QuickGelu with alpha 1, Mul);
 - ``Rotary(x, cos, sin)``: ``x * cos + rotate_half(x) * sin`` (Slice, Slice, Neg, Concat, Mul, Mul, Add);
+  after differentiation, with the heads' ``Transpose`` before it ``RotaryT`` and its gradient with
+  the ``Transpose`` after it ``RotaryTGrad`` (:func:`fold_rotary_transposes`);
 - ``Attention(q, k, v, mask)``: ``softmax(q k^T scale + mask) v`` (FusedMatMul, Add, Softmax, MatMul, and
   grouped-query attention's repeat of k and v), computed row by row forward and backward, so
   neither the S x S scores nor the repeated keys and values are ever held;
