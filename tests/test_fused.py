@@ -218,6 +218,13 @@ def test_attention_forward_and_backward_match_torch(B, H, Hkv, S, D, pad):
     np.testing.assert_allclose(dq, tq.grad.numpy(), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(dk, tk.grad.numpy(), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(dv, tv.grad.numpy(), rtol=1e-4, atol=1e-5)
+    # AttentionT writes the output [B, S, H, D] (the heads' Transpose after it folded in) and
+    # AttentionTGrad reads its gradient so: the same values, bit for bit.
+    (ot,) = _run("AttentionT", [q, k, v, mask], 1, scale=float(scale))
+    np.testing.assert_array_equal(ot, o.transpose(0, 2, 1, 3))
+    dout_t = np.ascontiguousarray(dout.transpose(0, 2, 1, 3))
+    for got, want in zip(_run("AttentionTGrad", [dout_t, q, k, v, mask], 3, scale=float(scale)), (dq, dk, dv)):
+        np.testing.assert_array_equal(got, want)
 
 
 def _cross_entropy_head(h, w, lab, grad=True):
@@ -500,6 +507,11 @@ def test_fused_graphs_train_like_the_plain_ones(family, variant, quantize, ckpt,
         ops = [n.op_type for n in tr.graph.node]
         assert ops.count("RotaryT") >= ops.count("RotaryTGrad") == fused["ops"]["RotaryTGrad"] > 0, ops
         assert "Rotary" not in ops and "RotaryGrad" not in ops
+    # Nor after the attention output, nor before its gradient (AttentionT, AttentionTGrad; Gemma-2's
+    # soft-capped scores keep its attention plain).
+    if family != "gemma2":
+        assert fused["ops"].get("AttentionT", 0) >= fused["ops"].get("AttentionTGrad", 0) > 0, fused["ops"]
+        assert not fused["ops"].get("Attention") and not fused["ops"].get("AttentionGrad"), fused["ops"]
     ev = onnx.load(str(bundle / fused["eval"]), load_external_data=False)
     assert all(len(n.output) == 1 for n in ev.graph.node if n.op_type == "CrossEntropyHead")  # no gradient in eval
     plain, pm = _losses(bundle, chat_data, tmp_path / "plain", "plain", monkeypatch)

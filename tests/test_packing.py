@@ -155,6 +155,10 @@ def test_auto_packs_only_where_the_fused_attention_runs(tiny_bundle, chat_data, 
     monkeypatch.setenv("EDGETUNE_KERNELS", "auto")
     t = Trainer(tiny_bundle, tmp_path / "b", TrainConfig(steps=1), progress=False, log=lambda s: None)
     assert t.packing is t.runner.fused_attention
+    from edgetune.device import fused as kernels
+
+    if kernels.library().ok:  # the fused graphs run here: their attention (AttentionT) packs
+        assert t.runner.kernel_info.startswith("fused") and t.packing is True
     assert Trainer(tiny_bundle, tmp_path / "c", TrainConfig(steps=1, packing="off"), progress=False,
                    log=lambda s: None).packing is False
 

@@ -23,14 +23,15 @@ struct FusedKernels {
   // transposed to D x attn_tile (ld: S rounded up to attn_tile, zero-padded); ext holds the keys
   // each query row sees (attn_extents, once per mask for all heads); both passes compute the query
   // rows [r0, r1) (the backward pass writes the dk and dv rows of the keys those rows see); work
-  // holds attn_work_rows * ld + attn_block_rows * D floats.
+  // holds attn_work_rows * ld + attn_block_rows * D floats. ldo and lddo: the row strides of o and
+  // dout (D where they are [B, H, S, D], H * D where [B, S, H, D]).
   void (*attn_extents)(const float* mask, size_t mstride, size_t rows, size_t S, uint32_t* ext);
   void (*attn_forward)(const float* q, const float* kt, const float* v, size_t ld, const float* mask, size_t mstride,
-                       const uint32_t* ext, size_t r0, size_t r1, float* o, size_t S, size_t D, float scale,
-                       float* work);
-  void (*attn_backward)(const float* dout, const float* q, const float* k, const float* kt, const float* vt, size_t ld,
-                        const float* mask, size_t mstride, const uint32_t* ext, size_t r0, size_t r1, float* dq,
-                        float* dk, float* dv, size_t S, size_t D, float scale, float* work);
+                       const uint32_t* ext, size_t r0, size_t r1, float* o, size_t ldo, size_t S, size_t D,
+                       float scale, float* work);
+  void (*attn_backward)(const float* dout, size_t lddo, const float* q, const float* k, const float* kt,
+                        const float* vt, size_t ld, const float* mask, size_t mstride, const uint32_t* ext, size_t r0,
+                        size_t r1, float* dq, float* dk, float* dv, size_t S, size_t D, float scale, float* work);
   // Cross-entropy of n rows of h against the vocabulary projection h w^T, by tiles of the
   // vocabulary (kernels.hpp); G (optional) gets the gradient of each row's loss with respect to it.
   // work: ce_head_work(n, D) floats.

@@ -439,11 +439,11 @@ inline size_t block_start(const uint32_t* ext, size_t nr, size_t jn, bool all_ma
 }
 
 // One (batch, head): o = softmax(q k^T * scale + mask) v for the query rows [r0, r1), by blocks of
-// query rows, never holding S x S. kt: k in transposed panels (block_scores); ld: S rounded up to
+// query rows, never holding S x S; o's rows ldo floats apart (D, or H * D in [B, S, H, D]). kt: k in transposed panels (block_scores); ld: S rounded up to
 // JT; ext: the mask rows' extents (attn_extents); work: 3 * BR * ld + BR * D floats.
 inline void attn_forward(const float* q, const float* kt, const float* v, size_t ld, const float* mask,
-                         size_t mstride, const uint32_t* ext, size_t r0, size_t r1, float* o, size_t S, size_t D,
-                         float scale, float* work) {
+                         size_t mstride, const uint32_t* ext, size_t r0, size_t r1, float* o, size_t ldo, size_t S,
+                         size_t D, float scale, float* work) {
   float* p = work;
   float* qb = work + BR * ld;
   for (size_t i0 = r0; i0 < r1; i0 += BR) {
@@ -464,7 +464,8 @@ inline void attn_forward(const float* q, const float* kt, const float* v, size_t
     // o[r] = sum_j p[r][j] v[j], each v row read once for the block's rows
     float* ob = qb;
     block_pv(p + j0, ld, v + j0 * D, lim - j0, D, ob);
-    for (size_t x = 0; x < nr * D; ++x) o[i0 * D + x] = ob[x];
+    for (size_t r = 0; r < nr; ++r)
+      for (size_t x = 0; x < D; ++x) o[(i0 + r) * ldo + x] = ob[r * D + x];
   }
 }
 
@@ -472,10 +473,10 @@ inline void attn_forward(const float* q, const float* kt, const float* v, size_t
 // heads of a key/value group): dv += p^T do; dp = do v^T; ds = p (dp - rowsum(p dp));
 // dq = ds k * scale; dk += ds^T q * scale. A block writes the dk and dv rows of the keys its rows
 // see and no others, so row ranges whose rows see disjoint keys (packed records) can run at once.
-// work: 3 * BR * ld + BR * D floats.
-inline void attn_backward(const float* dout, const float* q, const float* k, const float* kt, const float* vt,
-                          size_t ld, const float* mask, size_t mstride, const uint32_t* ext, size_t r0, size_t r1,
-                          float* dq, float* dk, float* dv, size_t S, size_t D, float scale, float* work) {
+// dout's rows are lddo floats apart (D, or H * D in [B, S, H, D]). work: 3 * BR * ld + BR * D floats.
+inline void attn_backward(const float* dout, size_t lddo, const float* q, const float* k, const float* kt,
+                          const float* vt, size_t ld, const float* mask, size_t mstride, const uint32_t* ext, size_t r0,
+                          size_t r1, float* dq, float* dk, float* dv, size_t S, size_t D, float scale, float* work) {
   float* p = work;
   float* dp = work + BR * ld;
   float* ab = work + 2 * BR * ld;
@@ -487,7 +488,8 @@ inline void attn_backward(const float* dout, const float* q, const float* k, con
     const size_t lim = jn < S ? jn : S;
     for (size_t x = 0; x < BR * D; ++x) ab[x] = x < nr * D ? q[i0 * D + x] : 0.0f;
     block_scores(ab, kt + j0 * D, p + j0, ld, jn - j0, D, scale);
-    for (size_t x = 0; x < BR * D; ++x) ab[x] = x < nr * D ? dout[i0 * D + x] : 0.0f;
+    for (size_t r = 0; r < BR; ++r)
+      for (size_t x = 0; x < D; ++x) ab[r * D + x] = r < nr ? dout[(i0 + r) * lddo + x] : 0.0f;
     block_scores(ab, vt + j0 * D, dp + j0, ld, (none ? (S + JT - 1) / JT * JT : jn) - j0, D, 1.0f);
     const size_t upto = none ? S : lim;
     // p as the forward pass had it, then ds = p (dp - rowsum(p dp)) * scale in place of dp

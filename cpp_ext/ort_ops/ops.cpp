@@ -22,6 +22,9 @@
 //   Attention(q, k, v, mask; scale) -> out    softmax(q k^T scale + mask) v, grouped k/v heads, by
 //                                             blocks of rows: no S x S tensor is ever held
 //   AttentionGrad(dout, q, k, v, mask; scale) -> dq, dk, dv
+//   AttentionT(q, k, v, mask; scale) -> out, AttentionTGrad(dout, q, k, v, mask; scale) -> dq, dk, dv
+//                                             Attention with out (and dout) [B, S, H, D]: the
+//                                             Transpose after it (and its gradient's) folded in
 //   CrossEntropyHead(h, w, labels; ignore_index) -> loss[, dh]
 //                                             sum over rows of cross-entropy(h w^T, labels), the
 //                                             vocabulary in tiles (no rows x V logits); dh, when the
@@ -476,16 +479,31 @@ AttnShape attn_shape(const Tensor<float>& q, const Tensor<float>& k, const Tenso
   return a;
 }
 
+// The heads' rows of a [B, H, S, D] tensor, or of a [B, S, H, D] one (bshd): where head t = b * H + h
+// starts, and how many floats apart its rows are.
+struct HeadRows {
+  size_t first, stride;
+};
+inline HeadRows head_rows(const AttnShape& a, size_t t, bool bshd) {
+  if (!bshd) return {t * a.S * a.D, a.D};
+  return {(t / a.H) * a.S * a.H * a.D + (t % a.H) * a.D, a.H * a.D};
+}
+
+// Attention, and AttentionT (bshd): its output [B, S, H, D], as the Transpose after it made it.
 struct Attention {
   float scale = 1.0f;
+  bool bshd = false;
+  const char* name = "Attention";
   Attention(const OrtApi*, const OrtKernelInfo* info) { scale = Ort::ConstKernelInfo(info).GetAttribute<float>("scale"); }
 
   Ort::Status Compute(OrtKernelContext* ctx, const Tensor<float>& q, const Tensor<float>& k, const Tensor<float>& v,
                       const Tensor<float>& mask, Tensor<float>& o) {
-    return guarded("Attention", [&]() -> Ort::Status {
+    return guarded(name, [&]() -> Ort::Status {
       const AttnShape a = attn_shape(q, k, v, mask);
-      if (!a.error.empty()) return fail("Attention", a.error);
-      float* po = o.Allocate(q.Shape());
+      if (!a.error.empty()) return fail(name, a.error);
+      std::vector<int64_t> os = q.Shape();
+      if (bshd) std::swap(os[1], os[2]);
+      float* po = o.Allocate(os);
       const float *pq = q.Data(), *pk = k.Data(), *pv = v.Data(), *pm = mask.Data();
       const size_t group = a.H / a.Hkv, SD = a.S * a.D;
       const float sc = scale;
@@ -501,16 +519,32 @@ struct Attention {
         const size_t t = task / per, r0 = task % per * RB, r1 = std::min(a.S, r0 + RB);
         const size_t b = t / a.H, h = t % a.H, kvh = b * a.Hkv + h / group;
         std::vector<float> work(K().attn_work_rows * ld + K().attn_block_rows * a.D);
+        const HeadRows out = head_rows(a, t, bshd);
         K().attn_forward(pq + t * SD, kt.get() + kvh * LD, pv + kvh * SD, ld, a.mask_of(pm, b, h), a.S,
-                         ext.get() + a.slice(b, h) * 2 * a.S, r0, r1, po + t * SD, a.S, a.D, sc, work.data());
+                         ext.get() + a.slice(b, h) * 2 * a.S, r0, r1, po + out.first, out.stride, a.S, a.D, sc,
+                         work.data());
       });
       return Ort::Status{nullptr};
     });
   }
 };
 
+struct AttentionT : Attention {
+  AttentionT(const OrtApi* api, const OrtKernelInfo* info) : Attention(api, info) {
+    bshd = true;
+    name = "AttentionT";
+  }
+  Ort::Status Compute(OrtKernelContext* ctx, const Tensor<float>& q, const Tensor<float>& k, const Tensor<float>& v,
+                      const Tensor<float>& mask, Tensor<float>& o) {
+    return Attention::Compute(ctx, q, k, v, mask, o);
+  }
+};
+
+// AttentionGrad, and AttentionTGrad (bshd): dout [B, S, H, D], AttentionT's output's gradient.
 struct AttentionGrad {
   float scale = 1.0f;
+  bool bshd = false;
+  const char* name = "AttentionGrad";
   AttentionGrad(const OrtApi*, const OrtKernelInfo* info) {
     scale = Ort::ConstKernelInfo(info).GetAttribute<float>("scale");
   }
@@ -518,12 +552,15 @@ struct AttentionGrad {
   Ort::Status Compute(OrtKernelContext* ctx, const Tensor<float>& dout, const Tensor<float>& q, const Tensor<float>& k,
                       const Tensor<float>& v, const Tensor<float>& mask, Tensor<float>& dq,
                       Tensor<float>& dk, Tensor<float>& dv) {
-    return guarded("AttentionGrad", [&]() -> Ort::Status {
-      if (auto st = outputs_missing(ctx, 3, "AttentionGrad"); !st.IsOK()) return st;
+    return guarded(name, [&]() -> Ort::Status {
+      if (auto st = outputs_missing(ctx, 3, name); !st.IsOK()) return st;
       const AttnShape a = attn_shape(q, k, v, mask);
-      if (!a.error.empty()) return fail("AttentionGrad", a.error);
-      if (dout.Shape() != q.Shape())
-        return fail("AttentionGrad", "dout " + shape_str(dout.Shape()) + " does not fit q " + shape_str(q.Shape()));
+      if (!a.error.empty()) return fail(name, a.error);
+      std::vector<int64_t> want = q.Shape();
+      if (bshd) std::swap(want[1], want[2]);
+      if (dout.Shape() != want)
+        return fail(name, "dout " + shape_str(dout.Shape()) + " does not fit q " + shape_str(q.Shape()) +
+                              (bshd ? " (dout [B, S, H, D])" : ""));
       float* pdq = dq.Allocate(q.Shape());
       float* pdk = dk.Allocate(k.Shape());
       float* pdv = dv.Allocate(v.Shape());
@@ -541,8 +578,9 @@ struct AttentionGrad {
       auto head = [&](size_t t, size_t r0, size_t r1, float* dkt, float* dvt) {
         const size_t b = t / a.H, h = t % a.H, kv = b * a.Hkv + h / group;
         std::vector<float> work(K().attn_work_rows * ld + K().attn_block_rows * a.D);
-        K().attn_backward(pdo + t * SD, pq + t * SD, pk + kv * SD, kvt.get() + 2 * kv * LD, kvt.get() + (2 * kv + 1) * LD,
-                          ld, a.mask_of(pm, b, h), a.S, ext.get() + a.slice(b, h) * 2 * a.S, r0, r1, pdq + t * SD, dkt,
+        const HeadRows din = head_rows(a, t, bshd);
+        K().attn_backward(pdo + din.first, din.stride, pq + t * SD, pk + kv * SD, kvt.get() + 2 * kv * LD,
+                          kvt.get() + (2 * kv + 1) * LD, ld, a.mask_of(pm, b, h), a.S, ext.get() + a.slice(b, h) * 2 * a.S, r0, r1, pdq + t * SD, dkt,
                           dvt, a.S, a.D, sc, work.data());
       };
       const std::vector<std::vector<size_t>> parts = independent_rows(a, ext.get());
@@ -598,6 +636,18 @@ struct AttentionGrad {
       });
       return Ort::Status{nullptr};
     });
+  }
+};
+
+struct AttentionTGrad : AttentionGrad {
+  AttentionTGrad(const OrtApi* api, const OrtKernelInfo* info) : AttentionGrad(api, info) {
+    bshd = true;
+    name = "AttentionTGrad";
+  }
+  Ort::Status Compute(OrtKernelContext* ctx, const Tensor<float>& dout, const Tensor<float>& q, const Tensor<float>& k,
+                      const Tensor<float>& v, const Tensor<float>& mask, Tensor<float>& dq, Tensor<float>& dk,
+                      Tensor<float>& dv) {
+    return AttentionGrad::Compute(ctx, dout, q, k, v, mask, dq, dk, dv);
   }
 };
 
@@ -999,7 +1049,8 @@ extern "C" EDGETUNE_EXPORT const char* EdgetuneFusedIsa() { return K().name; }
 // correctness, not speed).
 extern "C" EDGETUNE_EXPORT const char* EdgetuneFusedOps() {
   static const std::string ops =
-      std::string("SwiGLU,SwiGLUGrad,RMSNorm,RMSNormGrad,Rotary,RotaryGrad,RotaryT,RotaryTGrad,Attention,AttentionGrad,CrossEntropyHead,AdamW,"
+      std::string("SwiGLU,SwiGLUGrad,RMSNorm,RMSNormGrad,Rotary,RotaryGrad,RotaryT,RotaryTGrad,Attention,AttentionGrad,"
+                  "AttentionT,AttentionTGrad,CrossEntropyHead,AdamW,"
                   "AddRMSNorm,AddRMSNormGrad") +
       (bf16_kernel() != Bf16Kernel::none ? ",MatMulBF16,MatMulBF16Add,MatMulBF16Round,SwiGLUBF16,SwiGLUBF16Grad,"
                                            "CrossEntropyHeadBF16"
@@ -1034,6 +1085,8 @@ extern "C" EDGETUNE_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionO
       ops.emplace_back(Ort::Custom::CreateLiteCustomOp("RotaryTGrad", cpu, RotaryTGrad));
       ops.emplace_back(Ort::Custom::CreateLiteCustomOp<Attention>("Attention", cpu));
       ops.emplace_back(Ort::Custom::CreateLiteCustomOp<AttentionGrad>("AttentionGrad", cpu));
+      ops.emplace_back(Ort::Custom::CreateLiteCustomOp<AttentionT>("AttentionT", cpu));
+      ops.emplace_back(Ort::Custom::CreateLiteCustomOp<AttentionTGrad>("AttentionTGrad", cpu));
       ops.emplace_back(Ort::Custom::CreateLiteCustomOp<CrossEntropyHead>("CrossEntropyHead", cpu));
       ops.emplace_back(Ort::Custom::CreateLiteCustomOp<AdamW>("AdamW", cpu));
       ops.emplace_back(Ort::Custom::CreateLiteCustomOp<MatMulBF16>("MatMulBF16", cpu));

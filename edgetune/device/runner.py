@@ -264,7 +264,8 @@ class StepRunner:
     def fused_attention(self) -> bool:
         """Whether the training graph that runs has the fused attention (memory linear in length)."""
         fused = self.bundle.manifest.get("fused") or {}
-        return self._graphs["train"] == fused.get("train") and "Attention" in (fused.get("ops") or {})
+        ops = fused.get("ops") or {}
+        return self._graphs["train"] == fused.get("train") and bool({"Attention", "AttentionT"} & set(ops))
 
     @property
     def graphs(self) -> dict[str, str]:

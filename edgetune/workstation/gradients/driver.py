@@ -9,7 +9,7 @@ from edgetune.formats import quantized
 from edgetune.formats.errors import ModelError
 
 from .core import FLOATS, RULES, Builder, TrainingGraph, grad_name
-from .fused import fold_residual_grads, fold_rotary_transposes, fuse_residual
+from .fused import fold_head_transposes, fold_residual_grads, fuse_residual
 from .fused import fuse as fuse_ops
 from .memory import hoist_shapes, recompute_cheap, recompute_layers
 from .prepare import drop_noop_casts, elem_types, fuse_matmuls, probe_shapes
@@ -154,8 +154,8 @@ def build(proto: Any, params: list[str], loss: str, feeds: Sequence[dict[str, np
         fuse_residual(train, shapes, n_forward)
         fold_residual_grads(train)
         fuse_residual(proto, shapes)
-        fold_rotary_transposes(train)
-        fold_rotary_transposes(proto)
+        fold_head_transposes(train)
+        fold_head_transposes(proto)
     # The forward graph reads no transposed copy, and the first layer's input gradient is not built.
     drop_unused_initializers(proto, keep_transposed=False)
     drop_unused_initializers(train, keep_transposed=False)

@@ -9,10 +9,11 @@ the custom-op library (``cpp_ext/ort_ops``, loaded by :mod:`edgetune.device.fuse
 - ``SwiGLU(g, u)``: ``silu(g) * u`` (QuickGelu with alpha 1, Mul);
 - ``Rotary(x, cos, sin)``: ``x * cos + rotate_half(x) * sin`` (Slice, Slice, Neg, Concat, Mul, Mul, Add);
   after differentiation, with the heads' ``Transpose`` before it ``RotaryT`` and its gradient with
-  the ``Transpose`` after it ``RotaryTGrad`` (:func:`fold_rotary_transposes`);
+  the ``Transpose`` after it ``RotaryTGrad`` (:func:`fold_head_transposes`);
 - ``Attention(q, k, v, mask)``: ``softmax(q k^T scale + mask) v`` (FusedMatMul, Add, Softmax, MatMul, and
   grouped-query attention's repeat of k and v), computed row by row forward and backward, so
-  neither the S x S scores nor the repeated keys and values are ever held;
+  neither the S x S scores nor the repeated keys and values are ever held; after differentiation,
+  with the heads' ``Transpose`` after it ``AttentionT`` and its gradient ``AttentionTGrad``;
 - ``CrossEntropyHead(h, w, labels)``: the summed cross-entropy of the vocabulary projection ``h w^T``
   (FusedMatMul with transB, SoftmaxCrossEntropyLoss with reduction sum), the vocabulary in tiles, so
   the rows x V logits are never held; its gradient with respect to ``h`` comes from the same pass.
@@ -315,11 +316,19 @@ def fold_residual_grads(proto: Any) -> int:
     return _replace(g, nodes, put, gone)
 
 
-def fold_rotary_transposes(proto: Any) -> int:
-    """The head transposes beside the rotary ops: ``Rotary(Transpose(x, perm=[0, 2, 1, 3]))`` as
-    ``RotaryT(x)``, which reads the projection's [B, S, H, D] rows and writes the heads' [B, H, S, D]
-    ones; and ``Transpose(RotaryGrad(dy), perm=[0, 2, 1, 3])`` as ``RotaryTGrad(dy)``. Only where the
-    transposed tensor has no other reader. Returns the number of transposes folded."""
+# Ops that fold the heads' Transpose (perm 0, 2, 1, 3) beside them: (op, its form with the transpose,
+# whether the transpose is before its first input, else after its first output).
+_HEAD_TRANSPOSES = (("Rotary", "RotaryT", True), ("RotaryGrad", "RotaryTGrad", False),
+                    ("Attention", "AttentionT", False), ("AttentionGrad", "AttentionTGrad", True))
+
+
+def fold_head_transposes(proto: Any) -> int:
+    """The heads' transposes between the projections' [B, S, H, D] rows and the attention heads'
+    [B, H, S, D] ones, folded into the ops beside them: ``Rotary(Transpose(x))`` as ``RotaryT(x)``
+    and ``Transpose(RotaryGrad(dy))`` as ``RotaryTGrad(dy)`` (q and k); ``Transpose(Attention(...))``
+    as ``AttentionT(...)`` and ``AttentionGrad(Transpose(dout), ...)`` as ``AttentionTGrad(dout, ...)``
+    (the attention output). Only where the transposed tensor has no other reader. Returns the number
+    of transposes folded."""
     from onnx import helper
 
     g = proto.graph
@@ -330,29 +339,34 @@ def fold_rotary_transposes(proto: Any) -> int:
             readers.setdefault(i, []).append(k)
     outputs = {o.name for o in g.output}
     producer = {o: k for k, n in enumerate(nodes) for o in n.output if o}
+    forms = {op: (folded, before) for op, folded, before in _HEAD_TRANSPOSES}
 
-    def heads_transpose(n: Any) -> bool:
-        return n.op_type == "Transpose" and n.domain in ("", "ai.onnx") and list(attr(n, "perm", [])) == [0, 2, 1, 3]
+    def heads_transpose(j: Optional[int]) -> bool:
+        n = nodes[j] if j is not None else None
+        return n is not None and n.op_type == "Transpose" and n.domain in ("", "ai.onnx") \
+            and list(attr(n, "perm", [])) == [0, 2, 1, 3]
 
     put: dict[int, Any] = {}
     gone: set[int] = set()
     for k, n in enumerate(nodes):
-        if n.domain != DOMAIN or n.op_type not in ("Rotary", "RotaryGrad") or k in gone:
+        if n.domain != DOMAIN or n.op_type not in forms or k in gone:
             continue
-        if n.op_type == "Rotary":
+        folded, before = forms[n.op_type]
+        if before:
             j = producer.get(n.input[0])
-            t = nodes[j] if j is not None else None
-            if t is None or j in gone or not heads_transpose(t) or readers.get(t.output[0]) != [k] \
-                    or t.output[0] in outputs:
+            if not heads_transpose(j) or j in gone or readers.get(nodes[j].output[0]) != [k] \
+                    or nodes[j].output[0] in outputs:
                 continue
-            put[k] = helper.make_node("RotaryT", [t.input[0], *n.input[1:]], list(n.output), name=n.name + "/t",
-                                      domain=DOMAIN)
+            ins, outs, at = [nodes[j].input[0], *n.input[1:]], list(n.output), k
         else:
             r = readers.get(n.output[0], [])
-            if len(r) != 1 or n.output[0] in outputs or r[0] in gone or not heads_transpose(nodes[r[0]]):
+            j = r[0] if len(r) == 1 else None
+            if not heads_transpose(j) or j in gone or n.output[0] in outputs:
                 continue
-            j, t = r[0], nodes[r[0]]
-            put[j] = helper.make_node("RotaryTGrad", list(n.input), list(t.output), name=n.name + "/t", domain=DOMAIN)
+            ins, outs, at = list(n.input), [nodes[j].output[0], *n.output[1:]], j
+        m = helper.make_node(folded, ins, outs, name=n.name + "/t", domain=DOMAIN)
+        m.attribute.extend(n.attribute)
+        put[at] = m
         gone.update((k, j))
     return _replace(g, nodes, put, gone)
 
