@@ -7,10 +7,10 @@
 // Both operands are laid out for the inner loop first: all rows of A rounded to bfloat16 and
 // interleaved by pairs of k (16 rows per panel), and 32 of B's columns interleaved the same way
 // (pack_b's layout, 16 columns per panel) by the task that multiplies every row by them, so that
-// each step of the loop reads one cache line of each. The block is 8 rows of A times 32 columns of B: per pair of k, two vectors of B and 8
-// broadcast pairs of A feed 16 vdpbf16ps. Sixteen rows times 16 columns (one vector of B per 16
-// broadcasts) measured 84-87 % of the instruction's peak with every operand in L1, the load ports
-// being the limit; 8 x 32 measured 97-100 %. A forward product of fewer than 64 rows skips the
+// each step of the loop reads one cache line of each. The block is 8 rows of A times 32 columns of
+// B: per pair of k, two vectors of B and 8 broadcast pairs of A feed 16 vdpbf16ps. Sixteen rows
+// times 16 columns (one vector of B per 16 broadcasts) measured 84-87 % of the instruction's peak
+// with every operand in L1, the load ports being the limit; 8 x 32 measured 97-100 %. A forward product of fewer than 64 rows skips the
 // packing of w instead: 16 x 16 blocks with w's rows broadcast from where they are stored.
 #include <cstring>
 
