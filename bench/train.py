@@ -605,7 +605,8 @@ def main() -> None:
         from edgetune.device import kernels
 
         gflops = fma_peak_gflops(a.threads)
-        print(f"multiply-add peak ({kernels.isa()} float32 FMA loop, {a.threads} threads): {gflops:.1f} GFLOP/s")
+        print(f"multiply-add peak (float32 FMA loop of the {kernels.isa()} kernels, {a.threads} threads): "
+              f"{gflops:.1f} GFLOP/s")
         # --bf16 runs their frozen products on bfloat16 dot products, at twice the float32 FMA rate
         # where the CPU has AVX512-BF16: their useful work is measured against that peak as well.
         a.bf16_peak = fma_peak_gflops(a.threads, bf16=True) if a.bf16 else 0.0
