@@ -297,6 +297,10 @@ def test_bad_shapes_are_an_error_naming_the_op_not_a_crash():
     with pytest.raises(Exception, match=r"edgetune::Attention: q \[1, 3, 4, 8\], k \[1, 2, 4, 8\].* do not fit"):
         _run("Attention", [np.zeros((1, 3, 4, 8), np.float32), np.zeros((1, 2, 4, 8), np.float32),
                            np.zeros((1, 2, 4, 8), np.float32), np.zeros((1, 1, 4, 4), np.float32)], 1, scale=1.0)
+    q, kv, m = np.zeros((1, 2, 4, 8), np.float32), np.zeros((1, 1, 4, 8), np.float32), np.zeros((1, 1, 4, 4), np.float32)
+    with pytest.raises(Exception, match=r"edgetune::AttentionTGrad: dout \[1, 2, 4, 8\] does not fit q \[1, 2, 4, 8\] "
+                                        r"\(dout \[B, S, H, D\]\)"):
+        _run("AttentionTGrad", [q, q, kv, kv, m], 3, scale=1.0)
 
 
 # -- the rewrite: plain subgraphs as the exporter writes them, fused, computing the same -------
