@@ -537,13 +537,28 @@ inline void dora_merge(void* w, const Packed& p, DType dt, const float* mag, int
   });
 }
 
+// Runs loop(id) -> float on `threads` threads at once (all cores when 0); returns the GFLOP/s of
+// `flops_per_thread` each, from the wall time of them all. The results are kept, so the loops are not
+// optimized away.
+template <typename Loop>
+inline double time_threads(int threads, double flops_per_thread, Loop&& loop) {
+  size_t nt = threads > 0 ? static_cast<size_t>(threads) : std::max(1u, std::thread::hardware_concurrency());
+  std::vector<float> sink(nt);
+  auto start = std::chrono::steady_clock::now();
+  std::vector<std::thread> pool;
+  for (size_t t = 0; t < nt; ++t) pool.emplace_back([&, t] { sink[t] = loop(t); });
+  for (auto& th : pool) th.join();
+  double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  volatile float keep = sink[0];
+  (void)keep;
+  return static_cast<double>(nt) * flops_per_thread / secs / 1e9;
+}
+
 // The machine's multiply-add throughput in GFLOP/s: `threads` threads each running 12
 // independent chains of vector FMAs (the micro-kernel's register tile) for `iters` steps.
 // Benchmarks compare the merge against it to tell compute-bound shapes from memory-bound ones.
 inline double peak_gflops(int threads, size_t iters) {
-  size_t nt = threads > 0 ? static_cast<size_t>(threads) : std::max(1u, std::thread::hardware_concurrency());
-  std::vector<float> sink(nt);
-  auto work = [&](size_t id) {
+  return time_threads(threads, static_cast<double>(iters) * 12 * VW * 2, [&](size_t) {
     vf c[12];
     for (int i = 0; i < 12; ++i) c[i] = vf{} + static_cast<float>(i) * 1e-3f;
     vf x = vf{} + 0.9999f, y = vf{} + 1e-5f;
@@ -561,16 +576,8 @@ inline double peak_gflops(int threads, size_t iters) {
     }
     vf s = c[0];
     for (int i = 1; i < 12; ++i) s += c[i];
-    sink[id] = s[0];
-  };
-  auto start = std::chrono::steady_clock::now();
-  std::vector<std::thread> pool;
-  for (size_t t = 0; t < nt; ++t) pool.emplace_back(work, t);
-  for (auto& th : pool) th.join();
-  double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  volatile float keep = sink[0];
-  (void)keep;
-  return static_cast<double>(nt) * static_cast<double>(iters) * 12 * VW * 2 / secs / 1e9;
+    return s[0];
+  });
 }
 
 // The bfloat16 dot-product throughput in GFLOP/s where this build has AVX512-BF16: 12 independent
@@ -578,9 +585,7 @@ inline double peak_gflops(int threads, size_t iters) {
 // Benchmarks of bfloat16 products compare against it: the float32 FMA peak is half of it.
 inline double peak_bf16_gflops(int threads, size_t iters) {
 #if defined(EDGETUNE_AVX512BF16)
-  size_t nt = threads > 0 ? static_cast<size_t>(threads) : std::max(1u, std::thread::hardware_concurrency());
-  std::vector<float> sink(nt);
-  auto work = [&](size_t id) {
+  return time_threads(threads, static_cast<double>(iters) * 12 * 16 * 2 * 2, [&](size_t) {
     __m512 c[12];
     for (int i = 0; i < 12; ++i) c[i] = _mm512_set1_ps(static_cast<float>(i) * 1e-3f);
     const __m512bh x = _mm512_cvtne2ps_pbh(_mm512_set1_ps(1e-3f), _mm512_set1_ps(1e-3f));
@@ -590,16 +595,8 @@ inline double peak_bf16_gflops(int threads, size_t iters) {
     }
     __m512 s = c[0];
     for (int i = 1; i < 12; ++i) s = _mm512_add_ps(s, c[i]);
-    sink[id] = _mm512_reduce_add_ps(s);
-  };
-  auto start = std::chrono::steady_clock::now();
-  std::vector<std::thread> pool;
-  for (size_t t = 0; t < nt; ++t) pool.emplace_back(work, t);
-  for (auto& th : pool) th.join();
-  double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  volatile float keep = sink[0];
-  (void)keep;
-  return static_cast<double>(nt) * static_cast<double>(iters) * 12 * 16 * 2 * 2 / secs / 1e9;
+    return _mm512_reduce_add_ps(s);
+  });
 #else
   (void)threads;
   (void)iters;

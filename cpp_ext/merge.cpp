@@ -240,25 +240,21 @@ NB_MODULE(_ext, m) {
   m.def("dora_merge", &dora_merge, nb::arg("w"), nb::arg("a"), nb::arg("b"), nb::arg("scale"), nb::arg("magnitude"),
         nb::arg("dtype"), nb::arg("threads") = 0, nb::arg("name") = "W",
         "W = magnitude * (W + scale * b @ a) / row_norm(W + scale * b @ a), in place.");
-  m.def(
-      "peak_gflops",
-      [](int threads, size_t iters) {
-        const edgetune::Ops& ops = edgetune::selected_ops();
-        nb::gil_scoped_release release;
-        return ops.peak_gflops(threads, iters);
-      },
-      nb::arg("threads") = 0, nb::arg("iters") = 20000000,
-      "Multiply-add throughput of this machine in GFLOP/s, with the selected kernels' vector width (for benchmarks).");
-  m.def(
-      "peak_bf16_gflops",
-      [](int threads, size_t iters) {
-        const edgetune::Ops& ops = edgetune::selected_ops();
-        nb::gil_scoped_release release;
-        return ops.peak_bf16_gflops(threads, iters);
-      },
-      nb::arg("threads") = 0, nb::arg("iters") = 20000000,
-      "bfloat16 dot-product (vdpbf16ps) throughput in GFLOP/s where the selected kernels have AVX512-BF16, "
-      "else 0 (for benchmarks of bfloat16 products).");
+  // The selected kernels' throughput loops, run without the GIL.
+  using Loop = double (*edgetune::Ops::*)(int, size_t);
+  auto peak = [](Loop loop) {
+    return [loop](int threads, size_t iters) {
+      const edgetune::Ops& ops = edgetune::selected_ops();
+      nb::gil_scoped_release release;
+      return (ops.*loop)(threads, iters);
+    };
+  };
+  m.def("peak_gflops", peak(&edgetune::Ops::peak_gflops), nb::arg("threads") = 0, nb::arg("iters") = 20000000,
+        "Multiply-add throughput of this machine in GFLOP/s, with the selected kernels' vector width "
+        "(for benchmarks).");
+  m.def("peak_bf16_gflops", peak(&edgetune::Ops::peak_bf16_gflops), nb::arg("threads") = 0, nb::arg("iters") = 20000000,
+        "bfloat16 dot-product (vdpbf16ps) throughput in GFLOP/s where the selected kernels have AVX512-BF16, "
+        "else 0 (for benchmarks of bfloat16 products).");
   m.def(
       "isa", [] { return std::string(edgetune::selected_ops().name); },
       "The instruction set the kernels run with: the widest this CPU has, or EDGETUNE_ISA.");

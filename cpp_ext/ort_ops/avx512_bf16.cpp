@@ -10,8 +10,9 @@
 // each step of the loop reads one cache line of each. The block is 8 rows of A times 32 columns of
 // B: per pair of k, two vectors of B and 8 broadcast pairs of A feed 16 vdpbf16ps. Sixteen rows
 // times 16 columns (one vector of B per 16 broadcasts) measured 84-87 % of the instruction's peak
-// with every operand in L1, the load ports being the limit; 8 x 32 measured 97-100 %. A forward product of fewer than 64 rows skips the
-// packing of w instead: 16 x 16 blocks with w's rows broadcast from where they are stored.
+// with every operand in L1, the load ports being the limit; 8 x 32 measured 97-100 %. A forward
+// product of fewer than 64 rows skips the packing of w instead: 16 x 16 blocks with w's rows
+// broadcast from where they are stored.
 #include <cstring>
 
 #include "amx_bf16.hpp"

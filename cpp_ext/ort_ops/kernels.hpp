@@ -439,8 +439,9 @@ inline size_t block_start(const uint32_t* ext, size_t nr, size_t jn, bool all_ma
 }
 
 // One (batch, head): o = softmax(q k^T * scale + mask) v for the query rows [r0, r1), by blocks of
-// query rows, never holding S x S; o's rows ldo floats apart (D, or H * D in [B, S, H, D]). kt: k in transposed panels (block_scores); ld: S rounded up to
-// JT; ext: the mask rows' extents (attn_extents); work: 3 * BR * ld + BR * D floats.
+// query rows, never holding S x S; o's rows ldo floats apart (D, or H * D in [B, S, H, D]). kt: k in
+// transposed panels (block_scores); ld: S rounded up to JT; ext: the mask rows' extents
+// (attn_extents); work: 3 * BR * ld + BR * D floats.
 inline void attn_forward(const float* q, const float* kt, const float* v, size_t ld, const float* mask,
                          size_t mstride, const uint32_t* ext, size_t r0, size_t r1, float* o, size_t ldo, size_t S,
                          size_t D, float scale, float* work) {

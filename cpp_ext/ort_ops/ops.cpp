@@ -580,8 +580,9 @@ struct AttentionGrad {
         std::vector<float> work(K().attn_work_rows * ld + K().attn_block_rows * a.D);
         const HeadRows din = head_rows(a, t, bshd);
         K().attn_backward(pdo + din.first, din.stride, pq + t * SD, pk + kv * SD, kvt.get() + 2 * kv * LD,
-                          kvt.get() + (2 * kv + 1) * LD, ld, a.mask_of(pm, b, h), a.S, ext.get() + a.slice(b, h) * 2 * a.S, r0, r1, pdq + t * SD, dkt,
-                          dvt, a.S, a.D, sc, work.data());
+                          kvt.get() + (2 * kv + 1) * LD, ld, a.mask_of(pm, b, h), a.S,
+                          ext.get() + a.slice(b, h) * 2 * a.S, r0, r1, pdq + t * SD, dkt, dvt, a.S, a.D, sc,
+                          work.data());
       };
       const std::vector<std::vector<size_t>> parts = independent_rows(a, ext.get());
       size_t tasks = 0;
