@@ -207,7 +207,8 @@ def test_the_library_multiplies_in_bfloat16_with_what_this_cpu_has():
     import platform
 
     flags, lib = _cpu_flags(), kernels.library()
-    assert (lib.bf16 != "") == ("MatMulBF16" in lib.ops) == ("CrossEntropyHeadBF16" in lib.ops)
+    assert (lib.bf16 != "") == ("MatMulBF16" in lib.ops) == ("CrossEntropyHeadBF16" in lib.ops) \
+        == ("AttentionTBF16" in lib.ops) == ("AttentionTBF16Grad" in lib.ops)
     if platform.machine().lower() not in ("x86_64", "amd64"):
         flags = set()  # the kernels are x86's
     want = "amx" if "amx_bf16" in flags else "avx512bf16" if "avx512_bf16" in flags else ""
@@ -219,8 +220,8 @@ def test_matmul_bf16_with_avx512_bf16_matches_too():
     """EDGETUNE_ISA=avx512bf16: vdpbf16ps, also where the CPU has AMX; the op stays listed, and the
     library says what it runs on."""
     code = ("import sys; sys.path.insert(0, %r); import test_bf16 as t; t.check_products(); "
-            "t.check_ce_heads(); from edgetune.device import fused; "
-            "print(fused.library().bf16, {'MatMulBF16', 'CrossEntropyHeadBF16'} <= fused.library().ops)"
+            "t.check_ce_heads(); t.check_attention_bf16(); from edgetune.device import fused; "
+            "print(fused.library().bf16, {'MatMulBF16', 'CrossEntropyHeadBF16', 'AttentionTBF16'} <= fused.library().ops)"
             ) % str(Path(__file__).parent)
     out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, EDGETUNE_ISA="avx512bf16"),
                          capture_output=True, text=True, cwd=str(Path(__file__).parent))
@@ -232,12 +233,76 @@ def test_matmul_bf16_plain_product_matches_too():
     """EDGETUNE_ISA=generic turns AMX and AVX512-BF16 off: the plain C++ product, and the op is no
     longer listed."""
     code = ("import sys; sys.path.insert(0, %r); import test_bf16 as t; t.check_products(); "
-            "t.check_ce_heads(); from edgetune.device import fused; print(sorted(fused.library().ops))"
+            "t.check_ce_heads(); t.check_attention_bf16(); from edgetune.device import fused; "
+            "print(sorted(fused.library().ops))"
             ) % str(Path(__file__).parent)
     out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, EDGETUNE_ISA="generic"),
                          capture_output=True, text=True, cwd=str(Path(__file__).parent))
     assert out.returncode == 0, out.stderr
-    assert "MatMulBF16" not in out.stdout and "CrossEntropyHeadBF16" not in out.stdout
+    assert "MatMulBF16" not in out.stdout and "CrossEntropyHeadBF16" not in out.stdout and "AttentionTBF16" not in out.stdout
+
+
+def _attention_bf16(q, k, v, mask, dout_t, scale):
+    def session(op, n_in, n_out):
+        names, outs = [f"x{i}" for i in range(n_in)], [f"y{i}" for i in range(n_out)]
+        g = helper.make_graph([helper.make_node(op, names, outs, domain="edgetune", scale=float(scale))], "g",
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outs])
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("edgetune", 1)])
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = 2
+        kernels.register(so)
+        return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+    (o,) = session("AttentionTBF16", 4, 1).run(None, {"x0": q, "x1": k, "x2": v, "x3": mask})
+    grads = session("AttentionTBF16Grad", 5, 3).run(None, {"x0": dout_t, "x1": q, "x2": k, "x3": v, "x4": mask})
+    return [o] + grads
+
+
+# (B, H, Hkv, S, D, padding or packed records' lengths): odd sizes, a head size that is not a
+# multiple of 32, grouped keys and values, single tokens, rows whose every key is masked, long rows,
+# and packed rows (block-diagonal masks)
+ATTENTION_CASES = [(2, 4, 2, 7, 8, [0, 3]), (1, 1, 1, 1, 2, [0]), (3, 9, 3, 33, 64, [0, 5, 32]),
+                   (1, 2, 2, 300, 40, [0]), (2, 3, 1, 5, 4, [5, 0]), (2, 9, 3, 256, 64, [0, 100]),
+                   (2, 4, 2, 300, 16, [[40, 1, 97, 130], [299]]), (1, 4, 2, 600, 16, [[70, 90, 1, 80, 130, 100, 64]])]
+
+
+def check_attention_bf16() -> None:
+    """AttentionTBF16 and its gradient against float64 attention whose seven products take the
+    operands the kernels round to bfloat16 (q, k, v, dout, the softmax weights and the scores'
+    gradient), the softmax and the sums unrounded: within float32 sums and the odd score gradient
+    that rounds the other way (well under 1e-3 of each output's largest value)."""
+    from test_fused import _mask, _packed_mask, _segments
+
+    def bf(x):
+        return _float(_bits(np.asarray(x, np.float32))).astype(np.float64)
+
+    for B, H, Hkv, S, D, pad in ATTENTION_CASES:
+        rng = np.random.default_rng(S * 7 + D)
+        q, dout = (rng.normal(0, 1, (B, H, S, D)).astype(np.float32) for _ in range(2))
+        k, v = (rng.normal(0, 1, (B, Hkv, S, D)).astype(np.float32) for _ in range(2))
+        mask = _packed_mask([_segments(lens, S) for lens in pad]) if isinstance(pad[0], list) else _mask(B, S, pad, rng)
+        scale = 1 / np.sqrt(D)
+        dout_t = np.ascontiguousarray(dout.transpose(0, 2, 1, 3))
+        o, dq, dk, dv = _attention_bf16(q, k, v, mask, dout_t, scale)
+        kk, vv = (np.repeat(x, H // Hkv, 1) for x in (k, v))
+        s = np.einsum("bhsd,bhtd->bhst", bf(q), bf(kk)) * scale + mask.astype(np.float64)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        dp = np.einsum("bhsd,bhtd->bhst", bf(dout), bf(vv))
+        ds = p * (dp - (p * dp).sum(-1, keepdims=True)) * scale
+        want = [np.einsum("bhst,bhtd->bshd", bf(p), bf(vv)), np.einsum("bhst,bhtd->bhsd", bf(ds), bf(kk)),
+                np.einsum("bhst,bhsd->bhtd", bf(ds), bf(q)).reshape(B, Hkv, H // Hkv, S, D).sum(2),
+                np.einsum("bhst,bhsd->bhtd", bf(p), bf(dout)).reshape(B, Hkv, H // Hkv, S, D).sum(2)]
+        for name, got, ref in zip(("out", "dq", "dk", "dv"), (o, dq, dk, dv), want):
+            assert got.shape == ref.shape, (name, got.shape, ref.shape)
+            err = float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-30))
+            assert err < 1e-3, (B, H, Hkv, S, D, name, err)
+
+
+def test_attention_bf16_matches_float64_attention_of_the_rounded_operands():
+    """With AVX512-BF16 where this CPU has it (and the library lists the ops), else in plain C++."""
+    check_attention_bf16()
 
 
 def test_bf16_rounding_is_to_nearest_even():
@@ -296,6 +361,8 @@ def test_bf16_bundle_graphs(bf16_bundles):
     assert ops["MatMulBF16Round"] == 2 * 2 and ops["MatMulBF16Add"] == 2 * 4 + (3 + 1 + 1) + (1 + 1)
     assert ops["SwiGLUBF16"] == ops["SwiGLUBF16Grad"] == 2 and "SwiGLU" not in ops and "SwiGLUGrad" not in ops
     assert ops["CrossEntropyHeadBF16"] == 1 and "CrossEntropyHead" not in ops
+    # the attention's products in bfloat16 too
+    assert ops["AttentionTBF16"] == ops["AttentionTBF16Grad"] == 2 and not {"AttentionT", "AttentionTGrad"} & set(ops)
     for graph in ("train_fused.onnx", "eval_fused.onnx"):
         g = onnx.load(str(b / graph), load_external_data=False).graph
         readers = {(n.op_type, i) for n in g.node for i in n.input if i in bf}

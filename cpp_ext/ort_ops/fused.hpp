@@ -43,7 +43,26 @@ struct FusedKernels {
   size_t attn_block_rows;  // query rows per block
 };
 
+// Attention with bfloat16 products (attn_bf16.hpp): its layouts and the two passes, as the
+// float32 ones above but for kt, vt (key panels) and vp, kp (row pairs) of bfloat16 values.
+struct AttnBF16Kernels {
+  const char* name;  // "avx512bf16", "generic"
+  size_t attn_tile, attn_block_rows;
+  size_t (*padded)(size_t D);  // the padded head size of the layouts
+  void (*panels)(const float* x, size_t S, size_t D, size_t ld, uint16_t* out);
+  void (*row_pairs)(const float* x, size_t n, size_t stride, size_t D, size_t total, uint16_t* out);
+  size_t (*work)(size_t ld, size_t D, bool backward);
+  void (*forward)(const float* q, const uint16_t* kt, const uint16_t* vp, size_t ld, const float* mask, size_t mstride,
+                  const uint32_t* ext, size_t r0, size_t r1, float* o, size_t ldo, size_t S, size_t D, float scale,
+                  float* work);
+  void (*backward)(const float* dout, size_t lddo, const float* q, const uint16_t* kt, const uint16_t* vt,
+                   const uint16_t* kp, size_t ld, const float* mask, size_t mstride, const uint32_t* ext, size_t r0,
+                   size_t r1, float* dq, float* dk, float* dv, size_t S, size_t D, float scale, float* work);
+};
+
 FusedKernels fused_generic();
+AttnBF16Kernels attn_bf16_generic();
+AttnBF16Kernels attn_bf16_avx512bf16();  // only where avx512_bf16_usable()
 #if defined(EDGETUNE_X86)
 FusedKernels fused_avx2();
 FusedKernels fused_avx512();

@@ -42,6 +42,10 @@
 //   MatMulBF16Round(a, w; trans_b) -> y       MatMulBF16 with y rounded to bfloat16
 //   SwiGLUBF16(g, u[, after]) -> y, SwiGLUBF16Grad(dy, g, u) -> dg, du
 //                                             SwiGLU and SwiGLUGrad with g and u in bfloat16
+//   AttentionTBF16(q, k, v, mask; scale) -> out, AttentionTBF16Grad(dout, q, k, v, mask; scale) -> dq, dk, dv
+//                                             AttentionT and AttentionTGrad with bfloat16 products
+//                                             (operands rounded to bfloat16, float32 sums, softmax
+//                                             and outputs float32)
 //   MatMulBF16(a, w; trans_b) -> y            a (float32, rounded to bfloat16) times a frozen bfloat16
 //                                             weight: a w^T (trans_b 1) or a w, summed in float32 (AMX or AVX512-BF16)
 #define ORT_API_MANUAL_INIT
@@ -479,6 +483,10 @@ AttnShape attn_shape(const Tensor<float>& q, const Tensor<float>& k, const Tenso
   return a;
 }
 
+// The attention kernels with bfloat16 products: AVX512-BF16 where MatMulBF16 runs and the CPU
+// has it, else the same sums in plain C++ (defined below bf16_kernel).
+const edgetune::AttnBF16Kernels& KB();
+
 // The heads' rows of a [B, H, S, D] tensor, or of a [B, S, H, D] one (bshd): where head t = b * H + h
 // starts, and how many floats apart its rows are.
 struct HeadRows {
@@ -492,7 +500,7 @@ inline HeadRows head_rows(const AttnShape& a, size_t t, bool bshd) {
 // Attention, and AttentionT (bshd): its output [B, S, H, D], as the Transpose after it made it.
 struct Attention {
   float scale = 1.0f;
-  bool bshd = false;
+  bool bshd = false, bf16 = false;
   const char* name = "Attention";
   Attention(const OrtApi*, const OrtKernelInfo* info) { scale = Ort::ConstKernelInfo(info).GetAttribute<float>("scale"); }
 
@@ -507,19 +515,38 @@ struct Attention {
       const float *pq = q.Data(), *pk = k.Data(), *pv = v.Data(), *pm = mask.Data();
       const size_t group = a.H / a.Hkv, SD = a.S * a.D;
       const float sc = scale;
-      const size_t ld = (a.S + K().attn_tile - 1) / K().attn_tile * K().attn_tile, LD = ld * a.D;
-      // k of each key/value head in transposed panels, once for the heads of its group
-      std::unique_ptr<float[]> kt(new float[a.B * a.Hkv * LD]);
-      parallel(ctx, a.B * a.Hkv, [&](size_t kv) { transpose_panels(pk + kv * SD, a.S, a.D, ld, K().attn_tile, kt.get() + kv * LD); });
+      const size_t tile = bf16 ? KB().attn_tile : K().attn_tile, rows = bf16 ? KB().attn_block_rows : K().attn_block_rows;
+      const size_t ld = (a.S + tile - 1) / tile * tile, LD = ld * (bf16 ? KB().padded(a.D) : a.D);
+      // k of each key/value head in transposed panels, once for the heads of its group (with bf16,
+      // bfloat16 panels of k and v in pairs of rows)
+      std::unique_ptr<float[]> kt(bf16 ? nullptr : new float[a.B * a.Hkv * LD]);
+      std::unique_ptr<uint16_t[]> kv16(bf16 ? new uint16_t[2 * a.B * a.Hkv * LD] : nullptr);
+      if (bf16)
+        parallel(ctx, 2 * a.B * a.Hkv, [&](size_t i) {
+          const size_t kv = i / 2;
+          if (i % 2)
+            KB().row_pairs(pv + kv * SD, a.S, a.D, a.D, ld, kv16.get() + i * LD);
+          else
+            KB().panels(pk + kv * SD, a.S, a.D, ld, kv16.get() + i * LD);
+        });
+      else
+        parallel(ctx, a.B * a.Hkv, [&](size_t kv) { transpose_panels(pk + kv * SD, a.S, a.D, ld, tile, kt.get() + kv * LD); });
       const std::unique_ptr<uint32_t[]> ext = mask_extents(ctx, a, pm);
       // Tasks of at most 128 query rows, so that a few long rows (packed records) still share out.
-      const size_t RB = std::max<size_t>(K().attn_block_rows, 128 / K().attn_block_rows * K().attn_block_rows);
+      const size_t RB = std::max<size_t>(rows, 128 / rows * rows);
       const size_t per = (a.S + RB - 1) / RB;
       parallel(ctx, a.B * a.H * per, [&](size_t task) {
         const size_t t = task / per, r0 = task % per * RB, r1 = std::min(a.S, r0 + RB);
         const size_t b = t / a.H, h = t % a.H, kvh = b * a.Hkv + h / group;
-        std::vector<float> work(K().attn_work_rows * ld + K().attn_block_rows * a.D);
         const HeadRows out = head_rows(a, t, bshd);
+        if (bf16) {
+          std::vector<float> work(KB().work(ld, a.D, false));
+          KB().forward(pq + t * SD, kv16.get() + 2 * kvh * LD, kv16.get() + (2 * kvh + 1) * LD, ld,
+                       a.mask_of(pm, b, h), a.S, ext.get() + a.slice(b, h) * 2 * a.S, r0, r1, po + out.first,
+                       out.stride, a.S, a.D, sc, work.data());
+          return;
+        }
+        std::vector<float> work(K().attn_work_rows * ld + K().attn_block_rows * a.D);
         K().attn_forward(pq + t * SD, kt.get() + kvh * LD, pv + kvh * SD, ld, a.mask_of(pm, b, h), a.S,
                          ext.get() + a.slice(b, h) * 2 * a.S, r0, r1, po + out.first, out.stride, a.S, a.D, sc,
                          work.data());
@@ -540,10 +567,22 @@ struct AttentionT : Attention {
   }
 };
 
+// AttentionTBF16: AttentionT with bfloat16 products (attn_bf16.hpp).
+struct AttentionTBF16 : Attention {
+  AttentionTBF16(const OrtApi* api, const OrtKernelInfo* info) : Attention(api, info) {
+    bshd = bf16 = true;
+    name = "AttentionTBF16";
+  }
+  Ort::Status Compute(OrtKernelContext* ctx, const Tensor<float>& q, const Tensor<float>& k, const Tensor<float>& v,
+                      const Tensor<float>& mask, Tensor<float>& o) {
+    return Attention::Compute(ctx, q, k, v, mask, o);
+  }
+};
+
 // AttentionGrad, and AttentionTGrad (bshd): dout [B, S, H, D], AttentionT's output's gradient.
 struct AttentionGrad {
   float scale = 1.0f;
-  bool bshd = false;
+  bool bshd = false, bf16 = false;
   const char* name = "AttentionGrad";
   AttentionGrad(const OrtApi*, const OrtKernelInfo* info) {
     scale = Ort::ConstKernelInfo(info).GetAttribute<float>("scale");
@@ -567,18 +606,38 @@ struct AttentionGrad {
       const float *pdo = dout.Data(), *pq = q.Data(), *pk = k.Data(), *pv = v.Data(), *pm = mask.Data();
       const size_t group = a.H / a.Hkv, SD = a.S * a.D;
       const float sc = scale;
-      const size_t ld = (a.S + K().attn_tile - 1) / K().attn_tile * K().attn_tile, LD = ld * a.D;
-      // k and v of each key/value head in transposed panels, once for the heads of its group
-      std::unique_ptr<float[]> kvt(new float[2 * a.B * a.Hkv * LD]);
-      parallel(ctx, 2 * a.B * a.Hkv, [&](size_t i) {
-        const size_t kv = i / 2;
-        transpose_panels((i % 2 ? pv : pk) + kv * SD, a.S, a.D, ld, K().attn_tile, kvt.get() + i * LD);
-      });
+      const size_t tile = bf16 ? KB().attn_tile : K().attn_tile;
+      const size_t ld = (a.S + tile - 1) / tile * tile, LD = ld * (bf16 ? KB().padded(a.D) : a.D);
+      // k and v of each key/value head in transposed panels, once for the heads of its group (with
+      // bf16, bfloat16 panels of k and v and k in pairs of rows)
+      std::unique_ptr<float[]> kvt(bf16 ? nullptr : new float[2 * a.B * a.Hkv * LD]);
+      std::unique_ptr<uint16_t[]> kv16(bf16 ? new uint16_t[3 * a.B * a.Hkv * LD] : nullptr);
+      if (bf16)
+        parallel(ctx, 3 * a.B * a.Hkv, [&](size_t i) {
+          const size_t kv = i / 3;
+          if (i % 3 == 2)
+            KB().row_pairs(pk + kv * SD, a.S, a.D, a.D, ld, kv16.get() + i * LD);
+          else
+            KB().panels((i % 3 ? pv : pk) + kv * SD, a.S, a.D, ld, kv16.get() + i * LD);
+        });
+      else
+        parallel(ctx, 2 * a.B * a.Hkv, [&](size_t i) {
+          const size_t kv = i / 2;
+          transpose_panels((i % 2 ? pv : pk) + kv * SD, a.S, a.D, ld, tile, kvt.get() + i * LD);
+        });
       const std::unique_ptr<uint32_t[]> ext = mask_extents(ctx, a, pm);
       auto head = [&](size_t t, size_t r0, size_t r1, float* dkt, float* dvt) {
         const size_t b = t / a.H, h = t % a.H, kv = b * a.Hkv + h / group;
-        std::vector<float> work(K().attn_work_rows * ld + K().attn_block_rows * a.D);
         const HeadRows din = head_rows(a, t, bshd);
+        if (bf16) {
+          std::vector<float> work(KB().work(ld, a.D, true));
+          const uint16_t* l = kv16.get() + 3 * kv * LD;
+          KB().backward(pdo + din.first, din.stride, pq + t * SD, l, l + LD, l + 2 * LD, ld, a.mask_of(pm, b, h),
+                        a.S, ext.get() + a.slice(b, h) * 2 * a.S, r0, r1, pdq + t * SD, dkt, dvt, a.S, a.D, sc,
+                        work.data());
+          return;
+        }
+        std::vector<float> work(K().attn_work_rows * ld + K().attn_block_rows * a.D);
         K().attn_backward(pdo + din.first, din.stride, pq + t * SD, pk + kv * SD, kvt.get() + 2 * kv * LD,
                           kvt.get() + (2 * kv + 1) * LD, ld, a.mask_of(pm, b, h), a.S,
                           ext.get() + a.slice(b, h) * 2 * a.S, r0, r1, pdq + t * SD, dkt, dvt, a.S, a.D, sc,
@@ -644,6 +703,18 @@ struct AttentionTGrad : AttentionGrad {
   AttentionTGrad(const OrtApi* api, const OrtKernelInfo* info) : AttentionGrad(api, info) {
     bshd = true;
     name = "AttentionTGrad";
+  }
+  Ort::Status Compute(OrtKernelContext* ctx, const Tensor<float>& dout, const Tensor<float>& q, const Tensor<float>& k,
+                      const Tensor<float>& v, const Tensor<float>& mask, Tensor<float>& dq, Tensor<float>& dk,
+                      Tensor<float>& dv) {
+    return AttentionGrad::Compute(ctx, dout, q, k, v, mask, dq, dk, dv);
+  }
+};
+
+struct AttentionTBF16Grad : AttentionGrad {
+  AttentionTBF16Grad(const OrtApi* api, const OrtKernelInfo* info) : AttentionGrad(api, info) {
+    bshd = bf16 = true;
+    name = "AttentionTBF16Grad";
   }
   Ort::Status Compute(OrtKernelContext* ctx, const Tensor<float>& dout, const Tensor<float>& q, const Tensor<float>& k,
                       const Tensor<float>& v, const Tensor<float>& mask, Tensor<float>& dq, Tensor<float>& dk,
@@ -779,6 +850,13 @@ Bf16Kernel bf16_kernel() {
       return Bf16Kernel::avx512bf16;
     return Bf16Kernel::none;
   }();
+  return k;
+}
+
+const edgetune::AttnBF16Kernels& KB() {
+  static const edgetune::AttnBF16Kernels k = bf16_kernel() != Bf16Kernel::none && edgetune::avx512_bf16_usable()
+                                                 ? edgetune::attn_bf16_avx512bf16()
+                                                 : edgetune::attn_bf16_generic();
   return k;
 }
 
@@ -1045,7 +1123,8 @@ extern "C" EDGETUNE_EXPORT const char* EdgetuneFusedIsa() { return K().name; }
 
 // The ops this library implements, comma-separated: a bundle whose fused graphs use one it lacks
 // runs its plain graphs.
-// The bfloat16 ops (MatMulBF16, MatMulBF16Add, MatMulBF16Round, SwiGLUBF16, SwiGLUBF16Grad, CrossEntropyHeadBF16)
+// The bfloat16 ops (MatMulBF16, MatMulBF16Add, MatMulBF16Round, SwiGLUBF16, SwiGLUBF16Grad, CrossEntropyHeadBF16,
+// AttentionTBF16, AttentionTBF16Grad)
 // only where AMX or AVX512-BF16 runs the products (their plain C++ paths are there for tests and
 // correctness, not speed).
 extern "C" EDGETUNE_EXPORT const char* EdgetuneFusedOps() {
@@ -1054,7 +1133,7 @@ extern "C" EDGETUNE_EXPORT const char* EdgetuneFusedOps() {
                   "AttentionT,AttentionTGrad,CrossEntropyHead,AdamW,"
                   "AddRMSNorm,AddRMSNormGrad") +
       (bf16_kernel() != Bf16Kernel::none ? ",MatMulBF16,MatMulBF16Add,MatMulBF16Round,SwiGLUBF16,SwiGLUBF16Grad,"
-                                           "CrossEntropyHeadBF16"
+                                           "CrossEntropyHeadBF16,AttentionTBF16,AttentionTBF16Grad"
                                          : "");
   return ops.c_str();
 }
@@ -1096,6 +1175,8 @@ extern "C" EDGETUNE_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionO
       ops.emplace_back(Ort::Custom::CreateLiteCustomOp("SwiGLUBF16", cpu, SwiGLUBF16));
       ops.emplace_back(Ort::Custom::CreateLiteCustomOp("SwiGLUBF16Grad", cpu, SwiGLUBF16Grad));
       ops.emplace_back(Ort::Custom::CreateLiteCustomOp<CrossEntropyHeadBF16>("CrossEntropyHeadBF16", cpu));
+      ops.emplace_back(Ort::Custom::CreateLiteCustomOp<AttentionTBF16>("AttentionTBF16", cpu));
+      ops.emplace_back(Ort::Custom::CreateLiteCustomOp<AttentionTBF16Grad>("AttentionTBF16Grad", cpu));
       for (auto& op : ops) domain->Add(op.get());
     }
     Ort::UnownedSessionOptions(options).Add(*domain);

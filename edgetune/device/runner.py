@@ -265,7 +265,7 @@ class StepRunner:
         """Whether the training graph that runs has the fused attention (memory linear in length)."""
         fused = self.bundle.manifest.get("fused") or {}
         ops = fused.get("ops") or {}
-        return self._graphs["train"] == fused.get("train") and bool({"Attention", "AttentionT"} & set(ops))
+        return self._graphs["train"] == fused.get("train") and bool({"Attention", "AttentionT", "AttentionTBF16"} & set(ops))
 
     @property
     def graphs(self) -> dict[str, str]:

@@ -10,7 +10,9 @@ bfloat16 and multiplies on AMX's tiles or with AVX512-BF16, with float32 sums; t
 loss by ``CrossEntropyHeadBF16`` on the bfloat16 weight, and the embedding lookup by a ``Gather``
 of its bfloat16 rows and a ``Cast`` of those rows only. The gate and up projections that feed only a
 ``SwiGLU`` come out of ``MatMulBF16Round`` in bfloat16, which ``SwiGLUBF16`` and its gradient read:
-the backward pass keeps them in half the bytes."""
+the backward pass keeps them in half the bytes. The fused attention (``AttentionT``) becomes
+``AttentionTBF16``, whose seven products take bfloat16 operands with float32 sums, the softmax and
+its outputs float32."""
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -20,6 +22,8 @@ import numpy as np
 from edgetune.device.kernels import bf16_to_f32, f32_to_bf16
 
 SUFFIX = ".bf16"
+# The fused attention and its gradient, and their forms with bfloat16 products
+ATTENTION = {"AttentionT": "AttentionTBF16", "AttentionTGrad": "AttentionTBF16Grad"}
 
 
 def bits(x: np.ndarray) -> np.ndarray:
@@ -105,7 +109,8 @@ def fuse(model: Any, domain: str) -> int:
     and a ``Cast`` of them; fold the ``Add`` after a product into it where a LoRA branch is added
     (``_fold_adds``), and a gradient ``Sum`` of products into a chain of them (``_fold_sums``);
     round a ``SwiGLU``'s two products to bfloat16 where nothing else reads them
-    (``_round_swiglu_inputs``); drop the casts and transposes no one reads any more. Returns how
+    (``_round_swiglu_inputs``); run the fused attention with bfloat16 products (``AttentionTBF16``)
+    where any product was replaced; drop the casts and transposes no one reads any more. Returns how
     many products were replaced."""
     from onnx import TensorProto, helper
 
@@ -144,6 +149,10 @@ def fuse(model: Any, domain: str) -> int:
     nodes = _fold_adds(nodes, g, domain)
     nodes = _fold_sums(nodes, g, domain)
     nodes = _round_swiglu_inputs(nodes, g, domain)
+    if count:  # the attention's products in bfloat16 too, as a bfloat16 model's are
+        for n in nodes:
+            if n.domain == domain and n.op_type in ATTENTION:
+                n.op_type = ATTENTION[n.op_type]
     # Drop what no one reads now (the graph's outputs count as readers).
     while True:
         read = {i for n in nodes for i in n.input} | {o.name for o in g.output}
