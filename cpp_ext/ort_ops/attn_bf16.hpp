@@ -296,14 +296,6 @@ inline void keys_major16(const float* w, size_t ld, size_t a0, size_t a1, uint16
     for (size_t r = 0; r < BR; ++r) out[(j - a0) * BR + r] = bf16_round(w[r * ld + j]);
 }
 
-// The cache lines of rows [i, i + BR) of x (D floats each, `stride` apart, up to row end), fetched
-// ahead while a block is computed: the next block's rows of q and dout, which otherwise stall the
-// block's first loads.
-inline void prefetch_rows(const float* x, size_t i, size_t end, size_t stride, size_t D) {
-  for (size_t r = i; r < i + BR && r < end; ++r)
-    for (size_t d = 0; d < D; d += 16) __builtin_prefetch(x + r * stride + d);
-}
-
 // Floats of work for one call: forward (p, its bfloat16 copy, a block of q) or backward (p, ds, ds
 // rounded, p and ds key after key, a block's rows and their pairs).
 inline size_t attn_bf16_work(size_t ld, size_t D, bool backward) {
@@ -326,7 +318,6 @@ inline void attn_bf16_forward(const float* q, const uint16_t* kt, const uint16_t
     const size_t jn = block_extent(ext + 2 * i0, nr, S, &none);
     const size_t j0 = block_start(ext + 2 * i0, nr, jn, none);
     for (size_t r = 0; r < BR; ++r) round_row(q + (i0 + r) * D, r < nr ? D : 0, Dp, q16 + r * Dp);
-    prefetch_rows(q, i0 + BR, r1, D, D);
     block_scores16(q16, Dp, kt + j0 * Dp, p + j0, ld, jn - j0, scale);
     const size_t lim = jn < S ? jn : S;  // S where a row sees no key
     for (size_t r = 0; r < BR; ++r) {
@@ -363,8 +354,6 @@ inline void attn_bf16_backward(const float* dout, size_t lddo, const float* q, c
     const size_t j0 = block_start(ext + 2 * i0, nr, jn, none);
     const size_t lim = jn < S ? jn : S;
     for (size_t r = 0; r < BR; ++r) round_row(q + (i0 + r) * D, r < nr ? D : 0, Dp, a16 + r * Dp);
-    prefetch_rows(q, i0 + BR, r1, D, D);
-    prefetch_rows(dout, i0 + BR, r1, lddo, D);
     block_scores16(a16, Dp, kt + j0 * Dp, p + j0, ld, jn - j0, scale);
     for (size_t r = 0; r < BR; ++r) round_row(dout + (i0 + r) * lddo, r < nr ? D : 0, Dp, a16 + r * Dp);
     block_scores16(a16, Dp, vt + j0 * Dp, dp + j0, ld, (none ? (S + JT - 1) / JT * JT : jn) - j0, 1.0f);
