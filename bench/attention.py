@@ -10,11 +10,15 @@ round, so both are timed under the same machine conditions; each figure is the m
 ``--iters`` calls in the best of ``--rounds`` rounds. GFLOP/s counts the causal half of the score
 matrix: forward 2 products (QK^T, PV), backward 5 (QK^T again, dP, dV, dQ, dK).
 
+``--bf16`` times the forms a ``--compute bf16`` bundle runs: edgetune's ``AttentionTBF16`` and its
+gradient (bfloat16 products, float32 softmax and outputs; AVX512-BF16 where the CPU has it) against
+PyTorch's kernel on bfloat16 tensors, as a bfloat16 model calls it.
+
 The last line is JSON: ``{"fwd_ms", "bwd_ms", "torch_fwd_ms", "torch_bwd_ms", "speedup",
 "gflops", "torch_gflops", "fma_peak_gflops", "fraction_of_peak"}`` (``speedup``: torch's forward
 plus backward time over edgetune's).
 
-Usage: python bench/attention.py [--batch 8] [--seq 256] [--threads 2] [--rounds 3] [--iters 20]
+Usage: python bench/attention.py [--batch 8] [--seq 256] [--threads 2] [--rounds 3] [--iters 20] [--bf16]
 """
 from __future__ import annotations
 
@@ -67,10 +71,13 @@ def ort_side(a: argparse.Namespace):
         fused.register(so)  # DeviceError naming the file when the library cannot load
         return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
-    fwd = session("Attention", ["q", "k", "v", "m"], ["o"])
-    bwd = session("AttentionGrad", ["do", "q", "k", "v", "m"], ["dq", "dk", "dv"])
+    op = "AttentionTBF16" if a.bf16 else "Attention"  # AttentionT's output (and dout) are [B, S, H, D]
+    if a.bf16 and op not in fused.library().ops:
+        sys.exit(f"{op}: not listed by {fused.library().path} (no AVX512-BF16 or AMX here)")
+    fwd = session(op, ["q", "k", "v", "m"], ["o"])
+    bwd = session(op + "Grad", ["do", "q", "k", "v", "m"], ["dq", "dk", "dv"])
     f_feed = {"q": x["q"], "k": x["k"], "v": x["v"], "m": mask}
-    b_feed = dict(f_feed, do=x["do"])
+    b_feed = dict(f_feed, do=np.ascontiguousarray(x["do"].transpose(0, 2, 1, 3)) if a.bf16 else x["do"])
     return lambda: fwd.run(None, f_feed), lambda: bwd.run(None, b_feed), f"fused ({fused.library().isa})"
 
 
@@ -79,7 +86,7 @@ def torch_side(a: argparse.Namespace):
     import torch.nn.functional as F
 
     torch.set_num_threads(a.threads)
-    x = {n: torch.from_numpy(t) for n, t in inputs(a).items()}
+    x = {n: torch.from_numpy(t).to(torch.bfloat16 if a.bf16 else torch.float32) for n, t in inputs(a).items()}
     q, k, v = (x[n].clone().requires_grad_(True) for n in "qkv")
     state: dict = {}
 
@@ -121,6 +128,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--bf16", action="store_true", help="bfloat16 products on both sides (--compute bf16's attention)")
     p.add_argument("--side", choices=("ort", "torch"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.side:
@@ -128,7 +136,7 @@ def main() -> None:
     from train import fma_peak_gflops
 
     peak = fma_peak_gflops(a.threads)
-    args = [f"--batch={a.batch}", f"--seq={a.seq}", f"--threads={a.threads}", f"--iters={a.iters}"]
+    args = [f"--batch={a.batch}", f"--seq={a.seq}", f"--threads={a.threads}", f"--iters={a.iters}"] + ["--bf16"] * a.bf16
     procs = {s: subprocess.Popen([sys.executable, __file__, f"--side={s}", *args], stdin=subprocess.PIPE,
                                  stdout=subprocess.PIPE, text=True) for s in ("ort", "torch")}
     names = {s: json.loads(pr.stdout.readline())["name"] for s, pr in procs.items()}
@@ -151,15 +159,17 @@ def main() -> None:
            "gflops": flops / (e["fwd"] + e["bwd"]) / 1e9, "torch_gflops": flops / (t["fwd"] + t["bwd"]) / 1e9,
            "fma_peak_gflops": peak}
     res["fraction_of_peak"] = res["gflops"] / peak
+    res["bf16"] = a.bf16
     print(f"machine: {machine.describe()}; multiply-add peak ({a.threads} threads): {peak:.1f} GFLOP/s")
     print(f"causal attention, batch {a.batch} x {a.seq}, {HEADS} heads on {KV_HEADS} key/value heads of {DIM}, "
-          f"{a.threads} threads")
+          f"{a.threads} threads" + (", bfloat16 products" if a.bf16 else ""))
     for side, lab in (("ort", f"edgetune ({names['ort']})"), ("torch", f"PyTorch SDPA ({names['torch']})")):
         b = best[side]
         print(f"  {lab:44s} forward {b['fwd'] * 1e3:7.2f} ms  backward {b['bwd'] * 1e3:7.2f} ms  "
               f"{flops / (b['fwd'] + b['bwd']) / 1e9:6.1f} GFLOP/s")
-    print(f"  edgetune / PyTorch speed: {res['speedup']:.2f}x; {res['fraction_of_peak']:.0%} of the multiply-add peak")
-    print(json.dumps({k: round(v, 4) for k, v in res.items()}))
+    print(f"  edgetune / PyTorch speed: {res['speedup']:.2f}x; {res['fraction_of_peak']:.0%} of the float32 "
+          "multiply-add peak")
+    print(json.dumps({k: v if isinstance(v, bool) else round(v, 4) for k, v in res.items()}))
 
 
 if __name__ == "__main__":
