@@ -237,8 +237,8 @@ def test_bf16_products_on_the_real_model(real_run, tmp_path):
     """The default model with bfloat16 frozen weights (--compute bf16): 210 linear ones, read only by
     MatMulBF16 in the fused graphs (MatMulBF16Round for the gate and up projections, kept in
     bfloat16 for SwiGLUBF16 and its gradient), and the tied embedding, whose vocabulary loss is
-    CrossEntropyHeadBF16 (AMX or AVX512-BF16 where this CPU has one, else the plain graph's float32
-    products of the same weights); the standard short run ends at the float32 base's validation
+    CrossEntropyHeadBF16, and the attention AttentionTBF16 (AMX or AVX512-BF16 where this CPU has
+    one, else the plain graph's float32 products of the same weights); the standard short run ends at the float32 base's validation
     loss within 1 % of its start (about 3.2)."""
     import onnx
 
@@ -258,6 +258,7 @@ def test_bf16_products_on_the_real_model(real_run, tmp_path):
         assert ops["MatMulBF16Add"] == 30 * 4 + 29 * 3 + 30 + 30
         assert ops["MatMulBF16Round"] == 30 * 2 and ops["SwiGLUBF16"] == ops["SwiGLUBF16Grad"] == 30  # gate, up
         assert ops["CrossEntropyHeadBF16"] == 1 and "CrossEntropyHead" not in ops
+        assert ops["AttentionTBF16"] == ops["AttentionTBF16Grad"] == 30 and "AttentionT" not in ops
     assert_short_run_ends_near(bundle, real_run, tmp_path / "run")
 
 
