@@ -409,6 +409,7 @@ def test_bf16_bundle_without_amx_trains_on_the_plain_graph_and_says_why(bf16_bun
 
     lib = kernels.library()
     monkeypatch.setattr(kernels, "library", lambda: dataclasses.replace(lib, ops=lib.ops - {"MatMulBF16"}))
+    monkeypatch.setattr(kernels, "_said", set())  # said once per process: not yet in this test's
     monkeypatch.setenv("EDGETUNE_KERNELS", "auto")
     run = trainer.train(bf16_bundles["bf16"], SAMPLE_DATA, tmp_path / "run", steps=2, batch_size=4,
                         progress=False, log=print).out

@@ -175,10 +175,13 @@ inline void block_pv16(const uint16_t* w, size_t ldw, const uint16_t* x, size_t 
       const __mmask16 m0 = d0 >= D ? 0 : D - d0 >= 16 ? 0xffff : static_cast<__mmask16>((1u << (D - d0)) - 1);
       const __mmask16 m1 = d0 + 16 >= D ? 0 : D - d0 - 16 >= 16 ? 0xffff
                                                                 : static_cast<__mmask16>((1u << (D - d0 - 16)) - 1);
-      for (size_t r = 0; r < nr; ++r) {
-        _mm512_mask_storeu_ps(out + r * ldout + d0, m0, acc[r][0]);
-        _mm512_mask_storeu_ps(out + r * ldout + d0 + 16, m1, acc[r][1]);
-      }
+      // every row's index a constant (a loop to nr would keep the sums in memory, not registers)
+#pragma GCC unroll 8
+      for (size_t r = 0; r < BR; ++r)
+        if (r < nr) {
+          _mm512_mask_storeu_ps(out + r * ldout + d0, m0, acc[r][0]);
+          _mm512_mask_storeu_ps(out + r * ldout + d0 + 16, m1, acc[r][1]);
+        }
       continue;
     }
 #endif
@@ -296,6 +299,13 @@ inline void keys_major16(const float* w, size_t ld, size_t a0, size_t a1, uint16
     for (size_t r = 0; r < BR; ++r) out[(j - a0) * BR + r] = bf16_round(w[r * ld + j]);
 }
 
+// The cache lines of rows [i, i + BR) of x (D floats each, `stride` apart, up to row end), fetched
+// while a block is computed: the next block's rows of q (and dout), whose first loads otherwise stall.
+inline void prefetch_rows(const float* x, size_t i, size_t end, size_t stride, size_t D) {
+  for (size_t r = i; r < i + BR && r < end; ++r)
+    for (size_t d = 0; d < D; d += 16) __builtin_prefetch(x + r * stride + d);
+}
+
 // Floats of work for one call: forward (p, its bfloat16 copy, a block of q) or backward (p, ds, ds
 // rounded, p and ds key after key, a block's rows and their pairs).
 inline size_t attn_bf16_work(size_t ld, size_t D, bool backward) {
@@ -318,6 +328,7 @@ inline void attn_bf16_forward(const float* q, const uint16_t* kt, const uint16_t
     const size_t jn = block_extent(ext + 2 * i0, nr, S, &none);
     const size_t j0 = block_start(ext + 2 * i0, nr, jn, none);
     for (size_t r = 0; r < BR; ++r) round_row(q + (i0 + r) * D, r < nr ? D : 0, Dp, q16 + r * Dp);
+    prefetch_rows(q, i0 + BR, r1, D, D);
     block_scores16(q16, Dp, kt + j0 * Dp, p + j0, ld, jn - j0, scale);
     const size_t lim = jn < S ? jn : S;  // S where a row sees no key
     for (size_t r = 0; r < BR; ++r) {
@@ -354,6 +365,8 @@ inline void attn_bf16_backward(const float* dout, size_t lddo, const float* q, c
     const size_t j0 = block_start(ext + 2 * i0, nr, jn, none);
     const size_t lim = jn < S ? jn : S;
     for (size_t r = 0; r < BR; ++r) round_row(q + (i0 + r) * D, r < nr ? D : 0, Dp, a16 + r * Dp);
+    prefetch_rows(q, i0 + BR, r1, D, D);
+    prefetch_rows(dout, i0 + BR, r1, lddo, D);
     block_scores16(a16, Dp, kt + j0 * Dp, p + j0, ld, jn - j0, scale);
     for (size_t r = 0; r < BR; ++r) round_row(dout + (i0 + r) * lddo, r < nr ? D : 0, Dp, a16 + r * Dp);
     block_scores16(a16, Dp, vt + j0 * Dp, dp + j0, ld, (none ? (S + JT - 1) / JT * JT : jn) - j0, 1.0f);
@@ -367,7 +380,7 @@ inline void attn_bf16_backward(const float* dout, size_t lddo, const float* q, c
         continue;
       }
       softmax_row(pr, mask + (i0 + r) * mstride, j0, lim, S);
-      const float di = dot(pr + j0, dpr + j0, upto - j0);
+      const float di = row_dot(pr + j0, dpr + j0, upto - j0);
       for (size_t j = j0; j < upto; ++j) dpr[j] = pr[j] * (dpr[j] - di) * scale;
     }
     size_t a0 = 0, a1 = S;

@@ -165,25 +165,66 @@ inline vf vexp(vf x) {
   const vi bits = (ni + 127) << 23;
   return y * reinterpret_cast<const vf&>(bits);
 }
-// Horizontal reductions as a tree of halvings (the compiler keeps them in registers), not a chain
-// of VW dependent scalar steps.
+// Horizontal reductions as a tree of halvings, not a chain of VW dependent scalar steps: each step
+// combines a vector's two halves (lane c with lane c + w), in registers.
+typedef float vf4 __attribute__((vector_size(16)));
+typedef float vf8 __attribute__((vector_size(32)));
+template <typename H, typename V>
+inline H half(const V& v, int which) {
+  H h;
+  std::memcpy(&h, reinterpret_cast<const char*>(&v) + which * sizeof(H), sizeof(H));
+  return h;
+}
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_shufflevector)
+#define EDGETUNE_SHUFFLE 1  // halves by lane selection (GCC 12+, Clang): the vector stays in registers
+#endif
+#endif
+template <typename F>
+inline float reduce(vf v, F f) {
+#if EDGETUNE_VBYTES >= 64 && defined(EDGETUNE_SHUFFLE)
+  const vf8 a = f(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7),
+                  __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15));
+#elif EDGETUNE_VBYTES >= 64
+  const vf8 a = f(half<vf8>(v, 0), half<vf8>(v, 1));
+#elif EDGETUNE_VBYTES == 32
+  const vf8 a = v;
+#endif
+#if EDGETUNE_VBYTES >= 32 && defined(EDGETUNE_SHUFFLE)
+  const vf4 b = f(__builtin_shufflevector(a, a, 0, 1, 2, 3), __builtin_shufflevector(a, a, 4, 5, 6, 7));
+#elif EDGETUNE_VBYTES >= 32
+  const vf4 b = f(half<vf4>(a, 0), half<vf4>(a, 1));
+#else
+  const vf4 b = v;
+#endif
+  const float c0 = f(b[0], b[2]), c1 = f(b[1], b[3]);
+  return f(c0, c1);
+}
 inline float hmax(vf v) {
-  float t[VW];
-  std::memcpy(t, &v, sizeof t);
-  for (size_t w = VW / 2; w >= 1; w /= 2)
-    for (size_t c = 0; c < w; ++c) t[c] = t[c + w] > t[c] ? t[c + w] : t[c];
-  return t[0];
+  return reduce(v, [](auto lo, auto hi) { return hi > lo ? hi : lo; });
 }
 inline float hsum(vf v) {
-  float t[VW];
-  std::memcpy(t, &v, sizeof t);
-  for (size_t w = VW / 2; w >= 1; w /= 2)
-    for (size_t c = 0; c < w; ++c) t[c] += t[c + w];
-  return t[0];
+  return reduce(v, [](auto lo, auto hi) { return lo + hi; });
 }
 #else
 constexpr size_t VW = 4;
 #endif
+
+// dot() for the attention's rows: sums in whole registers, reduced by halvings at the end.
+inline float row_dot(const float* a, const float* b, size_t d) {
+  size_t i = 0;
+  float s = 0.0f;
+#if defined(EDGETUNE_VEC)
+  vf acc[2] = {};
+  for (; i + 2 * VW <= d; i += 2 * VW) {
+    acc[0] += vload(a + i) * vload(b + i);
+    acc[1] += vload(a + i + VW) * vload(b + i + VW);
+  }
+  s = hsum(acc[0] + acc[1]);
+#endif
+  for (; i < d; ++i) s += a[i] * b[i];
+  return s;
+}
 
 inline void axpy(float a, const float* __restrict x, float* __restrict y, size_t d) {
   size_t i = 0;
@@ -502,7 +543,7 @@ inline void attn_backward(const float* dout, size_t lddo, const float* q, const 
         continue;
       }
       softmax_row(pr, mask + (i0 + r) * mstride, j0, lim, S);
-      const float di = dot(pr + j0, dpr + j0, upto - j0);
+      const float di = row_dot(pr + j0, dpr + j0, upto - j0);
       for (size_t j = j0; j < upto; ++j) dpr[j] = pr[j] * (dpr[j] - di) * scale;
     }
     // dq[r] = sum_j ds[r][j] k[j]; dk[j] += sum_r ds[r][j] q[r]; dv[j] += sum_r p[r][j] do[r]
