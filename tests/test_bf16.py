@@ -305,6 +305,14 @@ def test_attention_bf16_matches_float64_attention_of_the_rounded_operands():
     check_attention_bf16()
 
 
+def test_attention_bf16_names_itself_when_dout_does_not_fit():
+    q, kv = np.zeros((1, 2, 4, 8), np.float32), np.zeros((1, 1, 4, 8), np.float32)
+    m = np.zeros((1, 1, 4, 4), np.float32)
+    with pytest.raises(Exception, match=r"edgetune::AttentionTBF16Grad: dout \[1, 2, 4, 8\] does not fit q "
+                                        r"\[1, 2, 4, 8\] \(dout \[B, S, H, D\]\)"):
+        _attention_bf16(q, kv, kv, m, q, 1.0)
+
+
 def test_bf16_rounding_is_to_nearest_even():
     from edgetune.workstation.bf16 import bits, to_float
 

@@ -303,7 +303,11 @@ inline void keys_major16(const float* w, size_t ld, size_t a0, size_t a1, uint16
 // while a block is computed: the next block's rows of q (and dout), whose first loads otherwise stall.
 inline void prefetch_rows(const float* x, size_t i, size_t end, size_t stride, size_t D) {
   for (size_t r = i; r < i + BR && r < end; ++r)
+#if defined(__GNUC__)
     for (size_t d = 0; d < D; d += 16) __builtin_prefetch(x + r * stride + d);
+#else
+    (void)x, (void)stride, (void)D;
+#endif
 }
 
 // Floats of work for one call: forward (p, its bfloat16 copy, a block of q) or backward (p, ds, ds
