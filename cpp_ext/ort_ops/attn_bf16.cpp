@@ -7,9 +7,5 @@
 #include "attn_bf16.hpp"
 
 namespace edgetune {
-AttnBF16Kernels attn_bf16_avx512bf16() {
-  namespace k = attn_isa_avx512bf16;
-  return {"avx512bf16", k::JT, k::BR, k::attn_bf16_dp, k::attn_bf16_panels, k::attn_bf16_row_pairs,
-          k::attn_bf16_work, k::attn_bf16_forward, k::attn_bf16_backward};
-}
+AttnBF16Kernels attn_bf16_avx512bf16() { return attn_isa_avx512bf16::attn_bf16_kernels("avx512bf16"); }
 }  // namespace edgetune

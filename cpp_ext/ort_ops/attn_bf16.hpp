@@ -45,6 +45,13 @@ inline float bf16_float(uint16_t h) {
 
 inline size_t attn_bf16_dp(size_t D) { return (D + 31) / 32 * 32; }
 
+#if defined(EDGETUNE_ATTN_BF16_SIMD)
+// The lanes of the 16 columns from d that lie below D.
+inline __mmask16 cols_mask(size_t d, size_t D) {
+  return d >= D ? 0 : D - d >= 16 ? 0xffff : static_cast<__mmask16>((1u << (D - d)) - 1);
+}
+#endif
+
 // n floats rounded to bfloat16, then zeros up to m.
 inline void round_row(const float* x, size_t n, size_t m, uint16_t* out) {
   size_t i = 0;
@@ -92,7 +99,7 @@ inline void attn_bf16_row_pairs(const float* x, size_t n, size_t stride, size_t 
     const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
                                          21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
     for (; d < Dp; d += 16) {
-      const __mmask16 k = d >= D ? 0 : D - d >= 16 ? 0xffff : static_cast<__mmask16>((1u << (D - d)) - 1);
+      const __mmask16 k = cols_mask(d, D);
       const __m512 a = r0 ? _mm512_maskz_loadu_ps(k, r0 + d) : _mm512_setzero_ps();
       const __m512 b = r1 ? _mm512_maskz_loadu_ps(k, r1 + d) : _mm512_setzero_ps();
       _mm512_storeu_si512(o + 2 * d, _mm512_permutexvar_epi16(idx, (__m512i)_mm512_cvtne2ps_pbh(b, a)));
@@ -105,29 +112,51 @@ inline void attn_bf16_row_pairs(const float* x, size_t n, size_t stride, size_t 
   }
 }
 
+// The block product both score and output products are made of, over P pairs: acc[r][c] = sum_p
+// a[r][p] . b[p][c] for r < BR, c < JT (a pair of each, multiplied and summed as vdpbf16ps does,
+// the odd product first). Row r's pair p at a + r * lda + 2 p; column c's pair p at b0 + p * bs + 2 c
+// for c < VW, and at b1 + p * bs + 2 (c - VW) for the rest.
+#if defined(EDGETUNE_ATTN_BF16_SIMD)
+inline void pairs_block(const uint16_t* a, size_t lda, const uint16_t* b0, const uint16_t* b1, size_t bs, size_t P,
+                        __m512 (&acc)[BR][2]) {
+  for (size_t r = 0; r < BR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  for (size_t p = 0; p < P; ++p) {
+    const __m512bh x0 = (__m512bh)_mm512_loadu_si512(b0 + p * bs), x1 = (__m512bh)_mm512_loadu_si512(b1 + p * bs);
+#pragma GCC unroll 8
+    for (size_t r = 0; r < BR; ++r) {
+      int32_t w;
+      std::memcpy(&w, a + r * lda + 2 * p, 4);
+      const __m512bh y = (__m512bh)_mm512_set1_epi32(w);
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], y, x0);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], y, x1);
+    }
+  }
+}
+#endif
+inline void pairs_block(const uint16_t* a, size_t lda, const uint16_t* b0, const uint16_t* b1, size_t bs, size_t P,
+                        float (&acc)[BR][JT]) {
+  for (size_t r = 0; r < BR; ++r)
+    for (size_t c = 0; c < JT; ++c) {
+      const uint16_t* b = c < VW ? b0 + 2 * c : b1 + 2 * (c - VW);
+      float sum = 0.0f;
+      for (size_t p = 0; p < P; ++p) {
+        sum += bf16_float(a[r * lda + 2 * p + 1]) * bf16_float(b[p * bs + 1]);
+        sum += bf16_float(a[r * lda + 2 * p]) * bf16_float(b[p * bs]);
+      }
+      acc[r][c] = sum;
+    }
+}
+
 // out[r][j] = scale * sum_d a[r][d] b[j][d] for r < BR and j < jn (a multiple of JT): a BR rows of Dp
 // bfloat16 values, b the key panels from its first key on.
 inline void block_scores16(const uint16_t* a, size_t Dp, const uint16_t* bt, float* out, size_t ldo, size_t jn,
                            float scale) {
-  const size_t P = Dp / 2;
   for (size_t jt = 0; jt < jn; jt += JT) {
     const uint16_t* h0 = bt + jt * Dp;
-    const uint16_t* h1 = h0 + VW * Dp;
 #if defined(EDGETUNE_ATTN_BF16_SIMD)
     if (VW == 16) {
       __m512 acc[BR][2];
-      for (size_t r = 0; r < BR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-      for (size_t p = 0; p < P; ++p) {
-        const __m512bh b0 = (__m512bh)_mm512_loadu_si512(h0 + p * 32), b1 = (__m512bh)_mm512_loadu_si512(h1 + p * 32);
-#pragma GCC unroll 8
-        for (size_t r = 0; r < BR; ++r) {
-          int32_t w;
-          std::memcpy(&w, a + r * Dp + 2 * p, 4);
-          const __m512bh x = (__m512bh)_mm512_set1_epi32(w);
-          acc[r][0] = _mm512_dpbf16_ps(acc[r][0], x, b0);
-          acc[r][1] = _mm512_dpbf16_ps(acc[r][1], x, b1);
-        }
-      }
+      pairs_block(a, Dp, h0, h0 + VW * Dp, 2 * VW, Dp / 2, acc);
       const __m512 sc = _mm512_set1_ps(scale);
       for (size_t r = 0; r < BR; ++r) {
         _mm512_storeu_ps(out + r * ldo + jt, _mm512_mul_ps(acc[r][0], sc));
@@ -136,16 +165,8 @@ inline void block_scores16(const uint16_t* a, size_t Dp, const uint16_t* bt, flo
       continue;
     }
 #endif
-    float acc[BR][JT] = {};
-    for (size_t p = 0; p < P; ++p)
-      for (size_t r = 0; r < BR; ++r) {
-        const float a0 = bf16_float(a[r * Dp + 2 * p]), a1 = bf16_float(a[r * Dp + 2 * p + 1]);
-        for (size_t c = 0; c < JT; ++c) {
-          const uint16_t* b = (c < VW ? h0 : h1) + p * 2 * VW + 2 * (c % VW);
-          acc[r][c] += a1 * bf16_float(b[1]);  // vdpbf16ps adds the odd product first
-          acc[r][c] += a0 * bf16_float(b[0]);
-        }
-      }
+    float acc[BR][JT];
+    pairs_block(a, Dp, h0, h0 + VW * Dp, 2 * VW, Dp / 2, acc);
     for (size_t r = 0; r < BR; ++r)
       for (size_t c = 0; c < JT; ++c) out[r * ldo + jt + c] = acc[r][c] * scale;
   }
@@ -156,25 +177,12 @@ inline void block_scores16(const uint16_t* a, size_t Dp, const uint16_t* bt, flo
 inline void block_pv16(const uint16_t* w, size_t ldw, const uint16_t* x, size_t np, size_t Dp, size_t D, float* out,
                        size_t ldout, size_t nr) {
   for (size_t d0 = 0; d0 < Dp; d0 += 2 * VW) {
+    const uint16_t* x0 = x + 2 * d0;
 #if defined(EDGETUNE_ATTN_BF16_SIMD)
     if (VW == 16) {
       __m512 acc[BR][2];
-      for (size_t r = 0; r < BR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-      for (size_t i = 0; i < np; ++i) {
-        const uint16_t* xp = x + i * 2 * Dp + 2 * d0;
-        const __m512bh x0 = (__m512bh)_mm512_loadu_si512(xp), x1 = (__m512bh)_mm512_loadu_si512(xp + 32);
-#pragma GCC unroll 8
-        for (size_t r = 0; r < BR; ++r) {
-          int32_t v;
-          std::memcpy(&v, w + r * ldw + 2 * i, 4);
-          const __m512bh b = (__m512bh)_mm512_set1_epi32(v);
-          acc[r][0] = _mm512_dpbf16_ps(acc[r][0], b, x0);
-          acc[r][1] = _mm512_dpbf16_ps(acc[r][1], b, x1);
-        }
-      }
-      const __mmask16 m0 = d0 >= D ? 0 : D - d0 >= 16 ? 0xffff : static_cast<__mmask16>((1u << (D - d0)) - 1);
-      const __mmask16 m1 = d0 + 16 >= D ? 0 : D - d0 - 16 >= 16 ? 0xffff
-                                                                : static_cast<__mmask16>((1u << (D - d0 - 16)) - 1);
+      pairs_block(w, ldw, x0, x0 + 2 * VW, 2 * Dp, np, acc);
+      const __mmask16 m0 = cols_mask(d0, D), m1 = cols_mask(d0 + 16, D);
       // every row's index a constant (a loop to nr would keep the sums in memory, not registers)
 #pragma GCC unroll 8
       for (size_t r = 0; r < BR; ++r)
@@ -185,18 +193,10 @@ inline void block_pv16(const uint16_t* w, size_t ldw, const uint16_t* x, size_t 
       continue;
     }
 #endif
-    for (size_t r = 0; r < nr; ++r) {
-      float acc[2 * VW] = {};
-      for (size_t i = 0; i < np; ++i) {
-        const float w0 = bf16_float(w[r * ldw + 2 * i]), w1 = bf16_float(w[r * ldw + 2 * i + 1]);
-        const uint16_t* xp = x + i * 2 * Dp + 2 * d0;
-        for (size_t c = 0; c < 2 * VW; ++c) {
-          acc[c] += w1 * bf16_float(xp[2 * c + 1]);
-          acc[c] += w0 * bf16_float(xp[2 * c]);
-        }
-      }
-      for (size_t c = 0; c < 2 * VW && d0 + c < D; ++c) out[r * ldout + d0 + c] = acc[c];
-    }
+    float acc[BR][JT];
+    pairs_block(w, ldw, x0, x0 + 2 * VW, 2 * Dp, np, acc);
+    for (size_t r = 0; r < nr; ++r)
+      for (size_t c = 0; c < JT && d0 + c < D; ++c) out[r * ldout + d0 + c] = acc[r][c];
   }
 }
 
@@ -212,9 +212,7 @@ inline void block_outer16(const uint16_t* wt, const uint16_t* a, size_t nj, size
         b[i][0] = (__m512bh)_mm512_loadu_si512(a + i * 2 * Dp + 2 * d0);
         b[i][1] = (__m512bh)_mm512_loadu_si512(a + i * 2 * Dp + 2 * d0 + 32);
       }
-      const __mmask16 m0 = d0 >= D ? 0 : D - d0 >= 16 ? 0xffff : static_cast<__mmask16>((1u << (D - d0)) - 1);
-      const __mmask16 m1 = d0 + 16 >= D ? 0 : D - d0 - 16 >= 16 ? 0xffff
-                                                                : static_cast<__mmask16>((1u << (D - d0 - 16)) - 1);
+      const __mmask16 m0 = cols_mask(d0, D), m1 = cols_mask(d0 + 16, D);
       // 8 keys at a time: 16 independent sums, each RP vdpbf16ps long
       constexpr size_t U = 8;
       size_t j = 0;
@@ -335,13 +333,7 @@ inline void attn_bf16_forward(const float* q, const uint16_t* kt, const uint16_t
     prefetch_rows(q, i0 + BR, r1, D, D);
     block_scores16(q16, Dp, kt + j0 * Dp, p + j0, ld, jn - j0, scale);
     const size_t lim = jn < S ? jn : S;  // S where a row sees no key
-    for (size_t r = 0; r < BR; ++r) {
-      float* pr = p + r * ld;
-      if (r < nr)
-        softmax_row(pr, mask + (i0 + r) * mstride, j0, lim, S);
-      else
-        for (size_t j = j0; j < lim; ++j) pr[j] = 0.0f;
-    }
+    block_softmax(p, ld, mask + i0 * mstride, mstride, nr, j0, lim, S);
     const size_t je = (lim + 1) / 2 * 2;  // whole pairs of keys (v's pairs are zero past S)
     for (size_t r = 0; r < BR; ++r) round_row(p + r * ld + j0, lim - j0, je - j0, p16 + r * ld + j0);
     block_pv16(p16 + j0, ld, vp + j0 * Dp, (je - j0) / 2, Dp, D, o + i0 * ldo, ldo, nr);
@@ -375,26 +367,9 @@ inline void attn_bf16_backward(const float* dout, size_t lddo, const float* q, c
     for (size_t r = 0; r < BR; ++r) round_row(dout + (i0 + r) * lddo, r < nr ? D : 0, Dp, a16 + r * Dp);
     block_scores16(a16, Dp, vt + j0 * Dp, dp + j0, ld, (none ? (S + JT - 1) / JT * JT : jn) - j0, 1.0f);
     const size_t upto = none ? S : lim;
-    // p as the forward pass had it, then ds = p (dp - rowsum(p dp)) * scale in place of dp
-    for (size_t r = 0; r < BR; ++r) {
-      float* pr = p + r * ld;
-      float* dpr = dp + r * ld;
-      if (r >= nr) {
-        for (size_t j = j0; j < upto; ++j) pr[j] = dpr[j] = 0.0f;
-        continue;
-      }
-      softmax_row(pr, mask + (i0 + r) * mstride, j0, lim, S);
-      const float di = row_dot(pr + j0, dpr + j0, upto - j0);
-      for (size_t j = j0; j < upto; ++j) dpr[j] = pr[j] * (dpr[j] - di) * scale;
-    }
-    size_t a0 = 0, a1 = S;
-    if (!none) {
-      a0 = S, a1 = 0;
-      for (size_t r = 0; r < nr; ++r) {
-        a0 = ext[2 * (i0 + r)] < a0 ? ext[2 * (i0 + r)] : a0;
-        a1 = ext[2 * (i0 + r) + 1] > a1 ? ext[2 * (i0 + r) + 1] : a1;
-      }
-    }
+    block_softmax_grad(p, dp, ld, mask + i0 * mstride, mstride, nr, j0, lim, upto, S, scale);
+    size_t a0, a1;
+    block_keys(ext + 2 * i0, nr, none, S, &a0, &a1);
     const size_t nj = a1 - a0;
     // dv[j] += sum_r p[r][j] do[r]; dk[j] += sum_r ds[r][j] q[r]
     keys_major16(p, ld, a0, a1, pt);
@@ -411,6 +386,12 @@ inline void attn_bf16_backward(const float* dout, size_t lddo, const float* q, c
     }
     block_pv16(ds16 + e0, ld, kp + e0 * Dp, (e1 - e0) / 2, Dp, D, dq + i0 * D, D, nr);
   }
+}
+
+// This build's table (fused.hpp).
+inline AttnBF16Kernels attn_bf16_kernels(const char* name) {
+  return {name, JT, BR, attn_bf16_dp, attn_bf16_panels, attn_bf16_row_pairs, attn_bf16_work, attn_bf16_forward,
+          attn_bf16_backward};
 }
 
 }  // namespace EDGETUNE_ISA_NS

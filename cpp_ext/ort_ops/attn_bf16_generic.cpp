@@ -6,9 +6,5 @@
 #include "attn_bf16.hpp"
 
 namespace edgetune {
-AttnBF16Kernels attn_bf16_generic() {
-  namespace k = attn_isa_generic;
-  return {"generic", k::JT, k::BR, k::attn_bf16_dp, k::attn_bf16_panels, k::attn_bf16_row_pairs,
-          k::attn_bf16_work, k::attn_bf16_forward, k::attn_bf16_backward};
-}
+AttnBF16Kernels attn_bf16_generic() { return attn_isa_generic::attn_bf16_kernels("generic"); }
 }  // namespace edgetune

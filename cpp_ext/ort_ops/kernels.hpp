@@ -479,6 +479,48 @@ inline size_t block_start(const uint32_t* ext, size_t nr, size_t jn, bool all_ma
   return j0 / JT * JT;
 }
 
+// The softmax weights of a block's rows in place over keys [j0, lim) (softmax_row), rows from nr on
+// zero; mask: the block's first mask row.
+inline void block_softmax(float* p, size_t ld, const float* mask, size_t mstride, size_t nr, size_t j0, size_t lim,
+                          size_t S) {
+  for (size_t r = 0; r < BR; ++r) {
+    float* pr = p + r * ld;
+    if (r < nr)
+      softmax_row(pr, mask + r * mstride, j0, lim, S);
+    else
+      for (size_t j = j0; j < lim; ++j) pr[j] = 0.0f;
+  }
+}
+
+// The backward pass's block: p as the forward pass had it (block_softmax), then ds = p (dp -
+// rowsum(p dp)) * scale in place of dp, over keys [j0, upto); rows from nr on zero in both.
+inline void block_softmax_grad(float* p, float* dp, size_t ld, const float* mask, size_t mstride, size_t nr,
+                               size_t j0, size_t lim, size_t upto, size_t S, float scale) {
+  for (size_t r = 0; r < BR; ++r) {
+    float* pr = p + r * ld;
+    float* dpr = dp + r * ld;
+    if (r >= nr) {
+      for (size_t j = j0; j < upto; ++j) pr[j] = dpr[j] = 0.0f;
+      continue;
+    }
+    softmax_row(pr, mask + r * mstride, j0, lim, S);
+    const float di = row_dot(pr + j0, dpr + j0, upto - j0);
+    for (size_t j = j0; j < upto; ++j) dpr[j] = pr[j] * (dpr[j] - di) * scale;
+  }
+}
+
+// The keys [a0, a1) that any of a block's nr rows sees (ext: the block's first row's extents); all S
+// where a row sees none (none, from block_extent).
+inline void block_keys(const uint32_t* ext, size_t nr, bool none, size_t S, size_t* a0, size_t* a1) {
+  *a0 = 0, *a1 = S;
+  if (none) return;
+  *a0 = S, *a1 = 0;
+  for (size_t r = 0; r < nr; ++r) {
+    *a0 = ext[2 * r] < *a0 ? ext[2 * r] : *a0;
+    *a1 = ext[2 * r + 1] > *a1 ? ext[2 * r + 1] : *a1;
+  }
+}
+
 // One (batch, head): o = softmax(q k^T * scale + mask) v for the query rows [r0, r1), by blocks of
 // query rows, never holding S x S; o's rows ldo floats apart (D, or H * D in [B, S, H, D]). kt: k in
 // transposed panels (block_scores); ld: S rounded up to JT; ext: the mask rows' extents
@@ -496,13 +538,7 @@ inline void attn_forward(const float* q, const float* kt, const float* v, size_t
     for (size_t x = 0; x < BR * D; ++x) qb[x] = x < nr * D ? q[i0 * D + x] : 0.0f;
     block_scores(qb, kt + j0 * D, p + j0, ld, jn - j0, D, scale);
     const size_t lim = jn < S ? jn : S;  // S where a row sees no key
-    for (size_t r = 0; r < BR; ++r) {
-      float* pr = p + r * ld;
-      if (r < nr)
-        softmax_row(pr, mask + (i0 + r) * mstride, j0, lim, S);
-      else
-        for (size_t j = j0; j < lim; ++j) pr[j] = 0.0f;
-    }
+    block_softmax(p, ld, mask + i0 * mstride, mstride, nr, j0, lim, S);
     // o[r] = sum_j p[r][j] v[j], each v row read once for the block's rows
     float* ob = qb;
     block_pv(p + j0, ld, v + j0 * D, lim - j0, D, ob);
@@ -534,29 +570,12 @@ inline void attn_backward(const float* dout, size_t lddo, const float* q, const 
       for (size_t x = 0; x < D; ++x) ab[r * D + x] = r < nr ? dout[(i0 + r) * lddo + x] : 0.0f;
     block_scores(ab, vt + j0 * D, dp + j0, ld, (none ? (S + JT - 1) / JT * JT : jn) - j0, D, 1.0f);
     const size_t upto = none ? S : lim;
-    // p as the forward pass had it, then ds = p (dp - rowsum(p dp)) * scale in place of dp
-    for (size_t r = 0; r < BR; ++r) {
-      float* pr = p + r * ld;
-      float* dpr = dp + r * ld;
-      if (r >= nr) {
-        for (size_t j = j0; j < upto; ++j) pr[j] = dpr[j] = 0.0f;
-        continue;
-      }
-      softmax_row(pr, mask + (i0 + r) * mstride, j0, lim, S);
-      const float di = row_dot(pr + j0, dpr + j0, upto - j0);
-      for (size_t j = j0; j < upto; ++j) dpr[j] = pr[j] * (dpr[j] - di) * scale;
-    }
+    block_softmax_grad(p, dp, ld, mask + i0 * mstride, mstride, nr, j0, lim, upto, S, scale);
     // dq[r] = sum_j ds[r][j] k[j]; dk[j] += sum_r ds[r][j] q[r]; dv[j] += sum_r p[r][j] do[r]
     // (rows past nr have p = ds = 0 and zero q and do rows, so they add nothing), over the keys the
     // rows see: p = ds = 0 at the others, which the tiles of the scores include
-    size_t a0 = 0, a1 = S;
-    if (!none) {
-      a0 = S, a1 = 0;
-      for (size_t r = 0; r < nr; ++r) {
-        a0 = ext[2 * (i0 + r)] < a0 ? ext[2 * (i0 + r)] : a0;
-        a1 = ext[2 * (i0 + r) + 1] > a1 ? ext[2 * (i0 + r) + 1] : a1;
-      }
-    }
+    size_t a0, a1;
+    block_keys(ext + 2 * i0, nr, none, S, &a0, &a1);
     const size_t nj = a1 - a0;
     block_outer(p + a0, ld, ab, nj, D, dv + a0 * D);  // ab still holds the block's dout rows
     for (size_t x = 0; x < BR * D; ++x) ab[x] = x < nr * D ? q[i0 * D + x] : 0.0f;
