@@ -524,3 +524,101 @@ def test_fused_graphs_train_like_the_plain_ones(family, variant, quantize, ckpt,
     assert fm["graphs"]["train"] == "train_fused.onnx" and fm["kernels"].startswith("fused (")
     assert len(ours) == 10
     np.testing.assert_allclose(ours, plain, rtol=1e-5, atol=1e-5)
+
+
+# -- LoRA: a LoRA branch u = scale (x A^T) B^T, forward and backward in one op each ----------------
+
+LORA_CASES = [((), 1, 1, 1, 1), ((2,), 3, 5, 7, 2), ((1,), 33, 64, 48, 8), ((2, 3), 50, 576, 192, 8),
+              ((), 300, 40, 70, 16), ((), 65, 17, 9, 5), ((), 4, 96, 80, 64)]
+
+
+@pytest.mark.parametrize("lead,M,K,N,r", LORA_CASES)
+def test_lora_forward_and_backward_match_torch(lead, M, K, N, r):
+    """Odd sizes, one row, rank 1 to 64, row counts across the kernel's 32-row blocks and its tasks."""
+    rng = np.random.default_rng(M * 7 + K + r)
+    x = rng.normal(size=lead + (M, K)).astype(np.float32)
+    a, b = rng.normal(0, 0.2, (r, K)).astype(np.float32), rng.normal(0, 0.2, (N, r)).astype(np.float32)
+    du = rng.normal(size=lead + (M, N)).astype(np.float32)
+    u, h = _run("LoRA", [x, a, b], 2, scale=2.0)
+    da, db, dx = _run("LoRAGrad", [du, x, h, a, b], 3, scale=2.0)
+    da2, db2 = _run("LoRAGrad", [du, x, h, a, b], 2, scale=2.0)  # without dx (a first layer's input)
+    tx, ta, tb = _t(x), _t(a), _t(b)
+    th = tx @ ta.T
+    tu = 2.0 * th @ tb.T
+    tu.backward(torch.tensor(du, dtype=torch.float64))
+    tol = dict(rtol=2e-5, atol=2e-5 * max(1.0, np.sqrt(M * K / 64)))
+    np.testing.assert_allclose(h, th.detach().numpy(), **tol)
+    np.testing.assert_allclose(u, tu.detach().numpy(), **tol)
+    np.testing.assert_allclose(da, ta.grad.numpy(), **tol)
+    np.testing.assert_allclose(db, tb.grad.numpy(), **tol)
+    np.testing.assert_allclose(dx, tx.grad.numpy(), **tol)
+    np.testing.assert_array_equal(da2, da)
+    np.testing.assert_array_equal(db2, db)
+    again = _run("LoRAGrad", [du, x, h, a, b], 3, scale=2.0)  # the same bits on every run (fixed blocks)
+    for first, second in zip((da, db, dx), again):
+        np.testing.assert_array_equal(first, second)
+
+
+def test_lora_refuses_operands_that_do_not_fit():
+    x = np.zeros((2, 3, 8), np.float32)
+    with pytest.raises(Exception, match=r"edgetune::LoRA: x \[2, 3, 8\], A \[4, 7\] and B \[5, 4\] do not fit"):
+        _run("LoRA", [x, np.zeros((4, 7), np.float32), np.zeros((5, 4), np.float32)], 2, scale=1.0)
+    with pytest.raises(Exception, match=r"r <= 64"):
+        _run("LoRA", [np.zeros((2, 80), np.float32), np.zeros((65, 80), np.float32), np.zeros((90, 65), np.float32)], 2,
+             scale=1.0)
+    a, b = np.zeros((4, 8), np.float32), np.zeros((5, 4), np.float32)
+    with pytest.raises(Exception, match=r"edgetune::LoRAGrad: du \[2, 3, 4\] and h \[2, 3, 4\] must be \[2, 3, 5\]"):
+        _run("LoRAGrad", [np.zeros((2, 3, 4), np.float32), x, np.zeros((2, 3, 4), np.float32), a, b], 2, scale=1.0)
+
+
+def _lora_model(rank=4, frozen_a=False):
+    """y = x W^T + 2 (x A^T) B^T as the exporter writes a LoRA layer (FusedMatMuls with transB), and a loss."""
+    rng = np.random.default_rng(8)
+    f = TensorProto.FLOAT
+    inits = [onnx.numpy_helper.from_array(rng.normal(0, 0.3, s).astype(np.float32), n)
+             for n, s in (("W", (12, 16)), ("A", (rank, 16)), ("B", (12, rank)))]
+    nodes = [helper.make_node("FusedMatMul", ["x", "W"], ["base"], domain="com.microsoft", transB=1),
+             helper.make_node("FusedMatMul", ["x", "A"], ["t"], domain="com.microsoft", transB=1),
+             helper.make_node("FusedMatMul", ["t", "B"], ["u"], domain="com.microsoft", transB=1, alpha=2.0),
+             helper.make_node("Add", ["base", "u"], ["y"]), helper.make_node("Mul", ["y", "y"], ["sq"]),
+             helper.make_node("ReduceSum", ["sq"], ["loss"], keepdims=0)]
+    ins = [helper.make_tensor_value_info("x", f, [2, 5, 16])]
+    if frozen_a:  # A a graph input, not a weight: no LoRA branch
+        ins.append(helper.make_tensor_value_info("A", f, [rank, 16]))
+        inits = [i for i in inits if i.name != "A"]
+    g = helper.make_graph(nodes, "g", ins, [helper.make_tensor_value_info("loss", f, [])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+
+
+def test_the_lora_branch_fuses_and_its_gradients_equal_the_plain_graphs():
+    """The two products of a LoRA branch become LoRA, their gradients one LoRAGrad (no Gemm, MatMul or
+    FusedMatMul left for them), and the training graph's loss and gradients are the plain graph's."""
+    from edgetune.workstation.gradients import driver
+
+    feed = {"x": np.random.default_rng(9).normal(size=(2, 5, 16)).astype(np.float32)}
+    results = {}
+    for fused in (False, True):
+        tg = driver.build(_lora_model(), ["A", "B"], "loss", [feed], fused=fused)
+        ops = [n.op_type for n in tg.model.graph.node]
+        so = ort.SessionOptions()
+        if fused:
+            kernels.register(so)
+            assert ops.count("LoRA") == 1 and ops.count("LoRAGrad") == 1, ops
+            assert ops.count("FusedMatMul") == 1 and "Gemm" not in ops and "MatMul" not in ops, ops  # the base's only
+        sess = ort.InferenceSession(tg.model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        names = [o.name for o in sess.get_outputs()]
+        f = {k: v for k, v in dict(feed, **tg.initial).items() if k in {i.name for i in sess.get_inputs()}}
+        results[fused] = dict(zip(names, sess.run(names, f)))
+    assert set(results[True]) == set(results[False])
+    for k, v in results[False].items():
+        np.testing.assert_allclose(results[True][k], v, rtol=1e-5, atol=1e-5, err_msg=k)
+
+
+@pytest.mark.parametrize("rank,frozen_a", [(16, False), (4, True)])
+def test_what_is_not_a_lora_branch_is_left_alone(rank, frozen_a):
+    """A rank as large as the layer (16 of 16 inputs), or A that is no weight: the products stay."""
+    from edgetune.workstation.gradients.fused import fuse
+
+    m = _lora_model(rank, frozen_a)
+    assert "LoRA" not in fuse(m)
+    assert [n.op_type for n in m.graph.node].count("FusedMatMul") == 3

@@ -128,9 +128,9 @@ def test_an_older_library_without_a_kernel_the_bundle_uses_falls_back_naming_it(
     monkeypatch.setattr(kernels, "library", lambda: old)
     run = _train(bundle, chat_data, tmp_path / "run")
     err = capsys.readouterr().err
-    # (the residual kernels and the ones that fold the heads' transposes came after the first eight too)
+    # (the residual, LoRA and head-transpose kernels came after the first eight too)
     assert f"training on the plain graph: {lib.path} lacks the kernels AddRMSNorm, AddRMSNormGrad, AttentionT, " \
-        "AttentionTGrad, CrossEntropyHead, RotaryT, RotaryTGrad " in err, err
+        "AttentionTGrad, CrossEntropyHead, LoRA, LoRAGrad, RotaryT, RotaryTGrad " in err, err
     assert "reinstall edgetune" in err
     assert _run_manifest(run)["kernels"] == "plain"
 

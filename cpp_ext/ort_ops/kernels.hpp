@@ -235,6 +235,161 @@ inline void axpy(float a, const float* __restrict x, float* __restrict y, size_t
   for (; i < d; ++i) y[i] += a * x[i];
 }
 
+// -- LoRA: u = scale (x A^T) B^T and its gradients, A [r, K], B [N, r] (Bt = B^T [r, N], made once
+// per call), for blocks of at most LORA_BLOCK rows. The rank is small (4 to 64), so the products are
+// thin; each is blocked in registers so that a loaded value feeds several multiply-adds: the
+// multiply-adds, not the loads, set the pace.
+constexpr size_t LORA_BLOCK = 32;
+#if defined(EDGETUNE_VEC)
+constexpr size_t LORA_ROWS4 = EDGETUNE_VBYTES >= 64 ? 4 : 2;  // rows per register block (16 registers on AVX2)
+constexpr size_t LORA_JB = EDGETUNE_VBYTES >= 64 ? 8 : 4;     // rank columns per register block
+#endif
+
+// out[i][j] = alpha * (X_i . W_j) for i < R, j < r (X [R, L], W [r, L], out [R, r]).
+inline void lora_dots(const float* X, size_t R, size_t L, const float* W, size_t r, float alpha, float* out) {
+  size_t i = 0;
+#if defined(EDGETUNE_VEC)
+  constexpr size_t RB = LORA_ROWS4;
+  for (; i + RB <= R; i += RB) {
+    size_t j = 0;
+    for (; j + 4 <= r; j += 4) {
+      vf acc[RB][4] = {};
+      size_t k = 0;
+      for (; k + VW <= L; k += VW) {
+        vf xv[RB], wv[4];
+        for (size_t t = 0; t < RB; ++t) xv[t] = vload(X + (i + t) * L + k);
+        for (size_t u = 0; u < 4; ++u) wv[u] = vload(W + (j + u) * L + k);
+        for (size_t t = 0; t < RB; ++t)
+          for (size_t u = 0; u < 4; ++u) acc[t][u] += xv[t] * wv[u];
+      }
+      for (size_t t = 0; t < RB; ++t)
+        for (size_t u = 0; u < 4; ++u) {
+          float sum = hsum(acc[t][u]);
+          for (size_t kk = k; kk < L; ++kk) sum += X[(i + t) * L + kk] * W[(j + u) * L + kk];
+          out[(i + t) * r + j + u] = alpha * sum;
+        }
+    }
+    for (; j < r; ++j)
+      for (size_t t = 0; t < RB; ++t) out[(i + t) * r + j] = alpha * dot(X + (i + t) * L, W + j * L, L);
+  }
+#endif
+  for (; i < R; ++i)
+    for (size_t j = 0; j < r; ++j) out[i * r + j] = alpha * dot(X + i * L, W + j * L, L);
+}
+
+// Y_i = sum over j < r of c[i][j] T_j for i < R (c [R, r], T [r, L], Y [R, L]).
+inline void lora_combine(const float* c, size_t R, size_t r, const float* T, size_t L, float* Y) {
+  size_t i = 0;
+#if defined(EDGETUNE_VEC)
+  constexpr size_t RB = LORA_ROWS4;
+  for (; i + RB <= R; i += RB) {
+    size_t n = 0;
+    for (; n + 2 * VW <= L; n += 2 * VW) {
+      vf acc[RB][2] = {};
+      for (size_t j = 0; j < r; ++j) {
+        const vf b0 = vload(T + j * L + n), b1 = vload(T + j * L + n + VW);
+        for (size_t t = 0; t < RB; ++t) {
+          const vf cv = vsplat(c[(i + t) * r + j]);
+          acc[t][0] += cv * b0;
+          acc[t][1] += cv * b1;
+        }
+      }
+      for (size_t t = 0; t < RB; ++t) {
+        vstore(Y + (i + t) * L + n, acc[t][0]);
+        vstore(Y + (i + t) * L + n + VW, acc[t][1]);
+      }
+    }
+    for (; n < L; ++n)
+      for (size_t t = 0; t < RB; ++t) {
+        float a = 0.0f;
+        for (size_t j = 0; j < r; ++j) a += c[(i + t) * r + j] * T[j * L + n];
+        Y[(i + t) * L + n] = a;
+      }
+  }
+#endif
+  for (; i < R; ++i)
+    for (size_t n = 0; n < L; ++n) {
+      float a = 0.0f;
+      for (size_t j = 0; j < r; ++j) a += c[i * r + j] * T[j * L + n];
+      Y[i * L + n] = a;
+    }
+}
+
+#if defined(EDGETUNE_VEC)
+// lora_outer for rank columns [j, j + JB): each register pair of acc takes all R rows' products
+// before it is stored.
+template <size_t JB>
+inline void lora_outer_cols(const float* c, size_t R, size_t r, size_t j, const float* X, size_t L, float* acc,
+                            size_t& l_done) {
+  size_t l = 0;
+  for (; l + 2 * VW <= L; l += 2 * VW) {
+    vf a[JB][2];
+    for (size_t u = 0; u < JB; ++u) {
+      a[u][0] = vload(acc + (j + u) * L + l);
+      a[u][1] = vload(acc + (j + u) * L + l + VW);
+    }
+    for (size_t i = 0; i < R; ++i) {
+      const vf x0 = vload(X + i * L + l), x1 = vload(X + i * L + l + VW);
+      for (size_t u = 0; u < JB; ++u) {
+        const vf cv = vsplat(c[i * r + j + u]);
+        a[u][0] += cv * x0;
+        a[u][1] += cv * x1;
+      }
+    }
+    for (size_t u = 0; u < JB; ++u) {
+      vstore(acc + (j + u) * L + l, a[u][0]);
+      vstore(acc + (j + u) * L + l + VW, a[u][1]);
+    }
+  }
+  l_done = l;
+}
+#endif
+
+// acc_j += sum over i < R of c[i][j] X_i for j < r (c [R, r], X [R, L], acc [r, L]).
+inline void lora_outer(const float* c, size_t R, size_t r, const float* X, size_t L, float* acc) {
+  size_t j = 0;
+#if defined(EDGETUNE_VEC)
+  for (; j + LORA_JB <= r; j += LORA_JB) {
+    size_t l = 0;
+    lora_outer_cols<LORA_JB>(c, R, r, j, X, L, acc, l);
+    for (; l < L; ++l)
+      for (size_t u = 0; u < LORA_JB; ++u) {
+        float v = acc[(j + u) * L + l];
+        for (size_t i = 0; i < R; ++i) v += c[i * r + j + u] * X[i * L + l];
+        acc[(j + u) * L + l] = v;
+      }
+  }
+#endif
+  for (; j < r; ++j)
+    for (size_t l = 0; l < L; ++l) {
+      float v = acc[j * L + l];
+      for (size_t i = 0; i < R; ++i) v += c[i * r + j] * X[i * L + l];
+      acc[j * L + l] = v;
+    }
+}
+
+// Rows [0, rows) (rows <= LORA_BLOCK) of the forward pass: h = x A^T, u = (scale h) Bt.
+inline void lora_forward(const float* x, size_t rows, size_t K, const float* A, size_t r, const float* Bt, size_t N,
+                         float scale, float* h, float* u) {
+  float sh[LORA_BLOCK * 64];
+  lora_dots(x, rows, K, A, r, 1.0f, h);
+  for (size_t t = 0; t < rows * r; ++t) sh[t] = scale * h[t];
+  lora_combine(sh, rows, r, Bt, N, u);
+}
+
+// Rows [0, rows) (rows <= LORA_BLOCK) of the backward pass: g = scale du Bt^T (into g [rows, r]),
+// dx = g A (when dx is given), and this block's parts of dA += g^T x ([r, K]) and dBt += (scale h)^T du ([r, N]).
+inline void lora_backward(const float* du, const float* x, const float* h, size_t rows, size_t K, size_t N,
+                          const float* A, size_t r, const float* Bt, float scale, float* g, float* dx, float* dA,
+                          float* dBt) {
+  float sh[LORA_BLOCK * 64];
+  lora_dots(du, rows, N, Bt, r, scale, g);
+  if (dx) lora_combine(g, rows, r, A, K, dx);
+  lora_outer(g, rows, r, x, K, dA);
+  for (size_t t = 0; t < rows * r; ++t) sh[t] = scale * h[t];
+  lora_outer(sh, rows, r, du, N, dBt);
+}
+
 constexpr float MASKED = -1e30f;  // an additive mask entry at or below this excludes the key
 #ifndef EDGETUNE_BR
 #define EDGETUNE_BR 4
@@ -696,6 +851,8 @@ inline FusedKernels kernels(const char* name) {
   k.name = name;
   k.swiglu = swiglu;
   k.swiglu_grad = swiglu_grad;
+  k.lora_forward = lora_forward;
+  k.lora_backward = lora_backward;
   k.rmsnorm = rmsnorm;
   k.rmsnorm_grad = rmsnorm_grad;
   k.add_rmsnorm = add_rmsnorm;

@@ -29,6 +29,9 @@
 //                                             sum over rows of cross-entropy(h w^T, labels), the
 //                                             vocabulary in tiles (no rows x V logits); dh, when the
 //                                             node has it, is d loss / d h, from the same pass
+//   LoRA(x, A, B; scale) -> u, h                h = x A^T, u = scale h B^T (a LoRA branch; r <= 64)
+//   LoRAGrad(du, x, h, A, B; scale) -> dA, dB[, dx]
+//                                             its gradients in one pass over the rows
 //   AdamW(step_size, decay, bc2_sqrt, p_1, g_1, m_1, v_1, ..., p_n, g_n, m_n, v_n;
 //         beta1, one_minus_beta1, beta2, one_minus_beta2, epsilon)
 //       -> p_1', m_1', v_1', ..., p_n', m_n', v_n'
@@ -214,6 +217,132 @@ Ort::Status SwiGLUBF16Grad(OrtKernelContext* ctx, const Tensor<float>& dy, const
                            const Tensor<Ort::BFloat16_t>& u, Tensor<float>& dg, Tensor<float>& du) {
   return swiglu_grad("SwiGLUBF16Grad", ctx, dy, g, u, dg, du);
 }
+
+// LoRA(x, A, B; scale) -> u, h: h = x A^T, u = scale h B^T (x [..., K], A [r, K], B [N, r], r <= 64): a
+// LoRA layer's branch, in one pass over x's rows. LoRAGrad(du, x, h, A, B; scale) -> dA, dB[, dx]: its
+// gradients in one pass over du's and x's rows; dA and dB are summed over fixed blocks of rows, then
+// the blocks in order, so the result does not depend on which thread took which block.
+struct LoRAShape {
+  size_t M = 1, K = 0, N = 0, r = 0;
+  std::vector<int64_t> lead;  // x's leading dimensions
+};
+
+inline Ort::Status lora_shape(const char* op, const std::vector<int64_t>& xs, const std::vector<int64_t>& as,
+                              const std::vector<int64_t>& bs, LoRAShape& out) {
+  if (xs.empty() || as.size() != 2 || bs.size() != 2 || as[1] != xs.back() || bs[1] != as[0] || as[0] < 1 ||
+      as[0] > 64)
+    return fail(op, "x " + shape_str(xs) + ", A " + shape_str(as) + " and B " + shape_str(bs) +
+                        " do not fit ([..., K], [r, K], [N, r], r <= 64)");
+  out.lead.assign(xs.begin(), xs.end() - 1);
+  out.M = 1;
+  for (int64_t d : out.lead) out.M *= static_cast<size_t>(d);
+  out.K = static_cast<size_t>(xs.back());
+  out.r = static_cast<size_t>(as[0]);
+  out.N = static_cast<size_t>(bs[0]);
+  return Ort::Status{nullptr};
+}
+
+// B [N, r] -> Bt [r, N]
+inline std::vector<float> lora_bt(const float* B, size_t N, size_t r) {
+  std::vector<float> bt(r * N);
+  for (size_t n = 0; n < N; ++n)
+    for (size_t j = 0; j < r; ++j) bt[j * N + n] = B[n * r + j];
+  return bt;
+}
+
+constexpr size_t LORA_ROWS = 32;   // rows per block (kernels.hpp's LORA_BLOCK)
+constexpr size_t LORA_TASKS = 8;  // LoRAGrad's tasks at most (each keeps its own dA, dB)
+
+struct LoRA {
+  float scale = 1.0f;
+  LoRA(const OrtApi*, const OrtKernelInfo* info) { scale = Ort::ConstKernelInfo(info).GetAttribute<float>("scale"); }
+
+  Ort::Status Compute(OrtKernelContext* ctx, const Tensor<float>& x, const Tensor<float>& A, const Tensor<float>& B,
+                      Tensor<float>& u, Tensor<float>& h) {
+    return guarded("LoRA", [&]() -> Ort::Status {
+      if (auto st = outputs_missing(ctx, 2, "LoRA"); !st.IsOK()) return st;
+      LoRAShape d;
+      if (auto st = lora_shape("LoRA", x.Shape(), A.Shape(), B.Shape(), d); !st.IsOK()) return st;
+      std::vector<int64_t> us = d.lead, hs = d.lead;
+      us.push_back(static_cast<int64_t>(d.N));
+      hs.push_back(static_cast<int64_t>(d.r));
+      float* pu = u.Allocate(us);
+      float* ph = h.Allocate(hs);
+      const std::vector<float> bt = lora_bt(B.Data(), d.N, d.r);
+      const float *px = x.Data(), *pa = A.Data();
+      parallel(ctx, (d.M + LORA_ROWS - 1) / LORA_ROWS, [&](size_t b) {
+        const size_t m0 = b * LORA_ROWS, rows = std::min(LORA_ROWS, d.M - m0);
+        K().lora_forward(px + m0 * d.K, rows, d.K, pa, d.r, bt.data(), d.N, scale, ph + m0 * d.r, pu + m0 * d.N);
+      });
+      return Ort::Status{nullptr};
+    });
+  }
+};
+
+struct LoRAGrad {
+  float scale = 1.0f;
+  LoRAGrad(const OrtApi*, const OrtKernelInfo* info) {
+    scale = Ort::ConstKernelInfo(info).GetAttribute<float>("scale");
+  }
+
+  Ort::Status Compute(OrtKernelContext* ctx, const Tensor<float>& du, const Tensor<float>& x, const Tensor<float>& h,
+                      const Tensor<float>& A, const Tensor<float>& B, Tensor<float>& dA, Tensor<float>& dB,
+                      std::optional<Tensor<float>*> dx) {
+    return guarded("LoRAGrad", [&]() -> Ort::Status {
+      if (auto st = outputs_missing(ctx, 2, "LoRAGrad"); !st.IsOK()) return st;
+      LoRAShape d;
+      if (auto st = lora_shape("LoRAGrad", x.Shape(), A.Shape(), B.Shape(), d); !st.IsOK()) return st;
+      std::vector<int64_t> us = d.lead, hs = d.lead;
+      us.push_back(static_cast<int64_t>(d.N));
+      hs.push_back(static_cast<int64_t>(d.r));
+      if (du.Shape() != us || h.Shape() != hs)
+        return fail("LoRAGrad", "du " + shape_str(du.Shape()) + " and h " + shape_str(h.Shape()) + " must be " +
+                                    shape_str(us) + " and " + shape_str(hs));
+      float* pda = dA.Allocate(A.Shape());
+      float* pdb = dB.Allocate(B.Shape());
+      float* pdx = dx.has_value() && *dx ? (*dx)->Allocate(x.Shape()) : nullptr;
+      const std::vector<float> bt = lora_bt(B.Data(), d.N, d.r);
+      // Tasks of whole LORA_ROWS blocks, at most LORA_TASKS of them, each summing its blocks' parts of
+      // dA and dB^T in order into its own buffer; then the tasks' buffers in order, by columns.
+      const size_t blocks = (d.M + LORA_ROWS - 1) / LORA_ROWS, tasks = std::min(blocks, LORA_TASKS);
+      const size_t part = d.r * (d.K + d.N);
+      thread_local std::vector<float> parts_buf, g_buf;
+      parts_buf.assign(tasks * part, 0.0f);
+      g_buf.resize(std::max(g_buf.size(), LORA_ROWS * d.r * tasks));
+      float* parts = parts_buf.data();
+      float* gs = g_buf.data();
+      const float *pdu = du.Data(), *px = x.Data(), *ph = h.Data(), *pa = A.Data();
+      parallel(ctx, tasks, [&](size_t t) {
+        float* mine = parts + t * part;
+        float* g = gs + t * LORA_ROWS * d.r;
+        for (size_t b = blocks * t / tasks; b < blocks * (t + 1) / tasks; ++b) {
+          const size_t m0 = b * LORA_ROWS, rows = std::min(LORA_ROWS, d.M - m0);
+          K().lora_backward(pdu + m0 * d.N, px + m0 * d.K, ph + m0 * d.r, rows, d.K, d.N, pa, d.r, bt.data(), scale,
+                            g, pdx ? pdx + m0 * d.K : nullptr, mine, mine + d.r * d.K);
+        }
+      });
+      std::vector<float> dbt(d.r * d.N);
+      constexpr size_t CH = 2048;  // values per reduction task
+      parallel(ctx, (part + CH - 1) / CH, [&](size_t c) {
+        const size_t lo = c * CH, hi = std::min(part, lo + CH);
+        float* sum = parts + lo;  // task 0's values, to which the others' are added in order
+        for (size_t t = 1; t < tasks; ++t) {
+          const float* p = parts + t * part + lo;
+          for (size_t i = 0; i < hi - lo; ++i) sum[i] += p[i];
+        }
+        for (size_t i = lo; i < hi; ++i) {
+          if (i < d.r * d.K)
+            pda[i] = parts[i];
+          else
+            dbt[i - d.r * d.K] = parts[i];
+        }
+      });
+      for (size_t n = 0; n < d.N; ++n)
+        for (size_t j = 0; j < d.r; ++j) pdb[n * d.r + j] = dbt[j * d.N + n];
+      return Ort::Status{nullptr};
+    });
+  }
+};
 
 struct RMSNorm {
   float eps = 1e-6f;
@@ -1131,7 +1260,7 @@ extern "C" EDGETUNE_EXPORT const char* EdgetuneFusedOps() {
   static const std::string ops =
       std::string("SwiGLU,SwiGLUGrad,RMSNorm,RMSNormGrad,Rotary,RotaryGrad,RotaryT,RotaryTGrad,Attention,AttentionGrad,"
                   "AttentionT,AttentionTGrad,CrossEntropyHead,AdamW,"
-                  "AddRMSNorm,AddRMSNormGrad") +
+                  "AddRMSNorm,AddRMSNormGrad,LoRA,LoRAGrad") +
       (bf16_kernel() != Bf16Kernel::none ? ",MatMulBF16,MatMulBF16Add,MatMulBF16Round,SwiGLUBF16,SwiGLUBF16Grad,"
                                            "CrossEntropyHeadBF16,AttentionTBF16,AttentionTBF16Grad"
                                          : "");
@@ -1169,6 +1298,8 @@ extern "C" EDGETUNE_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionO
       ops.emplace_back(Ort::Custom::CreateLiteCustomOp<AttentionTGrad>("AttentionTGrad", cpu));
       ops.emplace_back(Ort::Custom::CreateLiteCustomOp<CrossEntropyHead>("CrossEntropyHead", cpu));
       ops.emplace_back(Ort::Custom::CreateLiteCustomOp<AdamW>("AdamW", cpu));
+      ops.emplace_back(Ort::Custom::CreateLiteCustomOp<LoRA>("LoRA", cpu));
+      ops.emplace_back(Ort::Custom::CreateLiteCustomOp<LoRAGrad>("LoRAGrad", cpu));
       ops.emplace_back(Ort::Custom::CreateLiteCustomOp<MatMulBF16>("MatMulBF16", cpu));
       ops.emplace_back(Ort::Custom::CreateLiteCustomOp<MatMulBF16Add>("MatMulBF16Add", cpu));
       ops.emplace_back(Ort::Custom::CreateLiteCustomOp<MatMulBF16Round>("MatMulBF16Round", cpu));

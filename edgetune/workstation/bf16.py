@@ -203,7 +203,7 @@ def _fold_adds(nodes: list[Any], g: Any, domain: str) -> list[Any]:
             mm, other = lone(n.input[k]), made.get(n.input[1 - k])
             if mm is None or id(mm) in gone:
                 continue
-            if other is None or other.op_type not in ("MatMul", "FusedMatMul", "MatMulBF16"):
+            if other is None or other.op_type not in ("MatMul", "FusedMatMul", "MatMulBF16", "LoRA"):
                 continue
             fold[id(n)] = helper.make_node("MatMulBF16Add", [mm.input[0], mm.input[1], n.input[1 - k]],
                                            list(n.output), name=mm.name, domain=domain, **_attrs(mm))

@@ -14,6 +14,9 @@ the custom-op library (``cpp_ext/ort_ops``, loaded by :mod:`edgetune.device.fuse
   grouped-query attention's repeat of k and v), computed row by row forward and backward, so
   neither the S x S scores nor the repeated keys and values are ever held; after differentiation,
   with the heads' ``Transpose`` after it ``AttentionT`` and its gradient ``AttentionTGrad``;
+- ``LoRA(x, A, B)``: a LoRA branch ``scale (x A^T) B^T`` (two FusedMatMuls with transB, rank up to 64),
+  with ``h = x A^T`` as a second output; its gradient ``LoRAGrad`` gives dA, dB and dx in one pass
+  over the rows;
 - ``CrossEntropyHead(h, w, labels)``: the summed cross-entropy of the vocabulary projection ``h w^T``
   (FusedMatMul with transB, SoftmaxCrossEntropyLoss with reduction sum), the vocabulary in tiles, so
   the rows x V logits are never held; its gradient with respect to ``h`` comes from the same pass.
@@ -198,8 +201,33 @@ def _cross_entropy(G: _Graph, sce: Any) -> Optional[tuple[list[str], list[str], 
             {"ignore_index": int(ignore) if ignore is not None else -(2 ** 63)}, [mm])
 
 
+def _lora(G: _Graph, mm: Any) -> Optional[tuple[list[str], list[str], dict, list[Any]]]:
+    """``u = alpha (x A^T) B^T``: two FusedMatMuls with transB on 2-D float initializers A [r, K] and
+    B [N, r] of a small rank (a LoRA branch), the first read by the second only."""
+    from onnx import TensorProto
+
+    def plain(n: Any) -> bool:
+        return attr(n, "transB", 0) == 1 and not attr(n, "transA", 0) and not attr(n, "transBatchA", 0) \
+            and not attr(n, "transBatchB", 0)
+
+    if not plain(mm):
+        return None
+    t, b = mm.input
+    first = G.made_by(t, "FusedMatMul", MS)
+    if first is None or G.only_use(t) is not mm or not plain(first) or float(attr(first, "alpha", 1.0)) != 1.0:
+        return None
+    x, a = first.input
+    dims = {i.name: list(i.dims) for i in G.g.initializer if i.name in (a, b) and i.data_type == TensorProto.FLOAT}
+    if len(dims.get(a, [])) != 2 or len(dims.get(b, [])) != 2:
+        return None
+    (r, k), (n, rb) = dims[a], dims[b]
+    if rb != r or not 1 <= r <= 64 or r >= k or r >= n:
+        return None
+    return [x, a, b], [mm.output[0], t], {"scale": float(attr(mm, "alpha", 1.0))}, [first]
+
+
 _PATTERNS = (("Mul", "SwiGLU", _swiglu), ("Mul", "RMSNorm", _rmsnorm), ("Add", "Rotary", _rotary),
-             ("MatMul", "Attention", _attention))
+             ("MatMul", "Attention", _attention), ("FusedMatMul", "LoRA", _lora))
 # The vocabulary loss: it never holds the rows x V logits, at the speed of MLAS's sgemm and ONNX
 # Runtime's loss on the same products (docs/benchmarks.md). EDGETUNE_FUSED_LOSS=0 at export leaves
 # the projection and its loss to ONNX Runtime.
@@ -222,7 +250,8 @@ def fuse(proto: Any) -> dict[str, int]:
         G = _Graph(proto)
         replace: dict[int, Any] = {}
         for node in G.g.node:
-            if node.op_type != anchor or node.domain not in ("", "ai.onnx") or id(node) in G.drop:
+            if node.op_type != anchor or node.domain not in ((MS,) if anchor == "FusedMatMul" else ("", "ai.onnx")) \
+                    or id(node) in G.drop:
                 continue
             found = match(G, node)
             if found is None:
@@ -415,6 +444,15 @@ def _rotary_grad(b: Builder, n: Any, gy: list, want: list) -> list:
     if want[1] or want[2]:
         raise ModelError(f"autodiff: {n.name}: gradients of the rotary cos/sin tables are not supported")
     return [b.op("RotaryGrad", [gy[0], n.input[1], n.input[2]], domain=DOMAIN), None, None]
+
+
+@rule("LoRA")
+def _lora_grad(b: Builder, n: Any, gy: list, want: list) -> list:
+    if len(gy) > 1 and gy[1] is not None:
+        raise ModelError(f"autodiff: {n.name}'s h output reaches the loss; only its output u may")
+    outs = b.op("LoRAGrad", [gy[0], n.input[0], n.output[1], n.input[1], n.input[2]], domain=DOMAIN,
+                n_out=3 if want[0] else 2, scale=float(attr(n, "scale", 1.0)))
+    return [outs[2] if want[0] else None, outs[0] if want[1] else None, outs[1] if want[2] else None]
 
 
 @rule("CrossEntropyHead")
