@@ -325,14 +325,11 @@ inline void attn_bf16_forward(const float* q, const uint16_t* kt, const uint16_t
   uint16_t* p16 = reinterpret_cast<uint16_t*>(work + BR * ld);
   uint16_t* q16 = p16 + BR * ld;
   for (size_t i0 = r0; i0 < r1; i0 += BR) {
-    const size_t nr = r1 - i0 < BR ? r1 - i0 : BR;
-    bool none = false;
-    const size_t jn = block_extent(ext + 2 * i0, nr, S, &none);
-    const size_t j0 = block_start(ext + 2 * i0, nr, jn, none);
+    const QueryBlock blk = query_block(ext, i0, r1, S);
+    const size_t nr = blk.nr, jn = blk.jn, j0 = blk.j0, lim = blk.lim;
     for (size_t r = 0; r < BR; ++r) round_row(q + (i0 + r) * D, r < nr ? D : 0, Dp, q16 + r * Dp);
     prefetch_rows(q, i0 + BR, r1, D, D);
     block_scores16(q16, Dp, kt + j0 * Dp, p + j0, ld, jn - j0, scale);
-    const size_t lim = jn < S ? jn : S;  // S where a row sees no key
     block_softmax(p, ld, mask + i0 * mstride, mstride, nr, j0, lim, S);
     const size_t je = (lim + 1) / 2 * 2;  // whole pairs of keys (v's pairs are zero past S)
     for (size_t r = 0; r < BR; ++r) round_row(p + r * ld + j0, lim - j0, je - j0, p16 + r * ld + j0);
@@ -355,11 +352,9 @@ inline void attn_bf16_backward(const float* dout, size_t lddo, const float* q, c
   uint16_t* a16 = dst + BR * ld;  // a block's rows of q, then of dout
   uint16_t* ai = a16 + BR * Dp;   // the same rows in pairs
   for (size_t i0 = r0; i0 < r1; i0 += BR) {
-    const size_t nr = r1 - i0 < BR ? r1 - i0 : BR;
-    bool none = false;
-    const size_t jn = block_extent(ext + 2 * i0, nr, S, &none);
-    const size_t j0 = block_start(ext + 2 * i0, nr, jn, none);
-    const size_t lim = jn < S ? jn : S;
+    const QueryBlock blk = query_block(ext, i0, r1, S);
+    const size_t nr = blk.nr, jn = blk.jn, j0 = blk.j0, lim = blk.lim;
+    const bool none = blk.none;
     for (size_t r = 0; r < BR; ++r) round_row(q + (i0 + r) * D, r < nr ? D : 0, Dp, a16 + r * Dp);
     prefetch_rows(q, i0 + BR, r1, D, D);
     prefetch_rows(dout, i0 + BR, r1, lddo, D);

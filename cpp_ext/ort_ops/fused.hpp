@@ -46,6 +46,7 @@ struct FusedKernels {
   void (*ce_head)(const float* h, size_t n, size_t D, const float* w, size_t V, const int64_t* labels, int64_t ignore,
                   float* loss, float* G, float* work);
   size_t (*ce_head_work)(size_t n, size_t D);
+  size_t lora_block;      // most rows per lora_forward / lora_backward call
   size_t attn_tile;       // keys per tile (ld is a multiple of it)
   size_t attn_work_rows;  // work floats per ld
   size_t attn_block_rows;  // query rows per block

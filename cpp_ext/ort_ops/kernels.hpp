@@ -241,7 +241,7 @@ inline void axpy(float a, const float* __restrict x, float* __restrict y, size_t
 // multiply-adds, not the loads, set the pace.
 constexpr size_t LORA_BLOCK = 32;
 #if defined(EDGETUNE_VEC)
-constexpr size_t LORA_ROWS4 = EDGETUNE_VBYTES >= 64 ? 4 : 2;  // rows per register block (16 registers on AVX2)
+constexpr size_t LORA_RB = EDGETUNE_VBYTES >= 64 ? 4 : 2;  // rows per register block (16 registers on AVX2)
 constexpr size_t LORA_JB = EDGETUNE_VBYTES >= 64 ? 8 : 4;     // rank columns per register block
 #endif
 
@@ -249,7 +249,7 @@ constexpr size_t LORA_JB = EDGETUNE_VBYTES >= 64 ? 8 : 4;     // rank columns pe
 inline void lora_dots(const float* X, size_t R, size_t L, const float* W, size_t r, float alpha, float* out) {
   size_t i = 0;
 #if defined(EDGETUNE_VEC)
-  constexpr size_t RB = LORA_ROWS4;
+  constexpr size_t RB = LORA_RB;
   for (; i + RB <= R; i += RB) {
     size_t j = 0;
     for (; j + 4 <= r; j += 4) {
@@ -281,7 +281,7 @@ inline void lora_dots(const float* X, size_t R, size_t L, const float* W, size_t
 inline void lora_combine(const float* c, size_t R, size_t r, const float* T, size_t L, float* Y) {
   size_t i = 0;
 #if defined(EDGETUNE_VEC)
-  constexpr size_t RB = LORA_ROWS4;
+  constexpr size_t RB = LORA_RB;
   for (; i + RB <= R; i += RB) {
     size_t n = 0;
     for (; n + 2 * VW <= L; n += 2 * VW) {
@@ -634,6 +634,22 @@ inline size_t block_start(const uint32_t* ext, size_t nr, size_t jn, bool all_ma
   return j0 / JT * JT;
 }
 
+// A block of query rows from i0 (of the rows before r1): nr rows; keys [j0, jn) in whole tiles
+// (block_start, block_extent); lim = min(jn, S); none: a row sees no key.
+struct QueryBlock {
+  size_t nr, j0, jn, lim;
+  bool none;
+};
+
+inline QueryBlock query_block(const uint32_t* ext, size_t i0, size_t r1, size_t S) {
+  QueryBlock b{};
+  b.nr = r1 - i0 < BR ? r1 - i0 : BR;
+  b.jn = block_extent(ext + 2 * i0, b.nr, S, &b.none);
+  b.j0 = block_start(ext + 2 * i0, b.nr, b.jn, b.none);
+  b.lim = b.jn < S ? b.jn : S;  // S where a row sees no key
+  return b;
+}
+
 // The softmax weights of a block's rows in place over keys [j0, lim) (softmax_row), rows from nr on
 // zero; mask: the block's first mask row.
 inline void block_softmax(float* p, size_t ld, const float* mask, size_t mstride, size_t nr, size_t j0, size_t lim,
@@ -686,13 +702,10 @@ inline void attn_forward(const float* q, const float* kt, const float* v, size_t
   float* p = work;
   float* qb = work + BR * ld;
   for (size_t i0 = r0; i0 < r1; i0 += BR) {
-    const size_t nr = r1 - i0 < BR ? r1 - i0 : BR;
-    bool none = false;
-    const size_t jn = block_extent(ext + 2 * i0, nr, S, &none);
-    const size_t j0 = block_start(ext + 2 * i0, nr, jn, none);
+    const QueryBlock blk = query_block(ext, i0, r1, S);
+    const size_t nr = blk.nr, jn = blk.jn, j0 = blk.j0, lim = blk.lim;
     for (size_t x = 0; x < BR * D; ++x) qb[x] = x < nr * D ? q[i0 * D + x] : 0.0f;
     block_scores(qb, kt + j0 * D, p + j0, ld, jn - j0, D, scale);
-    const size_t lim = jn < S ? jn : S;  // S where a row sees no key
     block_softmax(p, ld, mask + i0 * mstride, mstride, nr, j0, lim, S);
     // o[r] = sum_j p[r][j] v[j], each v row read once for the block's rows
     float* ob = qb;
@@ -714,11 +727,9 @@ inline void attn_backward(const float* dout, size_t lddo, const float* q, const 
   float* dp = work + BR * ld;
   float* ab = work + 2 * BR * ld;
   for (size_t i0 = r0; i0 < r1; i0 += BR) {
-    const size_t nr = r1 - i0 < BR ? r1 - i0 : BR;
-    bool none = false;
-    const size_t jn = block_extent(ext + 2 * i0, nr, S, &none);
-    const size_t j0 = block_start(ext + 2 * i0, nr, jn, none);
-    const size_t lim = jn < S ? jn : S;
+    const QueryBlock blk = query_block(ext, i0, r1, S);
+    const size_t nr = blk.nr, jn = blk.jn, j0 = blk.j0, lim = blk.lim;
+    const bool none = blk.none;
     for (size_t x = 0; x < BR * D; ++x) ab[x] = x < nr * D ? q[i0 * D + x] : 0.0f;
     block_scores(ab, kt + j0 * D, p + j0, ld, jn - j0, D, scale);
     for (size_t r = 0; r < BR; ++r)
@@ -853,6 +864,7 @@ inline FusedKernels kernels(const char* name) {
   k.swiglu_grad = swiglu_grad;
   k.lora_forward = lora_forward;
   k.lora_backward = lora_backward;
+  k.lora_block = LORA_BLOCK;
   k.rmsnorm = rmsnorm;
   k.rmsnorm_grad = rmsnorm_grad;
   k.add_rmsnorm = add_rmsnorm;

@@ -220,11 +220,17 @@ Ort::Status SwiGLUBF16Grad(OrtKernelContext* ctx, const Tensor<float>& dy, const
 
 // LoRA(x, A, B; scale) -> u, h: h = x A^T, u = scale h B^T (x [..., K], A [r, K], B [N, r], r <= 64): a
 // LoRA layer's branch, in one pass over x's rows. LoRAGrad(du, x, h, A, B; scale) -> dA, dB[, dx]: its
-// gradients in one pass over du's and x's rows; dA and dB are summed over fixed blocks of rows, then
-// the blocks in order, so the result does not depend on which thread took which block.
+// gradients in one pass over du's and x's rows; dA and dB are summed over fixed tasks of rows, then
+// the tasks in order, so the result does not depend on which thread took which task.
 struct LoRAShape {
   size_t M = 1, K = 0, N = 0, r = 0;
   std::vector<int64_t> lead;  // x's leading dimensions
+  // x's leading dimensions and a last one of n (u and du: N; h: r)
+  std::vector<int64_t> rows_of(size_t n) const {
+    std::vector<int64_t> s = lead;
+    s.push_back(static_cast<int64_t>(n));
+    return s;
+  }
 };
 
 inline Ort::Status lora_shape(const char* op, const std::vector<int64_t>& xs, const std::vector<int64_t>& as,
@@ -250,7 +256,6 @@ inline std::vector<float> lora_bt(const float* B, size_t N, size_t r) {
   return bt;
 }
 
-constexpr size_t LORA_ROWS = 32;   // rows per block (kernels.hpp's LORA_BLOCK)
 constexpr size_t LORA_TASKS = 8;  // LoRAGrad's tasks at most (each keeps its own dA, dB)
 
 struct LoRA {
@@ -263,15 +268,13 @@ struct LoRA {
       if (auto st = outputs_missing(ctx, 2, "LoRA"); !st.IsOK()) return st;
       LoRAShape d;
       if (auto st = lora_shape("LoRA", x.Shape(), A.Shape(), B.Shape(), d); !st.IsOK()) return st;
-      std::vector<int64_t> us = d.lead, hs = d.lead;
-      us.push_back(static_cast<int64_t>(d.N));
-      hs.push_back(static_cast<int64_t>(d.r));
-      float* pu = u.Allocate(us);
-      float* ph = h.Allocate(hs);
+      float* pu = u.Allocate(d.rows_of(d.N));
+      float* ph = h.Allocate(d.rows_of(d.r));
       const std::vector<float> bt = lora_bt(B.Data(), d.N, d.r);
       const float *px = x.Data(), *pa = A.Data();
-      parallel(ctx, (d.M + LORA_ROWS - 1) / LORA_ROWS, [&](size_t b) {
-        const size_t m0 = b * LORA_ROWS, rows = std::min(LORA_ROWS, d.M - m0);
+      const size_t R = K().lora_block;
+      parallel(ctx, (d.M + R - 1) / R, [&](size_t b) {
+        const size_t m0 = b * R, rows = std::min(R, d.M - m0);
         K().lora_forward(px + m0 * d.K, rows, d.K, pa, d.r, bt.data(), d.N, scale, ph + m0 * d.r, pu + m0 * d.N);
       });
       return Ort::Status{nullptr};
@@ -292,9 +295,7 @@ struct LoRAGrad {
       if (auto st = outputs_missing(ctx, 2, "LoRAGrad"); !st.IsOK()) return st;
       LoRAShape d;
       if (auto st = lora_shape("LoRAGrad", x.Shape(), A.Shape(), B.Shape(), d); !st.IsOK()) return st;
-      std::vector<int64_t> us = d.lead, hs = d.lead;
-      us.push_back(static_cast<int64_t>(d.N));
-      hs.push_back(static_cast<int64_t>(d.r));
+      const std::vector<int64_t> us = d.rows_of(d.N), hs = d.rows_of(d.r);
       if (du.Shape() != us || h.Shape() != hs)
         return fail("LoRAGrad", "du " + shape_str(du.Shape()) + " and h " + shape_str(h.Shape()) + " must be " +
                                     shape_str(us) + " and " + shape_str(hs));
@@ -302,21 +303,24 @@ struct LoRAGrad {
       float* pdb = dB.Allocate(B.Shape());
       float* pdx = dx.has_value() && *dx ? (*dx)->Allocate(x.Shape()) : nullptr;
       const std::vector<float> bt = lora_bt(B.Data(), d.N, d.r);
-      // Tasks of whole LORA_ROWS blocks, at most LORA_TASKS of them, each summing its blocks' parts of
-      // dA and dB^T in order into its own buffer; then the tasks' buffers in order, by columns.
-      const size_t blocks = (d.M + LORA_ROWS - 1) / LORA_ROWS, tasks = std::min(blocks, LORA_TASKS);
+      // Tasks of whole blocks of rows, at most LORA_TASKS of them, each summing its blocks' parts of
+      // dA and dB^T in order into its own buffer (zeroed by the task); then the tasks' buffers in
+      // order, by columns.
+      const size_t R = K().lora_block;
+      const size_t blocks = (d.M + R - 1) / R, tasks = std::min(blocks, LORA_TASKS);
       const size_t part = d.r * (d.K + d.N);
-      thread_local std::vector<float> parts_buf, g_buf;
-      parts_buf.assign(tasks * part, 0.0f);
-      g_buf.resize(std::max(g_buf.size(), LORA_ROWS * d.r * tasks));
+      thread_local std::vector<float> parts_buf, g_buf;  // kept at their largest size
+      parts_buf.resize(std::max(parts_buf.size(), tasks * part));
+      g_buf.resize(std::max(g_buf.size(), R * d.r * tasks));
       float* parts = parts_buf.data();
       float* gs = g_buf.data();
       const float *pdu = du.Data(), *px = x.Data(), *ph = h.Data(), *pa = A.Data();
       parallel(ctx, tasks, [&](size_t t) {
         float* mine = parts + t * part;
-        float* g = gs + t * LORA_ROWS * d.r;
+        std::fill(mine, mine + part, 0.0f);
+        float* g = gs + t * R * d.r;
         for (size_t b = blocks * t / tasks; b < blocks * (t + 1) / tasks; ++b) {
-          const size_t m0 = b * LORA_ROWS, rows = std::min(LORA_ROWS, d.M - m0);
+          const size_t m0 = b * R, rows = std::min(R, d.M - m0);
           K().lora_backward(pdu + m0 * d.N, px + m0 * d.K, ph + m0 * d.r, rows, d.K, d.N, pa, d.r, bt.data(), scale,
                             g, pdx ? pdx + m0 * d.K : nullptr, mine, mine + d.r * d.K);
         }
