@@ -39,25 +39,34 @@ def _float(b: np.ndarray) -> np.ndarray:
 
 
 def _product(a: np.ndarray, wb: np.ndarray, trans_b: bool, op: str = "MatMulBF16",
-             c: np.ndarray | None = None) -> np.ndarray:
+             c: np.ndarray | None = None, low: tuple[np.ndarray, np.ndarray, bool, float] | None = None
+             ) -> np.ndarray:
     """MatMulBF16 (float32 out), MatMulBF16Add (plus c) or MatMulBF16Round (bfloat16 out, returned as
-    its bits: numpy has no bfloat16, so the graph widens it with a Cast, which is exact)."""
+    its bits: numpy has no bfloat16, so the graph widens it with a Cast, which is exact); with low
+    (p, q, trans_q, scale), MatMulBF16LoRA."""
     rounded = op == "MatMulBF16Round"
-    nodes = [helper.make_node(op, ["a", "w"] + (["c"] if c is not None else []), ["y16" if rounded else "y"],
-                              domain="edgetune", trans_b=int(trans_b))]
+    extra = {}
+    names = ["a", "w"]
+    if low is not None:
+        op, names = "MatMulBF16LoRA", names + ["p", "q"]
+        extra = dict(trans_q=int(low[2]), scale=float(low[3]))
+    names += ["c"] if c is not None else []
+    nodes = [helper.make_node(op, names, ["y16" if rounded else "y"], domain="edgetune", trans_b=int(trans_b),
+                              **extra)]
     if rounded:
         nodes.append(helper.make_node("Cast", ["y16"], ["y"], to=TensorProto.FLOAT))
     init = helper.make_tensor("w", TensorProto.BFLOAT16, list(wb.shape), wb.tobytes(), raw=True)
     ins = [helper.make_tensor_value_info("a", TensorProto.FLOAT, list(a.shape))]
-    if c is not None:
-        ins.append(helper.make_tensor_value_info("c", TensorProto.FLOAT, list(c.shape)))
+    feeds = {"a": a}
+    for name, v in ([("p", low[0]), ("q", low[1])] if low is not None else []) + ([("c", c)] if c is not None else []):
+        ins.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, list(v.shape)))
+        feeds[name] = v
     g = helper.make_graph(nodes, "g", ins, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [init])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("edgetune", 1)])
     so = ort.SessionOptions()
     so.intra_op_num_threads = 2
     kernels.register(so)
     s = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    feeds = {"a": a} if c is None else {"a": a, "c": c}
     first = s.run(None, feeds)[0]
     again = s.run(None, feeds)[0]  # the packed weight is reused
     np.testing.assert_array_equal(first, again)
@@ -89,6 +98,15 @@ def check_products() -> None:
             c = rng.normal(size=y.shape).astype(np.float32)
             np.testing.assert_array_equal(_product(a, wb, trans_b, "MatMulBF16Add", c), y + c,
                                           err_msg=str((lead, m, k, n, trans_b)))
+            # MatMulBF16LoRA: the low-rank term p q (q as [r, N] or [N, r]) summed in float32, then c
+            for r, trans_q, with_c in ((1, True, False), (8, True, True), (5, False, True), (16, False, False)):
+                p = rng.normal(size=lead + (m, r)).astype(np.float32)
+                q = rng.normal(0, 0.3, (n, r) if trans_q else (r, n)).astype(np.float32)
+                want = y.astype(np.float64) + 1.5 * p.astype(np.float64) @ (q.T if trans_q else q).astype(np.float64)
+                want = want + c if with_c else want
+                got = _product(a, wb, trans_b, c=c if with_c else None, low=(p, q, trans_q, 1.5))
+                tol = 2e-6 * float(np.abs(want).max())
+                np.testing.assert_allclose(got, want, rtol=0, atol=tol, err_msg=str((lead, m, k, n, trans_b, r)))
     check_swiglu_bf16()
 
 
@@ -96,6 +114,12 @@ def test_matmul_bf16_add_refuses_an_addend_of_another_shape():
     a, wb = np.ones((4, 8), np.float32), _bits(np.ones((6, 8), np.float32))
     with pytest.raises(Exception, match=r"edgetune::MatMulBF16Add: c \[4, 5\] is not the product's shape \[4, 6\]"):
         _product(a, wb, True, "MatMulBF16Add", np.zeros((4, 5), np.float32))
+    p = np.ones((4, 3), np.float32)
+    with pytest.raises(Exception, match=r"edgetune::MatMulBF16LoRA: p \[4, 3\] and q \[3, 6\] do not fit a \[4, 8\] "
+                                        r"and an output of 6 columns \(trans_q 1\)"):
+        _product(a, wb, True, low=(p, np.ones((3, 6), np.float32), True, 1.0))
+    with pytest.raises(Exception, match=r"edgetune::MatMulBF16LoRA: p \[4, 2\]"):
+        _product(a, wb, True, low=(np.ones((4, 2), np.float32), np.ones((3, 6), np.float32), False, 1.0))
 
 
 def _swiglu_nodes(op: str, inputs: dict[str, np.ndarray], outs: list[str]) -> list[np.ndarray]:
@@ -363,10 +387,14 @@ def test_bf16_bundle_graphs(bf16_bundles):
     man = json.loads((b / "edgetune.json").read_text())
     ops = man["fused"]["ops"]
     # forward, and every input gradient but layer 0's q, k, v; each layer's gate and up rounded
-    # and each LoRA layer's base product with the adapter's branch added in it (q, k, v, o forward)
-    assert ops["MatMulBF16"] + ops["MatMulBF16Round"] + ops["MatMulBF16Add"] == 2 * 7 + 2 * 7 - 3
-    # and the input gradients' Sums as chains of them (layer 1's q/k/v and both layers' o and gate/up)
-    assert ops["MatMulBF16Round"] == 2 * 2 and ops["MatMulBF16Add"] == 2 * 4 + (3 + 1 + 1) + (1 + 1)
+    # and each LoRA layer's base product with the adapter's branch made in it (q, k, v, o forward)
+    assert ops["MatMulBF16"] + ops["MatMulBF16Round"] + ops["MatMulBF16Add"] + ops["MatMulBF16LoRA"] == 2 * 7 + 2 * 7 - 3
+    # and the input gradients' Sums as chains of them, each LoRA branch's input gradient made in
+    # one of its layer's products (layer 1's q/k/v and both layers' o), the gate/up pairs adding
+    assert ops["MatMulBF16Round"] == 2 * 2 and ops["MatMulBF16Add"] == 1 + 1
+    assert ops["MatMulBF16LoRA"] == 2 * 4 + (3 + 1 + 1)
+    # no branch is stored: LoRADown makes h, LoRAGradH dh (LoRAGrad where no dx is wanted: layer 0's q, k, v)
+    assert "LoRA" not in ops and ops["LoRADown"] == 2 * 4 and ops["LoRAGradH"] == 3 + 1 + 1 and ops["LoRAGrad"] == 3
     assert ops["SwiGLUBF16"] == ops["SwiGLUBF16Grad"] == 2 and "SwiGLU" not in ops and "SwiGLUGrad" not in ops
     assert ops["CrossEntropyHeadBF16"] == 1 and "CrossEntropyHead" not in ops
     # the attention's products in bfloat16 too
@@ -374,8 +402,8 @@ def test_bf16_bundle_graphs(bf16_bundles):
     for graph in ("train_fused.onnx", "eval_fused.onnx"):
         g = onnx.load(str(b / graph), load_external_data=False).graph
         readers = {(n.op_type, i) for n in g.node for i in n.input if i in bf}
-        assert {op for op, i in readers if i != embed} == {"MatMulBF16", "MatMulBF16Round", "MatMulBF16Add"}, \
-            (graph, readers)
+        assert {op for op, i in readers if i != embed} == {"MatMulBF16", "MatMulBF16Round", "MatMulBF16LoRA"} | (
+            {"MatMulBF16Add"} if graph == "train_fused.onnx" else set()), (graph, readers)
         products = {n.output[0] for n in g.node if n.op_type.startswith("MatMulBF16")}
         assert not any(n.op_type in ("Add", "Sum") and set(n.input) & products for n in g.node), graph
         assert {op for op, i in readers if i == embed} == {"Gather", "CrossEntropyHeadBF16"}, (graph, readers)

@@ -557,6 +557,16 @@ def test_lora_forward_and_backward_match_torch(lead, M, K, N, r):
     again = _run("LoRAGrad", [du, x, h, a, b], 3, scale=2.0)  # the same bits on every run (fixed blocks)
     for first, second in zip((da, db, dx), again):
         np.testing.assert_array_equal(first, second)
+    # LoRADown and LoRAGradH (the branch without its output and input gradient, which the bfloat16
+    # products add): the same h, dA and dB, and dh = d loss / d h
+    (h2,) = _run("LoRADown", [x, a], 1)
+    np.testing.assert_array_equal(h2, h)
+    da3, db3, dh = _run("LoRAGradH", [du, x, h, a, b], 3, scale=2.0)
+    np.testing.assert_array_equal(da3, da)
+    np.testing.assert_array_equal(db3, db)
+    th2 = _t(h)
+    (2.0 * th2 @ _t(b).T).backward(torch.tensor(du, dtype=torch.float64))
+    np.testing.assert_allclose(dh, th2.grad.numpy(), **tol)
 
 
 def test_lora_refuses_operands_that_do_not_fit():
@@ -569,6 +579,10 @@ def test_lora_refuses_operands_that_do_not_fit():
     a, b = np.zeros((4, 8), np.float32), np.zeros((5, 4), np.float32)
     with pytest.raises(Exception, match=r"edgetune::LoRAGrad: du \[2, 3, 4\] and h \[2, 3, 4\] must be \[2, 3, 5\]"):
         _run("LoRAGrad", [np.zeros((2, 3, 4), np.float32), x, np.zeros((2, 3, 4), np.float32), a, b], 2, scale=1.0)
+    with pytest.raises(Exception, match=r"edgetune::LoRADown: x \[2, 3, 8\], A \[4, 7\]"):
+        _run("LoRADown", [x, np.zeros((4, 7), np.float32)], 1)
+    with pytest.raises(Exception, match=r"edgetune::LoRAGradH: du \[2, 3, 4\] and h \[2, 3, 4\] must be \[2, 3, 5\]"):
+        _run("LoRAGradH", [np.zeros((2, 3, 4), np.float32), x, np.zeros((2, 3, 4), np.float32), a, b], 3, scale=1.0)
 
 
 def _lora_model(rank=4, frozen_a=False):

@@ -44,15 +44,25 @@ bool avx512_bf16_usable();
 // interleaved by row), zero past M and K.
 void avx512_bf16_pack_rows(const float* x, size_t M, size_t K, size_t g, uint16_t* out);
 
+// A low-rank term p q added to a product's sums (a LoRA branch): p [M, r] (row stride r, scaled
+// already), q [r, cols] (row stride ldq, from the block's first column).
+struct LowRank {
+  const float* p;
+  size_t r;
+  const float* q;
+  size_t ldq;
+};
+
 // y[M, cols] (row stride ldy) = x w with AVX512-BF16 for one block of up to 32 of w's columns: x's
 // rows packed by avx512_bf16_pack_rows, the columns by pack_b_cols (64-byte aligned). With y16, y
 // is rounded to bfloat16 (nearest even) into y16 (row stride ldy) instead; with add (row stride
 // ldy), y = x w + add, each sum added once as it is stored. With next, the cache lines next + i
 // next_stride (i < next_lines) are prefetched into L2 while the rows are multiplied: the source of
-// the columns that come next.
+// the columns that come next. With low (not with y16), low's p q is added to the sums in float32
+// before add is.
 void avx512_bf16_cols(const uint16_t* rows, size_t M, size_t K, const uint16_t* panel, size_t cols, float* y,
                       size_t ldy, uint16_t* y16 = nullptr, const float* add = nullptr, const char* next = nullptr,
-                      size_t next_lines = 0, size_t next_stride = 0);
+                      size_t next_lines = 0, size_t next_stride = 0, const LowRank* low = nullptr);
 
 // amx_bf16_rows_wt with vdpbf16ps, for a few rows (no packing of w); needs only K even.
 void avx512_bf16_rows_wt(const float* x, size_t M, size_t K, const uint16_t* w, size_t N, float* y, size_t ldy);

@@ -51,9 +51,11 @@ bool probe() {
 // B panels (b and b + bs: pair p of column c at b[32 p + 2 c]), P pairs deep.
 // With c16, the sums are stored rounded to bfloat16 there (nearest even) instead of into c. With
 // add, each sum is added to add's value (row stride ldc) as it is stored: one float32 add, as an
-// Add node after the product would make.
+// Add node after the product would make. With lp (lr values per row, this block's rows) and lq
+// (lr rows of 32 columns, row stride ldq), the low-rank term lp lq is added first, in float32.
 inline void block8x32(const uint16_t* a, const uint16_t* b, size_t bs, size_t P, float* c, size_t ldc, size_t rows,
-                      __mmask16 m0, __mmask16 m1, uint16_t* c16 = nullptr, const float* add = nullptr) {
+                      __mmask16 m0, __mmask16 m1, uint16_t* c16 = nullptr, const float* add = nullptr,
+                      const float* lp = nullptr, const float* lq = nullptr, size_t lr = 0, size_t ldq = 0) {
   __m512 acc[8][2];
   for (int r = 0; r < 8; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
   const int32_t* a32 = reinterpret_cast<const int32_t*>(a);
@@ -65,6 +67,25 @@ inline void block8x32(const uint16_t* a, const uint16_t* b, size_t bs, size_t P,
       const __m512bh x = (__m512bh)_mm512_set1_epi32(ap[r]);
       acc[r][0] = _mm512_dpbf16_ps(acc[r][0], x, b0);
       acc[r][1] = _mm512_dpbf16_ps(acc[r][1], x, b1);
+    }
+  }
+  if (lp) {
+    for (size_t j = 0; j < lr; ++j) {
+      const __m512 q0 = _mm512_maskz_loadu_ps(m0, lq + j * ldq), q1 = _mm512_maskz_loadu_ps(m1, lq + j * ldq + 16);
+      if (rows == 8) {
+#pragma GCC unroll 8
+        for (int r = 0; r < 8; ++r) {
+          const __m512 pv = _mm512_set1_ps(lp[r * lr + j]);
+          acc[r][0] = _mm512_fmadd_ps(pv, q0, acc[r][0]);
+          acc[r][1] = _mm512_fmadd_ps(pv, q1, acc[r][1]);
+        }
+      } else {
+        for (size_t r = 0; r < rows; ++r) {
+          const __m512 pv = _mm512_set1_ps(lp[r * lr + j]);
+          acc[r][0] = _mm512_fmadd_ps(pv, q0, acc[r][0]);
+          acc[r][1] = _mm512_fmadd_ps(pv, q1, acc[r][1]);
+        }
+      }
     }
   }
   if (add)
@@ -126,7 +147,7 @@ void avx512_bf16_pack_rows(const float* x, size_t M, size_t K, size_t g, uint16_
 
 void avx512_bf16_cols(const uint16_t* rows, size_t M, size_t K, const uint16_t* panel, size_t cols, float* y,
                       size_t ldy, uint16_t* y16, const float* add, const char* next, size_t next_lines,
-                      size_t next_stride) {
+                      size_t next_stride, const LowRank* low) {
   const size_t KP = (K + 31) / 32 * 16;
   const __mmask16 m0 = cols >= 16 ? 0xffff : static_cast<__mmask16>((1u << cols) - 1);
   const __mmask16 m1 = cols >= 32 ? 0xffff : cols <= 16 ? 0 : static_cast<__mmask16>((1u << (cols - 16)) - 1);
@@ -150,7 +171,8 @@ void avx512_bf16_cols(const uint16_t* rows, size_t M, size_t K, const uint16_t* 
       }
     }
     block8x32(rows + (r0 / 16) * KP * 32 + (r0 % 16) * 2, panel, KP * 32, KP, y ? y + r0 * ldy : nullptr, ldy,
-              std::min<size_t>(8, M - r0), m0, m1, y16 ? y16 + r0 * ldy : nullptr, add ? add + r0 * ldy : nullptr);
+              std::min<size_t>(8, M - r0), m0, m1, y16 ? y16 + r0 * ldy : nullptr, add ? add + r0 * ldy : nullptr,
+              low ? low->p + r0 * low->r : nullptr, low ? low->q : nullptr, low ? low->r : 0, low ? low->ldq : 0);
   }
 }
 
@@ -189,7 +211,7 @@ bool avx512_bf16_usable() { return false; }
 void avx512_bf16_pack_rows(const float*, size_t, size_t, size_t, uint16_t*) {}
 
 void avx512_bf16_cols(const uint16_t*, size_t, size_t, const uint16_t*, size_t, float*, size_t, uint16_t*,
-                      const float*, const char*, size_t, size_t) {}
+                      const float*, const char*, size_t, size_t, const LowRank*) {}
 
 void avx512_bf16_rows_wt(const float*, size_t, size_t, const uint16_t*, size_t, float*, size_t) {}
 

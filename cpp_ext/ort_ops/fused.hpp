@@ -11,14 +11,15 @@ struct FusedKernels {
   const char* name;  // "generic", "avx2", "avx512"
   void (*swiglu)(const float* g, const float* u, float* y, size_t n);
   void (*swiglu_grad)(const float* dy, const float* g, const float* u, float* dg, float* du, size_t n);
-  // LoRA (kernels.hpp): rows of u = scale (x A^T) B^T with h = x A^T (r <= 64; Bt = B^T [r, N]), and
-  // of its gradients: g = scale du B into g, dx = g A (when dx is given); dA [r, K] and dBt [r, N]
-  // accumulate the rows' parts.
+  // LoRA (kernels.hpp): rows of u = scale (x A^T) B^T (when u is given) with h = x A^T (r <= 64;
+  // Bt = B^T [r, N]), and of its gradients: g = scale du B into g, dx = g A (when dx is given);
+  // dA [r, K] and dBt [r, N] accumulate the rows' parts. lora_add: Y [R, L] += c [R, r] T [r, L].
   void (*lora_forward)(const float* x, size_t rows, size_t K, const float* A, size_t r, const float* Bt, size_t N,
                        float scale, float* h, float* u);
   void (*lora_backward)(const float* du, const float* x, const float* h, size_t rows, size_t K, size_t N,
                         const float* A, size_t r, const float* Bt, float scale, float* g, float* dx, float* dA,
                         float* dBt);
+  void (*lora_add)(const float* c, size_t R, size_t r, const float* T, size_t L, float* Y);
   void (*rmsnorm)(const float* x, const float* w, float* y, float* inv, size_t rows, size_t d, float eps);
   // dres (optional) is added to dx; dw (optional) accumulates.
   void (*rmsnorm_grad)(const float* dy, const float* x, const float* w, const float* inv, const float* dres, float* dx,

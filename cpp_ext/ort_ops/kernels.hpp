@@ -277,7 +277,9 @@ inline void lora_dots(const float* X, size_t R, size_t L, const float* W, size_t
     for (size_t j = 0; j < r; ++j) out[i * r + j] = alpha * dot(X + i * L, W + j * L, L);
 }
 
-// Y_i = sum over j < r of c[i][j] T_j for i < R (c [R, r], T [r, L], Y [R, L]).
+// Y_i = sum over j < r of c[i][j] T_j for i < R (c [R, r], T [r, L], Y [R, L]); with ACC, that sum
+// is added to Y_i.
+template <bool ACC = false>
 inline void lora_combine(const float* c, size_t R, size_t r, const float* T, size_t L, float* Y) {
   size_t i = 0;
 #if defined(EDGETUNE_VEC)
@@ -286,6 +288,11 @@ inline void lora_combine(const float* c, size_t R, size_t r, const float* T, siz
     size_t n = 0;
     for (; n + 2 * VW <= L; n += 2 * VW) {
       vf acc[RB][2] = {};
+      if (ACC)
+        for (size_t t = 0; t < RB; ++t) {
+          acc[t][0] = vload(Y + (i + t) * L + n);
+          acc[t][1] = vload(Y + (i + t) * L + n + VW);
+        }
       for (size_t j = 0; j < r; ++j) {
         const vf b0 = vload(T + j * L + n), b1 = vload(T + j * L + n + VW);
         for (size_t t = 0; t < RB; ++t) {
@@ -301,7 +308,7 @@ inline void lora_combine(const float* c, size_t R, size_t r, const float* T, siz
     }
     for (; n < L; ++n)
       for (size_t t = 0; t < RB; ++t) {
-        float a = 0.0f;
+        float a = ACC ? Y[(i + t) * L + n] : 0.0f;
         for (size_t j = 0; j < r; ++j) a += c[(i + t) * r + j] * T[j * L + n];
         Y[(i + t) * L + n] = a;
       }
@@ -309,10 +316,15 @@ inline void lora_combine(const float* c, size_t R, size_t r, const float* T, siz
 #endif
   for (; i < R; ++i)
     for (size_t n = 0; n < L; ++n) {
-      float a = 0.0f;
+      float a = ACC ? Y[i * L + n] : 0.0f;
       for (size_t j = 0; j < r; ++j) a += c[i * r + j] * T[j * L + n];
       Y[i * L + n] = a;
     }
+}
+
+// Y += c T (c [R, r], T [r, L], Y [R, L]): a low-rank term added to a product's rows.
+inline void lora_add(const float* c, size_t R, size_t r, const float* T, size_t L, float* Y) {
+  lora_combine<true>(c, R, r, T, L, Y);
 }
 
 #if defined(EDGETUNE_VEC)
@@ -368,11 +380,13 @@ inline void lora_outer(const float* c, size_t R, size_t r, const float* X, size_
     }
 }
 
-// Rows [0, rows) (rows <= LORA_BLOCK) of the forward pass: h = x A^T, u = (scale h) Bt.
+// Rows [0, rows) (rows <= LORA_BLOCK) of the forward pass: h = x A^T, u = (scale h) Bt (u only
+// when given).
 inline void lora_forward(const float* x, size_t rows, size_t K, const float* A, size_t r, const float* Bt, size_t N,
                          float scale, float* h, float* u) {
   float sh[LORA_BLOCK * 64];
   lora_dots(x, rows, K, A, r, 1.0f, h);
+  if (!u) return;
   for (size_t t = 0; t < rows * r; ++t) sh[t] = scale * h[t];
   lora_combine(sh, rows, r, Bt, N, u);
 }
@@ -864,6 +878,7 @@ inline FusedKernels kernels(const char* name) {
   k.swiglu_grad = swiglu_grad;
   k.lora_forward = lora_forward;
   k.lora_backward = lora_backward;
+  k.lora_add = lora_add;
   k.lora_block = LORA_BLOCK;
   k.rmsnorm = rmsnorm;
   k.rmsnorm_grad = rmsnorm_grad;

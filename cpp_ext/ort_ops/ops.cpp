@@ -32,6 +32,9 @@
 //   LoRA(x, A, B; scale) -> u, h                h = x A^T, u = scale h B^T (a LoRA branch; r <= 64)
 //   LoRAGrad(du, x, h, A, B; scale) -> dA, dB[, dx]
 //                                             its gradients in one pass over the rows
+//   LoRADown(x, A) -> h, LoRAGradH(du, x, h, A, B; scale) -> dA, dB, dh
+//                                             the same without the branch's output and input
+//                                             gradient, which MatMulBF16LoRA adds (dh = scale du B)
 //   AdamW(step_size, decay, bc2_sqrt, p_1, g_1, m_1, v_1, ..., p_n, g_n, m_n, v_n;
 //         beta1, one_minus_beta1, beta2, one_minus_beta2, epsilon)
 //       -> p_1', m_1', v_1', ..., p_n', m_n', v_n'
@@ -42,6 +45,9 @@
 //                                             CrossEntropyHead with a frozen bfloat16 w, h rounded to
 //                                             bfloat16, float32 sums (AVX512-BF16)
 //   MatMulBF16Add(a, w, c; trans_b) -> y      MatMulBF16 plus c (an Add after it)
+//   MatMulBF16LoRA(a, w, p, q[, c]; trans_b, trans_q, scale) -> y
+//                                             MatMulBF16 plus scale p q (q^T with trans_q) in float32,
+//                                             plus c: a LoRA layer's base product and branch
 //   MatMulBF16Round(a, w; trans_b) -> y       MatMulBF16 with y rounded to bfloat16
 //   SwiGLUBF16(g, u[, after]) -> y, SwiGLUBF16Grad(dy, g, u) -> dg, du
 //                                             SwiGLU and SwiGLUGrad with g and u in bfloat16
@@ -258,29 +264,108 @@ inline std::vector<float> lora_bt(const float* B, size_t N, size_t r) {
 
 constexpr size_t LORA_TASKS = 8;  // LoRAGrad's tasks at most (each keeps its own dA, dB)
 
+// LoRA's and LoRADown's pass: h = x A^T for all rows, and u = scale h B^T when pu is given.
+Ort::Status lora_forward(OrtKernelContext* ctx, const char* op, const Tensor<float>& x, const Tensor<float>& A,
+                         const Tensor<float>* B, float scale, Tensor<float>* u, Tensor<float>& h) {
+  return guarded(op, [&]() -> Ort::Status {
+    if (auto st = outputs_missing(ctx, u ? 2 : 1, op); !st.IsOK()) return st;
+    LoRAShape d;
+    const std::vector<int64_t> bs = B ? B->Shape() : std::vector<int64_t>{1, A.Shape().empty() ? 0 : A.Shape()[0]};
+    if (auto st = lora_shape(op, x.Shape(), A.Shape(), bs, d); !st.IsOK()) return st;
+    float* pu = u ? u->Allocate(d.rows_of(d.N)) : nullptr;
+    float* ph = h.Allocate(d.rows_of(d.r));
+    const std::vector<float> bt = B ? lora_bt(B->Data(), d.N, d.r) : std::vector<float>{};
+    const float *px = x.Data(), *pa = A.Data();
+    const size_t R = K().lora_block;
+    parallel(ctx, (d.M + R - 1) / R, [&](size_t b) {
+      const size_t m0 = b * R, rows = std::min(R, d.M - m0);
+      K().lora_forward(px + m0 * d.K, rows, d.K, pa, d.r, bt.data(), d.N, scale, ph + m0 * d.r,
+                       pu ? pu + m0 * d.N : nullptr);
+    });
+    return Ort::Status{nullptr};
+  });
+}
+
 struct LoRA {
   float scale = 1.0f;
   LoRA(const OrtApi*, const OrtKernelInfo* info) { scale = Ort::ConstKernelInfo(info).GetAttribute<float>("scale"); }
 
   Ort::Status Compute(OrtKernelContext* ctx, const Tensor<float>& x, const Tensor<float>& A, const Tensor<float>& B,
                       Tensor<float>& u, Tensor<float>& h) {
-    return guarded("LoRA", [&]() -> Ort::Status {
-      if (auto st = outputs_missing(ctx, 2, "LoRA"); !st.IsOK()) return st;
-      LoRAShape d;
-      if (auto st = lora_shape("LoRA", x.Shape(), A.Shape(), B.Shape(), d); !st.IsOK()) return st;
-      float* pu = u.Allocate(d.rows_of(d.N));
-      float* ph = h.Allocate(d.rows_of(d.r));
-      const std::vector<float> bt = lora_bt(B.Data(), d.N, d.r);
-      const float *px = x.Data(), *pa = A.Data();
-      const size_t R = K().lora_block;
-      parallel(ctx, (d.M + R - 1) / R, [&](size_t b) {
-        const size_t m0 = b * R, rows = std::min(R, d.M - m0);
-        K().lora_forward(px + m0 * d.K, rows, d.K, pa, d.r, bt.data(), d.N, scale, ph + m0 * d.r, pu + m0 * d.N);
-      });
-      return Ort::Status{nullptr};
-    });
+    return lora_forward(ctx, "LoRA", x, A, &B, scale, &u, h);
   }
 };
+
+// LoRADown(x, A) -> h = x A^T: a LoRA branch's first product alone, where MatMulBF16LoRA makes the
+// second inside the layer's base product.
+struct LoRADown {
+  LoRADown(const OrtApi*, const OrtKernelInfo*) {}
+
+  Ort::Status Compute(OrtKernelContext* ctx, const Tensor<float>& x, const Tensor<float>& A, Tensor<float>& h) {
+    return lora_forward(ctx, "LoRADown", x, A, nullptr, 1.0f, nullptr, h);
+  }
+};
+
+// LoRAGrad's and LoRAGradH's pass: dA, dB, and dx (pdx) or dh = scale du B (pdh) when given.
+Ort::Status lora_backward(OrtKernelContext* ctx, const char* op, const Tensor<float>& du, const Tensor<float>& x,
+                          const Tensor<float>& h, const Tensor<float>& A, const Tensor<float>& B, float scale,
+                          Tensor<float>& dA, Tensor<float>& dB, Tensor<float>* dx, Tensor<float>* dh) {
+  return guarded(op, [&]() -> Ort::Status {
+    if (auto st = outputs_missing(ctx, dh ? 3 : 2, op); !st.IsOK()) return st;
+    LoRAShape d;
+    if (auto st = lora_shape(op, x.Shape(), A.Shape(), B.Shape(), d); !st.IsOK()) return st;
+    const std::vector<int64_t> us = d.rows_of(d.N), hs = d.rows_of(d.r);
+    if (du.Shape() != us || h.Shape() != hs)
+      return fail(op, "du " + shape_str(du.Shape()) + " and h " + shape_str(h.Shape()) + " must be " +
+                          shape_str(us) + " and " + shape_str(hs));
+    float* pda = dA.Allocate(A.Shape());
+    float* pdb = dB.Allocate(B.Shape());
+    float* pdx = dx ? dx->Allocate(x.Shape()) : nullptr;
+    float* pdh = dh ? dh->Allocate(hs) : nullptr;
+    const std::vector<float> bt = lora_bt(B.Data(), d.N, d.r);
+    // Tasks of whole blocks of rows, at most LORA_TASKS of them, each summing its blocks' parts of
+    // dA and dB^T in order into its own buffer (zeroed by the task); then the tasks' buffers in
+    // order, by columns.
+    const size_t R = K().lora_block;
+    const size_t blocks = (d.M + R - 1) / R, tasks = std::min(blocks, LORA_TASKS);
+    const size_t part = d.r * (d.K + d.N);
+    thread_local std::vector<float> parts_buf, g_buf;  // kept at their largest size
+    parts_buf.resize(std::max(parts_buf.size(), tasks * part));
+    g_buf.resize(std::max(g_buf.size(), R * d.r * tasks));
+    float* parts = parts_buf.data();
+    float* gs = g_buf.data();
+    const float *pdu = du.Data(), *px = x.Data(), *ph = h.Data(), *pa = A.Data();
+    parallel(ctx, tasks, [&](size_t t) {
+      float* mine = parts + t * part;
+      std::fill(mine, mine + part, 0.0f);
+      for (size_t b = blocks * t / tasks; b < blocks * (t + 1) / tasks; ++b) {
+        const size_t m0 = b * R, rows = std::min(R, d.M - m0);
+        float* g = pdh ? pdh + m0 * d.r : gs + t * R * d.r;
+        K().lora_backward(pdu + m0 * d.N, px + m0 * d.K, ph + m0 * d.r, rows, d.K, d.N, pa, d.r, bt.data(), scale, g,
+                          pdx ? pdx + m0 * d.K : nullptr, mine, mine + d.r * d.K);
+      }
+    });
+    std::vector<float> dbt(d.r * d.N);
+    constexpr size_t CH = 2048;  // values per reduction task
+    parallel(ctx, (part + CH - 1) / CH, [&](size_t c) {
+      const size_t lo = c * CH, hi = std::min(part, lo + CH);
+      float* sum = parts + lo;  // task 0's values, to which the others' are added in order
+      for (size_t t = 1; t < tasks; ++t) {
+        const float* p = parts + t * part + lo;
+        for (size_t i = 0; i < hi - lo; ++i) sum[i] += p[i];
+      }
+      for (size_t i = lo; i < hi; ++i) {
+        if (i < d.r * d.K)
+          pda[i] = parts[i];
+        else
+          dbt[i - d.r * d.K] = parts[i];
+      }
+    });
+    for (size_t n = 0; n < d.N; ++n)
+      for (size_t j = 0; j < d.r; ++j) pdb[n * d.r + j] = dbt[j * d.N + n];
+    return Ort::Status{nullptr};
+  });
+}
 
 struct LoRAGrad {
   float scale = 1.0f;
@@ -291,60 +376,22 @@ struct LoRAGrad {
   Ort::Status Compute(OrtKernelContext* ctx, const Tensor<float>& du, const Tensor<float>& x, const Tensor<float>& h,
                       const Tensor<float>& A, const Tensor<float>& B, Tensor<float>& dA, Tensor<float>& dB,
                       std::optional<Tensor<float>*> dx) {
-    return guarded("LoRAGrad", [&]() -> Ort::Status {
-      if (auto st = outputs_missing(ctx, 2, "LoRAGrad"); !st.IsOK()) return st;
-      LoRAShape d;
-      if (auto st = lora_shape("LoRAGrad", x.Shape(), A.Shape(), B.Shape(), d); !st.IsOK()) return st;
-      const std::vector<int64_t> us = d.rows_of(d.N), hs = d.rows_of(d.r);
-      if (du.Shape() != us || h.Shape() != hs)
-        return fail("LoRAGrad", "du " + shape_str(du.Shape()) + " and h " + shape_str(h.Shape()) + " must be " +
-                                    shape_str(us) + " and " + shape_str(hs));
-      float* pda = dA.Allocate(A.Shape());
-      float* pdb = dB.Allocate(B.Shape());
-      float* pdx = dx.has_value() && *dx ? (*dx)->Allocate(x.Shape()) : nullptr;
-      const std::vector<float> bt = lora_bt(B.Data(), d.N, d.r);
-      // Tasks of whole blocks of rows, at most LORA_TASKS of them, each summing its blocks' parts of
-      // dA and dB^T in order into its own buffer (zeroed by the task); then the tasks' buffers in
-      // order, by columns.
-      const size_t R = K().lora_block;
-      const size_t blocks = (d.M + R - 1) / R, tasks = std::min(blocks, LORA_TASKS);
-      const size_t part = d.r * (d.K + d.N);
-      thread_local std::vector<float> parts_buf, g_buf;  // kept at their largest size
-      parts_buf.resize(std::max(parts_buf.size(), tasks * part));
-      g_buf.resize(std::max(g_buf.size(), R * d.r * tasks));
-      float* parts = parts_buf.data();
-      float* gs = g_buf.data();
-      const float *pdu = du.Data(), *px = x.Data(), *ph = h.Data(), *pa = A.Data();
-      parallel(ctx, tasks, [&](size_t t) {
-        float* mine = parts + t * part;
-        std::fill(mine, mine + part, 0.0f);
-        float* g = gs + t * R * d.r;
-        for (size_t b = blocks * t / tasks; b < blocks * (t + 1) / tasks; ++b) {
-          const size_t m0 = b * R, rows = std::min(R, d.M - m0);
-          K().lora_backward(pdu + m0 * d.N, px + m0 * d.K, ph + m0 * d.r, rows, d.K, d.N, pa, d.r, bt.data(), scale,
-                            g, pdx ? pdx + m0 * d.K : nullptr, mine, mine + d.r * d.K);
-        }
-      });
-      std::vector<float> dbt(d.r * d.N);
-      constexpr size_t CH = 2048;  // values per reduction task
-      parallel(ctx, (part + CH - 1) / CH, [&](size_t c) {
-        const size_t lo = c * CH, hi = std::min(part, lo + CH);
-        float* sum = parts + lo;  // task 0's values, to which the others' are added in order
-        for (size_t t = 1; t < tasks; ++t) {
-          const float* p = parts + t * part + lo;
-          for (size_t i = 0; i < hi - lo; ++i) sum[i] += p[i];
-        }
-        for (size_t i = lo; i < hi; ++i) {
-          if (i < d.r * d.K)
-            pda[i] = parts[i];
-          else
-            dbt[i - d.r * d.K] = parts[i];
-        }
-      });
-      for (size_t n = 0; n < d.N; ++n)
-        for (size_t j = 0; j < d.r; ++j) pdb[n * d.r + j] = dbt[j * d.N + n];
-      return Ort::Status{nullptr};
-    });
+    return lora_backward(ctx, "LoRAGrad", du, x, h, A, B, scale, dA, dB, dx.has_value() ? *dx : nullptr, nullptr);
+  }
+};
+
+// LoRAGradH(du, x, h, A, B; scale) -> dA, dB, dh: LoRAGrad with d loss / d h = scale du B in place
+// of dx = dh A, which MatMulBF16LoRA adds inside the layer's input-gradient product.
+struct LoRAGradH {
+  float scale = 1.0f;
+  LoRAGradH(const OrtApi*, const OrtKernelInfo* info) {
+    scale = Ort::ConstKernelInfo(info).GetAttribute<float>("scale");
+  }
+
+  Ort::Status Compute(OrtKernelContext* ctx, const Tensor<float>& du, const Tensor<float>& x, const Tensor<float>& h,
+                      const Tensor<float>& A, const Tensor<float>& B, Tensor<float>& dA, Tensor<float>& dB,
+                      Tensor<float>& dh) {
+    return lora_backward(ctx, "LoRAGradH", du, x, h, A, B, scale, dA, dB, nullptr, &dh);
   }
 };
 
@@ -1014,9 +1061,18 @@ struct Bf16Product {
     trans_b = Ort::ConstKernelInfo(info).GetAttribute<int64_t>("trans_b") != 0;
   }
 
+  // A low-rank term scale p q added to the product (MatMulBF16LoRA): p [..., r] (a's leading
+  // dimensions), q [r, N], or [N, r] with trans_q.
+  struct Low {
+    const Tensor<float>* p;
+    const Tensor<float>* q;
+    bool trans_q;
+    float scale;
+  };
+
   template <typename Y>
   Ort::Status product(OrtKernelContext* ctx, const char* op, const Tensor<float>& a, const Tensor<Ort::BFloat16_t>& w,
-                      Y& y, const Tensor<float>* c = nullptr) {
+                      Y& y, const Tensor<float>* c = nullptr, const Low* low = nullptr) {
     return guarded(op, [&]() -> Ort::Status {
       const auto &as = a.Shape(), &ws = w.Shape();
       if (as.empty() || ws.size() != 2 || as.back() != (trans_b ? ws[1] : ws[0]))
@@ -1032,6 +1088,28 @@ struct Bf16Product {
       const size_t K = static_cast<size_t>(as.back()), N = static_cast<size_t>(trans_b ? ws[0] : ws[1]);
       size_t M = 1;
       for (size_t i = 0; i + 1 < as.size(); ++i) M *= static_cast<size_t>(as[i]);
+      // The low-rank term's factors: p scaled (ps [M, r]) and q as [r, N] (qt).
+      std::vector<float> ps, qt;
+      size_t lr = 0;
+      if (low) {
+        const auto &pshape = low->p->Shape(), &qshape = low->q->Shape();
+        const int64_t r = pshape.empty() ? 0 : pshape.back();
+        std::vector<int64_t> wp(as.begin(), as.end());
+        wp.back() = r;
+        const std::vector<int64_t> wq = low->trans_q ? std::vector<int64_t>{static_cast<int64_t>(N), r}
+                                                     : std::vector<int64_t>{r, static_cast<int64_t>(N)};
+        if (r < 1 || pshape != wp || qshape != wq)
+          return fail(op, "p " + shape_str(pshape) + " and q " + shape_str(qshape) + " do not fit a " +
+                              shape_str(as) + " and an output of " + std::to_string(N) + " columns (trans_q " +
+                              std::to_string(low->trans_q) + ")");
+        lr = static_cast<size_t>(r);
+        const float *pp = low->p->Data(), *pq = low->q->Data();
+        ps.resize(M * lr);
+        for (size_t i = 0; i < M * lr; ++i) ps[i] = low->scale * pp[i];
+        qt.resize(lr * N);
+        for (size_t n = 0; n < N; ++n)
+          for (size_t j = 0; j < lr; ++j) qt[j * N + n] = low->trans_q ? pq[n * lr + j] : pq[j * N + n];
+      }
       std::vector<int64_t> ys(as.begin(), as.end());
       ys.back() = static_cast<int64_t>(N);
       constexpr bool round = std::is_same<Y, Tensor<Ort::BFloat16_t>>::value;
@@ -1096,8 +1174,10 @@ struct Bf16Product {
           const size_t n1 = n0 + 32;
           const char* next = n1 < N ? reinterpret_cast<const char*>(trans_b ? pw + n1 * K : pw + n1) : nullptr;
           const size_t lines = !next ? 0 : trans_b ? (std::min<size_t>(32, N - n1) * K * 2 + 63) / 64 : K;
+          const edgetune::LowRank lowr{ps.data(), lr, qt.data() + n0, N};
           edgetune::avx512_bf16_cols(ap, M, K, pb, cols, round ? nullptr : out + n0, N, round ? out16 + n0 : nullptr,
-                                     add ? add + n0 : nullptr, next, lines, trans_b ? 64 : N * 2);
+                                     add ? add + n0 : nullptr, next, lines, trans_b ? 64 : N * 2,
+                                     low ? &lowr : nullptr);
         });
       } else if ((amx || avx) && direct) {
         parallel(ctx, stripes, [&](size_t s) {
@@ -1131,6 +1211,11 @@ struct Bf16Product {
           }
         });
       }
+      if (low && !avx_path(M, K, N))  // the paths that store plain sums: the low-rank term added after
+        parallel(ctx, (M + 31) / 32, [&](size_t s) {
+          const size_t m0 = s * 32;
+          ::K().lora_add(ps.data() + m0 * lr, std::min<size_t>(32, M - m0), lr, qt.data(), N, out + m0 * N);
+        });
       if (add && !avx_path(M, K, N))  // the paths that store plain sums: c added after, as an Add would
         parallel(ctx, blocks_of(M * N), [&](size_t b) {
           const size_t lo = b * BLOCK, hi = std::min(M * N, lo + BLOCK);
@@ -1167,6 +1252,27 @@ struct MatMulBF16Add : Bf16Product {
   Ort::Status Compute(OrtKernelContext* ctx, const Tensor<float>& a, const Tensor<Ort::BFloat16_t>& w,
                       const Tensor<float>& c, Tensor<float>& y) {
     return product(ctx, "MatMulBF16Add", a, w, y, &c);
+  }
+};
+
+// MatMulBF16Add with a LoRA branch's second product inside: y = a w + scale p q [+ c], p [..., r]
+// (a's leading dimensions), q [r, N] (or [N, r] with trans_q), the low-rank term summed in float32
+// where each block's sums are stored (AVX512-BF16; the other paths add it after). In a LoRA layer's
+// forward pass p is the branch's h = x A^T and q is B (trans_q); in its input gradient, p is
+// d loss / d h (LoRAGradH) and q is A: the branch's output or input gradient is never stored.
+struct MatMulBF16LoRA : Bf16Product {
+  bool trans_q = false;
+  float scale = 1.0f;
+  MatMulBF16LoRA(const OrtApi* api, const OrtKernelInfo* info) : Bf16Product(api, info) {
+    Ort::ConstKernelInfo k(info);
+    trans_q = k.GetAttribute<int64_t>("trans_q") != 0;
+    scale = k.GetAttribute<float>("scale");
+  }
+  Ort::Status Compute(OrtKernelContext* ctx, const Tensor<float>& a, const Tensor<Ort::BFloat16_t>& w,
+                      const Tensor<float>& p, const Tensor<float>& q, std::optional<const Tensor<float>*> c,
+                      Tensor<float>& y) {
+    const Low low{&p, &q, trans_q, scale};
+    return product(ctx, "MatMulBF16LoRA", a, w, y, c.has_value() ? *c : nullptr, &low);
   }
 };
 
@@ -1256,7 +1362,7 @@ extern "C" EDGETUNE_EXPORT const char* EdgetuneFusedIsa() { return K().name; }
 
 // The ops this library implements, comma-separated: a bundle whose fused graphs use one it lacks
 // runs its plain graphs.
-// The bfloat16 ops (MatMulBF16, MatMulBF16Add, MatMulBF16Round, SwiGLUBF16, SwiGLUBF16Grad, CrossEntropyHeadBF16,
+// The bfloat16 ops (MatMulBF16, MatMulBF16Add, MatMulBF16LoRA, MatMulBF16Round, SwiGLUBF16, SwiGLUBF16Grad, CrossEntropyHeadBF16,
 // AttentionTBF16, AttentionTBF16Grad)
 // only where AMX or AVX512-BF16 runs the products (their plain C++ paths are there for tests and
 // correctness, not speed).
@@ -1264,8 +1370,8 @@ extern "C" EDGETUNE_EXPORT const char* EdgetuneFusedOps() {
   static const std::string ops =
       std::string("SwiGLU,SwiGLUGrad,RMSNorm,RMSNormGrad,Rotary,RotaryGrad,RotaryT,RotaryTGrad,Attention,AttentionGrad,"
                   "AttentionT,AttentionTGrad,CrossEntropyHead,AdamW,"
-                  "AddRMSNorm,AddRMSNormGrad,LoRA,LoRAGrad") +
-      (bf16_kernel() != Bf16Kernel::none ? ",MatMulBF16,MatMulBF16Add,MatMulBF16Round,SwiGLUBF16,SwiGLUBF16Grad,"
+                  "AddRMSNorm,AddRMSNormGrad,LoRA,LoRAGrad,LoRADown,LoRAGradH") +
+      (bf16_kernel() != Bf16Kernel::none ? ",MatMulBF16,MatMulBF16Add,MatMulBF16LoRA,MatMulBF16Round,SwiGLUBF16,SwiGLUBF16Grad,"
                                            "CrossEntropyHeadBF16,AttentionTBF16,AttentionTBF16Grad"
                                          : "");
   return ops.c_str();
@@ -1304,8 +1410,11 @@ extern "C" EDGETUNE_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionO
       ops.emplace_back(Ort::Custom::CreateLiteCustomOp<AdamW>("AdamW", cpu));
       ops.emplace_back(Ort::Custom::CreateLiteCustomOp<LoRA>("LoRA", cpu));
       ops.emplace_back(Ort::Custom::CreateLiteCustomOp<LoRAGrad>("LoRAGrad", cpu));
+      ops.emplace_back(Ort::Custom::CreateLiteCustomOp<LoRADown>("LoRADown", cpu));
+      ops.emplace_back(Ort::Custom::CreateLiteCustomOp<LoRAGradH>("LoRAGradH", cpu));
       ops.emplace_back(Ort::Custom::CreateLiteCustomOp<MatMulBF16>("MatMulBF16", cpu));
       ops.emplace_back(Ort::Custom::CreateLiteCustomOp<MatMulBF16Add>("MatMulBF16Add", cpu));
+      ops.emplace_back(Ort::Custom::CreateLiteCustomOp<MatMulBF16LoRA>("MatMulBF16LoRA", cpu));
       ops.emplace_back(Ort::Custom::CreateLiteCustomOp<MatMulBF16Round>("MatMulBF16Round", cpu));
       ops.emplace_back(Ort::Custom::CreateLiteCustomOp("SwiGLUBF16", cpu, SwiGLUBF16));
       ops.emplace_back(Ort::Custom::CreateLiteCustomOp("SwiGLUBF16Grad", cpu, SwiGLUBF16Grad));

@@ -186,14 +186,64 @@ def _lone_products(nodes: list[Any], g: Any, domain: str) -> tuple[dict[str, Any
     return made, lone
 
 
+def _lora_terms(nodes: list[Any], g: Any, domain: str) -> Callable[[str], Any]:
+    """``term(t)``: where ``t`` is a LoRA branch's output (``LoRA``'s ``u``) or input gradient
+    (``LoRAGrad``'s ``dx``) that exactly one node reads and no graph output is, a function that
+    turns that node into ``LoRADown`` or ``LoRAGradH`` (which no longer make ``t``) and returns the
+    low-rank factors for ``MatMulBF16LoRA`` to add instead: ``(p, q, trans_q, scale)``; else None."""
+    from onnx import helper
+
+    made = {o: n for n in nodes for o in n.output}
+    reads: dict[str, int] = {}
+    for n in nodes:
+        for t in n.input:
+            reads[t] = reads.get(t, 0) + 1
+    outputs = {o.name for o in g.output}
+
+    def term(t: str) -> Any:
+        n = made.get(t)
+        if n is None or n.domain != domain or reads.get(t) != 1 or t in outputs:
+            return None
+        if n.op_type == "LoRA" and len(n.output) == 2 and t == n.output[0]:
+            def down() -> tuple[str, str, int, float]:
+                scale = float(_attrs(n)["scale"])
+                x, a, b = n.input
+                h = n.output[1]
+                n.CopyFrom(helper.make_node("LoRADown", [x, a], [h], name=n.name, domain=domain))
+                return h, b, 1, scale
+            return down
+        if n.op_type == "LoRAGrad" and len(n.output) == 3 and t == n.output[2]:
+            def grad_h() -> tuple[str, str, int, float]:
+                dh = t + "/dh"
+                a = n.input[3]
+                n.CopyFrom(helper.make_node("LoRAGradH", list(n.input), [n.output[0], n.output[1], dh], name=n.name,
+                                            domain=domain, scale=float(_attrs(n)["scale"])))
+                return dh, a, 0, 1.0
+            return grad_h
+        return None
+
+    return term
+
+
+def _lora_product(m: Any, low: tuple[str, str, int, float], acc: str | None, out: list[str], domain: str) -> Any:
+    """``MatMulBF16LoRA`` in place of the product ``m``, adding ``low``'s term (and ``acc``)."""
+    from onnx import helper
+
+    p, q, trans_q, scale = low
+    return helper.make_node("MatMulBF16LoRA", [m.input[0], m.input[1], p, q] + ([acc] if acc else []), out,
+                            name=m.name, domain=domain, trans_q=trans_q, scale=scale, **_attrs(m))
+
+
 def _fold_adds(nodes: list[Any], g: Any, domain: str) -> list[Any]:
     """``Add(MatMulBF16(a, w), b)`` where ``b`` is another product's output (a LoRA layer: the base
     product plus the adapter's branch) and nothing else reads the ``MatMulBF16``: one
     ``MatMulBF16Add(a, w, b)``, which adds ``b`` as it stores each sum (the same float32 add, no
-    pass of its own)."""
+    pass of its own). Where ``b`` is a ``LoRA`` op's branch, the branch's second product moves into
+    the base product too: ``LoRADown`` and ``MatMulBF16LoRA``, so the branch is never stored."""
     from onnx import helper
 
     made, lone = _lone_products(nodes, g, domain)
+    term = _lora_terms(nodes, g, domain)
     fold: dict[int, Any] = {}  # id(Add) -> the MatMulBF16Add that takes its place
     gone: set[int] = set()
     for n in nodes:
@@ -205,6 +255,11 @@ def _fold_adds(nodes: list[Any], g: Any, domain: str) -> list[Any]:
                 continue
             if other is None or other.op_type not in ("MatMul", "FusedMatMul", "MatMulBF16", "LoRA"):
                 continue
+            lora = term(n.input[1 - k])
+            if lora is not None:
+                fold[id(n)] = _lora_product(mm, lora(), None, list(n.output), domain)
+                gone.add(id(mm))
+                break
             fold[id(n)] = helper.make_node("MatMulBF16Add", [mm.input[0], mm.input[1], n.input[1 - k]],
                                            list(n.output), name=mm.name, domain=domain, **_attrs(mm))
             gone.add(id(mm))
@@ -216,10 +271,13 @@ def _fold_sums(nodes: list[Any], g: Any, domain: str) -> list[Any]:
     """A ``Sum`` of input gradients, some of them ``MatMulBF16`` products that nothing else reads
     (q, k and v's, gate and up's, a LoRA layer's base and branch): the products become a chain of
     ``MatMulBF16Add``, each adding the sum so far as it stores its own; the other inputs (a LoRA
-    branch's gradient) start the chain. No pass of the ``Sum``'s own over the layer's input."""
+    branch's gradient) start the chain. No pass of the ``Sum``'s own over the layer's input. A LoRA
+    branch's input gradient from ``LoRAGrad`` is not stored either: the branch's ``dh`` and ``A``
+    go into one of the products (``MatMulBF16LoRA``), one branch per product."""
     from onnx import helper
 
     made, lone = _lone_products(nodes, g, domain)
+    term = _lora_terms(nodes, g, domain)
     out: list[Any] = []
     gone: set[int] = set()
     chains: dict[int, list[Any]] = {}
@@ -230,6 +288,12 @@ def _fold_sums(nodes: list[Any], g: Any, domain: str) -> list[Any]:
         if not prods or len({id(m) for m in prods}) != len(prods):
             continue
         rest = [t for t in n.input if id(made.get(t)) not in {id(m) for m in prods}]
+        lows: list[Any] = []
+        for t in list(rest):
+            lora = term(t)
+            if lora is not None and len(lows) < len(prods):
+                lows.append(lora())
+                rest.remove(t)
         chain: list[Any] = []
         acc = None
         if len(rest) == 1:
@@ -240,7 +304,9 @@ def _fold_sums(nodes: list[Any], g: Any, domain: str) -> list[Any]:
         for k, m in enumerate(prods):
             last = k == len(prods) - 1
             y = n.output[0] if last else f"{n.output[0]}/part{k}"
-            if acc is None:
+            if k < len(lows):
+                chain.append(_lora_product(m, lows[k], acc, [y], domain))
+            elif acc is None:
                 chain.append(helper.make_node("MatMulBF16", list(m.input), [y], name=m.name, domain=domain,
                                               **_attrs(m)))
             else:
