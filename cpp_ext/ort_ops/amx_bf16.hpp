@@ -67,12 +67,21 @@ void avx512_bf16_cols(const uint16_t* rows, size_t M, size_t K, const uint16_t* 
 // amx_bf16_rows_wt with vdpbf16ps, for a few rows (no packing of w); needs only K even.
 void avx512_bf16_rows_wt(const float* x, size_t M, size_t K, const uint16_t* w, size_t N, float* y, size_t ldy);
 
-// Cross-entropy of n rows (n <= 64 is best) of h [n, D] (float32, rounded to bfloat16) against the
-// vocabulary projection h w^T, w [V, D] bfloat16 as stored, with AVX512-BF16 (ce_bf16.cpp): loss[r]
-// per row (0 where labels[r] == ignore), and G (optional) [n, D] d loss[r] / d h[r]. Labels must
-// be in [0, V) or ignore.
-void avx512_bf16_ce_head(const float* h, size_t n, size_t D, const uint16_t* w, size_t V, const int64_t* labels,
-                         int64_t ignore, float* loss, float* G);
+// The vocabulary loss of n rows (n <= 64 is best) of h [n, D] (float32, rounded to bfloat16) against
+// the entries [v_begin, v_end) of the projection h w^T (w [V, D] bfloat16 as stored), with
+// AVX512-BF16 (ce_bf16.cpp), as an online softmax leaves it: per row the largest score m, the sum s
+// of exp(score - m), and (G given) G [n, D] = sum of exp(score - m) w_j over those entries.
+void avx512_bf16_ce_part(const float* h, size_t n, size_t D, const uint16_t* w, size_t v_begin, size_t v_end, float* m,
+                         float* s, float* G);
+
+constexpr size_t CE_PARTS = 4;  // vocabulary slices at most
+
+// The rows' losses (0 where labels[r] == ignore) and (G given) d loss[r] / d h[r] from `parts`
+// (<= CE_PARTS) slices' m, s (slice p's at p * stride) and Gs[p] [n, D], read in slice order
+// (plain C++; labels in [0, V) or ignore).
+void ce_bf16_finish(const float* h, size_t n, size_t D, const uint16_t* w, const int64_t* labels, int64_t ignore,
+                    size_t parts, size_t stride, const float* m, const float* s, float* const* Gs, float* loss,
+                    float* G);
 
 // rows x K floats (row stride K) to bfloat16 rows of lda values (lda >= K), zero-padded past K;
 // rounded to nearest even (with AVX512-BF16's conversion where the CPU has it).

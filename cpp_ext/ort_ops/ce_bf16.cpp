@@ -16,14 +16,14 @@
 // bfloat16 autocast computes a language model head and its gradient.
 #include "amx_bf16.hpp"
 
-#if defined(EDGETUNE_X86) && defined(__AVX512BF16__) && defined(__AVX512BW__)
-#define EDGETUNE_CE_BF16 1
-#include <immintrin.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <vector>
+
+#if defined(EDGETUNE_X86) && defined(__AVX512BF16__) && defined(__AVX512BW__)
+#define EDGETUNE_CE_BF16 1
+#include <immintrin.h>
 
 #include "simd512.hpp"
 #define EDGETUNE_ISA_NS fused_isa_ce_bf16
@@ -110,9 +110,11 @@ T* buffer(std::vector<T>& v, size_t n) {
 
 }  // namespace
 
-void avx512_bf16_ce_head(const float* h, size_t n, size_t D, const uint16_t* w, size_t V, const int64_t* labels,
-                         int64_t ignore, float* loss, float* G) {
+void avx512_bf16_ce_part(const float* h, size_t n, size_t D, const uint16_t* w, size_t v_begin, size_t v_end, float* m_out,
+                         float* s_out, float* G) {
   namespace k = fused_isa_ce_bf16;
+  w += v_begin * D;
+  const size_t V = v_end - v_begin;
   const size_t np = (n + 31) / 32 * 32, KB = (D + 31) / 32, KP = KB * 16, Dv = KB * 32, Dp = (D + 1) / 2 * 2;
   thread_local std::vector<uint16_t> hbuf, wbuf, pbuf, ibuf;
   thread_local std::vector<float> fbuf;
@@ -189,6 +191,19 @@ void avx512_bf16_ce_head(const float* h, size_t n, size_t D, const uint16_t* w, 
         pv8x32(pq + 2 * r0, 2 * np, wi + 2 * d0, 2 * Dv, Q, G + r0 * D + d0, D, std::min<size_t>(8, n - r0), c0, c1);
     }
   }
+  std::memcpy(m_out, m, n * sizeof(float));
+  std::memcpy(s_out, s, n * sizeof(float));
+}
+
+#else
+
+void avx512_bf16_ce_part(const float*, size_t, size_t, const uint16_t*, size_t, size_t, float*, float*, float*) {}
+
+#endif
+
+void ce_bf16_finish(const float* h, size_t n, size_t D, const uint16_t* w, const int64_t* labels, int64_t ignore,
+                    size_t parts, size_t stride, const float* m, const float* s, float* const* Gs, float* loss,
+                    float* G) {
   for (size_t r = 0; r < n; ++r) {
     const int64_t lab = labels[r];
     if (lab == ignore) {
@@ -196,23 +211,29 @@ void avx512_bf16_ce_head(const float* h, size_t n, size_t D, const uint16_t* w, 
       if (G) std::fill(G + r * D, G + (r + 1) * D, 0.0f);
       continue;
     }
+    // The slices' maxima and sums brought to one maximum, as the tiles' are within a slice.
+    float mx = m[r];
+    for (size_t p = 1; p < parts; ++p) mx = std::max(mx, m[p * stride + r]);
+    float f[CE_PARTS];
+    float sum = 0.0f;
+    for (size_t p = 0; p < parts; ++p) {
+      f[p] = std::exp(m[p * stride + r] - mx);
+      sum += s[p * stride + r] * f[p];
+    }
     const uint16_t* wl = w + static_cast<size_t>(lab) * D;
     double dot = 0.0;  // the label's score, from the same bfloat16 values as the tiles'
     for (size_t d = 0; d < D; ++d) dot += double(from_bf16(to_bf16(h[r * D + d]))) * from_bf16(wl[d]);
-    loss[r] = m[r] + std::log(s[r]) - static_cast<float>(dot);
+    loss[r] = mx + std::log(sum) - static_cast<float>(dot);
     if (G) {
       float* gr = G + r * D;
-      const float inv = 1.0f / s[r];
-      for (size_t d = 0; d < D; ++d) gr[d] = gr[d] * inv - from_bf16(wl[d]);
+      const float inv = 1.0f / sum;
+      for (size_t d = 0; d < D; ++d) {
+        float g = 0.0f;
+        for (size_t p = 0; p < parts; ++p) g += Gs[p][r * D + d] * f[p];
+        gr[d] = g * inv - from_bf16(wl[d]);
+      }
     }
   }
 }
-
-#else
-
-void avx512_bf16_ce_head(const float*, size_t, size_t, const uint16_t*, size_t, const int64_t*, int64_t, float*,
-                         float*) {}
-
-#endif
 
 }  // namespace edgetune

@@ -63,6 +63,7 @@
 #include "onnxruntime_lite_custom_op.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -908,7 +909,8 @@ struct AttentionTBF16Grad : AttentionGrad {
 template <typename F>
 Ort::Status ce_head_groups(const char* op, OrtKernelContext* ctx, const std::vector<int64_t>& hs,
                            const std::vector<int64_t>& ws, const Tensor<int64_t>& labels, int64_t ignore,
-                           Tensor<float>& loss, std::optional<Tensor<float>*> dh, size_t unit, F&& group) {
+                           Tensor<float>& loss, std::optional<Tensor<float>*> dh, size_t unit, F&& group,
+                           size_t slices = 1) {
   const auto& ls = labels.Shape();
   if (hs.size() != 2 || ws.size() != 2 || ls.size() != 1 || hs[1] != ws[1] || ls[0] != hs[0] || ws[0] < 1)
     return fail(op, "h " + shape_str(hs) + ", w " + shape_str(ws) + ", labels " + shape_str(ls) +
@@ -922,13 +924,15 @@ Ort::Status ce_head_groups(const char* op, OrtKernelContext* ctx, const std::vec
   float* out = loss.Allocate({});
   float* g = dh.has_value() && *dh ? (*dh)->Allocate(hs) : nullptr;
   std::vector<float> rows(N);
-  // Row groups: each streams the whole vocabulary once, so few and large, but enough to share;
-  // whole blocks of the kernel's unit of rows.
+  // Row groups: each streams the whole vocabulary (or its slice of it) once, so few and large, but
+  // enough to share; whole blocks of the kernel's unit of rows. Each group's slices are tasks of
+  // their own (group(lo, n, slice, ...)), so that a few rows still keep every thread busy; slice
+  // by slice, so that the threads read the same part of the weight at the same time.
   const size_t per = std::max(unit, std::min<size_t>(64, ((N + 3) / 4 + unit - 1) / unit * unit));
   const size_t groups = (N + per - 1) / per;
-  parallel(ctx, groups, [&](size_t t) {
-    const size_t lo = t * per;
-    group(lo, std::min(per, N - lo), rows.data() + lo, g ? g + lo * D : nullptr);
+  parallel(ctx, groups * slices, [&](size_t t) {
+    const size_t lo = t % groups * per;
+    group(lo, std::min(per, N - lo), t / groups, rows.data() + lo, g ? g + lo * D : nullptr);
   });
   double sum = 0.0;
   for (float x : rows) sum += x;
@@ -949,7 +953,7 @@ struct CrossEntropyHead {
       const int64_t* pl = labels.Data();
       return ce_head_groups("CrossEntropyHead", ctx, h.Shape(), w.Shape(), labels, ignore, loss, dh,
                             K().attn_block_rows,
-                            [&](size_t lo, size_t n, float* rows, float* g) {  // w's shape is checked by now
+                            [&](size_t lo, size_t n, size_t, float* rows, float* g) {  // w's shape is checked by now
                               const size_t D = static_cast<size_t>(w.Shape()[1]), V = static_cast<size_t>(w.Shape()[0]);
                               std::vector<float> work(K().ce_head_work(n, D));
                               K().ce_head(ph + lo * D, n, D, pw, V, pl + lo, ignore, rows, g, work.data());
@@ -993,12 +997,33 @@ struct CrossEntropyHeadBF16 {
           converted_for = pw;
         }
       }
-      // The fast path computes 32 rows at a time.
+      // The fast path computes 32 rows at a time, over slices of the vocabulary (whole tiles of
+      // 128 entries), each slice's maxima, sums and unnormalized gradient its own; the rows'
+      // losses and gradients come from the slices in order once the group's last slice is done.
+      const size_t N = h.Shape().empty() ? 0 : static_cast<size_t>(h.Shape()[0]);
+      const size_t slices = fast && V >= 8192 ? 2 : 1;
+      const bool grad = dh.has_value() && *dh;
+      thread_local std::vector<float> ms_buf, extra_buf;  // kept at their largest size
+      ms_buf.resize(std::max(ms_buf.size(), 2 * slices * N));
+      extra_buf.resize(std::max(extra_buf.size(), grad ? (slices - 1) * N * D : 0));
+      float *ms = ms_buf.data(), *extra = extra_buf.data();
+      std::vector<std::atomic<int>> left((N + 31) / 32);  // per group (at row lo / 32): slices to go
+      for (auto& l : left) l.store(static_cast<int>(slices));
       return ce_head_groups("CrossEntropyHeadBF16", ctx, h.Shape(), ws, labels, ignore, loss, dh,
                             fast ? 32 : K().attn_block_rows,
-                            [&](size_t lo, size_t n, float* rows, float* g) {
+                            [&](size_t lo, size_t n, size_t slice, float* rows, float* g) {
                               if (fast) {
-                                edgetune::avx512_bf16_ce_head(ph + lo * D, n, D, pw, V, pl + lo, ignore, rows, g);
+                                const size_t t0 = (V + 127) / 128;  // tiles
+                                const size_t v0 = std::min(V, t0 * slice / slices * 128);
+                                const size_t v1 = std::min(V, t0 * (slice + 1) / slices * 128);
+                                float* Gs[edgetune::CE_PARTS];
+                                for (size_t p = 0; p < slices; ++p)
+                                  Gs[p] = !grad ? nullptr : p == 0 ? g : extra + ((p - 1) * N + lo) * D;
+                                edgetune::avx512_bf16_ce_part(ph + lo * D, n, D, pw, v0, v1, ms + slice * N + lo,
+                                                              ms + (slices + slice) * N + lo, Gs[slice]);
+                                if (left[lo / 32].fetch_sub(1) == 1)  // the group's last slice: its rows' results
+                                  edgetune::ce_bf16_finish(ph + lo * D, n, D, pw, pl + lo, ignore, slices, N, ms + lo,
+                                                           ms + slices * N + lo, Gs, rows, g);
                                 return;
                               }
                               std::vector<float> hr(n * D);  // h rounded as the fast path rounds it
@@ -1006,7 +1031,8 @@ struct CrossEntropyHeadBF16 {
                                 hr[i] = edgetune::from_bf16(edgetune::to_bf16(ph[lo * D + i]));
                               std::vector<float> work(K().ce_head_work(n, D));
                               K().ce_head(hr.data(), n, D, wf.data(), V, pl + lo, ignore, rows, g, work.data());
-                            });
+                            },
+                            slices);
     });
   }
 };
