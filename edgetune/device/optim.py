@@ -66,6 +66,7 @@ class GraphAdamW(AdamW):
         self.session = ort.InferenceSession(str(path), session_options, providers=["CPUExecutionProvider"])
         self._inputs = {i.name for i in self.session.get_inputs()}
         self._outputs = [o.name for o in self.session.get_outputs()]
+        self._binding: Any = None
 
     def feeds(self, params: Mapping[str, np.ndarray], grads: Mapping[str, np.ndarray], lr: float,
               schedule: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -92,9 +93,93 @@ class GraphAdamW(AdamW):
 
     def step(self, params: dict[str, np.ndarray], grads: Mapping[str, np.ndarray], lr: float,
              schedule: Mapping[str, Any] | None = None) -> None:
-        out = dict(zip(self._outputs, self.session.run(self._outputs, self.feeds(params, grads, lr, schedule))))
+        b = self._bound(params)
+        if b is None:  # tensors the bound buffers cannot take: the plain call
+            out = dict(zip(self._outputs, self.session.run(self._outputs, self.feeds(params, grads, lr, schedule))))
+            self.step_count += 1
+            for name in params:
+                params[name][...] = out[name + "/updated"]
+                self.exp_avg[name] = out["exp_avg/" + name + "/updated"]
+                self.exp_avg_sq[name] = out["exp_avg_sq/" + name + "/updated"]
+            return
+        s = dict(schedule) if schedule is not None else {"base_lr": lr, "warmup_steps": 0, "total_steps": 0,
+                                                         "schedule": 0}
+        for key, value in (("step", self.step_count + 1), ("base_lr", s["base_lr"]),
+                           ("warmup_steps", s["warmup_steps"]), ("total_steps", s["total_steps"]),
+                           ("schedule", int(s["schedule"])), ("weight_decay", self.weight_decay)):
+            if key in b.scalars:
+                b.scalars[key][...] = value
+        for name, g in b.grads.items():
+            np.copyto(g, grads[name], casting="same_kind")
+        self.session.run_with_iobinding(b.io[b.parity])
+        b.parity ^= 1
+        for name, p in b.out.items():
+            np.copyto(params[name], p)
+        self.exp_avg, self.exp_avg_sq = b.m[b.parity], b.v[b.parity]
         self.step_count += 1
-        for name in params:
-            params[name][...] = out[name + "/updated"]
-            self.exp_avg[name] = out["exp_avg/" + name + "/updated"]
-            self.exp_avg_sq[name] = out["exp_avg_sq/" + name + "/updated"]
+
+    def _bound(self, params: Mapping[str, np.ndarray]) -> Any:
+        """The session's inputs and outputs bound once to buffers of their own (ONNX Runtime's
+        IOBinding): each step copies the gradients in and the parameters out, and the moments go back
+        and forth between two sets of buffers, instead of converting some 1,700 arrays per call. Bound
+        again when the parameters or the moments are other arrays (a new adapter, a loaded
+        checkpoint); None where the graph's inputs are not the ones this binds."""
+        import onnxruntime as ort
+
+        b = self._binding
+        if (b is not None and b.names == list(params) and all(params[n] is b.params[n] for n in params)
+                and self.exp_avg is b.m[b.parity] and self.exp_avg_sq is b.v[b.parity]):
+            return b
+        names = list(params)
+        want = {"step", "base_lr", "warmup_steps", "total_steps", "schedule", "weight_decay"}
+        for n in names:
+            want |= {n, n + "_grad", "exp_avg/" + n, "exp_avg_sq/" + n}
+        outs = {n + suffix for n in names for suffix in ("/updated",)} | \
+            {f"{k}/{n}/updated" for n in names for k in ("exp_avg", "exp_avg_sq")}
+        if not self._inputs <= want or not outs <= set(self._outputs) or \
+                any(not p.flags.c_contiguous or p.dtype != np.float32 for p in params.values()):
+            self._binding = None
+            return None
+
+        class Bound:
+            pass
+
+        b = Bound()
+        b.names, b.params, b.parity = names, {n: params[n] for n in names}, 0
+        b.scalars = {k: np.zeros((), np.int64 if k == "schedule" else np.float32) for k in want
+                     if k in self._inputs and k in ("step", "base_lr", "warmup_steps", "total_steps", "schedule",
+                                                    "weight_decay")}
+        b.grads = {n: np.zeros_like(params[n]) for n in names}
+        b.out = {n: np.zeros_like(params[n]) for n in names}
+        first = ({n: np.array(self.exp_avg[n], np.float32) if n in self.exp_avg else np.zeros_like(params[n])
+                  for n in names},
+                 {n: np.array(self.exp_avg_sq[n], np.float32) if n in self.exp_avg_sq else np.zeros_like(params[n])
+                  for n in names})
+        b.m = [first[0], {n: np.zeros_like(params[n]) for n in names}]
+        b.v = [first[1], {n: np.zeros_like(params[n]) for n in names}]
+        value = ort.OrtValue.ortvalue_from_numpy  # shares the array's memory on the CPU
+        b.keep = []  # the OrtValues, alive as long as the bindings
+        b.io = []
+        for parity in (0, 1):
+            io = self.session.io_binding()
+            ins = {**b.scalars, **{n: b.params[n] for n in names}, **{n + "_grad": b.grads[n] for n in names},
+                   **{"exp_avg/" + n: b.m[parity][n] for n in names},
+                   **{"exp_avg_sq/" + n: b.v[parity][n] for n in names}}
+            for k in self._inputs:
+                v = value(ins[k])
+                b.keep.append(v)
+                io.bind_ortvalue_input(k, v)
+            dest = {**{n + "/updated": b.out[n] for n in names},
+                    **{f"exp_avg/{n}/updated": b.m[1 - parity][n] for n in names},
+                    **{f"exp_avg_sq/{n}/updated": b.v[1 - parity][n] for n in names}}
+            for k in self._outputs:
+                if k in dest:
+                    v = value(dest[k])
+                    b.keep.append(v)
+                    io.bind_ortvalue_output(k, v)
+                else:
+                    io.bind_output(k, "cpu")
+            b.io.append(io)
+        self.exp_avg, self.exp_avg_sq = b.m[0], b.v[0]
+        self._binding = b
+        return b
