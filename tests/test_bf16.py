@@ -5,6 +5,7 @@ exported graphs (bfloat16 weights, casts in the plain graphs, MatMulBF16 in the 
 training on both forms against the float32 base."""
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -264,6 +265,10 @@ def test_matmul_bf16_plain_product_matches_too():
                          capture_output=True, text=True, cwd=str(Path(__file__).parent))
     assert out.returncode == 0, out.stderr
     assert "MatMulBF16" not in out.stdout and "CrossEntropyHeadBF16" not in out.stdout and "AttentionTBF16" not in out.stdout
+    # what a CPU without them lacks is what edgetune knows as the bfloat16 ops (its fallback's reason)
+    plain = set(ast.literal_eval(out.stdout.strip().splitlines()[-1]))
+    if kernels.library().bf16:
+        assert kernels.library().ops - plain == kernels.BF16_OPS
 
 
 def _attention_bf16(q, k, v, mask, dout_t, scale):
@@ -437,14 +442,14 @@ def test_bf16_bundle_trains_fused_and_plain_like_float32(bf16_bundles, tmp_path,
 
 @pytest.mark.workstation
 def test_bf16_bundle_without_amx_trains_on_the_plain_graph_and_says_why(bf16_bundles, tmp_path, monkeypatch, capsys):
-    """A library whose op list lacks MatMulBF16 (a CPU with neither AMX nor AVX512-BF16): the plain
-    graph runs, and the reason names both, once."""
+    """A library whose op list lacks the bfloat16 ops (a CPU with neither AMX nor AVX512-BF16): the
+    plain graph runs, and the reason names both, once."""
     import dataclasses
 
     from edgetune.device import trainer
 
     lib = kernels.library()
-    monkeypatch.setattr(kernels, "library", lambda: dataclasses.replace(lib, ops=lib.ops - {"MatMulBF16"}))
+    monkeypatch.setattr(kernels, "library", lambda: dataclasses.replace(lib, ops=lib.ops - kernels.BF16_OPS))
     monkeypatch.setattr(kernels, "_said", set())  # said once per process: not yet in this test's
     monkeypatch.setenv("EDGETUNE_KERNELS", "auto")
     run = trainer.train(bf16_bundles["bf16"], SAMPLE_DATA, tmp_path / "run", steps=2, batch_size=4,

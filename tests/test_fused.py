@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -636,3 +638,25 @@ def test_what_is_not_a_lora_branch_is_left_alone(rank, frozen_a):
     m = _lora_model(rank, frozen_a)
     assert "LoRA" not in fuse(m)
     assert [n.op_type for n in m.graph.node].count("FusedMatMul") == 3
+
+
+# The op tests above, in a process of their own for each narrower build of the library
+OP_TESTS = "match_torch or matches_torch or bit_for_bit or equal_the_plain"
+
+
+@pytest.mark.parametrize("isa", ["avx2", "generic"])
+def test_the_narrower_builds_pass_the_op_tests(isa):
+    """EDGETUNE_ISA picks the library's AVX2 or generic build: the op tests above pass on it too, so
+    an AVX-512 machine checks the kernels an AVX2 machine (or, for the generic build, an Arm one) runs."""
+    if os.environ.get("EDGETUNE_ISA"):
+        pytest.skip("EDGETUNE_ISA chooses the instruction set already")
+    env = dict(os.environ, EDGETUNE_ISA=isa)
+    which = subprocess.run([sys.executable, "-c", "from edgetune.device import fused; print(fused.library().isa)"],
+                           env=env, capture_output=True, text=True)
+    if isa != "generic" and which.stdout.strip() != isa:
+        pytest.skip(f"this CPU does not run the {isa} build")
+    assert which.stdout.strip() == isa, which.stdout + which.stderr
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(Path(__file__)),
+                          "-k", OP_TESTS], env=env, capture_output=True, text=True, cwd=str(Path(__file__).parent))
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    assert " passed" in out.stdout and " failed" not in out.stdout
