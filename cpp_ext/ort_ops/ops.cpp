@@ -240,18 +240,20 @@ struct LoRAShape {
   }
 };
 
+// bs null: LoRADown's operands (no B).
 inline Ort::Status lora_shape(const char* op, const std::vector<int64_t>& xs, const std::vector<int64_t>& as,
-                              const std::vector<int64_t>& bs, LoRAShape& out) {
-  if (xs.empty() || as.size() != 2 || bs.size() != 2 || as[1] != xs.back() || bs[1] != as[0] || as[0] < 1 ||
-      as[0] > 64)
-    return fail(op, "x " + shape_str(xs) + ", A " + shape_str(as) + " and B " + shape_str(bs) +
-                        " do not fit ([..., K], [r, K], [N, r], r <= 64)");
+                              const std::vector<int64_t>* bs, LoRAShape& out) {
+  if (xs.empty() || as.size() != 2 || (bs && (bs->size() != 2 || (*bs)[1] != as[0])) || as[1] != xs.back() ||
+      as[0] < 1 || as[0] > 64)
+    return fail(op, bs ? "x " + shape_str(xs) + ", A " + shape_str(as) + " and B " + shape_str(*bs) +
+                             " do not fit ([..., K], [r, K], [N, r], r <= 64)"
+                       : "x " + shape_str(xs) + " and A " + shape_str(as) + " do not fit ([..., K], [r, K], r <= 64)");
   out.lead.assign(xs.begin(), xs.end() - 1);
   out.M = 1;
   for (int64_t d : out.lead) out.M *= static_cast<size_t>(d);
   out.K = static_cast<size_t>(xs.back());
   out.r = static_cast<size_t>(as[0]);
-  out.N = static_cast<size_t>(bs[0]);
+  out.N = bs ? static_cast<size_t>((*bs)[0]) : 0;
   return Ort::Status{nullptr};
 }
 
@@ -271,8 +273,8 @@ Ort::Status lora_forward(OrtKernelContext* ctx, const char* op, const Tensor<flo
   return guarded(op, [&]() -> Ort::Status {
     if (auto st = outputs_missing(ctx, u ? 2 : 1, op); !st.IsOK()) return st;
     LoRAShape d;
-    const std::vector<int64_t> bs = B ? B->Shape() : std::vector<int64_t>{1, A.Shape().empty() ? 0 : A.Shape()[0]};
-    if (auto st = lora_shape(op, x.Shape(), A.Shape(), bs, d); !st.IsOK()) return st;
+    const std::vector<int64_t> bs = B ? B->Shape() : std::vector<int64_t>{};
+    if (auto st = lora_shape(op, x.Shape(), A.Shape(), B ? &bs : nullptr, d); !st.IsOK()) return st;
     float* pu = u ? u->Allocate(d.rows_of(d.N)) : nullptr;
     float* ph = h.Allocate(d.rows_of(d.r));
     const std::vector<float> bt = B ? lora_bt(B->Data(), d.N, d.r) : std::vector<float>{};
@@ -314,7 +316,8 @@ Ort::Status lora_backward(OrtKernelContext* ctx, const char* op, const Tensor<fl
   return guarded(op, [&]() -> Ort::Status {
     if (auto st = outputs_missing(ctx, dh ? 3 : 2, op); !st.IsOK()) return st;
     LoRAShape d;
-    if (auto st = lora_shape(op, x.Shape(), A.Shape(), B.Shape(), d); !st.IsOK()) return st;
+    const std::vector<int64_t> bs = B.Shape();
+    if (auto st = lora_shape(op, x.Shape(), A.Shape(), &bs, d); !st.IsOK()) return st;
     const std::vector<int64_t> us = d.rows_of(d.N), hs = d.rows_of(d.r);
     if (du.Shape() != us || h.Shape() != hs)
       return fail(op, "du " + shape_str(du.Shape()) + " and h " + shape_str(h.Shape()) + " must be " +
