@@ -253,9 +253,11 @@ def test_bf16_products_on_the_real_model(real_run, tmp_path):
     fused = json.loads((bundle / "edgetune.json").read_text()).get("fused") or {}
     if fused:
         ops = fused["ops"]
-        assert ops["MatMulBF16"] + ops["MatMulBF16Round"] + ops["MatMulBF16Add"] == 30 * 7 * 2 - 3
-        # q, k, v, o: the base product plus the LoRA branch; the input gradients' Sums as chains
-        assert ops["MatMulBF16Add"] == 30 * 4 + 29 * 3 + 30 + 30
+        assert ops["MatMulBF16"] + ops["MatMulBF16Round"] + ops["MatMulBF16Add"] + ops["MatMulBF16LoRA"] == 30 * 7 * 2 - 3
+        # q, k, v, o: the base product with the LoRA branch's second product inside, forward and for
+        # the input gradients (q, k, v's Sum a chain of them); gate and up's Sum a chain of two
+        assert ops["MatMulBF16LoRA"] == 30 * 4 + 29 * 3 + 30 and ops["MatMulBF16Add"] == 30
+        assert "LoRA" not in ops and ops["LoRADown"] == 30 * 4 and ops["LoRAGradH"] == 29 * 3 + 30
         assert ops["MatMulBF16Round"] == 30 * 2 and ops["SwiGLUBF16"] == ops["SwiGLUBF16Grad"] == 30  # gate, up
         assert ops["CrossEntropyHeadBF16"] == 1 and "CrossEntropyHead" not in ops
         assert ops["AttentionTBF16"] == ops["AttentionTBF16Grad"] == 30 and "AttentionT" not in ops
