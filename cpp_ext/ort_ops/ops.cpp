@@ -289,9 +289,16 @@ Ort::Status lora_forward(OrtKernelContext* ctx, const char* op, const Tensor<flo
   });
 }
 
-struct LoRA {
+// The LoRA ops' one attribute.
+struct LoRAScale {
   float scale = 1.0f;
-  LoRA(const OrtApi*, const OrtKernelInfo* info) { scale = Ort::ConstKernelInfo(info).GetAttribute<float>("scale"); }
+  LoRAScale(const OrtApi*, const OrtKernelInfo* info) {
+    scale = Ort::ConstKernelInfo(info).GetAttribute<float>("scale");
+  }
+};
+
+struct LoRA : LoRAScale {
+  using LoRAScale::LoRAScale;
 
   Ort::Status Compute(OrtKernelContext* ctx, const Tensor<float>& x, const Tensor<float>& A, const Tensor<float>& B,
                       Tensor<float>& u, Tensor<float>& h) {
@@ -371,11 +378,8 @@ Ort::Status lora_backward(OrtKernelContext* ctx, const char* op, const Tensor<fl
   });
 }
 
-struct LoRAGrad {
-  float scale = 1.0f;
-  LoRAGrad(const OrtApi*, const OrtKernelInfo* info) {
-    scale = Ort::ConstKernelInfo(info).GetAttribute<float>("scale");
-  }
+struct LoRAGrad : LoRAScale {
+  using LoRAScale::LoRAScale;
 
   Ort::Status Compute(OrtKernelContext* ctx, const Tensor<float>& du, const Tensor<float>& x, const Tensor<float>& h,
                       const Tensor<float>& A, const Tensor<float>& B, Tensor<float>& dA, Tensor<float>& dB,
@@ -386,11 +390,8 @@ struct LoRAGrad {
 
 // LoRAGradH(du, x, h, A, B; scale) -> dA, dB, dh: LoRAGrad with d loss / d h = scale du B in place
 // of dx = dh A, which MatMulBF16LoRA adds inside the layer's input-gradient product.
-struct LoRAGradH {
-  float scale = 1.0f;
-  LoRAGradH(const OrtApi*, const OrtKernelInfo* info) {
-    scale = Ort::ConstKernelInfo(info).GetAttribute<float>("scale");
-  }
+struct LoRAGradH : LoRAScale {
+  using LoRAScale::LoRAScale;
 
   Ort::Status Compute(OrtKernelContext* ctx, const Tensor<float>& du, const Tensor<float>& x, const Tensor<float>& h,
                       const Tensor<float>& A, const Tensor<float>& B, Tensor<float>& dA, Tensor<float>& dB,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any, Mapping
 
 import numpy as np
@@ -72,15 +73,8 @@ class GraphAdamW(AdamW):
               schedule: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The graph's inputs for step ``step_count + 1``: at learning rate ``lr`` (a constant
         schedule), or with ``schedule`` ({base_lr, warmup_steps, total_steps, schedule}) the graph's own."""
-        def f32(x: float) -> np.ndarray:
-            return np.array(x, np.float32)
-
-        s = dict(schedule) if schedule is not None else {"base_lr": lr, "warmup_steps": 0, "total_steps": 0,
-                                                         "schedule": 0}
-        feed: dict[str, Any] = {"step": f32(self.step_count + 1), "base_lr": f32(s["base_lr"]),
-                                "warmup_steps": f32(s["warmup_steps"]), "total_steps": f32(s["total_steps"]),
-                                "schedule": np.array(int(s["schedule"]), np.int64),
-                                "weight_decay": f32(self.weight_decay)}
+        feed: dict[str, Any] = {k: np.array(v, np.int64 if k == "schedule" else np.float32)
+                                for k, v in self._scalars(lr, schedule).items()}
         for name, p in params.items():
             feed[name] = p
             feed[name + "_grad"] = grads[name]
@@ -90,6 +84,13 @@ class GraphAdamW(AdamW):
         if missing:
             raise ValueError(f"the optimizer graph wants tensors this adapter lacks: {missing[:3]}")
         return {k: v for k, v in feed.items() if k in self._inputs}
+
+    def _scalars(self, lr: float, schedule: Mapping[str, Any] | None) -> dict[str, float]:
+        """The graph's scalar inputs for step ``step_count + 1`` (``schedule`` an int)."""
+        s = dict(schedule) if schedule is not None else {"base_lr": lr, "warmup_steps": 0, "total_steps": 0,
+                                                         "schedule": 0}
+        return {"step": self.step_count + 1, "base_lr": s["base_lr"], "warmup_steps": s["warmup_steps"],
+                "total_steps": s["total_steps"], "schedule": int(s["schedule"]), "weight_decay": self.weight_decay}
 
     def step(self, params: dict[str, np.ndarray], grads: Mapping[str, np.ndarray], lr: float,
              schedule: Mapping[str, Any] | None = None) -> None:
@@ -102,11 +103,7 @@ class GraphAdamW(AdamW):
                 self.exp_avg[name] = out["exp_avg/" + name + "/updated"]
                 self.exp_avg_sq[name] = out["exp_avg_sq/" + name + "/updated"]
             return
-        s = dict(schedule) if schedule is not None else {"base_lr": lr, "warmup_steps": 0, "total_steps": 0,
-                                                         "schedule": 0}
-        for key, value in (("step", self.step_count + 1), ("base_lr", s["base_lr"]),
-                           ("warmup_steps", s["warmup_steps"]), ("total_steps", s["total_steps"]),
-                           ("schedule", int(s["schedule"])), ("weight_decay", self.weight_decay)):
+        for key, value in self._scalars(lr, schedule).items():
             if key in b.scalars:
                 b.scalars[key][...] = value
         for name, g in b.grads.items():
@@ -131,32 +128,23 @@ class GraphAdamW(AdamW):
                 and self.exp_avg is b.m[b.parity] and self.exp_avg_sq is b.v[b.parity]):
             return b
         names = list(params)
-        want = {"step", "base_lr", "warmup_steps", "total_steps", "schedule", "weight_decay"}
-        for n in names:
-            want |= {n, n + "_grad", "exp_avg/" + n, "exp_avg_sq/" + n}
-        outs = {n + suffix for n in names for suffix in ("/updated",)} | \
-            {f"{k}/{n}/updated" for n in names for k in ("exp_avg", "exp_avg_sq")}
+        scalars = set(self._scalars(0.0, None))
+        want = scalars | {f"{pre}{n}{post}" for n in names
+                          for pre, post in (("", ""), ("", "_grad"), ("exp_avg/", ""), ("exp_avg_sq/", ""))}
+        outs = {f"{pre}{n}/updated" for n in names for pre in ("", "exp_avg/", "exp_avg_sq/")}
         if not self._inputs <= want or not outs <= set(self._outputs) or \
                 any(not p.flags.c_contiguous or p.dtype != np.float32 for p in params.values()):
             self._binding = None
             return None
-
-        class Bound:
-            pass
-
-        b = Bound()
-        b.names, b.params, b.parity = names, {n: params[n] for n in names}, 0
-        b.scalars = {k: np.zeros((), np.int64 if k == "schedule" else np.float32) for k in want
-                     if k in self._inputs and k in ("step", "base_lr", "warmup_steps", "total_steps", "schedule",
-                                                    "weight_decay")}
+        b = SimpleNamespace(names=names, params={n: params[n] for n in names}, parity=0)
+        b.scalars = {k: np.zeros((), np.int64 if k == "schedule" else np.float32) for k in scalars & self._inputs}
         b.grads = {n: np.zeros_like(params[n]) for n in names}
         b.out = {n: np.zeros_like(params[n]) for n in names}
-        first = ({n: np.array(self.exp_avg[n], np.float32) if n in self.exp_avg else np.zeros_like(params[n])
-                  for n in names},
-                 {n: np.array(self.exp_avg_sq[n], np.float32) if n in self.exp_avg_sq else np.zeros_like(params[n])
-                  for n in names})
-        b.m = [first[0], {n: np.zeros_like(params[n]) for n in names}]
-        b.v = [first[1], {n: np.zeros_like(params[n]) for n in names}]
+        def pair(now: Mapping[str, np.ndarray]) -> list[dict[str, np.ndarray]]:  # the moments so far, and a second set
+            return [{n: np.array(now[n], np.float32) if n in now else np.zeros_like(params[n]) for n in names},
+                    {n: np.zeros_like(params[n]) for n in names}]
+
+        b.m, b.v = pair(self.exp_avg), pair(self.exp_avg_sq)
         value = ort.OrtValue.ortvalue_from_numpy  # shares the array's memory on the CPU
         b.keep = []  # the OrtValues, alive as long as the bindings
         b.io = []

@@ -168,20 +168,26 @@ def fuse(model: Any, domain: str) -> int:
     return count
 
 
-def _lone_products(nodes: list[Any], g: Any, domain: str) -> tuple[dict[str, Any], Callable[[str], Any]]:
-    """The node making each tensor, and ``lone(t)``: the ``MatMulBF16`` whose output ``t`` is, where
-    exactly one node reads ``t`` and it is not a graph output; else None."""
+def _made_by_lone(nodes: list[Any], g: Any) -> tuple[dict[str, Any], Callable[[str], Any]]:
+    """The node making each tensor, and ``made_by(t)``: that node where exactly one node reads ``t``
+    and it is not a graph output; else None."""
     made = {o: n for n in nodes for o in n.output}
     reads: dict[str, int] = {}
     for n in nodes:
         for t in n.input:
             reads[t] = reads.get(t, 0) + 1
     outputs = {o.name for o in g.output}
+    return made, lambda t: made.get(t) if reads.get(t) == 1 and t not in outputs else None
+
+
+def _lone_products(nodes: list[Any], g: Any, domain: str) -> tuple[dict[str, Any], Callable[[str], Any]]:
+    """The node making each tensor, and ``lone(t)``: the ``MatMulBF16`` whose output ``t`` is, where
+    exactly one node reads ``t`` and it is not a graph output; else None."""
+    made, made_by = _made_by_lone(nodes, g)
 
     def lone(t: str) -> Any:
-        m = made.get(t)
-        ok = m is not None and m.op_type == "MatMulBF16" and m.domain == domain and reads.get(t) == 1
-        return m if ok and t not in outputs else None
+        m = made_by(t)
+        return m if m is not None and m.op_type == "MatMulBF16" and m.domain == domain else None
 
     return made, lone
 
@@ -193,16 +199,11 @@ def _lora_terms(nodes: list[Any], g: Any, domain: str) -> Callable[[str], Any]:
     low-rank factors for ``MatMulBF16LoRA`` to add instead: ``(p, q, trans_q, scale)``; else None."""
     from onnx import helper
 
-    made = {o: n for n in nodes for o in n.output}
-    reads: dict[str, int] = {}
-    for n in nodes:
-        for t in n.input:
-            reads[t] = reads.get(t, 0) + 1
-    outputs = {o.name for o in g.output}
+    _, made_by = _made_by_lone(nodes, g)
 
     def term(t: str) -> Any:
-        n = made.get(t)
-        if n is None or n.domain != domain or reads.get(t) != 1 or t in outputs:
+        n = made_by(t)
+        if n is None or n.domain != domain:
             return None
         if n.op_type == "LoRA" and len(n.output) == 2 and t == n.output[0]:
             def down() -> tuple[str, str, int, float]:
