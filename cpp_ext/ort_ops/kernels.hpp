@@ -586,11 +586,22 @@ inline void softmax_row(float* p, const float* mrow, size_t j0, size_t jn, size_
   for (size_t i = j0; i < jn; ++i) p[i] *= inv;
 }
 
+#if defined(EDGETUNE_VEC)
+// The lane-wise largest of the four registers from p.
+inline vf vmax4(const float* p) {
+  const vf a = vload(p), b = vload(p + VW), c = vload(p + 2 * VW), d = vload(p + 3 * VW);
+  const vf ab = a > b ? a : b, cd = c > d ? c : d;
+  return ab > cd ? ab : cd;
+}
+#endif
+
 // One past the last key a mask row lets through (0 when none), and the first one below `end` (`end`
 // when none): a causal row masks half its keys, so the scans step a register at a time.
 inline size_t last_seen(const float* m, size_t S) {
   size_t last = S;
 #if defined(EDGETUNE_VEC)
+  // four registers per horizontal reduction while all are masked, then one at a time
+  while (last >= 4 * VW && hmax(vmax4(m + last - 4 * VW)) <= MASKED) last -= 4 * VW;
   while (last >= VW) {
     if (hmax(vload(m + last - VW)) > MASKED) break;
     last -= VW;
@@ -603,6 +614,7 @@ inline size_t last_seen(const float* m, size_t S) {
 inline size_t first_seen(const float* m, size_t end) {
   size_t first = 0;
 #if defined(EDGETUNE_VEC)
+  while (first + 4 * VW <= end && hmax(vmax4(m + first)) <= MASKED) first += 4 * VW;
   while (first + VW <= end) {
     if (hmax(vload(m + first)) > MASKED) break;
     first += VW;
