@@ -596,11 +596,11 @@ inline vf vmax4(const float* p) {
 #endif
 
 // One past the last key a mask row lets through (0 when none), and the first one below `end` (`end`
-// when none): a causal row masks half its keys, so the scans step a register at a time.
+// when none): a causal row masks half its keys, so the scans step whole registers (four per
+// horizontal reduction while all are masked, then one).
 inline size_t last_seen(const float* m, size_t S) {
   size_t last = S;
 #if defined(EDGETUNE_VEC)
-  // four registers per horizontal reduction while all are masked, then one at a time
   while (last >= 4 * VW && hmax(vmax4(m + last - 4 * VW)) <= MASKED) last -= 4 * VW;
   while (last >= VW) {
     if (hmax(vload(m + last - VW)) > MASKED) break;
