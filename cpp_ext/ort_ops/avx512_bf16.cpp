@@ -47,8 +47,9 @@ bool probe() {
   return f && bw && vl && (a & (1u << 5));  // AVX512_BF16
 }
 
-// C[rows <= 8][32 columns] (row stride ldc; the two 16-column halves stored under m0 and m1) = 8 rows of an A panel (a: pair p of row r at a[32 p + 2 r]) times two
-// B panels (b and b + bs: pair p of column c at b[32 p + 2 c]), P pairs deep.
+// C[rows <= 8][32 columns] (row stride ldc; the two 16-column halves stored under m0 and m1) = 8
+// rows of an A panel (a: pair p of row r at a[32 p + 2 r]) times two B panels (b and b + bs: pair p
+// of column c at b[32 p + 2 c]), P pairs deep.
 // With c16, the sums are stored rounded to bfloat16 there (nearest even) instead of into c. With
 // add, each sum is added to add's value (row stride ldc) as it is stored: one float32 add, as an
 // Add node after the product would make. With lp (lr values per row, this block's rows) and lq

@@ -245,9 +245,9 @@ inline Ort::Status lora_shape(const char* op, const std::vector<int64_t>& xs, co
                               const std::vector<int64_t>* bs, LoRAShape& out) {
   if (xs.empty() || as.size() != 2 || (bs && (bs->size() != 2 || (*bs)[1] != as[0])) || as[1] != xs.back() ||
       as[0] < 1 || as[0] > 64)
-    return fail(op, bs ? "x " + shape_str(xs) + ", A " + shape_str(as) + " and B " + shape_str(*bs) +
-                             " do not fit ([..., K], [r, K], [N, r], r <= 64)"
-                       : "x " + shape_str(xs) + " and A " + shape_str(as) + " do not fit ([..., K], [r, K], r <= 64)");
+    return fail(op, "x " + shape_str(xs) + (bs ? ", A " + shape_str(as) + " and B " + shape_str(*bs)
+                                               : " and A " + shape_str(as)) +
+                        " do not fit ([..., K], [r, K]" + (bs ? ", [N, r]" : "") + ", r <= 64)");
   out.lead.assign(xs.begin(), xs.end() - 1);
   out.M = 1;
   for (int64_t d : out.lead) out.M *= static_cast<size_t>(d);

@@ -24,8 +24,8 @@ DOMAIN = "edgetune"  # the ops' domain in the fused graphs
 ABI = 1  # the library's EdgetuneFusedAbi() this edgetune's graphs need
 FIRST_OPS = ("SwiGLU", "SwiGLUGrad", "RMSNorm", "RMSNormGrad", "Rotary", "RotaryGrad", "Attention", "AttentionGrad")
 # The ops a library lists only where AMX or AVX512-BF16 runs them (--compute bf16 bundles' fused graphs)
-BF16_OPS = frozenset({"MatMulBF16", "MatMulBF16Add", "MatMulBF16LoRA", "MatMulBF16Round", "SwiGLUBF16", "SwiGLUBF16Grad",
-                      "CrossEntropyHeadBF16", "AttentionTBF16", "AttentionTBF16Grad"})
+BF16_OPS = frozenset({"MatMulBF16", "MatMulBF16Add", "MatMulBF16LoRA", "MatMulBF16Round", "SwiGLUBF16",
+                      "SwiGLUBF16Grad", "CrossEntropyHeadBF16", "AttentionTBF16", "AttentionTBF16Grad"})
 NAMES = {"linux": "libedgetune_ops.so", "darwin": "libedgetune_ops.dylib", "win32": "edgetune_ops.dll"}
 
 
