@@ -11,6 +11,9 @@ struct FusedKernels {
   const char* name;  // "generic", "avx2", "avx512"
   void (*swiglu)(const float* g, const float* u, float* y, size_t n);
   void (*swiglu_grad)(const float* dy, const float* g, const float* u, float* dg, float* du, size_t n);
+  // the same on bfloat16 g and u (same bits as on their float32 values)
+  void (*swiglu_bf16)(const uint16_t* g, const uint16_t* u, float* y, size_t n);
+  void (*swiglu_bf16_grad)(const float* dy, const uint16_t* g, const uint16_t* u, float* dg, float* du, size_t n);
   // LoRA (kernels.hpp): rows of u = scale (x A^T) B^T (when u is given) with h = x A^T (r <= 64;
   // Bt = B^T [r, N]), and of its gradients: g = scale du B into g, dx = g A (when dx is given);
   // dA [r, K] and dBt [r, N] accumulate the rows' parts. lora_add: Y [R, L] += c [R, r] T [r, L].

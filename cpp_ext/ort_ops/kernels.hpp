@@ -37,24 +37,6 @@ inline float exp_approx(float x) {
 
 inline float sigmoid(float g) { return 1.0f / (1.0f + exp_approx(-g)); }
 
-// y = silu(g) * u
-inline void swiglu(const float* g, const float* u, float* y, size_t n) {
-  for (size_t i = 0; i < n; ++i) {
-    const float s = sigmoid(g[i]);
-    y[i] = g[i] * s * u[i];
-  }
-}
-
-// dg = dy * u * silu'(g), du = dy * silu(g)
-inline void swiglu_grad(const float* dy, const float* g, const float* u, float* dg, float* du, size_t n) {
-  for (size_t i = 0; i < n; ++i) {
-    const float s = sigmoid(g[i]);
-    const float silu = g[i] * s;
-    du[i] = dy[i] * silu;
-    dg[i] = dy[i] * u[i] * (s + silu * (1.0f - s));
-  }
-}
-
 constexpr size_t LANES = 16;
 
 inline float dot(const float* a, const float* b, size_t d) {
@@ -135,7 +117,7 @@ inline void rotary_row(const float* x, const float* c, const float* s, float* y,
 }
 
 // Explicit vectors (GCC and Clang vector extensions) where auto-vectorization falls short: the
-// attention kernels. EDGETUNE_VBYTES (set by each isa_*.cpp) is the register width in bytes.
+// attention kernels and SwiGLU. EDGETUNE_VBYTES (set by each isa_*.cpp) is the register width in bytes.
 #if defined(__GNUC__)
 #define EDGETUNE_VEC 1
 typedef float vf __attribute__((vector_size(EDGETUNE_VBYTES)));
@@ -209,6 +191,98 @@ inline float hsum(vf v) {
 #else
 constexpr size_t VW = 4;
 #endif
+
+// SwiGLU and its gradient on g and u in float32 or in bfloat16 (MatMulBF16Round's outputs, widened
+// exactly as they are read): y = silu(g) u; dg = dy u silu'(g), du = dy silu(g). Where the build
+// has vectors every value takes the same register steps (the tail through a zero-padded register),
+// so the float32 and bfloat16 forms of the same values give the same bits.
+inline float widen(float x) { return x; }
+inline float widen(uint16_t h) {
+  const uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+#if defined(EDGETUNE_VEC)
+typedef uint32_t vu __attribute__((vector_size(EDGETUNE_VBYTES)));
+typedef uint16_t vh __attribute__((vector_size(EDGETUNE_VBYTES / 2), aligned(2)));  // half a register of bfloat16
+inline vf vwiden(const float* p) { return vload(p); }
+inline vf vwiden(const uint16_t* p) {
+  const vu w = __builtin_convertvector(*reinterpret_cast<const vh*>(p), vu) << 16;
+  vf f;
+  std::memcpy(&f, &w, sizeof f);
+  return f;
+}
+
+inline void swiglu_reg(vf g, vf u, float* y) {
+  const vf s = 1.0f / (1.0f + vexp(-g));
+  vstore(y, g * s * u);
+}
+
+inline void swiglu_grad_reg(vf dy, vf g, vf u, float* dg, float* du) {
+  const vf s = 1.0f / (1.0f + vexp(-g));
+  const vf silu = g * s;
+  vstore(du, dy * silu);
+  vstore(dg, dy * u * (s + silu * (1.0f - s)));
+}
+
+template <typename T>
+inline void swiglu_t(const T* g, const T* u, float* y, size_t n) {
+  size_t i = 0;
+  for (; i + VW <= n; i += VW) swiglu_reg(vwiden(g + i), vwiden(u + i), y + i);
+  if (i < n) {
+    T gt[VW] = {}, ut[VW] = {};
+    float yt[VW];
+    std::memcpy(gt, g + i, (n - i) * sizeof(T));
+    std::memcpy(ut, u + i, (n - i) * sizeof(T));
+    swiglu_reg(vwiden(gt), vwiden(ut), yt);
+    std::memcpy(y + i, yt, (n - i) * sizeof(float));
+  }
+}
+
+template <typename T>
+inline void swiglu_grad_t(const float* dy, const T* g, const T* u, float* dg, float* du, size_t n) {
+  size_t i = 0;
+  for (; i + VW <= n; i += VW) swiglu_grad_reg(vwiden(dy + i), vwiden(g + i), vwiden(u + i), dg + i, du + i);
+  if (i < n) {
+    T gt[VW] = {}, ut[VW] = {};
+    float dyt[VW] = {}, dgt[VW], dut[VW];
+    std::memcpy(dyt, dy + i, (n - i) * sizeof(float));
+    std::memcpy(gt, g + i, (n - i) * sizeof(T));
+    std::memcpy(ut, u + i, (n - i) * sizeof(T));
+    swiglu_grad_reg(vwiden(dyt), vwiden(gt), vwiden(ut), dgt, dut);
+    std::memcpy(dg + i, dgt, (n - i) * sizeof(float));
+    std::memcpy(du + i, dut, (n - i) * sizeof(float));
+  }
+}
+#else
+template <typename T>
+inline void swiglu_t(const T* g, const T* u, float* y, size_t n) {
+  for (size_t i = 0; i < n; ++i) {
+    const float gi = widen(g[i]), s = sigmoid(gi);
+    y[i] = gi * s * widen(u[i]);
+  }
+}
+
+template <typename T>
+inline void swiglu_grad_t(const float* dy, const T* g, const T* u, float* dg, float* du, size_t n) {
+  for (size_t i = 0; i < n; ++i) {
+    const float gi = widen(g[i]), s = sigmoid(gi), silu = gi * s;
+    du[i] = dy[i] * silu;
+    dg[i] = dy[i] * widen(u[i]) * (s + silu * (1.0f - s));
+  }
+}
+#endif
+
+inline void swiglu(const float* g, const float* u, float* y, size_t n) { swiglu_t(g, u, y, n); }
+inline void swiglu_grad(const float* dy, const float* g, const float* u, float* dg, float* du, size_t n) {
+  swiglu_grad_t(dy, g, u, dg, du, n);
+}
+inline void swiglu_bf16(const uint16_t* g, const uint16_t* u, float* y, size_t n) { swiglu_t(g, u, y, n); }
+inline void swiglu_bf16_grad(const float* dy, const uint16_t* g, const uint16_t* u, float* dg, float* du, size_t n) {
+  swiglu_grad_t(dy, g, u, dg, du, n);
+}
 
 // dot() for the attention's rows: sums in whole registers, reduced by halvings at the end.
 inline float row_dot(const float* a, const float* b, size_t d) {
@@ -888,6 +962,8 @@ inline FusedKernels kernels(const char* name) {
   k.name = name;
   k.swiglu = swiglu;
   k.swiglu_grad = swiglu_grad;
+  k.swiglu_bf16 = swiglu_bf16;
+  k.swiglu_bf16_grad = swiglu_bf16_grad;
   k.lora_forward = lora_forward;
   k.lora_backward = lora_backward;
   k.lora_add = lora_add;

@@ -150,23 +150,21 @@ Ort::Status guarded(const char* op, F&& body) {
   }
 }
 
-// `after` (RMSNorm, SwiGLU): an optional last input the op only waits for, never reads; a forward
-// op recomputed in the backward pass takes it to run when the backward pass gets there.
-// A block [lo, lo + len) of g or u as float32: in place for float32, widened (exactly) from
-// bfloat16 into the calling thread's buffer `slot` for MatMulBF16Round's outputs.
-inline const float* block_of(const float* p, size_t lo, size_t, int) { return p + lo; }
-
-inline const float* block_of(const Ort::BFloat16_t* p, size_t lo, size_t len, int slot) {
-  thread_local std::vector<float> buf(2 * BLOCK);
-  float* d = buf.data() + slot * BLOCK;
-  const uint16_t* s = reinterpret_cast<const uint16_t*>(p + lo);
-  for (size_t i = 0; i < len; ++i) {
-    const uint32_t w = static_cast<uint32_t>(s[i]) << 16;
-    std::memcpy(d + i, &w, 4);
-  }
-  return d;
+// The kernels of g and u in float32, or in bfloat16 (MatMulBF16Round's outputs, widened as read).
+inline void swiglu_block(const float* g, const float* u, float* y, size_t n) { K().swiglu(g, u, y, n); }
+inline void swiglu_block(const Ort::BFloat16_t* g, const Ort::BFloat16_t* u, float* y, size_t n) {
+  K().swiglu_bf16(reinterpret_cast<const uint16_t*>(g), reinterpret_cast<const uint16_t*>(u), y, n);
+}
+inline void swiglu_grad_block(const float* dy, const float* g, const float* u, float* dg, float* du, size_t n) {
+  K().swiglu_grad(dy, g, u, dg, du, n);
+}
+inline void swiglu_grad_block(const float* dy, const Ort::BFloat16_t* g, const Ort::BFloat16_t* u, float* dg,
+                              float* du, size_t n) {
+  K().swiglu_bf16_grad(dy, reinterpret_cast<const uint16_t*>(g), reinterpret_cast<const uint16_t*>(u), dg, du, n);
 }
 
+// `after` (RMSNorm, SwiGLU): an optional last input the op only waits for, never reads; a forward
+// op recomputed in the backward pass takes it to run when the backward pass gets there.
 // SwiGLU and SwiGLUBF16 (g and u in float32 or bfloat16), SwiGLUGrad and SwiGLUBF16Grad.
 template <typename T>
 Ort::Status swiglu(const char* op, OrtKernelContext* ctx, const Tensor<T>& g, const Tensor<T>& u, Tensor<float>& y) {
@@ -178,7 +176,7 @@ Ort::Status swiglu(const char* op, OrtKernelContext* ctx, const Tensor<T>& g, co
     const T *pg = g.Data(), *pu = u.Data();
     parallel(ctx, blocks_of(n), [&](size_t b) {
       const size_t lo = b * BLOCK, len = std::min(BLOCK, n - lo);
-      K().swiglu(block_of(pg, lo, len, 0), block_of(pu, lo, len, 1), out + lo, len);
+      swiglu_block(pg + lo, pu + lo, out + lo, len);
     });
     return Ort::Status{nullptr};
   });
@@ -199,7 +197,7 @@ Ort::Status swiglu_grad(const char* op, OrtKernelContext* ctx, const Tensor<floa
     const T *pg = g.Data(), *pu = u.Data();
     parallel(ctx, blocks_of(n), [&](size_t b) {
       const size_t lo = b * BLOCK, len = std::min(BLOCK, n - lo);
-      K().swiglu_grad(pdy + lo, block_of(pg, lo, len, 0), block_of(pu, lo, len, 1), pdg + lo, pdu + lo, len);
+      swiglu_grad_block(pdy + lo, pg + lo, pu + lo, pdg + lo, pdu + lo, len);
     });
     return Ort::Status{nullptr};
   });
