@@ -52,19 +52,21 @@ inline __mmask16 cols_mask(size_t d, size_t D) {
 }
 #endif
 
-// n floats rounded to bfloat16, then zeros up to m.
-inline void round_row(const float* x, size_t n, size_t m, uint16_t* out) {
+// n floats times f rounded to bfloat16, then zeros up to m.
+inline void round_row(const float* x, size_t n, size_t m, uint16_t* out, float f = 1.0f) {
   size_t i = 0;
 #if defined(EDGETUNE_ATTN_BF16_SIMD)
+  const __m512 fv = _mm512_set1_ps(f);
   for (; i + 16 <= n; i += 16)
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + i)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i),
+                        (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(x + i), fv)));
   if (i < n) {
     const __mmask16 k = static_cast<__mmask16>((1u << (n - i)) - 1);
-    _mm256_mask_storeu_epi16(out + i, k, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(k, x + i)));
+    _mm256_mask_storeu_epi16(out + i, k, (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, x + i), fv)));
     i = n;
   }
 #endif
-  for (; i < n; ++i) out[i] = bf16_round(x[i]);
+  for (; i < n; ++i) out[i] = bf16_round(x[i] * f);
   if (m > n) std::memset(out + n, 0, (m - n) * sizeof(uint16_t));
 }
 
@@ -330,9 +332,11 @@ inline void attn_bf16_forward(const float* q, const uint16_t* kt, const uint16_t
     for (size_t r = 0; r < BR; ++r) round_row(q + (i0 + r) * D, r < nr ? D : 0, Dp, q16 + r * Dp);
     prefetch_rows(q, i0 + BR, r1, D, D);
     block_scores16(q16, Dp, kt + j0 * Dp, p + j0, ld, jn - j0, scale);
-    block_softmax(p, ld, mask + i0 * mstride, mstride, nr, j0, lim, S);
+    // the weights normalized as they are rounded
+    float inv[BR];
+    block_softmax(p, ld, mask + i0 * mstride, mstride, nr, j0, lim, S, inv);
     const size_t je = (lim + 1) / 2 * 2;  // whole pairs of keys (v's pairs are zero past S)
-    for (size_t r = 0; r < BR; ++r) round_row(p + r * ld + j0, lim - j0, je - j0, p16 + r * ld + j0);
+    for (size_t r = 0; r < BR; ++r) round_row(p + r * ld + j0, lim - j0, je - j0, p16 + r * ld + j0, inv[r]);
     block_pv16(p16 + j0, ld, vp + j0 * Dp, (je - j0) / 2, Dp, D, o + i0 * ldo, ldo, nr);
   }
 }

@@ -608,11 +608,13 @@ inline void block_outer(const float* w, size_t ld, const float* a, size_t jn, si
 }
 
 // Softmax weights of keys [j0, jn) of one score row in place (masked keys -> 0; the callers read no
-// key past jn), exactly as the forward pass computes
-// them: the backward pass recomputes them the same way rather than from a saved log-sum-exp, whose
-// difference with a large score would lose the weights' low bits. A row whose every key is masked
-// gets uniform weights over all S keys, as a plain softmax over the equal masked scores does.
-inline void softmax_row(float* p, const float* mrow, size_t j0, size_t jn, size_t S) {
+// key past jn), exactly as the forward pass computes them: the backward pass recomputes them the
+// same way rather than from a saved log-sum-exp, whose difference with a large score would lose the
+// weights' low bits. A row whose every key is masked gets uniform weights over all S keys, as a
+// plain softmax over the equal masked scores does. softmax_exp_row leaves the exponentials and
+// returns the factor that normalizes them (1 for the uniform row), for a caller that multiplies by
+// it in a pass of its own (the same bits as softmax_row's weights).
+inline float softmax_exp_row(float* p, const float* mrow, size_t j0, size_t jn, size_t S) {
   // A masked key holds -3e38 until it is zeroed. The maximum and the sum run in lanes, in
   // registers where the build has vectors.
   float m = -3.0e38f, total = 0.0f;
@@ -621,23 +623,27 @@ inline void softmax_row(float* p, const float* mrow, size_t j0, size_t jn, size_
 #if defined(EDGETUNE_VEC)
   const vf masked = vsplat(MASKED), floor = vsplat(-3.0e38f);
   vf mx = floor;
+  vi open = {};
   for (; j + VW <= jn; j += VW) {
     const vf mr = vload(mrow + j);
-    const vf x = mr > masked ? vload(p + j) + mr : floor;
+    const vi seen = mr > masked;
+    const vf x = seen ? vload(p + j) + mr : floor;
     vstore(p + j, x);
     mx = x > mx ? x : mx;
+    open |= seen;
   }
   m = hmax(mx);
+  for (size_t l = 0; l < VW; ++l) any = any || open[l] != 0;
 #endif
   for (; j < jn; ++j) {
     const float x = mrow[j] > MASKED ? p[j] + mrow[j] : -3.0e38f;
+    any = any || mrow[j] > MASKED;
     p[j] = x;
     m = x > m ? x : m;
   }
-  for (size_t i = j0; i < jn && !any; ++i) any = mrow[i] > MASKED;
   if (!any) {
     for (size_t i = 0; i < S; ++i) p[i] = 1.0f / static_cast<float>(S);
-    return;
+    return 1.0f;
   }
   j = j0;
 #if defined(EDGETUNE_VEC)
@@ -656,7 +662,11 @@ inline void softmax_row(float* p, const float* mrow, size_t j0, size_t jn, size_
     p[j] = e;
     total += e;
   }
-  const float inv = 1.0f / total;
+  return 1.0f / total;
+}
+
+inline void softmax_row(float* p, const float* mrow, size_t j0, size_t jn, size_t S) {
+  const float inv = softmax_exp_row(p, mrow, j0, jn, S);
   for (size_t i = j0; i < jn; ++i) p[i] *= inv;
 }
 
@@ -751,16 +761,46 @@ inline QueryBlock query_block(const uint32_t* ext, size_t i0, size_t r1, size_t 
 }
 
 // The softmax weights of a block's rows in place over keys [j0, lim) (softmax_row), rows from nr on
-// zero; mask: the block's first mask row.
+// zero; mask: the block's first mask row. With inv, the rows are left as softmax_exp_row leaves
+// them and inv[r] is the factor of row r (1 for the zero rows).
 inline void block_softmax(float* p, size_t ld, const float* mask, size_t mstride, size_t nr, size_t j0, size_t lim,
-                          size_t S) {
+                          size_t S, float* inv = nullptr) {
   for (size_t r = 0; r < BR; ++r) {
     float* pr = p + r * ld;
-    if (r < nr)
-      softmax_row(pr, mask + r * mstride, j0, lim, S);
-    else
+    if (r < nr) {
+      if (inv)
+        inv[r] = softmax_exp_row(pr, mask + r * mstride, j0, lim, S);
+      else
+        softmax_row(pr, mask + r * mstride, j0, lim, S);
+    } else {
       for (size_t j = j0; j < lim; ++j) pr[j] = 0.0f;
+      if (inv) inv[r] = 1.0f;
+    }
   }
+}
+
+// a[:d] *= f, then the sum of a[i] b[i] as row_dot sums it (the normalization of a softmax row and
+// its product with the row of the gradient in one pass).
+inline float scaled_dot(float* a, float f, const float* b, size_t d) {
+  size_t i = 0;
+  float s = 0.0f;
+#if defined(EDGETUNE_VEC)
+  const vf fv = vsplat(f);
+  vf acc[2] = {};
+  for (; i + 2 * VW <= d; i += 2 * VW) {
+    const vf x0 = vload(a + i) * fv, x1 = vload(a + i + VW) * fv;
+    vstore(a + i, x0);
+    vstore(a + i + VW, x1);
+    acc[0] += x0 * vload(b + i);
+    acc[1] += x1 * vload(b + i + VW);
+  }
+  s = hsum(acc[0] + acc[1]);
+#endif
+  for (; i < d; ++i) {
+    a[i] *= f;
+    s += a[i] * b[i];
+  }
+  return s;
 }
 
 // The backward pass's block: p as the forward pass had it (block_softmax), then ds = p (dp -
@@ -774,8 +814,9 @@ inline void block_softmax_grad(float* p, float* dp, size_t ld, const float* mask
       for (size_t j = j0; j < upto; ++j) pr[j] = dpr[j] = 0.0f;
       continue;
     }
-    softmax_row(pr, mask + r * mstride, j0, lim, S);
-    const float di = row_dot(pr + j0, dpr + j0, upto - j0);
+    // upto is lim, or S for a row of uniform weights (whose factor is 1)
+    const float inv = softmax_exp_row(pr, mask + r * mstride, j0, lim, S);
+    const float di = scaled_dot(pr + j0, inv, dpr + j0, upto - j0);
     for (size_t j = j0; j < upto; ++j) dpr[j] = pr[j] * (dpr[j] - di) * scale;
   }
 }
