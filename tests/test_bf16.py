@@ -178,7 +178,8 @@ def _ce_head_bf16(h: np.ndarray, wb: np.ndarray, lab: np.ndarray, grad: bool = T
 # (N, D, V): odd sizes, one row, a vocabulary of one entry, one tile and a bit, rows of odd length,
 # more than 64 rows (several groups), the default model's width
 CE_CASES = [(1, 8, 5), (7, 33, 1), (13, 576, 1000), (70, 64, 129), (9, 20, 257), (40, 31, 300), (64, 576, 4099),
-            (0, 16, 40), (100, 64, 8300), (33, 40, 9000)]  # the last two: vocabularies the kernel splits in two
+            (0, 16, 40), (100, 64, 8300), (33, 40, 9000),  # one group of rows, the vocabulary in four slices
+            (150, 32, 8200), (300, 16, 8192)]  # two and three groups, two slices
 
 
 def check_ce_heads() -> None:

@@ -912,7 +912,7 @@ template <typename F>
 Ort::Status ce_head_groups(const char* op, OrtKernelContext* ctx, const std::vector<int64_t>& hs,
                            const std::vector<int64_t>& ws, const Tensor<int64_t>& labels, int64_t ignore,
                            Tensor<float>& loss, std::optional<Tensor<float>*> dh, size_t unit, F&& group,
-                           size_t slices = 1) {
+                           size_t slices = 1, size_t per = 0) {
   const auto& ls = labels.Shape();
   if (hs.size() != 2 || ws.size() != 2 || ls.size() != 1 || hs[1] != ws[1] || ls[0] != hs[0] || ws[0] < 1)
     return fail(op, "h " + shape_str(hs) + ", w " + shape_str(ws) + ", labels " + shape_str(ls) +
@@ -926,11 +926,12 @@ Ort::Status ce_head_groups(const char* op, OrtKernelContext* ctx, const std::vec
   float* out = loss.Allocate({});
   float* g = dh.has_value() && *dh ? (*dh)->Allocate(hs) : nullptr;
   std::vector<float> rows(N);
-  // Row groups: each streams the whole vocabulary (or its slice of it) once, so few and large, but
-  // enough to share; whole blocks of the kernel's unit of rows. Each group's slices are tasks of
-  // their own (group(lo, n, slice, ...)), so that a few rows still keep every thread busy; slice
-  // by slice, so that the threads read the same part of the weight at the same time.
-  const size_t per = std::max(unit, std::min<size_t>(64, ((N + 3) / 4 + unit - 1) / unit * unit));
+  // Row groups (per rows, unless the caller chose): each streams the whole vocabulary (or its slice
+  // of it) once, so few and large, but enough to share; whole blocks of the kernel's unit of rows.
+  // Each group's slices are tasks of their own (group(lo, n, slice, ...)), so that a few rows still
+  // keep every thread busy; slice by slice, so that the threads read the same part of the weight at
+  // the same time.
+  if (!per) per = std::max(unit, std::min<size_t>(64, ((N + 3) / 4 + unit - 1) / unit * unit));
   const size_t groups = (N + per - 1) / per;
   parallel(ctx, groups * slices, [&](size_t t) {
     const size_t lo = t % groups * per;
@@ -1002,8 +1003,15 @@ struct CrossEntropyHeadBF16 {
       // The fast path computes 32 rows at a time, over slices of the vocabulary (whole tiles of
       // 128 entries), each slice's maxima, sums and unnormalized gradient its own; the rows'
       // losses and gradients come from the slices in order once the group's last slice is done.
+      // Groups of up to 128 rows (their gradient, 295 KB at D = 576, and their rows' panels stay in
+      // the core's L2 while the weight streams past), as few as the rows allow: each group reads all
+      // of the weight (57 MB on the default model) from memory, which bounded the call at 0.5 of the
+      // peak when 81 rows made three groups of 32. The vocabulary in as many slices (up to 4) as make
+      // four tasks with the groups.
       const size_t N = h.Shape().empty() ? 0 : static_cast<size_t>(h.Shape()[0]);
-      const size_t slices = fast && V >= 8192 ? 2 : 1;
+      const size_t n_groups = std::max<size_t>(1, (N + 127) / 128);
+      const size_t per = fast ? std::max<size_t>(32, ((N + n_groups - 1) / n_groups + 31) / 32 * 32) : 0;
+      const size_t slices = fast && V >= 8192 ? std::min(edgetune::CE_PARTS, std::max<size_t>(1, (4 + n_groups - 1) / n_groups)) : 1;
       const bool grad = dh.has_value() && *dh;
       thread_local std::vector<float> ms_buf, extra_buf;  // kept at their largest size
       ms_buf.resize(std::max(ms_buf.size(), 2 * slices * N));
@@ -1034,7 +1042,7 @@ struct CrossEntropyHeadBF16 {
                               std::vector<float> work(K().ce_head_work(n, D));
                               K().ce_head(hr.data(), n, D, wf.data(), V, pl + lo, ignore, rows, g, work.data());
                             },
-                            slices);
+                            slices, per);
     });
   }
 };
