@@ -62,7 +62,8 @@ inline void round_row(const float* x, size_t n, size_t m, uint16_t* out, float f
                         (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(x + i), fv)));
   if (i < n) {
     const __mmask16 k = static_cast<__mmask16>((1u << (n - i)) - 1);
-    _mm256_mask_storeu_epi16(out + i, k, (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, x + i), fv)));
+    const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, x + i), fv);
+    _mm256_mask_storeu_epi16(out + i, k, (__m256i)_mm512_cvtneps_pbh(v));
     i = n;
   }
 #endif

@@ -1011,7 +1011,8 @@ struct CrossEntropyHeadBF16 {
       const size_t N = h.Shape().empty() ? 0 : static_cast<size_t>(h.Shape()[0]);
       const size_t n_groups = std::max<size_t>(1, (N + 127) / 128);
       const size_t per = fast ? std::max<size_t>(32, ((N + n_groups - 1) / n_groups + 31) / 32 * 32) : 0;
-      const size_t slices = fast && V >= 8192 ? std::min(edgetune::CE_PARTS, std::max<size_t>(1, (4 + n_groups - 1) / n_groups)) : 1;
+      const size_t slices =
+          fast && V >= 8192 ? std::min(edgetune::CE_PARTS, std::max<size_t>(1, (4 + n_groups - 1) / n_groups)) : 1;
       const bool grad = dh.has_value() && *dh;
       thread_local std::vector<float> ms_buf, extra_buf;  // kept at their largest size
       ms_buf.resize(std::max(ms_buf.size(), 2 * slices * N));
