@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -12,15 +13,20 @@ MANIFEST = {"model_config": {"hidden_size": 64, "intermediate_size": 128, "num_h
                              "vocab_size": 100, "num_attention_heads": 4, "num_key_value_heads": 2}}
 
 
-def _bench_train():
+def _bench(name: str):
+    """bench/<name>.py as a module (bench/ on the path while it loads, for its own imports)."""
     sys.path.insert(0, str(ROOT / "bench"))
     try:
-        spec = importlib.util.spec_from_file_location("bench_train", ROOT / "bench" / "train.py")
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
         return mod
     finally:
         sys.path.remove(str(ROOT / "bench"))
+
+
+def _bench_train():
+    return _bench("train")
 
 
 def _result(times, peaks, bf16_peaks):
@@ -54,3 +60,34 @@ def test_the_bfloat16_loop_runs_only_where_the_kernels_have_it():
         assert peak > 0
     else:
         assert peak == 0.0
+
+
+def _bench_profile():
+    return _bench("profile")
+
+
+def test_product_rate_reads_m_k_n_from_the_input_shapes():
+    prof = _bench_profile()
+    # a [8, 64, 576] times w [1536, 576] (trans_b) or w [576, 1536]: 2 M K N over the call's time
+    want = 2 * 512 * 576 * 1536 / 1e-3 / 1e9
+    assert prof.product_gflops("MatMulBF16", [[8, 64, 576], [1536, 576]], 1e-3) == pytest.approx(want)
+    assert prof.product_gflops("MatMulBF16Round", [[8, 64, 576], [576, 1536]], 1e-3) == pytest.approx(want)
+    assert prof.product_gflops("SwiGLUBF16", [[8, 64, 1536], [8, 64, 1536]], 1e-3) is None
+
+
+def test_profile_counts_the_steps_after_the_skipped_ones(tiny_bundle, chat_data, capsys):
+    """bench/profile.py on the tiny bundle: two steps counted after one skipped, every node's kernel
+    time in exactly one op's row, the shares summing to one, inside the session runs' time."""
+    prof = _bench_profile()
+    out = prof.main(["--bundle", str(tiny_bundle), "--data", str(chat_data), "--seq", "32", "--batch", "2",
+                     "--steps", "2", "--skip", "1", "--shapes", "--json"])
+    assert out["runs"] >= 2 and len(out["step_s"]) == 2
+    assert sum(r["share"] for r in out["ops"]) == pytest.approx(1.0)
+    assert sum(r["seconds"] for r in out["ops"]) == pytest.approx(out["kernel_s"])
+    assert sum(r["calls"] for r in out["shapes"]) == sum(r["calls"] for r in out["ops"])
+    assert 0 < out["kernel_s"] <= out["model_run_s"]
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["runs"] == out["runs"]
+    # the same steps with none skipped count more runs and more time
+    more = prof.main(["--bundle", str(tiny_bundle), "--data", str(chat_data), "--seq", "32", "--batch", "2",
+                      "--steps", "3", "--skip", "0", "--json"])
+    assert more["runs"] > out["runs"]
