@@ -49,16 +49,16 @@ def profile(events: list[dict], skip_runs: int) -> dict:
     runs = sorted((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"])
     cut = runs[skip_runs - 1]["ts"] + runs[skip_runs - 1]["dur"] if 0 < skip_runs <= len(runs) else 0
     counted = [r for r in runs if r["ts"] >= cut]
-    by_op: dict[str, list[float]] = collections.defaultdict(list)
     by_shape: dict[tuple[str, str], list[float]] = collections.defaultdict(list)
     for e in events:
         if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time") or e["ts"] < cut:
             continue
         args = e.get("args") or {}
-        op = args.get("op_name", "?")
-        by_op[op].append(e["dur"] / 1e6)
         shapes = [next(iter(s.values())) for s in args.get("input_type_shape", []) if s]
-        by_shape[(op, json.dumps(shapes))].append(e["dur"] / 1e6)
+        by_shape[(args.get("op_name", "?"), json.dumps(shapes))].append(e["dur"] / 1e6)
+    by_op: dict[str, list[float]] = collections.defaultdict(list)
+    for (op, _), v in by_shape.items():
+        by_op[op] += v
     total = sum(sum(v) for v in by_op.values())
     ops = [{"op": op, "seconds": sum(v), "share": sum(v) / total if total else 0.0, "calls": len(v)}
            for op, v in sorted(by_op.items(), key=lambda kv: -sum(kv[1]))]
@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--shapes", action="store_true", help="also the time and rate of each op by input shapes")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
     a = ap.parse_args(argv)
+    where = machine.describe()  # CPU model, cores and instruction sets: every figure is this machine's
+    print(f"machine: {where}", flush=True)
 
     from edgetune.device import data as D
     from edgetune.device import runner as R
@@ -133,11 +135,10 @@ def main(argv: list[str] | None = None) -> dict:
         out = profile(events, skip_runs)
     out.update(bundle=str(bundle), kernels=t.runner.kernel_info, graph=t.runner.graphs["train"], seq=a.seq,
                batch=a.batch, steps=a.steps, step_s=step_s[a.skip:],
-               machine=machine.describe())
+               machine=where)
     if a.json:
         print(json.dumps(out))
         return out
-    print(f"machine: {out['machine']}")
     print(f"{out['bundle']} ({out['graph']}, kernels {out['kernels']}); {a.steps} steps of {a.batch} x <= {a.seq} "
           f"tokens after {a.skip} not counted")
     print(f"kernel time {out['kernel_s']:.3f} s, session runs {out['model_run_s']:.3f} s over {out['runs']} runs")

@@ -86,7 +86,9 @@ def test_profile_counts_the_steps_after_the_skipped_ones(tiny_bundle, chat_data,
     assert sum(r["seconds"] for r in out["ops"]) == pytest.approx(out["kernel_s"])
     assert sum(r["calls"] for r in out["shapes"]) == sum(r["calls"] for r in out["ops"])
     assert 0 < out["kernel_s"] <= out["model_run_s"]
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["runs"] == out["runs"]
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed[0].startswith("machine: ") and "isa:" in printed[0]  # the CPU and its instruction sets
+    assert json.loads(printed[-1])["runs"] == out["runs"]
     # the same steps with none skipped count more runs and more time
     more = prof.main(["--bundle", str(tiny_bundle), "--data", str(chat_data), "--seq", "32", "--batch", "2",
                       "--steps", "3", "--skip", "0", "--json"])
