@@ -543,3 +543,64 @@ def test_build_leaves_its_input_alone_and_writes_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == files
     assert [n.op_type for n in tg.forward.graph.node] == ["FusedMatMul", "Mul", "ReduceSum"]  # prepared
     assert "w" in [i.name for i in tg.forward.graph.input]
+
+
+def test_static_reshape_targets():
+    s = prepare.static_reshape
+    assert s([(2, 7, 576), (3, 5, 576)], [(2, 7, 9, 64), (3, 5, 9, 64)]) == [0, 0, 9, 64]
+    assert s([(2, 7, 576), (3, 5, 576)], [(14, 576), (15, 576)]) == [-1, 576]
+    assert s([(2, 7, 9, 64), (3, 5, 9, 64)], [(2, 7, 576), (3, 5, 576)]) == [0, 0, 576]
+    # two dimensions that follow neither themselves nor the input's: left to the graph
+    assert s([(14, 576), (15, 576)], [(2, 7, 576), (3, 5, 576)]) is None
+    # one probe cannot tell a fixed dimension from a batch size; an empty one would read as "copy"
+    assert s([(2, 7, 576)], [(2, 7, 9, 64)]) is None
+    assert s([(2, 0, 576), (3, 0, 576)], [(2, 0, 9, 64), (3, 0, 9, 64)]) is None
+
+
+def test_reshapes_to_computed_shapes_read_constants_and_train_on_unprobed_shapes():
+    """The exporter's pattern: heads split with a target computed from Shape, Gather, Unsqueeze and
+    Concat, merged back the same way. Every reshape, forward and backward, reads a constant, the
+    shape nodes that computed the targets are gone, and the gradient is right on a shape neither
+    probe had."""
+    import onnxruntime as ort
+
+    w = rand(6, 6)
+
+    def dims(src, tag, tail):
+        nodes = [helper.make_node("Shape", [src], [f"{tag}s"])]
+        parts = []
+        for i in (0, 1):
+            nodes += [helper.make_node("Gather", [f"{tag}s", f"i{i}"], [f"{tag}g{i}"], axis=0),
+                      helper.make_node("Unsqueeze", [f"{tag}g{i}", "ax0"], [f"{tag}u{i}"])]
+            parts.append(f"{tag}u{i}")
+        return nodes + [helper.make_node("Concat", parts + [tail], [f"{tag}shape"], axis=0)]
+
+    nodes = [helper.make_node("MatMul", ["d", "w"], ["y"]), *dims("d", "a", "heads"),
+             helper.make_node("Reshape", ["y", "ashape"], ["yh"]),
+             helper.make_node("Transpose", ["yh"], ["yt"], perm=[0, 2, 1, 3]),
+             helper.make_node("Mul", ["yt", "yt"], ["sq"]),
+             helper.make_node("Transpose", ["sq"], ["st"], perm=[0, 2, 1, 3]), *dims("d", "b", "width"),
+             helper.make_node("Reshape", ["st", "bshape"], ["z"]),
+             helper.make_node("ReduceSum", ["z"], ["loss"], keepdims=0)]
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array(0, np.int64), "i0"),
+             numpy_helper.from_array(np.array(1, np.int64), "i1"),
+             numpy_helper.from_array(np.array([0], np.int64), "ax0"),
+             numpy_helper.from_array(np.array([2, 3], np.int64), "heads"),
+             numpy_helper.from_array(np.array([6], np.int64), "width")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("d", TensorProto.FLOAT, ["b", "t", 6])],
+                              [helper.make_tensor_value_info("loss", TensorProto.FLOAT, [])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    tg = autodiff.build(model, ["w"], "loss", [{"d": rand(2, 3, 6)}, {"d": rand(3, 5, 6)}])
+    g = tg.model.graph
+    consts = {i.name: numpy_helper.to_array(i).tolist() for i in g.initializer}
+    targets = sorted(consts.get(n.input[1]) for n in g.node if n.op_type == "Reshape")
+    assert [0, 0, 2, 3] in targets and [0, 0, 6] in targets and None not in targets
+    shape_ops = ("Shape", "Gather", "Unsqueeze", "Concat")
+    assert not [n.op_type for n in tg.forward.graph.node if n.op_type in shape_ops]
+    assert not [n.op_type for n in g.node if n.op_type in ("Gather", "Concat")]  # (the sum's gradient reads a Shape)
+    sess = ort.InferenceSession(tg.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    d = rand(4, 7, 6)
+    (got,) = sess.run(tg.grads, {"d": d, "w": w})
+    tw = torch.tensor(w, requires_grad=True)
+    (torch.tensor(d) @ tw).pow(2).sum().backward()
+    np.testing.assert_allclose(got, tw.grad.numpy(), rtol=1e-4, atol=1e-4)

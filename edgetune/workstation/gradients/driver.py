@@ -12,7 +12,7 @@ from .core import FLOATS, RULES, Builder, TrainingGraph, grad_name
 from .fused import fold_head_transposes, fold_residual_grads, fuse_residual
 from .fused import fuse as fuse_ops
 from .memory import hoist_shapes, recompute_cheap, recompute_layers
-from .prepare import drop_noop_casts, elem_types, fuse_matmuls, probe_shapes
+from .prepare import drop_noop_casts, elem_types, fold_reshape_shapes, fuse_matmuls, probe_shapes
 
 _OTHER_FLOATS = {10: "float16", 11: "float64", 16: "bfloat16"}
 
@@ -140,6 +140,7 @@ def build(proto: Any, params: list[str], loss: str, feeds: Sequence[dict[str, np
         fuse_ops(proto)
         types = elem_types(proto)
     shapes, fixed = probe_shapes(proto, feeds, types, base_dir)
+    fold_reshape_shapes(proto, shapes)
     initial = params_to_inputs(proto, params, base_dir)
     train = onnx.ModelProto()
     train.CopyFrom(proto)

@@ -218,3 +218,64 @@ def probe_shapes(proto: Any, feeds: Sequence[dict[str, np.ndarray]], types: dict
     fixed = {k: v[0] for k, v in seen.items()
              if len(v) == len(feeds) and all(x.shape == v[0].shape and (x == v[0]).all() for x in v)}
     return shapes, fixed
+
+
+def static_reshape(ins: Sequence[tuple], outs: Sequence[tuple]) -> list[int] | None:
+    """The target shape a Reshape from ``ins`` to ``outs`` (the probed shapes, one pair per probe
+    batch) can read as a constant, valid for every batch size and length: each dimension the same
+    in every probe as itself, one equal to the input's on the same axis in every probe as 0 (copy
+    it), and at most one other as -1. None where that does not pin the shape down. The probes
+    differ in both batch size and length, so a dimension that is the same in every probe depends on
+    neither."""
+    if len(ins) < 2 or len(ins) != len(outs) or len({len(s) for s in outs}) != 1 \
+            or any(v <= 0 for s in list(ins) + list(outs) for v in s):
+        return None
+    spec: list[int] = []
+    for k in range(len(outs[0])):
+        vals = {s[k] for s in outs}
+        if len(vals) == 1:
+            spec.append(vals.pop())
+        elif all(k < len(i) and i[k] == o[k] for i, o in zip(ins, outs)):
+            spec.append(0)
+        elif -1 not in spec:
+            spec.append(-1)
+        else:
+            return None
+    return spec
+
+
+def fold_reshape_shapes(proto: Any, shapes: dict[str, list[tuple]]) -> int:
+    """Reshapes whose target shape the graph computes from other tensors' shapes (``Shape``,
+    ``Gather``, ``Unsqueeze``, ``Concat`` per reshape, as exporters write them) read a constant
+    instead (:func:`static_reshape`), and the nodes that only computed it are dropped: hundreds of
+    tiny nodes fewer per step. Returns the number of reshapes folded."""
+    from onnx import numpy_helper
+
+    g = proto.graph
+    names = {i.name for i in g.initializer}
+    constant = names | {n.output[0] for n in g.node if n.op_type == "Constant"}
+    made: dict[tuple, str] = {}
+    folded = 0
+    for n in g.node:
+        if n.op_type != "Reshape" or n.domain not in ("", "ai.onnx") or len(n.input) < 2 or n.input[1] in constant \
+                or attr(n, "allowzero", 0):
+            continue
+        spec = static_reshape(shapes.get(n.input[0], []), shapes.get(n.output[0], []))
+        if spec is None:
+            continue
+        key = tuple(spec)
+        if key not in made:
+            made[key] = next(f"reshape/shape_{i}" for i in range(len(names) + 1) if f"reshape/shape_{i}" not in names)
+            names.add(made[key])
+            g.initializer.append(numpy_helper.from_array(np.array(spec, np.int64), made[key]))
+        n.input[1] = made[key]
+        folded += 1
+    if folded:
+        while True:  # the shape computations no node reads any more
+            used = {i for m in g.node for i in m.input} | {o.name for o in g.output}
+            keep = [m for m in g.node if any(o in used for o in m.output if o)]
+            if len(keep) == len(g.node):
+                break
+            del g.node[:]
+            g.node.extend(keep)
+    return folded

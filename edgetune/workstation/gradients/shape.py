@@ -8,11 +8,15 @@ import numpy as np
 from edgetune.formats.errors import ModelError
 
 from .core import Builder, attr, const_value, rule
+from .prepare import static_reshape
 
 
 @rule("Reshape", "Flatten", "Squeeze", "Unsqueeze")
 def _reshape(b: Builder, n: Any, gy: list, want: list) -> list:
-    return [b.like(gy[0], n.input[0])] + [None] * (len(n.input) - 1)
+    # back to the input's shape: a constant target where the probes pin it down, else Shape(x)
+    spec = static_reshape(b.shape(n.output[0]), b.shape(n.input[0]))
+    back = b.op("Reshape", [gy[0], b.const(spec, np.int64)]) if spec is not None else b.like(gy[0], n.input[0])
+    return [back] + [None] * (len(n.input) - 1)
 
 
 @rule("Expand")
