@@ -150,17 +150,42 @@ inline void pairs_block(const uint16_t* a, size_t lda, const uint16_t* b0, const
     }
 }
 
-// out[r][j] = scale * sum_d a[r][d] b[j][d] for r < BR and j < jn (a multiple of JT): a BR rows of Dp
-// bfloat16 values, b the key panels from its first key on.
+#if defined(EDGETUNE_ATTN_BF16_SIMD)
+// pairs_block for the first VW columns only (acc[r] for c < VW).
+inline void pairs_half(const uint16_t* a, size_t lda, const uint16_t* b0, size_t bs, size_t P, __m512 (&acc)[BR]) {
+  for (size_t r = 0; r < BR; ++r) acc[r] = _mm512_setzero_ps();
+  for (size_t p = 0; p < P; ++p) {
+    const __m512bh x0 = (__m512bh)_mm512_loadu_si512(b0 + p * bs);
+#pragma GCC unroll 8
+    for (size_t r = 0; r < BR; ++r) {
+      int32_t w;
+      std::memcpy(&w, a + r * lda + 2 * p, 4);
+      acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_set1_epi32(w), x0);
+    }
+  }
+}
+#endif
+
+// out[r][j] = scale * sum_d a[r][d] b[j][d] for r < BR and j < jn (a multiple of VW): a BR rows of Dp
+// bfloat16 values, b the key panels from its first key on (a multiple of VW: the panels' halves follow
+// one another, so a tile may start at either half). Where fewer than JT keys are left, the last VW
+// are one half tile.
 inline void block_scores16(const uint16_t* a, size_t Dp, const uint16_t* bt, float* out, size_t ldo, size_t jn,
                            float scale) {
   for (size_t jt = 0; jt < jn; jt += JT) {
     const uint16_t* h0 = bt + jt * Dp;
+    const bool half = jn - jt < JT;
 #if defined(EDGETUNE_ATTN_BF16_SIMD)
     if (VW == 16) {
+      const __m512 sc = _mm512_set1_ps(scale);
+      if (half) {
+        __m512 acc[BR];
+        pairs_half(a, Dp, h0, 2 * VW, Dp / 2, acc);
+        for (size_t r = 0; r < BR; ++r) _mm512_storeu_ps(out + r * ldo + jt, _mm512_mul_ps(acc[r], sc));
+        continue;
+      }
       __m512 acc[BR][2];
       pairs_block(a, Dp, h0, h0 + VW * Dp, 2 * VW, Dp / 2, acc);
-      const __m512 sc = _mm512_set1_ps(scale);
       for (size_t r = 0; r < BR; ++r) {
         _mm512_storeu_ps(out + r * ldo + jt, _mm512_mul_ps(acc[r][0], sc));
         _mm512_storeu_ps(out + r * ldo + jt + 16, _mm512_mul_ps(acc[r][1], sc));
@@ -168,10 +193,10 @@ inline void block_scores16(const uint16_t* a, size_t Dp, const uint16_t* bt, flo
       continue;
     }
 #endif
-    float acc[BR][JT];
-    pairs_block(a, Dp, h0, h0 + VW * Dp, 2 * VW, Dp / 2, acc);
+    float acc[BR][JT];  // (a half tile's second half sums its first half again, not stored)
+    pairs_block(a, Dp, h0, half ? h0 : h0 + VW * Dp, 2 * VW, Dp / 2, acc);
     for (size_t r = 0; r < BR; ++r)
-      for (size_t c = 0; c < JT; ++c) out[r * ldo + jt + c] = acc[r][c] * scale;
+      for (size_t c = 0; c < (half ? VW : JT); ++c) out[r * ldo + jt + c] = acc[r][c] * scale;
   }
 }
 
@@ -328,7 +353,7 @@ inline void attn_bf16_forward(const float* q, const uint16_t* kt, const uint16_t
   uint16_t* p16 = reinterpret_cast<uint16_t*>(work + BR * ld);
   uint16_t* q16 = p16 + BR * ld;
   for (size_t i0 = r0; i0 < r1; i0 += BR) {
-    const QueryBlock blk = query_block(ext, i0, r1, S);
+    const QueryBlock blk = query_block(ext, i0, r1, S, VW);  // keys in half tiles
     const size_t nr = blk.nr, jn = blk.jn, j0 = blk.j0, lim = blk.lim;
     for (size_t r = 0; r < BR; ++r) round_row(q + (i0 + r) * D, r < nr ? D : 0, Dp, q16 + r * Dp);
     prefetch_rows(q, i0 + BR, r1, D, D);
@@ -357,7 +382,7 @@ inline void attn_bf16_backward(const float* dout, size_t lddo, const float* q, c
   uint16_t* a16 = dst + BR * ld;  // a block's rows of q, then of dout
   uint16_t* ai = a16 + BR * Dp;   // the same rows in pairs
   for (size_t i0 = r0; i0 < r1; i0 += BR) {
-    const QueryBlock blk = query_block(ext, i0, r1, S);
+    const QueryBlock blk = query_block(ext, i0, r1, S, VW);  // keys in half tiles
     const size_t nr = blk.nr, jn = blk.jn, j0 = blk.j0, lim = blk.lim;
     const bool none = blk.none;
     for (size_t r = 0; r < BR; ++r) round_row(q + (i0 + r) * D, r < nr ? D : 0, Dp, a16 + r * Dp);

@@ -720,9 +720,9 @@ inline void attn_extents(const float* mask, size_t mstride, size_t rows, size_t 
 }
 
 // The keys a block of query rows can see: one past the last unmasked key of any of its rows
-// (causal attention skips the rest), rounded up to whole tiles; S + JT when a row sees none, which
-// makes that row uniform over all S.
-inline size_t block_extent(const uint32_t* ext, size_t nr, size_t S, bool* all_masked) {
+// (causal attention skips the rest), rounded up to whole units of keys (tiles, or the bfloat16
+// kernels' half tiles); S rounded up when a row sees none, which makes that row uniform over all S.
+inline size_t block_extent(const uint32_t* ext, size_t nr, size_t S, bool* all_masked, size_t unit = JT) {
   size_t jn = 0;
   *all_masked = false;
   for (size_t r = 0; r < nr; ++r) {
@@ -731,31 +731,31 @@ inline size_t block_extent(const uint32_t* ext, size_t nr, size_t S, bool* all_m
     jn = last > jn ? last : jn;
   }
   if (*all_masked) jn = S;
-  return (jn + JT - 1) / JT * JT;
+  return (jn + unit - 1) / unit * unit;
 }
 
-// The first key any row of the block sees, rounded down to a whole tile: with several records
+// The first key any row of the block sees, rounded down to a whole unit: with several records
 // packed into one row (a block-diagonal mask), the keys of the records before the block's are
 // skipped as causal attention skips those after it. 0 when a row sees none.
-inline size_t block_start(const uint32_t* ext, size_t nr, size_t jn, bool all_masked) {
+inline size_t block_start(const uint32_t* ext, size_t nr, size_t jn, bool all_masked, size_t unit = JT) {
   if (all_masked) return 0;
   size_t j0 = jn;
   for (size_t r = 0; r < nr; ++r) j0 = ext[2 * r] < j0 ? ext[2 * r] : j0;
-  return j0 / JT * JT;
+  return j0 / unit * unit;
 }
 
-// A block of query rows from i0 (of the rows before r1): nr rows; keys [j0, jn) in whole tiles
+// A block of query rows from i0 (of the rows before r1): nr rows; keys [j0, jn) in whole units
 // (block_start, block_extent); lim = min(jn, S); none: a row sees no key.
 struct QueryBlock {
   size_t nr, j0, jn, lim;
   bool none;
 };
 
-inline QueryBlock query_block(const uint32_t* ext, size_t i0, size_t r1, size_t S) {
+inline QueryBlock query_block(const uint32_t* ext, size_t i0, size_t r1, size_t S, size_t unit = JT) {
   QueryBlock b{};
   b.nr = r1 - i0 < BR ? r1 - i0 : BR;
-  b.jn = block_extent(ext + 2 * i0, b.nr, S, &b.none);
-  b.j0 = block_start(ext + 2 * i0, b.nr, b.jn, b.none);
+  b.jn = block_extent(ext + 2 * i0, b.nr, S, &b.none, unit);
+  b.j0 = block_start(ext + 2 * i0, b.nr, b.jn, b.none, unit);
   b.lim = b.jn < S ? b.jn : S;  // S where a row sees no key
   return b;
 }
