@@ -29,6 +29,14 @@ def _bench_train():
     return _bench("train")
 
 
+def test_no_bench_script_shadows_a_standard_module():
+    """``python bench/x.py`` puts bench/ first on the import path: a script named like a standard
+    module (profile, say) would be imported in its place by every library that imports that module
+    (torch.compile imports cProfile, which imports profile)."""
+    names = {p.stem for p in (ROOT / "bench").glob("*.py")}
+    assert not names & set(sys.stdlib_module_names), names & set(sys.stdlib_module_names)
+
+
 def _result(times, peaks, bf16_peaks):
     return {"tokens": 1000, "time": float(sum(times)), "peak_rss_mb": 100.0, "valid_loss": 1.0,
             "lengths": [16] * 8, "labelled": 40, "kernels": "fused (avx512)", "step_times": times,
@@ -63,7 +71,7 @@ def test_the_bfloat16_loop_runs_only_where_the_kernels_have_it():
 
 
 def _bench_profile():
-    return _bench("profile")
+    return _bench("step_profile")
 
 
 def test_product_rate_reads_m_k_n_from_the_input_shapes():
@@ -76,7 +84,7 @@ def test_product_rate_reads_m_k_n_from_the_input_shapes():
 
 
 def test_profile_counts_the_steps_after_the_skipped_ones(tiny_bundle, chat_data, capsys):
-    """bench/profile.py on the tiny bundle: two steps counted after one skipped, every node's kernel
+    """bench/step_profile.py on the tiny bundle: two steps counted after one skipped, every node's kernel
     time in exactly one op's row, the shares summing to one, inside the session runs' time."""
     prof = _bench_profile()
     out = prof.main(["--bundle", str(tiny_bundle), "--data", str(chat_data), "--seq", "32", "--batch", "2",

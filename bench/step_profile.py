@@ -8,7 +8,7 @@ build kernels and arenas) are run but not counted. Kernel time is the profiler's
 between nodes. The profiler adds a little to each node, so a profiled step is slower than a plain
 one: use the shares, not the times, beside bench/train.py's figures.
 
-Usage: python bench/profile.py [--bundle DIR] [--bf16] [--seq 256] [--batch 8] [--steps 6]
+Usage: python bench/step_profile.py [--bundle DIR] [--bf16] [--seq 256] [--batch 8] [--steps 6]
                                [--skip 2] [--shapes] [--json]
 (without --bundle, the bundle bench/train.py benchmarks: out/bench-bundle-r8[-bf16-compute], exported
 when missing or older than the code)
