@@ -118,6 +118,18 @@ class Builder:
         return self.op("Reshape", [g, self.op("Shape", [x])])
 
 
+def drop_dead(proto: Any) -> None:
+    """Remove nodes none of whose outputs is read (repeated until none is left)."""
+    g = proto.graph
+    while True:
+        used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+        keep = [n for n in g.node if any(o in used for o in n.output if o)]
+        if len(keep) == len(g.node):
+            return
+        del g.node[:]
+        g.node.extend(keep)
+
+
 def attr(node: Any, name: str, default: Any = None) -> Any:
     from onnx import helper
 

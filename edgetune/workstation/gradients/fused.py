@@ -31,7 +31,7 @@ from typing import Any, Optional
 
 from edgetune.formats.errors import ModelError
 
-from .core import MS, Builder, attr, rule
+from .core import MS, Builder, attr, drop_dead, rule
 
 DOMAIN = "edgetune"
 
@@ -265,22 +265,10 @@ def fuse(proto: Any) -> dict[str, int]:
         del G.g.node[:]
         G.g.node.extend(nodes)
     if counts:
-        _drop_dead(proto)
+        drop_dead(proto)
         if not any(o.domain == DOMAIN for o in proto.opset_import):
             proto.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     return counts
-
-
-def _drop_dead(proto: Any) -> None:
-    """Remove nodes none of whose outputs is read (repeated until none is left)."""
-    g = proto.graph
-    while True:
-        used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
-        keep = [n for n in g.node if any(o in used for o in n.output if o)]
-        if len(keep) == len(g.node):
-            return
-        del g.node[:]
-        g.node.extend(keep)
 
 
 def fuse_residual(proto: Any, shapes: dict[str, list[tuple]], n_forward: Optional[int] = None) -> int:

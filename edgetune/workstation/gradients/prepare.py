@@ -8,7 +8,7 @@ import numpy as np
 
 from edgetune.formats.errors import DeviceError, ModelError
 
-from .core import MS, attr, is_external
+from .core import MS, attr, drop_dead, is_external
 
 
 def _swaps_last_two(perm: list[int], rank: int | None) -> bool:
@@ -271,11 +271,5 @@ def fold_reshape_shapes(proto: Any, shapes: dict[str, list[tuple]]) -> int:
         n.input[1] = made[key]
         folded += 1
     if folded:
-        while True:  # the shape computations no node reads any more
-            used = {i for m in g.node for i in m.input} | {o.name for o in g.output}
-            keep = [m for m in g.node if any(o in used for o in m.output if o)]
-            if len(keep) == len(g.node):
-                break
-            del g.node[:]
-            g.node.extend(keep)
+        drop_dead(proto)  # the shape computations no node reads any more
     return folded
