@@ -89,8 +89,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--shapes", action="store_true", help="also the time and rate of each op by input shapes")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
     a = ap.parse_args(argv)
-    where = machine.describe()  # CPU model, cores and instruction sets: every figure is this machine's
-    print(f"machine: {where}", flush=True)
+    # CPU model, cores and instruction sets first: every figure below is this machine's
+    print(f"machine: {machine.describe()}", flush=True)
 
     from edgetune.device import data as D
     from edgetune.device import runner as R
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
         out = profile(events, skip_runs)
     out.update(bundle=str(bundle), kernels=t.runner.kernel_info, graph=t.runner.graphs["train"], seq=a.seq,
                batch=a.batch, steps=a.steps, step_s=step_s[a.skip:],
-               machine=where)
+               machine=machine.describe())
     if a.json:
         print(json.dumps(out))
         return out
